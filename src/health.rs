@@ -1,0 +1,99 @@
+//! The health ping: the running server writes `@posthog-plugin-server/ping` (ISO timestamp, 60 s
+//! expiry) and `@posthog-plugin-server/version` every 5 s, exactly as the reference does, and
+//! `plugin-server --healthcheck` (any other process) reads the ping key.
+//!
+//! Unlike the reference, the healthcheck never hangs on an unreachable Redis (it answers 1 within
+//! [`HEALTHCHECK_TIMEOUT`]) and a gracefully stopped server deletes its ping so that a probe sees it
+//! gone at once instead of for up to a minute.
+
+use std::time::Duration;
+
+use chrono::{SecondsFormat, Utc};
+use deadpool_redis::Pool as RedisPool;
+use redis::AsyncCommands;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::hub::redis_client;
+
+pub const PING_KEY: &str = "@posthog-plugin-server/ping";
+pub const VERSION_KEY: &str = "@posthog-plugin-server/version";
+pub const PING_INTERVAL: Duration = Duration::from_secs(5);
+pub const PING_TTL_SECONDS: u64 = 60;
+pub const HEALTHCHECK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What `--healthcheck` found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum HealthStatus {
+    /// The ping key exists, with this value.
+    Alive(String),
+    /// The key is missing or empty.
+    Offline,
+    /// Redis could not be asked (unreachable, timed out, bad URL).
+    Unreachable(String),
+}
+
+impl HealthStatus {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            HealthStatus::Alive(_) => 0,
+            _ => 1,
+        }
+    }
+}
+
+/// `--healthcheck`: `GET` the ping key, bounded by [`HEALTHCHECK_TIMEOUT`].
+pub async fn healthcheck(config: &Config) -> HealthStatus {
+    let client = match redis_client(config) {
+        Ok(client) => client,
+        Err(error) => return HealthStatus::Unreachable(error.to_string()),
+    };
+    let lookup = async {
+        let mut connection = client.get_multiplexed_async_connection().await?;
+        connection.get::<_, Option<String>>(PING_KEY).await
+    };
+    match tokio::time::timeout(HEALTHCHECK_TIMEOUT, lookup).await {
+        Ok(Ok(Some(value))) if !value.is_empty() => HealthStatus::Alive(value),
+        Ok(Ok(_)) => HealthStatus::Offline,
+        Ok(Err(error)) => HealthStatus::Unreachable(error.to_string()),
+        Err(_) => HealthStatus::Unreachable(format!("no answer from Redis within {HEALTHCHECK_TIMEOUT:?}")),
+    }
+}
+
+/// The reference's `new Date().toISOString()`: UTC, milliseconds, `Z`.
+pub fn iso_now() -> String {
+    Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// Writes the ping and version keys once.
+pub async fn write_ping(redis: &RedisPool) -> Result<(), String> {
+    let mut connection = redis.get().await.map_err(|error| error.to_string())?;
+    redis::pipe()
+        .set_ex(PING_KEY, iso_now(), PING_TTL_SECONDS)
+        .ignore()
+        .set(VERSION_KEY, crate::VERSION)
+        .ignore()
+        .query_async::<()>(&mut connection)
+        .await
+        .map_err(|error| error.to_string())
+}
+
+/// Writes the ping every [`PING_INTERVAL`] until `shutdown`, then deletes it. A failed write is
+/// logged and retried at the next tick: the key simply expires if Redis stays away.
+pub async fn run_ping(redis: RedisPool, shutdown: CancellationToken) {
+    let mut interval = tokio::time::interval(PING_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = interval.tick() => {
+                if let Err(error) = write_ping(&redis).await {
+                    tracing::error!("🔴 Could not write the health ping to Redis: {error}");
+                }
+            }
+        }
+    }
+    if let Ok(mut connection) = redis.get().await {
+        let _: Result<(), _> = connection.del(PING_KEY).await;
+    }
+}

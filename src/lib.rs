@@ -1,0 +1,19 @@
+//! plugin-server: a drop-in Rust replacement for the PostHog Plugin Server 1.10.x.
+//!
+//! See `ARCHITECTURE.md` for the data path from queue to sink. Each module says in its first
+//! lines what it owns.
+
+pub mod config;
+pub mod event;
+pub mod health;
+pub mod hub;
+pub mod ingestion;
+pub mod jobs;
+pub mod logging;
+pub mod migrate;
+pub mod plugins;
+pub mod server;
+
+/// The reference version this server is compatible with, reported by `--version`, written to
+/// `@posthog-plugin-server/version` and used in client ids.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

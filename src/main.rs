@@ -1,0 +1,146 @@
+//! The `plugin-server` binary: picks the mode from the command line (the reference's precedence:
+//! help, version, healthcheck, migrate, idle, serve), builds the configuration from the
+//! environment and runs the mode. This is the only place that turns errors into exit codes.
+
+use clap::Parser;
+use plugin_server::config::{format_help, Config, NodeEnv};
+use plugin_server::health::{healthcheck, HealthStatus, PING_KEY};
+use plugin_server::migrate::MigrateOutcome;
+use plugin_server::{logging, server, VERSION};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+/// Flags are looked for anywhere on the command line and unknown arguments are ignored, as the
+/// reference does (`argv.includes`).
+#[derive(Parser, Debug)]
+#[command(name = "plugin-server", disable_help_flag = true, disable_version_flag = true, ignore_errors = true)]
+struct Cli {
+    /// Show the supported environment variables.
+    #[arg(short = 'h', long = "help")]
+    help: bool,
+    /// Show the version.
+    #[arg(short = 'v', long = "version")]
+    version: bool,
+    /// Exit 0 when a server's health ping is in Redis, 1 otherwise.
+    #[arg(long)]
+    healthcheck: bool,
+    /// Run the job queue migrations and exit.
+    #[arg(long)]
+    migrate: bool,
+    /// Stay up doing nothing (same as PLUGIN_SERVER_IDLE=true).
+    #[arg(long)]
+    idle: bool,
+}
+
+enum Mode {
+    Help,
+    Version,
+    Healthcheck,
+    Migrate,
+    Idle,
+    Serve,
+}
+
+impl Mode {
+    fn log_prefix(&self) -> &'static str {
+        match self {
+            Mode::Help => "HELP",
+            Mode::Version => "VRSN",
+            Mode::Healthcheck => "HLTH",
+            Mode::Migrate => "MGRT",
+            Mode::Idle => "IDLE",
+            Mode::Serve => "MAIN",
+        }
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let code = match run(cli) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("{error:#}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+fn run(cli: Cli) -> anyhow::Result<i32> {
+    let node_env = NodeEnv::detect(&|key| std::env::var(key).ok());
+    if cli.help || cli.version {
+        let mode = if cli.help { Mode::Help } else { Mode::Version };
+        println!("[{}] ⚡ @posthog/plugin-server v{VERSION}", mode.log_prefix());
+        if cli.help {
+            println!("[HELP] ⚙️ Supported configuration environment variables:\n{}", format_help(node_env));
+        }
+        return Ok(0);
+    }
+    // A bad value stops here with one line naming the variable and the value.
+    let config = Config::from_env()?;
+    let mode = if cli.healthcheck {
+        Mode::Healthcheck
+    } else if cli.migrate {
+        Mode::Migrate
+    } else if cli.idle || config.PLUGIN_SERVER_IDLE {
+        Mode::Idle
+    } else {
+        Mode::Serve
+    };
+    logging::init(config.LOG_LEVEL, mode.log_prefix());
+    info!("⚡ @posthog/plugin-server v{VERSION}");
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("plugin-server-main").build()?;
+    runtime.block_on(async move {
+        match mode {
+            Mode::Healthcheck => Ok(run_healthcheck(&config).await),
+            Mode::Migrate => Ok(run_migrate(&config).await),
+            Mode::Idle => {
+                let shutdown = CancellationToken::new();
+                server::handle_signals(shutdown.clone())?;
+                server::run_idle(shutdown).await;
+                Ok(0)
+            }
+            Mode::Serve => {
+                let shutdown = CancellationToken::new();
+                server::handle_signals(shutdown.clone())?;
+                match server::run(config, shutdown).await {
+                    Ok(()) => Ok(0),
+                    Err(error) => {
+                        error!("💥 Launchpad failure! {error}");
+                        eprintln!("plugin-server: {error}");
+                        Ok(1)
+                    }
+                }
+            }
+            Mode::Help | Mode::Version => Ok(0),
+        }
+    })
+}
+
+async fn run_healthcheck(config: &Config) -> i32 {
+    let status = healthcheck(config).await;
+    match &status {
+        HealthStatus::Alive(value) => println!("[HLTH] 💚 Redis key {PING_KEY} found with value {value}"),
+        HealthStatus::Offline => println!("[HLTH] 💔 Redis key {PING_KEY} not found! Plugin server seems to be offline"),
+        HealthStatus::Unreachable(reason) => println!("[HLTH] 💥 Could not reach Redis: {reason}"),
+    }
+    status.exit_code()
+}
+
+async fn run_migrate(config: &Config) -> i32 {
+    match plugin_server::migrate::run(config).await {
+        Ok(MigrateOutcome::NothingToMigrate) => {
+            println!("[MGRT] 😔 Graphile job queues not enabled. Nothing to migrate.");
+            0
+        }
+        Ok(MigrateOutcome::Applied(applied)) => {
+            println!("[MGRT] ✅ Graphile migrations are now up to date! (applied: {applied:?})");
+            0
+        }
+        Err(error) => {
+            println!("[MGRT] 🔴 Error running migrations for Graphile Worker! {error}");
+            eprintln!("plugin-server: {error}");
+            1
+        }
+    }
+}
