@@ -390,7 +390,11 @@ pub fn format_help(node_env: NodeEnv) -> String {
         .iter()
         .zip(defaults.iter())
         .map(|(doc, (_, default))| {
-            let default = if doc.name == "WORKER_CONCURRENCY" { format!("{default} (the number of CPU cores; 0 also means all cores)") } else { default.clone() };
+            let default = if doc.name == "WORKER_CONCURRENCY" {
+                format!("{default} (the number of CPU cores; 0 also means all cores)")
+            } else {
+                default.clone()
+            };
             format!("       - {} - {} (default: {})", doc.name, doc.description, default)
         })
         .collect::<Vec<_>>()
@@ -401,12 +405,21 @@ pub fn format_help(node_env: NodeEnv) -> String {
 pub fn markdown_table() -> String {
     let defaults = Config::defaults_for_help(NodeEnv::Production);
     let test_defaults = Config::defaults_for_help(NodeEnv::Test);
-    let mut out = String::from("| Variable | Description | Default | Default when NODE_ENV=test |\n|---|---|---|---|\n");
+    let mut out =
+        String::from("| Variable | Description | Default | Default when NODE_ENV=test |\n|---|---|---|---|\n");
     for ((doc, (_, default)), (_, test_default)) in VARIABLES.iter().zip(defaults.iter()).zip(test_defaults.iter()) {
-        let default = if doc.name == "WORKER_CONCURRENCY" { "number of CPU cores".to_string() } else { default.clone() };
-        let test_default = if doc.name == "WORKER_CONCURRENCY" { "number of CPU cores".to_string() } else { test_default.clone() };
+        let default =
+            if doc.name == "WORKER_CONCURRENCY" { "number of CPU cores".to_string() } else { default.clone() };
+        let test_default =
+            if doc.name == "WORKER_CONCURRENCY" { "number of CPU cores".to_string() } else { test_default.clone() };
         let test_column = if test_default == default { String::new() } else { format!("`{test_default}`") };
-        out.push_str(&format!("| `{}` | {} | `{}` | {} |\n", doc.name, doc.description.replace('|', "\\|"), default, test_column));
+        out.push_str(&format!(
+            "| `{}` | {} | `{}` | {} |\n",
+            doc.name,
+            doc.description.replace('|', "\\|"),
+            default,
+            test_column
+        ));
     }
     out
 }

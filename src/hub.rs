@@ -85,12 +85,7 @@ pub fn postgres_options_from_url(url: &str) -> Result<PgConnectOptions, HubError
 
 /// Where a set of options points, for error messages (never includes the password).
 pub fn describe_postgres(options: &PgConnectOptions) -> String {
-    format!(
-        "{}:{}/{}",
-        options.get_host(),
-        options.get_port(),
-        options.get_database().unwrap_or_default()
-    )
+    format!("{}:{}/{}", options.get_host(), options.get_port(), options.get_database().unwrap_or_default())
 }
 
 /// A pool on the main database, checked with `SELECT 1`.

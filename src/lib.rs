@@ -5,13 +5,17 @@
 
 pub mod config;
 pub mod event;
+pub mod geoip;
 pub mod health;
 pub mod hub;
 pub mod ingestion;
 pub mod jobs;
 pub mod logging;
+pub mod metrics;
 pub mod migrate;
 pub mod plugins;
+pub mod pubsub;
+pub mod schedule;
 pub mod server;
 
 /// The reference version this server is compatible with, reported by `--version`, written to

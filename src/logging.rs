@@ -76,7 +76,13 @@ where
 pub fn init(level: LogLevel, prefix: &str) {
     let _ = PROCESS_PREFIX.set(prefix.to_string());
     let ours = directive(level);
-    let dependencies = if level == LogLevel::None { "off" } else if level >= LogLevel::Warn { ours } else { "warn" };
+    let dependencies = if level == LogLevel::None {
+        "off"
+    } else if level >= LogLevel::Warn {
+        ours
+    } else {
+        "warn"
+    };
     let filter = EnvFilter::new(format!("{dependencies},plugin_server={ours},plugin-server={ours}"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)

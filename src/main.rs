@@ -121,7 +121,9 @@ async fn run_healthcheck(config: &Config) -> i32 {
     let status = healthcheck(config).await;
     match &status {
         HealthStatus::Alive(value) => println!("[HLTH] 💚 Redis key {PING_KEY} found with value {value}"),
-        HealthStatus::Offline => println!("[HLTH] 💔 Redis key {PING_KEY} not found! Plugin server seems to be offline"),
+        HealthStatus::Offline => {
+            println!("[HLTH] 💔 Redis key {PING_KEY} not found! Plugin server seems to be offline")
+        }
         HealthStatus::Unreachable(reason) => println!("[HLTH] 💥 Could not reach Redis: {reason}"),
     }
     status.exit_code()

@@ -1,0 +1,1 @@
+//! Observability: statsd metrics (cadence), Sentry, status reports and internal metrics.

@@ -1,0 +1,1 @@
+//! The JavaScript runtime: a fixed pool of worker threads, each owning one sandboxed QuickJS VM per plugin config.

@@ -1,0 +1,1 @@
+//! Code transforms applied to plugin source before it runs (TypeScript, ES modules, CommonJS).

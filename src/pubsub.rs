@@ -1,0 +1,1 @@
+//! Pub/sub: plugin reloads and action reloads/drops announced on Redis channels.
