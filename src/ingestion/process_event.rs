@@ -60,10 +60,20 @@ pub enum IngestError {
     Database(#[from] sqlx::Error),
     #[error(transparent)]
     Merge(#[from] MergeError),
-    #[error(transparent)]
-    Write(#[from] WriteError),
+    /// A sink other than Postgres failed (database failures are `Database`).
+    #[error("{0}")]
+    Sink(String),
     #[error("Action matching failed: {0}")]
     Actions(String),
+}
+
+impl From<WriteError> for IngestError {
+    fn from(error: WriteError) -> Self {
+        match error {
+            WriteError::Database(error) => IngestError::Database(error),
+            WriteError::Sink(reason) => IngestError::Sink(reason),
+        }
+    }
 }
 
 /// Postgres' own message for database errors (what the reference reports), else sqlx's text.

@@ -8,7 +8,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
-use serde_json::{json, Value};
+use serde_json::{Map, Value};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -175,12 +175,15 @@ impl TeamManager {
         .bind(team.organization_id)
         .fetch_all(&self.pool)
         .await?;
-        let telemetry_properties = json!({
-            "team": team.uuid.to_string(),
-            "sdk": properties.get("$lib"),
-            "realm": properties.get("realm"),
-            "host": properties.get("$host"),
-        });
+        // Absent keys are left out, as JSON serialization of `undefined` does.
+        let mut telemetry_properties = Map::new();
+        telemetry_properties.insert("team".to_string(), Value::String(team.uuid.to_string()));
+        for (name, key) in [("sdk", "$lib"), ("realm", "realm"), ("host", "$host")] {
+            if let Some(value) = properties.get(key) {
+                telemetry_properties.insert(name.to_string(), value.clone());
+            }
+        }
+        let telemetry_properties = Value::Object(telemetry_properties);
         for distinct_id in members.into_iter().flatten() {
             telemetry.first_team_event_ingested(&distinct_id, telemetry_properties.clone());
         }
