@@ -282,3 +282,37 @@ async fn clickhouse_pipeline_calls() {
     let persons = fetch_events(&db.pool).await;
     assert_eq!(persons.len(), 6);
 }
+
+/// Event rows of concurrent tasks are inserted together; a bad row fails alone and every other
+/// event gets its own id.
+#[tokio::test]
+async fn concurrent_events_are_batched_and_a_bad_one_fails_alone() {
+    let harness = Harness::new().await;
+    let long_id = "x".repeat(300);
+    let distinct_ids: Vec<String> =
+        (0..60).map(|index| if index == 17 { long_id.clone() } else { format!("user-{}", index % 7) }).collect();
+    let results = futures::future::join_all(
+        distinct_ids
+            .iter()
+            .map(|distinct_id| harness.processor.ingest_event(event(distinct_id, json!({"event": "batched"})))),
+    )
+    .await;
+    let mut ids = Vec::new();
+    for (index, result) in results.into_iter().enumerate() {
+        match (index, result) {
+            (17, Err(IngestError::Database(_))) => {}
+            (17, other) => panic!("the long distinct id must fail: {other:?}"),
+            (_, Ok(IngestOutcome::Event { event_id: Some(id), .. })) => ids.push(id),
+            (_, other) => panic!("unexpected {other:?}"),
+        }
+    }
+    let events = harness.events().await;
+    assert_eq!(events.len(), 59);
+    let mut stored: Vec<i64> = events.iter().map(|event| event.id).collect();
+    stored.sort();
+    ids.sort();
+    assert_eq!(ids, stored);
+    for event in &events {
+        assert!(event.distinct_id.starts_with("user-"));
+    }
+}

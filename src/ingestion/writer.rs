@@ -8,11 +8,16 @@
 //! `clickhouse_person` / `clickhouse_person_unique_id` messages. Timestamps are handed over as
 //! values; each writer formats them for its sink (`timestamp::format_*`).
 
+use std::num::NonZeroUsize;
+use std::sync::Mutex;
+
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use lru::LruCache;
 use serde_json::Value;
 use sqlx::{PgPool, Postgres, QueryBuilder};
 use thiserror::Error;
+use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::elements::{elements_hash, Element};
@@ -131,14 +136,50 @@ pub trait EventWriter: Send + Sync {
     }
 }
 
+/// Most events written in one `posthog_event` INSERT.
+const MAX_EVENT_BATCH: usize = 500;
+/// Element groups remembered as stored (per team and hash) so repeated autocaptures skip the
+/// group transaction.
+const KNOWN_ELEMENT_GROUPS: usize = 10_000;
+
 /// The Postgres pipeline (`KAFKA_ENABLED=false`).
+///
+/// Event rows from concurrent tasks are written together: each `write_event` hands its row to a
+/// batching task and waits until the batch holding it is committed, so a returned id is as
+/// durable as with one INSERT per event, but one commit (one WAL flush) serves many events.
+/// A failing batch is retried row by row, so one bad event fails alone.
 pub struct PostgresEventWriter {
     pool: PgPool,
+    batcher: tokio::sync::OnceCell<mpsc::Sender<PendingEvent>>,
+    known_element_groups: Mutex<LruCache<(i32, String), ()>>,
+}
+
+/// Column values of one `posthog_event` row.
+#[derive(Debug, Clone)]
+struct EventRow {
+    created_at: DateTime<Utc>,
+    event: String,
+    distinct_id: String,
+    properties: Value,
+    team_id: i32,
+    timestamp: DateTime<Utc>,
+    elements: Value,
+    elements_hash: String,
+}
+
+struct PendingEvent {
+    row: EventRow,
+    reply: oneshot::Sender<Result<i64, sqlx::Error>>,
 }
 
 impl PostgresEventWriter {
     pub fn new(pool: PgPool) -> Self {
-        PostgresEventWriter { pool }
+        let capacity = NonZeroUsize::new(KNOWN_ELEMENT_GROUPS).unwrap_or(NonZeroUsize::MIN);
+        PostgresEventWriter {
+            pool,
+            batcher: tokio::sync::OnceCell::new(),
+            known_element_groups: Mutex::new(LruCache::new(capacity)),
+        }
     }
 
     /// `posthog_elementgroup` + `posthog_element` rows for the elements (only when the group is
@@ -146,10 +187,38 @@ impl PostgresEventWriter {
     /// same group concurrently, which is fine.
     pub async fn create_element_group(&self, elements: &[Element], team_id: i32) -> Result<String, sqlx::Error> {
         let hash = elements_hash(elements);
+        let key = (team_id, hash.clone());
+        if self.known_element_groups.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).get(&key).is_some() {
+            return Ok(hash);
+        }
         match self.insert_element_group(elements, team_id, &hash).await {
-            Err(error) if is_unique_violation(&error) => Ok(hash),
-            Err(error) => Err(error),
-            Ok(()) => Ok(hash),
+            Err(error) if !is_unique_violation(&error) => return Err(error),
+            _ => {}
+        }
+        self.known_element_groups.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).put(key, ());
+        Ok(hash)
+    }
+
+    async fn batcher(&self) -> &mpsc::Sender<PendingEvent> {
+        self.batcher
+            .get_or_init(|| async {
+                let (sender, receiver) = mpsc::channel(MAX_EVENT_BATCH * 4);
+                tokio::spawn(run_event_batches(self.pool.clone(), receiver));
+                sender
+            })
+            .await
+    }
+
+    async fn insert_event(&self, row: EventRow) -> Result<i64, sqlx::Error> {
+        let (reply, answer) = oneshot::channel();
+        let batcher = self.batcher().await;
+        if batcher.send(PendingEvent { row: row.clone(), reply }).await.is_err() {
+            // The batching task is gone (runtime shutting down): write directly.
+            return insert_event_row(&self.pool, &row).await;
+        }
+        match answer.await {
+            Ok(result) => result,
+            Err(_) => insert_event_row(&self.pool, &row).await,
         }
     }
 
@@ -198,22 +267,17 @@ impl EventWriter for PostgresEventWriter {
         } else {
             self.create_element_group(&event.elements, event.team_id).await?
         };
-        let elements_json = serde_json::to_value(&event.elements).unwrap_or(Value::Array(Vec::new()));
-        let event_id: i64 = sqlx::query_scalar(
-            "INSERT INTO posthog_event (created_at, event, distinct_id, properties, team_id, timestamp, elements, \
-             elements_hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id::int8",
-        )
-        .bind(event.created_at)
-        .bind(&event.event)
-        .bind(&event.distinct_id)
-        .bind(Value::Object(event.properties.clone()))
-        .bind(event.team_id)
-        .bind(event.timestamp)
-        .bind(elements_json)
-        .bind(elements_hash)
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(Some(event_id))
+        let row = EventRow {
+            created_at: event.created_at,
+            event: event.event.clone(),
+            distinct_id: event.distinct_id.clone(),
+            properties: Value::Object(event.properties.clone()),
+            team_id: event.team_id,
+            timestamp: event.timestamp,
+            elements: serde_json::to_value(&event.elements).unwrap_or(Value::Array(Vec::new())),
+            elements_hash,
+        };
+        Ok(Some(self.insert_event(row).await?))
     }
 
     async fn write_session_recording(&self, recording: &SessionRecordingPayload) -> Result<(), WriteError> {
@@ -246,4 +310,91 @@ impl EventWriter for PostgresEventWriter {
         .await?;
         Ok(())
     }
+}
+
+/// Writes queued event rows: takes whatever is waiting (up to [`MAX_EVENT_BATCH`]), inserts it in
+/// one statement, answers each waiter. Ends when the writer is dropped.
+async fn run_event_batches(pool: PgPool, mut receiver: mpsc::Receiver<PendingEvent>) {
+    let mut pending = Vec::with_capacity(MAX_EVENT_BATCH);
+    while receiver.recv_many(&mut pending, MAX_EVENT_BATCH).await > 0 {
+        let batch = std::mem::take(&mut pending);
+        if batch.len() == 1 {
+            for PendingEvent { row, reply } in batch {
+                let _ = reply.send(insert_event_row(&pool, &row).await);
+            }
+            continue;
+        }
+        let rows: Vec<&EventRow> = batch.iter().map(|pending| &pending.row).collect();
+        match insert_event_rows(&pool, &rows).await {
+            Ok(ids) if ids.len() == batch.len() => {
+                for (PendingEvent { reply, .. }, id) in batch.into_iter().zip(ids) {
+                    let _ = reply.send(Ok(id));
+                }
+            }
+            // One bad row fails the statement: write them one by one so only it fails.
+            _ => {
+                for PendingEvent { row, reply } in batch {
+                    let _ = reply.send(insert_event_row(&pool, &row).await);
+                }
+            }
+        }
+    }
+}
+
+async fn insert_event_row(pool: &PgPool, row: &EventRow) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "INSERT INTO posthog_event (created_at, event, distinct_id, properties, team_id, timestamp, elements, \
+         elements_hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id::int8",
+    )
+    .bind(row.created_at)
+    .bind(&row.event)
+    .bind(&row.distinct_id)
+    .bind(&row.properties)
+    .bind(row.team_id)
+    .bind(row.timestamp)
+    .bind(&row.elements)
+    .bind(&row.elements_hash)
+    .fetch_one(pool)
+    .await
+}
+
+/// Inserts the rows in one statement; returns their ids in input order (ids are drawn from the
+/// table's sequence first, so the mapping does not depend on RETURNING order).
+async fn insert_event_rows(pool: &PgPool, rows: &[&EventRow]) -> Result<Vec<i64>, sqlx::Error> {
+    let created_at: Vec<DateTime<Utc>> = rows.iter().map(|row| row.created_at).collect();
+    let event: Vec<&str> = rows.iter().map(|row| row.event.as_str()).collect();
+    let distinct_id: Vec<&str> = rows.iter().map(|row| row.distinct_id.as_str()).collect();
+    let properties: Vec<&Value> = rows.iter().map(|row| &row.properties).collect();
+    let team_id: Vec<i32> = rows.iter().map(|row| row.team_id).collect();
+    let timestamp: Vec<DateTime<Utc>> = rows.iter().map(|row| row.timestamp).collect();
+    let elements: Vec<&Value> = rows.iter().map(|row| &row.elements).collect();
+    let elements_hash: Vec<&str> = rows.iter().map(|row| row.elements_hash.as_str()).collect();
+    let ids: Vec<(i64, i64)> = sqlx::query_as(
+        "WITH input AS ( \
+            SELECT * FROM UNNEST($1::timestamptz[], $2::text[], $3::text[], $4::jsonb[], $5::int4[], $6::timestamptz[], \
+                $7::jsonb[], $8::text[]) WITH ORDINALITY \
+                AS row(created_at, event, distinct_id, properties, team_id, timestamp, elements, elements_hash, position) \
+         ), numbered AS MATERIALIZED ( \
+            SELECT position, nextval(pg_get_serial_sequence('posthog_event', 'id')) AS id FROM input ORDER BY position \
+         ), inserted AS ( \
+            INSERT INTO posthog_event (id, created_at, event, distinct_id, properties, team_id, timestamp, elements, \
+                elements_hash) \
+            SELECT numbered.id, input.created_at, input.event, input.distinct_id, input.properties, input.team_id, \
+                input.timestamp, input.elements, input.elements_hash \
+            FROM input JOIN numbered USING (position) ORDER BY position \
+            RETURNING id \
+         ) \
+         SELECT position::int8, id::int8 FROM numbered ORDER BY position",
+    )
+    .bind(&created_at)
+    .bind(&event)
+    .bind(&distinct_id)
+    .bind(&properties)
+    .bind(&team_id)
+    .bind(&timestamp)
+    .bind(&elements)
+    .bind(&elements_hash)
+    .fetch_all(pool)
+    .await?;
+    Ok(ids.into_iter().map(|(_, id)| id).collect())
 }
