@@ -141,10 +141,45 @@ impl RegexCache {
     fn get(&self, pattern: &str) -> Result<Arc<Regex>, StepError> {
         let mut cache = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let compiled = cache
-            .get_or_insert(pattern.to_owned(), || Regex::new(pattern).map(Arc::new).map_err(|error| error.to_string()))
+            .get_or_insert(pattern.to_owned(), || {
+                Regex::new(&re2_ascii_classes(pattern)).map(Arc::new).map_err(|error| error.to_string())
+            })
             .clone();
         compiled.map_err(|reason| StepError::InvalidRegex { pattern: pattern.to_owned(), reason })
     }
+}
+
+/// RE2 (which the reference and ClickHouse use) has ASCII-only Perl classes and word boundaries;
+/// the `regex` crate's are Unicode-aware. Rewriting them keeps `\d` from matching, say, Arabic
+/// digits. Escaped backslashes are skipped, everything else is left to the `regex` crate.
+fn re2_ascii_classes(pattern: &str) -> std::borrow::Cow<'_, str> {
+    if !pattern.contains('\\') {
+        return std::borrow::Cow::Borrowed(pattern);
+    }
+    let mut out = String::with_capacity(pattern.len() + 16);
+    let mut chars = pattern.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('d') => out.push_str("[0-9]"),
+            Some('D') => out.push_str("[^0-9]"),
+            Some('w') => out.push_str("[0-9A-Za-z_]"),
+            Some('W') => out.push_str("[^0-9A-Za-z_]"),
+            Some('s') => out.push_str("[\\t\\n\\f\\r ]"),
+            Some('S') => out.push_str("[^\\t\\n\\f\\r ]"),
+            Some('b') => out.push_str("(?-u:\\b)"),
+            Some('B') => out.push_str("(?-u:\\B)"),
+            Some(other) => {
+                out.push('\\');
+                out.push(other);
+            }
+            None => out.push('\\'),
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// SQL `LIKE`-style "contains": `_` is any one character, `%` any run; everything else literal.
@@ -251,8 +286,11 @@ impl ActionMatcher {
         elements: &[Element],
         step: &ActionStep,
     ) -> Result<bool, StepError> {
-        let Some(Value::Array(filters)) = &step.properties else {
-            return Ok(true);
+        let filters = match &step.properties {
+            Some(Value::Array(filters)) => filters,
+            // The reference iterates a string's characters as filters, none of which can pass.
+            Some(Value::String(text)) if !text.is_empty() => return Ok(false),
+            _ => return Ok(true),
         };
         for filter in filters {
             if !self.check_filter(event, person, elements, filter).await? {
@@ -430,6 +468,20 @@ fn starts_with_integer(text: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn perl_classes_are_ascii_only_as_in_re2() {
+        let cache = RegexCache::new();
+        let matches = |pattern: &str, text: &str| cache.get(pattern).map(|regex| regex.is_match(text));
+        assert!(matches(r"^\d+$", "123").unwrap_or(false));
+        assert!(!matches(r"^\d+$", "١٢٣").unwrap_or(true));
+        assert!(matches(r"^\w+\s\W$", "a_1 !").unwrap_or(false));
+        assert!(!matches(r"\w", "é").unwrap_or(true));
+        assert!(matches(r"[\d.]+", "1.5").unwrap_or(false));
+        assert!(matches(r"\bfoo\b", "a foo b").unwrap_or(false));
+        assert!(matches(r"\\d", "\\d").unwrap_or(false));
+        assert!(cache.get("(unclosed").is_err());
+    }
 
     #[test]
     fn like_pattern_is_literal_except_wildcards() {
