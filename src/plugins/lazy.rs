@@ -1,5 +1,6 @@
-//! One plugin config's VM lifecycle (the reference's `LazyPluginVM`): create the VM, apply the
-//! exportEvents upgrade, validate and store metrics, await `setupPlugin`, then record success
+//! One plugin config's VM lifecycle (the reference's `LazyPluginVM`): tear down the config's
+//! previous VM when this one replaces it, create the VM (which awaits `setupPlugin`), apply the
+//! exportEvents upgrade, validate and store metrics, then record success
 //! (log entry, cleared error, capabilities) or failure. Every failure is retried after
 //! 3·2^(n−1) s; the 10th failure disables the config. While a load is in progress, callers of
 //! [`LazyVm::get`] wait (events queue behind set-up); while a retry is pending they get `None`
@@ -20,6 +21,7 @@ use super::extensions::{PluginContext, PluginServices};
 use super::loader::PluginCode;
 use super::log_entries::LogType;
 use super::rows::{self, disable_plugin_config};
+use super::run::{teardown, ConfigEntry};
 use super::vm::{JsError, Method, PluginVm, VmFactory};
 
 /// Set-up attempts before a config is disabled.
@@ -93,18 +95,24 @@ fn seconds_text(delay: Duration) -> String {
 
 impl LazyVm {
     /// Starts loading in the background. `code` is the loader's result: a load failure is
-    /// recorded and never retried.
+    /// recorded and never retried. `predecessor`, the config's entry this one replaces, is torn
+    /// down first (calls wait meanwhile), so its teardown sees the old VM and the new set-up sees
+    /// what the teardown stored.
     pub fn start(
         services: Arc<PluginServices>,
         factory: Arc<dyn VmFactory>,
         options: LoadOptions,
         context: Arc<PluginContext>,
         code: Result<PluginCode, PluginFailure>,
+        predecessor: Option<Arc<ConfigEntry>>,
     ) -> Arc<LazyVm> {
         let (state, _) = watch::channel(VmState::Loading);
         let lazy = Arc::new(LazyVm { state, cancel: CancellationToken::new() });
         let task_lazy = lazy.clone();
         tokio::spawn(async move {
+            if let Some(predecessor) = predecessor {
+                teardown(&services, &predecessor, false).await;
+            }
             match code {
                 Err(failure) => {
                     task_lazy.state.send_replace(VmState::Failed);
@@ -195,7 +203,7 @@ impl LazyVm {
     }
 }
 
-/// One attempt: create, upgrade, metrics, `setupPlugin`.
+/// One attempt: create (with `setupPlugin`), upgrade, metrics.
 async fn initialize(
     services: &Arc<PluginServices>,
     factory: &Arc<dyn VmFactory>,
@@ -222,14 +230,9 @@ async fn initialize(
     } else {
         None
     };
-    let setup = async {
-        setup_metrics(&services.hub.postgres, &context.config, exports.metrics.as_ref(), export_events).await?;
-        if exports.has(Method::SetupPlugin) {
-            vm.call(Method::SetupPlugin, Vec::new()).await.map_err(|failure| failure.error)?;
-        }
-        Ok::<(), JsError>(())
-    };
-    if let Err(error) = setup.await {
+    if let Err(error) =
+        setup_metrics(&services.hub.postgres, &context.config, exports.metrics.as_ref(), export_events).await
+    {
         vm.dispose().await;
         return Err(error);
     }

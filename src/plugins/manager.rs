@@ -147,7 +147,7 @@ impl Plugins {
         let plugins: HashMap<i32, Arc<Plugin>> =
             rows.plugins.into_iter().map(|row| (row.id, Arc::new(Plugin::new(row)))).collect();
         let mut next = Loaded::default();
-        let mut replaced = Vec::new();
+        let mut removed = Vec::new();
         for row in rows.configs {
             let Some(plugin) = plugins.get(&row.plugin_id) else { continue };
             let reused = previous.by_id.get(&row.id).filter(|prev| {
@@ -156,9 +156,6 @@ impl Plugins {
             let entry = match reused {
                 Some(prev) => prev.clone(),
                 None => {
-                    if let Some(prev) = previous.by_id.get(&row.id) {
-                        replaced.push(prev.clone());
-                    }
                     let code = load_code(&self.services.hub.config.BASE_DIR, plugin);
                     let mut config_map = match &row.config {
                         Value::Object(map) => map.clone(),
@@ -184,7 +181,14 @@ impl Plugins {
                     });
                     let context = Arc::new(PluginContext::new(self.services.clone(), config.clone()));
                     let vm =
-                        LazyVm::start(self.services.clone(), self.factory.clone(), self.options.clone(), context, code);
+                        LazyVm::start(
+                        self.services.clone(),
+                        self.factory.clone(),
+                        self.options.clone(),
+                        context,
+                        code,
+                        previous.by_id.get(&row.id).cloned(),
+                    );
                     Arc::new(ConfigEntry { config, vm })
                 }
             };
@@ -197,18 +201,19 @@ impl Plugins {
         for configs in next.per_team.values_mut() {
             configs.sort_by_key(|entry| entry.config.order);
         }
-        // REF-BUG 11 fixed: configs no longer in force are torn down too.
+        // REF-BUG 11 fixed: configs no longer in force are torn down too. (Replaced configs are
+        // torn down by their successor before it loads.)
         for (id, prev) in &previous.by_id {
             if !next.by_id.contains_key(id) {
-                replaced.push(prev.clone());
+                removed.push(prev.clone());
             }
         }
         if let Ok(mut loaded) = self.loaded.write() {
             *loaded = Arc::new(next);
         }
-        for entry in replaced {
+        for entry in removed {
             let services = self.services.clone();
-            tokio::spawn(async move { run::teardown(&services, &entry).await });
+            tokio::spawn(async move { run::teardown(&services, &entry, true).await });
         }
         self.spawn_schedule_reload();
         Ok(())
@@ -290,7 +295,7 @@ impl Plugins {
     /// Tears every loaded config down (shutdown) and flushes the log sink.
     pub async fn teardown_all(&self) {
         let loaded = self.snapshot();
-        join_all(loaded.by_id.values().map(|entry| run::teardown(&self.services, entry))).await;
+        join_all(loaded.by_id.values().map(|entry| run::teardown(&self.services, entry, true))).await;
         self.services.logs.flush().await;
     }
 

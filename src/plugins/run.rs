@@ -198,8 +198,9 @@ fn has_task(loaded: &LoadedVm, kind: TaskKind, name: &str) -> bool {
 }
 
 /// Tears one config down: cancels a pending retry, flushes the export buffer and runs
-/// `teardownPlugin` concurrently, logs the outcome, releases the VM.
-pub async fn teardown(services: &PluginServices, entry: &ConfigEntry) {
+/// `teardownPlugin` concurrently, logs the outcome, and with `dispose` releases the VM (not when
+/// a successor with the same id is about to replace it).
+pub async fn teardown(services: &PluginServices, entry: &ConfigEntry, dispose: bool) {
     entry.vm.cancel_retry();
     let Some(loaded) = entry.vm.get().await else { return };
     let instance = services.hub.instance_id;
@@ -232,5 +233,7 @@ pub async fn teardown(services: &PluginServices, entry: &ConfigEntry) {
             .await;
         }
     }
-    loaded.vm.dispose().await;
+    if dispose {
+        loaded.vm.dispose().await;
+    }
 }

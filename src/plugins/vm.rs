@@ -2,10 +2,15 @@
 //! what a loaded plugin VM must offer ([`PluginVm`]) and how one is made ([`VmFactory`]). The
 //! runtime (`plugins::runtime`) implements these over its worker threads; tests use fakes.
 //!
-//! A VM here is "the plugin config's code, evaluated, with exports discovered". The
-//! orchestration decides when to call `setupPlugin`, retries failed set-ups, wraps `onEvent` and
-//! `teardownPlugin` for the exportEvents buffer, and owns metrics and capabilities; the runtime
-//! owns evaluation, sandboxing, timeouts and binding `meta` (from [`PluginContext`]).
+//! A VM here is "the plugin config's code, evaluated, with exports discovered and `setupPlugin`
+//! awaited" (on every worker thread: the runtime keeps one VM per config per thread). The
+//! orchestration retries failed set-ups, wraps `onEvent` and `teardownPlugin` for the
+//! exportEvents buffer, and owns metrics and capabilities; the runtime owns evaluation,
+//! sandboxing, timeouts and binding `meta` (from [`PluginContext`]).
+//!
+//! VMs are keyed by plugin config id in the runtime: creating a VM for an id replaces the one
+//! before it, so the orchestration tears a replaced config down *before* creating its successor
+//! and only [`PluginVm::dispose`]s configs that are gone.
 //!
 //! [`PluginContext`]: super::extensions::PluginContext
 
@@ -146,12 +151,13 @@ pub trait PluginVm: Send + Sync {
     /// Runs a scheduled task (`fn(meta)`) or a job (`fn(payload, meta)`); no method-level guard.
     async fn run_task(&self, kind: TaskKind, name: &str, payload: Option<Value>) -> Result<Value, CallError>;
 
-    /// Releases the VM (after teardown, or when a newer load replaced it).
+    /// Releases the VM (after the teardown of a config that is no longer in force).
     async fn dispose(&self);
 }
 
 /// Makes VMs: transforms the code, evaluates it with `meta` bound to `context`, discovers
-/// exports. Does not call `setupPlugin`.
+/// exports, then awaits `setupPlugin` (when exported) under the method-level guard. Any error
+/// fails the creation and leaves no VM behind.
 #[async_trait]
 pub trait VmFactory: Send + Sync {
     async fn create(&self, context: Arc<PluginContext>, code: String) -> Result<Arc<dyn PluginVm>, JsError>;
