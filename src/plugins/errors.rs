@@ -90,9 +90,10 @@ pub async fn process_error(
         .await;
 }
 
-/// Clears a stored error after a successful load (only when one was stored, as the reference).
-pub async fn clear_error(services: &PluginServices, config: &PluginConfig) {
-    if config.error.as_ref().is_some_and(|error| !error.is_null()) {
+/// Clears a stored error after a successful load: when the row had one (as the reference), or
+/// when `recorded_since` (this load recorded one on an earlier attempt).
+pub async fn clear_error(services: &PluginServices, config: &PluginConfig, recorded_since: bool) {
+    if recorded_since || config.error.as_ref().is_some_and(|error| !error.is_null()) {
         if let Err(err) = rows::set_config_error(&services.hub.postgres, config.id, None).await {
             warn!(plugin_config_id = config.id, error = %err, "could not clear plugin config error");
         }

@@ -180,8 +180,7 @@ impl Plugins {
                         attachments: attachments.remove(&row.id).unwrap_or_default(),
                     });
                     let context = Arc::new(PluginContext::new(self.services.clone(), config.clone()));
-                    let vm =
-                        LazyVm::start(
+                    let vm = LazyVm::start(
                         self.services.clone(),
                         self.factory.clone(),
                         self.options.clone(),
