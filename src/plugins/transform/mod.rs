@@ -1,1 +1,197 @@
-//! Code transforms applied to plugin source before it runs (TypeScript, ES modules, CommonJS).
+//! Code transforms applied to plugin source before it runs (reference 30 §4): TypeScript stripping,
+//! module-style detection (ES module vs. CommonJS/plain script) and the import allow-list check.
+//!
+//! Owns: parsing plugin code (oxc), the `/index.ts: ` error prefix, the "Cannot import" rule for
+//! `import`/`export ... from`/`require('<m>')`. Plain JavaScript is passed through byte for byte
+//! so that error positions (`line L:C` in timeout messages, stack traces) point into the plugin's
+//! own source; only code with TypeScript syntax is re-printed.
+//!
+//! Does not own: running the code, the module objects behind the allowed imports, or the loop and
+//! promise timeouts — QuickJS runs ES2020+ natively and the runtime enforces deadlines with its
+//! interrupt handler instead of injected guards (same messages, see `plugins::runtime`).
+
+use std::path::Path;
+
+use oxc::allocator::Allocator;
+use oxc::ast::ast::{Argument, CallExpression, Expression};
+use oxc::ast_visit::{walk, Visit};
+use oxc::codegen::Codegen;
+use oxc::diagnostics::OxcDiagnostic;
+use oxc::parser::Parser;
+use oxc::semantic::SemanticBuilder;
+use oxc::span::SourceType;
+use oxc::transformer::{TransformOptions, Transformer};
+
+/// The virtual file name of every plugin (the reference transforms as `index.ts`).
+pub const VIRTUAL_FILENAME: &str = "index.ts";
+
+/// Plugin code ready to run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TransformedCode {
+    /// JavaScript (ES2020+) to evaluate.
+    pub code: String,
+    /// The code uses `import`/`export`: evaluate it as an ES module; otherwise as a script
+    /// (CommonJS style `module.exports`, or plain global functions).
+    pub is_module: bool,
+    /// Every module named by an `import`/re-export/`require('<m>')` (all allowed).
+    pub imports: Vec<String>,
+}
+
+/// Why plugin code cannot run; the message matches the reference's `/index.ts: …` form.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("/{VIRTUAL_FILENAME}: {message}")]
+pub struct TransformError {
+    pub message: String,
+}
+
+/// The message for an import outside the allow-list (reference wording).
+pub fn forbidden_import_message(module: &str) -> String {
+    format!("Cannot import '{module}'! This package is not provided by PostHog in plugins.")
+}
+
+/// Parses, checks imports against `is_allowed`, and strips TypeScript.
+pub fn transform_code(source: &str, is_allowed: &dyn Fn(&str) -> bool) -> Result<TransformedCode, TransformError> {
+    let allocator = Allocator::default();
+    // Babel parses plugin code as a TypeScript module; so do we (strict mode, import/export allowed).
+    let parsed = Parser::new(&allocator, source, SourceType::ts()).parse();
+    if let Some(error) = parsed.diagnostics.errors().next() {
+        return Err(diagnostic_error(source, error));
+    }
+    if parsed.panicked {
+        return Err(TransformError { message: "Unexpected token".to_string() });
+    }
+    let is_module = parsed.module_record.has_module_syntax;
+
+    let mut imports: Vec<String> = Vec::new();
+    for (name, _) in parsed.module_record.requested_modules.iter() {
+        push_unique(&mut imports, name.as_str());
+    }
+    let mut requires = RequireCollector::default();
+    requires.visit_program(&parsed.program);
+    for name in requires.modules {
+        push_unique(&mut imports, &name);
+    }
+    // Report in source order like the reference, which fails on the first offending statement.
+    imports.sort_by_key(|m| source.find(&format!("'{m}'")).or_else(|| source.find(&format!("\"{m}\""))));
+    if let Some(bad) = imports.iter().find(|m| !is_allowed(m)) {
+        return Err(TransformError { message: forbidden_import_message(bad) });
+    }
+
+    // Plain JavaScript runs as written (exact positions); only TypeScript is re-printed.
+    let js_allocator = Allocator::default();
+    let as_js = Parser::new(&js_allocator, source, SourceType::mjs()).parse();
+    if !as_js.panicked && as_js.diagnostics.errors().next().is_none() {
+        return Ok(TransformedCode { code: source.to_string(), is_module, imports });
+    }
+    drop(as_js);
+
+    let mut program = parsed.program;
+    let semantic = SemanticBuilder::new().with_excess_capacity(2.0).build(&program);
+    if let Some(error) = semantic.diagnostics.errors().next() {
+        return Err(diagnostic_error(source, error));
+    }
+    let scoping = semantic.semantic.into_scoping();
+    let options = TransformOptions::from_target("esnext").map_err(|message| TransformError { message })?;
+    let result =
+        Transformer::new(&allocator, Path::new(VIRTUAL_FILENAME), &options).build_with_scoping(scoping, &mut program);
+    if let Some(error) = result.diagnostics.errors().next() {
+        return Err(diagnostic_error(source, error));
+    }
+    let code = Codegen::new().build(&program).code;
+    Ok(TransformedCode { code, is_module, imports })
+}
+
+fn push_unique(list: &mut Vec<String>, name: &str) {
+    if !list.iter().any(|m| m == name) {
+        list.push(name.to_string());
+    }
+}
+
+/// `message (line:column)` like Babel's errors (1-based line, 0-based column).
+fn diagnostic_error(source: &str, error: &OxcDiagnostic) -> TransformError {
+    let position = error.labels.first().map(|label| line_column(source, label.offset() as usize));
+    let message = match position {
+        Some((line, column)) => format!("{} ({line}:{column})", error.message),
+        None => error.message.to_string(),
+    };
+    TransformError { message }
+}
+
+/// 1-based line and 0-based column (in UTF-16 units, like JS engines) of a byte offset.
+pub fn line_column(source: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(source.len());
+    let before = source.get(..offset).unwrap_or(source);
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
+    let column = before.get(line_start..).map(|s| s.encode_utf16().count()).unwrap_or(0);
+    (line, column)
+}
+
+/// Collects `require('<literal>')` calls with exactly one argument.
+#[derive(Default)]
+struct RequireCollector {
+    modules: Vec<String>,
+}
+
+impl<'a> Visit<'a> for RequireCollector {
+    fn visit_call_expression(&mut self, call: &CallExpression<'a>) {
+        if let Expression::Identifier(callee) = &call.callee {
+            if callee.name == "require" && call.arguments.len() == 1 {
+                if let Some(Argument::StringLiteral(literal)) = call.arguments.first() {
+                    self.modules.push(literal.value.to_string());
+                }
+            }
+        }
+        walk::walk_call_expression(self, call);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn allow(m: &str) -> bool {
+        matches!(m, "node-fetch" | "crypto" | "url")
+    }
+
+    #[test]
+    fn plain_js_passes_through_unchanged() {
+        let src = "\nfunction processEvent(event) {\n    while (1) {}\n}\n";
+        let out = transform_code(src, &allow).unwrap();
+        assert_eq!(out.code, src);
+        assert!(!out.is_module);
+    }
+
+    #[test]
+    fn typescript_is_stripped() {
+        let src = "interface A { x: number }\nexport function processEvent(event: A, { config }: any): A {\n  return event as A\n}\n";
+        let out = transform_code(src, &allow).unwrap();
+        assert!(out.is_module);
+        assert!(!out.code.contains("interface"), "{}", out.code);
+        assert!(!out.code.contains(": A"), "{}", out.code);
+        assert!(out.code.contains("export function processEvent"), "{}", out.code);
+    }
+
+    #[test]
+    fn forbidden_imports_and_requires() {
+        let err = transform_code("import { kea } from 'kea'\n", &allow).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "/index.ts: Cannot import 'kea'! This package is not provided by PostHog in plugins."
+        );
+        let err = transform_code("const kea = require('kea')\n", &allow).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "/index.ts: Cannot import 'kea'! This package is not provided by PostHog in plugins."
+        );
+        let ok = transform_code("import fetch from 'node-fetch'\nconst c = require('crypto')\n", &allow).unwrap();
+        assert_eq!(ok.imports, vec!["node-fetch".to_string(), "crypto".to_string()]);
+    }
+
+    #[test]
+    fn syntax_errors_are_prefixed() {
+        let err = transform_code("function f(a b) {}", &allow).unwrap_err();
+        assert!(err.to_string().starts_with("/index.ts: "), "{err}");
+        assert!(err.to_string().contains("(1:"), "{err}");
+    }
+}

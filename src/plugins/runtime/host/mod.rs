@@ -1,0 +1,274 @@
+//! Synchronous host functions behind the sandbox's `crypto`, `zlib`, `url`, `Buffer` and
+//! `TextEncoder`/`TextDecoder` (the JS side lives in `prelude.js`). They take and return plain
+//! bytes/strings, so plugin code never holds a host object.
+//!
+//! Not here: functions that need the VM's async machinery (meta calls, fetch, timers), which
+//! live in `vm.rs`; the HTTP client itself is `fetch.rs`.
+
+pub mod fetch;
+
+use std::io::{Read, Write};
+
+use base64::Engine as _;
+use hmac::{Hmac, Mac};
+use rquickjs::{ArrayBuffer, Ctx, Exception, Function, Object, Result as JsResult, TypedArray, Value};
+use sha2::Digest;
+
+/// Largest output a single zlib call may produce (a decompression bomb stops here).
+const MAX_INFLATED_BYTES: u64 = 64 * 1024 * 1024;
+/// Largest `crypto.randomBytes` request.
+const MAX_RANDOM_BYTES: usize = 1024 * 1024;
+
+/// The bytes of a `Uint8Array`/`Buffer` or `ArrayBuffer` argument.
+pub fn bytes_of(ctx: &Ctx<'_>, value: &Value<'_>) -> JsResult<Vec<u8>> {
+    if let Some(object) = value.as_object() {
+        if let Ok(array) = TypedArray::<u8>::from_object(object.clone()) {
+            return Ok(array.as_bytes().map(|b| b.to_vec()).unwrap_or_default());
+        }
+        if let Some(buffer) = ArrayBuffer::from_object(object.clone()) {
+            return Ok(buffer.as_bytes().map(|b| b.to_vec()).unwrap_or_default());
+        }
+    }
+    Err(Exception::throw_type(ctx, "expected a Buffer, Uint8Array or ArrayBuffer"))
+}
+
+fn buffer<'js>(ctx: &Ctx<'js>, bytes: Vec<u8>) -> JsResult<ArrayBuffer<'js>> {
+    ArrayBuffer::new(ctx.clone(), bytes)
+}
+
+fn digest(algorithm: &str, data: &[u8]) -> Option<Vec<u8>> {
+    Some(match algorithm.to_ascii_lowercase().as_str() {
+        "md5" => md5::Md5::digest(data).to_vec(),
+        "sha1" => sha1::Sha1::digest(data).to_vec(),
+        "sha256" => sha2::Sha256::digest(data).to_vec(),
+        "sha384" => sha2::Sha384::digest(data).to_vec(),
+        "sha512" => sha2::Sha512::digest(data).to_vec(),
+        _ => return None,
+    })
+}
+
+fn hmac_digest(algorithm: &str, key: &[u8], data: &[u8]) -> Option<Vec<u8>> {
+    fn run<M: Mac + hmac::digest::KeyInit>(key: &[u8], data: &[u8]) -> Option<Vec<u8>> {
+        let mut mac = <M as Mac>::new_from_slice(key).ok()?;
+        mac.update(data);
+        Some(mac.finalize().into_bytes().to_vec())
+    }
+    match algorithm.to_ascii_lowercase().as_str() {
+        "md5" => run::<Hmac<md5::Md5>>(key, data),
+        "sha1" => run::<Hmac<sha1::Sha1>>(key, data),
+        "sha256" => run::<Hmac<sha2::Sha256>>(key, data),
+        "sha384" => run::<Hmac<sha2::Sha384>>(key, data),
+        "sha512" => run::<Hmac<sha2::Sha512>>(key, data),
+        _ => None,
+    }
+}
+
+fn zlib(op: &str, data: &[u8]) -> std::result::Result<Vec<u8>, String> {
+    use flate2::read::{DeflateDecoder, GzDecoder, MultiGzDecoder, ZlibDecoder};
+    use flate2::write::{DeflateEncoder, GzEncoder, ZlibEncoder};
+    use flate2::Compression;
+    fn inflate(mut reader: impl Read) -> std::result::Result<Vec<u8>, String> {
+        let mut out = Vec::new();
+        reader.by_ref().take(MAX_INFLATED_BYTES + 1).read_to_end(&mut out).map_err(|e| e.to_string())?;
+        if out.len() as u64 > MAX_INFLATED_BYTES {
+            return Err("Cannot create a Buffer larger than the plugin limit".to_string());
+        }
+        Ok(out)
+    }
+    fn deflate<W: Write>(
+        mut writer: W,
+        data: &[u8],
+        finish: impl FnOnce(W) -> std::io::Result<Vec<u8>>,
+    ) -> std::result::Result<Vec<u8>, String> {
+        writer.write_all(data).map_err(|e| e.to_string())?;
+        finish(writer).map_err(|e| e.to_string())
+    }
+    match op {
+        "gzip" => deflate(GzEncoder::new(Vec::new(), Compression::default()), data, |w| w.finish()),
+        "deflate" => deflate(ZlibEncoder::new(Vec::new(), Compression::default()), data, |w| w.finish()),
+        "deflateRaw" => deflate(DeflateEncoder::new(Vec::new(), Compression::default()), data, |w| w.finish()),
+        "gunzip" => inflate(MultiGzDecoder::new(data)),
+        "inflate" => inflate(ZlibDecoder::new(data)),
+        "inflateRaw" => inflate(DeflateDecoder::new(data)),
+        "unzip" if data.starts_with(&[0x1f, 0x8b]) => inflate(GzDecoder::new(data)),
+        "unzip" => inflate(ZlibDecoder::new(data)),
+        _ => Err(format!("unknown zlib operation {op}")),
+    }
+    .map_err(|e| if e.contains("invalid") || e.contains("corrupt") { "incorrect header check".to_string() } else { e })
+}
+
+fn url_record<'js>(ctx: &Ctx<'js>, url: &url::Url) -> JsResult<Object<'js>> {
+    let record = Object::new(ctx.clone())?;
+    let with_prefix = |prefix: &str, part: Option<&str>| match part {
+        Some(p) if !p.is_empty() => format!("{prefix}{p}"),
+        _ => String::new(),
+    };
+    let port = url.port().map(|p| p.to_string()).unwrap_or_default();
+    let hostname = url.host_str().unwrap_or("").to_string();
+    let host = if port.is_empty() { hostname.clone() } else { format!("{hostname}:{port}") };
+    record.set("href", url.as_str())?;
+    record.set("protocol", format!("{}:", url.scheme()))?;
+    record.set("username", url.username())?;
+    record.set("password", url.password().unwrap_or(""))?;
+    record.set("host", host)?;
+    record.set("hostname", hostname)?;
+    record.set("port", port)?;
+    record.set("pathname", url.path())?;
+    record.set("search", with_prefix("?", url.query()))?;
+    record.set("hash", with_prefix("#", url.fragment()))?;
+    record.set("origin", url.origin().ascii_serialization())?;
+    Ok(record)
+}
+
+fn parse_url(ctx: &Ctx<'_>, href: &str, base: Option<&str>) -> JsResult<url::Url> {
+    let parsed = match base {
+        Some(base) => url::Url::parse(base).and_then(|b| b.join(href)),
+        None => url::Url::parse(href),
+    };
+    parsed.map_err(|_| Exception::throw_type(ctx, &format!("Invalid URL: {href}")))
+}
+
+/// Adds the synchronous host functions to `host`.
+pub fn install<'js>(ctx: &Ctx<'js>, host: &Object<'js>) -> JsResult<()> {
+    host.set("utf8Encode", Function::new(ctx.clone(), |ctx: Ctx<'js>, s: String| buffer(&ctx, s.into_bytes()))?)?;
+    host.set(
+        "utf8Decode",
+        Function::new(ctx.clone(), |ctx: Ctx<'js>, v: Value<'js>| -> JsResult<String> {
+            Ok(String::from_utf8_lossy(&bytes_of(&ctx, &v)?).into_owned())
+        })?,
+    )?;
+    host.set(
+        "base64Encode",
+        Function::new(ctx.clone(), |ctx: Ctx<'js>, v: Value<'js>, url_safe: bool| -> JsResult<String> {
+            let bytes = bytes_of(&ctx, &v)?;
+            Ok(if url_safe {
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+            } else {
+                base64::engine::general_purpose::STANDARD.encode(bytes)
+            })
+        })?,
+    )?;
+    host.set(
+        "base64Decode",
+        Function::new(ctx.clone(), |ctx: Ctx<'js>, s: String| {
+            // Node is lenient: url-safe alphabet, missing padding and whitespace are accepted.
+            let cleaned: String = s
+                .chars()
+                .filter(|c| !c.is_whitespace() && *c != '=')
+                .map(|c| match c {
+                    '-' => '+',
+                    '_' => '/',
+                    c => c,
+                })
+                .collect();
+            let bytes = base64::engine::general_purpose::STANDARD_NO_PAD.decode(cleaned.as_bytes()).unwrap_or_default();
+            buffer(&ctx, bytes)
+        })?,
+    )?;
+    host.set(
+        "hash",
+        Function::new(ctx.clone(), |ctx: Ctx<'js>, algorithm: String, data: Value<'js>| {
+            let data = bytes_of(&ctx, &data)?;
+            match digest(&algorithm, &data) {
+                Some(out) => buffer(&ctx, out),
+                None => Err(Exception::throw_message(&ctx, "Digest method not supported")),
+            }
+        })?,
+    )?;
+    host.set(
+        "hmac",
+        Function::new(ctx.clone(), |ctx: Ctx<'js>, algorithm: String, key: Value<'js>, data: Value<'js>| {
+            let key = bytes_of(&ctx, &key)?;
+            let data = bytes_of(&ctx, &data)?;
+            match hmac_digest(&algorithm, &key, &data) {
+                Some(out) => buffer(&ctx, out),
+                None => Err(Exception::throw_message(&ctx, &format!("Invalid digest: {algorithm}"))),
+            }
+        })?,
+    )?;
+    host.set(
+        "randomBytes",
+        Function::new(ctx.clone(), |ctx: Ctx<'js>, size: f64| {
+            if !(0.0..=MAX_RANDOM_BYTES as f64).contains(&size) {
+                return Err(Exception::throw_range(&ctx, "The value of \"size\" is out of range."));
+            }
+            let mut bytes = vec![0u8; size as usize];
+            rand::Rng::fill(&mut rand::rng(), bytes.as_mut_slice());
+            buffer(&ctx, bytes)
+        })?,
+    )?;
+    host.set("randomUUID", Function::new(ctx.clone(), || uuid::Uuid::new_v4().to_string())?)?;
+    host.set(
+        "zlib",
+        Function::new(ctx.clone(), |ctx: Ctx<'js>, op: String, data: Value<'js>| {
+            let data = bytes_of(&ctx, &data)?;
+            match zlib(&op, &data) {
+                Ok(out) => buffer(&ctx, out),
+                Err(message) => Err(Exception::throw_message(&ctx, &message)),
+            }
+        })?,
+    )?;
+    host.set(
+        "urlParse",
+        Function::new(ctx.clone(), |ctx: Ctx<'js>, href: String, base: rquickjs::function::Opt<String>| {
+            let url = parse_url(&ctx, &href, base.0.as_deref())?;
+            url_record(&ctx, &url)
+        })?,
+    )?;
+    host.set(
+        "urlSet",
+        Function::new(ctx.clone(), |ctx: Ctx<'js>, href: String, field: String, value: String| {
+            let mut url = parse_url(&ctx, &href, None)?;
+            let strip = |v: &str, prefix: char| v.strip_prefix(prefix).unwrap_or(v).to_string();
+            // Invalid assignments are ignored, as in the WHATWG URL setters.
+            let _ = match field.as_str() {
+                "protocol" => url.set_scheme(value.trim_end_matches(':')),
+                "username" => url.set_username(&value),
+                "password" => url.set_password(Some(&value).filter(|v| !v.is_empty()).map(|v| v.as_str())),
+                "host" => {
+                    let (host, port) = match value.rsplit_once(':') {
+                        Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) => (h.to_string(), p.parse().ok()),
+                        _ => (value.clone(), None),
+                    };
+                    url.set_host(Some(&host)).map_err(|_| ()).and_then(|_| url.set_port(port))
+                }
+                "hostname" => url.set_host(Some(&value)).map_err(|_| ()),
+                "port" => url.set_port(if value.is_empty() { None } else { value.parse().ok() }),
+                "pathname" => {
+                    url.set_path(&value);
+                    Ok(())
+                }
+                "search" => {
+                    let q = strip(&value, '?');
+                    url.set_query(if q.is_empty() { None } else { Some(&q) });
+                    Ok(())
+                }
+                "hash" => {
+                    let h = strip(&value, '#');
+                    url.set_fragment(if h.is_empty() { None } else { Some(&h) });
+                    Ok(())
+                }
+                _ => Ok(()),
+            };
+            url_record(&ctx, &url)
+        })?,
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digests_and_zlib() {
+        assert_eq!(hex::encode(digest("md5", b"abc").unwrap()), "900150983cd24fb0d6963f7d28e17f72");
+        assert_eq!(
+            hex::encode(hmac_digest("sha256", b"key", b"The quick brown fox jumps over the lazy dog").unwrap()),
+            "f7bc83f430538424b13298e6aa6fb143ef4d59a14946175997479dbc2d1a3cd8"
+        );
+        let packed = zlib("gzip", b"hello hello hello").unwrap();
+        assert_eq!(zlib("gunzip", &packed).unwrap(), b"hello hello hello");
+        assert!(zlib("inflate", b"garbage").is_err());
+    }
+}

@@ -1,0 +1,499 @@
+//! The worker pool: `WORKER_CONCURRENCY` OS threads, each with a current-thread tokio runtime and
+//! a `LocalSet` (so plugin promises make progress), owning one VM per plugin config, running up
+//! to `TASKS_PER_WORKER` tasks at once. The main side sends tasks over bounded channels (the
+//! bound is the back-pressure) and awaits a oneshot reply, watching the worker's heartbeat so a
+//! stalled thread is reported instead of waited on forever.
+//!
+//! Not here: the VM internals (`vm.rs`), what plugins are loaded when (the orchestration).
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::runtime::Handle;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use super::vm::{is_allowed_import, Vm, VmInner};
+use super::{CallKind, MetaBindings, PluginConfigId, PluginError, PluginExports, PluginVmSpec, PoolOptions};
+use crate::plugins::transform::{transform_code, TransformedCode};
+
+/// How often a worker proves it is alive.
+const HEARTBEAT_EVERY: Duration = Duration::from_millis(250);
+
+/// A snapshot of the pool's load.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PoolStats {
+    pub threads: usize,
+    /// Tasks sent (or being sent) to workers and not answered yet.
+    pub in_flight: usize,
+    /// Indexes of workers whose heartbeat is late (stuck thread); they get no new tasks.
+    pub stalled_workers: Vec<usize>,
+}
+
+/// What a worker needs to (re)build a VM of one config.
+#[derive(Clone)]
+struct VmRecipe {
+    plugin_config_id: PluginConfigId,
+    generation: u64,
+    code: Arc<TransformedCode>,
+    meta: Arc<dyn MetaBindings>,
+}
+
+struct Registered {
+    recipe: VmRecipe,
+    exports: Option<PluginExports>,
+}
+
+enum Task {
+    Load {
+        recipe: VmRecipe,
+        reply: oneshot::Sender<Result<PluginExports, PluginError>>,
+    },
+    Call {
+        recipe: VmRecipe,
+        create: bool,
+        method: String,
+        args: Vec<Value>,
+        kind: CallKind,
+        reply: oneshot::Sender<Option<Result<Value, PluginError>>>,
+    },
+    Unload {
+        plugin_config_id: PluginConfigId,
+        reply: oneshot::Sender<()>,
+    },
+    Memory {
+        plugin_config_id: PluginConfigId,
+        reply: oneshot::Sender<Option<i64>>,
+    },
+}
+
+struct Worker {
+    sender: Mutex<Option<mpsc::Sender<Task>>>,
+    in_flight: Arc<AtomicUsize>,
+    heartbeat_ns: Arc<AtomicU64>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+struct Inner {
+    options: PoolOptions,
+    workers: Vec<Worker>,
+    registry: RwLock<HashMap<PluginConfigId, Registered>>,
+    generation: AtomicU64,
+    shut_down: AtomicBool,
+    started: Instant,
+}
+
+/// The pool of JS worker threads. Cheap to clone; all clones share the threads.
+#[derive(Clone)]
+pub struct WorkerPool {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for WorkerPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerPool").field("threads", &self.inner.workers.len()).finish_non_exhaustive()
+    }
+}
+
+impl WorkerPool {
+    /// Starts the threads. Call it inside the main tokio runtime: meta calls and fetches are
+    /// spawned onto that runtime (without one they run on the worker threads).
+    pub fn new(options: PoolOptions) -> Result<WorkerPool, PluginError> {
+        let threads = options.threads.max(1);
+        let main = Handle::try_current().ok();
+        let started = Instant::now();
+        let mut workers = Vec::with_capacity(threads);
+        for index in 0..threads {
+            let (sender, receiver) = mpsc::channel(options.tasks_per_worker.max(1));
+            let in_flight = Arc::new(AtomicUsize::new(0));
+            let heartbeat_ns = Arc::new(AtomicU64::new(0));
+            let thread = {
+                let options = options.clone();
+                let main = main.clone();
+                let heartbeat = heartbeat_ns.clone();
+                std::thread::Builder::new()
+                    .name(format!("js-worker-{index}"))
+                    // Room for the VM's own stack limit plus Rust frames around it.
+                    .stack_size(options.max_stack_bytes.max(1 << 20) * 4 + (8 << 20))
+                    .spawn(move || worker_main(receiver, options, main, heartbeat, started))
+                    .map_err(|e| PluginError::WorkerUnavailable { worker: index, reason: e.to_string() })?
+            };
+            workers.push(Worker {
+                sender: Mutex::new(Some(sender)),
+                in_flight,
+                heartbeat_ns,
+                thread: Mutex::new(Some(thread)),
+            });
+        }
+        Ok(WorkerPool {
+            inner: Arc::new(Inner {
+                options,
+                workers,
+                registry: RwLock::default(),
+                generation: AtomicU64::new(1),
+                shut_down: AtomicBool::new(false),
+                started,
+            }),
+        })
+    }
+
+    pub fn options(&self) -> &PoolOptions {
+        &self.inner.options
+    }
+
+    /// (Re)loads one plugin config on every worker thread: transform, run the code, discover
+    /// exports, then `setupPlugin` (if exported) on each thread. On any failure nothing stays
+    /// registered for this id and the first error is returned.
+    pub async fn load(&self, spec: PluginVmSpec) -> Result<PluginExports, PluginError> {
+        let source = spec.code;
+        let code = tokio::task::spawn_blocking(move || transform_code(&source, &is_allowed_import))
+            .await
+            .map_err(|e| PluginError::Transform(e.to_string()))?
+            .map_err(|e| PluginError::Transform(e.to_string()))?;
+        let recipe = VmRecipe {
+            plugin_config_id: spec.plugin_config_id,
+            generation: self.inner.generation.fetch_add(1, Ordering::Relaxed),
+            code: Arc::new(code),
+            meta: spec.meta,
+        };
+        self.write_registry().insert(spec.plugin_config_id, Registered { recipe: recipe.clone(), exports: None });
+        let mut replies = Vec::new();
+        for index in 0..self.inner.workers.len() {
+            let (reply, answer) = oneshot::channel();
+            let task = Task::Load { recipe: recipe.clone(), reply };
+            replies.push(self.send(index, task, answer));
+        }
+        let mut first: Option<Result<PluginExports, PluginError>> = None;
+        for result in futures::future::join_all(replies).await {
+            let result = result.and_then(|r| r);
+            match (&first, result) {
+                (None, r) => first = Some(r),
+                (Some(Ok(_)), Err(e)) => first = Some(Err(e)),
+                _ => {}
+            }
+        }
+        let outcome = first.unwrap_or(Err(PluginError::ShutDown));
+        match &outcome {
+            Ok(exports) => {
+                if let Some(entry) = self.write_registry().get_mut(&spec.plugin_config_id) {
+                    if entry.recipe.generation == recipe.generation {
+                        entry.exports = Some(exports.clone());
+                    }
+                }
+            }
+            Err(_) => {
+                let still_ours = {
+                    let mut registry = self.write_registry();
+                    let ours =
+                        registry.get(&spec.plugin_config_id).is_some_and(|r| r.recipe.generation == recipe.generation);
+                    if ours {
+                        registry.remove(&spec.plugin_config_id);
+                    }
+                    ours
+                };
+                if still_ours {
+                    self.drop_vms(spec.plugin_config_id).await;
+                }
+            }
+        }
+        outcome
+    }
+
+    /// The exports found by the last successful [`WorkerPool::load`] of this config.
+    pub fn exports(&self, plugin_config_id: PluginConfigId) -> Option<PluginExports> {
+        self.read_registry().get(&plugin_config_id).and_then(|r| r.exports.clone())
+    }
+
+    /// Calls `method` (an exported function or `jobs.<name>`) of this config's VM on the least
+    /// busy worker thread; `meta` is appended to `args`.
+    pub async fn call(
+        &self,
+        plugin_config_id: PluginConfigId,
+        method: &str,
+        args: Vec<Value>,
+        kind: CallKind,
+    ) -> Result<Value, PluginError> {
+        let recipe = self.recipe(plugin_config_id)?;
+        let index = self.pick_worker()?;
+        let (reply, answer) = oneshot::channel();
+        let task = Task::Call { recipe, create: true, method: method.to_string(), args, kind, reply };
+        self.send(index, task, answer).await?.unwrap_or(Err(PluginError::NotLoaded(plugin_config_id)))
+    }
+
+    /// Calls `method` on every thread that holds a VM of this config (e.g. `teardownPlugin`);
+    /// one result per such thread.
+    pub async fn broadcast(
+        &self,
+        plugin_config_id: PluginConfigId,
+        method: &str,
+        args: Vec<Value>,
+        kind: CallKind,
+    ) -> Vec<Result<Value, PluginError>> {
+        let recipe = match self.recipe(plugin_config_id) {
+            Ok(recipe) => recipe,
+            Err(e) => return vec![Err(e)],
+        };
+        let mut replies = Vec::new();
+        for index in 0..self.inner.workers.len() {
+            let (reply, answer) = oneshot::channel();
+            let task = Task::Call {
+                recipe: recipe.clone(),
+                create: false,
+                method: method.to_string(),
+                args: args.clone(),
+                kind,
+                reply,
+            };
+            replies.push(self.send(index, task, answer));
+        }
+        futures::future::join_all(replies)
+            .await
+            .into_iter()
+            .filter_map(|r| match r {
+                Ok(inner) => inner,
+                Err(e) => Some(Err(e)),
+            })
+            .collect()
+    }
+
+    /// Forgets this config and drops its VMs on every thread (no teardown call).
+    pub async fn unload(&self, plugin_config_id: PluginConfigId) {
+        self.write_registry().remove(&plugin_config_id);
+        self.drop_vms(plugin_config_id).await;
+    }
+
+    /// Heap bytes used by this config's VM on each thread that has one (after a GC).
+    pub async fn memory_usage(&self, plugin_config_id: PluginConfigId) -> Vec<i64> {
+        let mut replies = Vec::new();
+        for index in 0..self.inner.workers.len() {
+            let (reply, answer) = oneshot::channel();
+            replies.push(self.send(index, Task::Memory { plugin_config_id, reply }, answer));
+        }
+        futures::future::join_all(replies).await.into_iter().filter_map(|r| r.ok().flatten()).collect()
+    }
+
+    pub fn stats(&self) -> PoolStats {
+        let workers = &self.inner.workers;
+        PoolStats {
+            threads: workers.len(),
+            in_flight: workers.iter().map(|w| w.in_flight.load(Ordering::Relaxed)).sum(),
+            stalled_workers: (0..workers.len()).filter(|i| self.is_stalled(*i)).collect(),
+        }
+    }
+
+    /// Stops accepting tasks, lets the threads finish what they hold and joins them (threads
+    /// that are stuck are left behind after `grace`).
+    pub async fn shutdown(&self, grace: Duration) {
+        self.inner.shut_down.store(true, Ordering::Relaxed);
+        for worker in &self.inner.workers {
+            if let Ok(mut sender) = worker.sender.lock() {
+                sender.take();
+            }
+        }
+        let threads: Vec<_> =
+            self.inner.workers.iter().filter_map(|w| w.thread.lock().ok().and_then(|mut t| t.take())).collect();
+        let join = tokio::task::spawn_blocking(move || {
+            for thread in threads {
+                let _ = thread.join();
+            }
+        });
+        let _ = tokio::time::timeout(grace, join).await;
+    }
+
+    async fn drop_vms(&self, plugin_config_id: PluginConfigId) {
+        let mut replies = Vec::new();
+        for index in 0..self.inner.workers.len() {
+            let (reply, answer) = oneshot::channel();
+            replies.push(self.send(index, Task::Unload { plugin_config_id, reply }, answer));
+        }
+        futures::future::join_all(replies).await;
+    }
+
+    fn read_registry(&self) -> std::sync::RwLockReadGuard<'_, HashMap<PluginConfigId, Registered>> {
+        self.inner.registry.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn write_registry(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<PluginConfigId, Registered>> {
+        self.inner.registry.write().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn recipe(&self, plugin_config_id: PluginConfigId) -> Result<VmRecipe, PluginError> {
+        self.read_registry()
+            .get(&plugin_config_id)
+            .map(|r| r.recipe.clone())
+            .ok_or(PluginError::NotLoaded(plugin_config_id))
+    }
+
+    /// Late heartbeat: the thread is stuck in something the CPU deadline did not stop.
+    fn is_stalled(&self, index: usize) -> bool {
+        let worker = &self.inner.workers[index];
+        let beat = worker.heartbeat_ns.load(Ordering::Relaxed);
+        let now = self.inner.started.elapsed().as_nanos() as u64;
+        let limit = self.stall_limit().as_nanos() as u64;
+        // A worker that has never beaten is still starting, unless that takes far too long.
+        now.saturating_sub(beat) > limit
+    }
+
+    fn stall_limit(&self) -> Duration {
+        self.inner.options.task_timeout * 2 + Duration::from_secs(5)
+    }
+
+    fn pick_worker(&self) -> Result<usize, PluginError> {
+        if self.inner.shut_down.load(Ordering::Relaxed) {
+            return Err(PluginError::ShutDown);
+        }
+        (0..self.inner.workers.len())
+            .filter(|i| !self.is_stalled(*i))
+            .min_by_key(|i| self.inner.workers[*i].in_flight.load(Ordering::Relaxed))
+            .ok_or_else(|| PluginError::WorkerUnavailable {
+                worker: 0,
+                reason: "every worker thread is stalled".into(),
+            })
+    }
+
+    /// Sends a task (waiting for room: back-pressure) and awaits its reply while watching the
+    /// worker's heartbeat.
+    async fn send<T>(&self, index: usize, task: Task, answer: oneshot::Receiver<T>) -> Result<T, PluginError> {
+        let worker = &self.inner.workers[index];
+        let unavailable = |reason: &str| PluginError::WorkerUnavailable { worker: index, reason: reason.to_string() };
+        let sender = worker.sender.lock().ok().and_then(|s| s.clone()).ok_or(PluginError::ShutDown)?;
+        worker.in_flight.fetch_add(1, Ordering::Relaxed);
+        let _in_flight = InFlight(&worker.in_flight);
+        sender.send(task).await.map_err(|_| unavailable("the thread has exited"))?;
+        let watchdog = async {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if self.is_stalled(index) {
+                    return;
+                }
+            }
+        };
+        tokio::select! {
+            reply = answer => reply.map_err(|_| unavailable("the thread dropped the task")),
+            _ = watchdog => {
+                tracing::error!(worker = index, "JS worker thread is stalled; its task is abandoned");
+                Err(unavailable("the thread is stalled"))
+            }
+        }
+    }
+}
+
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The VMs of one worker thread.
+#[derive(Default)]
+struct Vms {
+    vms: HashMap<PluginConfigId, (u64, Vm)>,
+    /// Serializes creation per config so concurrent calls don't build it twice.
+    creating: HashMap<PluginConfigId, Rc<tokio::sync::Mutex<()>>>,
+}
+
+fn worker_main(
+    mut receiver: mpsc::Receiver<Task>,
+    options: PoolOptions,
+    main: Option<Handle>,
+    heartbeat: Arc<AtomicU64>,
+    started: Instant,
+) {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(error) => {
+            tracing::error!(%error, "could not start a JS worker thread's runtime");
+            return;
+        }
+    };
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&runtime, async move {
+        let beat = heartbeat.clone();
+        let ticker = tokio::task::spawn_local(async move {
+            loop {
+                beat.store(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                tokio::time::sleep(HEARTBEAT_EVERY).await;
+            }
+        });
+        let vms: Rc<RefCell<Vms>> = Rc::default();
+        let permits = Arc::new(Semaphore::new(options.tasks_per_worker.max(1)));
+        let options = Rc::new(options);
+        while let Some(task) = receiver.recv().await {
+            let Ok(permit) = permits.clone().acquire_owned().await else { break };
+            let vms = vms.clone();
+            let options = options.clone();
+            let main = main.clone();
+            tokio::task::spawn_local(async move {
+                run_task(task, &vms, &options, main).await;
+                drop(permit);
+            });
+        }
+        // Channel closed: let running tasks finish, then drop the VMs on this thread.
+        let _ = permits.acquire_many(options.tasks_per_worker.max(1) as u32).await;
+        ticker.abort();
+        vms.borrow_mut().vms.clear();
+    });
+}
+
+async fn run_task(task: Task, vms: &Rc<RefCell<Vms>>, options: &PoolOptions, main: Option<Handle>) {
+    match task {
+        Task::Load { recipe, reply } => {
+            vms.borrow_mut().vms.remove(&recipe.plugin_config_id);
+            let result = vm_for(vms, &recipe, options, main).await.map(|vm| vm.exports.borrow().clone());
+            let _ = reply.send(result);
+        }
+        Task::Call { recipe, create, method, args, kind, reply } => {
+            let existing = {
+                let vms = vms.borrow();
+                vms.vms.get(&recipe.plugin_config_id).filter(|(g, _)| *g == recipe.generation).map(|(_, vm)| vm.clone())
+            };
+            let result = match existing {
+                Some(vm) => Some(vm.call(&method, args, kind).await),
+                None if create => Some(match vm_for(vms, &recipe, options, main).await {
+                    Ok(vm) => vm.call(&method, args, kind).await,
+                    Err(e) => Err(e),
+                }),
+                None => None,
+            };
+            let _ = reply.send(result);
+        }
+        Task::Unload { plugin_config_id, reply } => {
+            let removed = vms.borrow_mut().vms.remove(&plugin_config_id);
+            drop(removed);
+            let _ = reply.send(());
+        }
+        Task::Memory { plugin_config_id, reply } => {
+            let vm = vms.borrow().vms.get(&plugin_config_id).map(|(_, vm)| vm.clone());
+            let _ = reply.send(vm.map(|vm| vm.memory_used()));
+        }
+    }
+}
+
+/// This thread's VM for `recipe`, built (code + `setupPlugin`) if missing or outdated.
+async fn vm_for(
+    vms: &Rc<RefCell<Vms>>,
+    recipe: &VmRecipe,
+    options: &PoolOptions,
+    main: Option<Handle>,
+) -> Result<Vm, PluginError> {
+    let id = recipe.plugin_config_id;
+    let lock = vms.borrow_mut().creating.entry(id).or_default().clone();
+    let _guard = lock.lock().await;
+    if let Some((generation, vm)) = vms.borrow().vms.get(&id) {
+        if *generation == recipe.generation {
+            return Ok(vm.clone());
+        }
+    }
+    let vm = VmInner::create(id, &recipe.code, recipe.meta.clone(), options, main).await?;
+    if vm.exports.borrow().has("setupPlugin") {
+        vm.call("setupPlugin", Vec::new(), CallKind::Method).await?;
+    }
+    vms.borrow_mut().vms.insert(id, (recipe.generation, vm.clone()));
+    Ok(vm)
+}

@@ -1,0 +1,708 @@
+// The sandbox's JS surface, evaluated once per VM before the plugin code. It receives the host
+// functions (Rust) as `host` and defines the frozen globals of reference 30 §5.1, the allow-listed
+// modules of §5.2 and the `meta` object of §5.3. `host` itself never becomes reachable from plugin
+// code. Returns the helpers the runtime needs after the plugin code ran.
+(function (host, config, attachments, testEnv) {
+    'use strict';
+    const G = globalThis;
+    // Read-only, but configurable: a plugin's own top-level `const fetch = require('node-fetch')`
+    // must still be allowed to shadow the global (it is with the reference's vm2 sandbox).
+    const define = (obj, name, value) =>
+        Object.defineProperty(obj, name, { value, writable: false, enumerable: false, configurable: true });
+    const trimArgs = (args) => {
+        let n = args.length;
+        while (n > 0 && args[n - 1] === undefined) n--;
+        return Array.prototype.slice.call(args, 0, n);
+    };
+    const hostCall = (name, args) => host.call(name, trimArgs(args));
+    const quiet = (promise) => {
+        promise.catch(() => {});
+        return promise;
+    };
+    const namedError = (name, message) => {
+        const e = new Error(message);
+        e.name = name;
+        return e;
+    };
+
+    // ---------------------------------------------------------------- bytes
+    const HEX = '0123456789abcdef';
+    function toBytes(data, encoding) {
+        if (data instanceof Uint8Array) return data;
+        if (data instanceof ArrayBuffer) return new Uint8Array(data);
+        if (ArrayBuffer.isView(data)) return new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
+        if (Array.isArray(data)) return Uint8Array.from(data, (x) => x & 255);
+        const s = String(data);
+        switch ((encoding || 'utf8').toLowerCase()) {
+            case 'utf8':
+            case 'utf-8':
+                return new Uint8Array(host.utf8Encode(s));
+            case 'hex': {
+                const out = new Uint8Array(s.length >> 1);
+                for (let i = 0; i < out.length; i++) {
+                    const v = parseInt(s.substr(i * 2, 2), 16);
+                    if (Number.isNaN(v)) return out.subarray(0, i);
+                    out[i] = v;
+                }
+                return out;
+            }
+            case 'base64':
+            case 'base64url':
+                return new Uint8Array(host.base64Decode(s));
+            case 'latin1':
+            case 'binary':
+            case 'ascii':
+                return Uint8Array.from(s, (c) => c.charCodeAt(0) & 255);
+            default:
+                throw new TypeError('Unknown encoding: ' + encoding);
+        }
+    }
+    function bytesToString(bytes, encoding) {
+        switch ((encoding || 'utf8').toLowerCase()) {
+            case 'utf8':
+            case 'utf-8':
+                return host.utf8Decode(bytes);
+            case 'hex': {
+                let s = '';
+                for (let i = 0; i < bytes.length; i++) s += HEX[bytes[i] >> 4] + HEX[bytes[i] & 15];
+                return s;
+            }
+            case 'base64':
+                return host.base64Encode(bytes, false);
+            case 'base64url':
+                return host.base64Encode(bytes, true);
+            case 'latin1':
+            case 'binary':
+            case 'ascii': {
+                let s = '';
+                for (let i = 0; i < bytes.length; i++) s += String.fromCharCode(bytes[i]);
+                return s;
+            }
+            default:
+                throw new TypeError('Unknown encoding: ' + encoding);
+        }
+    }
+
+    class Buffer extends Uint8Array {
+        static from(value, encodingOrOffset, length) {
+            if (value instanceof ArrayBuffer) return new Buffer(value, encodingOrOffset || 0, length);
+            const bytes = toBytes(value, encodingOrOffset);
+            const out = new Buffer(bytes.length);
+            out.set(bytes);
+            return out;
+        }
+        static alloc(size, fill) {
+            const out = new Buffer(size);
+            if (fill !== undefined) out.fill(typeof fill === 'number' ? fill : toBytes(fill)[0] || 0);
+            return out;
+        }
+        static allocUnsafe(size) {
+            return new Buffer(size);
+        }
+        static isBuffer(value) {
+            return value instanceof Buffer;
+        }
+        static byteLength(value, encoding) {
+            return typeof value === 'string' ? toBytes(value, encoding).length : value.byteLength;
+        }
+        static concat(list, totalLength) {
+            const total = totalLength === undefined ? list.reduce((n, b) => n + b.length, 0) : totalLength;
+            const out = new Buffer(total);
+            let offset = 0;
+            for (const b of list) {
+                if (offset >= total) break;
+                const part = b.length > total - offset ? b.subarray(0, total - offset) : b;
+                out.set(part, offset);
+                offset += part.length;
+            }
+            return out;
+        }
+        toString(encoding, start, end) {
+            const view = start !== undefined || end !== undefined ? this.subarray(start || 0, end) : this;
+            return bytesToString(view, encoding);
+        }
+        toJSON() {
+            return { type: 'Buffer', data: Array.from(this) };
+        }
+        equals(other) {
+            if (this.length !== other.length) return false;
+            for (let i = 0; i < this.length; i++) if (this[i] !== other[i]) return false;
+            return true;
+        }
+        slice(start, end) {
+            return this.subarray(start, end);
+        }
+        write(string, offset, encoding) {
+            const bytes = toBytes(string, encoding);
+            this.set(bytes.subarray(0, this.length - (offset || 0)), offset || 0);
+            return Math.min(bytes.length, this.length - (offset || 0));
+        }
+    }
+
+    class TextEncoder {
+        get encoding() {
+            return 'utf-8';
+        }
+        encode(input = '') {
+            return new Uint8Array(host.utf8Encode(String(input)));
+        }
+    }
+    class TextDecoder {
+        constructor(label = 'utf-8') {
+            if (!/^utf-?8$/i.test(label)) throw new RangeError('The "' + label + '" encoding is not supported');
+        }
+        get encoding() {
+            return 'utf-8';
+        }
+        decode(input) {
+            return input === undefined ? '' : host.utf8Decode(toBytes(input));
+        }
+    }
+
+    // ---------------------------------------------------------------- URL
+    const formEncode = (s) =>
+        encodeURIComponent(s)
+            .replace(/[!'()~]/g, (c) => '%' + c.charCodeAt(0).toString(16).toUpperCase())
+            .replace(/%20/g, '+');
+    const formDecode = (s) => {
+        try {
+            return decodeURIComponent(s.replace(/\+/g, ' '));
+        } catch (e) {
+            return s;
+        }
+    };
+    class URLSearchParams {
+        constructor(init) {
+            this._list = [];
+            this._url = null;
+            if (init === undefined || init === null) return;
+            if (typeof init === 'object') {
+                const iter = typeof init[Symbol.iterator] === 'function' ? init : Object.entries(init);
+                for (const pair of iter) this._list.push([String(pair[0]), String(pair[1])]);
+            } else {
+                this._parse(String(init));
+            }
+        }
+        _parse(s) {
+            this._list = [];
+            if (s.startsWith('?')) s = s.slice(1);
+            for (const part of s.split('&')) {
+                if (!part) continue;
+                const i = part.indexOf('=');
+                this._list.push(i < 0 ? [formDecode(part), ''] : [formDecode(part.slice(0, i)), formDecode(part.slice(i + 1))]);
+            }
+        }
+        _update() {
+            if (this._url) this._url._setSearch(this.toString());
+        }
+        get size() {
+            return this._list.length;
+        }
+        append(k, v) {
+            this._list.push([String(k), String(v)]);
+            this._update();
+        }
+        delete(k) {
+            this._list = this._list.filter((p) => p[0] !== String(k));
+            this._update();
+        }
+        get(k) {
+            const p = this._list.find((p) => p[0] === String(k));
+            return p ? p[1] : null;
+        }
+        getAll(k) {
+            return this._list.filter((p) => p[0] === String(k)).map((p) => p[1]);
+        }
+        has(k) {
+            return this._list.some((p) => p[0] === String(k));
+        }
+        set(k, v) {
+            k = String(k);
+            const i = this._list.findIndex((p) => p[0] === k);
+            if (i < 0) this._list.push([k, String(v)]);
+            else {
+                this._list[i] = [k, String(v)];
+                this._list = this._list.filter((p, j) => j <= i || p[0] !== k);
+            }
+            this._update();
+        }
+        sort() {
+            this._list.sort((a, b) => (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : 0));
+            this._update();
+        }
+        forEach(fn, thisArg) {
+            for (const [k, v] of this._list) fn.call(thisArg, v, k, this);
+        }
+        keys() {
+            return this._list.map((p) => p[0])[Symbol.iterator]();
+        }
+        values() {
+            return this._list.map((p) => p[1])[Symbol.iterator]();
+        }
+        entries() {
+            return this._list.map((p) => [p[0], p[1]])[Symbol.iterator]();
+        }
+        [Symbol.iterator]() {
+            return this.entries();
+        }
+        toString() {
+            return this._list.map((p) => formEncode(p[0]) + '=' + formEncode(p[1])).join('&');
+        }
+    }
+    const URL_FIELDS = ['href', 'protocol', 'username', 'password', 'host', 'hostname', 'port', 'pathname', 'search', 'hash'];
+    class URL {
+        constructor(url, base) {
+            this._r = host.urlParse(String(url), base === undefined ? undefined : String(base));
+            this._params = null;
+        }
+        _setSearch(search) {
+            this._r = host.urlSet(this._r.href, 'search', search);
+        }
+        get origin() {
+            return this._r.origin;
+        }
+        get searchParams() {
+            if (!this._params) {
+                this._params = new URLSearchParams(this._r.search);
+                this._params._url = this;
+            }
+            return this._params;
+        }
+        toString() {
+            return this._r.href;
+        }
+        toJSON() {
+            return this._r.href;
+        }
+    }
+    for (const field of URL_FIELDS) {
+        Object.defineProperty(URL.prototype, field, {
+            get() {
+                return this._r[field];
+            },
+            set(value) {
+                this._r = field === 'href' ? host.urlParse(String(value)) : host.urlSet(this._r.href, field, String(value));
+                if (this._params) this._params._parse(this._r.search);
+            },
+        });
+    }
+    const legacyUrlParse = (s, parseQuery) => {
+        const u = new URL(s);
+        const query = u.search.slice(1);
+        return {
+            protocol: u.protocol, slashes: true, auth: u.username ? u.username + (u.password ? ':' + u.password : '') : null,
+            host: u.host, port: u.port || null, hostname: u.hostname, hash: u.hash || null, search: u.search || null,
+            query: parseQuery ? Object.fromEntries(new URLSearchParams(query)) : query || null,
+            pathname: u.pathname, path: u.pathname + u.search, href: u.href,
+        };
+    };
+
+    // ---------------------------------------------------------------- fetch
+    class Headers {
+        constructor(init) {
+            this._map = new Map();
+            if (!init) return;
+            const iter = init instanceof Headers ? init.entries() : typeof init[Symbol.iterator] === 'function' ? init : Object.entries(init);
+            for (const [k, v] of iter) this.append(k, v);
+        }
+        append(k, v) {
+            const key = String(k).toLowerCase();
+            const prev = this._map.get(key);
+            this._map.set(key, prev === undefined ? String(v) : prev + ', ' + String(v));
+        }
+        set(k, v) {
+            this._map.set(String(k).toLowerCase(), String(v));
+        }
+        get(k) {
+            const v = this._map.get(String(k).toLowerCase());
+            return v === undefined ? null : v;
+        }
+        has(k) {
+            return this._map.has(String(k).toLowerCase());
+        }
+        delete(k) {
+            this._map.delete(String(k).toLowerCase());
+        }
+        forEach(fn, thisArg) {
+            for (const [k, v] of this._map) fn.call(thisArg, v, k, this);
+        }
+        keys() {
+            return this._map.keys();
+        }
+        values() {
+            return this._map.values();
+        }
+        entries() {
+            return this._map.entries();
+        }
+        [Symbol.iterator]() {
+            return this._map.entries();
+        }
+        raw() {
+            const out = {};
+            for (const [k, v] of this._map) out[k] = [v];
+            return out;
+        }
+    }
+    class Response {
+        constructor(r) {
+            this.status = r.status;
+            this.statusText = r.statusText;
+            this.ok = r.status >= 200 && r.status < 300;
+            this.url = r.url;
+            this.headers = new Headers(r.headers);
+            this._body = Buffer.from(r.body);
+            this.bodyUsed = false;
+        }
+        async buffer() {
+            this.bodyUsed = true;
+            return this._body;
+        }
+        async arrayBuffer() {
+            this.bodyUsed = true;
+            return this._body.buffer.slice(this._body.byteOffset, this._body.byteOffset + this._body.length);
+        }
+        async text() {
+            this.bodyUsed = true;
+            return this._body.toString('utf8');
+        }
+        async json() {
+            const text = await this.text();
+            try {
+                return JSON.parse(text);
+            } catch (e) {
+                throw namedError('FetchError', 'invalid json response body at ' + this.url + ' reason: ' + e.message);
+            }
+        }
+        clone() {
+            return new Response({ status: this.status, statusText: this.statusText, url: this.url, headers: Array.from(this.headers), body: this._body });
+        }
+    }
+    async function fetch(url, init) {
+        init = init || {};
+        const target = url instanceof URL ? url.href : typeof url === 'object' && url && url.url ? url.url : String(url);
+        const headers = Array.from(new Headers(init.headers));
+        let body = init.body;
+        if (body !== undefined && body !== null) {
+            if (body instanceof URLSearchParams) {
+                if (!headers.some((h) => h[0] === 'content-type')) headers.push(['content-type', 'application/x-www-form-urlencoded;charset=UTF-8']);
+                body = body.toString();
+            }
+            body = typeof body === 'string' ? body : toBytes(body);
+        } else {
+            body = null;
+        }
+        const r = await host.fetch(target, String(init.method || 'GET').toUpperCase(), headers, body);
+        return new Response(r);
+    }
+
+    // ---------------------------------------------------------------- crypto, zlib, jwt
+    class Hash {
+        constructor(make, algorithm, key) {
+            this._make = make;
+            this._algorithm = algorithm;
+            this._key = key;
+            this._chunks = [];
+            make(algorithm, key, new Uint8Array(0)); // fails early on an unknown algorithm, like Node
+        }
+        update(data, encoding) {
+            this._chunks.push(toBytes(data, encoding));
+            return this;
+        }
+        digest(encoding) {
+            const out = Buffer.from(this._make(this._algorithm, this._key, Buffer.concat(this._chunks)));
+            return encoding ? out.toString(encoding) : out;
+        }
+    }
+    const hashOf = (algorithm, _key, data) => host.hash(String(algorithm), data);
+    const hmacOf = (algorithm, key, data) => host.hmac(String(algorithm), key, data);
+    const crypto = {
+        createHash: (algorithm) => new Hash(hashOf, algorithm, null),
+        createHmac: (algorithm, key) => new Hash(hmacOf, algorithm, toBytes(key)),
+        randomBytes: (size) => Buffer.from(host.randomBytes(size)),
+        randomUUID: () => host.randomUUID(),
+        getRandomValues: (array) => {
+            const bytes = new Uint8Array(host.randomBytes(array.byteLength));
+            new Uint8Array(array.buffer, array.byteOffset, array.byteLength).set(bytes);
+            return array;
+        },
+        timingSafeEqual: (a, b) => {
+            if (a.length !== b.length) throw new RangeError('Input buffers must have the same byte length');
+            let diff = 0;
+            for (let i = 0; i < a.length; i++) diff |= a[i] ^ b[i];
+            return diff === 0;
+        },
+    };
+    const zlibSync = (op) => (data) => Buffer.from(host.zlib(op, toBytes(data)));
+    const zlibAsync = (op) => (data, optionsOrCallback, maybeCallback) => {
+        const callback = typeof optionsOrCallback === 'function' ? optionsOrCallback : maybeCallback;
+        Promise.resolve().then(() => {
+            let result;
+            try {
+                result = zlibSync(op)(data);
+            } catch (e) {
+                callback(e);
+                return;
+            }
+            callback(null, result);
+        });
+    };
+    const zlib = {};
+    for (const [name, op] of [['gzip', 'gzip'], ['gunzip', 'gunzip'], ['deflate', 'deflate'], ['inflate', 'inflate'], ['deflateRaw', 'deflateRaw'], ['inflateRaw', 'inflateRaw'], ['unzip', 'unzip']]) {
+        zlib[name + 'Sync'] = zlibSync(op);
+        zlib[name] = zlibAsync(op);
+    }
+
+    const b64url = (bytes) => bytesToString(bytes, 'base64url');
+    const JWT_ALGORITHMS = { HS256: 'sha256', HS384: 'sha384', HS512: 'sha512' };
+    class JsonWebTokenError extends Error {
+        constructor(message) {
+            super(message);
+            this.name = 'JsonWebTokenError';
+        }
+    }
+    const jwtDecode = (token, options) => {
+        const parts = String(token).split('.');
+        if (parts.length !== 3) return null;
+        try {
+            const header = JSON.parse(bytesToString(toBytes(parts[0], 'base64url')));
+            const payload = JSON.parse(bytesToString(toBytes(parts[1], 'base64url')));
+            return options && options.complete ? { header, payload, signature: parts[2] } : payload;
+        } catch (e) {
+            return null;
+        }
+    };
+    const jwtSign = (payload, secret, options) => {
+        options = options || {};
+        const alg = options.algorithm || 'HS256';
+        const digest = JWT_ALGORITHMS[alg];
+        if (!digest) throw new Error('"algorithm" ' + alg + ' is not supported in plugins');
+        const body = typeof payload === 'object' ? Object.assign({}, payload) : payload;
+        if (typeof body === 'object') {
+            const now = Math.floor(Date.now() / 1000);
+            if (!options.noTimestamp && body.iat === undefined) body.iat = now;
+            if (options.expiresIn !== undefined) body.exp = now + Number(options.expiresIn);
+            for (const [opt, claim] of [['audience', 'aud'], ['issuer', 'iss'], ['subject', 'sub'], ['jwtid', 'jti']]) {
+                if (options[opt] !== undefined) body[claim] = options[opt];
+            }
+        }
+        const header = Object.assign({ alg, typ: 'JWT' }, options.header || {});
+        const input = b64url(toBytes(JSON.stringify(header))) + '.' + b64url(toBytes(typeof body === 'string' ? body : JSON.stringify(body)));
+        return input + '.' + b64url(new Uint8Array(hmacOf(digest, toBytes(secret), toBytes(input))));
+    };
+    const jwtVerify = (token, secret, options) => {
+        const decoded = jwtDecode(token, { complete: true });
+        if (!decoded) throw new JsonWebTokenError('jwt malformed');
+        const digest = JWT_ALGORITHMS[decoded.header.alg];
+        if (!digest) throw new JsonWebTokenError('invalid algorithm');
+        const input = String(token).split('.').slice(0, 2).join('.');
+        const expected = b64url(new Uint8Array(hmacOf(digest, toBytes(secret), toBytes(input))));
+        if (expected !== decoded.signature) throw new JsonWebTokenError('invalid signature');
+        const payload = decoded.payload;
+        if (payload && typeof payload.exp === 'number' && !(options && options.ignoreExpiration) && Date.now() / 1000 >= payload.exp) {
+            const e = new JsonWebTokenError('jwt expired');
+            e.name = 'TokenExpiredError';
+            e.expiredAt = new Date(payload.exp * 1000);
+            throw e;
+        }
+        return payload;
+    };
+    const jsonwebtoken = { sign: jwtSign, verify: jwtVerify, decode: jwtDecode, JsonWebTokenError };
+
+    // ---------------------------------------------------------------- scaffold, contrib
+    class RetryError extends Error {}
+    // createBuffer of @posthog/plugin-contrib 0.0.5 (reference 30 §6.5).
+    function createBuffer(opts) {
+        const buffer = {
+            _buffer: [], _timeout: null, _lastFlushTriggered: new Date(), _points: 0,
+            _timerToken: 0,
+            add(object, points = 1) {
+                if (points + buffer._points > opts.limit && buffer._points > 0) buffer.flush();
+                buffer._points += points;
+                buffer._buffer.push(object);
+                if (buffer._points > opts.limit) {
+                    buffer.flush();
+                } else if (!buffer._timeout) {
+                    const token = ++buffer._timerToken;
+                    buffer._timeout = host.sleep((opts.timeoutSeconds || 0) * 1000).then(() => {
+                        if (buffer._timerToken === token) return buffer.flush();
+                    });
+                    buffer._timeout.catch(() => {});
+                }
+            },
+            async flush() {
+                buffer._timerToken++;
+                buffer._timeout = null;
+                if (buffer._buffer.length > 0 || opts.flushEmpty) {
+                    const oldBuffer = buffer._buffer;
+                    const oldPoints = buffer._points;
+                    buffer._buffer = [];
+                    buffer._points = 0;
+                    buffer._lastFlushTriggered = new Date();
+                    await opts.onFlush(oldBuffer, oldPoints);
+                }
+            },
+        };
+        return buffer;
+    }
+
+    // ---------------------------------------------------------------- console, posthog, meta
+    const renderArg = (arg) => {
+        let text;
+        try {
+            text = String(arg);
+        } catch (e) {
+            text = '[object Object]';
+        }
+        if (text === '[object Object]' || Array.isArray(arg)) {
+            try {
+                return JSON.stringify(arg);
+            } catch (e) {
+                return text;
+            }
+        }
+        return text;
+    };
+    const consoleObject = {};
+    for (const level of ['debug', 'log', 'info', 'warn', 'error']) {
+        consoleObject[level] = function () {
+            return quiet(host.call('console.' + level, [Array.prototype.map.call(arguments, renderArg).join(' ')]));
+        };
+    }
+    const apiRequest = async (method, path, options) => {
+        const request = await hostCall('posthog.api', [method, path, options]);
+        return fetch(request.url, request);
+    };
+    const posthog = {
+        capture: (event, properties) => hostCall('posthog.capture', [event, properties]),
+        api: {
+            get: (path, options) => apiRequest('GET', path, options),
+            post: (path, options) => apiRequest('POST', path, options),
+            put: (path, options) => apiRequest('PUT', path, options),
+            delete: (path, options) => apiRequest('DELETE', path, options),
+        },
+    };
+    const namespace = (prefix, names) => {
+        const out = {};
+        for (const name of names) out[name] = (...args) => hostCall(prefix + name, args);
+        return out;
+    };
+    const toAttachment = (a) => ({ content_type: a.content_type, file_name: a.file_name, contents: Buffer.from(a.contents) });
+    const meta = {
+        cache: namespace('cache.', ['set', 'get', 'incr', 'expire', 'lpush', 'lrange', 'llen', 'lrem', 'lpop']),
+        config,
+        attachments: Object.fromEntries(attachments.map((a) => [a.key, toAttachment(a)])),
+        storage: namespace('storage.', ['get', 'set', 'del']),
+        geoip: { locate: (ip) => hostCall('geoip.locate', [ip]) },
+        jobs: new Proxy({}, {
+            get(_, name) {
+                if (typeof name !== 'string') return undefined;
+                return (payload) => ({
+                    runNow: () => hostCall('jobs.runNow', [name, payload]),
+                    runIn: (duration, unit) => hostCall('jobs.runIn', [name, payload, duration, unit]),
+                    runAt: (date) => hostCall('jobs.runAt', [name, payload, date]),
+                });
+            },
+        }),
+        metrics: new Proxy({}, {
+            get(_, name) {
+                if (typeof name !== 'string') return undefined;
+                const kind = host.metricKind(name);
+                const op = { sum: 'increment', max: 'max', min: 'min' }[kind];
+                if (!op) throw namedError('IllegalOperationError', 'Invalid metric name');
+                return {
+                    [op]: (value) => {
+                        if (typeof value !== 'number') throw namedError('IllegalOperationError', 'Only numbers are allowed for operations on metrics');
+                        quiet(host.call('metrics.' + op, [name, value]));
+                    },
+                };
+            },
+        }),
+        utils: { cursor: namespace('utils.cursor.', ['init', 'increment']) },
+        global: {},
+    };
+
+    // ---------------------------------------------------------------- globals
+    const freeze = (o) => Object.freeze(o);
+    const modules = freeze({
+        'node-fetch': freeze(Object.assign(fetch, { default: fetch, Headers, Response, FetchError: Error })),
+        '@posthog/plugin-scaffold': freeze({ RetryError }),
+        '@posthog/plugin-contrib': freeze({ createBuffer }),
+        crypto: freeze(crypto),
+        url: freeze({ URL, URLSearchParams, parse: legacyUrlParse }),
+        zlib: freeze(zlib),
+        jsonwebtoken: freeze(jsonwebtoken),
+    });
+    for (const cls of [Buffer, TextEncoder, TextDecoder, URL, URLSearchParams, Headers, Response, RetryError, JsonWebTokenError, Hash]) {
+        freeze(cls);
+        freeze(cls.prototype);
+    }
+    const forbidden = (name) =>
+        new Error("Cannot import '" + name + "'! This package is not provided by PostHog in plugins.");
+    const require = (name) => {
+        if (Object.prototype.hasOwnProperty.call(modules, name)) return modules[name];
+        throw forbidden(name);
+    };
+    define(G, 'console', freeze(consoleObject));
+    define(G, 'posthog', freeze({ capture: posthog.capture, api: freeze(posthog.api) }));
+    define(G, 'fetch', fetch);
+    define(G, 'RetryError', RetryError);
+    define(G, 'URL', URL);
+    define(G, 'URLSearchParams', URLSearchParams);
+    define(G, 'Buffer', Buffer);
+    define(G, 'TextEncoder', TextEncoder);
+    define(G, 'TextDecoder', TextDecoder);
+    define(G, 'require', require);
+    define(G, '__pluginHostImports', modules);
+    if (testEnv) define(G, '__jestSetTimeout', (fn, ms) => quiet(host.sleep(Number(ms) || 0).then(() => fn())));
+    G.module = { exports: {} };
+    G.exports = G.module.exports;
+    const baseline = new Set(Object.getOwnPropertyNames(G));
+
+    // Export discovery (reference 30 §5.3), run after the plugin code.
+    function discover(namespaceObject) {
+        const main = namespaceObject || G.exports;
+        const destinations = [main, main && main.default, G.module && G.module.exports].filter(
+            (d, i, all) => d && typeof d === 'object' && all.indexOf(d) === i,
+        );
+        let names;
+        if (!destinations.some((d) => Object.keys(d).length > 0)) {
+            destinations.push(G);
+            names = Object.getOwnPropertyNames(G).filter((n) => !baseline.has(n));
+        } else {
+            names = [];
+            for (const d of destinations) for (const n of Object.keys(d)) if (!names.includes(n)) names.push(n);
+        }
+        const get = (name) => {
+            for (const d of destinations) {
+                try {
+                    if (d[name]) return d[name];
+                } catch (e) {
+                    // a throwing getter hides that export
+                }
+            }
+            return undefined;
+        };
+        const functions = {};
+        for (const n of names) {
+            const f = get(n);
+            if (typeof f === 'function') functions[n] = f;
+        }
+        if (!functions.processEvent && typeof functions.processEventBatch === 'function') {
+            const batch = functions.processEventBatch;
+            functions.processEvent = function (event, m) {
+                const r = batch([event], m);
+                return r && typeof r.then === 'function' ? r.then((x) => x && x[0]) : r && r[0];
+            };
+        }
+        const jobsObject = get('jobs');
+        const jobs = {};
+        if (jobsObject && typeof jobsObject === 'object') {
+            for (const n of Object.keys(jobsObject)) if (typeof jobsObject[n] === 'function') jobs[n] = jobsObject[n];
+        }
+        const metrics = get('metrics');
+        return { functions, jobs, metrics: metrics && typeof metrics === 'object' ? metrics : undefined };
+    }
+
+    return { meta, discover, modules };
+});

@@ -1,0 +1,799 @@
+//! One sandboxed VM: its own QuickJS runtime (own heap, hard memory limit, stack limit), the
+//! sandbox globals (`prelude.js`), the plugin code, its discovered exports, and the machinery
+//! that runs one call to completion on the worker thread: the CPU deadline through the
+//! interrupt handler, host promises settled from Rust futures, and the reference's timeout
+//! errors (30 §7).
+//!
+//! Not here: which thread runs what (`pool.rs`), what meta calls do (`MetaBindings`).
+//!
+//! Invariants: JS is entered only through [`VmInner::enter`] (never across an `.await`), and the
+//! runtime-level job queue is drained only outside of it; every `Persistent` lives in
+//! `VmInner::state`, which is emptied before the runtime is freed.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::future::Future;
+use std::hash::{Hash, Hasher};
+use std::rc::{Rc, Weak};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use rquickjs::function::{Args, Opt};
+use rquickjs::loader::{Loader, Resolver};
+use rquickjs::module::Declared;
+use rquickjs::promise::PromiseState;
+use rquickjs::{
+    Array, ArrayBuffer, Context, Ctx, Error as QjsError, Exception, Function, Module, Object, Persistent, Promise,
+    Runtime, Value as JsValue,
+};
+use serde_json::Value;
+use tokio::runtime::Handle;
+use tokio::sync::Notify;
+
+use super::convert::{from_js, to_js};
+use super::host::{self, bytes_of};
+use super::{CallKind, FetchRequest, FetchResponse, JsError, MetaBindings, MetaError, PluginError, PluginExports};
+use super::{PluginConfigId, PoolOptions};
+use crate::plugins::transform::{TransformedCode, VIRTUAL_FILENAME};
+
+const PRELUDE: &str = include_str!("prelude.js");
+
+/// The modules plugin code may import (reference 30 §5.2, the subset this runtime provides).
+pub const ALLOWED_IMPORTS: &[&str] =
+    &["node-fetch", "@posthog/plugin-scaffold", "@posthog/plugin-contrib", "crypto", "url", "zlib", "jsonwebtoken"];
+
+/// Whether `module` is importable from plugin code.
+pub fn is_allowed_import(module: &str) -> bool {
+    ALLOWED_IMPORTS.contains(&module)
+}
+
+fn base_instant() -> Instant {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    *BASE.get_or_init(Instant::now)
+}
+
+fn instant_ns(at: Instant) -> u64 {
+    at.saturating_duration_since(base_instant()).as_nanos() as u64
+}
+
+/// The CPU deadline shared with the interrupt handler (which must be `Send`).
+struct Clock {
+    deadline_ns: AtomicU64,
+    fired: AtomicBool,
+}
+
+impl Clock {
+    const NONE: u64 = u64::MAX;
+    fn set(&self, deadline: Instant) {
+        self.fired.store(false, Ordering::Relaxed);
+        self.deadline_ns.store(instant_ns(deadline), Ordering::Relaxed);
+    }
+    fn clear(&self) {
+        self.deadline_ns.store(Self::NONE, Ordering::Relaxed);
+    }
+}
+
+/// `30`, `1`, `0.5`: how the reference prints `TASK_TIMEOUT` in messages.
+fn seconds_text(timeout: Duration) -> String {
+    let secs = timeout.as_secs_f64();
+    let number = if secs.fract() == 0.0 { format!("{}", secs as u64) } else { format!("{secs}") };
+    format!("{number} second{}", if secs == 1.0 { "" } else { "s" })
+}
+
+/// `Script execution timed out after promise waited for T second(s)` (reference 30 §4c).
+pub fn promise_timeout_error(timeout: Duration, caller: &str) -> JsError {
+    JsError {
+        name: "TimeoutError".to_string(),
+        message: format!("Script execution timed out after promise waited for {}", seconds_text(timeout)),
+        stack: None,
+        caller: Some(caller.to_string()),
+    }
+}
+
+/// `Script execution timed out after looping for T second(s) on line L:C` (reference 30 §4b);
+/// the position is the innermost frame of plugin code when the deadline hit.
+fn loop_timeout_error(timeout: Duration, stack: Option<String>) -> JsError {
+    let position = stack.as_deref().and_then(first_position).map(|(l, c)| format!(" on line {l}:{c}"));
+    JsError {
+        name: "Error".to_string(),
+        message: format!(
+            "Script execution timed out after looping for {}{}",
+            seconds_text(timeout),
+            position.unwrap_or_default()
+        ),
+        stack,
+        caller: None,
+    }
+}
+
+/// `(line, column)` of the first `name:L:C` frame of a QuickJS stack; columns made 0-based.
+fn first_position(stack: &str) -> Option<(u32, u32)> {
+    for line in stack.lines() {
+        let inner = line.rsplit_once('(').map(|(_, r)| r.trim_end_matches(')')).unwrap_or(line.trim());
+        let mut parts = inner.rsplitn(3, ':');
+        let (Some(col), Some(row), Some(_file)) = (parts.next(), parts.next(), parts.next()) else { continue };
+        if let (Ok(row), Ok(col)) = (row.parse::<u32>(), col.parse::<u32>()) {
+            return Some((row, col.saturating_sub(1)));
+        }
+    }
+    None
+}
+
+fn error_from_value<'js>(ctx: &Ctx<'js>, value: &JsValue<'js>, timeout: Duration, interrupted: bool) -> JsError {
+    let mut error = JsError::default();
+    if let Some(object) = value.as_object() {
+        error.name = object.get::<_, Option<String>>("name").ok().flatten().unwrap_or_default();
+        error.message = object.get::<_, Option<String>>("message").ok().flatten().unwrap_or_default();
+        error.stack = object.get::<_, Option<String>>("stack").ok().flatten();
+        error.caller = object.get::<_, Option<String>>("caller").ok().flatten();
+        if error.name.is_empty() && error.message.is_empty() && !value.is_error() {
+            error.message = from_js(value).to_string();
+        }
+    } else if value.is_null() && interrupted {
+        error.name = "InternalError".into();
+        error.message = "interrupted".into();
+    } else {
+        error.message = ctx
+            .globals()
+            .get::<_, Function>("String")
+            .and_then(|f| f.call::<_, String>((value.clone(),)))
+            .unwrap_or_default();
+    }
+    if error.name == "InternalError" && error.message == "interrupted" {
+        return loop_timeout_error(timeout, error.stack);
+    }
+    error
+}
+
+fn caught<'js>(ctx: &Ctx<'js>, err: QjsError, timeout: Duration, interrupted: bool) -> JsError {
+    match err {
+        QjsError::Exception => error_from_value(ctx, &ctx.catch(), timeout, interrupted),
+        other => JsError { name: "Error".into(), message: other.to_string(), ..JsError::default() },
+    }
+}
+
+fn js_error_value<'js>(ctx: &Ctx<'js>, error: &JsError) -> rquickjs::Result<JsValue<'js>> {
+    let make: Function = ctx.globals().get("Error")?;
+    let object: Object = make.call((error.message.as_str(),))?;
+    object.set("name", error.name.as_str())?;
+    if let Some(caller) = &error.caller {
+        object.set("caller", caller.as_str())?;
+    }
+    Ok(object.into_value())
+}
+
+/// What a finished host operation hands back to JS.
+enum HostOk {
+    Json(Value),
+    Fetch(FetchResponse),
+}
+
+enum HostErr {
+    Meta(MetaError),
+    Timeout,
+}
+
+/// A call whose promise has not settled yet.
+struct PendingCall {
+    promise: Persistent<Promise<'static>>,
+    args: Vec<Persistent<JsValue<'static>>>,
+}
+
+#[derive(Default)]
+struct State {
+    ops: HashMap<u64, (Persistent<Function<'static>>, Persistent<Function<'static>>)>,
+    calls: HashMap<u64, PendingCall>,
+    functions: HashMap<String, Persistent<Function<'static>>>,
+    jobs: HashMap<String, Persistent<Function<'static>>>,
+    meta: Option<Persistent<JsValue<'static>>>,
+}
+
+/// Unhandled rejections noted by the tracker; reported after the job queue drained (a handler
+/// attached later in the same turn cancels the report, like Node's `unhandledRejection`).
+type Rejections = Arc<Mutex<Vec<(u64, JsError)>>>;
+
+pub struct VmInner {
+    pub plugin_config_id: PluginConfigId,
+    // `state` holds JS values: it is declared (and so dropped) before the context and runtime.
+    state: RefCell<State>,
+    ctx: Context,
+    rt: Runtime,
+    clock: Arc<Clock>,
+    rejections: Rejections,
+    meta: Arc<dyn MetaBindings>,
+    main: Option<Handle>,
+    task_timeout: Duration,
+    notify: Notify,
+    last_progress: Cell<Instant>,
+    next_id: Cell<u64>,
+    self_weak: Weak<VmInner>,
+    pub exports: RefCell<PluginExports>,
+}
+
+impl Drop for VmInner {
+    fn drop(&mut self) {
+        // Persistent values must go before the runtime that owns them.
+        let state = std::mem::take(self.state.get_mut());
+        drop(state);
+    }
+}
+
+fn promise_key(value: &JsValue<'_>) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    value.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// Resolves only allow-listed bare names; anything else fails with the reference's message.
+struct ImportResolver;
+
+impl Resolver for ImportResolver {
+    fn resolve(&mut self, ctx: &Ctx<'_>, _base: &str, name: &str) -> rquickjs::Result<String> {
+        if is_allowed_import(name) {
+            Ok(name.to_string())
+        } else {
+            Err(Exception::throw_message(ctx, &crate::plugins::transform::forbidden_import_message(name)))
+        }
+    }
+}
+
+/// Serves an allowed module as a tiny ES module re-exporting `__pluginHostImports[name]`.
+struct ImportLoader;
+
+impl Loader for ImportLoader {
+    fn load<'js>(&mut self, ctx: &Ctx<'js>, name: &str) -> rquickjs::Result<Module<'js, Declared>> {
+        let modules: Object = ctx.globals().get("__pluginHostImports")?;
+        let module: Object = modules.get(name)?;
+        let keys: Vec<String> = module
+            .keys::<String>()
+            .filter_map(|k| k.ok())
+            .filter(|k| {
+                k != "default" && !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$')
+            })
+            .collect();
+        let quoted = serde_json::to_string(name).map_err(|e| Exception::throw_message(ctx, &e.to_string()))?;
+        let mut source = format!("const m = globalThis.__pluginHostImports[{quoted}];\nexport default m;\n");
+        if !keys.is_empty() {
+            source.push_str(&format!("export const {{ {} }} = m;\n", keys.join(", ")));
+        }
+        Module::declare(ctx.clone(), name, source)
+    }
+}
+
+pub type Vm = Rc<VmInner>;
+
+impl VmInner {
+    /// Builds the VM and runs the plugin code (not `setupPlugin`). Must run inside the worker's
+    /// `LocalSet`.
+    pub async fn create(
+        plugin_config_id: PluginConfigId,
+        code: &TransformedCode,
+        meta: Arc<dyn MetaBindings>,
+        options: &PoolOptions,
+        main: Option<Handle>,
+    ) -> Result<Vm, PluginError> {
+        let setup_error = |e: QjsError| PluginError::Js {
+            error: JsError {
+                name: "Error".into(),
+                message: format!("Could not create the plugin VM: {e}"),
+                ..JsError::default()
+            },
+            args_after: None,
+        };
+        let rt = Runtime::new().map_err(setup_error)?;
+        rt.set_memory_limit(options.memory_limit_bytes);
+        rt.set_max_stack_size(options.max_stack_bytes);
+        let clock = Arc::new(Clock { deadline_ns: AtomicU64::new(Clock::NONE), fired: AtomicBool::new(false) });
+        let handler_clock = clock.clone();
+        rt.set_interrupt_handler(Some(Box::new(move || {
+            let deadline = handler_clock.deadline_ns.load(Ordering::Relaxed);
+            if deadline != Clock::NONE && instant_ns(Instant::now()) > deadline {
+                handler_clock.fired.store(true, Ordering::Relaxed);
+                return true;
+            }
+            false
+        })));
+        rt.set_loader(ImportResolver, ImportLoader);
+        let rejections: Rejections = Arc::default();
+        let tracked = rejections.clone();
+        let timeout = options.task_timeout;
+        rt.set_host_promise_rejection_tracker(Some(Box::new(move |ctx, promise, reason, is_handled| {
+            let key = promise_key(&promise);
+            let Ok(mut list) = tracked.lock() else { return };
+            if is_handled {
+                list.retain(|(k, _)| *k != key);
+            } else {
+                list.push((key, error_from_value(&ctx, &reason, timeout, false)));
+            }
+        })));
+        let ctx = Context::full(&rt).map_err(setup_error)?;
+        let vm = Rc::new_cyclic(|weak| VmInner {
+            plugin_config_id,
+            state: RefCell::default(),
+            ctx,
+            rt,
+            clock,
+            rejections,
+            meta,
+            main,
+            task_timeout: options.task_timeout,
+            notify: Notify::new(),
+            last_progress: Cell::new(Instant::now()),
+            next_id: Cell::new(1),
+            self_weak: weak.clone(),
+            exports: RefCell::default(),
+        });
+        vm.load(code, options.test_env).await?;
+        Ok(vm)
+    }
+
+    fn fresh_id(&self) -> u64 {
+        let id = self.next_id.get();
+        self.next_id.set(id + 1);
+        id
+    }
+
+    /// Runs `f` inside the context with the CPU deadline armed.
+    fn enter<R>(&self, deadline: Instant, f: impl for<'js> FnOnce(Ctx<'js>) -> R) -> (R, bool) {
+        self.clock.set(deadline);
+        let result = self.ctx.with(f);
+        self.clock.clear();
+        (result, self.clock.fired.load(Ordering::Relaxed))
+    }
+
+    /// Runs queued promise jobs; each stretch is limited by the CPU deadline.
+    fn drain_jobs(&self, deadline: Instant) {
+        self.clock.set(deadline);
+        loop {
+            match self.rt.execute_pending_job() {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(exception) => {
+                    // An error escaping a job (e.g. the interrupt inside a promise continuation):
+                    // the promise it belonged to stays pending and its call times out.
+                    let interrupted = self.clock.fired.load(Ordering::Relaxed);
+                    let error =
+                        exception.0.with(|ctx| error_from_value(&ctx, &ctx.catch(), self.task_timeout, interrupted));
+                    tracing::debug!(plugin_config_id = self.plugin_config_id, %error, "plugin promise job failed");
+                    if interrupted {
+                        self.clock.set(Instant::now() + self.task_timeout);
+                    }
+                }
+            }
+        }
+        self.clock.clear();
+        self.report_rejections();
+        self.notify.notify_waiters();
+    }
+
+    fn report_rejections(&self) {
+        let pending = match self.rejections.lock() {
+            Ok(mut list) => std::mem::take(&mut *list),
+            Err(_) => return,
+        };
+        for (_, error) in pending {
+            self.meta.unhandled_rejection(error);
+        }
+    }
+
+    async fn load(self: &Rc<Self>, code: &TransformedCode, test_env: bool) -> Result<(), PluginError> {
+        let timeout = self.task_timeout;
+        let deadline = Instant::now() + timeout + Duration::from_millis(1);
+        let config = self.meta.config();
+        let attachments = self.meta.attachments();
+        let weak = self.self_weak.clone();
+        let (result, fired) = self.enter(deadline, |ctx| -> Result<Option<Persistent<Promise<'static>>>, JsError> {
+            let run = || -> rquickjs::Result<Option<Persistent<Promise<'static>>>> {
+                let host = Object::new(ctx.clone())?;
+                host::install(&ctx, &host)?;
+                install_async(&ctx, &host, weak)?;
+                let setup: Function = ctx.eval(PRELUDE)?;
+                let attachment_list = Array::new(ctx.clone())?;
+                for (i, a) in attachments.iter().enumerate() {
+                    let item = Object::new(ctx.clone())?;
+                    item.set("key", a.key.as_str())?;
+                    item.set("content_type", a.content_type.as_str())?;
+                    item.set("file_name", a.file_name.as_str())?;
+                    item.set("contents", ArrayBuffer::new_copy(ctx.clone(), &a.contents)?)?;
+                    attachment_list.set(i, item)?;
+                }
+                let helpers: Object = setup.call((host, to_js(&ctx, &config)?, attachment_list, test_env))?;
+                let meta: JsValue = helpers.get("meta")?;
+                let discover: Function = helpers.get("discover")?;
+                self.state.borrow_mut().meta = Some(Persistent::save(&ctx, meta));
+                let (namespace, evaluation) = if code.is_module {
+                    let declared = Module::declare(ctx.clone(), VIRTUAL_FILENAME, code.code.as_str())?;
+                    let (module, promise) = declared.eval()?;
+                    (module.namespace()?.into_value(), Some(promise))
+                } else {
+                    ctx.eval::<JsValue, _>(code.code.as_str())?;
+                    (JsValue::new_undefined(ctx.clone()), None)
+                };
+                let found: Object = discover.call((namespace,))?;
+                self.store_exports(&ctx, &found)?;
+                Ok(evaluation.map(|p| Persistent::save(&ctx, p)))
+            };
+            run().map_err(|e| caught(&ctx, e, timeout, false))
+        });
+        let evaluation = result.map_err(|mut error| {
+            if fired && !error.message.starts_with("Script execution timed out") {
+                error = loop_timeout_error(timeout, error.stack);
+            }
+            PluginError::Js { error, args_after: None }
+        })?;
+        self.drain_jobs(deadline);
+        if let Some(promise) = evaluation {
+            // Top-level await in an ES module: wait like any call, then rediscover exports.
+            let id = self.fresh_id();
+            self.state.borrow_mut().calls.insert(id, PendingCall { promise, args: Vec::new() });
+            self.wait(id, CallKind::Method, "setupPlugin", Instant::now(), deadline).await?;
+        }
+        Ok(())
+    }
+
+    fn store_exports<'js>(&self, ctx: &Ctx<'js>, found: &Object<'js>) -> rquickjs::Result<()> {
+        let mut exports = PluginExports::default();
+        let mut state = self.state.borrow_mut();
+        let functions: Object = found.get("functions")?;
+        for entry in functions.props::<String, Function>() {
+            let (name, function) = entry?;
+            exports.functions.push(name.clone());
+            state.functions.insert(name, Persistent::save(ctx, function));
+        }
+        let jobs: Object = found.get("jobs")?;
+        for entry in jobs.props::<String, Function>() {
+            let (name, function) = entry?;
+            exports.jobs.push(name.clone());
+            state.jobs.insert(name, Persistent::save(ctx, function));
+        }
+        let metrics: JsValue = found.get("metrics")?;
+        exports.metrics = if metrics.is_undefined() { None } else { Some(from_js(&metrics)) };
+        *self.exports.borrow_mut() = exports;
+        Ok(())
+    }
+
+    /// Calls an exported function (or `jobs.<name>`) with `args` and `meta`, and waits for its
+    /// result under the limits of `kind`.
+    pub async fn call(self: &Rc<Self>, method: &str, args: Vec<Value>, kind: CallKind) -> Result<Value, PluginError> {
+        let function = {
+            let state = self.state.borrow();
+            let found = match method.strip_prefix("jobs.") {
+                Some(job) => state.jobs.get(job),
+                None => state.functions.get(method),
+            };
+            found.cloned()
+        };
+        let Some(function) = function else {
+            return Err(PluginError::MethodNotFound {
+                plugin_config_id: self.plugin_config_id,
+                method: method.to_string(),
+            });
+        };
+        let meta = self.state.borrow().meta.clone();
+        let timeout = self.task_timeout;
+        let started = Instant::now();
+        let deadline = started + timeout;
+        let id = self.fresh_id();
+        let (outcome, fired) = self.enter(deadline, |ctx| -> Result<Option<Value>, PluginError> {
+            let mut js_args = Vec::with_capacity(args.len());
+            let mut call_args = Args::new(ctx.clone(), args.len() + 1);
+            let prepared = (|| -> rquickjs::Result<Function> {
+                for arg in &args {
+                    let value = to_js(&ctx, arg)?;
+                    js_args.push(value.clone());
+                    call_args.push_arg(value)?;
+                }
+                if let Some(meta) = meta {
+                    call_args.push_arg(meta.restore(&ctx)?)?;
+                }
+                function.restore(&ctx)
+            })();
+            let function =
+                prepared.map_err(|e| PluginError::Js { error: caught(&ctx, e, timeout, false), args_after: None })?;
+            match function.call_arg::<JsValue>(call_args) {
+                Ok(result) => {
+                    if let Some(promise) = result.as_promise() {
+                        match promise.state() {
+                            PromiseState::Resolved => Ok(Some(
+                                promise
+                                    .result::<JsValue>()
+                                    .and_then(|r| r.ok())
+                                    .map(|v| from_js(&v))
+                                    .unwrap_or(Value::Null),
+                            )),
+                            _ => {
+                                // Mark it handled: its rejection is this call's error, not an
+                                // unhandled one.
+                                let noop = Function::new(ctx.clone(), || ());
+                                if let (Ok(catch), Ok(noop)) = (promise.catch(), noop) {
+                                    let _ = catch.call::<_, JsValue>((rquickjs::function::This(promise.clone()), noop));
+                                }
+                                let pending = PendingCall {
+                                    promise: Persistent::save(&ctx, promise.clone()),
+                                    args: js_args.into_iter().map(|v| Persistent::save(&ctx, v)).collect(),
+                                };
+                                self.state.borrow_mut().calls.insert(id, pending);
+                                Ok(None)
+                            }
+                        }
+                    } else {
+                        Ok(Some(from_js(&result)))
+                    }
+                }
+                Err(e) => {
+                    let interrupted = self.clock.fired.load(Ordering::Relaxed);
+                    let error = caught(&ctx, e, timeout, interrupted);
+                    let args_after = if interrupted { None } else { Some(js_args.iter().map(from_js).collect()) };
+                    Err(PluginError::Js { error, args_after })
+                }
+            }
+        });
+        let _ = fired;
+        let outcome = outcome?;
+        self.drain_jobs(deadline);
+        match outcome {
+            Some(value) => Ok(value),
+            None => self.wait(id, kind, method, started, deadline).await,
+        }
+    }
+
+    /// Waits for pending call `id` to settle.
+    async fn wait(
+        &self,
+        id: u64,
+        kind: CallKind,
+        method: &str,
+        started: Instant,
+        deadline: Instant,
+    ) -> Result<Value, PluginError> {
+        let timeout = self.task_timeout;
+        let _ = started;
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(result) = self.settled(id) {
+                return result;
+            }
+            let wake_at = match kind {
+                CallKind::Method => deadline,
+                CallKind::Task => self.last_progress.get().max(started) + timeout,
+            };
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep_until(wake_at.into()) => {
+                    let expired = match kind {
+                        CallKind::Method => true,
+                        CallKind::Task => Instant::now() >= self.last_progress.get().max(started) + timeout,
+                    };
+                    if expired {
+                        // The plugin's promise keeps running in the background (like the
+                        // reference); its later mutations are not read back.
+                        self.state.borrow_mut().calls.remove(&id);
+                        return Err(PluginError::Js { error: promise_timeout_error(timeout, method), args_after: None });
+                    }
+                }
+            }
+        }
+    }
+
+    fn settled(&self, id: u64) -> Option<Result<Value, PluginError>> {
+        let (promise, args) = {
+            let state = self.state.borrow();
+            let call = state.calls.get(&id)?;
+            (call.promise.clone(), call.args.clone())
+        };
+        let timeout = self.task_timeout;
+        let (result, _) = self.enter(Instant::now() + timeout, |ctx| -> Option<Result<Value, PluginError>> {
+            let promise = promise.restore(&ctx).ok()?;
+            match promise.state() {
+                PromiseState::Pending => None,
+                PromiseState::Resolved => {
+                    let value: JsValue = promise
+                        .result::<JsValue>()
+                        .and_then(|r| r.ok())
+                        .unwrap_or_else(|| JsValue::new_undefined(ctx.clone()));
+                    Some(Ok(from_js(&value)))
+                }
+                PromiseState::Rejected => {
+                    let reason = match promise.result::<JsValue>() {
+                        Some(Err(QjsError::Exception)) => ctx.catch(),
+                        Some(Ok(v)) => v,
+                        _ => JsValue::new_undefined(ctx.clone()),
+                    };
+                    let error = error_from_value(&ctx, &reason, timeout, false);
+                    let timed_out = error.message.starts_with("Script execution timed out after looping");
+                    let args_after = if timed_out {
+                        None
+                    } else {
+                        Some(args.into_iter().filter_map(|a| a.restore(&ctx).ok()).map(|v| from_js(&v)).collect())
+                    };
+                    Some(Err(PluginError::Js { error, args_after }))
+                }
+            }
+        });
+        if result.is_some() {
+            self.state.borrow_mut().calls.remove(&id);
+        }
+        result
+    }
+
+    /// Starts a host operation and returns the JS promise it settles.
+    fn spawn_op<'js, F>(&self, ctx: &Ctx<'js>, limit: Option<Duration>, op: F) -> rquickjs::Result<Promise<'js>>
+    where
+        F: Future<Output = Result<HostOk, MetaError>> + Send + 'static,
+    {
+        let (promise, resolve, reject) = Promise::new(ctx)?;
+        let id = self.fresh_id();
+        self.state.borrow_mut().ops.insert(id, (Persistent::save(ctx, resolve), Persistent::save(ctx, reject)));
+        let weak = self.self_weak.clone();
+        let main = self.main.clone();
+        tokio::task::spawn_local(async move {
+            let run = async move {
+                match main {
+                    Some(handle) => handle.spawn(op).await.unwrap_or_else(|e| Err(MetaError::new(e.to_string()))),
+                    None => op.await,
+                }
+            };
+            let result = match limit {
+                Some(limit) => match tokio::time::timeout(limit, run).await {
+                    Ok(r) => r.map_err(HostErr::Meta),
+                    Err(_) => Err(HostErr::Timeout),
+                },
+                None => run.await.map_err(HostErr::Meta),
+            };
+            if let Some(vm) = weak.upgrade() {
+                vm.settle_op(id, result);
+            }
+        });
+        Ok(promise)
+    }
+
+    fn settle_op(&self, id: u64, result: Result<HostOk, HostErr>) {
+        let Some((resolve, reject)) = self.state.borrow_mut().ops.remove(&id) else { return };
+        self.last_progress.set(Instant::now());
+        let timeout = self.task_timeout;
+        let deadline = Instant::now() + timeout;
+        self.enter(deadline, |ctx| {
+            let outcome = (|| -> rquickjs::Result<()> {
+                match result {
+                    Ok(ok) => {
+                        let value = match ok {
+                            HostOk::Json(v) => to_js(&ctx, &v)?,
+                            HostOk::Fetch(r) => fetch_response_to_js(&ctx, r)?,
+                        };
+                        resolve.restore(&ctx)?.call::<_, ()>((value,))
+                    }
+                    Err(err) => {
+                        let error = match err {
+                            HostErr::Meta(e) => JsError { name: e.name, message: e.message, ..JsError::default() },
+                            HostErr::Timeout => promise_timeout_error(timeout, "host call"),
+                        };
+                        reject.restore(&ctx)?.call::<_, ()>((js_error_value(&ctx, &error)?,))
+                    }
+                }
+            })();
+            if let Err(e) = outcome {
+                let error = caught(&ctx, e, timeout, false);
+                tracing::debug!(plugin_config_id = self.plugin_config_id, %error, "settling a host promise failed");
+            }
+        });
+        self.drain_jobs(deadline);
+    }
+
+    /// Heap usage of this VM in bytes (for the memory benchmark and stats).
+    pub fn memory_used(&self) -> i64 {
+        self.rt.run_gc();
+        self.rt.memory_usage().memory_used_size
+    }
+}
+
+fn fetch_response_to_js<'js>(ctx: &Ctx<'js>, response: FetchResponse) -> rquickjs::Result<JsValue<'js>> {
+    let object = Object::new(ctx.clone())?;
+    object.set("status", response.status)?;
+    object.set("statusText", response.status_text)?;
+    object.set("url", response.url)?;
+    let headers = Array::new(ctx.clone())?;
+    for (i, (k, v)) in response.headers.into_iter().enumerate() {
+        let pair = Array::new(ctx.clone())?;
+        pair.set(0, k)?;
+        pair.set(1, v)?;
+        headers.set(i, pair)?;
+    }
+    object.set("headers", headers)?;
+    object.set("body", ArrayBuffer::new(ctx.clone(), response.body)?)?;
+    Ok(object.into_value())
+}
+
+/// Host functions that start asynchronous work on behalf of the VM.
+fn install_async<'js>(ctx: &Ctx<'js>, host: &Object<'js>, weak: Weak<VmInner>) -> rquickjs::Result<()> {
+    let vm_of = |ctx: &Ctx<'_>, weak: &Weak<VmInner>| -> rquickjs::Result<Rc<VmInner>> {
+        weak.upgrade().ok_or_else(|| Exception::throw_message(ctx, "the plugin VM is gone"))
+    };
+    let w = weak.clone();
+    host.set(
+        "call",
+        Function::new(
+            ctx.clone(),
+            move |ctx: Ctx<'js>, name: String, args: Array<'js>| -> rquickjs::Result<Promise<'js>> {
+                let vm = vm_of(&ctx, &w)?;
+                let args: Vec<Value> = args.iter::<JsValue>().filter_map(|v| v.ok()).map(|v| from_js(&v)).collect();
+                let meta = vm.meta.clone();
+                // Logging and metrics are fire-and-forget in the reference; everything else is an
+                // awaited promise limited like the reference's guarded `await`.
+                let limit = if name.starts_with("console.") || name.starts_with("metrics.") {
+                    None
+                } else {
+                    Some(vm.task_timeout)
+                };
+                vm.spawn_op(&ctx, limit, async move { meta.call(&name, args).await.map(HostOk::Json) })
+            },
+        )?,
+    )?;
+    let w = weak.clone();
+    host.set(
+        "fetch",
+        Function::new(
+            ctx.clone(),
+            move |ctx: Ctx<'js>,
+                  url: String,
+                  method: String,
+                  headers: Array<'js>,
+                  body: JsValue<'js>|
+                  -> rquickjs::Result<Promise<'js>> {
+                let vm = vm_of(&ctx, &w)?;
+                let mut header_pairs = Vec::new();
+                for pair in headers.iter::<Array>() {
+                    let pair = pair?;
+                    header_pairs.push((pair.get::<String>(0)?, pair.get::<String>(1)?));
+                }
+                let body = if body.is_null() || body.is_undefined() {
+                    None
+                } else if let Some(s) = body.as_string() {
+                    Some(s.to_string()?.into_bytes())
+                } else {
+                    Some(bytes_of(&ctx, &body)?)
+                };
+                let request = FetchRequest { url, method, headers: header_pairs, body };
+                let meta = vm.meta.clone();
+                vm.spawn_op(&ctx, None, async move { meta.fetch(request).await.map(HostOk::Fetch) })
+            },
+        )?,
+    )?;
+    let w = weak.clone();
+    host.set(
+        "sleep",
+        Function::new(ctx.clone(), move |ctx: Ctx<'js>, ms: Opt<f64>| -> rquickjs::Result<Promise<'js>> {
+            let vm = vm_of(&ctx, &w)?;
+            let ms = ms.0.filter(|m| m.is_finite() && *m > 0.0).unwrap_or(0.0).min(86_400_000.0);
+            vm.spawn_op(&ctx, None, async move {
+                tokio::time::sleep(Duration::from_secs_f64(ms / 1000.0)).await;
+                Ok(HostOk::Json(Value::Null))
+            })
+        })?,
+    )?;
+    let w = weak;
+    host.set(
+        "metricKind",
+        Function::new(ctx.clone(), move |ctx: Ctx<'js>, name: String| -> rquickjs::Result<Option<String>> {
+            let vm = vm_of(&ctx, &w)?;
+            Ok(vm.meta.metric_kind(&name))
+        })?,
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages() {
+        assert_eq!(seconds_text(Duration::from_secs(1)), "1 second");
+        assert_eq!(seconds_text(Duration::from_secs(30)), "30 seconds");
+        assert_eq!(seconds_text(Duration::from_millis(500)), "0.5 seconds");
+        assert_eq!(first_position("    at processEvent (index.ts:3:17)\n"), Some((3, 16)));
+        assert_eq!(first_position("    at <eval> (eval_script:4:17)\n"), Some((4, 16)));
+    }
+}
