@@ -372,19 +372,19 @@ async fn capabilities_cover_methods_tasks_and_jobs_and_metrics_are_stored_lower_
     let config = setup.plugins.config(CONFIG).unwrap();
     let context = plugin_server::plugins::extensions::PluginContext::new(setup.services.clone(), config);
     for value in [100, 10, -10] {
-        context.call("metrics.metric1.increment", vec![json!(value)]).await.unwrap();
+        context.call("metrics.increment", vec![json!("metric1"), json!(value)]).await.unwrap();
     }
-    context.call("metrics.metric2.max", vec![json!(5)]).await.unwrap();
-    context.call("metrics.metric2.max", vec![json!(10)]).await.unwrap();
-    context.call("metrics.metric3.min", vec![json!(4)]).await.unwrap();
-    context.call("metrics.metric3.min", vec![json!(1)]).await.unwrap();
+    context.call("metrics.max", vec![json!("metric2"), json!(5)]).await.unwrap();
+    context.call("metrics.max", vec![json!("metric2"), json!(10)]).await.unwrap();
+    context.call("metrics.min", vec![json!("metric3"), json!(4)]).await.unwrap();
+    context.call("metrics.min", vec![json!("metric3"), json!(1)]).await.unwrap();
     let values = setup.services.metrics.values(CONFIG);
     assert_eq!(Value::Object(values), json!({"metric1": 100, "metric2": 10, "metric3": 1}));
-    let invalid = context.call("metrics.nope.increment", vec![json!(1)]).await.unwrap_err();
+    let invalid = context.call("metrics.increment", vec![json!("nope"), json!(1)]).await.unwrap_err();
     assert_eq!((invalid.name.as_str(), invalid.message.as_str()), ("IllegalOperationError", "Invalid metric name"));
-    let not_number = context.call("metrics.metric1.increment", vec![json!("1")]).await.unwrap_err();
+    let not_number = context.call("metrics.increment", vec![json!("metric1"), json!("1")]).await.unwrap_err();
     assert_eq!(not_number.message, "Only numbers are allowed for operations on metrics");
-    assert_eq!(context.call("metrics.metric1.max", vec![json!(1)]).await.unwrap_err().name, "TypeError");
+    assert_eq!(context.call("metrics.max", vec![json!("metric1"), json!(1)]).await.unwrap_err().name, "TypeError");
 
     setup.plugins.send_plugin_metrics().await;
     let captured = setup.capture.events.lock().unwrap().clone();

@@ -36,6 +36,14 @@ pub struct LoadOptions {
     pub test_env: bool,
 }
 
+impl LoadOptions {
+    /// The reference's timing, with the test-environment default of `NODE_ENV`.
+    pub fn from_env() -> LoadOptions {
+        let test_env = crate::config::NodeEnv::detect(&|key| std::env::var(key).ok()) == crate::config::NodeEnv::Test;
+        LoadOptions { test_env, ..LoadOptions::default() }
+    }
+}
+
 impl Default for LoadOptions {
     fn default() -> Self {
         LoadOptions { retry_base: Duration::from_secs(3), test_env: false }

@@ -7,8 +7,8 @@
 //! which configs are in force ([`rows`]), where their code comes from ([`loader`], [`archive`]),
 //! the meta API behind `meta.*`, `console` and `posthog` ([`extensions`]), plugin log entries
 //! ([`log_entries`]), error recording ([`errors`]), the VM lifecycle with set-up retries ([`lazy`]),
-//! the exportEvents buffer ([`export_events`]) and the [`Plugins`](manager::Plugins) facade the
-//! queues, scheduler and job consumer call.
+//! the exportEvents buffer ([`export_events`]), the bridge to the runtime ([`runtime_vm`]) and the
+//! [`Plugins`](manager::Plugins) facade the queues, scheduler and job consumer call.
 
 pub mod runtime;
 pub mod transform;
@@ -24,6 +24,7 @@ pub mod log_entries;
 pub mod manager;
 pub mod rows;
 pub mod run;
+pub mod runtime_vm;
 pub mod vm;
 
 pub use manager::{PluginSchedule, Plugins, ScheduleKind};

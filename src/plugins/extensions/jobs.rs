@@ -37,9 +37,18 @@ impl RunAt {
     pub fn timestamp(&self) -> Result<i64, JsError> {
         Ok(match self {
             RunAt::Now => now_ms(),
-            RunAt::In(duration, unit) => now_ms() + duration_to_ms(*duration, unit)?.round() as i64,
-            RunAt::At(ms) => ms.round() as i64,
+            RunAt::In(duration, unit) => now_ms() + finite(duration_to_ms(*duration, unit)?)?,
+            RunAt::At(ms) => finite(*ms)?,
         })
+    }
+}
+
+/// A time the job queue can store (the reference would enqueue `NaN` and never run it).
+fn finite(ms: f64) -> Result<i64, JsError> {
+    if ms.is_finite() {
+        Ok(ms.round() as i64)
+    } else {
+        Err(JsError::new("Error", "Invalid job time: the duration or date is not a number"))
     }
 }
 

@@ -219,14 +219,15 @@ impl PluginContext {
         }
     }
 
-    /// Calls an extension by its JavaScript path with the JavaScript arguments (a trailing
-    /// `undefined` is a missing argument). Names: `cache.set|get|incr|expire|lpush|lrange|llen|
-    /// lrem|lpop`, `storage.get|set|del`, `utils.cursor.init|increment`, `console.debug|log|info|
-    /// warn|error` (args already rendered by the runtime, or plain values), `metrics.<name>.
-    /// increment|max|min`, `jobs.<type>.runNow(payload)`, `jobs.<type>.runIn(payload, duration,
-    /// unit)`, `jobs.<type>.runAt(payload, epochMs)`, `posthog.capture`, `posthog.api.get|post|
-    /// put|delete` (returns `{url, method, headers, body}` for the runtime's fetch),
-    /// `geoip.locate`.
+    /// Calls an extension by name with the plugin's arguments as JSON (trailing `undefined`
+    /// arguments omitted), the convention of `runtime::MetaBindings::call`:
+    /// `cache.<set|get|incr|expire|lpush|lrange|llen|lrem|lpop>`, `storage.<get|set|del>`,
+    /// `utils.cursor.<init|increment>`, `geoip.locate [ip]`, `jobs.runNow [type, payload]`,
+    /// `jobs.runIn [type, payload, duration, unit]`, `jobs.runAt [type, payload, date]` (ISO
+    /// string or epoch ms), `metrics.<increment|max|min> [name, value]`,
+    /// `console.<debug|log|info|warn|error> [...]` (usually one already rendered message),
+    /// `posthog.capture [event, properties?]`, `posthog.api [METHOD, path, options?]` (returns
+    /// `{url, method, headers, body}` for the runtime's fetch).
     pub async fn call(&self, function: &str, args: Vec<Value>) -> Result<Value, JsError> {
         let key = string_arg(&args, 0);
         let unknown = || JsError::new("TypeError", format!("{function} is not a function"));
@@ -247,42 +248,47 @@ impl PluginContext {
             "utils.cursor.increment" => self.storage.cursor_increment(&key, args.get(1)).await,
             "posthog.capture" => self.capture(&key, args.get(1)).await.map(|()| Value::Null),
             "geoip.locate" => self.geoip_locate(&key).await,
+            "jobs.runNow" | "jobs.runIn" | "jobs.runAt" => {
+                let when = match function {
+                    "jobs.runNow" => RunAt::Now,
+                    "jobs.runIn" => RunAt::In(arg(&args, 2).as_f64().unwrap_or(f64::NAN), string_arg(&args, 3)),
+                    _ => RunAt::At(epoch_ms(arg(&args, 2))),
+                };
+                self.enqueue_job(&key, arg(&args, 1).clone(), when).await.map(|()| Value::Null)
+            }
+            "posthog.api" => {
+                let path = string_arg(&args, 1);
+                let request = self.api_request(&key, &path, args.get(2)).await?;
+                let headers: Map<String, Value> =
+                    request.headers.into_iter().map(|(name, value)| (name, Value::String(value))).collect();
+                Ok(serde_json::json!({
+                    "url": request.url, "method": request.method, "headers": headers, "body": request.body,
+                }))
+            }
             _ => {
-                if let Some(method) = function.strip_prefix("console.") {
-                    let log_type = LogType::from_console_method(method).ok_or_else(unknown)?;
+                if let Some(level) = function.strip_prefix("console.") {
+                    let log_type = LogType::from_console_method(level).ok_or_else(unknown)?;
                     self.console(log_type, format_console_args(&args)).await;
                     return Ok(Value::Null);
                 }
-                if let Some(method) = function.strip_prefix("posthog.api.") {
-                    if !matches!(method, "get" | "post" | "put" | "delete") {
-                        return Err(unknown());
-                    }
-                    let request = self.api_request(method, &key, args.get(1)).await?;
-                    let headers: Map<String, Value> =
-                        request.headers.into_iter().map(|(name, value)| (name, Value::String(value))).collect();
-                    return Ok(serde_json::json!({
-                        "url": request.url, "method": request.method, "headers": headers, "body": request.body,
-                    }));
-                }
-                if let Some(rest) = function.strip_prefix("metrics.") {
-                    let (name, method) = rest.rsplit_once('.').ok_or_else(unknown)?;
-                    self.metric(name, method, arg(&args, 0))?;
-                    return Ok(Value::Null);
-                }
-                if let Some(rest) = function.strip_prefix("jobs.") {
-                    let (job_type, runner) = rest.rsplit_once('.').ok_or_else(unknown)?;
-                    let when = match runner {
-                        "runNow" => RunAt::Now,
-                        "runIn" => RunAt::In(arg(&args, 1).as_f64().unwrap_or(f64::NAN), string_arg(&args, 2)),
-                        "runAt" => RunAt::At(arg(&args, 1).as_f64().unwrap_or(f64::NAN)),
-                        _ => return Err(unknown()),
-                    };
-                    self.enqueue_job(job_type, arg(&args, 0).clone(), when).await?;
+                if let Some(method) = function.strip_prefix("metrics.") {
+                    self.metric(&key, method, arg(&args, 1))?;
                     return Ok(Value::Null);
                 }
                 Err(unknown())
             }
         }
+    }
+}
+
+/// `date.valueOf()` of a `runAt` argument: epoch ms, or an ISO string (how a `Date` crosses over).
+fn epoch_ms(value: &Value) -> f64 {
+    match value {
+        Value::Number(number) => number.as_f64().unwrap_or(f64::NAN),
+        Value::String(text) => {
+            chrono::DateTime::parse_from_rfc3339(text).map(|time| time.timestamp_millis() as f64).unwrap_or(f64::NAN)
+        }
+        _ => f64::NAN,
     }
 }
 
