@@ -90,13 +90,12 @@ pub async fn process_error(
         .await;
 }
 
-/// Clears a stored error after a successful load: when the row had one (as the reference), or
-/// when `recorded_since` (this load recorded one on an earlier attempt).
-pub async fn clear_error(services: &PluginServices, config: &PluginConfig, recorded_since: bool) {
-    if recorded_since || config.error.as_ref().is_some_and(|error| !error.is_null()) {
-        if let Err(err) = rows::set_config_error(&services.hub.postgres, config.id, None).await {
-            warn!(plugin_config_id = config.id, error = %err, "could not clear plugin config error");
-        }
+/// Clears a stored error after a successful load. The reference only clears an error the row
+/// had when it was read; the conditional update also clears one recorded since (an earlier
+/// attempt, or the previous VM's teardown) and writes nothing when there is none.
+pub async fn clear_error(services: &PluginServices, config: &PluginConfig) {
+    if let Err(err) = rows::clear_config_error(&services.hub.postgres, config.id).await {
+        warn!(plugin_config_id = config.id, error = %err, "could not clear plugin config error");
     }
 }
 

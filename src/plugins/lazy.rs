@@ -164,16 +164,13 @@ impl LazyVm {
         let instance = services.hub.instance_id;
         let mut attempt = 1;
         loop {
-            let failed_before = attempt > 1;
             self.state.send_replace(VmState::Loading);
             match initialize(&services, &factory, &options, &context, &code.code).await {
                 Ok(loaded) => {
                     system_log(&services, &config, LogType::Info, format!("Plugin loaded (instance ID {instance})."))
                         .await;
                     info!("🔌 Loaded {}", code.log_info);
-                    // The reference only clears an error the row had when loaded; an error this VM
-                    // recorded on an earlier attempt is cleared too.
-                    clear_error(&services, &config, failed_before).await;
+                    clear_error(&services, &config).await;
                     infer_capabilities(&services, &loaded).await;
                     self.state.send_replace(VmState::Ready(loaded));
                     return;

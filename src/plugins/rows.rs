@@ -235,6 +235,15 @@ pub async fn set_config_error(pool: &PgPool, config_id: i32, error: Option<&Valu
         .map(|_| ())
 }
 
+/// Clears `posthog_pluginconfig.error` when set.
+pub async fn clear_config_error(pool: &PgPool, config_id: i32) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE posthog_pluginconfig SET error = NULL WHERE id = $1 AND error IS NOT NULL")
+        .bind(config_id)
+        .execute(pool)
+        .await
+        .map(|_| ())
+}
+
 /// Disables a config after too many failed set-up attempts.
 pub async fn disable_plugin_config(pool: &PgPool, config_id: i32) -> Result<(), sqlx::Error> {
     sqlx::query("UPDATE posthog_pluginconfig SET enabled = 'f' WHERE id = $1 AND enabled = 't'")
