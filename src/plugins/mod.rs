@@ -2,6 +2,29 @@
 //! JavaScript runtime on a fixed pool of worker threads (one VM per plugin config per thread), the
 //! meta API, and the method runners (processEvent, onEvent, onSnapshot, exportEvents, scheduled
 //! tasks, jobs).
+//!
+//! `runtime` and `transform` hold the JavaScript engine. Everything else here is plain async Rust:
+//! which configs are in force ([`rows`]), where their code comes from ([`loader`], [`archive`]),
+//! the meta API behind `meta.*`, `console` and `posthog` ([`extensions`]), plugin log entries
+//! ([`log_entries`]), error recording ([`errors`]), the VM lifecycle with set-up retries ([`lazy`]),
+//! the exportEvents buffer ([`export_events`]), the bridge to the runtime ([`runtime_vm`]) and the
+//! [`Plugins`](manager::Plugins) facade the queues, scheduler and job consumer call.
 
 pub mod runtime;
 pub mod transform;
+
+pub mod archive;
+pub mod errors;
+pub mod export_events;
+pub mod extensions;
+pub mod js;
+pub mod lazy;
+pub mod loader;
+pub mod log_entries;
+pub mod manager;
+pub mod rows;
+pub mod run;
+pub mod runtime_vm;
+pub mod vm;
+
+pub use manager::{PluginSchedule, Plugins, ScheduleKind};

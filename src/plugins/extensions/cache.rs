@@ -1,0 +1,181 @@
+//! `meta.cache`: Redis under `@plugin/<plugin_id>/<team_id>/`, with the reference's argument
+//! checks, JSON (de)serialization and quirks (`get` returns `null` for a missing key whatever the
+//! default; invalid JSON reads as `null`; a slow `GET` is retried once after 5 s).
+
+use std::time::Duration;
+
+use deadpool_redis::Pool;
+use redis::AsyncCommands;
+use serde_json::Value;
+
+use super::super::js::{as_integer, number_string, string_of, truthy};
+use super::super::vm::JsError;
+
+/// How long a `GET` may take before it is sent once more.
+const GET_RETRY_AFTER: Duration = Duration::from_secs(5);
+const LPUSH_MAX_ELEMENTS: usize = 1000;
+
+/// One plugin config's cache.
+#[derive(Clone)]
+pub struct Cache {
+    redis: Pool,
+    prefix: String,
+}
+
+fn redis_error(err: impl std::fmt::Display) -> JsError {
+    JsError::new("Error", err.to_string())
+}
+
+/// A Redis argument for a JS number (`String(n)` as ioredis sends it).
+fn number_arg(value: &Value) -> String {
+    as_integer(value).map(|n| n.to_string()).unwrap_or_else(|| value.as_f64().map(number_string).unwrap_or_default())
+}
+
+/// `options.jsonSerialize`, default true.
+fn json_serialize(options: Option<&Value>) -> bool {
+    options.and_then(|options| options.get("jsonSerialize")).map(truthy).unwrap_or(true)
+}
+
+impl Cache {
+    /// `team_id` `None` gives the reference's `@all` key space.
+    pub fn new(redis: Pool, plugin_id: i32, team_id: Option<i64>) -> Cache {
+        let team = team_id.map(|team| team.to_string()).unwrap_or_else(|| "@all".into());
+        Cache { redis, prefix: format!("@plugin/{plugin_id}/{team}/") }
+    }
+
+    pub fn key(&self, key: &str) -> String {
+        format!("{}{key}", self.prefix)
+    }
+
+    async fn connection(&self) -> Result<deadpool_redis::Connection, JsError> {
+        self.redis.get().await.map_err(redis_error)
+    }
+
+    pub async fn set(
+        &self,
+        key: &str,
+        value: &Value,
+        ttl_seconds: Option<&Value>,
+        options: Option<&Value>,
+    ) -> Result<Value, JsError> {
+        let serialized = if json_serialize(options) { value.to_string() } else { string_of(value) };
+        let mut command = redis::cmd("SET");
+        command.arg(self.key(key)).arg(serialized);
+        if let Some(ttl) = ttl_seconds.filter(|ttl| truthy(ttl)) {
+            command.arg("EX").arg(number_arg(ttl));
+        }
+        let mut connection = self.connection().await?;
+        command.query_async::<()>(&mut *connection).await.map_err(redis_error)?;
+        Ok(Value::Null)
+    }
+
+    pub async fn get(&self, key: &str, options: Option<&Value>) -> Result<Value, JsError> {
+        let full_key = self.key(key);
+        let mut connection = self.connection().await?;
+        let value: Option<String> = match tokio::time::timeout(GET_RETRY_AFTER, connection.get(&full_key)).await {
+            Ok(result) => result.map_err(redis_error)?,
+            Err(_) => {
+                tracing::warn!(key = %full_key, "Waited 5 sec to get redis key, retrying once!");
+                let mut retry = self.connection().await?;
+                retry.get(&full_key).await.map_err(redis_error)?
+            }
+        };
+        Ok(match value {
+            None => Value::Null,
+            Some(text) if text.is_empty() => Value::Null,
+            Some(text) if json_serialize(options) => serde_json::from_str(&text).unwrap_or(Value::Null),
+            Some(text) => Value::String(text),
+        })
+    }
+
+    pub async fn incr(&self, key: &str) -> Result<Value, JsError> {
+        let mut connection = self.connection().await?;
+        let value: i64 = connection.incr(self.key(key), 1).await.map_err(redis_error)?;
+        Ok(Value::from(value))
+    }
+
+    pub async fn expire(&self, key: &str, ttl_seconds: &Value) -> Result<Value, JsError> {
+        let mut connection = self.connection().await?;
+        let result: i64 = redis::cmd("EXPIRE")
+            .arg(self.key(key))
+            .arg(number_arg(ttl_seconds))
+            .query_async(&mut *connection)
+            .await
+            .map_err(redis_error)?;
+        Ok(Value::Bool(result == 1))
+    }
+
+    pub async fn lpush(&self, key: &str, element_or_array: &Value) -> Result<Value, JsError> {
+        let elements: Vec<String> = match element_or_array {
+            Value::String(text) => vec![text.clone()],
+            Value::Array(items) => {
+                if items.len() > LPUSH_MAX_ELEMENTS {
+                    return Err(JsError::new(
+                        "IllegalOperationError",
+                        "Too many elements in array for cache.lpush. Maximum: 1000",
+                    ));
+                }
+                items.iter().map(string_of).collect()
+            }
+            _ => return Err(JsError::new("Error", "cache.lpush expects a string value or an array of strings")),
+        };
+        let mut connection = self.connection().await?;
+        let length: i64 = redis::cmd("LPUSH")
+            .arg(self.key(key))
+            .arg(elements)
+            .query_async(&mut *connection)
+            .await
+            .map_err(redis_error)?;
+        Ok(Value::from(length))
+    }
+
+    pub async fn lrange(&self, key: &str, start: &Value, end: &Value) -> Result<Value, JsError> {
+        if !start.is_number() || !end.is_number() {
+            return Err(JsError::new("Error", "cache.lrange expects a number for the start and end indexes"));
+        }
+        let mut connection = self.connection().await?;
+        let items: Vec<String> = redis::cmd("LRANGE")
+            .arg(self.key(key))
+            .arg(number_arg(start))
+            .arg(number_arg(end))
+            .query_async(&mut *connection)
+            .await
+            .map_err(redis_error)?;
+        Ok(Value::from(items))
+    }
+
+    pub async fn llen(&self, key: &str) -> Result<Value, JsError> {
+        let mut connection = self.connection().await?;
+        let length: i64 = connection.llen(self.key(key)).await.map_err(redis_error)?;
+        Ok(Value::from(length))
+    }
+
+    pub async fn lrem(&self, key: &str, count: &Value, element: &Value) -> Result<Value, JsError> {
+        if !count.is_number() {
+            return Err(JsError::new("Error", "cache.lrem expects a number for the \"count\" argument"));
+        }
+        let mut connection = self.connection().await?;
+        let removed: i64 = redis::cmd("LREM")
+            .arg(self.key(key))
+            .arg(number_arg(count))
+            .arg(string_of(element))
+            .query_async(&mut *connection)
+            .await
+            .map_err(redis_error)?;
+        Ok(Value::from(removed))
+    }
+
+    pub async fn lpop(&self, key: &str, count: &Value) -> Result<Value, JsError> {
+        if !count.is_number() {
+            return Err(JsError::new("Error", "cache.lpop expects a number for the \"count\" argument"));
+        }
+        let mut connection = self.connection().await?;
+        let popped: Option<Vec<String>> = redis::cmd("LPOP")
+            .arg(self.key(key))
+            .arg(number_arg(count))
+            .query_async(&mut *connection)
+            .await
+            .map_err(redis_error)?;
+        Ok(popped.map(Value::from).unwrap_or(Value::Null))
+    }
+}

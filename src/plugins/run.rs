@@ -1,0 +1,239 @@
+//! The method runners over a loaded set of plugin configs: the `processEvent` chain of a team's
+//! plugins (in `order`), `onEvent`/`onSnapshot` (all at once), scheduled tasks and jobs, and
+//! teardown. Errors raised by plugin code are recorded on the config and never fail the caller.
+
+use std::sync::Arc;
+
+use futures::future::join_all;
+use serde_json::Value;
+use tracing::warn;
+
+use super::errors::{process_error, system_log, PluginFailure};
+use super::export_events::EXPORT_EVENTS_RETRY_JOB;
+use super::extensions::PluginServices;
+use super::lazy::{LazyVm, LoadedVm};
+use super::log_entries::LogType;
+use super::rows::PluginConfig;
+use super::vm::{JsError, Method, TaskKind};
+use crate::event::PluginEvent;
+
+/// A config in force and its VM.
+pub struct ConfigEntry {
+    pub config: Arc<PluginConfig>,
+    pub vm: Arc<LazyVm>,
+}
+
+fn event_value(event: &PluginEvent) -> Value {
+    serde_json::to_value(event).unwrap_or(Value::Null)
+}
+
+/// What one plugin's `processEvent` made of the event.
+enum Step {
+    Dropped,
+    Kept(PluginEvent),
+    Failed { error: JsError, event: PluginEvent },
+}
+
+async fn process_one(loaded: &LoadedVm, event: &PluginEvent) -> Step {
+    let team_id = event.team_id;
+    match loaded.vm.call(Method::ProcessEvent, vec![event_value(event)]).await {
+        Ok(value) if !super::js::truthy(&value) => Step::Dropped,
+        Ok(mut value) => {
+            let team_changed = value.get("team_id").and_then(Value::as_i64) != Some(team_id);
+            if team_changed {
+                if let Some(object) = value.as_object_mut() {
+                    object.insert("team_id".into(), Value::from(team_id));
+                }
+            }
+            match serde_json::from_value::<PluginEvent>(value) {
+                Ok(returned) if team_changed => Step::Failed {
+                    error: JsError::new("IllegalOperationError", "Plugin tried to change event.team_id"),
+                    event: returned,
+                },
+                Ok(returned) => Step::Kept(returned),
+                // The pipeline cannot carry something that is not an event: keep the event as it
+                // was before this plugin and report the plugin.
+                Err(err) => Step::Failed {
+                    error: JsError::new("TypeError", format!("processEvent returned an invalid event: {err}")),
+                    event: event.clone(),
+                },
+            }
+        }
+        Err(failure) => {
+            // In-place mutations made before the throw are kept (the reference shares the object);
+            // after a timeout they are not.
+            let mutated = failure
+                .args
+                .and_then(|args| args.into_iter().next())
+                .and_then(|value| serde_json::from_value::<PluginEvent>(value).ok())
+                .map(|mut mutated| {
+                    mutated.team_id = team_id;
+                    mutated
+                });
+            Step::Failed { error: failure.error, event: mutated.unwrap_or_else(|| event.clone()) }
+        }
+    }
+}
+
+/// Runs the team's `processEvent`s in order. `None`: a plugin dropped the event.
+pub async fn run_process_event(
+    services: &PluginServices,
+    team_configs: &[Arc<ConfigEntry>],
+    event: PluginEvent,
+) -> Option<PluginEvent> {
+    let mut current = event;
+    let mut succeeded = Vec::new();
+    let mut failed = Vec::new();
+    let mut deferred = Vec::new();
+    for entry in team_configs {
+        let Some(loaded) = entry.vm.get().await else { continue };
+        if loaded.has(Method::ProcessEvent) {
+            match process_one(&loaded, &current).await {
+                Step::Dropped => return None,
+                Step::Kept(returned) => {
+                    current = returned;
+                    succeeded.push(Value::String(entry.config.label()));
+                }
+                Step::Failed { error, event } => {
+                    current = event;
+                    let value = event_value(&current);
+                    process_error(services, &entry.config, &PluginFailure::Error(error), Some(&value)).await;
+                    warn!(plugin = %entry.config.plugin.name(), "plugin.process_event.ERROR");
+                    failed.push(Value::String(entry.config.label()));
+                }
+            }
+        }
+        if loaded.has(Method::OnEvent) || loaded.has(Method::OnSnapshot) {
+            deferred.push(Value::String(entry.config.label()));
+        }
+    }
+    if !(succeeded.is_empty() && failed.is_empty() && deferred.is_empty()) {
+        // REF-BUG 12 fixed: written to the returned event (the reference wrote to its input).
+        let properties = current.properties.get_or_insert_with(Default::default);
+        properties.insert("$plugins_succeeded".into(), Value::Array(succeeded));
+        properties.insert("$plugins_failed".into(), Value::Array(failed));
+        properties.insert("$plugins_deferred".into(), Value::Array(deferred));
+    }
+    Some(current)
+}
+
+/// Runs `onEvent` (or `onSnapshot`) of all the team's plugins concurrently.
+pub async fn run_on_event(
+    services: &PluginServices,
+    team_configs: &[Arc<ConfigEntry>],
+    event: &PluginEvent,
+    method: Method,
+) {
+    let value = event_value(event);
+    join_all(team_configs.iter().map(|entry| {
+        let value = &value;
+        async move {
+            let Some(loaded) = entry.vm.get().await else { return };
+            if method == Method::OnEvent {
+                if let Some(export) = &loaded.export {
+                    export.on_event(value);
+                }
+            }
+            if !loaded.plugin_has(method) {
+                return;
+            }
+            if let Err(failure) = loaded.vm.call(method, vec![value.clone()]).await {
+                process_error(services, &entry.config, &PluginFailure::Error(failure.error), Some(value)).await;
+                warn!(plugin = %entry.config.plugin.name(), "plugin.on_event.ERROR");
+            }
+        }
+    }))
+    .await;
+}
+
+/// Runs a scheduled task or job of one config; errors are recorded and give `None`.
+pub async fn run_plugin_task(
+    services: &PluginServices,
+    entry: Option<&Arc<ConfigEntry>>,
+    kind: TaskKind,
+    name: &str,
+    payload: Option<Value>,
+) -> Option<Value> {
+    let loaded = match entry {
+        Some(entry) => entry.vm.get().await,
+        None => None,
+    };
+    let result = match &loaded {
+        Some(loaded) if kind == TaskKind::Job && name == EXPORT_EVENTS_RETRY_JOB && loaded.export.is_some() => {
+            match &loaded.export {
+                Some(export) => export.export_with_retry(payload.unwrap_or(Value::Null)).await.map_err(|f| f.error),
+                None => Ok(Value::Null),
+            }
+        }
+        Some(loaded) if has_task(loaded, kind, name) => {
+            loaded.vm.run_task(kind, name, payload).await.map_err(|failure| failure.error)
+        }
+        _ => {
+            let plugin_name = entry.map(|entry| entry.config.plugin.name()).unwrap_or_else(|| "undefined".into());
+            // The reference renders the config object with String(), hence `[object Object]`.
+            let config = if entry.is_some() { "[object Object]" } else { "undefined" };
+            Err(JsError::new(
+                "Error",
+                format!("Task \"{name}\" not found for plugin \"{plugin_name}\" with config id {config}"),
+            ))
+        }
+    };
+    match result {
+        Ok(value) => Some(value),
+        Err(error) => {
+            match entry {
+                Some(entry) => process_error(services, &entry.config, &PluginFailure::Error(error), None).await,
+                None => warn!("Tried to process error for nonexistent plugin config! {error}"),
+            }
+            None
+        }
+    }
+}
+
+fn has_task(loaded: &LoadedVm, kind: TaskKind, name: &str) -> bool {
+    match kind {
+        TaskKind::Schedule => loaded.scheduled_tasks.iter().any(|task| task == name),
+        TaskKind::Job => loaded.jobs.iter().any(|job| job == name),
+    }
+}
+
+/// Tears one config down: cancels a pending retry, flushes the export buffer and runs
+/// `teardownPlugin` concurrently, logs the outcome, and with `dispose` releases the VM (not when
+/// a successor with the same id is about to replace it).
+pub async fn teardown(services: &PluginServices, entry: &ConfigEntry, dispose: bool) {
+    entry.vm.cancel_retry();
+    let Some(loaded) = entry.vm.get().await else { return };
+    let instance = services.hub.instance_id;
+    let flush = async {
+        if let Some(export) = &loaded.export {
+            export.flush().await;
+        }
+    };
+    let own_teardown = async {
+        if loaded.plugin_has(Method::TeardownPlugin) {
+            loaded.vm.call(Method::TeardownPlugin, Vec::new()).await.map(|_| ())
+        } else {
+            Ok(())
+        }
+    };
+    let ((), result) = tokio::join!(flush, own_teardown);
+    match result {
+        Ok(()) => {
+            system_log(services, &entry.config, LogType::Info, format!("Plugin unloaded (instance ID {instance})."))
+                .await
+        }
+        Err(failure) => {
+            process_error(services, &entry.config, &PluginFailure::Error(failure.error), None).await;
+            system_log(
+                services,
+                &entry.config,
+                LogType::Error,
+                format!("Plugin failed to unload (instance ID {instance})."),
+            )
+            .await;
+        }
+    }
+    if dispose {
+        loaded.vm.dispose().await;
+    }
+}

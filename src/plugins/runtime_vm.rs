@@ -1,0 +1,167 @@
+//! The orchestration's VM traits ([`VmFactory`], [`PluginVm`]) over the QuickJS worker pool
+//! (`runtime::WorkerPool`), and the pool's `MetaBindings` over [`PluginContext`]. This is the only
+//! place that knows both sides: the runtime stays ignorant of plugin configs and the orchestration
+//! of the engine.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde_json::{Map, Value};
+
+use super::errors::{process_error, PluginFailure};
+use super::extensions::PluginContext;
+use super::runtime::{
+    self, Attachment, CallKind, MetaBindings, MetaError, PluginError, PluginExports, PluginVmSpec, WorkerPool,
+};
+use super::vm::{CallError, JsError, Method, PluginVm, TaskKind, VmExports, VmFactory};
+
+/// Makes VMs on the worker pool (one per config per worker thread).
+pub struct RuntimeVmFactory {
+    pool: Arc<WorkerPool>,
+}
+
+impl RuntimeVmFactory {
+    pub fn new(pool: Arc<WorkerPool>) -> RuntimeVmFactory {
+        RuntimeVmFactory { pool }
+    }
+}
+
+fn js_error(error: runtime::JsError) -> JsError {
+    // `RetryError` extends `Error` without renaming itself, as in `@posthog/plugin-scaffold`; the
+    // runtime reports it by class name.
+    let retry = error.name == "RetryError";
+    JsError { name: error.name, message: error.message, stack: error.stack, retry, caller: error.caller }
+}
+
+fn call_error(error: PluginError) -> CallError {
+    match error {
+        PluginError::Js { error, args_after } => CallError { error: js_error(error), args: args_after },
+        // Babel reports parse errors as SyntaxError and its plugins' errors (forbidden imports) as Error.
+        PluginError::Transform(message) => {
+            let name = if message.contains("Cannot import") { "Error" } else { "SyntaxError" };
+            JsError::new(name, message).into()
+        }
+        other => JsError::new("Error", other.to_string()).into(),
+    }
+}
+
+fn vm_exports(exports: &PluginExports) -> VmExports {
+    let methods = Method::ALL.into_iter().filter(|method| exports.has(method.name())).collect();
+    let scheduled_tasks =
+        exports.functions.iter().filter(|name| name.starts_with("runEvery")).cloned().collect::<Vec<_>>();
+    let metrics = match &exports.metrics {
+        Some(Value::Object(map)) => {
+            Some(map.iter().filter(|(_, kind)| kind.is_string()).map(|(k, v)| (k.clone(), v.clone())).collect())
+        }
+        Some(_) => Some(Map::new()),
+        None => None,
+    };
+    VmExports { methods, scheduled_tasks, jobs: exports.jobs.clone(), metrics }
+}
+
+#[async_trait]
+impl VmFactory for RuntimeVmFactory {
+    async fn create(&self, context: Arc<PluginContext>, code: String) -> Result<Arc<dyn PluginVm>, JsError> {
+        let id = context.config.id;
+        let spec = PluginVmSpec {
+            plugin_config_id: id as runtime::PluginConfigId,
+            code,
+            meta: Arc::new(ContextBindings { context, main: tokio::runtime::Handle::current() }),
+        };
+        let exports = self.pool.load(spec).await.map_err(|error| call_error(error).error)?;
+        Ok(Arc::new(RuntimeVm { pool: self.pool.clone(), id, exports: vm_exports(&exports) }))
+    }
+}
+
+/// One config's VMs on the pool.
+struct RuntimeVm {
+    pool: Arc<WorkerPool>,
+    id: i32,
+    exports: VmExports,
+}
+
+impl RuntimeVm {
+    fn pool_id(&self) -> runtime::PluginConfigId {
+        self.id as runtime::PluginConfigId
+    }
+}
+
+#[async_trait]
+impl PluginVm for RuntimeVm {
+    fn exports(&self) -> &VmExports {
+        &self.exports
+    }
+
+    async fn call(&self, method: Method, args: Vec<Value>) -> Result<Value, CallError> {
+        if method == Method::TeardownPlugin || method == Method::SetupPlugin {
+            // Every worker thread has its own VM (and its own `meta.global`) to set up or tear down.
+            let results = self.pool.broadcast(self.pool_id(), method.name(), args, CallKind::Method).await;
+            return match results.into_iter().find_map(Result::err) {
+                Some(error) => Err(call_error(error)),
+                None => Ok(Value::Null),
+            };
+        }
+        self.pool.call(self.pool_id(), method.name(), args, CallKind::Method).await.map_err(call_error)
+    }
+
+    async fn run_task(&self, kind: TaskKind, name: &str, payload: Option<Value>) -> Result<Value, CallError> {
+        let function = match kind {
+            TaskKind::Schedule => name.to_string(),
+            TaskKind::Job => format!("jobs.{name}"),
+        };
+        self.pool
+            .call(self.pool_id(), &function, payload.into_iter().collect(), CallKind::Task)
+            .await
+            .map_err(call_error)
+    }
+
+    async fn dispose(&self) {
+        self.pool.unload(self.pool_id()).await;
+    }
+}
+
+/// `meta`, `console` and `posthog` of one config for the runtime.
+struct ContextBindings {
+    context: Arc<PluginContext>,
+    /// The main runtime: rejections are reported from worker threads.
+    main: tokio::runtime::Handle,
+}
+
+#[async_trait]
+impl MetaBindings for ContextBindings {
+    fn config(&self) -> Value {
+        self.context.config_json()
+    }
+
+    fn attachments(&self) -> Vec<Attachment> {
+        self.context
+            .config
+            .attachments
+            .iter()
+            .map(|(key, attachment)| Attachment {
+                key: key.clone(),
+                content_type: attachment.content_type.clone().unwrap_or_default(),
+                file_name: attachment.file_name.clone().unwrap_or_default(),
+                contents: attachment.contents.clone(),
+            })
+            .collect()
+    }
+
+    fn metric_kind(&self, name: &str) -> Option<String> {
+        self.context.metric_types().get(name).and_then(Value::as_str).map(str::to_lowercase)
+    }
+
+    async fn call(&self, name: &str, args: Vec<Value>) -> Result<Value, MetaError> {
+        self.context.call(name, args).await.map_err(|error| MetaError::named(error.name, error.message))
+    }
+
+    /// A rejection nobody handled is the plugin's error (reference 30 §8.3), recorded for its
+    /// config.
+    fn unhandled_rejection(&self, error: runtime::JsError) {
+        let context = self.context.clone();
+        self.main.spawn(async move {
+            let failure = PluginFailure::Error(js_error(error));
+            process_error(&context.services, &context.config, &failure, None).await;
+        });
+    }
+}

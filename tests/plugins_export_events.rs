@@ -1,0 +1,179 @@
+//! The exportEvents upgrade (the reference's exportEvents cases of tests/postgres/vm.test.ts):
+//! buffer arithmetic, the timeout flush, the ignore list, RetryError retries through the job
+//! queue (capped at 15), metrics, capabilities and the flush on teardown.
+
+mod common;
+mod plugins_support;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use plugin_server::event::PluginEvent;
+use plugin_server::plugins::export_events::json_length;
+use plugin_server::plugins::lazy::LoadOptions;
+use plugin_server::plugins::vm::{JsError, Method, VmExports};
+use plugins_support::*;
+use serde_json::{json, Value};
+
+/// A plugin whose exportEvents records each batch; `retry` makes it throw RetryError.
+fn exporter(batches: Arc<Mutex<Vec<Vec<Value>>>>, retry: bool) -> FakePlugin {
+    FakePlugin {
+        exports: VmExports { methods: vec![Method::ExportEvents], ..VmExports::default() },
+        handler: handler(move |call| {
+            let batches = batches.clone();
+            async move {
+                if call.name == "exportEvents" {
+                    batches.lock().unwrap().push(call.args[0].as_array().cloned().unwrap_or_default());
+                    if retry {
+                        return Err(JsError::retry("try again").into());
+                    }
+                }
+                Ok(Value::Null)
+            }
+        }),
+    }
+}
+
+async fn setup_with(plugin: FakePlugin, config: Value) -> Setup {
+    let fakes = Arc::new(FakeFactory::default());
+    fakes.register("export", plugin);
+    let setup = Setup::with_options(
+        "export",
+        Arc::new(SharedFakeFactory(fakes)),
+        LoadOptions { retry_base: Duration::from_secs(3), test_env: true },
+        &[],
+    )
+    .await;
+    sqlx::query("UPDATE posthog_pluginconfig SET config = $1 WHERE id = 39")
+        .bind(config)
+        .execute(&setup.db.pool)
+        .await
+        .unwrap();
+    setup.plugins.reload().await.unwrap();
+    setup
+}
+
+fn sized_event(name: &str) -> PluginEvent {
+    event(name)
+}
+
+#[tokio::test]
+async fn buffers_by_bytes_and_flushes_the_rest_after_the_timeout() {
+    let batches = Arc::new(Mutex::new(Vec::new()));
+    let size = json_length(&serde_json::to_value(sized_event("exported")).unwrap());
+    // Room for 7 events, not 8 (the reference's test: 1000 bytes, 134-byte events).
+    let limit = 7 * size + 2;
+    let setup = setup_with(
+        exporter(batches.clone(), false),
+        json!({"exportEventsBufferBytes": limit.to_string(), "exportEventsBufferSeconds": "1"}),
+    )
+    .await;
+    let capabilities = setup.plugins.capabilities(CONFIG).await.unwrap();
+    assert_eq!(capabilities["methods"], json!(["setupPlugin", "teardownPlugin", "exportEvents", "onEvent"]));
+    assert_eq!(capabilities["jobs"], json!(["exportEventsWithRetry"]));
+    assert_eq!(
+        setup.plugin_column(60, "metrics").await,
+        json!({"events_seen": "sum", "events_delivered_successfully": "sum", "undelivered_events": "sum", "retry_errors": "sum", "other_errors": "sum"})
+    );
+    // exportEvents plugins are deferred in the processEvent chain (they now have onEvent).
+    let returned = setup.plugins.run_process_event(event("x")).await.unwrap();
+    assert_eq!(returned.properties.unwrap()["$plugins_deferred"], json!(["test-maxmind-plugin (39)"]));
+
+    for _ in 0..100 {
+        setup.plugins.run_on_event(&sized_event("exported")).await;
+    }
+    assert!(eventually(Duration::from_secs(3), || async { batches.lock().unwrap().len() == 14 }).await);
+    assert!(batches.lock().unwrap().iter().all(|batch| batch.len() == 7));
+    assert!(eventually(Duration::from_secs(5), || async { batches.lock().unwrap().len() == 15 }).await);
+    assert_eq!(batches.lock().unwrap()[14].len(), 2);
+    let values = setup.services.metrics.values(CONFIG);
+    assert_eq!(values["events_seen"], 100);
+    assert_eq!(values["events_delivered_successfully"], 100);
+}
+
+#[tokio::test]
+async fn a_tiny_buffer_exports_every_event_alone_and_ignored_events_are_skipped() {
+    let batches = Arc::new(Mutex::new(Vec::new()));
+    let setup = setup_with(
+        exporter(batches.clone(), false),
+        json!({"exportEventsBufferBytes": "1", "exportEventsToIgnore": "default event, otherEvent"}),
+    )
+    .await;
+    for name in ["default event", "otherEvent", "otherEvent2", "otherEvent3"] {
+        setup.plugins.run_on_event(&event(name)).await;
+    }
+    assert!(eventually(Duration::from_secs(3), || async { batches.lock().unwrap().len() == 2 }).await);
+    let mut names: Vec<String> =
+        batches.lock().unwrap().iter().map(|batch| batch[0]["event"].as_str().unwrap().to_string()).collect();
+    names.sort();
+    assert_eq!(names, ["otherEvent2", "otherEvent3"]);
+}
+
+#[tokio::test]
+async fn retry_errors_are_retried_through_the_job_queue_up_to_15_times() {
+    let batches = Arc::new(Mutex::new(Vec::new()));
+    let setup = setup_with(exporter(batches.clone(), true), json!({"exportEventsBufferBytes": "1"})).await;
+    setup.plugins.run_on_event(&event("exported")).await;
+    assert!(eventually(Duration::from_secs(3), || async { setup.jobs.jobs.lock().unwrap().len() == 1 }).await);
+    let job = setup.jobs.jobs.lock().unwrap()[0].clone();
+    assert_eq!((job.job_type.as_str(), job.plugin_config_id, job.plugin_config_team), ("exportEventsWithRetry", 39, 2));
+    assert_eq!(job.payload["retriesPerformedSoFar"], 1);
+    assert_eq!(job.payload["batch"][0]["event"], "exported");
+    let now = chrono::Utc::now().timestamp_millis();
+    assert!(job.timestamp > now + 5_000 && job.timestamp <= now + 6_000, "first retry in 6 s");
+    // Run each enqueued retry as the job consumer would.
+    for expected in 2..=15 {
+        let last = setup.jobs.jobs.lock().unwrap().last().cloned().unwrap();
+        setup.plugins.run_job(last).await;
+        let jobs = setup.jobs.jobs.lock().unwrap().clone();
+        assert_eq!(jobs.len(), expected);
+        assert_eq!(jobs.last().unwrap().payload["retriesPerformedSoFar"], expected as u64);
+        assert_eq!(jobs.last().unwrap().payload["batchId"], job.payload["batchId"]);
+    }
+    let last = setup.jobs.jobs.lock().unwrap().last().cloned().unwrap();
+    setup.plugins.run_job(last).await;
+    assert_eq!(setup.jobs.jobs.lock().unwrap().len(), 15, "no 16th retry");
+    let values = setup.services.metrics.values(CONFIG);
+    assert_eq!(values["events_seen"], 1);
+    assert_eq!(values["retry_errors"], 16);
+    assert_eq!(values["undelivered_events"], 1);
+    assert_eq!(setup.config_error(CONFIG).await, None);
+}
+
+#[tokio::test]
+async fn other_errors_are_recorded_and_teardown_flushes() {
+    let batches = Arc::new(Mutex::new(Vec::new()));
+    let recorded = batches.clone();
+    let plugin = FakePlugin {
+        exports: VmExports { methods: vec![Method::ExportEvents, Method::OnEvent], ..VmExports::default() },
+        handler: handler(move |call| {
+            let recorded = recorded.clone();
+            async move {
+                match call.name.as_str() {
+                    "exportEvents" => {
+                        recorded.lock().unwrap().push(call.args[0].as_array().cloned().unwrap_or_default());
+                        Err(JsError::new("Error", "export exploded").into())
+                    }
+                    _ => Ok(Value::Null),
+                }
+            }
+        }),
+    };
+    let setup = setup_with(plugin, json!({})).await;
+    setup.plugins.run_on_event(&event("a")).await;
+    setup.plugins.run_on_event(&event("b")).await;
+    // Nothing flushed yet (1 MiB, 600 s in tests); the plugin's own onEvent ran too.
+    assert!(batches.lock().unwrap().is_empty());
+    setup.plugins.teardown_all().await;
+    assert_eq!(batches.lock().unwrap().len(), 1);
+    assert_eq!(batches.lock().unwrap()[0].len(), 2);
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            setup.config_error(CONFIG).await.is_some_and(|error| error["message"] == "export exploded")
+        })
+        .await
+    );
+    let values = setup.services.metrics.values(CONFIG);
+    assert_eq!(values["other_errors"], 2);
+    assert_eq!(values["undelivered_events"], 2);
+}
