@@ -17,11 +17,13 @@ struct RecordingSender {
     fail: Mutex<bool>,
 }
 
+struct SharedSender(Arc<RecordingSender>);
+
 #[async_trait]
-impl BatchSender for Arc<RecordingSender> {
+impl BatchSender for SharedSender {
     async fn send_batch(&self, records: Vec<KafkaRecord>) -> Result<(), ProduceError> {
-        self.batches.lock().unwrap().push(records);
-        if *self.fail.lock().unwrap() {
+        self.0.batches.lock().unwrap().push(records);
+        if *self.0.fail.lock().unwrap() {
             return Err(ProduceError::Send("broker down".into()));
         }
         Ok(())
@@ -32,18 +34,19 @@ fn record(bytes: usize) -> KafkaRecord {
     KafkaRecord { topic: "a".into(), messages: vec![KafkaMessage { key: None, value: Some(vec![b'x'; bytes]) }] }
 }
 
-/// The reference test's settings: flush every 20 s, 4 records, 500 bytes.
+/// The reference test's settings (4 records, 500 bytes), with real time scaled down: the flush
+/// frequency is 2 s instead of 20 s.
 fn wrapper() -> (KafkaProducerWrapper, Arc<RecordingSender>) {
     let sender = Arc::new(RecordingSender::default());
-    let settings = FlushSettings { max_queue_size: 4, max_batch_bytes: 500, flush_frequency: Duration::from_secs(20) };
-    (KafkaProducerWrapper::new(Box::new(sender.clone()), settings), sender)
+    let settings = FlushSettings { max_queue_size: 4, max_batch_bytes: 500, flush_frequency: Duration::from_secs(2) };
+    (KafkaProducerWrapper::new(Box::new(SharedSender(sender.clone())), settings), sender)
 }
 
 fn sizes(batch: &[KafkaRecord]) -> Vec<usize> {
     batch.iter().map(KafkaRecord::size).collect()
 }
 
-#[tokio::test(start_paused = true)]
+#[tokio::test]
 async fn flushes_when_the_queue_is_full() {
     let (producer, sender) = wrapper();
     for _ in 0..3 {
@@ -57,7 +60,7 @@ async fn flushes_when_the_queue_is_full() {
     assert_eq!(producer.buffered(), (0, 0));
 }
 
-#[tokio::test(start_paused = true)]
+#[tokio::test]
 async fn flushes_before_the_batch_would_get_too_big() {
     let (producer, sender) = wrapper();
     producer.queue_message(record(450)).await.unwrap();
@@ -69,20 +72,20 @@ async fn flushes_before_the_batch_would_get_too_big() {
     assert_eq!(producer.buffered(), (1, 40));
 }
 
-#[tokio::test(start_paused = true)]
+#[tokio::test]
 async fn flushes_when_too_much_time_passed() {
     let (producer, sender) = wrapper();
     producer.queue_message(record(10)).await.unwrap();
-    tokio::time::advance(Duration::from_secs(15)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
     producer.queue_message(record(10)).await.unwrap();
     assert!(sender.batches.lock().unwrap().is_empty());
-    tokio::time::advance(Duration::from_secs(6)).await;
+    tokio::time::sleep(Duration::from_millis(1700)).await;
     producer.queue_message(record(10)).await.unwrap();
     assert_eq!(sizes(&sender.batches.lock().unwrap()[0]), [10, 10, 10]);
     assert_eq!(producer.buffered(), (0, 0));
 }
 
-#[tokio::test(start_paused = true)]
+#[tokio::test]
 async fn flush_sends_everything_and_an_empty_flush_does_nothing() {
     let (producer, sender) = wrapper();
     producer.queue_message(record(10)).await.unwrap();
@@ -93,7 +96,7 @@ async fn flush_sends_everything_and_an_empty_flush_does_nothing() {
     assert_eq!(sender.batches.lock().unwrap().len(), 1);
 }
 
-#[tokio::test(start_paused = true)]
+#[tokio::test]
 async fn an_oversized_record_on_an_empty_buffer_is_sent_not_dropped() {
     let (producer, sender) = wrapper();
     producer.queue_message(record(600)).await.unwrap();
@@ -104,14 +107,14 @@ async fn an_oversized_record_on_an_empty_buffer_is_sent_not_dropped() {
     assert_eq!(tombstone.size(), 4);
 }
 
-#[tokio::test(start_paused = true)]
+#[tokio::test]
 async fn a_failed_background_send_is_reported_by_the_next_flush() {
     let (producer, sender) = wrapper();
     let producer = Arc::new(producer);
     let timer = producer.spawn_flush_timer();
     *sender.fail.lock().unwrap() = true;
     producer.queue_message(record(10)).await.unwrap();
-    tokio::time::sleep(Duration::from_secs(21)).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(sender.batches.lock().unwrap().len(), 1);
     *sender.fail.lock().unwrap() = false;
     assert!(matches!(producer.flush().await, Err(ProduceError::EarlierSendFailed { count: 1, .. })));
