@@ -184,19 +184,21 @@ pub fn test_config(pairs: &[(&str, &str)]) -> plugin_server::config::Config {
     plugin_server::config::Config::from_pairs(&all).expect("config")
 }
 
-/// Reads every message of `topic` from the beginning until `count` have arrived or `timeout`.
+/// Reads partition 0 of `topic` from the beginning (no consumer group) until `count` messages have
+/// arrived or `timeout`.
 pub async fn consume_topic(topic: &str, count: usize, timeout: Duration) -> Vec<(Option<Vec<u8>>, Option<Vec<u8>>)> {
     use rdkafka::config::ClientConfig;
     use rdkafka::consumer::{Consumer, StreamConsumer};
-    use rdkafka::Message;
+    use rdkafka::{Message, Offset, TopicPartitionList};
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", KAFKA_HOSTS)
         .set("group.id", unique("reader"))
-        .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
         .create()
         .expect("reader");
-    consumer.subscribe(&[topic]).expect("subscribe");
+    let mut partitions = TopicPartitionList::new();
+    partitions.add_partition_offset(topic, 0, Offset::Beginning).expect("partition");
+    consumer.assign(&partitions).expect("assign");
     let mut messages = Vec::new();
     let deadline = tokio::time::Instant::now() + timeout;
     while messages.len() < count {
