@@ -1,1 +1,116 @@
-//! The queues events arrive on and leave by: Celery over Redis, the Kafka consumer, the Kafka producer and its message formats, and the dead-letter queue.
+//! The queues events arrive on and leave by: Celery over Redis (consumer and producer), the Kafka
+//! consumer, the batching Kafka producer and the exact message formats it writes (protobuf events,
+//! persons, distinct ids, groups, session recordings, plugin log entries, raw events, dead letters).
+//!
+//! What happens to an event once it has been received is not decided here: the consumers hand every
+//! event and plugin job to an [`EventHandler`] (the pipeline that runs plugins and ingests), and
+//! act on its answer:
+//! * `Ok` → the message is done (Celery: removed from Redis; Kafka: its offset may be committed,
+//!   after the producer has delivered everything queued so far);
+//! * [`HandleError::Retryable`] → retried with back-off ([`retry::RetryPolicy`]); when the attempts
+//!   run out it is treated as rejected;
+//! * [`HandleError::Rejected`] (or a message that cannot be decoded) → logged with its reason and
+//!   set aside in the dead-letter queue (Celery: a Redis list; Kafka: `events_dead_letter_queue`),
+//!   never retried forever, never stopping the consumer.
+//!
+//! Every outcome is counted in [`QueueStats`] so tests and metrics can assert that nothing is lost.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use async_trait::async_trait;
+use thiserror::Error;
+
+use crate::event::PluginEvent;
+
+pub mod celery;
+pub mod celery_consumer;
+pub mod kafka_consumer;
+pub mod kafka_producer;
+pub mod kafka_settings;
+pub mod messages;
+pub mod retry;
+pub mod topics;
+pub mod uuidt;
+
+pub use celery::{CeleryProducer, CeleryTask, DecodeError};
+pub use celery_consumer::{CeleryConsumer, CeleryConsumerOptions};
+pub use kafka_consumer::{KafkaConsumerOptions, KafkaQueue};
+pub use kafka_producer::{KafkaMessage, KafkaProducerWrapper, KafkaRecord, ProduceError};
+
+/// Why the handler could not handle an event or a job.
+#[derive(Debug, Clone, Error, PartialEq)]
+pub enum HandleError {
+    /// It can never be handled (for example ingestion failed on this event's data). The consumer
+    /// dead-letters it with this reason and goes on. In the Kafka pipeline this produces the
+    /// reference's `events_dead_letter_queue` row (`error_location = plugin_server_ingest_event`),
+    /// so the pipeline should return this rather than writing the dead letter itself.
+    #[error("{0}")]
+    Rejected(String),
+    /// It could not be handled now (Postgres or a broker unavailable): the consumer retries it with
+    /// back-off and keeps the message meanwhile.
+    #[error("{0}")]
+    Retryable(String),
+}
+
+/// Where the consumers deliver what they receive. Implemented by the ingestion pipeline; the
+/// consumers call it concurrently (up to `WORKER_CONCURRENCY × TASKS_PER_WORKER` at once).
+#[async_trait]
+pub trait EventHandler: Send + Sync {
+    /// An event from Celery (`process_event_with_plugins`) or Kafka, already merged the reference's
+    /// way (envelope fields overlaid by `data`, `distinct_id` a string). Runs the whole pipeline
+    /// (processEvent, ingestion, onEvent/onSnapshot) and returns when it is done.
+    async fn handle_event(&self, event: PluginEvent) -> Result<(), HandleError>;
+
+    /// A plugin job triggered from PostHog (`posthog.tasks.plugins.plugin_job`), in the reference's
+    /// shape: `{type, payload: {..., $operation}, pluginConfigId, pluginConfigTeam, timestamp}`.
+    /// The reference hands it to the job queue (`enqueueJob`).
+    async fn handle_plugin_job(&self, job: serde_json::Value) -> Result<(), HandleError>;
+}
+
+/// Counters of what a consumer did. Lost messages would show as `received` exceeding the sum of
+/// the outcomes once the consumer is idle.
+#[derive(Debug, Default)]
+pub struct QueueStats {
+    /// Messages taken from the queue (a redelivery counts again).
+    pub received: AtomicU64,
+    /// Events and jobs the handler finished successfully.
+    pub handled: AtomicU64,
+    /// Messages set aside in the dead-letter queue (undecodable, rejected, or out of retries).
+    pub dead_lettered: AtomicU64,
+    /// Handler attempts that failed with a retryable error and were tried again.
+    pub retries: AtomicU64,
+    /// Messages put back on the queue at shutdown before they were handled.
+    pub requeued: AtomicU64,
+}
+
+/// A point-in-time copy of [`QueueStats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueStatsSnapshot {
+    pub received: u64,
+    pub handled: u64,
+    pub dead_lettered: u64,
+    pub retries: u64,
+    pub requeued: u64,
+}
+
+impl QueueStats {
+    pub fn snapshot(&self) -> QueueStatsSnapshot {
+        QueueStatsSnapshot {
+            received: self.received.load(Ordering::Relaxed),
+            handled: self.handled.load(Ordering::Relaxed),
+            dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
+            retries: self.retries.load(Ordering::Relaxed),
+            requeued: self.requeued.load(Ordering::Relaxed),
+        }
+    }
+
+    pub(crate) fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// How many events the consumers handle at once: `WORKER_CONCURRENCY × TASKS_PER_WORKER`, never
+/// zero (the reference loops forever on `WORKER_CONCURRENCY=0`; here 0 means one per core).
+pub fn consumer_concurrency(config: &crate::config::Config) -> usize {
+    (config.worker_threads() * config.tasks_per_worker()).max(1)
+}

@@ -1,0 +1,365 @@
+//! Celery messages over Redis: decoding what Python Celery (kombu's Redis transport) and the
+//! reference push onto `PLUGINS_CELERY_QUEUE`, and producing messages in the reference's exact
+//! bytes (10 §1.2–1.5). The consumer loop is `celery_consumer`.
+//!
+//! Accepted: the kombu JSON envelope (`body` base64, `content-type` `application/json`,
+//! `content-encoding` `utf-8`, `properties.body_encoding` `base64`), task protocol 2 (task name in
+//! `headers.task`, body `[args, kwargs, embed]`) and protocol 1 (body `{task, id, args, kwargs}`),
+//! and kombu ≥ 5.3's tagged values (`{"__type__": "datetime", "__value__": "…"}` and the other
+//! tags), which are replaced by their `__value__` (the reference cannot read them).
+
+use base64::Engine;
+use serde_json::{json, Map, Value};
+use thiserror::Error;
+use tracing::debug;
+
+use super::messages::plugin_event_from_fields;
+use super::uuidt::new_uuidt;
+use crate::event::PluginEvent;
+
+/// The task PostHog sends for every captured event in the Postgres pipeline.
+pub const PROCESS_EVENT_TASK: &str = "posthog.tasks.process_event.process_event_with_plugins";
+/// The task PostHog sends to start a plugin job from its UI.
+pub const PLUGIN_JOB_TASK: &str = "posthog.tasks.plugins.plugin_job";
+
+/// Why a queue item is not a task we can run. The message texts are the reference's.
+#[derive(Debug, Clone, Error, PartialEq)]
+pub enum DecodeError {
+    #[error("queue {queue} item: not a JSON object: {reason}")]
+    NotJson { queue: String, reason: String },
+    #[error("queue {queue} item: unsupported content type {found}")]
+    ContentType { queue: String, found: String },
+    #[error("queue {queue} item: unsupported body encoding {found}")]
+    BodyEncoding { queue: String, found: String },
+    #[error("queue {queue} item: unsupported content encoding {found}")]
+    ContentEncoding { queue: String, found: String },
+    #[error("queue {queue} item: body is not base64-encoded UTF-8 JSON: {reason}")]
+    Body { queue: String, reason: String },
+    #[error("queue {queue} item: no task name")]
+    NoTaskName { queue: String },
+    #[error("Missing process handler for task {0}")]
+    MissingHandler(String),
+    #[error("task {task}: bad arguments: {reason}")]
+    Arguments { task: String, reason: String },
+}
+
+/// A decoded task message: name, id, positional args and kwargs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskMessage {
+    pub task: String,
+    pub id: Option<String>,
+    pub args: Vec<Value>,
+    pub kwargs: Map<String, Value>,
+}
+
+/// A task the server runs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CeleryTask {
+    /// `process_event_with_plugins`, merged into the event plugins see.
+    ProcessEvent(PluginEvent),
+    /// `plugin_job`, as the job the reference enqueues.
+    PluginJob(Value),
+}
+
+fn json_type_name(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+fn text_or_type(value: Option<&Value>) -> String {
+    match value {
+        Some(Value::String(text)) => text.clone(),
+        Some(other) => json_type_name(other).to_string(),
+        None => "undefined".to_string(),
+    }
+}
+
+/// Replaces kombu's tagged JSON values (`{"__type__": T, "__value__": V}`) by `V`, everywhere.
+/// Datetimes thus become their ISO strings, which is what older Celery sent.
+pub fn untag_kombu_values(value: Value) -> Value {
+    match value {
+        Value::Object(mut fields) => {
+            let tagged = fields.len() == 2 && fields.get("__type__").is_some_and(Value::is_string);
+            if tagged {
+                if let Some(inner) = fields.shift_remove("__value__") {
+                    return untag_kombu_values(inner);
+                }
+            }
+            Value::Object(fields.into_iter().map(|(key, inner)| (key, untag_kombu_values(inner))).collect())
+        }
+        Value::Array(items) => Value::Array(items.into_iter().map(untag_kombu_values).collect()),
+        other => other,
+    }
+}
+
+/// Decodes one Redis list item into its task message, checking the envelope as the reference does.
+pub fn decode_envelope(queue: &str, raw: &str) -> Result<TaskMessage, DecodeError> {
+    let envelope: Map<String, Value> = serde_json::from_str(raw)
+        .map_err(|error| DecodeError::NotJson { queue: queue.into(), reason: error.to_string() })?;
+    let content_type = envelope.get("content-type");
+    if content_type.and_then(Value::as_str) != Some("application/json") {
+        return Err(DecodeError::ContentType { queue: queue.into(), found: text_or_type(content_type) });
+    }
+    let body_encoding = envelope.get("properties").and_then(|properties| properties.get("body_encoding"));
+    if body_encoding.and_then(Value::as_str) != Some("base64") {
+        return Err(DecodeError::BodyEncoding { queue: queue.into(), found: text_or_type(body_encoding) });
+    }
+    let content_encoding = envelope.get("content-encoding");
+    if content_encoding.and_then(Value::as_str) != Some("utf-8") {
+        return Err(DecodeError::ContentEncoding { queue: queue.into(), found: text_or_type(content_encoding) });
+    }
+    let body_error = |reason: String| DecodeError::Body { queue: queue.into(), reason };
+    let body_text = envelope.get("body").and_then(Value::as_str).ok_or_else(|| body_error("missing body".into()))?;
+    let body_bytes = base64::engine::general_purpose::STANDARD
+        .decode(body_text.trim())
+        .map_err(|error| body_error(error.to_string()))?;
+    let body: Value = serde_json::from_slice(&body_bytes).map_err(|error| body_error(error.to_string()))?;
+    let body = untag_kombu_values(body);
+    let headers = envelope.get("headers").and_then(Value::as_object);
+    let header_task = headers.and_then(|headers| headers.get("task")).and_then(Value::as_str).filter(|t| !t.is_empty());
+
+    let message = match header_task {
+        // Protocol 2: `[args, kwargs, embed]`.
+        Some(task) => {
+            let id = headers.and_then(|headers| headers.get("id")).and_then(Value::as_str).map(str::to_string);
+            let Value::Array(parts) = body else {
+                return Err(body_error(format!("protocol 2 body must be an array, got {}", json_type_name(&body))));
+            };
+            let mut parts = parts.into_iter();
+            let (args, kwargs) = (parts.next(), parts.next());
+            TaskMessage {
+                task: task.to_string(),
+                id,
+                args: as_args(args, &body_error)?,
+                kwargs: as_kwargs(kwargs, &body_error)?,
+            }
+        }
+        // Protocol 1: `{task, id, args, kwargs}`.
+        None => {
+            let Value::Object(mut fields) = body else {
+                return Err(body_error(format!("protocol 1 body must be an object, got {}", json_type_name(&body))));
+            };
+            let task = match fields.shift_remove("task") {
+                Some(Value::String(task)) if !task.is_empty() => task,
+                _ => return Err(DecodeError::NoTaskName { queue: queue.into() }),
+            };
+            let id = fields.shift_remove("id").and_then(|id| id.as_str().map(str::to_string));
+            TaskMessage {
+                task,
+                id,
+                args: as_args(fields.shift_remove("args"), &body_error)?,
+                kwargs: as_kwargs(fields.shift_remove("kwargs"), &body_error)?,
+            }
+        }
+    };
+    let (args, kwargs) = (serde_json::to_string(&message.args), serde_json::to_string(&message.kwargs));
+    let task_id = message.id.as_deref().unwrap_or("null");
+    debug!(
+        "celery.node Received task: {}[{task_id}], args: {}, kwargs: {}",
+        message.task,
+        args.unwrap_or_default(),
+        kwargs.unwrap_or_default()
+    );
+    Ok(message)
+}
+
+fn as_args(value: Option<Value>, error: &dyn Fn(String) -> DecodeError) -> Result<Vec<Value>, DecodeError> {
+    match value {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(args)) => Ok(args),
+        Some(other) => Err(error(format!("args must be an array, got {}", json_type_name(&other)))),
+    }
+}
+
+fn as_kwargs(value: Option<Value>, error: &dyn Fn(String) -> DecodeError) -> Result<Map<String, Value>, DecodeError> {
+    match value {
+        None | Some(Value::Null) => Ok(Map::new()),
+        Some(Value::Object(kwargs)) => Ok(kwargs),
+        Some(other) => Err(error(format!("kwargs must be an object, got {}", json_type_name(&other)))),
+    }
+}
+
+/// Which tasks a consumer runs: `plugin_job` always, `process_event_with_plugins` only in the
+/// Postgres pipeline (with `KAFKA_ENABLED` the Celery queue is only for plugin jobs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TaskSet {
+    pub process_events: bool,
+}
+
+impl TaskMessage {
+    /// Turns the message into a task, building the event or job exactly as the reference does.
+    pub fn into_task(self, tasks: TaskSet) -> Result<CeleryTask, DecodeError> {
+        match self.task.as_str() {
+            PROCESS_EVENT_TASK if tasks.process_events => process_event_task(self.args).map(CeleryTask::ProcessEvent),
+            PLUGIN_JOB_TASK => plugin_job_task(self.args).map(CeleryTask::PluginJob),
+            _ => Err(DecodeError::MissingHandler(self.task)),
+        }
+    }
+}
+
+fn arguments_error(task: &str, reason: impl Into<String>) -> DecodeError {
+    DecodeError::Arguments { task: task.to_string(), reason: reason.into() }
+}
+
+/// `process_event_with_plugins(distinct_id, ip, site_url, data, team_id, now, sent_at?)`: the
+/// envelope fields and a fresh UUIDT, overlaid by every key of `data`, `distinct_id` a string.
+///
+/// The reference passes the kwargs object as an extra trailing argument, so a six-argument call
+/// gets `sent_at = {}`; here `sent_at` is only ever the seventh argument.
+fn process_event_task(args: Vec<Value>) -> Result<PluginEvent, DecodeError> {
+    if args.len() < 6 {
+        return Err(arguments_error(PROCESS_EVENT_TASK, format!("expected at least 6 arguments, got {}", args.len())));
+    }
+    let mut args = args.into_iter();
+    let mut next = || args.next().unwrap_or(Value::Null);
+    let (distinct_id, ip, site_url, data, team_id, now, sent_at) =
+        (next(), next(), next(), next(), next(), next(), next());
+    let Value::Object(data) = data else {
+        return Err(arguments_error(
+            PROCESS_EVENT_TASK,
+            format!("data must be an object, got {}", json_type_name(&data)),
+        ));
+    };
+    let mut fields = Map::new();
+    fields.insert("distinct_id".into(), distinct_id);
+    fields.insert("ip".into(), ip);
+    fields.insert("site_url".into(), site_url);
+    fields.insert("team_id".into(), team_id);
+    fields.insert("now".into(), now);
+    if !sent_at.is_null() {
+        fields.insert("sent_at".into(), sent_at);
+    }
+    fields.insert("uuid".into(), Value::String(new_uuidt().to_string()));
+    fields.extend(data);
+    plugin_event_from_fields(fields).map_err(|reason| arguments_error(PROCESS_EVENT_TASK, reason))
+}
+
+/// `plugin_job(team_id, plugin_config_id, job_type, operation, payload)` → the reference's job
+/// `{type, payload: {...payload, $operation}, pluginConfigId, pluginConfigTeam, timestamp}`.
+fn plugin_job_task(args: Vec<Value>) -> Result<Value, DecodeError> {
+    if args.len() < 5 {
+        return Err(arguments_error(PLUGIN_JOB_TASK, format!("expected 5 arguments, got {}", args.len())));
+    }
+    let mut args = args.into_iter();
+    let mut next = || args.next().unwrap_or(Value::Null);
+    let (team_id, plugin_config_id, job_type, operation, payload) = (next(), next(), next(), next(), next());
+    let mut payload = match payload {
+        Value::Object(payload) => payload,
+        Value::Null => Map::new(),
+        other => {
+            return Err(arguments_error(
+                PLUGIN_JOB_TASK,
+                format!("payload must be an object, got {}", json_type_name(&other)),
+            ))
+        }
+    };
+    payload.insert("$operation".into(), operation);
+    Ok(json!({
+        "type": job_type,
+        "payload": payload,
+        "pluginConfigId": plugin_config_id,
+        "pluginConfigTeam": team_id,
+        "timestamp": chrono::Utc::now().timestamp_millis(),
+    }))
+}
+
+/// Decodes a raw queue item all the way to a task.
+pub fn decode_task(queue: &str, raw: &str, tasks: TaskSet) -> Result<CeleryTask, DecodeError> {
+    decode_envelope(queue, raw)?.into_task(tasks)
+}
+
+/// The list item for a task, byte for byte what the reference's Celery client (protocol 2) pushes:
+/// `{"body","content-type","content-encoding","headers":{lang,task,id},"properties":{body_encoding,
+/// delivery_info,delivery_mode,delivery_tag,correlationId,replyTo}}`, compact JSON.
+pub fn encode_task_message(
+    queue: &str,
+    task: &str,
+    task_id: &str,
+    args: &[Value],
+    kwargs: &Map<String, Value>,
+) -> String {
+    let body = json!([args, kwargs, {}]).to_string();
+    json!({
+        "body": base64::engine::general_purpose::STANDARD.encode(body.as_bytes()),
+        "content-type": "application/json",
+        "content-encoding": "utf-8",
+        "headers": {"lang": "js", "task": task, "id": task_id},
+        "properties": {
+            "body_encoding": "base64",
+            "delivery_info": {"exchange": "", "routing_key": queue},
+            "delivery_mode": 2,
+            "delivery_tag": uuid::Uuid::new_v4().to_string(),
+            "correlationId": task_id,
+            "replyTo": "",
+        },
+    })
+    .to_string()
+}
+
+#[derive(Debug, Error)]
+#[error("Celery send to {queue} failed: {reason}")]
+pub struct SendError {
+    pub queue: String,
+    pub reason: String,
+}
+
+/// Sends Celery tasks to a queue (`LPUSH`), as the reference's Celery client does.
+#[derive(Clone)]
+pub struct CeleryProducer {
+    redis: deadpool_redis::Pool,
+    queue: String,
+}
+
+impl CeleryProducer {
+    /// A producer for `queue` (plugins' `posthog.capture` uses `PLUGINS_CELERY_QUEUE`).
+    pub fn new(redis: deadpool_redis::Pool, queue: impl Into<String>) -> CeleryProducer {
+        CeleryProducer { redis, queue: queue.into() }
+    }
+
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    /// Sends a task with a new random (v4) task id, which it returns.
+    pub async fn send_task(
+        &self,
+        task: &str,
+        args: &[Value],
+        kwargs: &Map<String, Value>,
+    ) -> Result<String, SendError> {
+        let task_id = uuid::Uuid::new_v4().to_string();
+        let message = encode_task_message(&self.queue, task, &task_id, args, kwargs);
+        let error = |reason: String| SendError { queue: self.queue.clone(), reason };
+        let mut connection = self.redis.get().await.map_err(|failure| error(failure.to_string()))?;
+        redis::cmd("LPUSH")
+            .arg(&self.queue)
+            .arg(message)
+            .query_async::<i64>(&mut connection)
+            .await
+            .map_err(|failure| error(failure.to_string()))?;
+        Ok(task_id)
+    }
+
+    /// `posthog.capture` in the Postgres pipeline: `process_event_with_plugins` with args
+    /// `[data.distinct_id, null, null, data, team_id, data.timestamp, data.timestamp]`, where `data`
+    /// is the capture payload `{distinct_id, event, timestamp, properties, team_id, uuid}`.
+    pub async fn send_capture(&self, data: &Map<String, Value>, team_id: i64) -> Result<String, SendError> {
+        let field = |key: &str| data.get(key).cloned().unwrap_or(Value::Null);
+        let args = [
+            field("distinct_id"),
+            Value::Null,
+            Value::Null,
+            Value::Object(data.clone()),
+            json!(team_id),
+            field("timestamp"),
+            field("timestamp"),
+        ];
+        self.send_task(PROCESS_EVENT_TASK, &args, &Map::new()).await
+    }
+}

@@ -1,0 +1,471 @@
+//! The exact messages the server writes to Kafka for ClickHouse, with the reference's field names,
+//! key order and timestamp formats (10 §3.3–3.10), and the timestamp formatters they use:
+//! * events → `clickhouse_events_proto`, length-delimited protobuf `Event` of `events.proto`;
+//! * persons, distinct ids, groups, session recordings, plugin log entries, dead letters and raw
+//!   events (plugins' `posthog.capture` in the Kafka pipeline) → JSON.
+//!
+//! Pure functions from typed values to [`KafkaRecord`]s; sending is `kafka_producer`, deciding
+//! what to write is the ingestion's.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use prost::Message;
+use serde_json::{json, Map, Value};
+
+use super::kafka_producer::{KafkaMessage, KafkaRecord};
+use super::topics;
+use super::uuidt::new_uuidt;
+use crate::event::{PluginEvent, Properties};
+
+/// `YYYY-MM-DD HH:mm:ss.SSS` in UTC (the reference's `TimestampFormat.ClickHouse`).
+pub fn clickhouse_timestamp(time: &DateTime<Utc>) -> String {
+    time.format("%Y-%m-%d %H:%M:%S%.3f").to_string()
+}
+
+/// `YYYY-MM-DD HH:mm:ss` in UTC (`TimestampFormat.ClickHouseSecondPrecision`).
+pub fn clickhouse_second_timestamp(time: &DateTime<Utc>) -> String {
+    time.format("%Y-%m-%d %H:%M:%S").to_string()
+}
+
+/// `YYYY-MM-DDTHH:mm:ss.SSSZ` (luxon's `toISO()` in UTC, JavaScript's `toISOString()`).
+pub fn iso_timestamp(time: &DateTime<Utc>) -> String {
+    time.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// Parses an ISO-8601 timestamp the way the reference's `DateTime.fromISO` is used on `now`:
+/// with an offset, or without one (then UTC, the server's zone in production).
+pub fn parse_iso_timestamp(text: &str) -> Option<DateTime<Utc>> {
+    if let Ok(time) = DateTime::parse_from_rfc3339(text) {
+        return Some(time.with_timezone(&Utc));
+    }
+    for format in ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f%z", "%Y-%m-%dT%H:%M%z"] {
+        if let Ok(time) = DateTime::parse_from_str(text, format) {
+            return Some(time.with_timezone(&Utc));
+        }
+        if let Ok(time) = chrono::NaiveDateTime::parse_from_str(text, format) {
+            return Some(time.and_utc());
+        }
+    }
+    chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d")
+        .ok()
+        .and_then(|date| date.and_hms_opt(0, 0, 0))
+        .map(|t| t.and_utc())
+}
+
+/// `google.protobuf.Timestamp` (never set by the reference; declared so the schema matches).
+#[derive(Clone, PartialEq, Message)]
+pub struct ProtoTimestamp {
+    #[prost(int64, tag = "1")]
+    pub seconds: i64,
+    #[prost(int32, tag = "2")]
+    pub nanos: i32,
+}
+
+/// `message Event` of the reference's `src/config/idl/events.proto`. Fields are `optional` so that,
+/// like protobufjs, set fields are written even when empty: the bytes match the reference's.
+#[derive(Clone, PartialEq, Message)]
+pub struct EventProto {
+    #[prost(string, optional, tag = "1")]
+    pub uuid: Option<String>,
+    #[prost(string, optional, tag = "2")]
+    pub event: Option<String>,
+    #[prost(string, optional, tag = "3")]
+    pub properties: Option<String>,
+    #[prost(string, optional, tag = "4")]
+    pub timestamp: Option<String>,
+    #[prost(uint64, optional, tag = "5")]
+    pub team_id: Option<u64>,
+    #[prost(string, optional, tag = "6")]
+    pub distinct_id: Option<String>,
+    #[prost(string, optional, tag = "7")]
+    pub created_at: Option<String>,
+    #[prost(string, optional, tag = "8")]
+    pub elements_chain: Option<String>,
+    #[prost(message, optional, tag = "9")]
+    pub proto_created_at: Option<ProtoTimestamp>,
+    #[prost(message, optional, tag = "10")]
+    pub proto_timestamp: Option<ProtoTimestamp>,
+}
+
+/// An event as ingestion writes it for ClickHouse.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClickHouseEvent {
+    pub uuid: String,
+    /// Already sanitized event name.
+    pub event: String,
+    pub properties: Properties,
+    /// When the event happened.
+    pub timestamp: DateTime<Utc>,
+    pub team_id: i64,
+    pub distinct_id: String,
+    /// Processing time (the reference's `castTimestampOrNow()`).
+    pub created_at: DateTime<Utc>,
+    /// Empty when the event has no elements.
+    pub elements_chain: String,
+}
+
+impl ClickHouseEvent {
+    pub fn to_proto(&self) -> EventProto {
+        EventProto {
+            uuid: Some(self.uuid.clone()),
+            event: Some(self.event.clone()),
+            properties: Some(Value::Object(self.properties.clone()).to_string()),
+            timestamp: Some(clickhouse_timestamp(&self.timestamp)),
+            team_id: Some(self.team_id.max(0) as u64),
+            distinct_id: Some(self.distinct_id.clone()),
+            created_at: Some(iso_timestamp(&self.created_at)),
+            elements_chain: Some(self.elements_chain.clone()),
+            proto_created_at: None,
+            proto_timestamp: None,
+        }
+    }
+}
+
+/// The event for `clickhouse_events_proto`: key = uuid, value = varint length + protobuf bytes
+/// (protobufjs `encodeDelimited`, what ClickHouse's `Protobuf` format reads).
+pub fn event_record(event: &ClickHouseEvent) -> KafkaRecord {
+    KafkaRecord::single(
+        topics::KAFKA_EVENTS,
+        Some(event.uuid.clone()),
+        event.to_proto().encode_length_delimited_to_vec(),
+    )
+}
+
+fn json_bytes(value: &Value) -> Vec<u8> {
+    value.to_string().into_bytes()
+}
+
+/// A `$snapshot` event for `clickhouse_session_recording_events`; both `timestamp` and
+/// `created_at` are the event's time in ClickHouse format, as in the reference.
+pub fn session_recording_record(
+    uuid: &str,
+    team_id: i64,
+    distinct_id: &str,
+    session_id: &Value,
+    snapshot_data: &Value,
+    timestamp: &DateTime<Utc>,
+) -> KafkaRecord {
+    let time = clickhouse_timestamp(timestamp);
+    let value = json!({
+        "uuid": uuid,
+        "team_id": team_id,
+        "distinct_id": distinct_id,
+        "session_id": session_id,
+        "snapshot_data": snapshot_data.to_string(),
+        "timestamp": time,
+        "created_at": time,
+    });
+    KafkaRecord::single(topics::KAFKA_SESSION_RECORDING_EVENTS, Some(uuid.to_string()), json_bytes(&value))
+}
+
+/// A person create/update (`is_deleted = false`) or delete (`true`) for `clickhouse_person`.
+pub fn person_record(
+    person_uuid: &str,
+    created_at: &DateTime<Utc>,
+    properties: &Properties,
+    team_id: i64,
+    is_identified: bool,
+    is_deleted: bool,
+) -> KafkaRecord {
+    let value = json!({
+        "id": person_uuid,
+        "created_at": clickhouse_second_timestamp(created_at),
+        "properties": Value::Object(properties.clone()).to_string(),
+        "team_id": team_id,
+        "is_identified": is_identified,
+        "is_deleted": u8::from(is_deleted),
+    });
+    KafkaRecord {
+        topic: topics::KAFKA_PERSON.into(),
+        messages: vec![KafkaMessage { key: None, value: Some(json_bytes(&value)) }],
+    }
+}
+
+/// A distinct id added to a person (`posthog_persondistinctid` row `id`), for
+/// `clickhouse_person_unique_id`.
+pub fn person_distinct_id_added_record(row_id: i64, distinct_id: &str, person_uuid: &str, team_id: i64) -> KafkaRecord {
+    let value = json!({
+        "id": row_id,
+        "distinct_id": distinct_id,
+        "person_id": person_uuid,
+        "team_id": team_id,
+        "is_deleted": 0,
+    });
+    KafkaRecord {
+        topic: topics::KAFKA_PERSON_UNIQUE_ID.into(),
+        messages: vec![KafkaMessage { key: None, value: Some(json_bytes(&value)) }],
+    }
+}
+
+/// A distinct id moved from one person to another (merge): one record with two messages, the new
+/// owner (`is_deleted 0`) then the old one (`is_deleted 1`).
+pub fn person_distinct_id_moved_record(
+    distinct_id: &str,
+    team_id: i64,
+    source_uuid: &str,
+    target_uuid: &str,
+) -> KafkaRecord {
+    let message = |person_uuid: &str, is_deleted: u8| KafkaMessage {
+        key: None,
+        value: Some(json_bytes(&json!({
+            "distinct_id": distinct_id,
+            "person_id": person_uuid,
+            "team_id": team_id,
+            "is_deleted": is_deleted,
+        }))),
+    };
+    KafkaRecord {
+        topic: topics::KAFKA_PERSON_UNIQUE_ID.into(),
+        messages: vec![message(target_uuid, 0), message(source_uuid, 1)],
+    }
+}
+
+/// A group upsert (`$groupidentify`) for `clickhouse_groups`; `created_at` is the current time.
+pub fn group_record(
+    group_type_index: i64,
+    group_key: &str,
+    team_id: i64,
+    properties: &Properties,
+    created_at: &DateTime<Utc>,
+) -> KafkaRecord {
+    let value = json!({
+        "group_type_index": group_type_index,
+        "group_key": group_key,
+        "team_id": team_id,
+        "group_properties": Value::Object(properties.clone()).to_string(),
+        "created_at": clickhouse_second_timestamp(created_at),
+    });
+    KafkaRecord {
+        topic: topics::KAFKA_GROUPS.into(),
+        messages: vec![KafkaMessage { key: None, value: Some(json_bytes(&value)) }],
+    }
+}
+
+/// A plugin log entry as the reference's `queuePluginLogEntry` builds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PluginLogEntryMessage {
+    pub id: String,
+    pub team_id: i64,
+    pub plugin_id: i64,
+    pub plugin_config_id: i64,
+    /// ISO timestamp; written with `T` → space and `Z` removed.
+    pub timestamp: String,
+    /// `SYSTEM`, `PLUGIN` or `CONSOLE`.
+    pub source: String,
+    /// `DEBUG`, `LOG`, `INFO`, `WARN` or `ERROR`.
+    pub log_type: String,
+    pub message: String,
+    pub instance_id: String,
+}
+
+impl PluginLogEntryMessage {
+    /// An entry with a fresh UUIDT id; `timestamp` defaults to now.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        team_id: i64,
+        plugin_id: i64,
+        plugin_config_id: i64,
+        timestamp: Option<&str>,
+        source: &str,
+        log_type: &str,
+        message: &str,
+        instance_id: &uuid::Uuid,
+    ) -> PluginLogEntryMessage {
+        let iso = timestamp.map_or_else(|| iso_timestamp(&Utc::now()), str::to_string);
+        PluginLogEntryMessage {
+            id: new_uuidt().to_string(),
+            team_id,
+            plugin_id,
+            plugin_config_id,
+            // JavaScript's `replace` with a string pattern replaces the first occurrence only.
+            timestamp: iso.replacen('T', " ", 1).replacen('Z', "", 1),
+            source: source.to_string(),
+            log_type: log_type.to_string(),
+            message: message.to_string(),
+            instance_id: instance_id.to_string(),
+        }
+    }
+}
+
+/// The entry for `plugin_log_entries`, keyed by its id.
+pub fn plugin_log_entry_record(entry: &PluginLogEntryMessage) -> KafkaRecord {
+    let value = json!({
+        "id": entry.id,
+        "team_id": entry.team_id,
+        "plugin_id": entry.plugin_id,
+        "plugin_config_id": entry.plugin_config_id,
+        "timestamp": entry.timestamp,
+        "source": entry.source,
+        "type": entry.log_type,
+        "message": entry.message,
+        "instance_id": entry.instance_id,
+    });
+    KafkaRecord::single(topics::KAFKA_PLUGIN_LOG_ENTRIES, Some(entry.id.clone()), json_bytes(&value))
+}
+
+/// Where the reference's worker-side `ingestEvent` puts its dead letters.
+pub const INGEST_EVENT_ERROR_LOCATION: &str = "plugin_server_ingest_event";
+/// Where this server puts Kafka messages it cannot decode (the reference crashes on them).
+pub const KAFKA_CONSUMER_ERROR_LOCATION: &str = "plugin_server_kafka_consumer";
+
+/// The dead letter for an event whose ingestion failed (`generateEventDeadLetterQueueMessage`):
+/// the event's fields except `now`, `sent_at`, `timestamp`, then `id`, `event_uuid`, `properties`
+/// (JSON string), `now` (second precision or null), `error_timestamp`, `raw_payload`,
+/// `error_location` and `error` = `ingestEvent failed. Error: <message>`.
+pub fn dead_letter_record(
+    event: &PluginEvent,
+    error_message: &str,
+    error_location: &str,
+    now: &DateTime<Utc>,
+) -> KafkaRecord {
+    let raw = serde_json::to_value(event).unwrap_or(Value::Null);
+    let mut fields = match raw.clone() {
+        Value::Object(fields) => fields,
+        _ => Map::new(),
+    };
+    for key in ["now", "sent_at", "timestamp"] {
+        fields.shift_remove(key);
+    }
+    let event_now = parse_iso_timestamp(&event.now).map(|time| clickhouse_second_timestamp(&time));
+    fields.insert("id".into(), Value::String(new_uuidt().to_string()));
+    fields.insert("event_uuid".into(), event.uuid.clone().map_or(Value::Null, Value::String));
+    fields.insert(
+        "properties".into(),
+        Value::String(Value::Object(event.properties.clone().unwrap_or_default()).to_string()),
+    );
+    fields.insert("now".into(), event_now.map_or(Value::Null, Value::String));
+    fields.insert("error_timestamp".into(), Value::String(clickhouse_second_timestamp(now)));
+    fields.insert("raw_payload".into(), Value::String(raw.to_string()));
+    fields.insert("error_location".into(), Value::String(error_location.to_string()));
+    fields.insert("error".into(), Value::String(format!("ingestEvent failed. Error: {error_message}")));
+    KafkaRecord {
+        topic: topics::KAFKA_EVENTS_DEAD_LETTER_QUEUE.into(),
+        messages: vec![KafkaMessage { key: None, value: Some(json_bytes(&Value::Object(fields))) }],
+    }
+}
+
+/// The dead letter for a consumed message that is not a valid event: whatever event fields could
+/// be read, the raw value as `raw_payload`, and the reason.
+pub fn malformed_message_dead_letter_record(raw: &[u8], reason: &str, now: &DateTime<Utc>) -> KafkaRecord {
+    let text = String::from_utf8_lossy(raw).into_owned();
+    let parsed = serde_json::from_str::<Map<String, Value>>(&text).unwrap_or_default();
+    let mut fields = Map::new();
+    fields.insert("id".into(), Value::String(new_uuidt().to_string()));
+    if let Some(Value::String(uuid)) = parsed.get("uuid") {
+        fields.insert("event_uuid".into(), Value::String(uuid.clone()));
+    }
+    for key in ["distinct_id", "team_id", "ip", "site_url"] {
+        if let Some(value) = parsed.get(key).filter(|value| !value.is_null()) {
+            fields.insert(key.into(), value.clone());
+        }
+    }
+    if let Some(now_text) = parsed.get("now").and_then(Value::as_str).and_then(parse_iso_timestamp) {
+        fields.insert("now".into(), Value::String(clickhouse_second_timestamp(&now_text)));
+    }
+    fields.insert("error_timestamp".into(), Value::String(clickhouse_second_timestamp(now)));
+    fields.insert("raw_payload".into(), Value::String(text));
+    fields.insert("error_location".into(), Value::String(KAFKA_CONSUMER_ERROR_LOCATION.into()));
+    fields.insert("error".into(), Value::String(format!("Invalid Kafka message. Error: {reason}")));
+    KafkaRecord {
+        topic: topics::KAFKA_EVENTS_DEAD_LETTER_QUEUE.into(),
+        messages: vec![KafkaMessage { key: None, value: Some(json_bytes(&Value::Object(fields))) }],
+    }
+}
+
+/// An event captured by a plugin (`posthog.capture`) in the Kafka pipeline: a raw event message to
+/// `KAFKA_CONSUMPTION_TOPIC`, keyed by the event uuid. `data` is the capture payload
+/// `{distinct_id, event, timestamp, properties, team_id, uuid}`; its `distinct_id`, `timestamp`
+/// and `uuid` fill the envelope, `team_id` is the plugin config's team.
+pub fn raw_event_record(topic: &str, data: &Map<String, Value>, team_id: i64) -> KafkaRecord {
+    let field = |key: &str| data.get(key).cloned().unwrap_or(Value::Null);
+    let uuid = field("uuid");
+    let value = json!({
+        "distinct_id": field("distinct_id"),
+        "ip": "",
+        "site_url": "",
+        "data": Value::Object(data.clone()).to_string(),
+        "team_id": team_id,
+        "now": field("timestamp"),
+        "sent_at": field("timestamp"),
+        "uuid": uuid,
+    });
+    KafkaRecord::single(topic, uuid.as_str().map(str::to_string), json_bytes(&value))
+}
+
+/// Why a consumed Kafka value is not an event.
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum RawEventError {
+    #[error("message value is empty")]
+    Empty,
+    #[error("message value is not a JSON object: {0}")]
+    NotJson(String),
+    #[error("`data` is not a JSON-encoded object: {0}")]
+    BadData(String),
+    #[error("not a valid event: {0}")]
+    BadEvent(String),
+}
+
+/// Decodes a consumed raw event message the reference's way: every field but `data`, overlaid by
+/// the keys of the JSON-decoded `data` (data wins), then empty `site_url`/`ip` become absent and
+/// `distinct_id` a string.
+pub fn decode_raw_event(value: Option<&[u8]>) -> Result<PluginEvent, RawEventError> {
+    let bytes = value.filter(|bytes| !bytes.is_empty()).ok_or(RawEventError::Empty)?;
+    let mut outer: Map<String, Value> =
+        serde_json::from_slice(bytes).map_err(|error| RawEventError::NotJson(error.to_string()))?;
+    let data = match outer.shift_remove("data") {
+        Some(Value::String(text)) => serde_json::from_str::<Map<String, Value>>(&text)
+            .map_err(|error| RawEventError::BadData(error.to_string()))?,
+        Some(other) => return Err(RawEventError::BadData(format!("expected a string, got {other}"))),
+        None => return Err(RawEventError::BadData("missing".into())),
+    };
+    outer.extend(data);
+    for key in ["site_url", "ip"] {
+        if outer.get(key).is_some_and(is_js_falsy) {
+            outer.insert(key.into(), Value::Null);
+        }
+    }
+    plugin_event_from_fields(outer).map_err(RawEventError::BadEvent)
+}
+
+fn is_js_falsy(value: &Value) -> bool {
+    match value {
+        Value::Null => true,
+        Value::Bool(flag) => !flag,
+        Value::String(text) => text.is_empty(),
+        Value::Number(number) => number.as_f64() == Some(0.0),
+        _ => false,
+    }
+}
+
+/// Builds a `PluginEvent` from merged fields. `PluginEvent.site_url` is a plain string, so a null
+/// `site_url` (the reference keeps `null`) becomes empty.
+pub(crate) fn plugin_event_from_fields(mut fields: Map<String, Value>) -> Result<PluginEvent, String> {
+    if fields.get("site_url").is_some_and(Value::is_null) {
+        fields.insert("site_url".into(), Value::String(String::new()));
+    }
+    if fields.get("sent_at").is_some_and(|value| !value.is_string()) {
+        // `sent_at` is only ever an ISO string; anything else is dropped rather than failing the event.
+        fields.shift_remove("sent_at");
+    }
+    serde_json::from_value(Value::Object(fields)).map_err(|error| error.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats() {
+        let time = DateTime::parse_from_rfc3339("2021-10-28T11:59:57.792Z").unwrap().with_timezone(&Utc);
+        assert_eq!(clickhouse_timestamp(&time), "2021-10-28 11:59:57.792");
+        assert_eq!(clickhouse_second_timestamp(&time), "2021-10-28 11:59:57");
+        assert_eq!(iso_timestamp(&time), "2021-10-28T11:59:57.792Z");
+        assert_eq!(
+            parse_iso_timestamp("2021-10-28T12:00:00+00:00").map(|t| iso_timestamp(&t)).unwrap(),
+            "2021-10-28T12:00:00.000Z"
+        );
+        assert_eq!(
+            parse_iso_timestamp("2021-10-28T11:59:59.597000").map(|t| iso_timestamp(&t)).unwrap(),
+            "2021-10-28T11:59:59.597Z"
+        );
+    }
+}

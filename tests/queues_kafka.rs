@@ -1,0 +1,214 @@
+//! The Kafka consumer against a real broker (Tansu on loopback, started by scripts/kafka): raw
+//! events reach the handler merged the reference's way, malformed messages and rejected events go
+//! to events_dead_letter_queue (the dead-letter-queue.test.ts case) without stopping consumption,
+//! pause/resume, and a consumer killed mid-batch loses nothing.
+
+mod queues_support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use plugin_server::ingestion::queues::retry::RetryPolicy;
+use plugin_server::ingestion::queues::{HandleError, KafkaConsumerOptions, KafkaProducerWrapper, KafkaQueue};
+use queues_support::*;
+use serde_json::{json, Value};
+use tokio::sync::Semaphore;
+
+fn raw_event(distinct_id: &str, event: &str) -> Vec<u8> {
+    let data = json!({"event": event, "properties": {"key": "value"}, "distinct_id": distinct_id, "timestamp": "2021-10-28T11:59:57.792Z"});
+    json!({"distinct_id": distinct_id, "ip": "127.0.0.1", "site_url": "", "team_id": 2, "uuid": uuid::Uuid::new_v4().to_string(),
+        "data": data.to_string(), "now": "2021-10-28T12:00:00Z", "sent_at": "2021-10-28T11:59:59Z"})
+    .to_string()
+    .into_bytes()
+}
+
+struct Setup {
+    topic: String,
+    dead_letters: String,
+    config: plugin_server::config::Config,
+    options: KafkaConsumerOptions,
+    producer: Arc<KafkaProducerWrapper>,
+}
+
+/// A topic, a dead-letter topic and a group of this test's own. The dead-letter topic name is the
+/// fixed `events_dead_letter_queue`, so rows are told apart by the test's unique distinct ids.
+async fn setup(name: &str, concurrency: usize) -> Setup {
+    let topic = unique(name);
+    let dead_letters = "events_dead_letter_queue".to_string();
+    create_topics(&[&topic, &dead_letters], 1).await;
+    let config = test_config(&[("KAFKA_CONSUMPTION_TOPIC", &topic)]);
+    let options = KafkaConsumerOptions {
+        group_id: unique("group"),
+        concurrency,
+        offset_reset: "earliest".into(),
+        session_timeout: Duration::from_secs(6),
+        retry: RetryPolicy {
+            max_attempts: 2,
+            initial_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(10),
+        },
+        ..KafkaConsumerOptions::from_config(&config, &uuid::Uuid::new_v4())
+    };
+    let producer = KafkaProducerWrapper::connect(&config, "test").unwrap();
+    Setup { topic, dead_letters, config, options, producer }
+}
+
+async fn dead_letters_for(topic: &str, marker: &str, count: usize) -> Vec<Value> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let rows: Vec<Value> = consume_topic(topic, usize::MAX, Duration::from_secs(3))
+            .await
+            .into_iter()
+            .filter_map(|(_, value)| serde_json::from_slice::<Value>(&value?).ok())
+            .filter(|row| row.to_string().contains(marker))
+            .collect();
+        if rows.len() >= count || tokio::time::Instant::now() > deadline {
+            return rows;
+        }
+    }
+}
+
+#[tokio::test]
+async fn consumes_events_and_dead_letters_bad_ones() {
+    let setup = setup("ingest", 4).await;
+    let marker = unique("m");
+    let mut values = vec![raw_event(&format!("{marker}-0"), "first")];
+    values.push(b"this is not json".to_vec());
+    values.push(
+        json!({"distinct_id": format!("{marker}-bad"), "team_id": 2, "data": "{not json"}).to_string().into_bytes(),
+    );
+    values.push(raw_event(&format!("{marker}-rejected"), "default event"));
+    for index in 1..6 {
+        values.push(raw_event(&format!("{marker}-{index}"), "later"));
+    }
+    produce(&setup.topic, &values).await;
+
+    let handler = RecordingHandler::answering(vec![]);
+    let handler_for_queue = handler.clone();
+    // The event of `-rejected` fails ingestion: reject it when it comes.
+    let rejecting = Arc::new(RejectOne { inner: handler_for_queue, distinct_id: format!("{marker}-rejected") });
+    let queue =
+        KafkaQueue::start(&setup.config, setup.options.clone(), rejecting, setup.producer.clone()).await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(30), || async { handler.event_count() == 6 }).await,
+        "got {}",
+        handler.event_count()
+    );
+    let first = handler.events().into_iter().find(|event| event.event == "first").unwrap();
+    assert_eq!(first.ip.as_deref(), Some("127.0.0.1"));
+    assert_eq!(first.site_url, "");
+    assert_eq!(first.team_id, 2);
+    assert_eq!(first.properties.unwrap()["key"], json!("value"));
+
+    assert!(eventually(Duration::from_secs(10), || async { queue.stats().snapshot().dead_lettered == 3 }).await);
+    let stats = queue.stats().snapshot();
+    assert_eq!((stats.received, stats.handled, stats.dead_lettered), (9, 6, 3));
+    queue.stop().await;
+
+    let rows = dead_letters_for(&setup.dead_letters, &marker, 2).await;
+    let rejected =
+        rows.iter().find(|row| row["distinct_id"] == json!(format!("{marker}-rejected"))).expect("rejected row");
+    assert_eq!(rejected["event"], json!("default event"));
+    assert_eq!(rejected["ip"], json!("127.0.0.1"));
+    assert_eq!(rejected["team_id"], json!(2));
+    assert_eq!(rejected["error_location"], json!("plugin_server_ingest_event"));
+    assert_eq!(rejected["error"], json!("ingestEvent failed. Error: database unavailable"));
+    assert_eq!(rejected["properties"], json!(r#"{"key":"value"}"#));
+    let malformed =
+        rows.iter().find(|row| row["distinct_id"] == json!(format!("{marker}-bad"))).expect("malformed row");
+    assert_eq!(malformed["error_location"], json!("plugin_server_kafka_consumer"));
+    assert!(malformed["error"].as_str().unwrap().contains("`data` is not a JSON-encoded object"));
+}
+
+/// Rejects the event of one distinct id as "database unavailable", delegating the rest.
+struct RejectOne {
+    inner: Arc<RecordingHandler>,
+    distinct_id: String,
+}
+
+#[async_trait::async_trait]
+impl plugin_server::ingestion::queues::EventHandler for RejectOne {
+    async fn handle_event(&self, event: plugin_server::event::PluginEvent) -> Result<(), HandleError> {
+        if event.distinct_id == self.distinct_id {
+            return Err(HandleError::Rejected("database unavailable".into()));
+        }
+        self.inner.handle_event(event).await
+    }
+    async fn handle_plugin_job(&self, job: Value) -> Result<(), HandleError> {
+        self.inner.handle_plugin_job(job).await
+    }
+}
+
+#[tokio::test]
+async fn pause_and_resume() {
+    let setup = setup("pause", 4).await;
+    produce(&setup.topic, &[raw_event("p-0", "e")]).await;
+    let handler = RecordingHandler::new();
+    let queue =
+        KafkaQueue::start(&setup.config, setup.options.clone(), handler.clone(), setup.producer.clone()).await.unwrap();
+    assert!(eventually(Duration::from_secs(30), || async { handler.event_count() == 1 }).await);
+    queue.pause();
+    assert!(queue.is_paused());
+    produce(&setup.topic, &[raw_event("p-1", "e"), raw_event("p-2", "e")]).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(handler.event_count(), 1);
+    queue.resume();
+    assert!(!queue.is_paused());
+    assert!(eventually(Duration::from_secs(30), || async { handler.event_count() == 3 }).await);
+    queue.stop().await;
+    assert_eq!(queue.finished().await, Ok(()));
+}
+
+/// A consumer whose runtime dies while events are in its handler: a new member of the group gets
+/// every event that was not completely handled (at least once; nothing lost).
+#[tokio::test]
+async fn kill_mid_batch_and_restart_loses_nothing() {
+    let setup = setup("kill", 5).await;
+    let values: Vec<Vec<u8>> = (0..30).map(|index| raw_event(&format!("k-{index}"), "e")).collect();
+    produce(&setup.topic, &values).await;
+
+    // The first consumer completes 12 events, then hangs inside the handler.
+    let doomed = RecordingHandler::gated(Arc::new(Semaphore::new(12)));
+    let (doomed_for_thread, config, options) = (doomed.clone(), setup.config.clone(), setup.options.clone());
+    let (started_sender, started) = std::sync::mpsc::channel();
+    let (kill_sender, kill) = std::sync::mpsc::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let queue = runtime
+            .block_on(async {
+                let producer = KafkaProducerWrapper::connect(&config, "doomed").unwrap();
+                KafkaQueue::start(&config, options, doomed_for_thread, producer).await
+            })
+            .unwrap();
+        started_sender.send(()).unwrap();
+        kill.recv().unwrap();
+        drop(queue);
+        runtime.shutdown_background();
+    });
+    tokio::task::spawn_blocking(move || started.recv().unwrap()).await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            doomed.event_count() == 12 && doomed.started.lock().unwrap().len() > 12
+        })
+        .await
+    );
+    // Give the auto-commit time to commit what was stored.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    kill_sender.send(()).unwrap();
+    tokio::task::spawn_blocking(move || thread.join().unwrap()).await.unwrap();
+
+    let handler = RecordingHandler::new();
+    let queue =
+        KafkaQueue::start(&setup.config, setup.options.clone(), handler.clone(), setup.producer.clone()).await.unwrap();
+    let all_seen = || {
+        let mut seen: Vec<String> =
+            doomed.events().into_iter().chain(handler.events()).map(|event| event.distinct_id).collect();
+        seen.sort();
+        seen.dedup();
+        seen.len()
+    };
+    assert!(eventually(Duration::from_secs(60), || async { all_seen() == 30 }).await, "saw {}", all_seen());
+    // Only whole sub-batches (of at most 5) were committed: of the 12 done, at most 4 come again.
+    assert!(handler.event_count() <= 30 - 8, "redelivered {}", handler.event_count());
+    queue.stop().await;
+}

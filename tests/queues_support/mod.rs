@@ -1,0 +1,229 @@
+//! Helpers for the queue tests: a recording `EventHandler` (the consumers' boundary), Redis and
+//! Kafka connections on loopback, unique names, polling until a condition holds.
+#![allow(dead_code)]
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use plugin_server::event::PluginEvent;
+use plugin_server::ingestion::queues::{EventHandler, HandleError};
+use serde_json::Value;
+use tokio::sync::Semaphore;
+
+pub const REDIS_URL: &str = "redis://127.0.0.1:6379";
+pub const KAFKA_HOSTS: &str = "127.0.0.1:9092";
+
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+pub fn redis_pool() -> deadpool_redis::Pool {
+    deadpool_redis::Config::from_url(REDIS_URL).create_pool(Some(deadpool_redis::Runtime::Tokio1)).expect("redis pool")
+}
+
+pub async fn redis_conn(pool: &deadpool_redis::Pool) -> deadpool_redis::Connection {
+    pool.get().await.expect("redis connection")
+}
+
+pub async fn llen(pool: &deadpool_redis::Pool, key: &str) -> i64 {
+    redis::cmd("LLEN").arg(key).query_async(&mut redis_conn(pool).await).await.expect("LLEN")
+}
+
+pub async fn lrange(pool: &deadpool_redis::Pool, key: &str) -> Vec<String> {
+    redis::cmd("LRANGE").arg(key).arg(0).arg(-1).query_async(&mut redis_conn(pool).await).await.expect("LRANGE")
+}
+
+pub async fn lpush(pool: &deadpool_redis::Pool, key: &str, value: &str) {
+    let _: i64 = redis::cmd("LPUSH").arg(key).arg(value).query_async(&mut redis_conn(pool).await).await.expect("LPUSH");
+}
+
+/// Deletes every key of a test queue (queue, processing lists, heartbeats, dead letters).
+pub async fn cleanup_queue(pool: &deadpool_redis::Pool, queue: &str) {
+    let mut connection = redis_conn(pool).await;
+    let keys: Vec<String> =
+        redis::cmd("KEYS").arg(format!("{queue}*")).query_async(&mut connection).await.unwrap_or_default();
+    if !keys.is_empty() {
+        let _: i64 = redis::cmd("DEL").arg(keys).query_async(&mut connection).await.unwrap_or_default();
+    }
+}
+
+/// Polls `condition` every 20 ms until it holds or `timeout` passes; returns whether it held.
+pub async fn eventually<F, Fut>(timeout: Duration, mut condition: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if condition().await {
+            return true;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// What the recording handler answers, in order; once empty it answers `Ok`.
+#[derive(Default)]
+pub struct Script {
+    pub answers: VecDeque<Result<(), HandleError>>,
+}
+
+/// Records every event and job it is given. Optionally holds each call until a permit of `gate`
+/// is available (to keep messages in flight), and answers from `script`.
+#[derive(Default)]
+pub struct RecordingHandler {
+    pub events: Mutex<Vec<PluginEvent>>,
+    pub jobs: Mutex<Vec<Value>>,
+    pub started: Mutex<Vec<String>>,
+    pub gate: Option<Arc<Semaphore>>,
+    pub script: Mutex<Script>,
+}
+
+impl RecordingHandler {
+    pub fn new() -> Arc<RecordingHandler> {
+        Arc::new(RecordingHandler::default())
+    }
+
+    pub fn gated(gate: Arc<Semaphore>) -> Arc<RecordingHandler> {
+        Arc::new(RecordingHandler { gate: Some(gate), ..RecordingHandler::default() })
+    }
+
+    pub fn answering(answers: Vec<Result<(), HandleError>>) -> Arc<RecordingHandler> {
+        Arc::new(RecordingHandler {
+            script: Mutex::new(Script { answers: answers.into() }),
+            ..RecordingHandler::default()
+        })
+    }
+
+    pub fn events(&self) -> Vec<PluginEvent> {
+        self.events.lock().unwrap().clone()
+    }
+
+    pub fn event_count(&self) -> usize {
+        self.events.lock().unwrap().len()
+    }
+
+    pub fn jobs(&self) -> Vec<Value> {
+        self.jobs.lock().unwrap().clone()
+    }
+
+    async fn pass_gate(&self) {
+        if let Some(gate) = &self.gate {
+            gate.acquire().await.expect("gate").forget();
+        }
+    }
+
+    fn answer(&self) -> Result<(), HandleError> {
+        self.script.lock().unwrap().answers.pop_front().unwrap_or(Ok(()))
+    }
+}
+
+#[async_trait]
+impl EventHandler for RecordingHandler {
+    async fn handle_event(&self, event: PluginEvent) -> Result<(), HandleError> {
+        self.started.lock().unwrap().push(event.distinct_id.clone());
+        self.pass_gate().await;
+        let answer = self.answer();
+        if answer.is_ok() {
+            self.events.lock().unwrap().push(event);
+        }
+        answer
+    }
+
+    async fn handle_plugin_job(&self, job: Value) -> Result<(), HandleError> {
+        self.pass_gate().await;
+        let answer = self.answer();
+        if answer.is_ok() {
+            self.jobs.lock().unwrap().push(job);
+        }
+        answer
+    }
+}
+
+/// Makes sure a broker listens on 127.0.0.1:9092, starting it with `scripts/kafka` if not.
+pub fn ensure_kafka() {
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    STARTED.call_once(|| {
+        if std::net::TcpStream::connect("127.0.0.1:9092").is_ok() {
+            return;
+        }
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/kafka");
+        let status = std::process::Command::new("bash").arg(script).arg("start").status().expect("run scripts/kafka");
+        assert!(status.success(), "scripts/kafka start failed");
+    });
+}
+
+/// Creates topics (one partition each) on the test broker.
+pub async fn create_topics(topics: &[&str], partitions: i32) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::config::ClientConfig;
+    ensure_kafka();
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", KAFKA_HOSTS).create().expect("admin client");
+    let new_topics: Vec<NewTopic> =
+        topics.iter().map(|topic| NewTopic::new(topic, partitions, TopicReplication::Fixed(1))).collect();
+    let results = admin.create_topics(&new_topics, &AdminOptions::new()).await.expect("create topics");
+    for result in results {
+        if let Err((topic, error)) = result {
+            assert!(matches!(error, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists), "create {topic}: {error}");
+        }
+    }
+}
+
+/// A config for tests: Kafka on the test broker, given extra pairs.
+pub fn test_config(pairs: &[(&str, &str)]) -> plugin_server::config::Config {
+    let mut all = vec![("KAFKA_HOSTS", KAFKA_HOSTS), ("KAFKA_ENABLED", "true")];
+    all.extend_from_slice(pairs);
+    plugin_server::config::Config::from_pairs(&all).expect("config")
+}
+
+/// Reads partition 0 of `topic` from the beginning (no consumer group) until `count` messages have
+/// arrived or `timeout`.
+pub async fn consume_topic(topic: &str, count: usize, timeout: Duration) -> Vec<(Option<Vec<u8>>, Option<Vec<u8>>)> {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::{Message, Offset, TopicPartitionList};
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", KAFKA_HOSTS)
+        .set("group.id", unique("reader"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("reader");
+    let mut partitions = TopicPartitionList::new();
+    partitions.add_partition_offset(topic, 0, Offset::Beginning).expect("partition");
+    consumer.assign(&partitions).expect("assign");
+    let mut messages = Vec::new();
+    let deadline = tokio::time::Instant::now() + timeout;
+    while messages.len() < count {
+        match tokio::time::timeout_at(deadline, consumer.recv()).await {
+            Ok(Ok(message)) => {
+                messages.push((message.key().map(<[u8]>::to_vec), message.payload().map(<[u8]>::to_vec)))
+            }
+            Ok(Err(_)) => {}
+            Err(_) => break,
+        }
+    }
+    messages
+}
+
+/// Produces raw values to a topic and waits for delivery.
+pub async fn produce(topic: &str, values: &[Vec<u8>]) {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer =
+        ClientConfig::new().set("bootstrap.servers", KAFKA_HOSTS).create().expect("producer");
+    for value in values {
+        producer
+            .send(FutureRecord::<(), [u8]>::to(topic).payload(value.as_slice()), Duration::from_secs(10))
+            .await
+            .map_err(|(error, _)| error)
+            .expect("produce");
+    }
+}
