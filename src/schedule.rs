@@ -112,6 +112,8 @@ pub enum ScheduleError {
 /// tests shorten them.
 #[derive(Debug, Clone)]
 pub struct ScheduleSettings {
+    /// The lock's Redis key (`plugin-server:locks:schedule`; tests use their own).
+    pub lock_resource: String,
     /// `SCHEDULE_LOCK_TTL`.
     pub lock_ttl: Duration,
     /// Cron period of each task (one minute / hour / day).
@@ -124,6 +126,7 @@ pub struct ScheduleSettings {
 impl ScheduleSettings {
     pub fn from_config(config: &Config) -> ScheduleSettings {
         ScheduleSettings {
+            lock_resource: SCHEDULE_LOCK.to_string(),
             lock_ttl: Duration::from_secs_f64(config.SCHEDULE_LOCK_TTL),
             periods: ScheduledTask::ALL.map(|task| (task, task.default_period())),
             load_interval: Duration::from_millis(200),
@@ -222,7 +225,8 @@ impl Scheduler {
     ) {
         info!("⏰ Starting scheduling service...");
         let lock_shutdown = CancellationToken::new();
-        let (lock, lock_task) = Redlock::new(SCHEDULE_LOCK, self.settings.lock_ttl).spawn(redis, lock_shutdown.clone());
+        let (lock, lock_task) = Redlock::new(self.settings.lock_resource.clone(), self.settings.lock_ttl)
+            .spawn(redis, lock_shutdown.clone());
         let ticking = CancellationToken::new();
         let mut tickers = Vec::new();
         for (task, period) in self.settings.periods {
@@ -235,28 +239,31 @@ impl Scheduler {
                 std::future::ready(())
             })));
         }
-        watch_lock(lock, shutdown.clone(), on_lock_change).await;
+        let held_at_stop = watch_lock(lock, shutdown.clone(), &on_lock_change).await;
         ticking.cancel();
         for ticker in tickers {
             let _ = ticker.await;
         }
         lock_shutdown.cancel();
         let _ = lock_task.await;
+        if held_at_stop {
+            on_lock_change(false);
+        }
         self.wait_for_tasks_to_finish().await;
         info!("⏰ Scheduling service stopped");
     }
 }
 
-/// Reports lock changes until `shutdown`.
-async fn watch_lock(mut lock: LockState, shutdown: CancellationToken, on_change: impl Fn(bool)) {
+/// Reports lock changes until `shutdown`; returns whether the lock was held then.
+async fn watch_lock(mut lock: LockState, shutdown: CancellationToken, on_change: &impl Fn(bool)) -> bool {
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => return lock.held(),
             held = lock.changed() => match held {
                 Some(held) => on_change(held),
                 None => {
                     shutdown.cancelled().await;
-                    return;
+                    return false;
                 }
             },
         }

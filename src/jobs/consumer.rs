@@ -12,10 +12,32 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
+use crate::config::Config;
 use crate::jobs::manager::JobQueueManager;
 use crate::jobs::queue::JobRunner;
 use crate::metrics::sentry::capture_error_message;
 use crate::schedule::redlock::{Redlock, JOB_QUEUE_CONSUMER_LOCK};
+
+/// The consumer's lock and failure policy; [`JobConsumerSettings::from_config`] is production.
+#[derive(Debug, Clone)]
+pub struct JobConsumerSettings {
+    /// `plugin-server:locks:job-queue-consumer` (tests use their own key).
+    pub lock_resource: String,
+    /// `SCHEDULE_LOCK_TTL`.
+    pub lock_ttl: Duration,
+    /// `CRASH_IF_NO_PERSISTENT_JOB_QUEUE`.
+    pub crash_if_no_persistent_job_queue: bool,
+}
+
+impl JobConsumerSettings {
+    pub fn from_config(config: &Config) -> JobConsumerSettings {
+        JobConsumerSettings {
+            lock_resource: JOB_QUEUE_CONSUMER_LOCK.to_string(),
+            lock_ttl: Duration::from_secs_f64(config.SCHEDULE_LOCK_TTL),
+            crash_if_no_persistent_job_queue: config.CRASH_IF_NO_PERSISTENT_JOB_QUEUE,
+        }
+    }
+}
 
 /// Runs until `shutdown` (or, with `crash_if_no_persistent_job_queue`, until a consumer fails to
 /// start).
@@ -23,13 +45,13 @@ pub async fn run_job_queue_consumer(
     manager: Arc<JobQueueManager>,
     runner: Arc<dyn JobRunner>,
     redis: redis::Client,
-    lock_ttl: Duration,
-    crash_if_no_persistent_job_queue: bool,
+    settings: JobConsumerSettings,
     shutdown: CancellationToken,
 ) {
     info!("🔄 Starting job queue consumer, trying to get lock...");
     let lock_shutdown = CancellationToken::new();
-    let (mut lock, lock_task) = Redlock::new(JOB_QUEUE_CONSUMER_LOCK, lock_ttl).spawn(redis, lock_shutdown.clone());
+    let (mut lock, lock_task) =
+        Redlock::new(settings.lock_resource.clone(), settings.lock_ttl).spawn(redis, lock_shutdown.clone());
     let mut consuming = false;
     loop {
         let held = tokio::select! {
@@ -45,7 +67,7 @@ pub async fn run_job_queue_consumer(
                         error!("🔴 Can not start job queue consumer! {start_error}");
                         capture_error_message(&format!("Can not start job queue consumer! {start_error}"));
                         manager.stop_consumer().await;
-                        if crash_if_no_persistent_job_queue {
+                        if settings.crash_if_no_persistent_job_queue {
                             break;
                         }
                     }

@@ -190,13 +190,13 @@ impl Redlock {
                         info!("🔒 Redlock \"{}\" acquired!", self.resource);
                     }
                     valid_until = Some(attempt_started + self.ttl);
-                    state.send_replace(true);
+                    publish(&state, true);
                 }
                 Ok((false, remaining)) => {
                     if valid_until.take().is_some() {
                         error!("🔴 Redlock cannot extend lock \"{}\": it is no longer ours", self.resource);
                         capture_error_message(&format!("Redlock cannot extend lock \"{}\"", self.resource));
-                        state.send_replace(false);
+                        publish(&state, false);
                         next_wait = Duration::ZERO;
                     } else if let Some(remaining) = remaining {
                         next_wait = next_wait.min(remaining + Duration::from_millis(5));
@@ -208,7 +208,7 @@ impl Redlock {
                     if valid_until.is_some_and(|until| Instant::now() + self.call_timeout() >= until) {
                         // We cannot prove the lock is still ours; stop acting on it.
                         valid_until = None;
-                        state.send_replace(false);
+                        publish(&state, false);
                     }
                     // A broken connection is rebuilt on the next attempt.
                     if matches!(lock_error, LockError::TimedOut(_)) {
@@ -224,7 +224,7 @@ impl Redlock {
         }
         if valid_until.is_some() {
             info!("🔓 Releasing redlock \"{}\"", self.resource);
-            state.send_replace(false);
+            publish(&state, false);
             if let Some(manager) = &mut connection {
                 if let Err(error) = self.release(manager).await {
                     error!("🔴 Redlock \"{}\" could not be released: {error}", self.resource);
@@ -232,6 +232,11 @@ impl Redlock {
                 }
             }
         }
-        state.send_replace(false);
+        publish(&state, false);
     }
+}
+
+/// Publishes the state, waking watchers only when it changed.
+fn publish(state: &watch::Sender<bool>, held: bool) {
+    state.send_if_modified(|current| std::mem::replace(current, held) != held);
 }
