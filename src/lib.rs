@@ -14,6 +14,7 @@ pub mod logging;
 pub mod metrics;
 pub mod migrate;
 pub mod model;
+pub mod pipeline;
 pub mod plugins;
 pub mod pubsub;
 pub mod schedule;

@@ -36,6 +36,8 @@ pub enum ServerError {
     Hub(#[from] HubError),
     #[error("Redis error during start-up: {0}")]
     Redis(String),
+    #[error("{0}")]
+    Start(String),
     #[error("component {0} stopped unexpectedly")]
     ComponentFailed(String),
 }
@@ -170,16 +172,132 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
 
 /// The start-up order of the reference's `startPluginsServer`, one component per service.
 async fn start_components(hub: &Hub, lifecycle: &mut Lifecycle) -> Result<(), ServerError> {
-    announce_job_queues(hub).await?;
+    use std::sync::Arc;
+
+    use crate::geoip::GeoIp;
+    use crate::ingestion::actions::ActionManager;
+    use crate::ingestion::process_event::EventsProcessor;
+    use crate::ingestion::queues::{CeleryConsumer, CeleryConsumerOptions, CeleryProducer};
+    use crate::jobs::manager::{JobQueueManager, JobQueueOptions};
+    use crate::metrics::staleness::ActivityTracker;
+    use crate::pipeline::bridges::{CeleryCapture, GeoIpLookup, JobQueueEnqueuer};
+    use crate::pipeline::{Pipeline, PluginTasks};
+    use crate::plugins::extensions::PluginServices;
+    use crate::plugins::lazy::LoadOptions;
+    use crate::plugins::log_entries::PostgresLogSink;
+    use crate::plugins::runtime::{PoolOptions, WorkerPool};
+    use crate::plugins::runtime_vm::RuntimeVmFactory;
+    use crate::plugins::Plugins;
+    use crate::pubsub::PubSub;
+    use crate::schedule::{ScheduleSettings, Scheduler};
+
+    let config = &hub.config;
+    let fail = |what: &str, error: &dyn std::fmt::Display| ServerError::Start(format!("{what}: {error}"));
+
+    // The health ping goes first so that it is stopped (and deleted) last.
     let redis = hub.redis.clone();
-    // The ping goes first so that it is stopped (and deleted) last.
     lifecycle.spawn("health ping", DEFAULT_SHUTDOWN_BUDGET, move |token| health::run_ping(redis, token));
+
+    // 1. Managers: actions (loaded now, reloaded every 5 minutes), job queues (graphile migrations).
+    let actions = Arc::new(ActionManager::new(hub.postgres.clone()));
+    actions.prepare().await.map_err(|error| fail("Could not load actions", &error))?;
+    {
+        let actions = Arc::clone(&actions);
+        lifecycle.spawn("actions reload", DEFAULT_SHUTDOWN_BUDGET, move |token| async move {
+            actions.run_periodic_reload(Duration::from_secs(300), token).await
+        });
+    }
+    let jobs = Arc::new(
+        JobQueueManager::new(config, JobQueueOptions::from_env()).map_err(|error| fail("Job queues", &error))?,
+    );
+    jobs.connect_producer().await.map_err(|error| fail("No persistent job queue", &error))?;
+    announce_job_queues(hub, &jobs.job_queue_types_as_string()).await?;
+
+    // 2. GeoIP, unless disabled.
+    let geoip = if config.DISABLE_MMDB {
+        None
+    } else {
+        let geoip = GeoIp::start(hub).await.map_err(|error| fail("GeoIP", &error))?;
+        let refresher = geoip.clone();
+        lifecycle.spawn("geoip refresh", DEFAULT_SHUTDOWN_BUDGET, move |token| refresher.run_refresh(token));
+        Some(Arc::new(geoip))
+    };
+
+    // 3. The plugin worker threads, and every enabled plugin config loaded on them.
+    let pool =
+        Arc::new(WorkerPool::new(PoolOptions::from_config(config)).map_err(|error| fail("Worker pool", &error))?);
+    let capture_queue = Arc::new(CeleryProducer::new(hub.redis.clone(), config.PLUGINS_CELERY_QUEUE.clone()));
+    let node_env = crate::config::NodeEnv::detect(&|key| std::env::var(key).ok());
+    let logs = Arc::new(PostgresLogSink::new(hub.postgres.clone(), node_env == crate::config::NodeEnv::Test));
+    let services = Arc::new(PluginServices::new(
+        hub.clone(),
+        logs,
+        Arc::new(CeleryCapture(capture_queue)),
+        Arc::new(JobQueueEnqueuer(Arc::clone(&jobs))),
+        geoip.map(|geoip| Arc::new(GeoIpLookup(geoip)) as Arc<dyn crate::plugins::extensions::GeoIpLocator>),
+    ));
+    let plugins =
+        Arc::new(Plugins::new(services, Arc::new(RuntimeVmFactory::new(Arc::clone(&pool))), LoadOptions::from_env()));
+    plugins.reload().await.map_err(|error| fail("Could not load plugins", &error))?;
+    {
+        let plugins = Arc::clone(&plugins);
+        let pool = Arc::clone(&pool);
+        // Stopped after the consumers (registered before them): tear the plugins down, then the threads.
+        lifecycle.spawn("plugins", Duration::from_secs(10), move |token| async move {
+            token.cancelled().await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), plugins.teardown_all()).await;
+            pool.shutdown(Duration::from_secs(2)).await;
+        });
+    }
+    let tasks = Arc::new(PluginTasks { plugins: Arc::clone(&plugins), actions: Arc::clone(&actions) });
+
+    // 4. The schedule (one server of the cluster runs it).
+    let scheduler = Scheduler::new(tasks.clone(), ScheduleSettings::from_config(config));
+    plugins.spawn_schedule_reload();
+    {
+        let scheduler = Arc::clone(&scheduler);
+        let client = crate::hub::redis_client(config)?;
+        lifecycle.spawn("schedule", Duration::from_secs(30), move |token| scheduler.run(client, token));
+    }
+
+    // 5. The job queue consumer.
+    jobs.start_consumer(tasks.clone()).await.map_err(|error| fail("Job queue consumer", &error))?;
+    {
+        let jobs = Arc::clone(&jobs);
+        lifecycle.spawn("job queue consumer", Duration::from_secs(30), move |token| async move {
+            token.cancelled().await;
+            jobs.stop_consumer().await;
+            jobs.disconnect_producer().await;
+        });
+    }
+
+    // 6. The ingestion queue.
+    let activity = Arc::new(ActivityTracker::new());
+    let processor = Arc::new(EventsProcessor::postgres(hub));
+    let pipeline = Arc::new(Pipeline { plugins: Arc::clone(&plugins), processor, jobs: Arc::clone(&jobs), activity });
+    let consumer = CeleryConsumer::start(
+        &crate::hub::redis_url(config),
+        hub.redis.clone(),
+        pipeline,
+        CeleryConsumerOptions::from_config(config),
+    )
+    .await
+    .map_err(|error| fail("Celery consumer", &error))?;
+    lifecycle.spawn("celery consumer", Duration::from_secs(30), move |token| async move {
+        token.cancelled().await;
+        consumer.stop().await;
+    });
+
+    // 8. Reloads over pub/sub.
+    let pubsub =
+        PubSub::new(crate::hub::redis_client(config)?, &config.PLUGINS_RELOAD_PUBSUB_CHANNEL, tasks, Some(scheduler));
+    lifecycle.spawn("pubsub", DEFAULT_SHUTDOWN_BUDGET, move |token| pubsub.run(token));
     Ok(())
 }
 
 /// Writes the enabled job queue types, JSON-encoded (`"graphile"`), as the reference does.
-async fn announce_job_queues(hub: &Hub) -> Result<(), ServerError> {
-    let value = serde_json::Value::String(hub.config.job_queue_types().join(",")).to_string();
+async fn announce_job_queues(hub: &Hub, types: &str) -> Result<(), ServerError> {
+    let value = serde_json::Value::String(types.to_string()).to_string();
     let mut connection = hub.redis.get().await.map_err(|error| ServerError::Redis(error.to_string()))?;
     redis::cmd("SET")
         .arg(ENABLED_JOB_QUEUES_KEY)

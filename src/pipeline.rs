@@ -1,0 +1,212 @@
+//! The pipeline: what happens to one event between the queue it arrived on and the sinks, in the
+//! reference's order (00 §1.3):
+//! 1. unless it is a `$snapshot`, the team's `processEvent` chain (plugins may change or drop it);
+//! 2. then, in parallel and each with its own copy, the ingestion write and `onEvent`
+//!    (`onSnapshot` for snapshots, which also feed the exportEvents buffers).
+//!
+//! It also answers the calls that come from beside the stream — scheduled tasks, jobs, reloads —
+//! by handing them to the plugins and the action cache. It owns no state of its own beyond the
+//! handles: the rooms it calls own theirs.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde_json::Value;
+use tracing::warn;
+
+use crate::event::PluginEvent;
+use crate::ingestion::actions::ActionManager;
+use crate::ingestion::process_event::{EventsProcessor, IngestError};
+use crate::ingestion::queues::{EventHandler, HandleError};
+use crate::jobs::job::EnqueuedJob;
+use crate::jobs::manager::JobQueueManager;
+use crate::jobs::queue::JobRunner;
+use crate::metrics::staleness::ActivityTracker;
+use crate::plugins::{Plugins, ScheduleKind};
+use crate::pubsub::ReloadHandler;
+use crate::schedule::{BoxError, PluginSchedule, ScheduledTask, ScheduledTaskRunner};
+
+/// Events in, plugins and ingestion out.
+pub struct Pipeline {
+    pub plugins: Arc<Plugins>,
+    pub processor: Arc<EventsProcessor>,
+    pub jobs: Arc<JobQueueManager>,
+    pub activity: Arc<ActivityTracker>,
+}
+
+/// Database trouble that may pass (connection lost, pool exhausted) is worth a retry; anything
+/// else about an event will fail the same way again and goes to the dead-letter queue.
+fn classify(error: IngestError) -> HandleError {
+    match &error {
+        IngestError::Database(
+            sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_),
+        ) => HandleError::Retryable(error.to_string()),
+        _ => HandleError::Rejected(error.to_string()),
+    }
+}
+
+#[async_trait]
+impl EventHandler for Pipeline {
+    async fn handle_event(&self, event: PluginEvent) -> Result<(), HandleError> {
+        let is_snapshot = event.event == "$snapshot";
+        let event = if is_snapshot {
+            event
+        } else {
+            self.activity.record("processEvent");
+            match self.plugins.run_process_event(event).await {
+                Some(event) => event,
+                // A plugin dropped it: done.
+                None => return Ok(()),
+            }
+        };
+        self.activity.record("ingestEvent");
+        let after_ingestion = async {
+            if is_snapshot {
+                self.activity.record("onSnapshot");
+                self.plugins.run_on_snapshot(&event).await
+            } else {
+                self.activity.record("onEvent");
+                self.plugins.run_on_event(&event).await
+            }
+        };
+        let (ingested, ()) = tokio::join!(self.processor.ingest_event(event.clone()), after_ingestion);
+        ingested.map(|_| ()).map_err(classify)
+    }
+
+    async fn handle_plugin_job(&self, job: Value) -> Result<(), HandleError> {
+        let job: EnqueuedJob = serde_json::from_value(job)
+            .map_err(|error| HandleError::Rejected(format!("invalid plugin job: {error}")))?;
+        self.jobs.enqueue(job).await.map_err(|error| HandleError::Retryable(error.to_string()))
+    }
+}
+
+/// Scheduled tasks, jobs and reloads, answered by the plugins and the action cache.
+pub struct PluginTasks {
+    pub plugins: Arc<Plugins>,
+    pub actions: Arc<ActionManager>,
+}
+
+fn schedule_kind(task: ScheduledTask) -> ScheduleKind {
+    match task {
+        ScheduledTask::RunEveryMinute => ScheduleKind::RunEveryMinute,
+        ScheduledTask::RunEveryHour => ScheduleKind::RunEveryHour,
+        ScheduledTask::RunEveryDay => ScheduleKind::RunEveryDay,
+    }
+}
+
+fn config_id(id: i64) -> Result<i32, BoxError> {
+    i32::try_from(id).map_err(|_| format!("plugin config id {id} is out of range").into())
+}
+
+#[async_trait]
+impl ScheduledTaskRunner for PluginTasks {
+    async fn plugin_schedule(&self) -> Option<PluginSchedule> {
+        let schedule = self.plugins.schedule()?;
+        let widen = |kind| schedule.ids(kind).iter().map(|id| i64::from(*id)).collect();
+        Some(PluginSchedule {
+            run_every_minute: widen(ScheduleKind::RunEveryMinute),
+            run_every_hour: widen(ScheduleKind::RunEveryHour),
+            run_every_day: widen(ScheduleKind::RunEveryDay),
+        })
+    }
+
+    async fn run_scheduled_task(&self, task: ScheduledTask, plugin_config_id: i64) -> Result<(), BoxError> {
+        // Failures are recorded on the config by the plugins themselves.
+        self.plugins.run_scheduled(schedule_kind(task), config_id(plugin_config_id)?).await;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl JobRunner for PluginTasks {
+    async fn run_job(&self, job: EnqueuedJob) -> Result<(), BoxError> {
+        let job = crate::plugins::extensions::jobs::EnqueuedJob {
+            job_type: job.job_type,
+            payload: job.payload,
+            timestamp: job.timestamp,
+            plugin_config_id: config_id(job.plugin_config_id)?,
+            plugin_config_team: job.plugin_config_team,
+        };
+        self.plugins.run_job(job).await;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl ReloadHandler for PluginTasks {
+    async fn reload_plugins(&self) -> Result<(), BoxError> {
+        self.plugins.reload().await.map_err(|error| {
+            warn!("🔴 Plugin reload failed: {error}");
+            Box::new(error) as BoxError
+        })?;
+        self.plugins.spawn_schedule_reload();
+        Ok(())
+    }
+
+    async fn reload_action(&self, team_id: i64, action_id: i64) -> Result<(), BoxError> {
+        self.actions.reload_action(team_id, action_id).await.map_err(|error| Box::new(error) as BoxError)
+    }
+
+    async fn drop_action(&self, team_id: i64, action_id: i64) -> Result<(), BoxError> {
+        self.actions.drop_action(team_id, action_id);
+        Ok(())
+    }
+}
+
+/// Bridges between rooms that do not know each other: each turns one room's handle into the
+/// interface another room asks for.
+pub mod bridges {
+    use std::sync::Arc;
+
+    use async_trait::async_trait;
+    use serde_json::Value;
+
+    use crate::geoip::GeoIp;
+    use crate::ingestion::queues::CeleryProducer;
+    use crate::jobs::manager::JobQueueManager;
+    use crate::plugins::extensions::jobs::EnqueuedJob as PluginJob;
+    use crate::plugins::extensions::posthog::CapturedEvent;
+    use crate::plugins::extensions::{CaptureSink, GeoIpLocator, JobEnqueuer, SinkError};
+    use crate::plugins::vm::JsError;
+
+    /// `posthog.capture` in the Postgres pipeline: a Celery task on `PLUGINS_CELERY_QUEUE`.
+    pub struct CeleryCapture(pub Arc<CeleryProducer>);
+
+    #[async_trait]
+    impl CaptureSink for CeleryCapture {
+        async fn capture(&self, event: CapturedEvent) -> Result<(), SinkError> {
+            let data = event.data.as_object().cloned().unwrap_or_default();
+            self.0.send_capture(&data, event.team_id).await.map(|_| ()).map_err(|error| SinkError(error.to_string()))
+        }
+    }
+
+    /// `meta.jobs` and export retries into the job queue manager.
+    pub struct JobQueueEnqueuer(pub Arc<JobQueueManager>);
+
+    #[async_trait]
+    impl JobEnqueuer for JobQueueEnqueuer {
+        async fn enqueue(&self, job: PluginJob) -> Result<(), SinkError> {
+            let job = crate::jobs::job::EnqueuedJob {
+                job_type: job.job_type,
+                payload: job.payload,
+                timestamp: job.timestamp,
+                plugin_config_id: i64::from(job.plugin_config_id),
+                plugin_config_team: job.plugin_config_team,
+            };
+            self.0.enqueue(job).await.map_err(|error| SinkError(error.to_string()))
+        }
+    }
+
+    /// `meta.geoip.locate` over the shared MMDB reader.
+    pub struct GeoIpLookup(pub Arc<GeoIp>);
+
+    #[async_trait]
+    impl GeoIpLocator for GeoIpLookup {
+        async fn locate(&self, ip: &str) -> Result<Value, JsError> {
+            match self.0.locate(ip) {
+                Ok(found) => Ok(found.unwrap_or(Value::Null)),
+                Err(error) => Err(JsError::new("Error", error.to_string())),
+            }
+        }
+    }
+}

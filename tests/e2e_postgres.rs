@@ -1,0 +1,225 @@
+//! The whole server in the Postgres pipeline, in process: Celery tasks pushed to Redis come out as
+//! rows, after running through a real plugin (the reference's tests/postgres/e2e.test.ts and
+//! errors.test.ts, with the plugin's test-only console replaced by its log entries).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::TestDb;
+use plugin_server::config::Config;
+use plugin_server::ingestion::queues::CeleryProducer;
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+const PLUGIN: &str = r#"
+    export async function processEvent (event) {
+        console.log('processEvent')
+        console.info('amogus')
+        event.properties.processed = 'hell yes'
+        event.properties.upperUuid = event.properties.uuid?.toUpperCase()
+        event.properties['$snapshot_data'] = 'no way'
+        // `meta` is not defined here: this throws after the mutations, which are kept.
+        const counter = await meta.cache.get('events_seen')
+        return event
+    }
+
+    export function onEvent (event, { global }) {
+        console.log('onEvent', event.event)
+    }
+
+    export function onSnapshot (event) {
+        console.log('onSnapshot', event.event)
+    }
+"#;
+
+struct RunningServer {
+    shutdown: CancellationToken,
+    handle: tokio::task::JoinHandle<Result<(), plugin_server::server::ServerError>>,
+    producer: CeleryProducer,
+    pool: sqlx::PgPool,
+}
+
+impl RunningServer {
+    async fn start(db: &TestDb, config: Config) -> RunningServer {
+        let redis = deadpool_redis::Config::from_url(config.REDIS_URL.clone())
+            .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+            .unwrap();
+        let producer = CeleryProducer::new(redis, config.PLUGINS_CELERY_QUEUE.clone());
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(plugin_server::server::run(config, shutdown.clone()));
+        RunningServer { shutdown, handle, producer, pool: db.pool.clone() }
+    }
+
+    /// The reference's `posthog.capture` from a plugin of team 2.
+    async fn capture(&self, event: &str, properties: Value) {
+        let data = json!({
+            "distinct_id": "plugin-id-60",
+            "event": event,
+            "timestamp": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            "properties": properties,
+            "team_id": common::TEAM_ID,
+            "uuid": uuid::Uuid::now_v7().to_string(),
+        });
+        self.producer.send_capture(data.as_object().unwrap(), i64::from(common::TEAM_ID)).await.unwrap();
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        let result = tokio::time::timeout(Duration::from_secs(30), self.handle).await;
+        assert!(matches!(result, Ok(Ok(Ok(())))), "server stopped cleanly: {result:?}");
+    }
+}
+
+async fn wait_for<T, F, Fut>(what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(found) = probe().await {
+            return found;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn server_config(db: &TestDb, queue: &str) -> Config {
+    db.config(&[
+        ("WORKER_CONCURRENCY", "2"),
+        ("PLUGINS_CELERY_QUEUE", queue),
+        ("CELERY_DEFAULT_QUEUE", &format!("{queue}-default")),
+        ("LOG_LEVEL", "warn"),
+        ("JOB_QUEUES", "graphile"),
+    ])
+}
+
+async fn log_messages(pool: &sqlx::PgPool) -> Vec<(String, String)> {
+    sqlx::query_as("SELECT type, message FROM posthog_pluginlogentry WHERE source = 'CONSOLE' ORDER BY timestamp")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_captured_processed_ingested() {
+    let db = TestDb::with_fixture(Some(PLUGIN)).await;
+    let queue = common::unique_prefix("e2e-event");
+    let server = RunningServer::start(&db, server_config(&db, &queue)).await;
+
+    let uuid = uuid::Uuid::now_v7().to_string();
+    server.capture("custom event", json!({"name": "haha", "uuid": uuid})).await;
+
+    let properties: Value = wait_for("the event row", || async {
+        sqlx::query_scalar("SELECT properties FROM posthog_event WHERE event = 'custom event'")
+            .fetch_optional(&server.pool)
+            .await
+            .unwrap()
+    })
+    .await;
+    assert_eq!(properties["processed"], "hell yes");
+    assert_eq!(properties["upperUuid"], uuid.to_uppercase());
+    assert_eq!(properties["name"], "haha");
+
+    let logs = wait_for("processEvent and onEvent logs", || async {
+        let logs = log_messages(&server.pool).await;
+        (logs.iter().any(|(_, m)| m == "onEvent custom event")).then_some(logs)
+    })
+    .await;
+    assert!(logs.iter().any(|(t, m)| t == "LOG" && m == "processEvent"), "{logs:?}");
+    assert_eq!(logs.iter().filter(|(t, m)| t == "INFO" && m.contains("amogus")).count(), 1, "{logs:?}");
+
+    // The failure after the mutations is recorded on the plugin config.
+    let error: Option<Value> = wait_for("the plugin config error", || async {
+        let error: Option<Value> = sqlx::query_scalar("SELECT error FROM posthog_pluginconfig WHERE id = 39")
+            .fetch_one(&server.pool)
+            .await
+            .unwrap();
+        error.map(Some)
+    })
+    .await;
+    assert!(error.unwrap()["message"].as_str().unwrap_or_default().contains("meta"));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_captured_ingested_without_process_event() {
+    let db = TestDb::with_fixture(Some(PLUGIN)).await;
+    let queue = common::unique_prefix("e2e-snapshot");
+    let server = RunningServer::start(&db, server_config(&db, &queue)).await;
+
+    server.capture("$snapshot", json!({"$session_id": "1234abc", "$snapshot_data": "yes way"})).await;
+    let snapshot: Value = wait_for("the session recording row", || async {
+        sqlx::query_scalar("SELECT snapshot_data FROM posthog_sessionrecordingevent")
+            .fetch_optional(&server.pool)
+            .await
+            .unwrap()
+    })
+    .await;
+    assert_eq!(snapshot, json!("yes way"), "processEvent did not run on the snapshot");
+    let logs = wait_for("onSnapshot log", || async {
+        let logs = log_messages(&server.pool).await;
+        (logs.iter().any(|(_, m)| m == "onSnapshot $snapshot")).then_some(logs)
+    })
+    .await;
+    assert!(!logs.iter().any(|(_, m)| m == "processEvent"), "{logs:?}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn action_matches_are_stored() {
+    let db = TestDb::with_fixture(Some(PLUGIN)).await;
+    let queue = common::unique_prefix("e2e-actions");
+    let server = RunningServer::start(&db, server_config(&db, &queue)).await;
+
+    server.capture("xyz", json!({"foo": "bar"})).await;
+    let action_id: i32 = wait_for("the action match", || async {
+        sqlx::query_scalar("SELECT action_id FROM posthog_action_events").fetch_optional(&server.pool).await.unwrap()
+    })
+    .await;
+    assert_eq!(action_id, 69);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_errors_do_not_lose_events() {
+    const CRASHING: &str = r#"
+        export function processEvent (event) {
+            if (event.properties.crash === 'throw') {
+                throw new Error('error thrown in plugin')
+            } else if (event.properties.crash === 'throw in promise') {
+                void new Promise(() => { throw new Error('error thrown in plugin') })
+            } else if (event.properties.crash === 'reject in promise') {
+                void new Promise((_, rejects) => { rejects(new Error('error thrown in plugin')) })
+            }
+            return event
+        }
+    "#;
+    for crash in ["throw", "throw in promise", "reject in promise"] {
+        let db = TestDb::with_fixture(Some(CRASHING)).await;
+        let queue = common::unique_prefix("e2e-errors");
+        let server = RunningServer::start(&db, server_config(&db, &queue)).await;
+        for _ in 0..4 {
+            server.capture("broken event", json!({"crash": crash})).await;
+        }
+        wait_for("4 events", || async {
+            let count: i64 = sqlx::query_scalar("SELECT count(*) FROM posthog_event WHERE event = 'broken event'")
+                .fetch_one(&server.pool)
+                .await
+                .unwrap();
+            (count == 4).then_some(())
+        })
+        .await;
+        let error: Value = wait_for("the recorded error", || async {
+            sqlx::query_scalar::<_, Option<Value>>("SELECT error FROM posthog_pluginconfig WHERE id = 39")
+                .fetch_one(&server.pool)
+                .await
+                .unwrap()
+        })
+        .await;
+        assert_eq!(error["message"], "error thrown in plugin", "{crash}");
+        server.stop().await;
+    }
+}
