@@ -316,3 +316,24 @@ async fn concurrent_events_are_batched_and_a_bad_one_fails_alone() {
         assert!(event.distinct_id.starts_with("user-"));
     }
 }
+
+/// The e2e "action matches" case with the real matcher: the fixture's action 69 (event property
+/// `foo` exactly `bar`) matches `xyz` with `{foo: 'bar'}`.
+#[tokio::test]
+async fn action_matches_with_the_actions_room() {
+    use plugin_server::ingestion::actions::{ActionManager, ActionMatcher, HookCommander};
+    let db = TestDb::with_fixture(None).await;
+    let manager = Arc::new(ActionManager::new(db.pool.clone()));
+    manager.prepare().await.unwrap();
+    let matcher = Arc::new(ActionMatcher::new(db.pool.clone(), manager));
+    let hooks = Arc::new(HookCommander::new(db.pool.clone()));
+    let processor = processor_for(&db.pool).with_action_matching(matcher, hooks);
+    processor.ingest_event(event("abc", json!({"event": "xyz", "properties": {"foo": "bar"}}))).await.unwrap();
+    processor.ingest_event(event("abc", json!({"event": "xyz", "properties": {"foo": "nope"}}))).await.unwrap();
+    let matches: Vec<(i64, i32)> = sqlx::query_as("SELECT event_id::int8, action_id FROM posthog_action_events")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    let first_event = fetch_events(&db.pool).await[0].id;
+    assert_eq!(matches, [(first_event, 69)]);
+}

@@ -6,6 +6,7 @@ pub mod actions;
 pub mod elements;
 pub mod queues;
 
+pub mod action_handler;
 pub mod groups;
 pub mod person_manager;
 pub mod persons;
@@ -17,5 +18,6 @@ pub mod ttl_cache;
 pub mod uuidt;
 pub mod writer;
 
+pub use action_handler::MatchActionsAndFireHooks;
 pub use process_event::{ActionHandler, EventsProcessor, IngestError, IngestOutcome};
 pub use writer::{EventWriter, PostgresEventWriter};

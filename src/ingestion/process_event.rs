@@ -20,6 +20,8 @@ use sqlx::PgPool;
 use thiserror::Error;
 use uuid::Uuid;
 
+use super::action_handler::MatchActionsAndFireHooks;
+use super::actions::{ActionMatcher, HookCommander};
 use super::elements::{extract_elements, Element};
 use super::groups::GroupTypeManager;
 use super::person_manager::PersonManager;
@@ -168,6 +170,12 @@ impl EventsProcessor {
     pub fn with_actions(mut self, actions: Arc<dyn ActionHandler>) -> Self {
         self.actions = Some(actions);
         self
+    }
+
+    /// Matches actions with the actions room's matcher and fires its hooks (the usual wiring).
+    pub fn with_action_matching(self, matcher: Arc<ActionMatcher>, hooks: Arc<HookCommander>) -> Self {
+        let handler = MatchActionsAndFireHooks::new(matcher, hooks, self.teams.clone());
+        self.with_actions(Arc::new(handler))
     }
 
     /// Sends "first team event ingested" telemetry through `telemetry`.

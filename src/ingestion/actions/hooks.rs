@@ -210,8 +210,12 @@ fn word_parts(token: &str) -> Vec<&str> {
     token.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).filter(|part| !part.is_empty()).collect()
 }
 
-/// Node's `util.format(format, ...args)` for string arguments.
+/// Node's `util.format(format, ...args)` for string arguments. With no arguments Node returns
+/// the format untouched (even `%%`).
 fn node_format(format: &str, args: &[String]) -> String {
+    if args.is_empty() {
+        return format.to_owned();
+    }
     let mut out = String::new();
     let mut next = 0;
     let mut chars = format.chars().peekable();
@@ -540,5 +544,6 @@ mod tests {
         assert_eq!(node_format("100%% %d %i %j", &args(&["2.5", "7px", "q"])), "100% 2.5 7 \"q\"");
         assert_eq!(node_format("50% off %s", &args(&["now"])), "50% off now");
         assert_eq!(node_format("%o", &args(&["it's"])), "\"it's\"");
+        assert_eq!(node_format("100%% %s", &[]), "100%% %s");
     }
 }
