@@ -14,6 +14,7 @@ pub mod js;
 mod manager;
 mod matcher;
 pub mod selector;
+mod static_cohorts;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -26,6 +27,7 @@ pub use hooks::{
 };
 pub use manager::{ActionManager, ACTIONS_RELOAD_INTERVAL};
 pub use matcher::{casting_compare, ActionMatcher, CastingOperator, StaticCohortLookup};
+pub use static_cohorts::{ClickHouseStaticCohorts, StaticCohortError, CLICKHOUSE_QUERY_TIMEOUT};
 
 /// A `posthog_action` row with its steps (the reference's `Action`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
