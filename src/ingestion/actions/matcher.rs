@@ -16,7 +16,7 @@ use regex::Regex;
 use serde_json::{Map, Value};
 use sqlx::PgPool;
 use thiserror::Error;
-use tracing::warn;
+use tracing::{debug, warn};
 use uuid::Uuid;
 
 use super::selector::Selector;
@@ -270,6 +270,11 @@ impl ActionMatcher {
             match self.check_step(event, person, elements, step).await {
                 Ok(true) => return true,
                 Ok(false) => {}
+                // A bad pattern or cohort id fails on every event of the team: keep those quiet.
+                Err(error @ (StepError::InvalidRegex { .. } | StepError::InvalidCohortId(_))) => {
+                    debug!(%error, team_id = action.team_id, action_id = action.id, step_id = step.id,
+                        "action step cannot match; counting it as no match")
+                }
                 Err(error) => warn!(%error, team_id = action.team_id, action_id = action.id, step_id = step.id,
                     "action step could not be evaluated; counting it as no match"),
             }
