@@ -35,15 +35,9 @@ fn action(id: i64, name: &str, format: &str) -> Action {
         id,
         team_id: i64::from(TEAM_ID),
         name: Some(name.into()),
-        created_at: None,
-        created_by_id: None,
-        deleted: false,
         post_to_slack: true,
         slack_message_format: Some(format.into()),
-        is_calculating: false,
-        updated_at: None,
-        last_calculated_at: None,
-        steps: vec![],
+        ..Action::default()
     }
 }
 

@@ -13,33 +13,8 @@ use serde_json::{json, Value};
 use sqlx::postgres::PgPoolOptions;
 
 fn action_with_filter(filter: &Value) -> Action {
-    let step = ActionStep {
-        id: 1,
-        action_id: 1,
-        tag_name: None,
-        text: None,
-        href: None,
-        selector: None,
-        url: None,
-        url_matching: None,
-        name: None,
-        event: None,
-        properties: Some(json!([filter])),
-    };
-    Action {
-        id: 1,
-        team_id: 2,
-        name: Some("filter".into()),
-        created_at: None,
-        created_by_id: None,
-        deleted: false,
-        post_to_slack: false,
-        slack_message_format: None,
-        is_calculating: false,
-        updated_at: None,
-        last_calculated_at: None,
-        steps: vec![step],
-    }
+    let step = ActionStep { id: 1, action_id: 1, properties: Some(json!([filter])), ..ActionStep::default() };
+    Action { id: 1, team_id: 2, name: Some("filter".into()), steps: vec![step], ..Action::default() }
 }
 
 #[tokio::test]

@@ -30,7 +30,7 @@ pub use matcher::{casting_compare, ActionMatcher, CastingOperator, StaticCohortL
 pub use static_cohorts::{ClickHouseStaticCohorts, StaticCohortError, CLICKHOUSE_QUERY_TIMEOUT};
 
 /// A `posthog_action` row with its steps (the reference's `Action`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Action {
     pub id: i64,
     pub team_id: i64,
@@ -48,7 +48,7 @@ pub struct Action {
 
 /// A `posthog_actionstep` row. `properties` holds the property filters as stored (JSON objects
 /// `{type, key, value, operator}`); anything malformed simply fails to match.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ActionStep {
     pub id: i64,
     pub action_id: i64,
