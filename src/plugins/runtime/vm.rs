@@ -516,7 +516,7 @@ impl VmInner {
         let deadline = started + timeout;
         let interrupts_before = self.interrupts.get();
         let id = self.fresh_id();
-        let (outcome, fired) = self.enter(deadline, |ctx| -> Result<Option<Value>, PluginError> {
+        let (outcome, _) = self.enter(deadline, |ctx| -> Result<Option<Value>, PluginError> {
             let mut js_args = Vec::with_capacity(args.len());
             let mut call_args = Args::new(ctx.clone(), args.len() + 1);
             let prepared = (|| -> rquickjs::Result<Function> {
@@ -570,7 +570,6 @@ impl VmInner {
                 }
             }
         });
-        let _ = fired;
         let outcome = outcome?;
         self.drain_jobs(deadline);
         match outcome {
