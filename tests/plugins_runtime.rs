@@ -242,7 +242,14 @@ async fn console_capture_jobs_tasks_and_metrics_from_plugin_code() {
     setup.plugins.run_process_event(event("hello")).await.unwrap();
     let logged = ("CONSOLE".to_string(), "LOG".to_string(), "logged event".to_string());
     assert!(eventually(Duration::from_secs(5), || async { setup.log_entries(CONFIG).await.contains(&logged) }).await);
-    assert_eq!(setup.services.metrics.values(CONFIG)["seen"], 1);
+    // Neither the metric nor the job is awaited by the plugin.
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            setup.services.metrics.values(CONFIG).get("seen") == Some(&json!(1))
+        })
+        .await
+    );
+    assert!(eventually(Duration::from_secs(5), || async { !setup.jobs.jobs.lock().unwrap().is_empty() }).await);
     let job: EnqueuedJob = setup.jobs.jobs.lock().unwrap()[0].clone();
     assert_eq!((job.job_type.as_str(), &job.payload), ("reply", &json!({"text": "hello"})));
     setup.plugins.run_job(job).await;

@@ -11,6 +11,7 @@ use tracing::warn;
 use super::errors::{process_error, system_log, PluginFailure};
 use super::export_events::EXPORT_EVENTS_RETRY_JOB;
 use super::extensions::PluginServices;
+use super::historical_export;
 use super::lazy::{LazyVm, LoadedVm};
 use super::log_entries::LogType;
 use super::rows::PluginConfig;
@@ -159,24 +160,14 @@ pub async fn run_plugin_task(
         None => None,
     };
     let result = match &loaded {
-        Some(loaded) if kind == TaskKind::Job && name == EXPORT_EVENTS_RETRY_JOB && loaded.export.is_some() => {
-            match &loaded.export {
-                Some(export) => export.export_with_retry(payload.unwrap_or(Value::Null)).await.map_err(|f| f.error),
-                None => Ok(Value::Null),
+        Some(loaded) => match host_job(loaded, kind, name, payload.clone()).await {
+            Some(result) => result,
+            None if has_task(loaded, kind, name) => {
+                loaded.vm.run_task(kind, name, payload).await.map_err(|failure| failure.error)
             }
-        }
-        Some(loaded) if has_task(loaded, kind, name) => {
-            loaded.vm.run_task(kind, name, payload).await.map_err(|failure| failure.error)
-        }
-        _ => {
-            let plugin_name = entry.map(|entry| entry.config.plugin.name()).unwrap_or_else(|| "undefined".into());
-            // The reference renders the config object with String(), hence `[object Object]`.
-            let config = if entry.is_some() { "[object Object]" } else { "undefined" };
-            Err(JsError::new(
-                "Error",
-                format!("Task \"{name}\" not found for plugin \"{plugin_name}\" with config id {config}"),
-            ))
-        }
+            None => Err(task_not_found(entry, name)),
+        },
+        None => Err(task_not_found(entry, name)),
     };
     match result {
         Ok(value) => Some(value),
@@ -188,6 +179,34 @@ pub async fn run_plugin_task(
             None
         }
     }
+}
+
+fn task_not_found(entry: Option<&Arc<ConfigEntry>>, name: &str) -> JsError {
+    let plugin_name = entry.map(|entry| entry.config.plugin.name()).unwrap_or_else(|| "undefined".into());
+    // The reference renders the config object with String(), hence `[object Object]`.
+    let config = if entry.is_some() { "[object Object]" } else { "undefined" };
+    JsError::new("Error", format!("Task \"{name}\" not found for plugin \"{plugin_name}\" with config id {config}"))
+}
+
+/// Jobs the server adds to exportEvents plugins, run here rather than in the VM.
+async fn host_job(
+    loaded: &LoadedVm,
+    kind: TaskKind,
+    name: &str,
+    payload: Option<Value>,
+) -> Option<Result<Value, JsError>> {
+    if kind != TaskKind::Job {
+        return None;
+    }
+    let result = match (name, &loaded.export, &loaded.historical) {
+        (EXPORT_EVENTS_RETRY_JOB, Some(export), _) => export.export_with_retry(payload.unwrap_or(Value::Null)).await,
+        (historical_export::INTERFACE_JOB, _, Some(historical)) => historical.start(payload).await,
+        (historical_export::CHUNK_JOB, _, Some(historical)) => {
+            historical.export_chunk(payload.unwrap_or(Value::Null)).await
+        }
+        _ => return None,
+    };
+    Some(result.map_err(|failure| failure.error))
 }
 
 fn has_task(loaded: &LoadedVm, kind: TaskKind, name: &str) -> bool {
