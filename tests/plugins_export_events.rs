@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use plugin_server::event::PluginEvent;
 use plugin_server::plugins::export_events::json_length;
-use plugin_server::plugins::lazy::LoadOptions;
 use plugin_server::plugins::vm::{JsError, Method, VmExports};
 use plugins_support::*;
 use serde_json::{json, Value};
@@ -35,15 +34,7 @@ fn exporter(batches: Arc<Mutex<Vec<Vec<Value>>>>, retry: bool) -> FakePlugin {
 }
 
 async fn setup_with(plugin: FakePlugin, config: Value) -> Setup {
-    let fakes = Arc::new(FakeFactory::default());
-    fakes.register("export", plugin);
-    let setup = Setup::with_options(
-        "export",
-        Arc::new(SharedFakeFactory(fakes)),
-        LoadOptions { retry_base: Duration::from_secs(3), test_env: true },
-        &[],
-    )
-    .await;
+    let (_fakes, setup) = fake_setup(plugin, Duration::from_secs(3)).await;
     sqlx::query("UPDATE posthog_pluginconfig SET config = $1 WHERE id = 39")
         .bind(config)
         .execute(&setup.db.pool)
@@ -208,15 +199,7 @@ async fn drain_jobs(setup: &Setup) -> usize {
 #[tokio::test]
 async fn historical_export_walks_the_stored_events() {
     let batches = Arc::new(Mutex::new(Vec::new()));
-    let fakes = Arc::new(FakeFactory::default());
-    fakes.register("export", exporter(batches.clone(), false));
-    let setup = Setup::with_options(
-        "export",
-        Arc::new(SharedFakeFactory(fakes)),
-        LoadOptions { retry_base: Duration::from_secs(3), test_env: true },
-        &[],
-    )
-    .await;
+    let (_fakes, setup) = fake_setup(exporter(batches.clone(), false), Duration::from_secs(3)).await;
     for minutes_ago in [9, 7, 5, 3] {
         sqlx::query(
             "INSERT INTO posthog_event (created_at, event, distinct_id, properties, team_id, timestamp) \

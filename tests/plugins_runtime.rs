@@ -265,6 +265,8 @@ async fn console_capture_jobs_tasks_and_metrics_from_plugin_code() {
     assert_eq!(schedule.ids(ScheduleKind::RunEveryDay), &[CONFIG]);
     assert_eq!(setup.plugins.run_scheduled(ScheduleKind::RunEveryMinute, CONFIG).await, Some(json!("haha")));
     assert_eq!(setup.plugins.run_scheduled(ScheduleKind::RunEveryDay, CONFIG).await, Some(json!(4)));
+    // `posthog.capture` is not awaited by the task either.
+    assert!(eventually(Duration::from_secs(5), || async { !setup.capture.events.lock().unwrap().is_empty() }).await);
     let captured = setup.capture.events.lock().unwrap().clone();
     assert_eq!(captured.len(), 1);
     assert_eq!(captured[0].data["event"], "my-new-event");
@@ -288,10 +290,7 @@ async fn teardown_runs_on_every_thread_and_errors_are_recorded() {
     .await;
     let before = setup.plugins.run_process_event(event("$test")).await.unwrap();
     assert_eq!(before.properties.unwrap()["storage"], "nope");
-    sqlx::query("UPDATE posthog_pluginconfig SET updated_at = now() + interval '1 second' WHERE id = 39")
-        .execute(&setup.db.pool)
-        .await
-        .unwrap();
+    setup.touch_config(CONFIG).await;
     setup.plugins.reload().await.unwrap();
     let after = setup.plugins.run_process_event(event("$test")).await.unwrap();
     assert_eq!(after.properties.unwrap()["storage"], "tore down");

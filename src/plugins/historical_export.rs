@@ -138,42 +138,41 @@ impl HistoricalExport {
 
     async fn init_timestamps_and_cursor(&self, payload: Option<&Value>) -> Result<(), CallError> {
         let storage = self.context.storage();
-        let field = |name: &str| payload.and_then(|payload| payload.get(name)).filter(|value| truthy(value));
-        let date_from = match field("dateFrom") {
-            Some(value) => match date_ms(value) {
-                Some(ms) => ms,
-                None => {
-                    self.log("'dateFrom' should be an timestamp in ISO string format.".into()).await;
-                    return Err(JsError::new("RangeError", "Invalid time value").into());
-                }
-            },
-            None => self.boundaries.min.map(|min| min.timestamp_millis()).ok_or_else(|| {
-                JsError::new(
-                    "Error",
-                    "Unable to determine the lower timestamp bound for the export automatically. Please specify a 'dateFrom' value.",
-                )
-            })?,
-        };
+        let date_from = self.bound(payload, "dateFrom", "lower", self.boundaries.min).await?;
         let cursor_start = Value::from(date_from - EVENTS_TIME_INTERVAL_MS);
         storage.cursor_init(TIMESTAMP_CURSOR_KEY, Some(&cursor_start)).await?;
         storage.set(MIN_UNIX_TIMESTAMP_KEY, Some(&Value::from(date_from))).await?;
-        let date_to = match field("dateTo") {
-            Some(value) => match date_ms(value) {
-                Some(ms) => ms,
-                None => {
-                    self.log("'dateTo' should be an timestamp in ISO string format.".into()).await;
-                    return Err(JsError::new("RangeError", "Invalid time value").into());
-                }
-            },
-            None => self.boundaries.max.map(|max| max.timestamp_millis()).ok_or_else(|| {
-                JsError::new(
-                    "Error",
-                    "Unable to determine the upper timestamp bound for the export automatically. Please specify a 'dateTo' value.",
-                )
-            })?,
-        };
+        let date_to = self.bound(payload, "dateTo", "upper", self.boundaries.max).await?;
         storage.set(MAX_UNIX_TIMESTAMP_KEY, Some(&Value::from(date_to))).await?;
         Ok(())
+    }
+
+    /// One end of the export in epoch ms: the payload's `field`, else the team's boundary.
+    async fn bound(
+        &self,
+        payload: Option<&Value>,
+        field: &str,
+        which: &str,
+        fallback: Option<DateTime<Utc>>,
+    ) -> Result<i64, CallError> {
+        match payload.and_then(|payload| payload.get(field)).filter(|value| truthy(value)) {
+            Some(value) => match date_ms(value) {
+                Some(ms) => Ok(ms),
+                None => {
+                    self.log(format!("'{field}' should be an timestamp in ISO string format.")).await;
+                    Err(JsError::new("RangeError", "Invalid time value").into())
+                }
+            },
+            None => fallback.map(|time| time.timestamp_millis()).ok_or_else(|| {
+                JsError::new(
+                    "Error",
+                    format!(
+                        "Unable to determine the {which} timestamp bound for the export automatically. Please specify a '{field}' value."
+                    ),
+                )
+                .into()
+            }),
+        }
     }
 
     /// `(min, max)` export limits, read from storage once per config.

@@ -74,6 +74,30 @@ where
     Arc::new(move |call| Box::pin(f(call)))
 }
 
+/// A plugin with only `processEvent`, which gets the event and returns what `f` makes of it.
+pub fn process_event_plugin<F>(f: F) -> FakePlugin
+where
+    F: Fn(Value) -> Result<Value, CallError> + Send + Sync + 'static,
+{
+    let f = Arc::new(f);
+    FakePlugin {
+        exports: exports(&[Method::ProcessEvent]),
+        handler: handler(move |call| {
+            let f = f.clone();
+            async move { f(call.args.first().cloned().unwrap_or(Value::Null)) }
+        }),
+    }
+}
+
+/// A facade whose fixture plugin is the fake `plugin`, with set-up retries every `retry_base`.
+pub async fn fake_setup(plugin: FakePlugin, retry_base: Duration) -> (Arc<FakeFactory>, Setup) {
+    let fakes = Arc::new(FakeFactory::default());
+    fakes.register("fake", plugin);
+    let options = LoadOptions { retry_base, test_env: true };
+    let setup = Setup::with_options("fake", Arc::new(SharedFakeFactory(fakes.clone())), options, &[]).await;
+    (fakes, setup)
+}
+
 pub fn exports(methods: &[Method]) -> VmExports {
     VmExports { methods: methods.to_vec(), ..VmExports::default() }
 }
@@ -211,6 +235,15 @@ impl Setup {
         .fetch_all(&self.db.pool)
         .await
         .expect("log entries")
+    }
+
+    /// Moves a config's `updated_at` forward so the next reload reloads it.
+    pub async fn touch_config(&self, config_id: i32) {
+        sqlx::query("UPDATE posthog_pluginconfig SET updated_at = updated_at + interval '1 second' WHERE id = $1")
+            .bind(config_id)
+            .execute(&self.db.pool)
+            .await
+            .expect("touch config");
     }
 
     /// Replaces the fixture plugin's code with `source` (plugin_type `source`, no archive).
