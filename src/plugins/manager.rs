@@ -19,6 +19,8 @@ use super::lazy::{LazyVm, LoadOptions};
 use super::loader::{apply_schema_defaults, load_code, schema_is_empty};
 use super::rows::{fetch_in_force, Plugin, PluginConfig};
 use super::run::{self, ConfigEntry};
+use super::runtime::WorkerPool;
+use super::runtime_vm::RuntimeVmFactory;
 use super::vm::{Method, TaskKind, VmFactory};
 use crate::event::PluginEvent;
 
@@ -103,6 +105,11 @@ impl Plugins {
             schedule: Arc::new(Mutex::new(None)),
             schedule_generation: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         }
+    }
+
+    /// The production wiring: VMs on the QuickJS worker pool, the reference's timing.
+    pub fn on_runtime(services: Arc<PluginServices>, pool: Arc<WorkerPool>) -> Plugins {
+        Plugins::new(services, Arc::new(RuntimeVmFactory::new(pool)), LoadOptions::from_env())
     }
 
     pub fn services(&self) -> &Arc<PluginServices> {

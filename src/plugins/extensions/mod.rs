@@ -68,7 +68,8 @@ pub struct PluginServices {
     pub geoip: Option<Arc<dyn GeoIpLocator>>,
     pub metrics: PluginMetrics,
     pub api_keys: ApiKeyManager,
-    /// Echo `console.*` calls to the server log (the reference does so in development).
+    /// Echo `console.*` calls to the server log (the reference does so in development; set
+    /// from `NODE_ENV`/`DEBUG` by [`PluginServices::new`]).
     pub echo_console: bool,
 }
 
@@ -88,7 +89,8 @@ impl PluginServices {
             geoip,
             metrics: PluginMetrics::default(),
             api_keys: ApiKeyManager::default(),
-            echo_console: false,
+            echo_console: crate::config::NodeEnv::detect(&|key| std::env::var(key).ok())
+                == crate::config::NodeEnv::Development,
         }
     }
 }
