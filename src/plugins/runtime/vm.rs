@@ -91,15 +91,31 @@ pub fn promise_timeout_error(timeout: Duration, caller: &str) -> JsError {
     }
 }
 
-/// `Script execution timed out after looping for T second(s) on line L:C` (reference 30 §4b);
-/// the position is the innermost frame of plugin code when the deadline hit.
-fn loop_timeout_error(timeout: Duration, stack: Option<String>) -> JsError {
-    let position = stack.as_deref().and_then(first_position).map(|(l, c)| format!(" on line {l}:{c}"));
+/// What error conversion needs to know about the VM.
+#[derive(Clone)]
+struct Diag {
+    timeout: Duration,
+    /// The code the plugin runs (to name the loop that timed out).
+    code: Arc<TransformedCode>,
+}
+
+/// Stack frames of plugin code: scripts are evaluated as `eval_script`, modules as `index.ts`
+/// (the prelude is the module `prelude`, so its frames never count).
+const PLUGIN_FRAMES: &[&str] = &["eval_script", VIRTUAL_FILENAME];
+
+/// `Script execution timed out after looping for T second(s) on line L:C` (reference 30 §4b):
+/// the position is the start of the innermost loop around where plugin code was interrupted.
+fn loop_timeout_error(diag: &Diag, stack: Option<String>) -> JsError {
+    let position = stack.as_deref().and_then(first_position).map(|(line, column)| {
+        let (l, c) =
+            crate::plugins::transform::enclosing_loop_start(&diag.code.code, line, column).unwrap_or((line, column));
+        format!(" on line {l}:{c}")
+    });
     JsError {
         name: "Error".to_string(),
         message: format!(
             "Script execution timed out after looping for {}{}",
-            seconds_text(timeout),
+            seconds_text(diag.timeout),
             position.unwrap_or_default()
         ),
         stack,
@@ -107,12 +123,15 @@ fn loop_timeout_error(timeout: Duration, stack: Option<String>) -> JsError {
     }
 }
 
-/// `(line, column)` of the first `name:L:C` frame of a QuickJS stack; columns made 0-based.
+/// `(line, column)` of the first plugin-code frame of a QuickJS stack; column made 0-based.
 fn first_position(stack: &str) -> Option<(u32, u32)> {
     for line in stack.lines() {
         let inner = line.rsplit_once('(').map(|(_, r)| r.trim_end_matches(')')).unwrap_or(line.trim());
         let mut parts = inner.rsplitn(3, ':');
-        let (Some(col), Some(row), Some(_file)) = (parts.next(), parts.next(), parts.next()) else { continue };
+        let (Some(col), Some(row), Some(file)) = (parts.next(), parts.next(), parts.next()) else { continue };
+        if !PLUGIN_FRAMES.contains(&file) {
+            continue;
+        }
         if let (Ok(row), Ok(col)) = (row.parse::<u32>(), col.parse::<u32>()) {
             return Some((row, col.saturating_sub(1)));
         }
@@ -120,7 +139,7 @@ fn first_position(stack: &str) -> Option<(u32, u32)> {
     None
 }
 
-fn error_from_value<'js>(ctx: &Ctx<'js>, value: &JsValue<'js>, timeout: Duration, interrupted: bool) -> JsError {
+fn error_from_value<'js>(ctx: &Ctx<'js>, value: &JsValue<'js>, diag: &Diag, interrupted: bool) -> JsError {
     let mut error = JsError::default();
     if let Some(object) = value.as_object() {
         error.name = object.get::<_, Option<String>>("name").ok().flatten().unwrap_or_default();
@@ -141,14 +160,14 @@ fn error_from_value<'js>(ctx: &Ctx<'js>, value: &JsValue<'js>, timeout: Duration
             .unwrap_or_default();
     }
     if error.name == "InternalError" && error.message == "interrupted" {
-        return loop_timeout_error(timeout, error.stack);
+        return loop_timeout_error(diag, error.stack);
     }
     error
 }
 
-fn caught<'js>(ctx: &Ctx<'js>, err: QjsError, timeout: Duration, interrupted: bool) -> JsError {
+fn caught<'js>(ctx: &Ctx<'js>, err: QjsError, diag: &Diag, interrupted: bool) -> JsError {
     match err {
-        QjsError::Exception => error_from_value(ctx, &ctx.catch(), timeout, interrupted),
+        QjsError::Exception => error_from_value(ctx, &ctx.catch(), diag, interrupted),
         other => JsError { name: "Error".into(), message: other.to_string(), ..JsError::default() },
     }
 }
@@ -204,8 +223,12 @@ pub struct VmInner {
     meta: Arc<dyn MetaBindings>,
     main: Option<Handle>,
     task_timeout: Duration,
+    diag: Diag,
     notify: Notify,
     last_progress: Cell<Instant>,
+    /// Interrupts that escaped promise jobs (no promise carries them): count and last error.
+    interrupts: Cell<u64>,
+    last_interrupt: RefCell<Option<JsError>>,
     next_id: Cell<u64>,
     self_weak: Weak<VmInner>,
     pub exports: RefCell<PluginExports>,
@@ -268,7 +291,7 @@ impl VmInner {
     /// `LocalSet`.
     pub async fn create(
         plugin_config_id: PluginConfigId,
-        code: &TransformedCode,
+        code: &Arc<TransformedCode>,
         meta: Arc<dyn MetaBindings>,
         options: &PoolOptions,
         main: Option<Handle>,
@@ -297,14 +320,15 @@ impl VmInner {
         rt.set_loader(ImportResolver, ImportLoader);
         let rejections: Rejections = Arc::default();
         let tracked = rejections.clone();
-        let timeout = options.task_timeout;
+        let diag = Diag { timeout: options.task_timeout, code: code.clone() };
+        let tracker_diag = diag.clone();
         rt.set_host_promise_rejection_tracker(Some(Box::new(move |ctx, promise, reason, is_handled| {
             let key = promise_key(&promise);
             let Ok(mut list) = tracked.lock() else { return };
             if is_handled {
                 list.retain(|(k, _)| *k != key);
             } else {
-                list.push((key, error_from_value(&ctx, &reason, timeout, false)));
+                list.push((key, error_from_value(&ctx, &reason, &tracker_diag, false)));
             }
         })));
         let ctx = Context::full(&rt).map_err(setup_error)?;
@@ -318,8 +342,11 @@ impl VmInner {
             meta,
             main,
             task_timeout: options.task_timeout,
+            diag,
             notify: Notify::new(),
             last_progress: Cell::new(Instant::now()),
+            interrupts: Cell::new(0),
+            last_interrupt: RefCell::new(None),
             next_id: Cell::new(1),
             self_weak: weak.clone(),
             exports: RefCell::default(),
@@ -350,13 +377,19 @@ impl VmInner {
                 Ok(true) => {}
                 Ok(false) => break,
                 Err(exception) => {
-                    // An error escaping a job (e.g. the interrupt inside a promise continuation):
-                    // the promise it belonged to stays pending and its call times out.
+                    // rquickjs 0.9 wraps the job's context without taking a reference, yet
+                    // releases one when the wrapper drops: take the reference it will give back.
+                    // SAFETY: the pointer is a live context of this runtime (QuickJS just ran a
+                    // job in it), and we are on the runtime's thread outside any `with`.
+                    unsafe { rquickjs::qjs::JS_DupContext(exception.0.as_raw().as_ptr()) };
+                    // An error escaping a job (the interrupt inside a promise continuation): the
+                    // promise it belonged to stays pending, so the calls waiting then fail with it.
                     let interrupted = self.clock.fired.load(Ordering::Relaxed);
-                    let error =
-                        exception.0.with(|ctx| error_from_value(&ctx, &ctx.catch(), self.task_timeout, interrupted));
+                    let error = exception.0.with(|ctx| error_from_value(&ctx, &ctx.catch(), &self.diag, interrupted));
                     tracing::debug!(plugin_config_id = self.plugin_config_id, %error, "plugin promise job failed");
                     if interrupted {
+                        self.interrupts.set(self.interrupts.get() + 1);
+                        *self.last_interrupt.borrow_mut() = Some(error);
                         self.clock.set(Instant::now() + self.task_timeout);
                     }
                 }
@@ -380,6 +413,7 @@ impl VmInner {
     async fn load(self: &Rc<Self>, code: &TransformedCode, test_env: bool) -> Result<(), PluginError> {
         let timeout = self.task_timeout;
         let deadline = Instant::now() + timeout + Duration::from_millis(1);
+        let interrupts_before = self.interrupts.get();
         let config = self.meta.config();
         let attachments = self.meta.attachments();
         let weak = self.self_weak.clone();
@@ -388,7 +422,10 @@ impl VmInner {
                 let host = Object::new(ctx.clone())?;
                 host::install(&ctx, &host)?;
                 install_async(&ctx, &host, weak)?;
-                let setup: Function = ctx.eval(PRELUDE)?;
+                // A module named `prelude`, so its stack frames are told apart from plugin code.
+                let (prelude, _) =
+                    Module::declare(ctx.clone(), "prelude", format!("export default {PRELUDE}"))?.eval()?;
+                let setup: Function = prelude.namespace()?.get("default")?;
                 let attachment_list = Array::new(ctx.clone())?;
                 for (i, a) in attachments.iter().enumerate() {
                     let item = Object::new(ctx.clone())?;
@@ -414,11 +451,11 @@ impl VmInner {
                 self.store_exports(&ctx, &found)?;
                 Ok(evaluation.map(|p| Persistent::save(&ctx, p)))
             };
-            run().map_err(|e| caught(&ctx, e, timeout, false))
+            run().map_err(|e| caught(&ctx, e, &self.diag, false))
         });
         let evaluation = result.map_err(|mut error| {
             if fired && !error.message.starts_with("Script execution timed out") {
-                error = loop_timeout_error(timeout, error.stack);
+                error = loop_timeout_error(&self.diag, error.stack);
             }
             PluginError::Js { error, args_after: None }
         })?;
@@ -427,7 +464,7 @@ impl VmInner {
             // Top-level await in an ES module: wait like any call, then rediscover exports.
             let id = self.fresh_id();
             self.state.borrow_mut().calls.insert(id, PendingCall { promise, args: Vec::new() });
-            self.wait(id, CallKind::Method, "setupPlugin", Instant::now(), deadline).await?;
+            self.wait(id, CallKind::Method, "setupPlugin", Instant::now(), deadline, interrupts_before).await?;
         }
         Ok(())
     }
@@ -474,6 +511,7 @@ impl VmInner {
         let timeout = self.task_timeout;
         let started = Instant::now();
         let deadline = started + timeout;
+        let interrupts_before = self.interrupts.get();
         let id = self.fresh_id();
         let (outcome, fired) = self.enter(deadline, |ctx| -> Result<Option<Value>, PluginError> {
             let mut js_args = Vec::with_capacity(args.len());
@@ -489,8 +527,8 @@ impl VmInner {
                 }
                 function.restore(&ctx)
             })();
-            let function =
-                prepared.map_err(|e| PluginError::Js { error: caught(&ctx, e, timeout, false), args_after: None })?;
+            let function = prepared
+                .map_err(|e| PluginError::Js { error: caught(&ctx, e, &self.diag, false), args_after: None })?;
             match function.call_arg::<JsValue>(call_args) {
                 Ok(result) => {
                     if let Some(promise) = result.as_promise() {
@@ -523,7 +561,7 @@ impl VmInner {
                 }
                 Err(e) => {
                     let interrupted = self.clock.fired.load(Ordering::Relaxed);
-                    let error = caught(&ctx, e, timeout, interrupted);
+                    let error = caught(&ctx, e, &self.diag, interrupted);
                     let args_after = if interrupted { None } else { Some(js_args.iter().map(from_js).collect()) };
                     Err(PluginError::Js { error, args_after })
                 }
@@ -534,7 +572,7 @@ impl VmInner {
         self.drain_jobs(deadline);
         match outcome {
             Some(value) => Ok(value),
-            None => self.wait(id, kind, method, started, deadline).await,
+            None => self.wait(id, kind, method, started, deadline, interrupts_before).await,
         }
     }
 
@@ -546,15 +584,21 @@ impl VmInner {
         method: &str,
         started: Instant,
         deadline: Instant,
+        interrupts_before: u64,
     ) -> Result<Value, PluginError> {
         let timeout = self.task_timeout;
-        let _ = started;
         loop {
             let notified = self.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             if let Some(result) = self.settled(id) {
                 return result;
+            }
+            if self.interrupts.get() != interrupts_before {
+                if let Some(error) = self.last_interrupt.borrow().clone() {
+                    self.state.borrow_mut().calls.remove(&id);
+                    return Err(PluginError::Js { error, args_after: None });
+                }
             }
             let wake_at = match kind {
                 CallKind::Method => deadline,
@@ -602,7 +646,7 @@ impl VmInner {
                         Some(Ok(v)) => v,
                         _ => JsValue::new_undefined(ctx.clone()),
                     };
-                    let error = error_from_value(&ctx, &reason, timeout, false);
+                    let error = error_from_value(&ctx, &reason, &self.diag, false);
                     let timed_out = error.message.starts_with("Script execution timed out after looping");
                     let args_after = if timed_out {
                         None
@@ -675,7 +719,7 @@ impl VmInner {
                 }
             })();
             if let Err(e) = outcome {
-                let error = caught(&ctx, e, timeout, false);
+                let error = caught(&ctx, e, &self.diag, false);
                 tracing::debug!(plugin_config_id = self.plugin_config_id, %error, "settling a host promise failed");
             }
         });
@@ -793,7 +837,7 @@ mod tests {
         assert_eq!(seconds_text(Duration::from_secs(1)), "1 second");
         assert_eq!(seconds_text(Duration::from_secs(30)), "30 seconds");
         assert_eq!(seconds_text(Duration::from_millis(500)), "0.5 seconds");
-        assert_eq!(first_position("    at processEvent (index.ts:3:17)\n"), Some((3, 16)));
+        assert_eq!(first_position("    at f (prelude:3:1)\n    at processEvent (index.ts:3:17)\n"), Some((3, 16)));
         assert_eq!(first_position("    at <eval> (eval_script:4:17)\n"), Some((4, 16)));
     }
 }

@@ -13,13 +13,17 @@
 use std::path::Path;
 
 use oxc::allocator::Allocator;
-use oxc::ast::ast::{Argument, CallExpression, Expression};
+use oxc::ast::ast::{
+    Argument, ArrowFunctionExpression, CallExpression, DoWhileStatement, Expression, ForStatement, Function,
+    WhileStatement,
+};
 use oxc::ast_visit::{walk, Visit};
 use oxc::codegen::Codegen;
 use oxc::diagnostics::OxcDiagnostic;
 use oxc::parser::Parser;
 use oxc::semantic::SemanticBuilder;
-use oxc::span::SourceType;
+use oxc::span::{GetSpan, SourceType, Span};
+use oxc::syntax::scope::ScopeFlags;
 use oxc::transformer::{TransformOptions, Transformer};
 
 /// The virtual file name of every plugin (the reference transforms as `index.ts`).
@@ -125,6 +129,98 @@ pub fn line_column(source: &str, offset: usize) -> (usize, usize) {
     let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
     let column = before.get(line_start..).map(|s| s.encode_utf16().count()).unwrap_or(0);
     (line, column)
+}
+
+/// The start (1-based line, 0-based column) of the `while`/`do…while`/`for` loop that was
+/// running when the engine interrupted plugin code at `line:column` — the reference names that
+/// loop in its timeout message (30 §4b). QuickJS reports the last position it recorded, which
+/// may precede the loop (e.g. the function start), so: the innermost loop of that function
+/// containing the position, else the first loop inside the function starting after it, else the
+/// last one before it.
+pub fn enclosing_loop_start(code: &str, line: u32, column: u32) -> Option<(u32, u32)> {
+    let mut offset = byte_offset(code, line, column)?;
+    // A position in indentation belongs to the statement that follows it.
+    offset += code.get(offset..)?.len() - code.get(offset..)?.trim_start().len();
+    let offset = offset as u32;
+    let allocator = Allocator::default();
+    let parsed = Parser::new(&allocator, code, SourceType::mjs()).parse();
+    let program_span = parsed.program.span;
+    let mut finder = LoopFinder { functions: vec![program_span], all_functions: vec![program_span], loops: Vec::new() };
+    finder.visit_program(&parsed.program);
+    let innermost = |spans: &mut dyn Iterator<Item = Span>| {
+        spans.filter(|s| s.start <= offset && offset <= s.end).min_by_key(|s| s.size())
+    };
+    let function = innermost(&mut finder.all_functions.iter().copied())?;
+    let own = finder.loops.iter().filter(|(_, f)| *f == function).map(|(l, _)| *l);
+    // Loops anywhere inside that function, e.g. in a callback it passed to `.then()`.
+    let mut inside: Vec<Span> =
+        finder.loops.iter().map(|(l, _)| *l).filter(|l| function.start <= l.start && l.end <= function.end).collect();
+    inside.sort_by_key(|s| s.start);
+    let chosen = innermost(&mut own.into_iter())
+        .or_else(|| inside.iter().copied().find(|s| s.start >= offset))
+        .or_else(|| inside.last().copied())?;
+    let (l, c) = line_column(code, chosen.start as usize);
+    Some((l as u32, c as u32))
+}
+
+/// Byte offset of a 1-based line and 0-based UTF-16 column.
+fn byte_offset(code: &str, line: u32, column: u32) -> Option<usize> {
+    let mut start = 0usize;
+    for _ in 1..line.max(1) {
+        start += code.get(start..)?.find('\n')? + 1;
+    }
+    let rest = code.get(start..)?;
+    let mut units = 0u32;
+    for (i, ch) in rest.char_indices() {
+        if units >= column || ch == '\n' {
+            return Some(start + i);
+        }
+        units += ch.len_utf16() as u32;
+    }
+    Some(start + rest.len())
+}
+
+/// Loops with the span of their innermost enclosing function (or the program).
+struct LoopFinder {
+    functions: Vec<Span>,
+    all_functions: Vec<Span>,
+    loops: Vec<(Span, Span)>,
+}
+
+impl LoopFinder {
+    fn add_loop(&mut self, span: Span) {
+        let function = self.functions.last().copied().unwrap_or(span);
+        self.loops.push((span, function));
+    }
+    fn enter_function(&mut self, span: Span) {
+        self.functions.push(span);
+        self.all_functions.push(span);
+    }
+}
+
+impl<'a> Visit<'a> for LoopFinder {
+    fn visit_while_statement(&mut self, it: &WhileStatement<'a>) {
+        self.add_loop(it.span());
+        walk::walk_while_statement(self, it);
+    }
+    fn visit_do_while_statement(&mut self, it: &DoWhileStatement<'a>) {
+        self.add_loop(it.span());
+        walk::walk_do_while_statement(self, it);
+    }
+    fn visit_for_statement(&mut self, it: &ForStatement<'a>) {
+        self.add_loop(it.span());
+        walk::walk_for_statement(self, it);
+    }
+    fn visit_function(&mut self, it: &Function<'a>, flags: ScopeFlags) {
+        self.enter_function(it.span());
+        walk::walk_function(self, it, flags);
+        self.functions.pop();
+    }
+    fn visit_arrow_function_expression(&mut self, it: &ArrowFunctionExpression<'a>) {
+        self.enter_function(it.span());
+        walk::walk_arrow_function_expression(self, it);
+        self.functions.pop();
+    }
 }
 
 /// Collects `require('<literal>')` calls with exactly one argument.
