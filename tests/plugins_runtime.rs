@@ -343,3 +343,24 @@ async fn export_events_plugins_get_the_buffer() {
     );
     assert_eq!(setup.config_error(CONFIG).await, None::<Value>);
 }
+
+#[tokio::test]
+async fn a_throwing_process_event_keeps_what_it_changed_before_the_throw() {
+    // The reference's postgres e2e plugin: mutate the event, then hit a ReferenceError.
+    let setup = setup(
+        "export function processEvent (event) {
+             event.properties.processed = 'hell yes'
+             event.properties.upperUuid = event.properties.uuid?.toUpperCase()
+             event.properties['$snapshot_data'] = 'no way'
+             return definitelyNotDefined(event)
+         }",
+    )
+    .await;
+    let returned = setup.plugins.run_process_event(event("$test")).await.expect("still ingested");
+    let properties = returned.properties.unwrap();
+    assert_eq!(properties["processed"], "hell yes");
+    assert_eq!(properties["$plugins_failed"], json!(["test-maxmind-plugin (39)"]));
+    let error = setup.config_error(CONFIG).await.unwrap();
+    assert_eq!(error["name"], "ReferenceError");
+    assert_eq!(error["event"]["properties"]["processed"], "hell yes");
+}

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use futures::future::join_all;
 use serde_json::Value;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::errors::{process_error, system_log, PluginFailure};
 use super::export_events::EXPORT_EVENTS_RETRY_JOB;
@@ -99,7 +99,7 @@ pub async fn run_process_event(
                     current = event;
                     let value = event_value(&current);
                     process_error(services, &entry.config, &PluginFailure::Error(error), Some(&value)).await;
-                    warn!(plugin = %entry.config.plugin.name(), "plugin.process_event.ERROR");
+                    debug!(plugin = %entry.config.plugin.name(), "plugin.process_event.ERROR");
                     failed.push(Value::String(entry.config.label()));
                 }
             }
@@ -140,7 +140,7 @@ pub async fn run_on_event(
             }
             if let Err(failure) = loaded.vm.call(method, vec![value.clone()]).await {
                 process_error(services, &entry.config, &PluginFailure::Error(failure.error), Some(value)).await;
-                warn!(plugin = %entry.config.plugin.name(), "plugin.on_event.ERROR");
+                debug!(plugin = %entry.config.plugin.name(), "plugin.on_event.ERROR");
             }
         }
     }))
