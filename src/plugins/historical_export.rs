@@ -5,7 +5,7 @@
 //! `max_timestamp`, `is_export_running`) so every thread and server shares one export.
 //!
 //! Events are read from `posthog_event` (the Postgres pipeline). The ClickHouse pipeline's
-//! `events` table is not read here: in Kafka mode the export finds no events.
+//! `events` table is not read here: in Kafka mode the job fails with a clear error instead.
 
 use std::sync::{Arc, Mutex};
 
@@ -115,6 +115,14 @@ impl HistoricalExport {
 
     /// The `Export historical events` job.
     pub async fn start(&self, payload: Option<Value>) -> Result<Value, CallError> {
+        if self.context.services.hub.config.KAFKA_ENABLED {
+            // Walking an empty posthog_event would look like a successful export of nothing.
+            return Err(JsError::new(
+                "Error",
+                "Exporting historical events reads ClickHouse in the Kafka pipeline, which this server does not support yet.",
+            )
+            .into());
+        }
         let storage = self.context.storage();
         if truthy(&storage.get(EXPORT_RUNNING_KEY, Value::Bool(false)).await?) {
             return Ok(Value::Null);
