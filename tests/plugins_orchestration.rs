@@ -120,6 +120,8 @@ async fn a_throwing_plugin_keeps_its_in_place_mutations_but_not_after_a_timeout(
 
     let returned = setup.plugins.run_process_event(event("timeout")).await.expect("kept");
     assert!(returned.properties.unwrap().get("mutated").is_none());
+    let runs = setup.observer.runs.lock().unwrap().clone();
+    assert_eq!(runs, [("processEvent".to_string(), 2, true), ("processEvent".to_string(), 2, true)]);
 }
 
 #[tokio::test]

@@ -3,6 +3,7 @@
 //! teardown. Errors raised by plugin code are recorded on the config and never fail the caller.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use futures::future::join_all;
 use serde_json::Value;
@@ -89,7 +90,10 @@ pub async fn run_process_event(
     for entry in team_configs {
         let Some(loaded) = entry.vm.get().await else { continue };
         if loaded.has(Method::ProcessEvent) {
-            match process_one(&loaded, &current).await {
+            let started = Instant::now();
+            let step = process_one(&loaded, &current).await;
+            services.observe(&entry.config, "processEvent", started, matches!(step, Step::Failed { .. }));
+            match step {
                 Step::Dropped => return None,
                 Step::Kept(returned) => {
                     current = returned;
@@ -138,7 +142,10 @@ pub async fn run_on_event(
             if !loaded.plugin_has(method) {
                 return;
             }
-            if let Err(failure) = loaded.vm.call(method, vec![value.clone()]).await {
+            let started = Instant::now();
+            let result = loaded.vm.call(method, vec![value.clone()]).await;
+            services.observe(&entry.config, method.name(), started, result.is_err());
+            if let Err(failure) = result {
                 process_error(services, &entry.config, &PluginFailure::Error(failure.error), Some(value)).await;
                 debug!(plugin = %entry.config.plugin.name(), "plugin.on_event.ERROR");
             }
@@ -155,6 +162,7 @@ pub async fn run_plugin_task(
     name: &str,
     payload: Option<Value>,
 ) -> Option<Value> {
+    let started = Instant::now();
     let loaded = match entry {
         Some(entry) => entry.vm.get().await,
         None => None,
@@ -169,6 +177,9 @@ pub async fn run_plugin_task(
         },
         None => Err(task_not_found(entry, name)),
     };
+    if let Some(entry) = entry {
+        services.observe(&entry.config, "pluginTask", started, result.is_err());
+    }
     match result {
         Ok(value) => Some(value),
         Err(error) => {

@@ -13,7 +13,8 @@ use futures::future::BoxFuture;
 use plugin_server::event::PluginEvent;
 use plugin_server::hub::Hub;
 use plugin_server::plugins::extensions::{
-    CaptureSink, CapturedEvent, EnqueuedJob, JobEnqueuer, PluginContext, PluginServices, SinkError,
+    CaptureSink, CapturedEvent, EnqueuedJob, JobEnqueuer, PluginContext, PluginRun, PluginServices, RunObserver,
+    SinkError,
 };
 use plugin_server::plugins::lazy::LoadOptions;
 use plugin_server::plugins::log_entries::PostgresLogSink;
@@ -46,6 +47,18 @@ impl JobEnqueuer for RecordingJobs {
     async fn enqueue(&self, job: EnqueuedJob) -> Result<(), SinkError> {
         self.jobs.lock().unwrap().push(job);
         Ok(())
+    }
+}
+
+/// Records `(function, team, failed)` of every plugin call.
+#[derive(Default)]
+pub struct RecordingObserver {
+    pub runs: Mutex<Vec<(String, i64, bool)>>,
+}
+
+impl RunObserver for RecordingObserver {
+    fn plugin_ran(&self, run: &PluginRun<'_>) {
+        self.runs.lock().unwrap().push((run.function.to_string(), run.team_id, run.failed));
     }
 }
 
@@ -178,6 +191,7 @@ pub struct Setup {
     pub hub: Hub,
     pub capture: Arc<RecordingCapture>,
     pub jobs: Arc<RecordingJobs>,
+    pub observer: Arc<RecordingObserver>,
     pub services: Arc<PluginServices>,
     pub plugins: Plugins,
 }
@@ -198,15 +212,18 @@ impl Setup {
         let hub = Hub::connect(db.config(extra_config)).await.expect("hub");
         let capture = Arc::new(RecordingCapture::default());
         let jobs = Arc::new(RecordingJobs::default());
-        let services = Arc::new(PluginServices::new(
+        let observer = Arc::new(RecordingObserver::default());
+        let mut services = PluginServices::new(
             hub.clone(),
             Arc::new(PostgresLogSink::new(hub.postgres.clone(), true)),
             capture.clone(),
             jobs.clone(),
             None,
-        ));
+        );
+        services.observer = observer.clone();
+        let services = Arc::new(services);
         let plugins = Plugins::new(services.clone(), factory, options);
-        Setup { db, hub, capture, jobs, services, plugins }
+        Setup { db, hub, capture, jobs, observer, services, plugins }
     }
 
     pub async fn config_error(&self, config_id: i32) -> Option<Value> {
