@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use plugin_server::event::PluginEvent;
 use plugin_server::plugins::export_events::json_length;
-use plugin_server::plugins::lazy::LoadOptions;
 use plugin_server::plugins::vm::{JsError, Method, VmExports};
 use plugins_support::*;
 use serde_json::{json, Value};
@@ -35,15 +34,7 @@ fn exporter(batches: Arc<Mutex<Vec<Vec<Value>>>>, retry: bool) -> FakePlugin {
 }
 
 async fn setup_with(plugin: FakePlugin, config: Value) -> Setup {
-    let fakes = Arc::new(FakeFactory::default());
-    fakes.register("export", plugin);
-    let setup = Setup::with_options(
-        "export",
-        Arc::new(SharedFakeFactory(fakes)),
-        LoadOptions { retry_base: Duration::from_secs(3), test_env: true },
-        &[],
-    )
-    .await;
+    let (_fakes, setup) = fake_setup(plugin, Duration::from_secs(3)).await;
     sqlx::query("UPDATE posthog_pluginconfig SET config = $1 WHERE id = 39")
         .bind(config)
         .execute(&setup.db.pool)
@@ -70,7 +61,16 @@ async fn buffers_by_bytes_and_flushes_the_rest_after_the_timeout() {
     .await;
     let capabilities = setup.plugins.capabilities(CONFIG).await.unwrap();
     assert_eq!(capabilities["methods"], json!(["setupPlugin", "teardownPlugin", "exportEvents", "onEvent"]));
-    assert_eq!(capabilities["jobs"], json!(["exportEventsWithRetry"]));
+    assert_eq!(
+        capabilities["jobs"],
+        json!(["exportEventsWithRetry", "exportEventsFromTheBeginning", "Export historical events"])
+    );
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            setup.plugin_column(60, "public_jobs").await == json!({"Export historical events": {}})
+        })
+        .await
+    );
     assert_eq!(
         setup.plugin_column(60, "metrics").await,
         json!({"events_seen": "sum", "events_delivered_successfully": "sum", "undelivered_events": "sum", "retry_errors": "sum", "other_errors": "sum"})
@@ -176,4 +176,73 @@ async fn other_errors_are_recorded_and_teardown_flushes() {
     let values = setup.services.metrics.values(CONFIG);
     assert_eq!(values["other_errors"], 2);
     assert_eq!(values["undelivered_events"], 2);
+}
+
+/// Runs due jobs the way the job consumer would, until none are left (retries scheduled for
+/// later are left alone).
+async fn drain_jobs(setup: &Setup) -> usize {
+    let mut ran = 0;
+    loop {
+        let now = chrono::Utc::now().timestamp_millis() + 1000;
+        let due = {
+            let mut jobs = setup.jobs.jobs.lock().unwrap();
+            let index = jobs.iter().position(|job| job.timestamp <= now);
+            index.map(|index| jobs.remove(index))
+        };
+        let Some(job) = due else { return ran };
+        setup.plugins.run_job(job).await;
+        ran += 1;
+        assert!(ran < 200, "the export does not end");
+    }
+}
+
+#[tokio::test]
+async fn historical_export_walks_the_stored_events() {
+    let batches = Arc::new(Mutex::new(Vec::new()));
+    let (_fakes, setup) = fake_setup(exporter(batches.clone(), false), Duration::from_secs(3)).await;
+    for minutes_ago in [9, 7, 5, 3] {
+        sqlx::query(
+            "INSERT INTO posthog_event (created_at, event, distinct_id, properties, team_id, timestamp) \
+             VALUES (now(), 'historical', 'd1', '{\"$ip\": \"1.2.3.4\"}', 2, now() - make_interval(mins => $1))",
+        )
+        .bind(minutes_ago)
+        .execute(&setup.db.pool)
+        .await
+        .unwrap();
+    }
+    setup.plugins.reload().await.unwrap();
+    setup.plugins.capabilities(CONFIG).await.unwrap();
+    let job = |payload: Value| plugin_server::plugins::extensions::EnqueuedJob {
+        job_type: "Export historical events".into(),
+        payload,
+        timestamp: 0,
+        plugin_config_id: CONFIG,
+        plugin_config_team: 2,
+    };
+    let exported = |batches: &Arc<Mutex<Vec<Vec<Value>>>>| batches.lock().unwrap().iter().map(Vec::len).sum::<usize>();
+
+    setup.plugins.run_job(job(json!({}))).await;
+    drain_jobs(&setup).await;
+    assert_eq!(exported(&batches), 4);
+    let first = batches.lock().unwrap().iter().find(|batch| !batch.is_empty()).unwrap()[0].clone();
+    assert_eq!(first["event"], "historical");
+    assert_eq!(first["ip"], "1.2.3.4");
+    assert_eq!(first["site_url"], "");
+    let logs: Vec<String> = setup.log_entries(CONFIG).await.into_iter().map(|(_, _, message)| message).collect();
+    assert!(logs.iter().any(|message| message.ends_with(") Done exporting all events")), "{logs:?}");
+    assert!(logs.iter().any(|message| message.contains(") Successfully processed events 0-100 from ")));
+    assert!(logs.iter().any(|message| message.contains(") Export progress: ")));
+
+    // Nothing stored after `dateFrom`: nothing exported.
+    batches.lock().unwrap().clear();
+    let now = chrono::Utc::now().to_rfc3339();
+    setup.plugins.run_job(job(json!({"dateFrom": now, "dateTo": now}))).await;
+    drain_jobs(&setup).await;
+    assert_eq!(exported(&batches), 0);
+
+    let hour_ago = (chrono::Utc::now() - chrono::Duration::hours(1)).to_rfc3339();
+    setup.plugins.run_job(job(json!({"dateFrom": hour_ago}))).await;
+    drain_jobs(&setup).await;
+    assert_eq!(exported(&batches), 4);
+    assert_eq!(setup.config_error(CONFIG).await, None);
 }

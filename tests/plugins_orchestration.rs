@@ -2,6 +2,8 @@
 //! the processEvent chain, error recording, ordering, reloads, capabilities, metrics, set-up
 //! retries, teardown, tasks and jobs (the reference's tests/plugins.test.ts, vm.lazy.test.ts,
 //! postgres/teardown.test.ts and the orchestration parts of postgres/vm.test.ts).
+// Scripted plugins return the runtime's `CallError` (a JS error plus the mutated arguments).
+#![allow(clippy::result_large_err)]
 
 mod common;
 mod plugins_support;
@@ -27,14 +29,10 @@ fn shared(factory: &Arc<FakeFactory>) -> Arc<SharedFakeFactory> {
 
 /// processEvent that sets `properties.processed = true`.
 fn processed_plugin() -> FakePlugin {
-    FakePlugin {
-        exports: exports(&[Method::ProcessEvent]),
-        handler: handler(|call| async move {
-            let mut event = call.args[0].clone();
-            event["properties"]["processed"] = json!(true);
-            Ok(event)
-        }),
-    }
+    process_event_plugin(|mut event| {
+        event["properties"]["processed"] = json!(true);
+        Ok(event)
+    })
 }
 
 #[tokio::test]
@@ -85,19 +83,11 @@ async fn a_null_return_drops_the_event_and_stops_the_chain() {
 
 #[tokio::test]
 async fn changing_team_id_is_an_error_and_the_team_is_restored() {
-    let fakes = factory();
-    fakes.register(
-        "team",
-        FakePlugin {
-            exports: exports(&[Method::ProcessEvent]),
-            handler: handler(|call| async move {
-                let mut event = call.args[0].clone();
-                event["team_id"] = json!(400);
-                Ok(event)
-            }),
-        },
-    );
-    let setup = Setup::new("team", shared(&fakes)).await;
+    let plugin = process_event_plugin(|mut event| {
+        event["team_id"] = json!(400);
+        Ok(event)
+    });
+    let (_fakes, setup) = fake_setup(plugin, Duration::from_secs(3)).await;
     setup.plugins.reload().await.unwrap();
     let returned = setup.plugins.run_process_event(event("$test")).await.expect("kept");
     assert_eq!(returned.team_id, 2);
@@ -114,26 +104,15 @@ async fn changing_team_id_is_an_error_and_the_team_is_restored() {
 
 #[tokio::test]
 async fn a_throwing_plugin_keeps_its_in_place_mutations_but_not_after_a_timeout() {
-    let fakes = factory();
-    fakes.register(
-        "throws",
-        FakePlugin {
-            exports: exports(&[Method::ProcessEvent]),
-            handler: handler(|call| async move {
-                let mut event = call.args[0].clone();
-                let timeout = event["event"] == "timeout";
-                event["properties"]["mutated"] = json!(true);
-                if timeout {
-                    return Err(CallError {
-                        error: JsError::new("TimeoutError", "Script execution timed out"),
-                        args: None,
-                    });
-                }
-                Err(CallError { error: JsError::new("ReferenceError", "x is not defined"), args: Some(vec![event]) })
-            }),
-        },
-    );
-    let setup = Setup::new("throws", shared(&fakes)).await;
+    let plugin = process_event_plugin(|mut event| {
+        let timeout = event["event"] == "timeout";
+        event["properties"]["mutated"] = json!(true);
+        if timeout {
+            return Err(CallError { error: JsError::new("TimeoutError", "Script execution timed out"), args: None });
+        }
+        Err(CallError { error: JsError::new("ReferenceError", "x is not defined"), args: Some(vec![event]) })
+    });
+    let (_fakes, setup) = fake_setup(plugin, Duration::from_secs(3)).await;
     setup.plugins.reload().await.unwrap();
     let returned = setup.plugins.run_process_event(event("$test")).await.expect("kept");
     let properties = returned.properties.unwrap();
@@ -143,6 +122,8 @@ async fn a_throwing_plugin_keeps_its_in_place_mutations_but_not_after_a_timeout(
 
     let returned = setup.plugins.run_process_event(event("timeout")).await.expect("kept");
     assert!(returned.properties.unwrap().get("mutated").is_none());
+    let runs = setup.observer.runs.lock().unwrap().clone();
+    assert_eq!(runs, [("processEvent".to_string(), 2, true), ("processEvent".to_string(), 2, true)]);
 }
 
 #[tokio::test]
@@ -284,19 +265,13 @@ async fn loading_failures_are_recorded_with_the_reference_messages() {
 async fn configs_run_in_order_and_reloads_only_reload_what_changed() {
     let fakes = factory();
     for id in [60, 61, 62, 63, 64] {
-        fakes.register(
-            &format!("push-{id}"),
-            FakePlugin {
-                exports: exports(&[Method::ProcessEvent]),
-                handler: handler(move |call| async move {
-                    let mut event = call.args[0].clone();
-                    let mut list = event["properties"]["plugins"].as_array().cloned().unwrap_or_default();
-                    list.push(json!(id));
-                    event["properties"]["plugins"] = json!(list);
-                    Ok(event)
-                }),
-            },
-        );
+        let plugin = process_event_plugin(move |mut event| {
+            let mut list = event["properties"]["plugins"].as_array().cloned().unwrap_or_default();
+            list.push(json!(id));
+            event["properties"]["plugins"] = json!(list);
+            Ok(event)
+        });
+        fakes.register(&format!("push-{id}"), plugin);
     }
     let setup = Setup::new("push-60", shared(&fakes)).await;
     sqlx::query("UPDATE posthog_pluginconfig SET \"order\" = 2 WHERE id = 39").execute(&setup.db.pool).await.unwrap();
@@ -546,10 +521,7 @@ async fn teardown_errors_are_recorded_and_teardown_runs_before_the_reloaded_setu
     setup.plugins.reload().await.unwrap();
     let before = setup.plugins.run_process_event(event("$test")).await.unwrap();
     assert_eq!(before.properties.unwrap()["storage"], "nope");
-    sqlx::query("UPDATE posthog_pluginconfig SET updated_at = now() + interval '1 second' WHERE id = 39")
-        .execute(&setup.db.pool)
-        .await
-        .unwrap();
+    setup.touch_config(CONFIG).await;
     setup.plugins.reload().await.unwrap();
     let after = setup.plugins.run_process_event(event("$test")).await.unwrap();
     assert_eq!(after.properties.unwrap()["storage"], "tore down");

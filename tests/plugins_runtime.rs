@@ -242,7 +242,14 @@ async fn console_capture_jobs_tasks_and_metrics_from_plugin_code() {
     setup.plugins.run_process_event(event("hello")).await.unwrap();
     let logged = ("CONSOLE".to_string(), "LOG".to_string(), "logged event".to_string());
     assert!(eventually(Duration::from_secs(5), || async { setup.log_entries(CONFIG).await.contains(&logged) }).await);
-    assert_eq!(setup.services.metrics.values(CONFIG)["seen"], 1);
+    // Neither the metric nor the job is awaited by the plugin.
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            setup.services.metrics.values(CONFIG).get("seen") == Some(&json!(1))
+        })
+        .await
+    );
+    assert!(eventually(Duration::from_secs(5), || async { !setup.jobs.jobs.lock().unwrap().is_empty() }).await);
     let job: EnqueuedJob = setup.jobs.jobs.lock().unwrap()[0].clone();
     assert_eq!((job.job_type.as_str(), &job.payload), ("reply", &json!({"text": "hello"})));
     setup.plugins.run_job(job).await;
@@ -258,6 +265,8 @@ async fn console_capture_jobs_tasks_and_metrics_from_plugin_code() {
     assert_eq!(schedule.ids(ScheduleKind::RunEveryDay), &[CONFIG]);
     assert_eq!(setup.plugins.run_scheduled(ScheduleKind::RunEveryMinute, CONFIG).await, Some(json!("haha")));
     assert_eq!(setup.plugins.run_scheduled(ScheduleKind::RunEveryDay, CONFIG).await, Some(json!(4)));
+    // `posthog.capture` is not awaited by the task either.
+    assert!(eventually(Duration::from_secs(5), || async { !setup.capture.events.lock().unwrap().is_empty() }).await);
     let captured = setup.capture.events.lock().unwrap().clone();
     assert_eq!(captured.len(), 1);
     assert_eq!(captured[0].data["event"], "my-new-event");
@@ -281,10 +290,7 @@ async fn teardown_runs_on_every_thread_and_errors_are_recorded() {
     .await;
     let before = setup.plugins.run_process_event(event("$test")).await.unwrap();
     assert_eq!(before.properties.unwrap()["storage"], "nope");
-    sqlx::query("UPDATE posthog_pluginconfig SET updated_at = now() + interval '1 second' WHERE id = 39")
-        .execute(&setup.db.pool)
-        .await
-        .unwrap();
+    setup.touch_config(CONFIG).await;
     setup.plugins.reload().await.unwrap();
     let after = setup.plugins.run_process_event(event("$test")).await.unwrap();
     assert_eq!(after.properties.unwrap()["storage"], "tore down");
@@ -336,4 +342,25 @@ async fn export_events_plugins_get_the_buffer() {
         .await
     );
     assert_eq!(setup.config_error(CONFIG).await, None::<Value>);
+}
+
+#[tokio::test]
+async fn a_throwing_process_event_keeps_what_it_changed_before_the_throw() {
+    // The reference's postgres e2e plugin: mutate the event, then hit a ReferenceError.
+    let setup = setup(
+        "export function processEvent (event) {
+             event.properties.processed = 'hell yes'
+             event.properties.upperUuid = event.properties.uuid?.toUpperCase()
+             event.properties['$snapshot_data'] = 'no way'
+             return definitelyNotDefined(event)
+         }",
+    )
+    .await;
+    let returned = setup.plugins.run_process_event(event("$test")).await.expect("still ingested");
+    let properties = returned.properties.unwrap();
+    assert_eq!(properties["processed"], "hell yes");
+    assert_eq!(properties["$plugins_failed"], json!(["test-maxmind-plugin (39)"]));
+    let error = setup.config_error(CONFIG).await.unwrap();
+    assert_eq!(error["name"], "ReferenceError");
+    assert_eq!(error["event"]["properties"]["processed"], "hell yes");
 }

@@ -222,7 +222,10 @@ impl ExportEvents {
             self.metric("events_seen", count);
         }
         let config = &self.context.config;
-        match self.vm.call(Method::ExportEvents, vec![Value::Array(batch.clone())]).await {
+        let started = std::time::Instant::now();
+        let result = self.vm.call(Method::ExportEvents, vec![Value::Array(batch.clone())]).await;
+        self.context.services.observe(config, "exportEvents", started, result.is_err());
+        match result {
             Ok(_) => {
                 self.metric("events_delivered_successfully", count);
                 Ok(Value::Null)

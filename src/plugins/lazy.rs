@@ -18,6 +18,7 @@ use super::errors::{clear_error, process_error, system_log, PluginFailure};
 use super::export_events::{ExportEvents, ExportSettings, EXPORT_EVENTS_RETRY_JOB};
 use super::extensions::metrics::setup_metrics;
 use super::extensions::{PluginContext, PluginServices};
+use super::historical_export::{self, HistoricalExport};
 use super::loader::PluginCode;
 use super::log_entries::LogType;
 use super::rows::{self, disable_plugin_config};
@@ -60,6 +61,7 @@ pub struct LoadedVm {
     /// Jobs after upgrades (exportEvents adds `exportEventsWithRetry`).
     pub jobs: Vec<String>,
     pub export: Option<Arc<ExportEvents>>,
+    pub historical: Option<Arc<HistoricalExport>>,
 }
 
 impl LoadedVm {
@@ -230,11 +232,31 @@ async fn initialize(
                 methods.push(method);
             }
         }
-        if !jobs.iter().any(|job| job == EXPORT_EVENTS_RETRY_JOB) {
-            jobs.push(EXPORT_EVENTS_RETRY_JOB.to_string());
+        for job in [EXPORT_EVENTS_RETRY_JOB, historical_export::CHUNK_JOB, historical_export::INTERFACE_JOB] {
+            if !jobs.iter().any(|existing| existing == job) {
+                jobs.push(job.to_string());
+            }
         }
         let settings = ExportSettings::from_config(&context.config.config, options.test_env);
         Some(ExportEvents::new(settings, vm.clone(), context.clone()))
+    } else {
+        None
+    };
+    let historical = if export_events {
+        let pool = services.hub.postgres.clone();
+        let plugin_id = context.config.plugin_id;
+        tokio::spawn(async move { historical_export::add_public_job(&pool, plugin_id).await });
+        // Events from here on reach exportEvents through onEvent: the historical export stops at
+        // the last event stored before this set-up.
+        let boundaries =
+            match historical_export::fetch_timestamp_boundaries(&services.hub.postgres, context.config.team()).await {
+                Ok(boundaries) => boundaries,
+                Err(err) => {
+                    vm.dispose().await;
+                    return Err(JsError::new("Error", err.to_string()));
+                }
+            };
+        Some(Arc::new(HistoricalExport::new(vm.clone(), context.clone(), boundaries)))
     } else {
         None
     };
@@ -251,6 +273,7 @@ async fn initialize(
         scheduled_tasks: exports.scheduled_tasks,
         jobs,
         export,
+        historical,
     }))
 }
 

@@ -156,6 +156,12 @@ impl PostgresLogSink {
         PostgresLogSink { pool, immediate, state: Arc::new(Mutex::new(SinkState::default())) }
     }
 
+    /// Immediate in the test environment (`NODE_ENV=test`), batched otherwise.
+    pub fn for_env(pool: PgPool) -> PostgresLogSink {
+        let test_env = crate::config::NodeEnv::detect(&|key| std::env::var(key).ok()) == crate::config::NodeEnv::Test;
+        PostgresLogSink::new(pool, test_env)
+    }
+
     fn take(state: &Mutex<SinkState>) -> Vec<PluginLogEntry> {
         match state.lock() {
             Ok(mut state) => {

@@ -14,11 +14,13 @@ use serde_json::Value;
 use tracing::{error, info};
 
 use super::errors::PluginsError;
-use super::extensions::{EnqueuedJob, PluginContext, PluginServices};
+use super::extensions::{build_capture, EnqueuedJob, PluginContext, PluginServices, SinkError};
 use super::lazy::{LazyVm, LoadOptions};
 use super::loader::{apply_schema_defaults, load_code, schema_is_empty};
 use super::rows::{fetch_in_force, Plugin, PluginConfig};
 use super::run::{self, ConfigEntry};
+use super::runtime::WorkerPool;
+use super::runtime_vm::RuntimeVmFactory;
 use super::vm::{Method, TaskKind, VmFactory};
 use crate::event::PluginEvent;
 
@@ -103,6 +105,11 @@ impl Plugins {
             schedule: Arc::new(Mutex::new(None)),
             schedule_generation: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         }
+    }
+
+    /// The production wiring: VMs on the QuickJS worker pool, the reference's timing.
+    pub fn on_runtime(services: Arc<PluginServices>, pool: Arc<WorkerPool>) -> Plugins {
+        Plugins::new(services, Arc::new(RuntimeVmFactory::new(pool)), LoadOptions::from_env())
     }
 
     pub fn services(&self) -> &Arc<PluginServices> {
@@ -296,6 +303,14 @@ impl Plugins {
         let loaded = self.snapshot();
         join_all(loaded.by_id.values().map(|entry| run::teardown(&self.services, entry, true))).await;
         self.services.logs.flush().await;
+    }
+
+    /// `posthog.capture(event, properties)` as a loaded config (for example `$$plugin_metrics` sent
+    /// by an accumulator kept elsewhere). `false` when the config is not loaded.
+    pub async fn capture_as(&self, config_id: i32, event: &str, properties: Value) -> Result<bool, SinkError> {
+        let Some(config) = self.config(config_id) else { return Ok(false) };
+        let captured = build_capture(&config, event, Some(&properties), crate::VERSION);
+        self.services.capture.capture(captured).await.map(|()| true)
     }
 
     /// Captures the accumulated `$$plugin_metrics` events and resets the accumulators.

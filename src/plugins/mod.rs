@@ -7,7 +7,7 @@
 //! which configs are in force ([`rows`]), where their code comes from ([`loader`], [`archive`]),
 //! the meta API behind `meta.*`, `console` and `posthog` ([`extensions`]), plugin log entries
 //! ([`log_entries`]), error recording ([`errors`]), the VM lifecycle with set-up retries ([`lazy`]),
-//! the exportEvents buffer ([`export_events`]), the bridge to the runtime ([`runtime_vm`]) and the
+//! the exportEvents buffer and historical export ([`export_events`], [`historical_export`]), the bridge to the runtime ([`runtime_vm`]) and the
 //! [`Plugins`](manager::Plugins) facade the queues, scheduler and job consumer call.
 
 pub mod runtime;
@@ -17,6 +17,7 @@ pub mod archive;
 pub mod errors;
 pub mod export_events;
 pub mod extensions;
+pub mod historical_export;
 pub mod js;
 pub mod lazy;
 pub mod loader;

@@ -207,48 +207,36 @@ pub async fn fetch_in_force(pool: &PgPool) -> Result<InForceRows, sqlx::Error> {
     Ok(InForceRows { plugins, configs, attachments })
 }
 
+/// Runs `UPDATE … SET <json column> = $1 WHERE id = $2`.
+async fn set_json(pool: &PgPool, sql: &str, value: Option<&Value>, id: i32) -> Result<(), sqlx::Error> {
+    sqlx::query(sql).bind(value).bind(id).execute(pool).await.map(|_| ())
+}
+
 pub async fn set_plugin_capabilities(pool: &PgPool, plugin_id: i32, capabilities: &Value) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE posthog_plugin SET capabilities = $1 WHERE id = $2")
-        .bind(capabilities)
-        .bind(plugin_id)
-        .execute(pool)
-        .await
-        .map(|_| ())
+    set_json(pool, "UPDATE posthog_plugin SET capabilities = $1 WHERE id = $2", Some(capabilities), plugin_id).await
 }
 
 pub async fn set_plugin_metrics(pool: &PgPool, plugin_id: i32, metrics: &Value) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE posthog_plugin SET metrics = $1 WHERE id = $2")
-        .bind(metrics)
-        .bind(plugin_id)
-        .execute(pool)
-        .await
-        .map(|_| ())
+    set_json(pool, "UPDATE posthog_plugin SET metrics = $1 WHERE id = $2", Some(metrics), plugin_id).await
 }
 
 /// Writes (or clears, with `None`) `posthog_pluginconfig.error`.
 pub async fn set_config_error(pool: &PgPool, config_id: i32, error: Option<&Value>) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE posthog_pluginconfig SET error = $1 WHERE id = $2")
-        .bind(error)
-        .bind(config_id)
-        .execute(pool)
-        .await
-        .map(|_| ())
+    set_json(pool, "UPDATE posthog_pluginconfig SET error = $1 WHERE id = $2", error, config_id).await
+}
+
+/// Runs an update whose only parameter is the row id.
+async fn update_by_id(pool: &PgPool, sql: &str, id: i32) -> Result<(), sqlx::Error> {
+    sqlx::query(sql).bind(id).execute(pool).await.map(|_| ())
 }
 
 /// Clears `posthog_pluginconfig.error` when set.
 pub async fn clear_config_error(pool: &PgPool, config_id: i32) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE posthog_pluginconfig SET error = NULL WHERE id = $1 AND error IS NOT NULL")
-        .bind(config_id)
-        .execute(pool)
+    update_by_id(pool, "UPDATE posthog_pluginconfig SET error = NULL WHERE id = $1 AND error IS NOT NULL", config_id)
         .await
-        .map(|_| ())
 }
 
 /// Disables a config after too many failed set-up attempts.
 pub async fn disable_plugin_config(pool: &PgPool, config_id: i32) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE posthog_pluginconfig SET enabled = 'f' WHERE id = $1 AND enabled = 't'")
-        .bind(config_id)
-        .execute(pool)
-        .await
-        .map(|_| ())
+    update_by_id(pool, "UPDATE posthog_pluginconfig SET enabled = 'f' WHERE id = $1 AND enabled = 't'", config_id).await
 }

@@ -3,14 +3,16 @@
 //! teardown. Errors raised by plugin code are recorded on the config and never fail the caller.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use futures::future::join_all;
 use serde_json::Value;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::errors::{process_error, system_log, PluginFailure};
 use super::export_events::EXPORT_EVENTS_RETRY_JOB;
 use super::extensions::PluginServices;
+use super::historical_export;
 use super::lazy::{LazyVm, LoadedVm};
 use super::log_entries::LogType;
 use super::rows::PluginConfig;
@@ -88,7 +90,10 @@ pub async fn run_process_event(
     for entry in team_configs {
         let Some(loaded) = entry.vm.get().await else { continue };
         if loaded.has(Method::ProcessEvent) {
-            match process_one(&loaded, &current).await {
+            let started = Instant::now();
+            let step = process_one(&loaded, &current).await;
+            services.observe(&entry.config, "processEvent", started, matches!(step, Step::Failed { .. }));
+            match step {
                 Step::Dropped => return None,
                 Step::Kept(returned) => {
                     current = returned;
@@ -98,7 +103,7 @@ pub async fn run_process_event(
                     current = event;
                     let value = event_value(&current);
                     process_error(services, &entry.config, &PluginFailure::Error(error), Some(&value)).await;
-                    warn!(plugin = %entry.config.plugin.name(), "plugin.process_event.ERROR");
+                    debug!(plugin = %entry.config.plugin.name(), "plugin.process_event.ERROR");
                     failed.push(Value::String(entry.config.label()));
                 }
             }
@@ -137,9 +142,12 @@ pub async fn run_on_event(
             if !loaded.plugin_has(method) {
                 return;
             }
-            if let Err(failure) = loaded.vm.call(method, vec![value.clone()]).await {
+            let started = Instant::now();
+            let result = loaded.vm.call(method, vec![value.clone()]).await;
+            services.observe(&entry.config, method.name(), started, result.is_err());
+            if let Err(failure) = result {
                 process_error(services, &entry.config, &PluginFailure::Error(failure.error), Some(value)).await;
-                warn!(plugin = %entry.config.plugin.name(), "plugin.on_event.ERROR");
+                debug!(plugin = %entry.config.plugin.name(), "plugin.on_event.ERROR");
             }
         }
     }))
@@ -154,30 +162,24 @@ pub async fn run_plugin_task(
     name: &str,
     payload: Option<Value>,
 ) -> Option<Value> {
+    let started = Instant::now();
     let loaded = match entry {
         Some(entry) => entry.vm.get().await,
         None => None,
     };
     let result = match &loaded {
-        Some(loaded) if kind == TaskKind::Job && name == EXPORT_EVENTS_RETRY_JOB && loaded.export.is_some() => {
-            match &loaded.export {
-                Some(export) => export.export_with_retry(payload.unwrap_or(Value::Null)).await.map_err(|f| f.error),
-                None => Ok(Value::Null),
+        Some(loaded) => match host_job(loaded, kind, name, payload.clone()).await {
+            Some(result) => result,
+            None if has_task(loaded, kind, name) => {
+                loaded.vm.run_task(kind, name, payload).await.map_err(|failure| failure.error)
             }
-        }
-        Some(loaded) if has_task(loaded, kind, name) => {
-            loaded.vm.run_task(kind, name, payload).await.map_err(|failure| failure.error)
-        }
-        _ => {
-            let plugin_name = entry.map(|entry| entry.config.plugin.name()).unwrap_or_else(|| "undefined".into());
-            // The reference renders the config object with String(), hence `[object Object]`.
-            let config = if entry.is_some() { "[object Object]" } else { "undefined" };
-            Err(JsError::new(
-                "Error",
-                format!("Task \"{name}\" not found for plugin \"{plugin_name}\" with config id {config}"),
-            ))
-        }
+            None => Err(task_not_found(entry, name)),
+        },
+        None => Err(task_not_found(entry, name)),
     };
+    if let Some(entry) = entry {
+        services.observe(&entry.config, "pluginTask", started, result.is_err());
+    }
     match result {
         Ok(value) => Some(value),
         Err(error) => {
@@ -188,6 +190,34 @@ pub async fn run_plugin_task(
             None
         }
     }
+}
+
+fn task_not_found(entry: Option<&Arc<ConfigEntry>>, name: &str) -> JsError {
+    let plugin_name = entry.map(|entry| entry.config.plugin.name()).unwrap_or_else(|| "undefined".into());
+    // The reference renders the config object with String(), hence `[object Object]`.
+    let config = if entry.is_some() { "[object Object]" } else { "undefined" };
+    JsError::new("Error", format!("Task \"{name}\" not found for plugin \"{plugin_name}\" with config id {config}"))
+}
+
+/// Jobs the server adds to exportEvents plugins, run here rather than in the VM.
+async fn host_job(
+    loaded: &LoadedVm,
+    kind: TaskKind,
+    name: &str,
+    payload: Option<Value>,
+) -> Option<Result<Value, JsError>> {
+    if kind != TaskKind::Job {
+        return None;
+    }
+    let result = match (name, &loaded.export, &loaded.historical) {
+        (EXPORT_EVENTS_RETRY_JOB, Some(export), _) => export.export_with_retry(payload.unwrap_or(Value::Null)).await,
+        (historical_export::INTERFACE_JOB, _, Some(historical)) => historical.start(payload).await,
+        (historical_export::CHUNK_JOB, _, Some(historical)) => {
+            historical.export_chunk(payload.unwrap_or(Value::Null)).await
+        }
+        _ => return None,
+    };
+    Some(result.map_err(|failure| failure.error))
 }
 
 fn has_task(loaded: &LoadedVm, kind: TaskKind, name: &str) -> bool {

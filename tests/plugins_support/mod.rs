@@ -13,7 +13,8 @@ use futures::future::BoxFuture;
 use plugin_server::event::PluginEvent;
 use plugin_server::hub::Hub;
 use plugin_server::plugins::extensions::{
-    CaptureSink, CapturedEvent, EnqueuedJob, JobEnqueuer, PluginContext, PluginServices, SinkError,
+    CaptureSink, CapturedEvent, EnqueuedJob, JobEnqueuer, PluginContext, PluginRun, PluginServices, RunObserver,
+    SinkError,
 };
 use plugin_server::plugins::lazy::LoadOptions;
 use plugin_server::plugins::log_entries::PostgresLogSink;
@@ -49,6 +50,18 @@ impl JobEnqueuer for RecordingJobs {
     }
 }
 
+/// Records `(function, team, failed)` of every plugin call.
+#[derive(Default)]
+pub struct RecordingObserver {
+    pub runs: Mutex<Vec<(String, i64, bool)>>,
+}
+
+impl RunObserver for RecordingObserver {
+    fn plugin_ran(&self, run: &PluginRun<'_>) {
+        self.runs.lock().unwrap().push((run.function.to_string(), run.team_id, run.failed));
+    }
+}
+
 /// One call a fake VM received.
 #[derive(Clone)]
 pub struct Call {
@@ -72,6 +85,30 @@ where
     Fut: std::future::Future<Output = Result<Value, CallError>> + Send + 'static,
 {
     Arc::new(move |call| Box::pin(f(call)))
+}
+
+/// A plugin with only `processEvent`, which gets the event and returns what `f` makes of it.
+pub fn process_event_plugin<F>(f: F) -> FakePlugin
+where
+    F: Fn(Value) -> Result<Value, CallError> + Send + Sync + 'static,
+{
+    let f = Arc::new(f);
+    FakePlugin {
+        exports: exports(&[Method::ProcessEvent]),
+        handler: handler(move |call| {
+            let f = f.clone();
+            async move { f(call.args.first().cloned().unwrap_or(Value::Null)) }
+        }),
+    }
+}
+
+/// A facade whose fixture plugin is the fake `plugin`, with set-up retries every `retry_base`.
+pub async fn fake_setup(plugin: FakePlugin, retry_base: Duration) -> (Arc<FakeFactory>, Setup) {
+    let fakes = Arc::new(FakeFactory::default());
+    fakes.register("fake", plugin);
+    let options = LoadOptions { retry_base, test_env: true };
+    let setup = Setup::with_options("fake", Arc::new(SharedFakeFactory(fakes.clone())), options, &[]).await;
+    (fakes, setup)
 }
 
 pub fn exports(methods: &[Method]) -> VmExports {
@@ -154,6 +191,7 @@ pub struct Setup {
     pub hub: Hub,
     pub capture: Arc<RecordingCapture>,
     pub jobs: Arc<RecordingJobs>,
+    pub observer: Arc<RecordingObserver>,
     pub services: Arc<PluginServices>,
     pub plugins: Plugins,
 }
@@ -174,15 +212,18 @@ impl Setup {
         let hub = Hub::connect(db.config(extra_config)).await.expect("hub");
         let capture = Arc::new(RecordingCapture::default());
         let jobs = Arc::new(RecordingJobs::default());
-        let services = Arc::new(PluginServices::new(
+        let observer = Arc::new(RecordingObserver::default());
+        let mut services = PluginServices::new(
             hub.clone(),
             Arc::new(PostgresLogSink::new(hub.postgres.clone(), true)),
             capture.clone(),
             jobs.clone(),
             None,
-        ));
+        );
+        services.observer = observer.clone();
+        let services = Arc::new(services);
         let plugins = Plugins::new(services.clone(), factory, options);
-        Setup { db, hub, capture, jobs, services, plugins }
+        Setup { db, hub, capture, jobs, observer, services, plugins }
     }
 
     pub async fn config_error(&self, config_id: i32) -> Option<Value> {
@@ -211,6 +252,15 @@ impl Setup {
         .fetch_all(&self.db.pool)
         .await
         .expect("log entries")
+    }
+
+    /// Moves a config's `updated_at` forward so the next reload reloads it.
+    pub async fn touch_config(&self, config_id: i32) {
+        sqlx::query("UPDATE posthog_pluginconfig SET updated_at = updated_at + interval '1 second' WHERE id = $1")
+            .bind(config_id)
+            .execute(&self.db.pool)
+            .await
+            .expect("touch config");
     }
 
     /// Replaces the fixture plugin's code with `source` (plugin_type `source`, no archive).

@@ -58,6 +58,32 @@ pub trait GeoIpLocator: Send + Sync {
     async fn locate(&self, ip: &str) -> Result<Value, JsError>;
 }
 
+/// One finished plugin call, for statsd and the status report (the reference's
+/// `plugin.process_event` / `plugin.<name>.on_event` timings, `….ERROR` counters,
+/// `plugin.export_events.success` and `$plugin_running_duration` buckets).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PluginRun<'a> {
+    pub team_id: i64,
+    pub plugin_config_id: i32,
+    pub plugin_name: &'a str,
+    /// `processEvent`, `onEvent`, `onSnapshot`, `exportEvents` or `pluginTask`.
+    pub function: &'static str,
+    pub elapsed: std::time::Duration,
+    pub failed: bool,
+}
+
+/// Told about every plugin call; the default does nothing.
+pub trait RunObserver: Send + Sync {
+    fn plugin_ran(&self, run: &PluginRun<'_>);
+}
+
+/// The observer that ignores everything.
+pub struct NoObserver;
+
+impl RunObserver for NoObserver {
+    fn plugin_ran(&self, _run: &PluginRun<'_>) {}
+}
+
 /// What the extensions share across all plugin configs.
 pub struct PluginServices {
     pub hub: Hub,
@@ -68,11 +94,27 @@ pub struct PluginServices {
     pub geoip: Option<Arc<dyn GeoIpLocator>>,
     pub metrics: PluginMetrics,
     pub api_keys: ApiKeyManager,
-    /// Echo `console.*` calls to the server log (the reference does so in development).
+    /// Echo `console.*` calls to the server log (the reference does so in development; set
+    /// from `NODE_ENV`/`DEBUG` by [`PluginServices::new`]).
     pub echo_console: bool,
+    /// Timings and error counts (statsd, status report); [`NoObserver`] by default.
+    pub observer: Arc<dyn RunObserver>,
 }
 
 impl PluginServices {
+    /// Reports a finished call of `config`'s plugin to the observer.
+    pub fn observe(&self, config: &PluginConfig, function: &'static str, started: std::time::Instant, failed: bool) {
+        let name = config.plugin.name();
+        self.observer.plugin_ran(&PluginRun {
+            team_id: config.team(),
+            plugin_config_id: config.id,
+            plugin_name: &name,
+            function,
+            elapsed: started.elapsed(),
+            failed,
+        });
+    }
+
     pub fn new(
         hub: Hub,
         logs: Arc<dyn PluginLogSink>,
@@ -88,7 +130,9 @@ impl PluginServices {
             geoip,
             metrics: PluginMetrics::default(),
             api_keys: ApiKeyManager::default(),
-            echo_console: false,
+            echo_console: crate::config::NodeEnv::detect(&|key| std::env::var(key).ok())
+                == crate::config::NodeEnv::Development,
+            observer: Arc::new(NoObserver),
         }
     }
 }
