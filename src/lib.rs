@@ -13,6 +13,7 @@ pub mod jobs;
 pub mod logging;
 pub mod metrics;
 pub mod migrate;
+pub mod model;
 pub mod plugins;
 pub mod pubsub;
 pub mod schedule;

@@ -13,7 +13,7 @@ use tracing::{error, info};
 /// Flags are looked for anywhere on the command line and unknown arguments are ignored, as the
 /// reference does (`argv.includes`).
 #[derive(Parser, Debug)]
-#[command(name = "plugin-server", disable_help_flag = true, disable_version_flag = true, ignore_errors = true)]
+#[command(name = "plugin-server", disable_help_flag = true, disable_version_flag = true)]
 struct Cli {
     /// Show the supported environment variables.
     #[arg(short = 'h', long = "help")]
@@ -30,6 +30,9 @@ struct Cli {
     /// Stay up doing nothing (same as PLUGIN_SERVER_IDLE=true).
     #[arg(long)]
     idle: bool,
+    /// Print the README's configuration table (Markdown) and exit.
+    #[arg(long, hide = true)]
+    config_table: bool,
 }
 
 enum Mode {
@@ -55,7 +58,12 @@ impl Mode {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    // The reference looks for its flags anywhere (`argv.includes`) and ignores everything else:
+    // hand clap only the arguments it knows, so a stray argument never hides a later flag.
+    const KNOWN: &[&str] =
+        &["-h", "--help", "-v", "--version", "--healthcheck", "--migrate", "--idle", "--config-table"];
+    let args = std::env::args().take(1).chain(std::env::args().skip(1).filter(|arg| KNOWN.contains(&arg.as_str())));
+    let cli = Cli::parse_from(args);
     let code = match run(cli) {
         Ok(code) => code,
         Err(error) => {
@@ -68,6 +76,10 @@ fn main() {
 
 fn run(cli: Cli) -> anyhow::Result<i32> {
     let node_env = NodeEnv::detect(&|key| std::env::var(key).ok());
+    if cli.config_table {
+        print!("{}", plugin_server::config::markdown_table());
+        return Ok(0);
+    }
     if cli.help || cli.version {
         let mode = if cli.help { Mode::Help } else { Mode::Version };
         println!("[{}] ⚡ @posthog/plugin-server v{VERSION}", mode.log_prefix());

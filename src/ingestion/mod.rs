@@ -5,3 +5,17 @@
 pub mod actions;
 pub mod elements;
 pub mod queues;
+
+pub mod groups;
+pub mod person_manager;
+pub mod persons;
+pub mod process_event;
+pub mod properties;
+pub mod teams;
+pub mod timestamp;
+pub mod ttl_cache;
+pub mod uuidt;
+pub mod writer;
+
+pub use process_event::{ActionHandler, EventsProcessor, IngestError, IngestOutcome};
+pub use writer::{EventWriter, PostgresEventWriter};

@@ -1,0 +1,50 @@
+//! "Have we seen this distinct id?" — the `DISTINCT_ID_LRU_SIZE` LRU in front of the
+//! `posthog_persondistinctid` count that decides whether an event creates a person (spec 20 §8.1).
+
+use std::num::NonZeroUsize;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use lru::LruCache;
+use sqlx::PgPool;
+
+/// Entries older than this are forgotten; reading an entry refreshes its age.
+const MAX_AGE: Duration = Duration::from_secs(60 * 60);
+
+pub struct PersonManager {
+    seen: Mutex<LruCache<String, Instant>>,
+}
+
+impl PersonManager {
+    pub fn new(lru_size: usize) -> Self {
+        let capacity = NonZeroUsize::new(lru_size).unwrap_or(NonZeroUsize::MIN);
+        PersonManager { seen: Mutex::new(LruCache::new(capacity)) }
+    }
+
+    /// True when the team has no such distinct id. A key is remembered *before* the query, so
+    /// concurrent events for one new id issue one query and one creation attempt.
+    pub async fn is_new_person(&self, pool: &PgPool, team_id: i32, distinct_id: &str) -> Result<bool, sqlx::Error> {
+        let key = format!("{team_id}::{distinct_id}");
+        {
+            let mut seen = self.seen.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let now = Instant::now();
+            match seen.get_mut(&key) {
+                Some(seen_at) if now.duration_since(*seen_at) <= MAX_AGE => {
+                    *seen_at = now;
+                    return Ok(false);
+                }
+                _ => {
+                    seen.put(key, now);
+                }
+            }
+        }
+        let count: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) AS pdicount FROM posthog_persondistinctid WHERE team_id = $1 AND distinct_id = $2",
+        )
+        .bind(team_id)
+        .bind(distinct_id)
+        .fetch_one(pool)
+        .await?;
+        Ok(count == 0)
+    }
+}

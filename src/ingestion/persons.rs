@@ -1,0 +1,259 @@
+//! Person rows in Postgres (written in both pipelines): fetch by distinct id, create with distinct
+//! ids, partial updates, adding distinct ids, and the merge transaction (spec 20 §5.3, §8).
+//!
+//! Owns the SQL only. When to call what (identify/alias rules, retries) is `process_event`'s;
+//! announcing changes to ClickHouse is the `EventWriter`'s.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::postgres::PgRow;
+use sqlx::{FromRow, PgConnection, PgPool, Row};
+use thiserror::Error;
+use uuid::Uuid;
+
+use crate::event::Properties;
+pub use crate::model::Person;
+
+/// A `posthog_persondistinctid` row.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PersonDistinctId {
+    pub id: i64,
+    pub team_id: i32,
+    pub person_id: i32,
+    pub distinct_id: String,
+}
+
+/// The columns an `updatePerson` call may change; only the `Some` ones are written.
+#[derive(Debug, Clone, Default)]
+pub struct PersonUpdate {
+    pub created_at: Option<DateTime<Utc>>,
+    pub properties: Option<Properties>,
+    pub is_identified: Option<bool>,
+}
+
+impl PersonUpdate {
+    /// The person as it is after this update.
+    pub fn applied_to(&self, person: &Person) -> Person {
+        let mut updated = person.clone();
+        if let Some(created_at) = self.created_at {
+            updated.created_at = created_at;
+        }
+        if let Some(properties) = &self.properties {
+            updated.properties = properties.clone();
+        }
+        if let Some(is_identified) = self.is_identified {
+            updated.is_identified = is_identified;
+        }
+        updated
+    }
+}
+
+/// Why a merge did not happen.
+#[derive(Debug, Error)]
+pub enum MergeError {
+    #[error("Failed trying to move distinct IDs because target person no longer exists.")]
+    TargetGone,
+    #[error("Failed trying to move distinct IDs because the source person no longer exists.")]
+    SourceGone,
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+/// What a committed merge changed, for the writer's messages.
+#[derive(Debug, Clone)]
+pub struct MergeResult {
+    pub merged: Person,
+    pub moved: Vec<PersonDistinctId>,
+}
+
+const PERSON_COLUMNS: &str = Person::COLUMNS;
+const DISTINCT_ID_COLUMNS: &str = "id::int8 AS id, team_id, person_id, distinct_id";
+
+fn person_from_row(row: &PgRow) -> Result<Person, sqlx::Error> {
+    Person::from_row(row)
+}
+
+fn distinct_id_from_row(row: &PgRow) -> Result<PersonDistinctId, sqlx::Error> {
+    Ok(PersonDistinctId {
+        id: row.try_get("id")?,
+        team_id: row.try_get("team_id")?,
+        person_id: row.try_get("person_id")?,
+        distinct_id: row.try_get("distinct_id")?,
+    })
+}
+
+/// The person that owns `distinct_id` in the team, if any.
+pub async fn fetch_person(pool: &PgPool, team_id: i32, distinct_id: &str) -> Result<Option<Person>, sqlx::Error> {
+    let sql = "SELECT posthog_person.id, posthog_person.created_at, posthog_person.team_id, \
+         posthog_person.properties, posthog_person.properties_last_updated_at, posthog_person.properties_last_operation, \
+         posthog_person.is_user_id, posthog_person.is_identified, posthog_person.uuid \
+         FROM posthog_person JOIN posthog_persondistinctid ON (posthog_persondistinctid.person_id = posthog_person.id) \
+         WHERE posthog_person.team_id = $1 AND posthog_persondistinctid.team_id = $1 \
+         AND posthog_persondistinctid.distinct_id = $2";
+    let row = sqlx::query(sql).bind(team_id).bind(distinct_id).fetch_optional(pool).await?;
+    row.as_ref().map(person_from_row).transpose()
+}
+
+/// Creates a person and its distinct ids (in this order) in one transaction.
+pub async fn create_person(
+    pool: &PgPool,
+    created_at: DateTime<Utc>,
+    properties: &Properties,
+    team_id: i32,
+    is_identified: bool,
+    uuid: Uuid,
+    distinct_ids: &[&str],
+) -> Result<(Person, Vec<PersonDistinctId>), sqlx::Error> {
+    let mut transaction = pool.begin().await?;
+    let sql = format!(
+        "INSERT INTO posthog_person (created_at, properties, properties_last_updated_at, team_id, is_user_id, \
+         is_identified, uuid) VALUES ($1, $2, '{{}}', $3, NULL, $4, $5) RETURNING {PERSON_COLUMNS}"
+    );
+    let row = sqlx::query(&sql)
+        .bind(created_at)
+        .bind(Value::Object(properties.clone()))
+        .bind(team_id)
+        .bind(is_identified)
+        .bind(uuid)
+        .fetch_one(&mut *transaction)
+        .await?;
+    let person = person_from_row(&row)?;
+    let mut rows = Vec::with_capacity(distinct_ids.len());
+    for distinct_id in distinct_ids {
+        rows.push(insert_distinct_id(&mut transaction, &person, distinct_id).await?);
+    }
+    transaction.commit().await?;
+    Ok((person, rows))
+}
+
+async fn insert_distinct_id(
+    connection: &mut PgConnection,
+    person: &Person,
+    distinct_id: &str,
+) -> Result<PersonDistinctId, sqlx::Error> {
+    let sql = format!(
+        "INSERT INTO posthog_persondistinctid (distinct_id, person_id, team_id) VALUES ($1, $2, $3) \
+         RETURNING {DISTINCT_ID_COLUMNS}"
+    );
+    let row = sqlx::query(&sql).bind(distinct_id).bind(person.id).bind(person.team_id).fetch_one(connection).await?;
+    distinct_id_from_row(&row)
+}
+
+/// Adds a distinct id to an existing person.
+pub async fn add_distinct_id(
+    pool: &PgPool,
+    person: &Person,
+    distinct_id: &str,
+) -> Result<PersonDistinctId, sqlx::Error> {
+    let mut connection = pool.acquire().await?;
+    insert_distinct_id(&mut connection, person, distinct_id).await
+}
+
+/// `UPDATE posthog_person SET <only the given columns> WHERE id = $n`; returns the updated person.
+pub async fn update_person(
+    connection: &mut PgConnection,
+    person: &Person,
+    update: &PersonUpdate,
+) -> Result<Person, sqlx::Error> {
+    let mut assignments = Vec::new();
+    if update.created_at.is_some() {
+        assignments.push("\"created_at\"");
+    }
+    if update.properties.is_some() {
+        assignments.push("\"properties\"");
+    }
+    if update.is_identified.is_some() {
+        assignments.push("\"is_identified\"");
+    }
+    if assignments.is_empty() {
+        return Ok(person.clone());
+    }
+    let set_clause: Vec<String> =
+        assignments.iter().enumerate().map(|(index, column)| format!("{column} = ${}", index + 1)).collect();
+    let sql = format!("UPDATE posthog_person SET {} WHERE id = ${}", set_clause.join(", "), assignments.len() + 1);
+    let mut query = sqlx::query(&sql);
+    if let Some(created_at) = update.created_at {
+        query = query.bind(created_at);
+    }
+    if let Some(properties) = &update.properties {
+        query = query.bind(Value::Object(properties.clone()));
+    }
+    if let Some(is_identified) = update.is_identified {
+        query = query.bind(is_identified);
+    }
+    query.bind(person.id).execute(connection).await?;
+    Ok(update.applied_to(person))
+}
+
+/// Merges `other` into `into` in ONE transaction (the reference moves the distinct ids on a
+/// separate connection, REF-BUG 9): update the target, repoint cohort memberships and distinct
+/// ids, delete the source. Foreign keys are deferred, so a distinct id added to the source
+/// concurrently surfaces as an error at commit and the whole merge rolls back.
+pub async fn merge_people(
+    pool: &PgPool,
+    into: &Person,
+    other: &Person,
+    update: &PersonUpdate,
+) -> Result<MergeResult, MergeError> {
+    let mut transaction = pool.begin().await?;
+    let merged = update_person(&mut transaction, into, update).await?;
+    sqlx::query("UPDATE posthog_cohortpeople SET person_id = $1 WHERE person_id = $2")
+        .bind(into.id)
+        .bind(other.id)
+        .execute(&mut *transaction)
+        .await?;
+    let sql = format!(
+        "UPDATE posthog_persondistinctid SET person_id = $1 WHERE person_id = $2 AND team_id = $3 \
+         RETURNING {DISTINCT_ID_COLUMNS}"
+    );
+    let moved_rows =
+        sqlx::query(&sql).bind(into.id).bind(other.id).bind(into.team_id).fetch_all(&mut *transaction).await;
+    let moved_rows = match moved_rows {
+        Ok(rows) => rows,
+        Err(error) if is_distinct_id_foreign_key_violation(&error) => return Err(MergeError::TargetGone),
+        Err(error) => return Err(error.into()),
+    };
+    if moved_rows.is_empty() {
+        return Err(MergeError::SourceGone);
+    }
+    let moved = moved_rows.iter().map(distinct_id_from_row).collect::<Result<Vec<_>, _>>()?;
+    sqlx::query("DELETE FROM posthog_person WHERE team_id = $1 AND id = $2")
+        .bind(other.team_id)
+        .bind(other.id)
+        .execute(&mut *transaction)
+        .await?;
+    match transaction.commit().await {
+        Ok(()) => Ok(MergeResult { merged, moved }),
+        Err(error) if is_distinct_id_foreign_key_violation(&error) => Err(MergeError::TargetGone),
+        Err(error) => Err(error.into()),
+    }
+}
+
+fn is_distinct_id_foreign_key_violation(error: &sqlx::Error) -> bool {
+    error.as_database_error().is_some_and(|database_error| {
+        database_error.is_foreign_key_violation() && database_error.table() == Some("posthog_persondistinctid")
+    })
+}
+
+/// Whether a database error is a unique violation (SQLSTATE 23505).
+pub fn is_unique_violation(error: &sqlx::Error) -> bool {
+    error.as_database_error().is_some_and(|database_error| database_error.is_unique_violation())
+}
+
+/// Every person (tests and benchmarks), in id order.
+pub async fn fetch_persons(pool: &PgPool) -> Result<Vec<Person>, sqlx::Error> {
+    let sql = format!("SELECT {PERSON_COLUMNS} FROM posthog_person ORDER BY id");
+    sqlx::query(&sql).fetch_all(pool).await?.iter().map(person_from_row).collect()
+}
+
+/// A person's distinct ids in insertion order.
+pub async fn fetch_distinct_ids(pool: &PgPool, person: &Person) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT distinct_id FROM posthog_persondistinctid WHERE person_id = $1 AND team_id = $2 ORDER BY id",
+    )
+    .bind(person.id)
+    .bind(person.team_id)
+    .fetch_all(pool)
+    .await
+}

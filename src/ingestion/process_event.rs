@@ -1,0 +1,692 @@
+//! The `ingestEvent` task: everything that happens to an event after the plugins' `processEvent`
+//! (spec 20 §1–§9): uuid validation, timestamps, identify/alias/merge, person creation and
+//! `$set`/`$set_once`, groups, definitions, session recordings, writing the event, and storing
+//! action matches.
+//!
+//! Owns the *order and rules* of those steps. SQL for persons lives in `persons`, teams and
+//! definitions in `teams`, group types in `groups`, sinks behind `writer::EventWriter`; elements
+//! come from `elements` and action matching / hooks from whatever implements [`ActionHandler`]
+//! (the `actions` room).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use serde_json::{Map, Value};
+use sqlx::PgPool;
+use thiserror::Error;
+use uuid::Uuid;
+
+use super::elements::{extract_elements, Element};
+use super::groups::GroupTypeManager;
+use super::person_manager::PersonManager;
+use super::persons::{self, is_unique_violation, MergeError, Person, PersonUpdate};
+use super::properties::{
+    apply_person_property_updates, is_distinct_id_illegal, is_truthy, js_string, merge_objects, object_or_empty,
+    person_initial_and_utm_properties, sanitize_event_name,
+};
+use super::teams::{FirstEventTelemetry, TeamManager};
+use super::timestamp::{handle_timestamp, now_ms, parse_timestamp};
+use super::uuidt::new_uuidt;
+use super::writer::{
+    EventPayload, EventWriter, GroupPayload, PostgresEventWriter, SessionRecordingPayload, WriteError,
+};
+use crate::event::{PluginEvent, Properties};
+use crate::hub::Hub;
+
+/// A merge is retried (re-fetching both persons) until this many attempts failed.
+pub const MAX_FAILED_PERSON_MERGE_ATTEMPTS: u32 = 3;
+
+/// Internal events that get no event definition.
+const EVENTS_WITHOUT_EVENT_DEFINITION: [&str; 1] = ["$$plugin_metrics"];
+
+/// Why an event could not be ingested. The message is the reference's where it has one.
+#[derive(Debug, Error)]
+pub enum IngestError {
+    #[error("Not a valid UUID: \"{0}\"")]
+    InvalidUuid(String),
+    #[error("No team found with ID {0}. Can't ingest event.")]
+    TeamNotFound(i64),
+    #[error("Invalid $elements: expected an array of element objects, got {0}")]
+    InvalidElements(String),
+    #[error("Could not find person with distinct id \"{distinct_id}\" in team \"{team_id}\" to update properties")]
+    PersonNotFoundForUpdate { distinct_id: String, team_id: i32 },
+    #[error("Could not find person with distinct id \"{distinct_id}\" in team \"{team_id}\" to identify")]
+    PersonNotFoundForIdentify { distinct_id: String, team_id: i32 },
+    #[error("{}", database_message(.0))]
+    Database(#[from] sqlx::Error),
+    #[error(transparent)]
+    Merge(#[from] MergeError),
+    /// A sink other than Postgres failed (database failures are `Database`).
+    #[error("{0}")]
+    Sink(String),
+    #[error("Action matching failed: {0}")]
+    Actions(String),
+}
+
+impl From<WriteError> for IngestError {
+    fn from(error: WriteError) -> Self {
+        match error {
+            WriteError::Database(error) => IngestError::Database(error),
+            WriteError::Sink(reason) => IngestError::Sink(reason),
+        }
+    }
+}
+
+/// Postgres' own message for database errors (what the reference reports), else sqlx's text.
+fn database_message(error: &sqlx::Error) -> String {
+    match error.as_database_error() {
+        Some(database_error) => database_error.message().to_string(),
+        None => error.to_string(),
+    }
+}
+
+/// What ingesting one event did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum IngestOutcome {
+    /// A standard event was written; `event_id` is its Postgres id (Postgres pipeline).
+    Event { event_id: Option<i64>, matched_action_ids: Vec<i32> },
+    /// A `$snapshot` went to session recordings (no action matching).
+    SessionRecording,
+}
+
+/// Action matching and hooks, implemented by the actions room (`ActionMatcher` + `HookCommander`).
+#[async_trait]
+pub trait ActionHandler: Send + Sync {
+    /// Whether the team has any action; when false the person is not even fetched.
+    fn team_has_actions(&self, _team_id: i32) -> bool {
+        true
+    }
+
+    /// Matches the (ingestion-mutated) event against its team's actions, starts the webhooks /
+    /// REST hooks of the matches without waiting for them, and returns the matched action ids in
+    /// the order the reference matches them.
+    async fn match_and_fire(
+        &self,
+        event: &PluginEvent,
+        person: Option<&Person>,
+        elements: &[Element],
+    ) -> Result<Vec<i32>, String>;
+}
+
+/// A processed standard event (what `processEvent` returns in the reference).
+#[derive(Debug, Clone)]
+pub struct ProcessedEvent {
+    pub payload: EventPayload,
+    pub event_id: Option<i64>,
+}
+
+/// The worker-side ingestion of events (the reference's `EventsProcessor` + `ingestEvent`).
+pub struct EventsProcessor {
+    pool: PgPool,
+    writer: Arc<dyn EventWriter>,
+    teams: Arc<TeamManager>,
+    persons: PersonManager,
+    group_types: GroupTypeManager,
+    actions: Option<Arc<dyn ActionHandler>>,
+    slow_warning_after: Duration,
+}
+
+impl EventsProcessor {
+    /// A processor on the hub's Postgres with the given writer (Postgres or ClickHouse pipeline).
+    pub fn new(hub: &Hub, writer: Arc<dyn EventWriter>) -> Self {
+        EventsProcessor::from_parts(
+            hub.postgres.clone(),
+            writer,
+            hub.config.DISTINCT_ID_LRU_SIZE,
+            hub.config.task_timeout(),
+        )
+    }
+
+    /// A processor for the Postgres pipeline (`KAFKA_ENABLED=false`).
+    pub fn postgres(hub: &Hub) -> Self {
+        EventsProcessor::new(hub, Arc::new(PostgresEventWriter::new(hub.postgres.clone())))
+    }
+
+    /// A processor from its parts (tests, benches).
+    pub fn from_parts(
+        pool: PgPool,
+        writer: Arc<dyn EventWriter>,
+        distinct_id_lru_size: usize,
+        slow_warning_after: Duration,
+    ) -> Self {
+        EventsProcessor {
+            teams: Arc::new(TeamManager::new(pool.clone(), None)),
+            persons: PersonManager::new(distinct_id_lru_size),
+            group_types: GroupTypeManager::new(pool.clone()),
+            pool,
+            writer,
+            actions: None,
+            slow_warning_after,
+        }
+    }
+
+    /// Matches actions and fires hooks for every ingested standard event.
+    pub fn with_actions(mut self, actions: Arc<dyn ActionHandler>) -> Self {
+        self.actions = Some(actions);
+        self
+    }
+
+    /// Sends "first team event ingested" telemetry through `telemetry`.
+    pub fn with_telemetry(mut self, telemetry: Arc<dyn FirstEventTelemetry>) -> Self {
+        self.teams = Arc::new(TeamManager::new(self.pool.clone(), Some(telemetry)));
+        self
+    }
+
+    /// The cached team / organization lookups (hooks use them too).
+    pub fn team_manager(&self) -> &Arc<TeamManager> {
+        &self.teams
+    }
+
+    /// The group type mapping (with its cache).
+    pub fn group_type_manager(&self) -> &GroupTypeManager {
+        &self.group_types
+    }
+
+    /// The reference's `ingestEvent` task. On failure the event (as mutated so far) is offered to
+    /// the writer's dead-letter queue and the error is returned for the caller to log and count.
+    pub async fn ingest_event(&self, mut event: PluginEvent) -> Result<IngestOutcome, IngestError> {
+        let uuid_for_logs = event.uuid.clone().unwrap_or_default();
+        let work = self.ingest_event_inner(&mut event);
+        let result = warn_if_slow(work, self.slow_warning_after, &uuid_for_logs).await;
+        if let Err(error) = &result {
+            tracing::info!(event = %event.event, uuid = ?event.uuid, %error, "🔔 ingestEvent failed");
+            match self.writer.dead_letter(&event, &error.to_string()).await {
+                Ok(_) => {}
+                Err(dead_letter_error) => tracing::info!(
+                    event = %event.event,
+                    error = %dead_letter_error,
+                    "🔔 Errored trying to add event to dead letter queue"
+                ),
+            }
+        }
+        result
+    }
+
+    async fn ingest_event_inner(&self, event: &mut PluginEvent) -> Result<IngestOutcome, IngestError> {
+        let Some(processed) = self.process_event(event).await? else {
+            return Ok(IngestOutcome::SessionRecording);
+        };
+        let mut matched_action_ids = Vec::new();
+        if let Some(actions) = &self.actions {
+            let team_id = processed.payload.team_id;
+            if actions.team_has_actions(team_id) {
+                let person = persons::fetch_person(&self.pool, team_id, &event.distinct_id).await?;
+                matched_action_ids = actions
+                    .match_and_fire(event, person.as_ref(), &processed.payload.elements)
+                    .await
+                    .map_err(IngestError::Actions)?;
+            }
+        }
+        if let (Some(event_id), false) = (processed.event_id, matched_action_ids.is_empty()) {
+            self.writer.register_action_matches(event_id, &matched_action_ids).await?;
+        }
+        Ok(IngestOutcome::Event { event_id: processed.event_id, matched_action_ids })
+    }
+
+    /// The reference's `processEvent`: everything but action matching. `event.properties` is
+    /// mutated as the reference mutates it (merged `$set`/`$set_once`, `$ip`, no `$elements`);
+    /// returns `None` for `$snapshot` events.
+    pub async fn process_event(&self, event: &mut PluginEvent) -> Result<Option<ProcessedEvent>, IngestError> {
+        let uuid = validate_uuid(event.uuid.as_deref())?;
+        let had_properties = event.properties.is_some();
+        let mut properties = event.properties.take().unwrap_or_default();
+        let result = self.process_with_properties(event, uuid, &mut properties).await;
+        // Without properties the reference works on a fresh object the event never sees.
+        if had_properties {
+            event.properties = Some(properties);
+        }
+        result
+    }
+
+    async fn process_with_properties(
+        &self,
+        event: &PluginEvent,
+        uuid: Uuid,
+        properties: &mut Properties,
+    ) -> Result<Option<ProcessedEvent>, IngestError> {
+        let team_id = i32::try_from(event.team_id).map_err(|_| IngestError::TeamNotFound(event.team_id))?;
+        let now = parse_timestamp(&event.now).unwrap_or_else(now_ms);
+        let sent_at = event.sent_at.as_deref().and_then(parse_timestamp);
+        if let Some(set) = &event.set {
+            let merged = merge_objects(properties.get("$set"), set);
+            properties.insert("$set".to_string(), merged);
+        }
+        if let Some(set_once) = &event.set_once {
+            let merged = merge_objects(properties.get("$set_once"), set_once);
+            properties.insert("$set_once".to_string(), merged);
+        }
+        let person_uuid = new_uuidt();
+        let timestamp = handle_timestamp(event.timestamp.as_deref(), event.offset, now, sent_at);
+
+        if let Err(error) = self.handle_identify_or_alias(&event.event, properties, &event.distinct_id, team_id).await {
+            // As the reference: identify/alias failures never fail the event.
+            tracing::error!(%error, distinct_id = %event.distinct_id, team_id, "handleIdentifyOrAlias failed");
+        }
+
+        if event.event == "$snapshot" {
+            self.create_session_recording(uuid, team_id, &event.distinct_id, properties, timestamp, person_uuid)
+                .await?;
+            return Ok(None);
+        }
+        let capture = Capture {
+            uuid,
+            person_uuid,
+            ip: event.ip.as_deref(),
+            team_id,
+            distinct_id: &event.distinct_id,
+            timestamp,
+            sent_at,
+        };
+        self.capture(capture, &event.event, properties).await.map(Some)
+    }
+
+    async fn capture(
+        &self,
+        capture: Capture<'_>,
+        event_name: &str,
+        properties: &mut Properties,
+    ) -> Result<ProcessedEvent, IngestError> {
+        let event_name = sanitize_event_name(event_name);
+        let elements = take_elements(properties)?;
+        let team =
+            self.teams.fetch_team(capture.team_id).await?.ok_or(IngestError::TeamNotFound(capture.team_id.into()))?;
+
+        if let Some(ip) = capture.ip.filter(|ip| !ip.is_empty()) {
+            if !team.anonymize_ips && !properties.contains_key("$ip") {
+                properties.insert("$ip".to_string(), Value::String(ip.to_string()));
+            }
+        }
+        if !EVENTS_WITHOUT_EVENT_DEFINITION.contains(&event_name.as_str()) {
+            self.teams.update_event_names_and_properties(capture.team_id, &event_name, properties).await?;
+        }
+        let person_created_at = capture.sent_at.unwrap_or_else(now_ms);
+        self.create_person_if_distinct_id_is_new(
+            capture.team_id,
+            capture.distinct_id,
+            person_created_at,
+            capture.person_uuid,
+        )
+        .await?;
+
+        let mut final_properties = person_initial_and_utm_properties(properties);
+        self.group_types.add_group_properties(capture.team_id, &mut final_properties).await?;
+
+        if event_name == "$groupidentify" {
+            self.upsert_group(capture.team_id, &final_properties).await?;
+        } else {
+            let set = final_properties.get("$set");
+            let set_once = final_properties.get("$set_once");
+            if set.is_some_and(is_truthy) || set_once.is_some_and(is_truthy) {
+                let (set, set_once) = (object_or_empty(set), object_or_empty(set_once));
+                self.update_person_properties(capture.team_id, capture.distinct_id, &set, &set_once).await?;
+            }
+        }
+
+        let payload = EventPayload {
+            uuid: capture.uuid,
+            event: event_name,
+            properties: final_properties,
+            timestamp: capture.timestamp,
+            team_id: capture.team_id,
+            distinct_id: capture.distinct_id.to_string(),
+            created_at: now_ms(),
+            elements,
+        };
+        let event_id = self.writer.write_event(&payload).await?;
+        Ok(ProcessedEvent { payload, event_id })
+    }
+
+    async fn create_session_recording(
+        &self,
+        uuid: Uuid,
+        team_id: i32,
+        distinct_id: &str,
+        properties: &Properties,
+        timestamp: DateTime<Utc>,
+        person_uuid: Uuid,
+    ) -> Result<(), IngestError> {
+        self.create_person_if_distinct_id_is_new(team_id, distinct_id, now_ms(), person_uuid).await?;
+        let recording = SessionRecordingPayload {
+            uuid,
+            team_id,
+            distinct_id: distinct_id.to_string(),
+            session_id: properties.get("$session_id").filter(|value| !value.is_null()).map(js_string),
+            snapshot_data: properties.get("$snapshot_data").cloned(),
+            timestamp,
+        };
+        self.writer.write_session_recording(&recording).await?;
+        Ok(())
+    }
+
+    async fn create_person_if_distinct_id_is_new(
+        &self,
+        team_id: i32,
+        distinct_id: &str,
+        created_at: DateTime<Utc>,
+        person_uuid: Uuid,
+    ) -> Result<(), IngestError> {
+        if !self.persons.is_new_person(&self.pool, team_id, distinct_id).await? {
+            return Ok(());
+        }
+        let created =
+            persons::create_person(&self.pool, created_at, &Map::new(), team_id, false, person_uuid, &[distinct_id])
+                .await;
+        match created {
+            Ok((person, distinct_ids)) => self.writer.person_created(&person, &distinct_ids).await?,
+            // Someone created this distinct id between the check and the insert.
+            Err(error) if is_unique_violation(&error) => {}
+            Err(error) => {
+                tracing::error!(error = %database_message(&error), team_id, distinct_id, "Failed to create person");
+            }
+        }
+        Ok(())
+    }
+
+    async fn update_person_properties(
+        &self,
+        team_id: i32,
+        distinct_id: &str,
+        set: &Properties,
+        set_once: &Properties,
+    ) -> Result<(), IngestError> {
+        let person = persons::fetch_person(&self.pool, team_id, distinct_id)
+            .await?
+            .ok_or_else(|| IngestError::PersonNotFoundForUpdate { distinct_id: distinct_id.to_string(), team_id })?;
+        let properties = match apply_person_property_updates(&person.properties, set, set_once) {
+            Some(updated) => updated,
+            // The ClickHouse pipeline re-emits the person even when nothing changed, as the reference.
+            None if self.writer.is_clickhouse_pipeline() => person.properties.clone(),
+            None => return Ok(()),
+        };
+        self.update_person(&person, PersonUpdate { properties: Some(properties), ..PersonUpdate::default() }).await
+    }
+
+    async fn update_person(&self, person: &Person, update: PersonUpdate) -> Result<(), IngestError> {
+        let mut connection = self.pool.acquire().await?;
+        let updated = persons::update_person(&mut connection, person, &update).await?;
+        drop(connection);
+        self.writer.person_updated(&updated).await?;
+        Ok(())
+    }
+
+    async fn upsert_group(&self, team_id: i32, properties: &Properties) -> Result<(), IngestError> {
+        let (Some(group_type), Some(group_key)) = (properties.get("$group_type"), properties.get("$group_key")) else {
+            return Ok(());
+        };
+        if !is_truthy(group_type) || !is_truthy(group_key) {
+            return Ok(());
+        }
+        let Some(group_type_index) = self.group_types.fetch_group_type_index(team_id, &js_string(group_type)).await?
+        else {
+            return Ok(());
+        };
+        let group = GroupPayload {
+            team_id,
+            group_type_index,
+            group_key: js_string(group_key),
+            group_properties: object_or_empty(properties.get("$group_set")),
+            created_at: now_ms(),
+        };
+        self.writer.group_identified(&group).await?;
+        Ok(())
+    }
+
+    async fn handle_identify_or_alias(
+        &self,
+        event_name: &str,
+        properties: &Properties,
+        distinct_id: &str,
+        team_id: i32,
+    ) -> Result<(), IngestError> {
+        if is_distinct_id_illegal(distinct_id) {
+            tracing::debug!(distinct_id, "illegal_distinct_ids.total");
+            return Ok(());
+        }
+        match event_name {
+            "$create_alias" => match properties.get("alias") {
+                // Without an alias the reference's inserts fail and it gives up silently.
+                None | Some(Value::Null) => Ok(()),
+                Some(alias) => self.alias(js_string(alias), distinct_id.to_string(), team_id, false, true, 0).await,
+            },
+            "$identify" => match properties.get("$anon_distinct_id") {
+                Some(anon_distinct_id) if is_truthy(anon_distinct_id) => {
+                    self.alias(js_string(anon_distinct_id), distinct_id.to_string(), team_id, true, true, 0).await
+                }
+                _ => Ok(()),
+            },
+            _ => Ok(()),
+        }
+    }
+
+    /// Links `previous` and `current` (spec 20 §5.2): add the missing distinct id to the existing
+    /// person, create a person for both, or merge two persons.
+    fn alias(
+        &self,
+        previous: String,
+        current: String,
+        team_id: i32,
+        should_identify: bool,
+        retry_if_failed: bool,
+        merge_attempts: u32,
+    ) -> BoxFuture<'_, Result<(), IngestError>> {
+        async move {
+            // posthog-js-lite aliases a person to itself when updating properties.
+            if previous == current {
+                return Ok(());
+            }
+            let old_person = persons::fetch_person(&self.pool, team_id, &previous).await?;
+            let new_person = persons::fetch_person(&self.pool, team_id, &current).await?;
+            let retry = || self.alias(previous.clone(), current.clone(), team_id, should_identify, false, 0);
+            match (&old_person, &new_person) {
+                (Some(old_person), None) => {
+                    if let Err(error) = self.add_distinct_id(old_person, &current).await {
+                        if !retry_if_failed {
+                            return Err(error);
+                        }
+                        retry().await?;
+                    }
+                }
+                (None, Some(new_person)) => {
+                    if let Err(error) = self.add_distinct_id(new_person, &previous).await {
+                        if !retry_if_failed {
+                            return Err(error);
+                        }
+                        retry().await?;
+                    }
+                }
+                (None, None) => {
+                    let created = persons::create_person(
+                        &self.pool,
+                        now_ms(),
+                        &Map::new(),
+                        team_id,
+                        should_identify,
+                        new_uuidt(),
+                        &[current.as_str(), previous.as_str()],
+                    )
+                    .await;
+                    match created {
+                        Ok((person, distinct_ids)) => self.writer.person_created(&person, &distinct_ids).await?,
+                        // Another event created one of them meanwhile: one of the others applies now.
+                        Err(_) if retry_if_failed => retry().await?,
+                        Err(error) => return Err(error.into()),
+                    }
+                }
+                (Some(old_person), Some(new_person)) if old_person.id != new_person.id => {
+                    // `$create_alias` merges anything; `$identify` never merges an identified person away.
+                    if should_identify && old_person.is_identified {
+                        tracing::warn!("🤔 refused to merge an already identified user via an $identify call");
+                    } else {
+                        self.merge_people_attempt(
+                            new_person,
+                            &current,
+                            old_person,
+                            &previous,
+                            merge_attempts,
+                            should_identify,
+                        )
+                        .await?;
+                    }
+                }
+                _ => {}
+            }
+            if should_identify {
+                self.set_is_identified(team_id, &current).await?;
+            }
+            Ok(())
+        }
+        .boxed()
+    }
+
+    async fn add_distinct_id(&self, person: &Person, distinct_id: &str) -> Result<(), IngestError> {
+        let row = persons::add_distinct_id(&self.pool, person, distinct_id).await?;
+        self.writer.distinct_id_added(person, &row).await?;
+        Ok(())
+    }
+
+    async fn set_is_identified(&self, team_id: i32, distinct_id: &str) -> Result<(), IngestError> {
+        let person = persons::fetch_person(&self.pool, team_id, distinct_id)
+            .await?
+            .ok_or_else(|| IngestError::PersonNotFoundForIdentify { distinct_id: distinct_id.to_string(), team_id })?;
+        if !person.is_identified {
+            self.update_person(&person, PersonUpdate { is_identified: Some(true), ..PersonUpdate::default() }).await?;
+        }
+        Ok(())
+    }
+
+    /// Merges `other` into `into` (spec 20 §5.3): properties of `into` win, the earliest
+    /// `created_at` is kept, distinct ids and cohort memberships move, `other` is deleted.
+    pub async fn merge_people(
+        &self,
+        into: &Person,
+        into_distinct_id: &str,
+        other: &Person,
+        other_distinct_id: &str,
+    ) -> Result<(), IngestError> {
+        self.merge_people_attempt(into, into_distinct_id, other, other_distinct_id, 0, true).await
+    }
+
+    async fn merge_people_attempt(
+        &self,
+        into: &Person,
+        into_distinct_id: &str,
+        other: &Person,
+        other_distinct_id: &str,
+        failed_attempts: u32,
+        should_identify: bool,
+    ) -> Result<(), IngestError> {
+        let mut properties = other.properties.clone();
+        for (key, value) in &into.properties {
+            properties.insert(key.clone(), value.clone());
+        }
+        let update = PersonUpdate {
+            created_at: Some(into.created_at.min(other.created_at)),
+            properties: Some(properties),
+            is_identified: Some(into.is_identified || other.is_identified),
+        };
+        match persons::merge_people(&self.pool, into, other, &update).await {
+            Ok(result) => {
+                self.writer.people_merged(&result.merged, &result.moved, other).await?;
+                Ok(())
+            }
+            Err(error) => {
+                // A concurrent change to either person: look both up again and retry, a bounded
+                // number of times (the whole merge is one transaction, so nothing half-happened).
+                let failed_attempts = failed_attempts + 1;
+                tracing::warn!(%error, failed_attempts, "person merge failed");
+                if failed_attempts >= MAX_FAILED_PERSON_MERGE_ATTEMPTS {
+                    return Err(error.into());
+                }
+                self.alias(
+                    other_distinct_id.to_string(),
+                    into_distinct_id.to_string(),
+                    into.team_id,
+                    should_identify,
+                    false,
+                    failed_attempts,
+                )
+                .await
+            }
+        }
+    }
+}
+
+/// The per-event values `capture` needs besides the name and properties.
+struct Capture<'a> {
+    uuid: Uuid,
+    person_uuid: Uuid,
+    ip: Option<&'a str>,
+    team_id: i32,
+    distinct_id: &'a str,
+    timestamp: DateTime<Utc>,
+    sent_at: Option<DateTime<Utc>>,
+}
+
+/// Removes a non-empty `$elements` array from the properties and converts it. An empty array
+/// stays (as in the reference); a string cannot be elements (the reference crashes on it).
+fn take_elements(properties: &mut Properties) -> Result<Vec<Element>, IngestError> {
+    match properties.get("$elements") {
+        Some(Value::Array(raw)) if !raw.is_empty() => {
+            let raw = match properties.remove("$elements") {
+                Some(Value::Array(raw)) => raw,
+                _ => Vec::new(),
+            };
+            Ok(extract_elements(&raw))
+        }
+        Some(Value::String(text)) if !text.is_empty() => {
+            Err(IngestError::InvalidElements(format!("a string of {} characters", text.chars().count())))
+        }
+        _ => Ok(Vec::new()),
+    }
+}
+
+/// The event's uuid if it is a hyphenated hex uuid (any case); the error renders the value the way
+/// the reference's template string does (`undefined` when absent).
+pub fn validate_uuid(uuid: Option<&str>) -> Result<Uuid, IngestError> {
+    let Some(text) = uuid else {
+        return Err(IngestError::InvalidUuid("undefined".to_string()));
+    };
+    let well_formed = text.len() == 36
+        && text.char_indices().all(|(index, character)| match index {
+            8 | 13 | 18 | 23 => character == '-',
+            _ => character.is_ascii_hexdigit(),
+        });
+    match (well_formed, Uuid::parse_str(text)) {
+        (true, Ok(parsed)) => Ok(parsed),
+        _ => Err(IngestError::InvalidUuid(text.to_string())),
+    }
+}
+
+/// Runs `work`, logging a warning (never aborting) when it takes longer than `after`.
+async fn warn_if_slow<T>(work: impl std::future::Future<Output = T>, after: Duration, uuid: &str) -> T {
+    tokio::pin!(work);
+    tokio::select! {
+        output = &mut work => output,
+        _ = tokio::time::sleep(after) => {
+            tracing::warn!(uuid, "Still ingesting event inside worker. Timeout warning after {} sec!", after.as_secs());
+            work.await
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uuid_validation() {
+        assert!(validate_uuid(Some("99aBcDeF-1234-4321-0000-dcba87654321")).is_ok());
+        let message = |value: Option<&str>| validate_uuid(value).unwrap_err().to_string();
+        assert_eq!(message(None), "Not a valid UUID: \"undefined\"");
+        assert_eq!(message(Some("this is not an uuid")), "Not a valid UUID: \"this is not an uuid\"");
+        assert_eq!(
+            message(Some("99abcdef123443210000dcba87654321")),
+            "Not a valid UUID: \"99abcdef123443210000dcba87654321\""
+        );
+        assert!(validate_uuid(Some(" 99abcdef-1234-4321-0000-dcba87654321")).is_err());
+    }
+}
