@@ -1,0 +1,220 @@
+//! The per-process cache of actions: team id → action id → action with its steps, loaded from
+//! Postgres. Full reloads replace the whole map at once; `reload_action` / `drop_action` serve the
+//! `reload-action` / `drop-action` pub/sub messages. Readers get a cheap snapshot (`Arc`s), so a
+//! reload never blocks matching.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use sqlx::postgres::PgRow;
+use sqlx::{PgPool, Row};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::{Action, ActionError, ActionStep};
+
+/// How often the whole cache is reloaded (the reference's 5-minute broadcast).
+pub const ACTIONS_RELOAD_INTERVAL: Duration = Duration::from_secs(5 * 60);
+
+/// Actions of one team, ascending by id (the order the reference iterates them in).
+type TeamActions = BTreeMap<i64, Arc<Action>>;
+
+const ACTION_COLUMNS: &str = "id::bigint AS id, team_id::bigint AS team_id, name, created_at, \
+    created_by_id::bigint AS created_by_id, deleted, post_to_slack, slack_message_format, is_calculating, \
+    updated_at, last_calculated_at";
+const STEP_COLUMNS: &str = "posthog_actionstep.id::bigint AS id, posthog_actionstep.action_id::bigint AS action_id, \
+    posthog_actionstep.tag_name, posthog_actionstep.text, posthog_actionstep.href, posthog_actionstep.selector, \
+    posthog_actionstep.url, posthog_actionstep.url_matching, posthog_actionstep.name, posthog_actionstep.event, \
+    posthog_actionstep.properties";
+
+pub struct ActionManager {
+    postgres: PgPool,
+    ready: AtomicBool,
+    cache: RwLock<HashMap<i64, TeamActions>>,
+}
+
+impl ActionManager {
+    /// An empty, not yet ready manager; call [`ActionManager::prepare`] before matching.
+    pub fn new(postgres: PgPool) -> ActionManager {
+        ActionManager { postgres, ready: AtomicBool::new(false), cache: RwLock::new(HashMap::new()) }
+    }
+
+    /// Initial load; afterwards the manager is ready.
+    pub async fn prepare(&self) -> Result<(), ActionError> {
+        self.reload_all().await?;
+        self.ready.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// The team's actions in ascending id order.
+    pub fn team_actions(&self, team_id: i64) -> Result<Vec<Arc<Action>>, ActionError> {
+        if !self.ready.load(Ordering::Acquire) {
+            return Err(ActionError::NotReady);
+        }
+        let cache = self.cache.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        Ok(cache.get(&team_id).map(|actions| actions.values().cloned().collect()).unwrap_or_default())
+    }
+
+    /// Replaces the cache with every non-deleted action and its steps.
+    pub async fn reload_all(&self) -> Result<(), ActionError> {
+        let actions = sqlx::query(&format!("SELECT {ACTION_COLUMNS} FROM posthog_action WHERE deleted = FALSE"))
+            .fetch_all(&self.postgres)
+            .await
+            .map_err(|source| ActionError::Database { context: "fetching actions", source })?;
+        let steps = sqlx::query(&format!(
+            "SELECT {STEP_COLUMNS}, posthog_action.team_id::bigint AS step_team_id FROM posthog_actionstep \
+             JOIN posthog_action ON (posthog_action.id = posthog_actionstep.action_id) \
+             WHERE posthog_action.deleted = FALSE ORDER BY posthog_actionstep.id"
+        ))
+        .fetch_all(&self.postgres)
+        .await
+        .map_err(|source| ActionError::Database { context: "fetching action steps", source })?;
+
+        let mut by_team: HashMap<i64, BTreeMap<i64, Action>> = HashMap::new();
+        for row in &actions {
+            match action_from_row(row) {
+                Ok(action) => {
+                    by_team.entry(action.team_id).or_default().insert(action.id, action);
+                }
+                Err(error) => warn!(%error, "🍿 skipping an action row that cannot be read"),
+            }
+        }
+        for row in &steps {
+            let team_id: Result<i64, _> = row.try_get("step_team_id");
+            match (team_id, step_from_row(row)) {
+                (Ok(team_id), Ok(step)) => {
+                    if let Some(action) = by_team.get_mut(&team_id).and_then(|actions| actions.get_mut(&step.action_id))
+                    {
+                        action.steps.push(step);
+                    }
+                }
+                (Err(error), _) | (_, Err(error)) => {
+                    warn!(%error, "🍿 skipping an action step row that cannot be read")
+                }
+            }
+        }
+        let fresh: HashMap<i64, TeamActions> = by_team
+            .into_iter()
+            .map(|(team, actions)| (team, actions.into_iter().map(|(id, action)| (id, Arc::new(action))).collect()))
+            .collect();
+        *self.cache.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = fresh;
+        info!("🍿 Fetched all actions from DB anew");
+        Ok(())
+    }
+
+    /// Re-reads one action: replaces it in the cache, or removes it if it is gone or deleted.
+    pub async fn reload_action(&self, team_id: i64, action_id: i64) -> Result<(), ActionError> {
+        let refetched = self.fetch_action(action_id).await?;
+        let mut cache = self.cache.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let team_actions = cache.entry(team_id).or_default();
+        let was_cached = team_actions.contains_key(&action_id);
+        match refetched {
+            Some(action) => {
+                if was_cached {
+                    debug!("🍿 Refetched action ID {action_id} (team ID {team_id}) from DB");
+                } else {
+                    debug!("🍿 Fetched new action ID {action_id} (team ID {team_id}) from DB");
+                }
+                team_actions.insert(action_id, Arc::new(action));
+            }
+            None if was_cached => {
+                info!("🍿 Tried to fetch action ID {action_id} (team ID {team_id}) from DB, but it wasn't found in DB, so deleted from cache instead");
+                team_actions.remove(&action_id);
+            }
+            None => {
+                info!("🍿 Tried to fetch action ID {action_id} (team ID {team_id}) from DB, but it wasn't found in DB or cache, so did nothing instead");
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes one action from the cache.
+    pub fn drop_action(&self, team_id: i64, action_id: i64) {
+        let mut cache = self.cache.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        match cache.get_mut(&team_id).and_then(|actions| actions.remove(&action_id)) {
+            Some(_) => info!("🍿 Deleted action ID {action_id} (team ID {team_id}) from cache"),
+            None => info!("🍿 Tried to delete action ID {action_id} (team ID {team_id}) from cache, but it wasn't found in cache, so did nothing instead"),
+        }
+    }
+
+    /// Reloads everything every [`ACTIONS_RELOAD_INTERVAL`] until cancelled. A failed reload
+    /// keeps the previous cache and is retried at the next tick.
+    pub async fn run_periodic_reload(&self, interval: Duration, cancel: CancellationToken) {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticker.tick().await;
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = ticker.tick() => {
+                    if let Err(error) = self.reload_all().await {
+                        warn!(%error, "🍿 periodic reload of actions failed; keeping the cached ones");
+                    }
+                }
+            }
+        }
+    }
+
+    async fn fetch_action(&self, action_id: i64) -> Result<Option<Action>, ActionError> {
+        let row =
+            sqlx::query(&format!("SELECT {ACTION_COLUMNS} FROM posthog_action WHERE id = $1 AND deleted = FALSE"))
+                .bind(action_id)
+                .fetch_optional(&self.postgres)
+                .await
+                .map_err(|source| ActionError::Database { context: "fetching an action", source })?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let mut action =
+            action_from_row(&row).map_err(|source| ActionError::Database { context: "reading an action", source })?;
+        let steps = sqlx::query(&format!(
+            "SELECT {STEP_COLUMNS} FROM posthog_actionstep WHERE action_id = $1 ORDER BY posthog_actionstep.id"
+        ))
+        .bind(action_id)
+        .fetch_all(&self.postgres)
+        .await
+        .map_err(|source| ActionError::Database { context: "fetching action steps", source })?;
+        for row in &steps {
+            match step_from_row(row) {
+                Ok(step) => action.steps.push(step),
+                Err(error) => warn!(%error, action_id, "🍿 skipping an action step row that cannot be read"),
+            }
+        }
+        Ok(Some(action))
+    }
+}
+
+fn action_from_row(row: &PgRow) -> Result<Action, sqlx::Error> {
+    Ok(Action {
+        id: row.try_get("id")?,
+        team_id: row.try_get("team_id")?,
+        name: row.try_get("name")?,
+        created_at: row.try_get("created_at")?,
+        created_by_id: row.try_get("created_by_id")?,
+        deleted: row.try_get("deleted")?,
+        post_to_slack: row.try_get("post_to_slack")?,
+        slack_message_format: row.try_get("slack_message_format")?,
+        is_calculating: row.try_get("is_calculating")?,
+        updated_at: row.try_get("updated_at")?,
+        last_calculated_at: row.try_get("last_calculated_at")?,
+        steps: Vec::new(),
+    })
+}
+
+fn step_from_row(row: &PgRow) -> Result<ActionStep, sqlx::Error> {
+    Ok(ActionStep {
+        id: row.try_get("id")?,
+        action_id: row.try_get("action_id")?,
+        tag_name: row.try_get("tag_name")?,
+        text: row.try_get("text")?,
+        href: row.try_get("href")?,
+        selector: row.try_get("selector")?,
+        url: row.try_get("url")?,
+        url_matching: row.try_get("url_matching")?,
+        name: row.try_get("name")?,
+        event: row.try_get("event")?,
+        properties: row.try_get("properties")?,
+    })
+}
