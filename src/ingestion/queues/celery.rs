@@ -14,8 +14,8 @@ use thiserror::Error;
 use tracing::debug;
 
 use super::messages::plugin_event_from_fields;
-use super::uuidt::new_uuidt;
 use crate::event::PluginEvent;
+use crate::ingestion::uuidt::new_uuidt;
 
 /// The task PostHog sends for every captured event in the Postgres pipeline.
 pub const PROCESS_EVENT_TASK: &str = "posthog.tasks.process_event.process_event_with_plugins";

@@ -111,13 +111,19 @@ mod tests {
             ("KAFKA_TRUSTED_CERT_B64", &ca),
         ])
         .unwrap();
-        assert!(matches!(base_config(&invalid, "id"), Err(KafkaSetupError::InvalidCertificate("KAFKA_CLIENT_CERT_B64", _))));
+        assert!(matches!(
+            base_config(&invalid, "id"),
+            Err(KafkaSetupError::InvalidCertificate("KAFKA_CLIENT_CERT_B64", _))
+        ));
     }
 
     #[test]
     fn hosts_are_required() {
         let error = base_config(&Config::from_pairs(&[]).unwrap(), "id").unwrap_err();
         assert_eq!(error.to_string(), "You must set KAFKA_HOSTS to process events from Kafka!");
-        assert_eq!(client_id(&uuid::Uuid::nil()), format!("plugin-server-v{}-00000000-0000-0000-0000-000000000000", crate::VERSION));
+        assert_eq!(
+            client_id(&uuid::Uuid::nil()),
+            format!("plugin-server-v{}-00000000-0000-0000-0000-000000000000", crate::VERSION)
+        );
     }
 }
