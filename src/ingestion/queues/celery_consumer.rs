@@ -414,7 +414,7 @@ impl Shared {
                 let (handler, task) = (Arc::clone(&handler), task.clone());
                 async move {
                     match task {
-                        CeleryTask::ProcessEvent(event) => handler.handle_event(event).await,
+                        CeleryTask::ProcessEvent(event) => handler.handle_event(*event).await,
                         CeleryTask::PluginJob(job) => handler.handle_plugin_job(job).await,
                     }
                 }
