@@ -28,7 +28,7 @@ fn testdata(name: &str) -> String {
 
 fn event_of(task: CeleryTask) -> plugin_server::event::PluginEvent {
     match task {
-        CeleryTask::ProcessEvent(event) => event,
+        CeleryTask::ProcessEvent(event) => *event,
         other => panic!("expected an event, got {other:?}"),
     }
 }

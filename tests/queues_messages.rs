@@ -62,12 +62,18 @@ fn events_are_length_delimited_protobuf_with_every_field_written() {
 #[test]
 fn session_recordings_persons_distinct_ids_groups() {
     let at = time("2021-10-28T11:59:57.792Z");
-    let record = session_recording_record("u1", 2, "d1", &json!("s1"), &json!({"type": 3}), &at);
+    let record = session_recording_record("u1", 2, "d1", Some("s1"), Some(&json!({"type": 3})), &at);
     assert_eq!(record.topic, "clickhouse_session_recording_events");
     assert_eq!(record.messages[0].key.as_deref(), Some("u1"));
     assert_eq!(
         value_text(&record, 0),
         r#"{"uuid":"u1","team_id":2,"distinct_id":"d1","session_id":"s1","snapshot_data":"{\"type\":3}","timestamp":"2021-10-28 11:59:57.792","created_at":"2021-10-28 11:59:57.792"}"#
+    );
+
+    let without = session_recording_record("u1", 2, "d1", None, None, &at);
+    assert_eq!(
+        value_text(&without, 0),
+        r#"{"uuid":"u1","team_id":2,"distinct_id":"d1","timestamp":"2021-10-28 11:59:57.792","created_at":"2021-10-28 11:59:57.792"}"#
     );
 
     let record = person_record("p-uuid", &at, &properties(json!({"userProp": "propValue"})), 2, true, false);

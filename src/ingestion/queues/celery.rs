@@ -14,8 +14,8 @@ use thiserror::Error;
 use tracing::debug;
 
 use super::messages::plugin_event_from_fields;
-use super::uuidt::new_uuidt;
 use crate::event::PluginEvent;
+use crate::ingestion::uuidt::new_uuidt;
 
 /// The task PostHog sends for every captured event in the Postgres pipeline.
 pub const PROCESS_EVENT_TASK: &str = "posthog.tasks.process_event.process_event_with_plugins";
@@ -56,7 +56,7 @@ pub struct TaskMessage {
 #[derive(Debug, Clone, PartialEq)]
 pub enum CeleryTask {
     /// `process_event_with_plugins`, merged into the event plugins see.
-    ProcessEvent(PluginEvent),
+    ProcessEvent(Box<PluginEvent>),
     /// `plugin_job`, as the job the reference enqueues.
     PluginJob(Value),
 }
@@ -196,7 +196,9 @@ impl TaskMessage {
     /// Turns the message into a task, building the event or job exactly as the reference does.
     pub fn into_task(self, tasks: TaskSet) -> Result<CeleryTask, DecodeError> {
         match self.task.as_str() {
-            PROCESS_EVENT_TASK if tasks.process_events => process_event_task(self.args).map(CeleryTask::ProcessEvent),
+            PROCESS_EVENT_TASK if tasks.process_events => {
+                process_event_task(self.args).map(|event| CeleryTask::ProcessEvent(Box::new(event)))
+            }
             PLUGIN_JOB_TASK => plugin_job_task(self.args).map(CeleryTask::PluginJob),
             _ => Err(DecodeError::MissingHandler(self.task)),
         }

@@ -31,10 +31,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::celery::{decode_task, CeleryTask, TaskSet};
-use super::messages::iso_timestamp;
 use super::retry::{Outcome, RetryPolicy};
 use super::{EventHandler, QueueStats};
 use crate::config::Config;
+use crate::ingestion::timestamp::format_iso;
 
 /// How many messages one round trip may move when the queue is busy.
 const MAX_PREFETCH: usize = 64;
@@ -247,7 +247,7 @@ impl Shared {
         let mut connection = self.pool.get().await.map_err(|error| error.to_string())?;
         redis::cmd("SET")
             .arg(self.options.heartbeat_key())
-            .arg(iso_timestamp(&Utc::now()))
+            .arg(format_iso(&Utc::now()))
             .arg("PX")
             .arg(self.options.heartbeat_ttl.as_millis().max(1) as u64)
             .query_async::<()>(&mut connection)
@@ -414,7 +414,7 @@ impl Shared {
                 let (handler, task) = (Arc::clone(&handler), task.clone());
                 async move {
                     match task {
-                        CeleryTask::ProcessEvent(event) => handler.handle_event(event).await,
+                        CeleryTask::ProcessEvent(event) => handler.handle_event(*event).await,
                         CeleryTask::PluginJob(job) => handler.handle_plugin_job(job).await,
                     }
                 }
@@ -444,7 +444,7 @@ impl Shared {
                 let entry = json!({
                     "queue": self.options.queue,
                     "reason": reason,
-                    "failed_at": iso_timestamp(&Utc::now()),
+                    "failed_at": format_iso(&Utc::now()),
                     "consumer": self.options.consumer_id,
                     "message": raw,
                 });

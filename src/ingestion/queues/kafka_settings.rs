@@ -73,3 +73,57 @@ pub fn producer_config(config: &Config, client_id: &str) -> Result<ClientConfig,
         .set("message.timeout.ms", "120000");
     Ok(client)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn get(client: &ClientConfig, key: &str) -> Option<String> {
+        client.get(key).map(str::to_string)
+    }
+
+    #[test]
+    fn tls_only_when_all_three_certificates_are_set() {
+        let b64 = |text: &str| base64::engine::general_purpose::STANDARD.encode(text);
+        let (cert, key, ca) = (b64("CERT"), b64("KEY"), b64("CA"));
+        let config = Config::from_pairs(&[
+            ("KAFKA_HOSTS", "a:9092,b:9092"),
+            ("KAFKA_CLIENT_CERT_B64", &cert),
+            ("KAFKA_CLIENT_CERT_KEY_B64", &key),
+            ("KAFKA_TRUSTED_CERT_B64", &ca),
+        ])
+        .unwrap();
+        let client = base_config(&config, "id").unwrap();
+        assert_eq!(get(&client, "bootstrap.servers").as_deref(), Some("a:9092,b:9092"));
+        assert_eq!(get(&client, "security.protocol").as_deref(), Some("ssl"));
+        assert_eq!(get(&client, "ssl.certificate.pem").as_deref(), Some("CERT"));
+        assert_eq!(get(&client, "ssl.key.pem").as_deref(), Some("KEY"));
+        assert_eq!(get(&client, "ssl.ca.pem").as_deref(), Some("CA"));
+        assert_eq!(get(&client, "ssl.endpoint.identification.algorithm").as_deref(), Some("none"));
+
+        let partial = Config::from_pairs(&[("KAFKA_HOSTS", "a:9092"), ("KAFKA_CLIENT_CERT_B64", &cert)]).unwrap();
+        assert_eq!(get(&base_config(&partial, "id").unwrap(), "security.protocol"), None);
+
+        let invalid = Config::from_pairs(&[
+            ("KAFKA_HOSTS", "a:9092"),
+            ("KAFKA_CLIENT_CERT_B64", "%%%"),
+            ("KAFKA_CLIENT_CERT_KEY_B64", &key),
+            ("KAFKA_TRUSTED_CERT_B64", &ca),
+        ])
+        .unwrap();
+        assert!(matches!(
+            base_config(&invalid, "id"),
+            Err(KafkaSetupError::InvalidCertificate("KAFKA_CLIENT_CERT_B64", _))
+        ));
+    }
+
+    #[test]
+    fn hosts_are_required() {
+        let error = base_config(&Config::from_pairs(&[]).unwrap(), "id").unwrap_err();
+        assert_eq!(error.to_string(), "You must set KAFKA_HOSTS to process events from Kafka!");
+        assert_eq!(
+            client_id(&uuid::Uuid::nil()),
+            format!("plugin-server-v{}-00000000-0000-0000-0000-000000000000", crate::VERSION)
+        );
+    }
+}

@@ -7,49 +7,15 @@
 //! Pure functions from typed values to [`KafkaRecord`]s; sending is `kafka_producer`, deciding
 //! what to write is the ingestion's.
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use prost::Message;
 use serde_json::{json, Map, Value};
 
 use super::kafka_producer::{KafkaMessage, KafkaRecord};
 use super::topics;
-use super::uuidt::new_uuidt;
 use crate::event::{PluginEvent, Properties};
-
-/// `YYYY-MM-DD HH:mm:ss.SSS` in UTC (the reference's `TimestampFormat.ClickHouse`).
-pub fn clickhouse_timestamp(time: &DateTime<Utc>) -> String {
-    time.format("%Y-%m-%d %H:%M:%S%.3f").to_string()
-}
-
-/// `YYYY-MM-DD HH:mm:ss` in UTC (`TimestampFormat.ClickHouseSecondPrecision`).
-pub fn clickhouse_second_timestamp(time: &DateTime<Utc>) -> String {
-    time.format("%Y-%m-%d %H:%M:%S").to_string()
-}
-
-/// `YYYY-MM-DDTHH:mm:ss.SSSZ` (luxon's `toISO()` in UTC, JavaScript's `toISOString()`).
-pub fn iso_timestamp(time: &DateTime<Utc>) -> String {
-    time.to_rfc3339_opts(SecondsFormat::Millis, true)
-}
-
-/// Parses an ISO-8601 timestamp the way the reference's `DateTime.fromISO` is used on `now`:
-/// with an offset, or without one (then UTC, the server's zone in production).
-pub fn parse_iso_timestamp(text: &str) -> Option<DateTime<Utc>> {
-    if let Ok(time) = DateTime::parse_from_rfc3339(text) {
-        return Some(time.with_timezone(&Utc));
-    }
-    for format in ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f%z", "%Y-%m-%dT%H:%M%z"] {
-        if let Ok(time) = DateTime::parse_from_str(text, format) {
-            return Some(time.with_timezone(&Utc));
-        }
-        if let Ok(time) = chrono::NaiveDateTime::parse_from_str(text, format) {
-            return Some(time.and_utc());
-        }
-    }
-    chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d")
-        .ok()
-        .and_then(|date| date.and_hms_opt(0, 0, 0))
-        .map(|t| t.and_utc())
-}
+use crate::ingestion::timestamp::{format_clickhouse, format_clickhouse_seconds, format_iso, parse_timestamp};
+use crate::ingestion::uuidt::new_uuidt;
 
 /// `google.protobuf.Timestamp` (never set by the reference; declared so the schema matches).
 #[derive(Clone, PartialEq, Message)]
@@ -109,10 +75,10 @@ impl ClickHouseEvent {
             uuid: Some(self.uuid.clone()),
             event: Some(self.event.clone()),
             properties: Some(Value::Object(self.properties.clone()).to_string()),
-            timestamp: Some(clickhouse_timestamp(&self.timestamp)),
+            timestamp: Some(format_clickhouse(&self.timestamp)),
             team_id: Some(self.team_id.max(0) as u64),
             distinct_id: Some(self.distinct_id.clone()),
-            created_at: Some(iso_timestamp(&self.created_at)),
+            created_at: Some(format_iso(&self.created_at)),
             elements_chain: Some(self.elements_chain.clone()),
             proto_created_at: None,
             proto_timestamp: None,
@@ -135,26 +101,35 @@ fn json_bytes(value: &Value) -> Vec<u8> {
 }
 
 /// A `$snapshot` event for `clickhouse_session_recording_events`; both `timestamp` and
-/// `created_at` are the event's time in ClickHouse format, as in the reference.
+/// `created_at` are the event's time in ClickHouse format, as in the reference. An absent
+/// `$session_id` or `$snapshot_data` leaves the key out (JavaScript's `JSON.stringify` drops
+/// `undefined`).
 pub fn session_recording_record(
     uuid: &str,
     team_id: i64,
     distinct_id: &str,
-    session_id: &Value,
-    snapshot_data: &Value,
+    session_id: Option<&str>,
+    snapshot_data: Option<&Value>,
     timestamp: &DateTime<Utc>,
 ) -> KafkaRecord {
-    let time = clickhouse_timestamp(timestamp);
-    let value = json!({
-        "uuid": uuid,
-        "team_id": team_id,
-        "distinct_id": distinct_id,
-        "session_id": session_id,
-        "snapshot_data": snapshot_data.to_string(),
-        "timestamp": time,
-        "created_at": time,
-    });
-    KafkaRecord::single(topics::KAFKA_SESSION_RECORDING_EVENTS, Some(uuid.to_string()), json_bytes(&value))
+    let time = format_clickhouse(timestamp);
+    let mut fields = Map::new();
+    fields.insert("uuid".into(), json!(uuid));
+    fields.insert("team_id".into(), json!(team_id));
+    fields.insert("distinct_id".into(), json!(distinct_id));
+    if let Some(session_id) = session_id {
+        fields.insert("session_id".into(), json!(session_id));
+    }
+    if let Some(snapshot_data) = snapshot_data {
+        fields.insert("snapshot_data".into(), Value::String(snapshot_data.to_string()));
+    }
+    fields.insert("timestamp".into(), Value::String(time.clone()));
+    fields.insert("created_at".into(), Value::String(time));
+    KafkaRecord::single(
+        topics::KAFKA_SESSION_RECORDING_EVENTS,
+        Some(uuid.to_string()),
+        json_bytes(&Value::Object(fields)),
+    )
 }
 
 /// A person create/update (`is_deleted = false`) or delete (`true`) for `clickhouse_person`.
@@ -168,7 +143,7 @@ pub fn person_record(
 ) -> KafkaRecord {
     let value = json!({
         "id": person_uuid,
-        "created_at": clickhouse_second_timestamp(created_at),
+        "created_at": format_clickhouse_seconds(created_at),
         "properties": Value::Object(properties.clone()).to_string(),
         "team_id": team_id,
         "is_identified": is_identified,
@@ -232,7 +207,7 @@ pub fn group_record(
         "group_key": group_key,
         "team_id": team_id,
         "group_properties": Value::Object(properties.clone()).to_string(),
-        "created_at": clickhouse_second_timestamp(created_at),
+        "created_at": format_clickhouse_seconds(created_at),
     });
     KafkaRecord {
         topic: topics::KAFKA_GROUPS.into(),
@@ -270,7 +245,7 @@ impl PluginLogEntryMessage {
         message: &str,
         instance_id: &uuid::Uuid,
     ) -> PluginLogEntryMessage {
-        let iso = timestamp.map_or_else(|| iso_timestamp(&Utc::now()), str::to_string);
+        let iso = timestamp.map_or_else(|| format_iso(&Utc::now()), str::to_string);
         PluginLogEntryMessage {
             id: new_uuidt().to_string(),
             team_id,
@@ -325,7 +300,7 @@ pub fn dead_letter_record(
     for key in ["now", "sent_at", "timestamp"] {
         fields.shift_remove(key);
     }
-    let event_now = parse_iso_timestamp(&event.now).map(|time| clickhouse_second_timestamp(&time));
+    let event_now = parse_timestamp(&event.now).map(|time| format_clickhouse_seconds(&time));
     fields.insert("id".into(), Value::String(new_uuidt().to_string()));
     fields.insert("event_uuid".into(), event.uuid.clone().map_or(Value::Null, Value::String));
     fields.insert(
@@ -333,7 +308,7 @@ pub fn dead_letter_record(
         Value::String(Value::Object(event.properties.clone().unwrap_or_default()).to_string()),
     );
     fields.insert("now".into(), event_now.map_or(Value::Null, Value::String));
-    fields.insert("error_timestamp".into(), Value::String(clickhouse_second_timestamp(now)));
+    fields.insert("error_timestamp".into(), Value::String(format_clickhouse_seconds(now)));
     fields.insert("raw_payload".into(), Value::String(raw.to_string()));
     fields.insert("error_location".into(), Value::String(error_location.to_string()));
     fields.insert("error".into(), Value::String(format!("ingestEvent failed. Error: {error_message}")));
@@ -358,10 +333,10 @@ pub fn malformed_message_dead_letter_record(raw: &[u8], reason: &str, now: &Date
             fields.insert(key.into(), value.clone());
         }
     }
-    if let Some(now_text) = parsed.get("now").and_then(Value::as_str).and_then(parse_iso_timestamp) {
-        fields.insert("now".into(), Value::String(clickhouse_second_timestamp(&now_text)));
+    if let Some(now_text) = parsed.get("now").and_then(Value::as_str).and_then(parse_timestamp) {
+        fields.insert("now".into(), Value::String(format_clickhouse_seconds(&now_text)));
     }
-    fields.insert("error_timestamp".into(), Value::String(clickhouse_second_timestamp(now)));
+    fields.insert("error_timestamp".into(), Value::String(format_clickhouse_seconds(now)));
     fields.insert("raw_payload".into(), Value::String(text));
     fields.insert("error_location".into(), Value::String(KAFKA_CONSUMER_ERROR_LOCATION.into()));
     fields.insert("error".into(), Value::String(format!("Invalid Kafka message. Error: {reason}")));
@@ -447,25 +422,4 @@ pub(crate) fn plugin_event_from_fields(mut fields: Map<String, Value>) -> Result
         fields.shift_remove("sent_at");
     }
     serde_json::from_value(Value::Object(fields)).map_err(|error| error.to_string())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn formats() {
-        let time = DateTime::parse_from_rfc3339("2021-10-28T11:59:57.792Z").unwrap().with_timezone(&Utc);
-        assert_eq!(clickhouse_timestamp(&time), "2021-10-28 11:59:57.792");
-        assert_eq!(clickhouse_second_timestamp(&time), "2021-10-28 11:59:57");
-        assert_eq!(iso_timestamp(&time), "2021-10-28T11:59:57.792Z");
-        assert_eq!(
-            parse_iso_timestamp("2021-10-28T12:00:00+00:00").map(|t| iso_timestamp(&t)).unwrap(),
-            "2021-10-28T12:00:00.000Z"
-        );
-        assert_eq!(
-            parse_iso_timestamp("2021-10-28T11:59:59.597000").map(|t| iso_timestamp(&t)).unwrap(),
-            "2021-10-28T11:59:59.597Z"
-        );
-    }
 }

@@ -27,23 +27,26 @@ pub mod celery_consumer;
 pub mod kafka_consumer;
 pub mod kafka_producer;
 pub mod kafka_settings;
+pub mod kafka_writer;
 pub mod messages;
 pub mod retry;
 pub mod topics;
-pub mod uuidt;
 
 pub use celery::{CeleryProducer, CeleryTask, DecodeError};
 pub use celery_consumer::{CeleryConsumer, CeleryConsumerOptions};
 pub use kafka_consumer::{KafkaConsumerOptions, KafkaQueue};
 pub use kafka_producer::{KafkaMessage, KafkaProducerWrapper, KafkaRecord, ProduceError};
+pub use kafka_writer::KafkaEventWriter;
 
 /// Why the handler could not handle an event or a job.
 #[derive(Debug, Clone, Error, PartialEq)]
 pub enum HandleError {
     /// It can never be handled (for example ingestion failed on this event's data). The consumer
-    /// dead-letters it with this reason and goes on. In the Kafka pipeline this produces the
-    /// reference's `events_dead_letter_queue` row (`error_location = plugin_server_ingest_event`),
-    /// so the pipeline should return this rather than writing the dead letter itself.
+    /// dead-letters it with this reason and goes on (Kafka: the reference's
+    /// `events_dead_letter_queue` row with `error_location = plugin_server_ingest_event`; Celery:
+    /// the queue's dead-letter list). When the pipeline already dead-lettered the event itself
+    /// (`EventWriter::dead_letter` returned `true`), it should return `Ok` instead, or the event
+    /// would be dead-lettered twice.
     #[error("{0}")]
     Rejected(String),
     /// It could not be handled now (Postgres or a broker unavailable): the consumer retries it with
