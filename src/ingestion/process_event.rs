@@ -21,13 +21,14 @@ use thiserror::Error;
 use uuid::Uuid;
 
 use super::action_handler::MatchActionsAndFireHooks;
+use super::actions::js::is_truthy;
 use super::actions::{ActionMatcher, HookCommander};
 use super::elements::{extract_elements, Element};
 use super::groups::GroupTypeManager;
 use super::person_manager::PersonManager;
 use super::persons::{self, is_unique_violation, MergeError, Person, PersonUpdate};
 use super::properties::{
-    apply_person_property_updates, is_distinct_id_illegal, is_truthy, js_string, merge_objects, object_or_empty,
+    apply_person_property_updates, is_distinct_id_illegal, merge_objects, object_or_empty, parameter_text,
     person_initial_and_utm_properties, sanitize_event_name,
 };
 use super::teams::{FirstEventTelemetry, TeamManager};
@@ -362,7 +363,7 @@ impl EventsProcessor {
             uuid,
             team_id,
             distinct_id: distinct_id.to_string(),
-            session_id: properties.get("$session_id").filter(|value| !value.is_null()).map(js_string),
+            session_id: properties.get("$session_id").filter(|value| !value.is_null()).map(parameter_text),
             snapshot_data: properties.get("$snapshot_data").cloned(),
             timestamp,
         };
@@ -428,14 +429,15 @@ impl EventsProcessor {
         if !is_truthy(group_type) || !is_truthy(group_key) {
             return Ok(());
         }
-        let Some(group_type_index) = self.group_types.fetch_group_type_index(team_id, &js_string(group_type)).await?
+        let Some(group_type_index) =
+            self.group_types.fetch_group_type_index(team_id, &parameter_text(group_type)).await?
         else {
             return Ok(());
         };
         let group = GroupPayload {
             team_id,
             group_type_index,
-            group_key: js_string(group_key),
+            group_key: parameter_text(group_key),
             group_properties: object_or_empty(properties.get("$group_set")),
             created_at: now_ms(),
         };
@@ -458,11 +460,13 @@ impl EventsProcessor {
             "$create_alias" => match properties.get("alias") {
                 // Without an alias the reference's inserts fail and it gives up silently.
                 None | Some(Value::Null) => Ok(()),
-                Some(alias) => self.alias(js_string(alias), distinct_id.to_string(), team_id, false, true, 0).await,
+                Some(alias) => {
+                    self.alias(parameter_text(alias), distinct_id.to_string(), team_id, false, true, 0).await
+                }
             },
             "$identify" => match properties.get("$anon_distinct_id") {
                 Some(anon_distinct_id) if is_truthy(anon_distinct_id) => {
-                    self.alias(js_string(anon_distinct_id), distinct_id.to_string(), team_id, true, true, 0).await
+                    self.alias(parameter_text(anon_distinct_id), distinct_id.to_string(), team_id, true, true, 0).await
                 }
                 _ => Ok(()),
             },

@@ -5,6 +5,8 @@
 use serde_json::{Map, Value};
 
 use crate::event::Properties;
+use crate::ingestion::actions::js::to_js_string;
+use crate::ingestion::elements::truncate_utf16;
 
 /// Longest event name kept, in UTF-16 code units (JavaScript `substr(0, 200)`).
 pub const MAX_EVENT_NAME_LENGTH: usize = 200;
@@ -41,18 +43,6 @@ pub fn sanitize_event_name(name: &str) -> String {
     truncate_utf16(name, MAX_EVENT_NAME_LENGTH)
 }
 
-/// The longest prefix of `text` that fits in `max_units` UTF-16 code units.
-pub fn truncate_utf16(text: &str, max_units: usize) -> String {
-    let mut units = 0;
-    for (index, character) in text.char_indices() {
-        units += character.len_utf16();
-        if units > max_units {
-            return text[..index].to_string();
-        }
-    }
-    text.to_string()
-}
-
 /// Distinct ids that stem from client bugs; identify/alias is skipped for them (spec 20 §4).
 pub fn is_distinct_id_illegal(id: &str) -> bool {
     if id.trim().is_empty() || CASE_SENSITIVE_ILLEGAL_IDS.contains(&id) {
@@ -62,37 +52,12 @@ pub fn is_distinct_id_illegal(id: &str) -> bool {
     CASE_INSENSITIVE_ILLEGAL_IDS.contains(&lower.as_str())
 }
 
-/// JavaScript truthiness of a JSON value.
-pub fn is_truthy(value: &Value) -> bool {
+/// A value as node-postgres sends it as a text parameter: objects and arrays as JSON, everything
+/// else as JavaScript's `String(x)`.
+pub fn parameter_text(value: &Value) -> String {
     match value {
-        Value::Null => false,
-        Value::Bool(flag) => *flag,
-        Value::Number(number) => number.as_f64().is_some_and(|float| float != 0.0 && !float.is_nan()),
-        Value::String(text) => !text.is_empty(),
-        Value::Array(_) | Value::Object(_) => true,
-    }
-}
-
-/// JavaScript `String(x)` for JSON values (objects become JSON, which is what node-postgres sends
-/// for object parameters).
-pub fn js_string(value: &Value) -> String {
-    match value {
-        Value::String(text) => text.clone(),
-        Value::Number(number) => js_number_string(number),
-        Value::Null => "null".to_string(),
-        Value::Bool(flag) => flag.to_string(),
-        other => other.to_string(),
-    }
-}
-
-fn js_number_string(number: &serde_json::Number) -> String {
-    if number.is_i64() || number.is_u64() {
-        return number.to_string();
-    }
-    match number.as_f64() {
-        Some(float) if float.fract() == 0.0 && float.abs() < 1e21 => format!("{float:.0}"),
-        Some(float) => float.to_string(),
-        None => number.to_string(),
+        Value::Array(_) | Value::Object(_) => value.to_string(),
+        other => to_js_string(Some(other)),
     }
 }
 
@@ -238,12 +203,11 @@ mod tests {
     }
 
     #[test]
-    fn javascript_semantics() {
-        assert_eq!(js_string(&json!(5.0)), "5");
-        assert_eq!(js_string(&json!(2)), "2");
-        assert_eq!(js_string(&json!(1.5)), "1.5");
-        assert!(!is_truthy(&json!(0)));
-        assert!(!is_truthy(&json!("")));
-        assert!(is_truthy(&json!({})));
+    fn parameter_texts() {
+        assert_eq!(parameter_text(&json!(5.0)), "5");
+        assert_eq!(parameter_text(&json!(2)), "2");
+        assert_eq!(parameter_text(&json!(1.5)), "1.5");
+        assert_eq!(parameter_text(&json!(true)), "true");
+        assert_eq!(parameter_text(&json!({"a": 1})), r#"{"a":1}"#);
     }
 }
