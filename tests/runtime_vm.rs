@@ -88,6 +88,20 @@ async fn setup_plugin_sets_global_per_thread() {
 }
 
 #[tokio::test]
+async fn meta_global_is_reachable_from_the_server() {
+    use plugin_server::plugins::runtime::{META_GLOBAL_GET, META_GLOBAL_SET};
+    let pool = WorkerPool::new(options(1, 5.0)).unwrap();
+    let code = "function onEvent(e, { global }) { global.timestampBoundariesForTeam = { max: 2, min: 1 } }
+                function runEveryMinute({ global }) { return global.fromServer }";
+    load(&pool, 1, code, TestMeta::new()).await.unwrap();
+    pool.call(1, "onEvent", vec![event()], CallKind::Method).await.unwrap();
+    let global = pool.call(1, META_GLOBAL_GET, vec![], CallKind::Method).await.unwrap();
+    assert_eq!(global, json!({"timestampBoundariesForTeam": {"max": 2, "min": 1}}));
+    pool.call(1, META_GLOBAL_SET, vec![json!("fromServer"), json!([1, 2])], CallKind::Method).await.unwrap();
+    assert_eq!(pool.call(1, "runEveryMinute", vec![], CallKind::Task).await.unwrap(), json!([1, 2]));
+}
+
+#[tokio::test]
 async fn mutations_before_a_throw_are_kept() {
     let err = process(
         "function processEvent(event) { event.properties.processed = 'hell yes'; throw new Error('boom') }",

@@ -26,6 +26,7 @@ use serde_json::Value;
 
 pub use host::fetch::{http_fetch, FetchRequest, FetchResponse};
 pub use pool::{PoolStats, WorkerPool};
+pub use vm::{ALLOWED_IMPORTS, META_GLOBAL_GET, META_GLOBAL_SET};
 
 /// Identifies one plugin config (`posthog_pluginconfig.id`); one VM per id per worker thread.
 pub type PluginConfigId = i64;

@@ -39,6 +39,10 @@ use crate::plugins::transform::{TransformedCode, VIRTUAL_FILENAME};
 
 const PRELUDE: &str = include_str!("prelude.js");
 
+/// Pseudo-methods for [`super::WorkerPool::call`]: read `meta.global` / set `meta.global[key]`.
+pub const META_GLOBAL_GET: &str = "@meta.global.get";
+pub const META_GLOBAL_SET: &str = "@meta.global.set";
+
 /// The modules plugin code may import (reference 30 §5.2, the subset this runtime provides).
 pub const ALLOWED_IMPORTS: &[&str] =
     &["node-fetch", "@posthog/plugin-scaffold", "@posthog/plugin-contrib", "crypto", "url", "zlib", "jsonwebtoken"];
@@ -496,6 +500,9 @@ impl VmInner {
     /// Calls an exported function (or `jobs.<name>`) with `args` and `meta`, and waits for its
     /// result under the limits of `kind`.
     pub async fn call(self: &Rc<Self>, method: &str, args: Vec<Value>, kind: CallKind) -> Result<Value, PluginError> {
+        if method == META_GLOBAL_GET || method == META_GLOBAL_SET {
+            return self.meta_global(method, args);
+        }
         let function = {
             let state = self.state.borrow();
             let found = match method.strip_prefix("jobs.") {
@@ -576,6 +583,29 @@ impl VmInner {
             Some(value) => Ok(value),
             None => self.wait(id, kind, method, started, deadline, interrupts_before).await,
         }
+    }
+
+    /// Reads `meta.global` (as JSON) or sets one key of it, for server-side code that shares
+    /// state with the plugin through it (the reference's historical export reads
+    /// `global.timestampBoundariesForTeam`).
+    fn meta_global(&self, method: &str, args: Vec<Value>) -> Result<Value, PluginError> {
+        let meta = self.state.borrow().meta.clone();
+        let (result, _) = self.enter(Instant::now() + self.task_timeout, |ctx| {
+            let run = || -> rquickjs::Result<Value> {
+                let Some(meta) = meta else { return Ok(Value::Null) };
+                let meta_object: Object = meta.restore(&ctx)?.get()?;
+                let global: Object = meta_object.get("global")?;
+                if method == META_GLOBAL_GET {
+                    return Ok(from_js(&global.into_value()));
+                }
+                let key = args.first().and_then(|k| k.as_str()).unwrap_or_default();
+                let value = to_js(&ctx, args.get(1).unwrap_or(&Value::Null))?;
+                global.set(key, value)?;
+                Ok(Value::Null)
+            };
+            run().map_err(|e| PluginError::Js { error: caught(&ctx, e, &self.diag, false), args_after: None })
+        });
+        result
     }
 
     /// Waits for pending call `id` to settle.
