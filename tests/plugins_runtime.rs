@@ -364,3 +364,14 @@ async fn a_throwing_process_event_keeps_what_it_changed_before_the_throw() {
     assert_eq!(error["name"], "ReferenceError");
     assert_eq!(error["event"]["properties"]["processed"], "hell yes");
 }
+
+#[tokio::test]
+async fn process_event_batch_alone_processes_events() {
+    let setup = setup(
+        "export async function processEventBatch (events) { return events.map(e => ({ ...e, event: 'changed event' })) }",
+    )
+    .await;
+    let returned = setup.plugins.run_process_event(event("$test")).await.unwrap();
+    assert_eq!(returned.event, "changed event");
+    assert_eq!(setup.plugins.capabilities(CONFIG).await.unwrap()["methods"], json!(["processEvent"]));
+}
