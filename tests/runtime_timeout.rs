@@ -153,3 +153,25 @@ async fn top_level_code_is_limited_too() {
     let err = load(&pool, 1, "\nwhile (true) {}\n", TestMeta::new()).await.unwrap_err();
     assert_eq!(err.js_error().unwrap().message, format!("{LOOP_1S} 2:0"));
 }
+
+#[tokio::test]
+async fn a_stalled_thread_is_detected_and_replaced() {
+    // QuickJS's regex engine does not poll the interrupt handler: a catastrophic pattern holds
+    // the thread. The pool notices the silent heartbeat, fails the call, and starts a fresh thread.
+    let pool = WorkerPool::new(plugin_server::plugins::runtime::PoolOptions {
+        stall_after: Some(Duration::from_secs(2)),
+        ..options(1, 0.5)
+    })
+    .unwrap();
+    load(&pool, 1, "function processEvent(e) { /^(a+)+$/.test('a'.repeat(25) + 'b'); return e }", TestMeta::new())
+        .await
+        .unwrap();
+    load(&pool, 2, "function processEvent(e) { e.properties.ok = true; return e }", TestMeta::new()).await.unwrap();
+    let started = Instant::now();
+    let err = pool.call(1, "processEvent", vec![event()], CallKind::Method).await.unwrap_err();
+    assert!(matches!(err, PluginError::WorkerUnavailable { .. }), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert_eq!(pool.stats().replaced_workers, 1);
+    let out = pool.call(2, "processEvent", vec![event()], CallKind::Method).await.unwrap();
+    assert_eq!(out["properties"]["ok"], true);
+}

@@ -240,6 +240,9 @@ pub struct PoolOptions {
     pub max_stack_bytes: usize,
     /// Test env: expose `__jestSetTimeout` like the reference does under tests.
     pub test_env: bool,
+    /// A worker whose heartbeat is older than this is stalled and gets replaced (default
+    /// `2 × TASK_TIMEOUT + 5 s`: longer than any stretch the CPU deadline allows).
+    pub stall_after: Option<Duration>,
 }
 
 impl PoolOptions {
@@ -263,6 +266,7 @@ impl Default for PoolOptions {
             memory_limit_bytes: 128 * 1024 * 1024,
             max_stack_bytes: 1024 * 1024,
             test_env: false,
+            stall_after: None,
         }
     }
 }

@@ -32,6 +32,8 @@ pub struct PoolStats {
     pub in_flight: usize,
     /// Indexes of workers whose heartbeat is late (stuck thread); they get no new tasks.
     pub stalled_workers: Vec<usize>,
+    /// Stalled threads that were replaced by fresh ones since the pool started.
+    pub replaced_workers: usize,
 }
 
 /// What a worker needs to (re)build a VM of one config.
@@ -85,6 +87,9 @@ struct Inner {
     generation: AtomicU64,
     shut_down: AtomicBool,
     started: Instant,
+    main: Option<Handle>,
+    /// Stalled threads replaced so far.
+    replaced: AtomicUsize,
 }
 
 /// The pool of JS worker threads. Cheap to clone; all clones share the threads.
@@ -108,23 +113,11 @@ impl WorkerPool {
         let started = Instant::now();
         let mut workers = Vec::with_capacity(threads);
         for index in 0..threads {
-            let (sender, receiver) = mpsc::channel(options.tasks_per_worker.max(1));
-            let in_flight = Arc::new(AtomicUsize::new(0));
             let heartbeat_ns = Arc::new(AtomicU64::new(0));
-            let thread = {
-                let options = options.clone();
-                let main = main.clone();
-                let heartbeat = heartbeat_ns.clone();
-                std::thread::Builder::new()
-                    .name(format!("js-worker-{index}"))
-                    // Room for the VM's own stack limit plus Rust frames around it.
-                    .stack_size(options.max_stack_bytes.max(1 << 20) * 4 + (8 << 20))
-                    .spawn(move || worker_main(receiver, options, main, heartbeat, started))
-                    .map_err(|e| PluginError::WorkerUnavailable { worker: index, reason: e.to_string() })?
-            };
+            let (sender, thread) = spawn_worker(index, &options, main.clone(), heartbeat_ns.clone(), started)?;
             workers.push(Worker {
                 sender: Mutex::new(Some(sender)),
-                in_flight,
+                in_flight: Arc::new(AtomicUsize::new(0)),
                 heartbeat_ns,
                 thread: Mutex::new(Some(thread)),
             });
@@ -137,8 +130,35 @@ impl WorkerPool {
                 generation: AtomicU64::new(1),
                 shut_down: AtomicBool::new(false),
                 started,
+                main,
+                replaced: AtomicUsize::new(0),
             }),
         })
+    }
+
+    /// Puts a fresh thread in place of a stalled one. The stuck thread cannot be stopped (it is
+    /// inside native code the interrupt handler does not reach, e.g. a catastrophic regular
+    /// expression); it is abandoned, and the configs' VMs are rebuilt lazily on the new thread.
+    fn replace_stalled(&self, index: usize) {
+        let worker = &self.inner.workers[index];
+        let Ok(mut sender) = worker.sender.lock() else { return };
+        if sender.is_none() || !self.is_stalled(index) {
+            return; // shut down, or already replaced by a concurrent caller
+        }
+        let inner = &self.inner;
+        match spawn_worker(index, &inner.options, inner.main.clone(), worker.heartbeat_ns.clone(), inner.started) {
+            Ok((new_sender, thread)) => {
+                // Give the new thread time to start beating.
+                worker.heartbeat_ns.store(inner.started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                *sender = Some(new_sender);
+                if let Ok(mut slot) = worker.thread.lock() {
+                    *slot = Some(thread);
+                }
+                inner.replaced.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(worker = index, "replaced a stalled JS worker thread; the stuck thread is abandoned");
+            }
+            Err(error) => tracing::error!(worker = index, %error, "could not replace a stalled JS worker thread"),
+        }
     }
 
     pub fn options(&self) -> &PoolOptions {
@@ -282,6 +302,7 @@ impl WorkerPool {
             threads: workers.len(),
             in_flight: workers.iter().map(|w| w.in_flight.load(Ordering::Relaxed)).sum(),
             stalled_workers: (0..workers.len()).filter(|i| self.is_stalled(*i)).collect(),
+            replaced_workers: self.inner.replaced.load(Ordering::Relaxed),
         }
     }
 
@@ -339,7 +360,7 @@ impl WorkerPool {
     }
 
     fn stall_limit(&self) -> Duration {
-        self.inner.options.task_timeout * 2 + Duration::from_secs(5)
+        self.inner.options.stall_after.unwrap_or(self.inner.options.task_timeout * 2 + Duration::from_secs(5))
     }
 
     fn pick_worker(&self) -> Result<usize, PluginError> {
@@ -376,6 +397,7 @@ impl WorkerPool {
             reply = answer => reply.map_err(|_| unavailable("the thread dropped the task")),
             _ = watchdog => {
                 tracing::error!(worker = index, "JS worker thread is stalled; its task is abandoned");
+                self.replace_stalled(index);
                 Err(unavailable("the thread is stalled"))
             }
         }
@@ -396,6 +418,24 @@ struct Vms {
     vms: HashMap<PluginConfigId, (u64, Vm)>,
     /// Serializes creation per config so concurrent calls don't build it twice.
     creating: HashMap<PluginConfigId, Rc<tokio::sync::Mutex<()>>>,
+}
+
+fn spawn_worker(
+    index: usize,
+    options: &PoolOptions,
+    main: Option<Handle>,
+    heartbeat: Arc<AtomicU64>,
+    started: Instant,
+) -> Result<(mpsc::Sender<Task>, std::thread::JoinHandle<()>), PluginError> {
+    let (sender, receiver) = mpsc::channel(options.tasks_per_worker.max(1));
+    let options = options.clone();
+    let thread = std::thread::Builder::new()
+        .name(format!("js-worker-{index}"))
+        // Room for the VM's own stack limit plus Rust frames around it.
+        .stack_size(options.max_stack_bytes.max(1 << 20) * 4 + (8 << 20))
+        .spawn(move || worker_main(receiver, options, main, heartbeat, started))
+        .map_err(|e| PluginError::WorkerUnavailable { worker: index, reason: e.to_string() })?;
+    Ok((sender, thread))
 }
 
 fn worker_main(

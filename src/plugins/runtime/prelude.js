@@ -252,7 +252,7 @@
     const URL_FIELDS = ['href', 'protocol', 'username', 'password', 'host', 'hostname', 'port', 'pathname', 'search', 'hash'];
     class URL {
         constructor(url, base) {
-            this._r = host.urlParse(String(url), base === undefined ? undefined : String(base));
+            this._r = base === undefined ? host.urlParse(String(url)) : host.urlParse(String(url), String(base));
             this._params = null;
         }
         _setSearch(search) {
@@ -643,6 +643,10 @@
         if (Object.prototype.hasOwnProperty.call(modules, name)) return modules[name];
         throw forbidden(name);
     };
+    // No stack-trace hooks: a plugin's `Error.prepareStackTrace` would run inside the engine
+    // while it builds errors for host functions (and could inspect their frames). The setter
+    // accepts and ignores assignments, so plugins that set it keep working.
+    Object.defineProperty(Error, 'prepareStackTrace', { get: () => undefined, set: () => {}, configurable: false });
     define(G, 'console', freeze(consoleObject));
     define(G, 'posthog', freeze({ capture: posthog.capture, api: freeze(posthog.api) }));
     define(G, 'fetch', fetch);

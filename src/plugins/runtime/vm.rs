@@ -277,8 +277,9 @@ impl Loader for ImportLoader {
             .collect();
         let quoted = serde_json::to_string(name).map_err(|e| Exception::throw_message(ctx, &e.to_string()))?;
         let mut source = format!("const m = globalThis.__pluginHostImports[{quoted}];\nexport default m;\n");
-        if !keys.is_empty() {
-            source.push_str(&format!("export const {{ {} }} = m;\n", keys.join(", ")));
+        // One declaration per name: QuickJS does not bind names exported by destructuring.
+        for key in keys {
+            source.push_str(&format!("export const {key} = m.{key};\n"));
         }
         Module::declare(ctx.clone(), name, source)
     }
@@ -324,11 +325,13 @@ impl VmInner {
         let tracker_diag = diag.clone();
         rt.set_host_promise_rejection_tracker(Some(Box::new(move |ctx, promise, reason, is_handled| {
             let key = promise_key(&promise);
+            // Reading the error runs plugin code (`stack` getters, `Error.prepareStackTrace`),
+            // which may reject more promises and re-enter here: never hold the lock meanwhile.
+            let error = if is_handled { None } else { Some(error_from_value(&ctx, &reason, &tracker_diag, false)) };
             let Ok(mut list) = tracked.lock() else { return };
-            if is_handled {
-                list.retain(|(k, _)| *k != key);
-            } else {
-                list.push((key, error_from_value(&ctx, &reason, &tracker_diag, false)));
+            match error {
+                None => list.retain(|(k, _)| *k != key),
+                Some(error) => list.push((key, error)),
             }
         })));
         let ctx = Context::full(&rt).map_err(setup_error)?;
@@ -513,7 +516,7 @@ impl VmInner {
         let deadline = started + timeout;
         let interrupts_before = self.interrupts.get();
         let id = self.fresh_id();
-        let (outcome, fired) = self.enter(deadline, |ctx| -> Result<Option<Value>, PluginError> {
+        let (outcome, _) = self.enter(deadline, |ctx| -> Result<Option<Value>, PluginError> {
             let mut js_args = Vec::with_capacity(args.len());
             let mut call_args = Args::new(ctx.clone(), args.len() + 1);
             let prepared = (|| -> rquickjs::Result<Function> {
@@ -567,7 +570,6 @@ impl VmInner {
                 }
             }
         });
-        let _ = fired;
         let outcome = outcome?;
         self.drain_jobs(deadline);
         match outcome {

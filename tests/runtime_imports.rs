@@ -1,0 +1,156 @@
+//! Allow-listed imports and sandbox globals (reference 30 §5.1–5.2): crypto, zlib, url, Buffer,
+//! TextEncoder/TextDecoder, jsonwebtoken, @posthog/plugin-scaffold, @posthog/plugin-contrib.
+
+mod runtime_support;
+
+use plugin_server::plugins::runtime::{CallKind, WorkerPool};
+use runtime_support::*;
+use serde_json::{json, Value};
+
+async fn eval_module(code: &str) -> Value {
+    let pool = WorkerPool::new(options(1, 5.0)).unwrap();
+    load(&pool, 1, code, TestMeta::new()).await.unwrap_or_else(|e| panic!("{e}"));
+    pool.call(1, "runEveryMinute", vec![], CallKind::Task).await.unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[tokio::test]
+async fn crypto() {
+    let out = eval_module(
+        "import { createHash, createHmac, randomBytes, randomUUID } from 'crypto'
+        export function runEveryMinute() {
+            return [
+                createHash('md5').update('abc').digest('hex'),
+                createHash('sha1').update('abc').digest('hex'),
+                createHash('sha256').update('a').update('bc').digest('hex'),
+                createHash('sha512').update(Buffer.from('abc')).digest('base64').slice(0, 16),
+                createHmac('sha256', 'key').update('The quick brown fox jumps over the lazy dog').digest('hex'),
+                randomBytes(16).length,
+                /^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/.test(randomUUID()),
+                (() => { try { createHash('whirlpool') } catch (e) { return e.message } })(),
+            ]
+        }",
+    )
+    .await;
+    assert_eq!(
+        out,
+        json!([
+            "900150983cd24fb0d6963f7d28e17f72",
+            "a9993e364706816aba3e25717850c26c9cd0d89d",
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",
+            "3a81oZNherrMQXNJ",
+            "f7bc83f430538424b13298e6aa6fb143ef4d59a14946175997479dbc2d1a3cd8",
+            16,
+            true,
+            "Digest method not supported"
+        ])
+    );
+}
+
+#[tokio::test]
+async fn zlib_and_buffer() {
+    let out = eval_module(
+        "const zlib = require('zlib')
+        function runEveryMinute() {
+            const text = 'hello hello hello hello'
+            const b = Buffer.from(text)
+            return [
+                zlib.gunzipSync(zlib.gzipSync(text)).toString(),
+                zlib.inflateSync(zlib.deflateSync(b)).toString('utf8'),
+                Buffer.from('aGVsbG8=', 'base64').toString(),
+                Buffer.from('hello').toString('base64'),
+                Buffer.from('ff00', 'hex').toString('hex'),
+                Buffer.concat([Buffer.from('a'), Buffer.from('b')]).toString(),
+                Buffer.byteLength('héllo'),
+                JSON.stringify(Buffer.from('hi')),
+                new TextDecoder().decode(new TextEncoder().encode('grüße')),
+                (() => { try { zlib.gunzipSync(Buffer.from('garbage')) } catch (e) { return 'threw' } })(),
+            ]
+        }",
+    )
+    .await;
+    assert_eq!(
+        out,
+        json!([
+            "hello hello hello hello",
+            "hello hello hello hello",
+            "hello",
+            "aGVsbG8=",
+            "ff00",
+            "ab",
+            6,
+            "{\"type\":\"Buffer\",\"data\":[104,105]}",
+            "grüße",
+            "threw"
+        ])
+    );
+}
+
+#[tokio::test]
+async fn url_and_search_params() {
+    let out = eval_module(
+        "import { URL as NodeURL } from 'url'
+        export function runEveryMinute() {
+            const u = new URL('https://user:pw@example.com:8080/a/b?x=1&y=two#frag')
+            u.searchParams.append('z', 'a b')
+            const p = new URLSearchParams({ q: 'fetched', n: '1' })
+            p.set('n', '2')
+            const rel = new NodeURL('../c?d=1', 'https://example.com/a/b/')
+            return [u.protocol, u.host, u.hostname, u.port, u.pathname, u.searchParams.get('y'), u.hash,
+                    u.href, u.origin, p.toString(), rel.href,
+                    (() => { try { new URL('nope') } catch (e) { return e.name } })()]
+        }",
+    )
+    .await;
+    assert_eq!(
+        out,
+        json!([
+            "https:",
+            "example.com:8080",
+            "example.com",
+            "8080",
+            "/a/b",
+            "two",
+            "#frag",
+            "https://user:pw@example.com:8080/a/b?x=1&y=two&z=a+b#frag",
+            "https://example.com:8080",
+            "q=fetched&n=2",
+            "https://example.com/a/c?d=1",
+            "TypeError"
+        ])
+    );
+}
+
+#[tokio::test]
+async fn jsonwebtoken() {
+    let out = eval_module(
+        "import jwt from 'jsonwebtoken'
+        export function runEveryMinute() {
+            const token = jwt.sign({ sub: '1234567890', name: 'John Doe', iat: 1516239022 }, 'your-256-bit-secret')
+            return ['sign' in jwt, token.split('.')[0], jwt.verify(token, 'your-256-bit-secret').name, jwt.decode(token).sub,
+                    (() => { try { jwt.verify(token, 'wrong') } catch (e) { return e.message } })()]
+        }",
+    )
+    .await;
+    assert_eq!(
+        out,
+        json!([true, "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9", "John Doe", "1234567890", "invalid signature"])
+    );
+}
+
+#[tokio::test]
+async fn scaffold_and_contrib() {
+    let out = eval_module(
+        "import { RetryError } from '@posthog/plugin-scaffold'
+        import { createBuffer } from '@posthog/plugin-contrib'
+        export async function runEveryMinute() {
+            const e = new RetryError('again')
+            const flushed = []
+            const buffer = createBuffer({ limit: 10, timeoutSeconds: 0.2, onFlush: async (batch) => { flushed.push(batch) } })
+            buffer.add('a', 4); buffer.add('b', 4); buffer.add('c', 4)
+            await new Promise(r => __jestSetTimeout(r, 400))
+            return [e instanceof Error, e instanceof RetryError, e.name, e.message, RetryError === globalThis.RetryError, flushed]
+        }",
+    )
+    .await;
+    assert_eq!(out, json!([true, true, "Error", "again", true, [["a", "b"], ["c"]]]));
+}
