@@ -152,11 +152,12 @@ async fn a_github_zipball_with_a_typescript_main() {
             .unwrap();
         zip.start_file("posthog-hello-plugin-4f1b2c3/src/main.ts", options).unwrap();
         zip.write_all(
-            b"import contrib from '@posthog/plugin-contrib'
+            b"import { RetryError as Retry } from '@posthog/plugin-scaffold'
+              import { createBuffer } from '@posthog/plugin-contrib'
               export function processEvent(event: any, meta: any): any {
                   event.properties.greeting = meta.config.greeting ?? 'none'
-                  event.properties.retry = typeof RetryError
-                  event.properties.buffer = typeof contrib.createBuffer
+                  event.properties.retry = typeof Retry
+                  event.properties.buffer = typeof createBuffer
                   return event
               }",
         )
