@@ -34,14 +34,18 @@ fn exporter(batches: Arc<Mutex<Vec<Vec<Value>>>>, retry: bool) -> FakePlugin {
 }
 
 async fn setup_with(plugin: FakePlugin, config: Value) -> Setup {
-    let (_fakes, setup) = fake_setup(plugin, Duration::from_secs(3)).await;
+    setup_and_fakes(plugin, config).await.1
+}
+
+async fn setup_and_fakes(plugin: FakePlugin, config: Value) -> (Arc<FakeFactory>, Setup) {
+    let (fakes, setup) = fake_setup(plugin, Duration::from_secs(3)).await;
     sqlx::query("UPDATE posthog_pluginconfig SET config = $1 WHERE id = 39")
         .bind(config)
         .execute(&setup.db.pool)
         .await
         .unwrap();
     setup.plugins.reload().await.unwrap();
-    setup
+    (fakes, setup)
 }
 
 fn sized_event(name: &str) -> PluginEvent {
@@ -159,11 +163,12 @@ async fn other_errors_are_recorded_and_teardown_flushes() {
             }
         }),
     };
-    let setup = setup_with(plugin, json!({})).await;
+    let (fakes, setup) = setup_and_fakes(plugin, json!({})).await;
     setup.plugins.run_on_event(&event("a")).await;
     setup.plugins.run_on_event(&event("b")).await;
     // Nothing flushed yet (1 MiB, 600 s in tests); the plugin's own onEvent ran too.
     assert!(batches.lock().unwrap().is_empty());
+    assert_eq!(fakes.calls_of("onEvent"), 2);
     setup.plugins.teardown_all().await;
     assert_eq!(batches.lock().unwrap().len(), 1);
     assert_eq!(batches.lock().unwrap()[0].len(), 2);

@@ -152,11 +152,12 @@ async fn a_github_zipball_with_a_typescript_main() {
             .unwrap();
         zip.start_file("posthog-hello-plugin-4f1b2c3/src/main.ts", options).unwrap();
         zip.write_all(
-            b"import contrib from '@posthog/plugin-contrib'
+            b"import { RetryError as Retry } from '@posthog/plugin-scaffold'
+              import { createBuffer } from '@posthog/plugin-contrib'
               export function processEvent(event: any, meta: any): any {
                   event.properties.greeting = meta.config.greeting ?? 'none'
-                  event.properties.retry = typeof RetryError
-                  event.properties.buffer = typeof contrib.createBuffer
+                  event.properties.retry = typeof Retry
+                  event.properties.buffer = typeof createBuffer
                   return event
               }",
         )
@@ -363,4 +364,15 @@ async fn a_throwing_process_event_keeps_what_it_changed_before_the_throw() {
     let error = setup.config_error(CONFIG).await.unwrap();
     assert_eq!(error["name"], "ReferenceError");
     assert_eq!(error["event"]["properties"]["processed"], "hell yes");
+}
+
+#[tokio::test]
+async fn process_event_batch_alone_processes_events() {
+    let setup = setup(
+        "export async function processEventBatch (events) { return events.map(e => ({ ...e, event: 'changed event' })) }",
+    )
+    .await;
+    let returned = setup.plugins.run_process_event(event("$test")).await.unwrap();
+    assert_eq!(returned.event, "changed event");
+    assert_eq!(setup.plugins.capabilities(CONFIG).await.unwrap()["methods"], json!(["processEvent"]));
 }

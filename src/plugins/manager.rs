@@ -336,3 +336,17 @@ async fn compute_schedule(loaded: &Loaded) -> PluginSchedule {
     }
     schedule
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_serializes_like_get_plugin_schedule() {
+        let schedule = PluginSchedule { run_every_day: vec![39], ..PluginSchedule::default() };
+        assert_eq!(
+            serde_json::to_string(&schedule).unwrap(),
+            r#"{"runEveryMinute":[],"runEveryHour":[],"runEveryDay":[39]}"#
+        );
+    }
+}
