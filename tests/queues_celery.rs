@@ -463,3 +463,66 @@ async fn capture_round_trip() {
     consumer.stop().await;
     cleanup_queue(&pool, &queue).await;
 }
+
+/// `stop()` waits for the messages being handled; one waiting for a retry goes back to the queue.
+#[tokio::test]
+async fn stop_waits_for_in_flight_messages_and_requeues_pending_retries() {
+    let pool = redis_pool();
+    let queue = unique("celery-stop");
+    let producer = CeleryProducer::new(pool.clone(), queue.clone());
+    push_events(&producer, 2, "s-").await;
+    // The first event is slow (held by the gate), the second keeps failing with a retryable error.
+    let gate = Arc::new(Semaphore::new(0));
+    let handler = Arc::new(RetryOne { inner: RecordingHandler::gated(gate.clone()), failing: "s-1".into() });
+    let opts = CeleryConsumerOptions {
+        retry: RetryPolicy {
+            max_attempts: 100,
+            initial_backoff: Duration::from_secs(30),
+            max_backoff: Duration::from_secs(30),
+        },
+        ..options(&queue, 2)
+    };
+    let processing = opts.processing_key();
+    let consumer = Arc::new(CeleryConsumer::start(REDIS_URL, pool.clone(), handler.clone(), opts).await.unwrap());
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            consumer.in_flight() == 2 && consumer.stats().snapshot().retries == 1
+        })
+        .await
+    );
+    let stopping = tokio::spawn({
+        let consumer = consumer.clone();
+        async move { consumer.stop().await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!stopping.is_finished(), "stop must wait for the slow event");
+    gate.add_permits(1);
+    stopping.await.unwrap();
+    assert_eq!(handler.inner.event_count(), 1);
+    assert_eq!(lrange(&pool, &queue).await.len(), 1);
+    assert_eq!(llen(&pool, &processing).await, 0);
+    let stats = consumer.stats().snapshot();
+    assert_eq!((stats.handled, stats.requeued, stats.dead_lettered), (1, 1, 0));
+    let leftover = decode_task(&queue, &lrange(&pool, &queue).await[0], EVENTS).unwrap();
+    assert_eq!(event_of(leftover).distinct_id, "s-1");
+    cleanup_queue(&pool, &queue).await;
+}
+
+/// Fails one distinct id with a retryable error forever; delegates the others.
+struct RetryOne {
+    inner: Arc<RecordingHandler>,
+    failing: String,
+}
+
+#[async_trait::async_trait]
+impl plugin_server::ingestion::queues::EventHandler for RetryOne {
+    async fn handle_event(&self, event: plugin_server::event::PluginEvent) -> Result<(), HandleError> {
+        if event.distinct_id == self.failing {
+            return Err(HandleError::Retryable("database restarting".into()));
+        }
+        self.inner.handle_event(event).await
+    }
+    async fn handle_plugin_job(&self, job: Value) -> Result<(), HandleError> {
+        self.inner.handle_plugin_job(job).await
+    }
+}

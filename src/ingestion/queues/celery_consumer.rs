@@ -344,11 +344,12 @@ impl Shared {
             };
             self.parked.send_replace(false);
             let mut permits = vec![first];
-            while permits.len() < MAX_PREFETCH {
-                match Arc::clone(&self.permits).try_acquire_owned() {
-                    Ok(permit) => permits.push(permit),
-                    Err(_) => break,
-                }
+            self.take_free_permits(&mut permits);
+            if permits.len() < self.options.concurrency.min(MAX_PREFETCH) / 4 {
+                // Only a few slots free: let the handlers finishing right now free theirs, so one
+                // round trip moves a batch instead of a message per finished handler.
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                self.take_free_permits(&mut permits);
             }
             match self.pop(&mut blocking, &queue, &processing, permits.len()).await {
                 Ok(items) => {
@@ -365,6 +366,15 @@ impl Shared {
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                     }
                 }
+            }
+        }
+    }
+
+    fn take_free_permits(&self, permits: &mut Vec<OwnedSemaphorePermit>) {
+        while permits.len() < MAX_PREFETCH {
+            match Arc::clone(&self.permits).try_acquire_owned() {
+                Ok(permit) => permits.push(permit),
+                Err(_) => break,
             }
         }
     }
@@ -437,7 +447,9 @@ impl Shared {
     async fn finish(&self, raw: &str, finish: Finish) {
         let processing = self.options.processing_key();
         let mut pipe = redis::pipe();
-        pipe.atomic();
+        if !matches!(finish, Finish::Done) {
+            pipe.atomic();
+        }
         match &finish {
             Finish::Done => {}
             Finish::DeadLetter(reason) => {
