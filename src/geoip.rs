@@ -67,6 +67,8 @@ pub enum GeoIpError {
 #[derive(Debug, Clone)]
 pub struct GeoIpSettings {
     pub endpoint: String,
+    /// `@posthog-plugin-server/mmdb-status` (tests use their own key).
+    pub status_key: String,
     pub status_poll_interval: Duration,
     pub refresh_period: Duration,
     pub download_timeout: Duration,
@@ -76,6 +78,7 @@ impl Default for GeoIpSettings {
     fn default() -> Self {
         GeoIpSettings {
             endpoint: MMDB_ENDPOINT.into(),
+            status_key: MMDB_STATUS_REDIS_KEY.into(),
             status_poll_interval: Duration::from_millis(200),
             refresh_period: MMDB_REFRESH_PERIOD,
             download_timeout: Duration::from_secs(MMDB_STATUS_TTL_SECONDS),
@@ -358,7 +361,7 @@ impl Source {
     /// The JSON-encoded status (`"idle"` when absent or unreadable).
     async fn status(&self) -> String {
         let value: Option<String> = match self.redis.get().await {
-            Ok(mut connection) => connection.get(MMDB_STATUS_REDIS_KEY).await.unwrap_or(None),
+            Ok(mut connection) => connection.get(&self.settings.status_key).await.unwrap_or(None),
             Err(_) => None,
         };
         value.and_then(|text| serde_json::from_str::<String>(&text).ok()).unwrap_or_else(|| "idle".into())
@@ -368,8 +371,8 @@ impl Source {
         let mut connection = self.redis.get().await.map_err(|error| GeoIpError::Redis(error.to_string()))?;
         let value = Value::String(status.into()).to_string();
         let result: redis::RedisResult<()> = match ttl_seconds {
-            Some(ttl) => connection.set_ex(MMDB_STATUS_REDIS_KEY, value, ttl).await,
-            None => connection.set(MMDB_STATUS_REDIS_KEY, value).await,
+            Some(ttl) => connection.set_ex(&self.settings.status_key, value, ttl).await,
+            None => connection.set(&self.settings.status_key, value).await,
         };
         result.map_err(|error| GeoIpError::Redis(error.to_string()))
     }

@@ -108,7 +108,9 @@ impl JobQueue for FsQueue {
             .open(&self.file.path)
             .await
             .map_err(|error| self.file.error(error))?;
-        file.write_all(line.as_bytes()).await.map_err(|error| self.file.error(error))
+        file.write_all(line.as_bytes()).await.map_err(|error| self.file.error(error))?;
+        // tokio writes in the background; the line must be on disk before enqueue returns.
+        file.flush().await.map_err(|error| self.file.error(error))
     }
 
     async fn disconnect_producer(&self) {}

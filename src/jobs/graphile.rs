@@ -217,6 +217,8 @@ impl Worker {
                 listener = self.listen().await;
             }
         }
+        // The listener holds a pooled connection: `close` waits for it to come back.
+        drop(listener);
         self.pool.close().await;
         info!("🔄 Graphile job queue worker {} stopped", self.worker_id);
     }

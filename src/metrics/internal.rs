@@ -56,7 +56,7 @@ impl InternalMetrics {
         self.team_id
             .get_or_try_init(|| async {
                 let row: Option<i64> = sqlx::query_scalar(
-                    "SELECT posthog_team.id AS team_id
+                    "SELECT posthog_team.id::bigint AS team_id
                      FROM posthog_team
                      INNER JOIN posthog_organization ON posthog_organization.id = posthog_team.organization_id
                      WHERE for_internal_metrics",
