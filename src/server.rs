@@ -175,7 +175,7 @@ async fn start_components(hub: &Hub, lifecycle: &mut Lifecycle) -> Result<(), Se
     use std::sync::Arc;
 
     use crate::geoip::GeoIp;
-    use crate::ingestion::actions::ActionManager;
+    use crate::ingestion::actions::{ActionManager, ActionMatcher, HookCommander};
     use crate::ingestion::process_event::EventsProcessor;
     use crate::ingestion::queues::{CeleryConsumer, CeleryConsumerOptions, CeleryProducer};
     use crate::jobs::manager::{JobQueueManager, JobQueueOptions};
@@ -273,7 +273,9 @@ async fn start_components(hub: &Hub, lifecycle: &mut Lifecycle) -> Result<(), Se
 
     // 6. The ingestion queue.
     let activity = Arc::new(ActivityTracker::new());
-    let processor = Arc::new(EventsProcessor::postgres(hub));
+    let matcher = Arc::new(ActionMatcher::new(hub.postgres.clone(), Arc::clone(&actions)));
+    let hooks = Arc::new(HookCommander::new(hub.postgres.clone()));
+    let processor = Arc::new(EventsProcessor::postgres(hub).with_action_matching(matcher, hooks));
     let pipeline = Arc::new(Pipeline { plugins: Arc::clone(&plugins), processor, jobs: Arc::clone(&jobs), activity });
     let consumer = CeleryConsumer::start(
         &crate::hub::redis_url(config),
