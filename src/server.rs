@@ -177,16 +177,21 @@ async fn start_components(hub: &Hub, lifecycle: &mut Lifecycle) -> Result<(), Se
     use crate::geoip::GeoIp;
     use crate::ingestion::actions::{ActionManager, ActionMatcher, HookCommander};
     use crate::ingestion::process_event::EventsProcessor;
-    use crate::ingestion::queues::{CeleryConsumer, CeleryConsumerOptions, CeleryProducer};
+    use crate::ingestion::queues::kafka_writer::KafkaEventWriter;
+    use crate::ingestion::queues::topics::KAFKA_EVENTS_PLUGIN_INGESTION;
+    use crate::ingestion::queues::{
+        CeleryConsumer, CeleryConsumerOptions, CeleryProducer, KafkaConsumerOptions, KafkaProducerWrapper, KafkaQueue,
+    };
+    use crate::ingestion::writer::{EventWriter, PostgresEventWriter};
     use crate::jobs::manager::{JobQueueManager, JobQueueOptions};
     use crate::metrics::staleness::ActivityTracker;
-    use crate::pipeline::bridges::{CeleryCapture, GeoIpLookup, JobQueueEnqueuer};
+    use crate::pipeline::bridges::{CeleryCapture, GeoIpLookup, JobQueueEnqueuer, KafkaCapture, KafkaLogSink};
     use crate::pipeline::{Pipeline, PluginTasks};
+    use crate::plugins::extensions::CaptureSink;
     use crate::plugins::extensions::PluginServices;
-    use crate::plugins::lazy::LoadOptions;
+    use crate::plugins::log_entries::PluginLogSink;
     use crate::plugins::log_entries::PostgresLogSink;
     use crate::plugins::runtime::{PoolOptions, WorkerPool};
-    use crate::plugins::runtime_vm::RuntimeVmFactory;
     use crate::plugins::Plugins;
     use crate::pubsub::PubSub;
     use crate::schedule::{ScheduleSettings, Scheduler};
@@ -223,21 +228,41 @@ async fn start_components(hub: &Hub, lifecycle: &mut Lifecycle) -> Result<(), Se
         Some(Arc::new(geoip))
     };
 
+    // Kafka pipeline: one batching producer for events, persons, log entries and plugin captures.
+    let kafka = if config.KAFKA_ENABLED {
+        let client_id = crate::ingestion::queues::kafka_settings::client_id(&hub.instance_id);
+        Some(KafkaProducerWrapper::connect(config, &client_id).map_err(|error| fail("Kafka producer", &error))?)
+    } else {
+        None
+    };
+
     // 3. The plugin worker threads, and every enabled plugin config loaded on them.
     let pool =
         Arc::new(WorkerPool::new(PoolOptions::from_config(config)).map_err(|error| fail("Worker pool", &error))?);
-    let capture_queue = Arc::new(CeleryProducer::new(hub.redis.clone(), config.PLUGINS_CELERY_QUEUE.clone()));
-    let node_env = crate::config::NodeEnv::detect(&|key| std::env::var(key).ok());
-    let logs = Arc::new(PostgresLogSink::new(hub.postgres.clone(), node_env == crate::config::NodeEnv::Test));
+    let (logs, capture): (Arc<dyn PluginLogSink>, Arc<dyn CaptureSink>) = match &kafka {
+        Some(producer) => (
+            Arc::new(KafkaLogSink(Arc::clone(producer))),
+            Arc::new(KafkaCapture {
+                producer: Arc::clone(producer),
+                topic: config.KAFKA_CONSUMPTION_TOPIC.clone().unwrap_or_else(|| KAFKA_EVENTS_PLUGIN_INGESTION.into()),
+            }),
+        ),
+        None => (
+            Arc::new(PostgresLogSink::for_env(hub.postgres.clone())),
+            Arc::new(CeleryCapture(Arc::new(CeleryProducer::new(
+                hub.redis.clone(),
+                config.PLUGINS_CELERY_QUEUE.clone(),
+            )))),
+        ),
+    };
     let services = Arc::new(PluginServices::new(
         hub.clone(),
         logs,
-        Arc::new(CeleryCapture(capture_queue)),
+        capture,
         Arc::new(JobQueueEnqueuer(Arc::clone(&jobs))),
         geoip.map(|geoip| Arc::new(GeoIpLookup(geoip)) as Arc<dyn crate::plugins::extensions::GeoIpLocator>),
     ));
-    let plugins =
-        Arc::new(Plugins::new(services, Arc::new(RuntimeVmFactory::new(Arc::clone(&pool))), LoadOptions::from_env()));
+    let plugins = Arc::new(Plugins::on_runtime(services, Arc::clone(&pool)));
     plugins.reload().await.map_err(|error| fail("Could not load plugins", &error))?;
     {
         let plugins = Arc::clone(&plugins);
@@ -271,24 +296,46 @@ async fn start_components(hub: &Hub, lifecycle: &mut Lifecycle) -> Result<(), Se
         });
     }
 
-    // 6. The ingestion queue.
+    // 6. The ingestion queues: Kafka when enabled (Celery then only carries plugin jobs), else Celery.
     let activity = Arc::new(ActivityTracker::new());
+    let writer: Arc<dyn EventWriter> = match &kafka {
+        Some(producer) => Arc::new(KafkaEventWriter::new(Arc::clone(producer))),
+        None => Arc::new(PostgresEventWriter::new(hub.postgres.clone())),
+    };
     let matcher = Arc::new(ActionMatcher::new(hub.postgres.clone(), Arc::clone(&actions)));
     let hooks = Arc::new(HookCommander::new(hub.postgres.clone()));
-    let processor = Arc::new(EventsProcessor::postgres(hub).with_action_matching(matcher, hooks));
+    let processor = Arc::new(EventsProcessor::new(hub, writer).with_action_matching(matcher, hooks));
     let pipeline = Arc::new(Pipeline { plugins: Arc::clone(&plugins), processor, jobs: Arc::clone(&jobs), activity });
-    let consumer = CeleryConsumer::start(
+    let celery = CeleryConsumer::start(
         &crate::hub::redis_url(config),
         hub.redis.clone(),
-        pipeline,
+        pipeline.clone(),
         CeleryConsumerOptions::from_config(config),
     )
     .await
     .map_err(|error| fail("Celery consumer", &error))?;
     lifecycle.spawn("celery consumer", Duration::from_secs(30), move |token| async move {
         token.cancelled().await;
-        consumer.stop().await;
+        celery.stop().await;
     });
+    if let Some(producer) = &kafka {
+        let consumer = KafkaQueue::start(
+            config,
+            KafkaConsumerOptions::from_config(config, &hub.instance_id),
+            pipeline,
+            Arc::clone(producer),
+        )
+        .await
+        .map_err(|error| fail("Kafka consumer", &error))?;
+        let producer = Arc::clone(producer);
+        lifecycle.spawn("kafka consumer", Duration::from_secs(30), move |token| async move {
+            token.cancelled().await;
+            consumer.stop().await;
+            if let Err(error) = producer.flush().await {
+                tracing::error!("🔴 Could not flush the Kafka producer: {error}");
+            }
+        });
+    }
 
     // 8. Reloads over pub/sub.
     let pubsub =

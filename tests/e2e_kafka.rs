@@ -1,0 +1,104 @@
+//! The whole server in the Kafka + ClickHouse pipeline, in process, against the loopback broker:
+//! a raw event on the consumption topic comes out as a protobuf event on `clickhouse_events_proto`
+//! after a real plugin ran, persons stay in Postgres and get `clickhouse_person_unique_id` messages, and
+//! plugin log entries go to `plugin_log_entries` (the reference's tests/clickhouse/e2e.test.ts).
+
+mod common;
+#[allow(dead_code)]
+mod queues_support;
+
+use std::time::{Duration, Instant};
+
+use common::TestDb;
+use queues_support::{consume_topic, create_topics, ensure_kafka, produce, unique, KAFKA_HOSTS};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+const PLUGIN: &str = r#"
+    export function processEvent (event) {
+        event.properties.processed = 'by the plugin'
+        console.info('saw ' + event.event)
+        return event
+    }
+"#;
+
+fn contains(haystack: &[u8], needle: &str) -> bool {
+    haystack.windows(needle.len()).any(|window| window == needle.as_bytes())
+}
+
+async fn wait_for_message(topic: &str, needle: &str) -> Vec<u8> {
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let found = consume_topic(topic, usize::MAX, Duration::from_secs(2))
+            .await
+            .into_iter()
+            .filter_map(|(_, value)| value)
+            .find(|value| contains(value, needle));
+        if let Some(value) = found {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "no message containing {needle} on {topic}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_event_in_protobuf_event_out() {
+    ensure_kafka();
+    let db = TestDb::with_fixture(Some(PLUGIN)).await;
+    let topic = unique("e2e-kafka-in");
+    create_topics(&[&topic], 1).await;
+    let queue = common::unique_prefix("e2e-kafka-celery");
+    let config = db.config(&[
+        ("KAFKA_ENABLED", "true"),
+        ("KAFKA_HOSTS", KAFKA_HOSTS),
+        ("KAFKA_CONSUMPTION_TOPIC", &topic),
+        ("PLUGINS_CELERY_QUEUE", &queue),
+        ("WORKER_CONCURRENCY", "2"),
+        ("KAFKA_FLUSH_FREQUENCY_MS", "100"),
+    ]);
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(plugin_server::server::run(config, shutdown.clone()));
+
+    let distinct_id = unique("kafka-person");
+    let uuid = uuid::Uuid::now_v7().to_string();
+    let data = json!({"event": "kafka event", "properties": {"key": "value"}, "distinct_id": distinct_id,
+        "timestamp": "2021-10-28T11:59:57.792Z"});
+    let message = json!({"distinct_id": distinct_id, "ip": "127.0.0.1", "site_url": "", "team_id": common::TEAM_ID,
+        "uuid": uuid, "data": data.to_string(), "now": "2021-10-28T12:00:00Z", "sent_at": "2021-10-28T11:59:59Z"});
+    // The consumer starts from the latest offset, as the reference's does: keep offering the event
+    // (same uuid) until the server has joined its group and the event comes out.
+    let event = {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            produce(&topic, &[message.to_string().into_bytes()]).await;
+            let found = consume_topic("clickhouse_events_proto", usize::MAX, Duration::from_secs(2))
+                .await
+                .into_iter()
+                .filter_map(|(_, value)| value)
+                .find(|value| contains(value, &uuid));
+            if let Some(event) = found {
+                break event;
+            }
+            assert!(Instant::now() < deadline, "the event never reached clickhouse_events_proto");
+        }
+    };
+    assert!(contains(&event, "by the plugin"), "processEvent ran before the write");
+    assert!(contains(&event, "kafka event"));
+    let person = wait_for_message("clickhouse_person_unique_id", &distinct_id).await;
+    assert!(!person.is_empty());
+    wait_for_message("plugin_log_entries", "saw kafka event").await;
+
+    // Persons stay in Postgres in this pipeline, as in the reference.
+    let persons: i64 = sqlx::query_scalar("SELECT count(*) FROM posthog_persondistinctid WHERE distinct_id = $1")
+        .bind(&distinct_id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(persons, 1);
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM posthog_event").fetch_one(&db.pool).await.unwrap();
+    assert_eq!(events, 0, "events go to Kafka, not to posthog_event");
+
+    shutdown.cancel();
+    let result = tokio::time::timeout(Duration::from_secs(40), server).await;
+    assert!(matches!(result, Ok(Ok(Ok(())))), "server stopped cleanly: {result:?}");
+}
