@@ -44,12 +44,17 @@ fn event(distinct_id: &str, name: &str, properties: Value, extra: Value) -> Plug
 
 /// The reference benchmark's event: `default event` from `my_id` with a token.
 fn anonymous(_index: usize) -> PluginEvent {
-    event(
-        "my_id",
-        "default event",
-        json!({"token": "THIS IS NOT A TOKEN FOR TEAM 2", "$current_url": "http://localhost/"}),
-        json!({}),
-    )
+    event("my_id", "default event", json!({"token": "THIS IS NOT A TOKEN FOR TEAM 2"}), json!({}))
+}
+
+/// A pageview with the usual browser properties: its `$initial_*` `$set_once` makes every event
+/// update the person (a no-op once the values are there).
+fn pageview(index: usize) -> PluginEvent {
+    let properties = json!({
+        "token": "THIS IS NOT A TOKEN FOR TEAM 2", "$current_url": "http://localhost/", "$browser": "Firefox",
+        "$os": "Linux", "$lib": "web", "$screen_width": 1920, "page": index % 10
+    });
+    event(&format!("visitor-{}", index % 1000), "$pageview", properties, json!({}))
 }
 
 /// Users taking turns, so events of one user are far apart even with many in flight (the queue

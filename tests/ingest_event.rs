@@ -337,3 +337,45 @@ async fn action_matches_with_the_actions_room() {
     let first_event = fetch_events(&db.pool).await[0].id;
     assert_eq!(matches, [(first_event, 69)]);
 }
+
+/// `$set` / `$set_once` of concurrent events share statements: all keys land, `$set_once` keeps
+/// the first value, and an update whose person vanished fails alone with the reference's message.
+#[tokio::test]
+async fn concurrent_property_updates_compose_and_a_missing_person_fails_alone() {
+    let harness = Harness::new().await;
+    let processor = &harness.processor;
+    for distinct_id in ["busy", "ghost"] {
+        processor.ingest_event(event(distinct_id, json!({"event": "first"}))).await.unwrap();
+    }
+    // The LRU still knows "ghost", so no new person is created for it.
+    sqlx::query("DELETE FROM posthog_persondistinctid WHERE distinct_id = 'ghost'")
+        .execute(harness.pool())
+        .await
+        .unwrap();
+    let events: Vec<PluginEvent> = (0..40)
+        .map(|index| {
+            let distinct_id = if index == 25 { "ghost" } else { "busy" };
+            let properties =
+                json!({"$set": {format!("key_{index}"): index, "last": "same"}, "$set_once": {"once": "kept"}});
+            event(distinct_id, json!({"event": "update", "properties": properties}))
+        })
+        .collect();
+    let results = futures::future::join_all(events.into_iter().map(|event| processor.ingest_event(event))).await;
+    for (index, result) in results.iter().enumerate() {
+        match (index, result) {
+            (25, Err(error)) => {
+                assert_eq!(
+                    error.to_string(),
+                    "Could not find person with distinct id \"ghost\" in team \"2\" to update properties"
+                )
+            }
+            (25, Ok(_)) => panic!("the ghost update must fail"),
+            (_, result) => assert!(result.is_ok(), "{result:?}"),
+        }
+    }
+    let persons = harness.persons().await;
+    let busy = persons.iter().find(|person| person.properties.contains_key("once")).expect("busy person");
+    assert_eq!(busy.properties.len(), 39 + 2);
+    assert_eq!(busy.properties["once"], json!("kept"));
+    assert_eq!(busy.properties["key_39"], json!(39));
+}

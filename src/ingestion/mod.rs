@@ -7,6 +7,7 @@ pub mod elements;
 pub mod queues;
 
 pub mod action_handler;
+pub mod batch;
 pub mod groups;
 pub mod person_manager;
 pub mod persons;

@@ -257,3 +257,75 @@ pub async fn fetch_distinct_ids(pool: &PgPool, person: &Person) -> Result<Vec<St
     .fetch_all(pool)
     .await
 }
+
+/// One `$set` / `$set_once` for the person owning `distinct_id` in `team_id`.
+#[derive(Debug, Clone)]
+pub struct PropertyUpdate {
+    pub team_id: i32,
+    pub distinct_id: String,
+    pub set: Properties,
+    pub set_once: Properties,
+}
+
+/// Applies property updates in order with two statements for the whole batch: find the persons,
+/// then one UPDATE. Per person the result is `set_once || properties || set` (JSON objects,
+/// top-level keys): `$set_once` only fills absent keys, `$set` overrides, which is what the
+/// reference computes in JavaScript; a row whose properties would not change is not written.
+/// Several updates of one person compose in order. Returns, per update, whether its person exists.
+pub async fn apply_property_updates(pool: &PgPool, updates: &[PropertyUpdate]) -> Result<Vec<bool>, sqlx::Error> {
+    let team_ids: Vec<i32> = updates.iter().map(|update| update.team_id).collect();
+    let distinct_ids: Vec<&str> = updates.iter().map(|update| update.distinct_id.as_str()).collect();
+    let found: Vec<(i64, i32)> = sqlx::query_as(
+        "SELECT input.position::int8, posthog_person.id \
+         FROM UNNEST($1::int4[], $2::text[]) WITH ORDINALITY AS input(team_id, distinct_id, position) \
+         JOIN posthog_persondistinctid ON posthog_persondistinctid.team_id = input.team_id \
+             AND posthog_persondistinctid.distinct_id = input.distinct_id \
+         JOIN posthog_person ON posthog_person.id = posthog_persondistinctid.person_id \
+             AND posthog_person.team_id = input.team_id",
+    )
+    .bind(&team_ids)
+    .bind(&distinct_ids)
+    .fetch_all(pool)
+    .await?;
+    let mut person_of_update: Vec<Option<i32>> = vec![None; updates.len()];
+    for (position, person_id) in found {
+        if let Some(slot) = usize::try_from(position - 1).ok().and_then(|index| person_of_update.get_mut(index)) {
+            *slot = Some(person_id);
+        }
+    }
+    // Per person, in first-seen order: set_once earlier-wins, set later-wins.
+    let mut person_ids: Vec<i32> = Vec::new();
+    let mut composed: std::collections::HashMap<i32, (Properties, Properties)> = std::collections::HashMap::new();
+    for (update, person_id) in updates.iter().zip(&person_of_update) {
+        let Some(person_id) = person_id else { continue };
+        let (set_once, set) = composed.entry(*person_id).or_insert_with(|| {
+            person_ids.push(*person_id);
+            (Properties::new(), Properties::new())
+        });
+        for (key, value) in &update.set_once {
+            set_once.entry(key.clone()).or_insert_with(|| value.clone());
+        }
+        for (key, value) in &update.set {
+            set.insert(key.clone(), value.clone());
+        }
+    }
+    if !person_ids.is_empty() {
+        let (set_onces, sets): (Vec<Value>, Vec<Value>) = person_ids
+            .iter()
+            .filter_map(|person_id| composed.remove(person_id))
+            .map(|(set_once, set)| (Value::Object(set_once), Value::Object(set)))
+            .unzip();
+        sqlx::query(
+            "UPDATE posthog_person SET properties = input.set_once || posthog_person.properties || input.set \
+             FROM UNNEST($1::int4[], $2::jsonb[], $3::jsonb[]) AS input(id, set_once, set) \
+             WHERE posthog_person.id = input.id \
+             AND posthog_person.properties IS DISTINCT FROM (input.set_once || posthog_person.properties || input.set)",
+        )
+        .bind(&person_ids)
+        .bind(&set_onces)
+        .bind(&sets)
+        .execute(pool)
+        .await?;
+    }
+    Ok(person_of_update.iter().map(Option::is_some).collect())
+}

@@ -23,10 +23,11 @@ use uuid::Uuid;
 use super::action_handler::MatchActionsAndFireHooks;
 use super::actions::js::is_truthy;
 use super::actions::{ActionMatcher, HookCommander};
+use super::batch::Batcher;
 use super::elements::{extract_elements, Element};
 use super::groups::GroupTypeManager;
 use super::person_manager::PersonManager;
-use super::persons::{self, is_unique_violation, MergeError, Person, PersonUpdate};
+use super::persons::{self, is_unique_violation, MergeError, Person, PersonUpdate, PropertyUpdate};
 use super::properties::{
     apply_person_property_updates, is_distinct_id_illegal, merge_objects, object_or_empty, parameter_text,
     person_initial_and_utm_properties, sanitize_event_name,
@@ -42,6 +43,9 @@ use crate::hub::Hub;
 
 /// A merge is retried (re-fetching both persons) until this many attempts failed.
 pub const MAX_FAILED_PERSON_MERGE_ATTEMPTS: u32 = 3;
+
+/// Most `$set` / `$set_once` updates applied together (Postgres pipeline).
+const MAX_PROPERTY_UPDATE_BATCH: usize = 200;
 
 /// Internal events that get no event definition.
 const EVENTS_WITHOUT_EVENT_DEFINITION: [&str; 1] = ["$$plugin_metrics"];
@@ -131,6 +135,8 @@ pub struct EventsProcessor {
     group_types: GroupTypeManager,
     actions: Option<Arc<dyn ActionHandler>>,
     slow_warning_after: Duration,
+    /// Concurrent events' `$set`/`$set_once` share statements and one commit (Postgres pipeline).
+    property_updates: Batcher<PropertyUpdate, Result<bool, sqlx::Error>>,
 }
 
 impl EventsProcessor {
@@ -160,6 +166,10 @@ impl EventsProcessor {
             teams: Arc::new(TeamManager::new(pool.clone(), None)),
             persons: PersonManager::new(distinct_id_lru_size),
             group_types: GroupTypeManager::new(pool.clone()),
+            property_updates: Batcher::new(MAX_PROPERTY_UPDATE_BATCH, {
+                let pool = pool.clone();
+                move |updates| apply_property_update_batch(pool.clone(), updates)
+            }),
             pool,
             writer,
             actions: None,
@@ -402,9 +412,22 @@ impl EventsProcessor {
         set: &Properties,
         set_once: &Properties,
     ) -> Result<(), IngestError> {
-        let person = persons::fetch_person(&self.pool, team_id, distinct_id)
-            .await?
-            .ok_or_else(|| IngestError::PersonNotFoundForUpdate { distinct_id: distinct_id.to_string(), team_id })?;
+        let not_found = || IngestError::PersonNotFoundForUpdate { distinct_id: distinct_id.to_string(), team_id };
+        if !self.writer.is_clickhouse_pipeline() {
+            let update = PropertyUpdate {
+                team_id,
+                distinct_id: distinct_id.to_string(),
+                set: set.clone(),
+                set_once: set_once.clone(),
+            };
+            let applied = match self.property_updates.submit(update.clone()).await {
+                Some(result) => result?,
+                None => persons::apply_property_updates(&self.pool, &[update]).await?.first().copied().unwrap_or(false),
+            };
+            return if applied { Ok(()) } else { Err(not_found()) };
+        }
+        // ClickHouse pipeline: each event announces the person as it is after its own update.
+        let person = persons::fetch_person(&self.pool, team_id, distinct_id).await?.ok_or_else(not_found)?;
         let properties = match apply_person_property_updates(&person.properties, set, set_once) {
             Some(updated) => updated,
             // The ClickHouse pipeline re-emits the person even when nothing changed, as the reference.
@@ -625,6 +648,22 @@ impl EventsProcessor {
             }
         }
     }
+}
+
+/// Applies a batch of property updates together; when that fails, one by one so each gets its
+/// own error.
+async fn apply_property_update_batch(pool: PgPool, updates: Vec<PropertyUpdate>) -> Vec<Result<bool, sqlx::Error>> {
+    if updates.len() > 1 {
+        if let Ok(found) = persons::apply_property_updates(&pool, &updates).await {
+            return found.into_iter().map(Ok).collect();
+        }
+    }
+    let mut results = Vec::with_capacity(updates.len());
+    for update in updates {
+        let result = persons::apply_property_updates(&pool, std::slice::from_ref(&update)).await;
+        results.push(result.map(|found| found.first().copied().unwrap_or(false)));
+    }
+    results
 }
 
 /// The per-event values `capture` needs besides the name and properties.

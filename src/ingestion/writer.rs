@@ -17,9 +17,9 @@ use lru::LruCache;
 use serde_json::Value;
 use sqlx::{PgPool, Postgres, QueryBuilder};
 use thiserror::Error;
-use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
+use super::batch::Batcher;
 use super::elements::{elements_hash, Element};
 use super::persons::{is_unique_violation, Person, PersonDistinctId};
 use crate::event::{PluginEvent, Properties};
@@ -150,7 +150,7 @@ const KNOWN_ELEMENT_GROUPS: usize = 10_000;
 /// A failing batch is retried row by row, so one bad event fails alone.
 pub struct PostgresEventWriter {
     pool: PgPool,
-    batcher: tokio::sync::OnceCell<mpsc::Sender<PendingEvent>>,
+    events: Batcher<EventRow, Result<i64, sqlx::Error>>,
     known_element_groups: Mutex<LruCache<(i32, String), ()>>,
 }
 
@@ -167,17 +167,15 @@ struct EventRow {
     elements_hash: String,
 }
 
-struct PendingEvent {
-    row: EventRow,
-    reply: oneshot::Sender<Result<i64, sqlx::Error>>,
-}
-
 impl PostgresEventWriter {
     pub fn new(pool: PgPool) -> Self {
         let capacity = NonZeroUsize::new(KNOWN_ELEMENT_GROUPS).unwrap_or(NonZeroUsize::MIN);
         PostgresEventWriter {
+            events: Batcher::new(MAX_EVENT_BATCH, {
+                let pool = pool.clone();
+                move |rows| write_event_batch(pool.clone(), rows)
+            }),
             pool,
-            batcher: tokio::sync::OnceCell::new(),
             known_element_groups: Mutex::new(LruCache::new(capacity)),
         }
     }
@@ -199,26 +197,10 @@ impl PostgresEventWriter {
         Ok(hash)
     }
 
-    async fn batcher(&self) -> &mpsc::Sender<PendingEvent> {
-        self.batcher
-            .get_or_init(|| async {
-                let (sender, receiver) = mpsc::channel(MAX_EVENT_BATCH * 4);
-                tokio::spawn(run_event_batches(self.pool.clone(), receiver));
-                sender
-            })
-            .await
-    }
-
     async fn insert_event(&self, row: EventRow) -> Result<i64, sqlx::Error> {
-        let (reply, answer) = oneshot::channel();
-        let batcher = self.batcher().await;
-        if batcher.send(PendingEvent { row: row.clone(), reply }).await.is_err() {
-            // The batching task is gone (runtime shutting down): write directly.
-            return insert_event_row(&self.pool, &row).await;
-        }
-        match answer.await {
-            Ok(result) => result,
-            Err(_) => insert_event_row(&self.pool, &row).await,
+        match self.events.submit(row.clone()).await {
+            Some(result) => result,
+            None => insert_event_row(&self.pool, &row).await,
         }
     }
 
@@ -312,33 +294,22 @@ impl EventWriter for PostgresEventWriter {
     }
 }
 
-/// Writes queued event rows: takes whatever is waiting (up to [`MAX_EVENT_BATCH`]), inserts it in
-/// one statement, answers each waiter. Ends when the writer is dropped.
-async fn run_event_batches(pool: PgPool, mut receiver: mpsc::Receiver<PendingEvent>) {
-    let mut pending = Vec::with_capacity(MAX_EVENT_BATCH);
-    while receiver.recv_many(&mut pending, MAX_EVENT_BATCH).await > 0 {
-        let batch = std::mem::take(&mut pending);
-        if batch.len() == 1 {
-            for PendingEvent { row, reply } in batch {
-                let _ = reply.send(insert_event_row(&pool, &row).await);
-            }
-            continue;
-        }
-        let rows: Vec<&EventRow> = batch.iter().map(|pending| &pending.row).collect();
-        match insert_event_rows(&pool, &rows).await {
-            Ok(ids) if ids.len() == batch.len() => {
-                for (PendingEvent { reply, .. }, id) in batch.into_iter().zip(ids) {
-                    let _ = reply.send(Ok(id));
-                }
-            }
-            // One bad row fails the statement: write them one by one so only it fails.
-            _ => {
-                for PendingEvent { row, reply } in batch {
-                    let _ = reply.send(insert_event_row(&pool, &row).await);
-                }
+/// Writes a batch of event rows in one statement; when that fails (one bad row fails it all),
+/// writes them one by one so only the bad ones fail.
+async fn write_event_batch(pool: PgPool, rows: Vec<EventRow>) -> Vec<Result<i64, sqlx::Error>> {
+    if rows.len() > 1 {
+        let references: Vec<&EventRow> = rows.iter().collect();
+        if let Ok(ids) = insert_event_rows(&pool, &references).await {
+            if ids.len() == rows.len() {
+                return ids.into_iter().map(Ok).collect();
             }
         }
     }
+    let mut results = Vec::with_capacity(rows.len());
+    for row in &rows {
+        results.push(insert_event_row(&pool, row).await);
+    }
+    results
 }
 
 async fn insert_event_row(pool: &PgPool, row: &EventRow) -> Result<i64, sqlx::Error> {
