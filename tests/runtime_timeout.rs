@@ -159,11 +159,11 @@ async fn a_stalled_thread_is_detected_and_replaced() {
     // QuickJS's regex engine does not poll the interrupt handler: a catastrophic pattern holds
     // the thread. The pool notices the silent heartbeat, fails the call, and starts a fresh thread.
     let pool = WorkerPool::new(plugin_server::plugins::runtime::PoolOptions {
-        stall_after: Some(Duration::from_secs(2)),
+        stall_after: Some(Duration::from_secs(1)),
         ..options(1, 0.5)
     })
     .unwrap();
-    load(&pool, 1, "function processEvent(e) { /^(a+)+$/.test('a'.repeat(25) + 'b'); return e }", TestMeta::new())
+    load(&pool, 1, "function processEvent(e) { /^(a+)+$/.test('a'.repeat(27) + 'b'); return e }", TestMeta::new())
         .await
         .unwrap();
     load(&pool, 2, "function processEvent(e) { e.properties.ok = true; return e }", TestMeta::new()).await.unwrap();

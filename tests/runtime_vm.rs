@@ -5,7 +5,7 @@ mod runtime_support;
 
 use plugin_server::plugins::runtime::{CallKind, PluginError, WorkerPool};
 use runtime_support::*;
-use serde_json::json;
+use serde_json::{json, Value};
 
 fn event() -> serde_json::Value {
     json!({"event": "original event", "distinct_id": "d", "team_id": 2, "properties": {"a": 1}})
@@ -289,4 +289,44 @@ async fn unhandled_rejections_are_attributed() {
     let rejections = meta.rejections.lock().unwrap().clone();
     assert_eq!(rejections.len(), 1);
     assert_eq!(rejections[0].message, "error thrown in plugin");
+}
+
+/// The plugin sources of the reference's tests/transforms.test.ts must run (as behaviours: the
+/// port guards loops and promises in the engine instead of rewriting the code).
+#[tokio::test]
+async fn reference_transform_sources_run() {
+    let pool = WorkerPool::new(options(1, 5.0)).unwrap();
+    let meta = TestMeta::new();
+    let sources = [
+        "async function x() {\n  await console.log()\n}\nasync function runEveryMinute() { await x(); return 'awaited' }",
+        "async function anotherAsyncFunction(a, b) { return a + b }\nasync function runEveryMinute() { return await anotherAsyncFunction('arg1', 'arg2') }",
+        "async function runEveryMinute() { return typeof await (async () => {console.log()}) }",
+        "async function x() {}\nconst p = x().then(() => null)\nasync function runEveryMinute() { return await p }",
+        "let n = 0\nfor (let i = 0; i < 3; i++) {\n    n += i\n}\nfunction runEveryMinute() { return n }",
+        "let n = 0\nfor (let i = 0; i < 3; i++) n += i\nfunction runEveryMinute() { return n }",
+        "const _LP = 0\nlet n = _LP\nfor (let i = 0; i < 3; i++) {\n    n += i\n}\nfunction runEveryMinute() { return n }",
+        "interface Y {\n  a: int\n  b: string\n}\nfunction k({ a, b }: Y): string {\n    return `a * 10 is ${a * 10}, while b is just ${b}`\n}\nlet a: int = 2\nconsole.log(k({ a, b: 'tomato' }))\nfunction runEveryMinute() { return k({ a, b: 'tomato' }) }",
+        "import { bla, bla2, bla3 as bla4 } from 'node-fetch'\nimport fetch1 from 'node-fetch'\nimport * as fetch2 from 'node-fetch'\nconsole.log(bla, bla2, bla4, fetch1, fetch2);\nfunction runEveryMinute() { return [bla, bla4, typeof fetch1, fetch2 === fetch1] }",
+        "const fetch = require('node-fetch')\nconsole.log(fetch);\nfunction runEveryMinute() { return typeof fetch }",
+    ];
+    let expected = [
+        json!("awaited"),
+        json!("arg1arg2"),
+        json!("function"),
+        Value::Null,
+        json!(3),
+        json!(3),
+        json!(3),
+        json!("a * 10 is 20, while b is just tomato"),
+        json!([null, null, "function", true]),
+        json!("function"),
+    ];
+    for (i, (code, want)) in sources.iter().zip(expected).enumerate() {
+        load(&pool, i as i64, code, meta.clone()).await.unwrap_or_else(|e| panic!("{code}: {e}"));
+        let out = pool
+            .call(i as i64, "runEveryMinute", vec![], CallKind::Task)
+            .await
+            .unwrap_or_else(|e| panic!("{code}: {e}"));
+        assert_eq!(out, want, "{code}");
+    }
 }

@@ -491,7 +491,8 @@ async fn run_task(task: Task, vms: &Rc<RefCell<Vms>>, options: &PoolOptions, mai
         Task::Call { recipe, create, method, args, kind, reply } => {
             let existing = {
                 let vms = vms.borrow();
-                vms.vms.get(&recipe.plugin_config_id).filter(|(g, _)| *g == recipe.generation).map(|(_, vm)| vm.clone())
+                // A newer VM (a reload raced this call) serves it too; an older one never does.
+                vms.vms.get(&recipe.plugin_config_id).filter(|(g, _)| *g >= recipe.generation).map(|(_, vm)| vm.clone())
             };
             let result = match existing {
                 Some(vm) => Some(vm.call(&method, args, kind).await),
@@ -526,7 +527,7 @@ async fn vm_for(
     let lock = vms.borrow_mut().creating.entry(id).or_default().clone();
     let _guard = lock.lock().await;
     if let Some((generation, vm)) = vms.borrow().vms.get(&id) {
-        if *generation == recipe.generation {
+        if *generation >= recipe.generation {
             return Ok(vm.clone());
         }
     }
@@ -534,6 +535,11 @@ async fn vm_for(
     if vm.exports.borrow().has("setupPlugin") {
         vm.call("setupPlugin", Vec::new(), CallKind::Method).await?;
     }
-    vms.borrow_mut().vms.insert(id, (recipe.generation, vm.clone()));
+    let mut vms = vms.borrow_mut();
+    if let Some((_, newer)) = vms.vms.get(&id).filter(|(g, _)| *g > recipe.generation) {
+        // A reload finished while this one was being set up: keep the newer VM.
+        return Ok(newer.clone());
+    }
+    vms.vms.insert(id, (recipe.generation, vm.clone()));
     Ok(vm)
 }

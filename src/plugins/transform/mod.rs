@@ -15,7 +15,7 @@ use std::path::Path;
 use oxc::allocator::Allocator;
 use oxc::ast::ast::{
     Argument, ArrowFunctionExpression, CallExpression, DoWhileStatement, Expression, ForStatement, Function,
-    WhileStatement,
+    ImportDeclarationSpecifier, Statement, WhileStatement,
 };
 use oxc::ast_visit::{walk, Visit};
 use oxc::codegen::Codegen;
@@ -85,7 +85,8 @@ pub fn transform_code(source: &str, is_allowed: &dyn Fn(&str) -> bool) -> Result
     let js_allocator = Allocator::default();
     let as_js = Parser::new(&js_allocator, source, SourceType::mjs()).parse();
     if !as_js.panicked && as_js.diagnostics.errors().next().is_none() {
-        return Ok(TransformedCode { code: source.to_string(), is_module, imports });
+        drop(as_js);
+        return Ok(finish(source, is_module, imports));
     }
     drop(as_js);
 
@@ -102,7 +103,61 @@ pub fn transform_code(source: &str, is_allowed: &dyn Fn(&str) -> bool) -> Result
         return Err(diagnostic_error(source, error));
     }
     let code = Codegen::new().build(&program).code;
-    Ok(TransformedCode { code, is_module, imports })
+    Ok(finish(&code, is_module, imports))
+}
+
+/// Binds imports the way the reference's transform does (a named import is a property of the
+/// module object, `undefined` when missing; default and namespace imports are the whole module
+/// object) by replacing each `import` with constants, keeping line numbers. Code that still
+/// exports runs as an ES module; code that only imported runs as a script, like the reference's
+/// CommonJS output, so its top-level functions are globals.
+fn finish(code: &str, had_module_syntax: bool, imports: Vec<String>) -> TransformedCode {
+    if !had_module_syntax {
+        return TransformedCode { code: code.to_string(), is_module: false, imports };
+    }
+    let allocator = Allocator::default();
+    let parsed = Parser::new(&allocator, code, SourceType::mjs()).parse();
+    let mut edits: Vec<(Span, String)> = Vec::new();
+    let mut has_exports = false;
+    for statement in &parsed.program.body {
+        match statement {
+            Statement::ImportDeclaration(declaration) => {
+                let host = format!("__pluginHostImports[{}]", json_string(declaration.source.value.as_str()));
+                let mut constants = Vec::new();
+                let mut named = Vec::new();
+                for specifier in declaration.specifiers.iter().flatten() {
+                    match specifier {
+                        ImportDeclarationSpecifier::ImportSpecifier(s) => {
+                            named.push(format!("{}: {}", json_string(s.imported.name().as_str()), s.local.name))
+                        }
+                        ImportDeclarationSpecifier::ImportDefaultSpecifier(s) => {
+                            constants.push(format!("const {} = {host};", s.local.name))
+                        }
+                        ImportDeclarationSpecifier::ImportNamespaceSpecifier(s) => {
+                            constants.push(format!("const {} = {host};", s.local.name))
+                        }
+                    }
+                }
+                if !named.is_empty() {
+                    constants.push(format!("const {{ {} }} = {host};", named.join(", ")));
+                }
+                let original = code.get(declaration.span.start as usize..declaration.span.end as usize).unwrap_or("");
+                let replacement = constants.join(" ") + &"\n".repeat(original.matches('\n').count());
+                edits.push((declaration.span, replacement));
+            }
+            other if other.is_module_declaration() => has_exports = true,
+            _ => {}
+        }
+    }
+    let mut out = code.to_string();
+    for (span, replacement) in edits.into_iter().rev() {
+        out.replace_range(span.start as usize..span.end as usize, &replacement);
+    }
+    TransformedCode { code: out, is_module: has_exports, imports }
+}
+
+fn json_string(text: &str) -> String {
+    serde_json::to_string(text).unwrap_or_else(|_| format!("{text:?}"))
 }
 
 fn push_unique(list: &mut Vec<String>, name: &str) {
@@ -282,6 +337,15 @@ mod tests {
         );
         let ok = transform_code("import fetch from 'node-fetch'\nconst c = require('crypto')\n", &allow).unwrap();
         assert_eq!(ok.imports, vec!["node-fetch".to_string(), "crypto".to_string()]);
+        assert!(!ok.is_module);
+        assert_eq!(ok.code, "const fetch = __pluginHostImports[\"node-fetch\"];\nconst c = require('crypto')\n");
+        let named =
+            transform_code("import { bla, bla3 as bla4 } from 'node-fetch'\nexport const x = 1", &allow).unwrap();
+        assert!(named.is_module);
+        assert_eq!(
+            named.code,
+            "const { \"bla\": bla, \"bla3\": bla4 } = __pluginHostImports[\"node-fetch\"];\nexport const x = 1"
+        );
     }
 
     #[test]
