@@ -155,7 +155,9 @@ async fn pause_and_resume() {
     queue.resume();
     assert!(!queue.is_paused());
     assert!(eventually(Duration::from_secs(30), || async { handler.event_count() == 3 }).await);
-    queue.stop().await;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    shutdown.cancel();
+    assert_eq!(queue.run_until(shutdown).await, Ok(()));
     assert_eq!(queue.finished().await, Ok(()));
 }
 

@@ -225,6 +225,19 @@ impl KafkaQueue {
         result
     }
 
+    /// For a server component: consumes until `shutdown` is cancelled (then stops gracefully and
+    /// returns `Ok`) or the consumer fails on its own (`Err`: the server should shut down; nothing
+    /// unhandled was committed, so a restart re-consumes it).
+    pub async fn run_until(&self, shutdown: CancellationToken) -> Result<(), String> {
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                self.stop().await;
+                Ok(())
+            }
+            result = self.finished() => result,
+        }
+    }
+
     /// Finishes the sub-batch in hand (waiting retries are abandoned, their batch not committed),
     /// commits what was handled, and leaves the group.
     pub async fn stop(&self) {
