@@ -436,7 +436,9 @@ async fn kill_and_restart_loses_nothing() {
     expected.sort();
     assert_eq!(seen, expected);
     assert_eq!(llen(&pool, &doomed_processing).await, 0);
-    consumer.stop().await;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    shutdown.cancel();
+    consumer.run_until(shutdown).await;
     cleanup_queue(&pool, &queue).await;
 }
 

@@ -155,7 +155,9 @@ async fn pause_and_resume() {
     queue.resume();
     assert!(!queue.is_paused());
     assert!(eventually(Duration::from_secs(30), || async { handler.event_count() == 3 }).await);
-    queue.stop().await;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    shutdown.cancel();
+    assert_eq!(queue.run_until(shutdown).await, Ok(()));
     assert_eq!(queue.finished().await, Ok(()));
 }
 
@@ -210,5 +212,73 @@ async fn kill_mid_batch_and_restart_loses_nothing() {
     assert!(eventually(Duration::from_secs(60), || async { all_seen() == 30 }).await, "saw {}", all_seen());
     // Only whole sub-batches (of at most 5) were committed: of the 12 done, at most 4 come again.
     assert!(handler.event_count() <= 30 - 8, "redelivered {}", handler.event_count());
+    queue.stop().await;
+}
+
+/// Offsets are committed only once the events' own writes are delivered: while the producer's
+/// send is held back, the group's committed offset does not move; once it completes, it does.
+#[tokio::test]
+async fn offsets_wait_for_the_producer() {
+    use plugin_server::ingestion::queues::kafka_producer::{BatchSender, FlushSettings};
+    use plugin_server::ingestion::queues::{KafkaRecord, ProduceError};
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{Offset, TopicPartitionList};
+
+    struct HeldSender(Arc<Semaphore>);
+    #[async_trait::async_trait]
+    impl BatchSender for HeldSender {
+        async fn send_batch(&self, _records: Vec<KafkaRecord>) -> Result<(), ProduceError> {
+            self.0.acquire().await.map_err(|error| ProduceError::Send(error.to_string()))?.forget();
+            Ok(())
+        }
+    }
+    /// Queues one record per event, as the ClickHouse writer does.
+    struct Writing(Arc<KafkaProducerWrapper>);
+    #[async_trait::async_trait]
+    impl plugin_server::ingestion::queues::EventHandler for Writing {
+        async fn handle_event(&self, event: plugin_server::event::PluginEvent) -> Result<(), HandleError> {
+            let record = KafkaRecord::single("elsewhere", None, event.distinct_id.into_bytes());
+            self.0.queue_message(record).await.map_err(|error| HandleError::Retryable(error.to_string()))
+        }
+        async fn handle_plugin_job(&self, _job: Value) -> Result<(), HandleError> {
+            Ok(())
+        }
+    }
+
+    let setup = setup("commit", 10).await;
+    produce(&setup.topic, &(0..3).map(|index| raw_event(&format!("c-{index}"), "e")).collect::<Vec<_>>()).await;
+    let held = Arc::new(Semaphore::new(0));
+    let settings =
+        FlushSettings { max_queue_size: 1000, max_batch_bytes: 900_000, flush_frequency: Duration::from_secs(60) };
+    let producer = Arc::new(KafkaProducerWrapper::new(Box::new(HeldSender(held.clone())), settings));
+    let queue =
+        KafkaQueue::start(&setup.config, setup.options.clone(), Arc::new(Writing(producer.clone())), producer.clone())
+            .await
+            .unwrap();
+
+    let observer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", KAFKA_HOSTS)
+        .set("group.id", &setup.options.group_id)
+        .create()
+        .unwrap();
+    let committed = |observer: &BaseConsumer| {
+        let mut partitions = TopicPartitionList::new();
+        partitions.add_partition(&setup.topic, 0);
+        let offsets = observer.committed_offsets(partitions, Duration::from_secs(5)).unwrap();
+        offsets.find_partition(&setup.topic, 0).map(|element| element.offset()).unwrap_or(Offset::Invalid)
+    };
+    assert!(eventually(Duration::from_secs(20), || async { queue.stats().snapshot().handled == 3 }).await);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(!matches!(committed(&observer), Offset::Offset(_)), "committed before the writes were delivered");
+    held.add_permits(10);
+    let mut last = Offset::Invalid;
+    for _ in 0..50 {
+        last = committed(&observer);
+        if last == Offset::Offset(3) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(last, Offset::Offset(3));
     queue.stop().await;
 }

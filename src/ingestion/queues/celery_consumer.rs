@@ -207,6 +207,12 @@ impl CeleryConsumer {
         *self.shared.paused.borrow()
     }
 
+    /// For a server component: consumes until `shutdown` is cancelled, then stops gracefully.
+    pub async fn run_until(&self, shutdown: CancellationToken) {
+        shutdown.cancelled().await;
+        self.stop().await;
+    }
+
     /// Stops consuming, waits for the messages in flight (a message waiting for a retry goes back
     /// to the queue), and withdraws the heartbeat so any leftover is recovered at once.
     pub async fn stop(&self) {
