@@ -230,6 +230,22 @@ pub async fn run_event_loop_lag(metrics: Metrics, shutdown: CancellationToken) {
     }
 }
 
+/// Worker pool statistics as `(name, value)` pairs (`utilization`, `threads`, `queue_size`,
+/// `waitTime.p99`, ...), supplied by the pool.
+pub type PoolStats = Arc<dyn Fn() -> Vec<(String, f64)> + Send + Sync>;
+
+/// Every 10 s (`*/10 * * * * *`) reports each pool statistic as the gauge `piscina.<name>`, as
+/// the reference does for its Piscina pool.
+pub async fn run_pool_stats(metrics: Metrics, stats: PoolStats, shutdown: CancellationToken) {
+    crate::schedule::cron::run_on_boundaries(Duration::from_secs(10), shutdown, || {
+        for (name, value) in stats() {
+            metrics.gauge(&format!("piscina.{name}"), value, &[]);
+        }
+        std::future::ready(())
+    })
+    .await
+}
+
 /// A JavaScript-style number: whole values become JSON integers (`2`, not `2.0`), as
 /// `JSON.stringify` writes them.
 pub fn js_number(value: f64) -> Value {
