@@ -1,0 +1,147 @@
+//! The beside-the-stream components wired the way the server starts them (each a Lifecycle
+//! component with a cancellation token): they start, do their work, and stop within their
+//! budgets, releasing their Redis locks.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use common::TestDb;
+use plugin_server::geoip::GeoIp;
+use plugin_server::hub::{redis_client, Hub};
+use plugin_server::jobs::consumer::{run_job_queue_consumer, JobConsumerSettings};
+use plugin_server::jobs::{EnqueuedJob, JobQueueManager, JobQueueOptions, JobRunner};
+use plugin_server::pubsub::{PubSub, ReloadHandler};
+use plugin_server::schedule::{
+    BoxError, PluginSchedule, ScheduleSettings, ScheduledTask, ScheduledTaskRunner, Scheduler,
+};
+use plugin_server::server::Lifecycle;
+use tokio_util::sync::CancellationToken;
+
+/// Stands in for the plugin pool.
+#[derive(Default)]
+struct FakePool {
+    jobs: AtomicUsize,
+    reloads: AtomicUsize,
+}
+
+#[async_trait]
+impl ScheduledTaskRunner for FakePool {
+    async fn plugin_schedule(&self) -> Option<PluginSchedule> {
+        Some(PluginSchedule { run_every_minute: vec![39], ..PluginSchedule::default() })
+    }
+    async fn run_scheduled_task(&self, _: ScheduledTask, _: i64) -> Result<(), BoxError> {
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl JobRunner for FakePool {
+    async fn run_job(&self, _job: EnqueuedJob) -> Result<(), BoxError> {
+        self.jobs.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl ReloadHandler for FakePool {
+    async fn reload_plugins(&self) -> Result<(), BoxError> {
+        self.reloads.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+    async fn reload_action(&self, _: i64, _: i64) -> Result<(), BoxError> {
+        Ok(())
+    }
+    async fn drop_action(&self, _: i64, _: i64) -> Result<(), BoxError> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn components_start_work_and_stop_within_their_budgets() {
+    let db = TestDb::with_fixture(None).await;
+    let reload_channel = common::unique_prefix("reload-plugins");
+    let config = db.config(&[
+        ("JOB_QUEUES", "graphile"),
+        ("SCHEDULE_LOCK_TTL", "2"),
+        ("PLUGINS_RELOAD_PUBSUB_CHANNEL", &reload_channel),
+    ]);
+    let hub = Hub::connect(config).await.unwrap();
+    let pool = Arc::new(FakePool::default());
+
+    let geoip = GeoIp::start(&hub).await.unwrap();
+    assert!(!geoip.is_available(), "DISABLE_MMDB defaults to true in tests");
+
+    let jobs = Arc::new(JobQueueManager::new(&hub.config, JobQueueOptions::from_env()).unwrap());
+    jobs.connect_producer().await.unwrap();
+
+    let mut schedule_settings = ScheduleSettings::from_config(&hub.config);
+    schedule_settings.lock_resource = common::unique_prefix("schedule-lock");
+    let scheduler = Scheduler::new(pool.clone(), schedule_settings.clone());
+    scheduler.reload().await.unwrap();
+
+    let mut consumer_settings = JobConsumerSettings::from_config(&hub.config);
+    consumer_settings.lock_resource = common::unique_prefix("job-queue-consumer-lock");
+
+    let shutdown = CancellationToken::new();
+    let mut lifecycle = Lifecycle::new(shutdown.clone());
+    let budget = Duration::from_secs(5);
+    {
+        let client = redis_client(&hub.config).unwrap();
+        let scheduler = Arc::clone(&scheduler);
+        lifecycle.spawn("schedule", budget, move |token| scheduler.run(client, token));
+    }
+    {
+        let client = redis_client(&hub.config).unwrap();
+        let (jobs, runner) = (Arc::clone(&jobs), pool.clone() as Arc<dyn JobRunner>);
+        lifecycle.spawn("job queue consumer", budget, move |token| {
+            run_job_queue_consumer(jobs, runner, client, consumer_settings, token)
+        });
+    }
+    {
+        let client = redis_client(&hub.config).unwrap();
+        let pubsub = PubSub::new(client, &reload_channel, pool.clone(), Some(Arc::clone(&scheduler)));
+        lifecycle.spawn("pubsub", budget, move |token| pubsub.run(token));
+    }
+    {
+        let geoip = geoip.clone();
+        lifecycle.spawn("mmdb refresh", budget, move |token| geoip.run_refresh(token));
+    }
+
+    jobs.enqueue(EnqueuedJob {
+        job_type: "logReply".into(),
+        payload: serde_json::json!({"text": "runNow"}),
+        timestamp: chrono::Utc::now().timestamp_millis(),
+        plugin_config_id: common::PLUGIN_CONFIG_ID as i64,
+        plugin_config_team: common::TEAM_ID as i64,
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let client = redis::Client::open(common::redis_url()).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let _: i64 = redis::cmd("PUBLISH").arg(&reload_channel).arg("").query_async(&mut connection).await.unwrap();
+    for _ in 0..100 {
+        if pool.jobs.load(Ordering::SeqCst) == 1 && pool.reloads.load(Ordering::SeqCst) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(pool.jobs.load(Ordering::SeqCst), 1);
+    assert_eq!(pool.reloads.load(Ordering::SeqCst), 1);
+    let held: Option<String> =
+        redis::cmd("GET").arg(&schedule_settings.lock_resource).query_async(&mut connection).await.unwrap();
+    assert!(held.is_some(), "the only server holds the schedule lock");
+
+    let stopping = std::time::Instant::now();
+    lifecycle.stop().await;
+    assert!(stopping.elapsed() < Duration::from_secs(3), "stopping took {:?}", stopping.elapsed());
+    let held: Option<String> =
+        redis::cmd("GET").arg(&schedule_settings.lock_resource).query_async(&mut connection).await.unwrap();
+    assert_eq!(held, None, "the schedule lock is released on shutdown");
+    jobs.disconnect_producer().await;
+    hub.close().await;
+}
