@@ -237,7 +237,12 @@ pub type PoolStats = Arc<dyn Fn() -> Vec<(String, f64)> + Send + Sync>;
 /// Every 10 s (`*/10 * * * * *`) reports each pool statistic as the gauge `piscina.<name>`, as
 /// the reference does for its Piscina pool.
 pub async fn run_pool_stats(metrics: Metrics, stats: PoolStats, shutdown: CancellationToken) {
-    crate::schedule::cron::run_on_boundaries(Duration::from_secs(10), shutdown, || {
+    run_pool_stats_every(metrics, stats, Duration::from_secs(10), shutdown).await
+}
+
+/// [`run_pool_stats`] with another period (tests).
+pub async fn run_pool_stats_every(metrics: Metrics, stats: PoolStats, period: Duration, shutdown: CancellationToken) {
+    crate::schedule::cron::run_on_boundaries(period, shutdown, || {
         for (name, value) in stats() {
             metrics.gauge(&format!("piscina.{name}"), value, &[]);
         }
