@@ -315,3 +315,16 @@ async fn a_lock_taken_over_by_someone_else_is_reported_lost() {
     assert_eq!(value, "someone-else", "stopping must not release someone else's lock");
     let _: () = redis::cmd("DEL").arg(&resource).query_async(&mut connection).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_redis_never_grants_the_lock_and_stops_cleanly() {
+    let unreachable = redis::Client::open("redis://127.0.0.1:1").unwrap();
+    let shutdown = CancellationToken::new();
+    let (mut lock, task) =
+        Redlock::new(unique_resource("lock"), Duration::from_millis(400)).spawn(unreachable, shutdown.clone());
+    // It keeps retrying (REF-BUG 14: the reference gave up after the first non-lock error).
+    assert!(tokio::time::timeout(Duration::from_millis(1200), lock.wait_until_held()).await.is_err());
+    assert!(!task.is_finished());
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(2), task).await.unwrap().unwrap();
+}
