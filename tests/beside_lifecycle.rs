@@ -10,10 +10,18 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use common::TestDb;
+use plugin_server::config::NodeEnv;
+use plugin_server::event::PluginEvent;
 use plugin_server::geoip::GeoIp;
 use plugin_server::hub::{redis_client, Hub};
 use plugin_server::jobs::consumer::{run_job_queue_consumer, JobConsumerSettings};
 use plugin_server::jobs::{EnqueuedJob, JobQueueManager, JobQueueOptions, JobRunner};
+use plugin_server::metrics::internal::{run_internal_metrics, EventIngester, InternalMetrics};
+use plugin_server::metrics::plugin_metrics::{run_plugin_metrics, PluginMetricsManager, PluginMetricsSender};
+use plugin_server::metrics::staleness::{ActivityTracker, StalenessCheck};
+use plugin_server::metrics::status_report::{
+    run_status_report, PluginFunction, PostHogCloud, StatusReport, TelemetryClient,
+};
 use plugin_server::pubsub::{PubSub, ReloadHandler};
 use plugin_server::schedule::{
     BoxError, PluginSchedule, ScheduleSettings, ScheduledTask, ScheduledTaskRunner, Scheduler,
@@ -56,6 +64,24 @@ impl ReloadHandler for FakePool {
         Ok(())
     }
     async fn drop_action(&self, _: i64, _: i64) -> Result<(), BoxError> {
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl EventIngester for FakePool {
+    async fn ingest_event(&self, _event: PluginEvent) -> Result<(), BoxError> {
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl PluginMetricsSender for FakePool {
+    async fn capture_plugin_metrics(
+        &self,
+        _plugin_config_id: i64,
+        _properties: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<(), BoxError> {
         Ok(())
     }
 }
@@ -111,6 +137,50 @@ async fn components_start_work_and_stop_within_their_budgets() {
         lifecycle.spawn("mmdb refresh", budget, move |token| geoip.run_refresh(token));
     }
 
+    // The observability components (telemetry opted out under NODE_ENV=test).
+    let metrics = plugin_server::metrics::Metrics::from_config(&hub.config).unwrap();
+    {
+        let metrics = metrics.clone();
+        lifecycle
+            .spawn("event loop lag", budget, move |token| plugin_server::metrics::run_event_loop_lag(metrics, token));
+    }
+    {
+        let stats: plugin_server::metrics::PoolStats = Arc::new(Vec::new);
+        let metrics = metrics.clone();
+        lifecycle
+            .spawn("pool stats", budget, move |token| plugin_server::metrics::run_pool_stats(metrics, stats, token));
+    }
+    let report = Arc::new(StatusReport::new());
+    report.add_to_time_spent_running_plugins(2, 10.0, PluginFunction::OnEvent);
+    {
+        let telemetry: Arc<dyn TelemetryClient> =
+            Arc::new(PostHogCloud::new(NodeEnv::Test, hub.instance_id.to_string()));
+        let report = Arc::clone(&report);
+        lifecycle.spawn("status report", budget, move |token| run_status_report(report, telemetry, token));
+    }
+    {
+        let internal = Arc::new(InternalMetrics::new());
+        let (postgres, ingester) = (hub.postgres.clone(), pool.clone() as Arc<dyn EventIngester>);
+        lifecycle
+            .spawn("internal metrics", budget, move |token| run_internal_metrics(internal, postgres, ingester, token));
+    }
+    {
+        let manager = Arc::new(PluginMetricsManager::new());
+        let sender = pool.clone() as Arc<dyn PluginMetricsSender>;
+        lifecycle.spawn("plugin metrics", budget, move |token| run_plugin_metrics(manager, sender, token));
+    }
+    {
+        let tracker = Arc::new(ActivityTracker::new());
+        let check = StalenessCheck {
+            threshold: Duration::from_secs_f64(hub.config.STALENESS_RESTART_SECONDS),
+            instance_id: hub.instance_id.to_string(),
+            metrics: metrics.clone(),
+            pool_stats: Box::new(String::new),
+        };
+        let restart = lifecycle.shutdown_token();
+        lifecycle.spawn("staleness", budget, move |token| check.run(tracker, restart, token));
+    }
+
     jobs.enqueue(EnqueuedJob {
         job_type: "logReply".into(),
         payload: serde_json::json!({"text": "runNow"}),
@@ -142,6 +212,8 @@ async fn components_start_work_and_stop_within_their_budgets() {
     let held: Option<String> =
         redis::cmd("GET").arg(&schedule_settings.lock_resource).query_async(&mut connection).await.unwrap();
     assert_eq!(held, None, "the schedule lock is released on shutdown");
+    // The final status report went out on stop and reset the counters.
+    assert!(report.take_report().is_empty());
     jobs.disconnect_producer().await;
     hub.close().await;
 }
