@@ -25,7 +25,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use cadence::prelude::*;
-use cadence::{MetricSink, StatsdClient, UdpMetricSink};
+use cadence::{Metric, MetricBuilder, MetricSink, StatsdClient, UdpMetricSink};
 use serde_json::Value;
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
@@ -97,28 +97,13 @@ impl Metrics {
 
     /// Counter + `value`.
     pub fn count(&self, name: &str, value: i64, tags: &[(&str, &str)]) {
-        if let Some(statsd) = &self.inner {
-            let key = statsd.key(name);
-            let tags = sanitize_tags(tags);
-            let mut builder = statsd.client.count_with_tags(&key, value);
-            for (tag, tag_value) in &tags {
-                builder = builder.with_tag(tag, tag_value);
-            }
-            builder.send();
-        }
+        self.emit(name, tags, |client, key| client.count_with_tags(key, value));
     }
 
     /// Timing in whole milliseconds.
     pub fn timing(&self, name: &str, elapsed: Duration, tags: &[(&str, &str)]) {
-        if let Some(statsd) = &self.inner {
-            let key = statsd.key(name);
-            let tags = sanitize_tags(tags);
-            let mut builder = statsd.client.time_with_tags(&key, elapsed.as_millis() as u64);
-            for (tag, tag_value) in &tags {
-                builder = builder.with_tag(tag, tag_value);
-            }
-            builder.send();
-        }
+        let millis = elapsed.as_millis() as u64;
+        self.emit(name, tags, |client, key| client.time_with_tags(key, millis));
     }
 
     /// Timing since `start` (hot-shots `timing(name, date)`).
@@ -127,15 +112,26 @@ impl Metrics {
     }
 
     pub fn gauge(&self, name: &str, value: f64, tags: &[(&str, &str)]) {
-        if let Some(statsd) = &self.inner {
-            let key = statsd.key(name);
-            let tags = sanitize_tags(tags);
-            let mut builder = statsd.client.gauge_with_tags(&key, value);
-            for (tag, tag_value) in &tags {
-                builder = builder.with_tag(tag, tag_value);
-            }
-            builder.send();
+        self.emit(name, tags, |client, key| client.gauge_with_tags(key, value));
+    }
+
+    /// Prefixes the name, adds the sanitised tags and sends one metric.
+    fn emit<T>(
+        &self,
+        name: &str,
+        tags: &[(&str, &str)],
+        build: impl for<'a> FnOnce(&'a StatsdClient, &'a str) -> MetricBuilder<'a, 'a, T>,
+    ) where
+        T: Metric + From<String>,
+    {
+        let Some(statsd) = &self.inner else { return };
+        let key = statsd.key(name);
+        let tags = sanitize_tags(tags);
+        let mut builder = build(&statsd.client, &key);
+        for (tag, tag_value) in &tags {
+            builder = builder.with_tag(tag, tag_value);
         }
+        builder.send();
     }
 
     /// The reference's `instrumentQuery`: `<name>.total` counter before, `<name>` timing after,
@@ -232,6 +228,27 @@ pub async fn run_event_loop_lag(metrics: Metrics, shutdown: CancellationToken) {
             }
         }
     }
+}
+
+/// Worker pool statistics as `(name, value)` pairs (`utilization`, `threads`, `queue_size`,
+/// `waitTime.p99`, ...), supplied by the pool.
+pub type PoolStats = Arc<dyn Fn() -> Vec<(String, f64)> + Send + Sync>;
+
+/// Every 10 s (`*/10 * * * * *`) reports each pool statistic as the gauge `piscina.<name>`, as
+/// the reference does for its Piscina pool.
+pub async fn run_pool_stats(metrics: Metrics, stats: PoolStats, shutdown: CancellationToken) {
+    run_pool_stats_every(metrics, stats, Duration::from_secs(10), shutdown).await
+}
+
+/// [`run_pool_stats`] with another period (tests).
+pub async fn run_pool_stats_every(metrics: Metrics, stats: PoolStats, period: Duration, shutdown: CancellationToken) {
+    crate::schedule::cron::run_on_boundaries(period, shutdown, || {
+        for (name, value) in stats() {
+            metrics.gauge(&format!("piscina.{name}"), value, &[]);
+        }
+        std::future::ready(())
+    })
+    .await
 }
 
 /// A JavaScript-style number: whole values become JSON integers (`2`, not `2.0`), as

@@ -285,3 +285,55 @@ async fn queue_types_are_validated() {
     let error = s3.connect_producer().await.unwrap_err();
     assert!(error.to_string().contains("not supported"), "{error}");
 }
+
+/// A queue whose consumer cannot start (a database that went away after start-up).
+#[derive(Default)]
+struct BrokenConsumerQueue {
+    start_attempts: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait]
+impl plugin_server::jobs::queue::JobQueue for BrokenConsumerQueue {
+    async fn connect_producer(&self) -> Result<(), plugin_server::jobs::JobQueueError> {
+        Ok(())
+    }
+    async fn enqueue(&self, _job: &EnqueuedJob) -> Result<(), plugin_server::jobs::JobQueueError> {
+        Ok(())
+    }
+    async fn disconnect_producer(&self) {}
+    async fn start_consumer(
+        &self,
+        _dispatcher: plugin_server::jobs::queue::Dispatcher,
+    ) -> Result<(), plugin_server::jobs::JobQueueError> {
+        self.start_attempts.fetch_add(1, Ordering::SeqCst);
+        Err(plugin_server::jobs::JobQueueError::NotConnected)
+    }
+    async fn stop_consumer(&self) {}
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_that_cannot_start_stops_the_server_only_with_the_crash_flag() {
+    for crash in [false, true] {
+        let broken = Arc::new(BrokenConsumerQueue::default());
+        let queue: Arc<dyn plugin_server::jobs::queue::JobQueue> = broken.clone();
+        let manager =
+            Arc::new(JobQueueManager::with_queues(vec!["broken".into()], vec![("broken".into(), queue)], crash));
+        let (runner, _ran) = recording_runner(false);
+        let settings = JobConsumerSettings {
+            crash_if_no_persistent_job_queue: crash,
+            ..consumer_settings(Duration::from_secs(1))
+        };
+        let shutdown = CancellationToken::new();
+        let mut consumer =
+            tokio::spawn(run_job_queue_consumer(manager, runner, redis_client(), settings, shutdown.clone()));
+        let ended_alone = tokio::time::timeout(Duration::from_millis(1500), &mut consumer).await.is_ok();
+        assert_eq!(ended_alone, crash, "crash flag {crash}");
+        // Without the flag the start is retried every TTL while the lock is held.
+        let attempts = broken.start_attempts.load(Ordering::SeqCst);
+        assert!(if crash { attempts == 1 } else { attempts >= 2 }, "crash flag {crash}: {attempts} attempts");
+        shutdown.cancel();
+        if !ended_alone {
+            consumer.await.unwrap();
+        }
+    }
+}

@@ -268,3 +268,32 @@ async fn recent_activity_keeps_the_server_alive() {
     shutdown.cancel();
     running.await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_loop_lag_and_pool_gauges_are_reported() {
+    let listener = StatsdListener::new();
+    let metrics = Metrics::udp("127.0.0.1", listener.port(), "plugin-server.").unwrap();
+    let shutdown = CancellationToken::new();
+    let lag = tokio::spawn(plugin_server::metrics::run_event_loop_lag(metrics.clone(), shutdown.clone()));
+    let lag_datagram = listener.receive(1).remove(0);
+    assert!(
+        lag_datagram.starts_with("plugin-server.event_loop_lag:") && lag_datagram.ends_with("|ms"),
+        "{lag_datagram}"
+    );
+    shutdown.cancel();
+    lag.await.unwrap();
+
+    let shutdown = CancellationToken::new();
+    let stats: plugin_server::metrics::PoolStats =
+        Arc::new(|| vec![("utilization".to_string(), 50.0), ("queue_size".to_string(), 0.0)]);
+    let gauges = tokio::spawn(plugin_server::metrics::run_pool_stats_every(
+        metrics,
+        stats,
+        Duration::from_millis(500),
+        shutdown.clone(),
+    ));
+    let datagrams = listener.receive(2);
+    assert_eq!(datagrams, vec!["plugin-server.piscina.utilization:50|g", "plugin-server.piscina.queue_size:0|g"]);
+    shutdown.cancel();
+    gauges.await.unwrap();
+}

@@ -1,6 +1,8 @@
 //! The scheduler and its Redis lock (ports of the reference's tests/schedule.test.ts, plus
 //! cluster behaviour: one run per period across servers, takeover when a holder dies).
 
+mod common;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -13,17 +15,19 @@ use plugin_server::schedule::{
 use tokio_util::sync::CancellationToken;
 
 fn redis_client() -> redis::Client {
-    redis::Client::open("redis://127.0.0.1:6379").unwrap()
+    redis::Client::open(common::redis_url()).unwrap()
 }
 
 fn unique_resource(name: &str) -> String {
-    format!("beside-test:{}:{name}", uuid::Uuid::new_v4())
+    common::unique_prefix(name)
 }
 
 /// A runner whose tasks take `delay`, optionally fail, and are recorded with their start time.
 struct TestRunner {
     schedule: PluginSchedule,
     delay: Duration,
+    /// Only this config is slow (all are when `None`).
+    slow_config: Option<i64>,
     fail: bool,
     not_ready_answers: AtomicUsize,
     runs: Mutex<Vec<(ScheduledTask, i64, Instant)>>,
@@ -35,6 +39,7 @@ impl TestRunner {
         Arc::new(TestRunner {
             schedule: PluginSchedule { run_every_minute: vec![39], run_every_hour: vec![], run_every_day: vec![] },
             delay,
+            slow_config: None,
             fail,
             not_ready_answers: AtomicUsize::new(0),
             runs: Mutex::new(Vec::new()),
@@ -59,7 +64,9 @@ impl ScheduledTaskRunner for TestRunner {
 
     async fn run_scheduled_task(&self, task: ScheduledTask, plugin_config_id: i64) -> Result<(), BoxError> {
         self.runs.lock().unwrap().push((task, plugin_config_id, Instant::now()));
-        tokio::time::sleep(self.delay).await;
+        if self.slow_config.is_none_or(|slow| slow == plugin_config_id) {
+            tokio::time::sleep(self.delay).await;
+        }
         self.finished.fetch_add(1, Ordering::SeqCst);
         if self.fail {
             return Err("lol".into());
@@ -103,6 +110,34 @@ async fn run_debounced_skips_a_config_whose_previous_run_is_in_flight() {
     scheduler.run_debounced(ScheduledTask::RunEveryMinute);
     scheduler.wait_for_tasks_to_finish().await;
     assert_eq!(runner.run_count(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_task_never_delays_the_others() {
+    let runner = Arc::new(TestRunner {
+        schedule: PluginSchedule { run_every_minute: vec![39, 40], run_every_hour: vec![41], run_every_day: vec![] },
+        delay: Duration::from_secs(2),
+        slow_config: Some(39),
+        fail: false,
+        not_ready_answers: AtomicUsize::new(0),
+        runs: Mutex::new(Vec::new()),
+        finished: AtomicUsize::new(0),
+    });
+    let scheduler = Scheduler::new(runner.clone(), settings("unused", Duration::from_secs(3), Duration::from_secs(60)));
+    scheduler.reload().await.unwrap();
+    scheduler.run_debounced(ScheduledTask::RunEveryMinute);
+    scheduler.run_debounced(ScheduledTask::RunEveryHour);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // 40 and 41 finished while 39 is still running; the next tick re-runs 40 but not 39.
+    assert_eq!(runner.finished.load(Ordering::SeqCst), 2);
+    scheduler.run_debounced(ScheduledTask::RunEveryMinute);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(runner.finished.load(Ordering::SeqCst), 3);
+    let started: Vec<i64> = runner.runs.lock().unwrap().iter().map(|(_, config, _)| *config).collect();
+    assert_eq!(started.iter().filter(|config| **config == 39).count(), 1);
+    assert_eq!(started.iter().filter(|config| **config == 40).count(), 2);
+    scheduler.wait_for_tasks_to_finish().await;
+    assert_eq!(runner.finished.load(Ordering::SeqCst), 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -279,4 +314,17 @@ async fn a_lock_taken_over_by_someone_else_is_reported_lost() {
     let value: String = redis::cmd("GET").arg(&resource).query_async(&mut connection).await.unwrap();
     assert_eq!(value, "someone-else", "stopping must not release someone else's lock");
     let _: () = redis::cmd("DEL").arg(&resource).query_async(&mut connection).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_redis_never_grants_the_lock_and_stops_cleanly() {
+    let unreachable = redis::Client::open("redis://127.0.0.1:1").unwrap();
+    let shutdown = CancellationToken::new();
+    let (mut lock, task) =
+        Redlock::new(unique_resource("lock"), Duration::from_millis(400)).spawn(unreachable, shutdown.clone());
+    // It keeps retrying (REF-BUG 14: the reference gave up after the first non-lock error).
+    assert!(tokio::time::timeout(Duration::from_millis(1200), lock.wait_until_held()).await.is_err());
+    assert!(!task.is_finished());
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(2), task).await.unwrap().unwrap();
 }

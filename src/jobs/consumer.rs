@@ -53,17 +53,32 @@ pub async fn run_job_queue_consumer(
     let (mut lock, lock_task) =
         Redlock::new(settings.lock_resource.clone(), settings.lock_ttl).spawn(redis, lock_shutdown.clone());
     let mut consuming = false;
+    // After a failed start, try again every TTL while we still hold the lock (the reference
+    // only tried again after losing and winning the lock).
+    let mut start_failed = false;
     loop {
+        let retry = async {
+            if start_failed && !consuming {
+                tokio::time::sleep(settings.lock_ttl).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
         let held = tokio::select! {
             _ = shutdown.cancelled() => break,
             held = lock.changed() => held,
+            _ = retry => Some(lock.held()),
         };
         match held {
             Some(true) if !consuming => {
                 info!("🔄 Job queue consumer lock acquired");
                 match manager.start_consumer(Arc::clone(&runner)).await {
-                    Ok(()) => consuming = true,
+                    Ok(()) => {
+                        consuming = true;
+                        start_failed = false;
+                    }
                     Err(start_error) => {
+                        start_failed = true;
                         error!("🔴 Can not start job queue consumer! {start_error}");
                         capture_error_message(&format!("Can not start job queue consumer! {start_error}"));
                         manager.stop_consumer().await;
@@ -73,12 +88,15 @@ pub async fn run_job_queue_consumer(
                     }
                 }
             }
-            Some(false) if consuming => {
-                info!("🔄 Stopping job queue consumer");
-                manager.stop_consumer().await;
-                consuming = false;
+            Some(false) => {
+                start_failed = false;
+                if consuming {
+                    info!("🔄 Stopping job queue consumer");
+                    manager.stop_consumer().await;
+                    consuming = false;
+                }
             }
-            Some(_) => {}
+            Some(true) => {}
             None => break,
         }
     }

@@ -7,24 +7,22 @@
 //! shorten this). Stop deletes the file. Not safe across processes, like the reference's.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 use tracing::error;
 
 use crate::config::NodeEnv;
 use crate::jobs::job::EnqueuedJob;
-use crate::jobs::queue::{Dispatcher, JobQueue, JobQueueError};
+use crate::jobs::queue::{ConsumerTask, Dispatcher, JobQueue, JobQueueError};
 
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(10);
 
 pub struct FsQueue {
     file: Arc<QueueFile>,
     poll_interval: Duration,
-    consumer: Mutex<Option<(CancellationToken, JoinHandle<()>)>>,
+    consumer: ConsumerTask,
 }
 
 /// The file and the lock that serialises its rewrites between this process's producer and
@@ -46,7 +44,7 @@ impl FsQueue {
         Ok(FsQueue {
             file: Arc::new(QueueFile { path, lock: tokio::sync::Mutex::new(()) }),
             poll_interval,
-            consumer: Mutex::new(None),
+            consumer: ConsumerTask::default(),
         })
     }
 
@@ -116,15 +114,13 @@ impl JobQueue for FsQueue {
     async fn disconnect_producer(&self) {}
 
     async fn start_consumer(&self, dispatcher: Dispatcher) -> Result<(), JobQueueError> {
-        if self.consumer.lock().map(|consumer| consumer.is_some()).unwrap_or(true) {
+        if self.consumer.is_running() {
             return Ok(());
         }
         self.file.truncate().await?;
-        let stop = CancellationToken::new();
         let file = Arc::clone(&self.file);
         let poll_interval = self.poll_interval;
-        let token = stop.clone();
-        let handle = tokio::spawn(async move {
+        self.consumer.start(|stop| async move {
             loop {
                 let mut found = false;
                 if dispatcher.ready() {
@@ -139,22 +135,16 @@ impl JobQueue for FsQueue {
                 }
                 let wait = if found { Duration::ZERO } else { poll_interval };
                 tokio::select! {
-                    _ = token.cancelled() => break,
+                    _ = stop.cancelled() => break,
                     _ = tokio::time::sleep(wait) => {}
                 }
             }
         });
-        if let Ok(mut consumer) = self.consumer.lock() {
-            *consumer = Some((stop, handle));
-        }
         Ok(())
     }
 
     async fn stop_consumer(&self) {
-        let running = self.consumer.lock().ok().and_then(|mut consumer| consumer.take());
-        if let Some((stop, handle)) = running {
-            stop.cancel();
-            let _ = handle.await;
+        if self.consumer.stop().await {
             let _ = tokio::fs::remove_file(&self.file.path).await;
         }
     }

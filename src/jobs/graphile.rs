@@ -9,21 +9,21 @@
 //!   awaiting it and marks it complete at once (at-most-once, as in the reference). A payload
 //!   that is not a job is failed with `fail_job` (kept in the table for inspection, never run).
 
-use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgListener};
-use sqlx::PgPool;
-use tokio::task::JoinHandle;
+use sqlx::{Connection, PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::config::Config;
-use crate::hub::{connect_postgres_with, postgres_options, postgres_options_from_url};
+use crate::hub::{
+    connect_postgres_with, describe_postgres, postgres_options, postgres_options_from_url, HubError, CONNECT_TIMEOUT,
+};
 use crate::jobs::job::EnqueuedJob;
 use crate::jobs::migrations::{migrate, quote_identifier};
-use crate::jobs::queue::{Dispatcher, JobQueue, JobQueueError};
+use crate::jobs::queue::{ConsumerTask, Dispatcher, JobQueue, JobQueueError};
 
 /// The task identifier every plugin job is queued under.
 pub const TASK_IDENTIFIER: &str = "pluginJob";
@@ -61,12 +61,12 @@ impl GraphileSettings {
 pub struct GraphileQueue {
     settings: GraphileSettings,
     producer: tokio::sync::Mutex<Option<PgPool>>,
-    consumer: Mutex<Option<(CancellationToken, JoinHandle<()>)>>,
+    consumer: ConsumerTask,
 }
 
 impl GraphileQueue {
     pub fn new(settings: GraphileSettings) -> GraphileQueue {
-        GraphileQueue { settings, producer: tokio::sync::Mutex::new(None), consumer: Mutex::new(None) }
+        GraphileQueue { settings, producer: tokio::sync::Mutex::new(None), consumer: ConsumerTask::default() }
     }
 
     fn quoted_schema(&self) -> Result<String, JobQueueError> {
@@ -78,6 +78,7 @@ impl GraphileQueue {
         if let Some(pool) = producer.as_ref() {
             return Ok(pool.clone());
         }
+        probe(&self.settings.options).await?;
         let pool = connect_postgres_with(self.settings.options.clone(), 3).await?;
         *producer = Some(pool.clone());
         Ok(pool)
@@ -121,13 +122,12 @@ impl JobQueue for GraphileQueue {
     }
 
     async fn start_consumer(&self, dispatcher: Dispatcher) -> Result<(), JobQueueError> {
-        if self.consumer.lock().map(|consumer| consumer.is_some()).unwrap_or(true) {
+        if self.consumer.is_running() {
             return Ok(());
         }
         let schema = self.quoted_schema()?;
         // A listener connection plus one for queries, as graphile's runner pool.
         let pool = connect_postgres_with(self.settings.options.clone(), 2).await?;
-        let stop = CancellationToken::new();
         let worker = Worker {
             pool,
             schema,
@@ -136,20 +136,12 @@ impl JobQueue for GraphileQueue {
             prepared: self.settings.prepared_statements,
             poll_interval: self.settings.poll_interval,
         };
-        let handle = tokio::spawn(worker.run(stop.clone()));
-        match self.consumer.lock() {
-            Ok(mut consumer) => *consumer = Some((stop, handle)),
-            Err(_) => stop.cancel(),
-        }
+        self.consumer.start(|stop| worker.run(stop));
         Ok(())
     }
 
     async fn stop_consumer(&self) {
-        let running = self.consumer.lock().ok().and_then(|mut consumer| consumer.take());
-        if let Some((stop, handle)) = running {
-            stop.cancel();
-            let _ = handle.await;
-        }
+        self.consumer.stop().await;
     }
 }
 
@@ -167,6 +159,21 @@ async fn migrate_on(pool: PgPool, schema: String) -> Result<(), JobQueueError> {
     })
     .await
     .map_err(|_| JobQueueError::Database(sqlx::Error::WorkerCrashed))?
+}
+
+/// One direct connection attempt: a refused connection fails at once, where a pool would keep
+/// retrying until its acquire timeout (the reference's `select 1` check also fails at once).
+async fn probe(options: &PgConnectOptions) -> Result<(), JobQueueError> {
+    let target = describe_postgres(options);
+    let attempt = tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(options)).await;
+    match attempt {
+        Ok(Ok(connection)) => {
+            let _ = connection.close().await;
+            Ok(())
+        }
+        Ok(Err(source)) => Err(HubError::PostgresUnreachable { target, source }.into()),
+        Err(_) => Err(HubError::PostgresUnreachable { target, source: sqlx::Error::PoolTimedOut }.into()),
+    }
 }
 
 /// graphile-worker's worker id: `worker-` and 9 random bytes in hex.

@@ -2,12 +2,15 @@
 //! the [`JobRunner`] (implemented over the plugin pool) behind a [`Dispatcher`] that also owns
 //! the pause state and the back-pressure check.
 
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use thiserror::Error;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::warn;
 
@@ -107,6 +110,44 @@ impl Dispatcher {
         self.tasks.close();
         self.tasks.wait().await;
         self.tasks.reopen();
+    }
+}
+
+/// A queue's running consumer loop: started once, stopped by cancelling its token.
+#[derive(Default)]
+pub struct ConsumerTask {
+    running: Mutex<Option<(CancellationToken, JoinHandle<()>)>>,
+}
+
+impl ConsumerTask {
+    pub fn is_running(&self) -> bool {
+        self.running.lock().map(|running| running.is_some()).unwrap_or(true)
+    }
+
+    /// Spawns `run` with the token that will stop it.
+    pub fn start<F>(&self, run: impl FnOnce(CancellationToken) -> F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let stop = CancellationToken::new();
+        let handle = tokio::spawn(run(stop.clone()));
+        match self.running.lock() {
+            Ok(mut running) => *running = Some((stop, handle)),
+            Err(_) => stop.cancel(),
+        }
+    }
+
+    /// Stops the loop and waits for it; returns whether one was running.
+    pub async fn stop(&self) -> bool {
+        let running = self.running.lock().ok().and_then(|mut running| running.take());
+        match running {
+            Some((stop, handle)) => {
+                stop.cancel();
+                let _ = handle.await;
+                true
+            }
+            None => false,
+        }
     }
 }
 

@@ -224,15 +224,16 @@ impl Redlock {
         }
         if valid_until.is_some() {
             info!("🔓 Releasing redlock \"{}\"", self.resource);
-            publish(&state, false);
-            if let Some(manager) = &mut connection {
-                if let Err(error) = self.release(manager).await {
-                    error!("🔴 Redlock \"{}\" could not be released: {error}", self.resource);
-                    capture_error_message(&format!("Redlock \"{}\" release failed: {error}", self.resource));
-                }
-            }
         }
         publish(&state, false);
+        // Also when we did not know we held it: shutdown may have interrupted an acquisition
+        // that Redis had already granted. The script only deletes our own value.
+        if let Some(manager) = &mut connection {
+            if let Err(error) = self.release(manager).await {
+                error!("🔴 Redlock \"{}\" could not be released: {error}", self.resource);
+                capture_error_message(&format!("Redlock \"{}\" release failed: {error}", self.resource));
+            }
+        }
     }
 }
 
