@@ -80,6 +80,14 @@ impl EventHandler for Pipeline {
     }
 }
 
+/// Internal metrics are events of the server's own, ingested like any other.
+#[async_trait]
+impl crate::metrics::internal::EventIngester for Pipeline {
+    async fn ingest_event(&self, event: PluginEvent) -> Result<(), BoxError> {
+        self.handle_event(event).await.map_err(|error| Box::new(error) as BoxError)
+    }
+}
+
 /// Scheduled tasks, jobs and reloads, answered by the plugins and the action cache.
 pub struct PluginTasks {
     pub plugins: Arc<Plugins>,
@@ -129,6 +137,22 @@ impl JobRunner for PluginTasks {
         };
         self.plugins.run_job(job).await;
         Ok(())
+    }
+}
+
+/// `$$plugin_metrics` events, captured as the plugin config they describe.
+#[async_trait]
+impl crate::metrics::plugin_metrics::PluginMetricsSender for PluginTasks {
+    async fn capture_plugin_metrics(
+        &self,
+        plugin_config_id: i64,
+        properties: serde_json::Map<String, Value>,
+    ) -> Result<(), BoxError> {
+        self.plugins
+            .capture_as(config_id(plugin_config_id)?, "$$plugin_metrics", Value::Object(properties))
+            .await
+            .map(|_| ())
+            .map_err(|error| error.0.into())
     }
 }
 

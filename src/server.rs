@@ -152,6 +152,11 @@ pub fn handle_signals(shutdown: CancellationToken) -> std::io::Result<()> {
 /// dies.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), ServerError> {
     info!("{} workers, {} tasks per worker", config.worker_threads(), config.tasks_per_worker());
+    // Sentry reports until this guard drops at the end of the run; statsd is process-wide.
+    let _sentry = crate::metrics::sentry::init(&config);
+    let metrics =
+        crate::metrics::Metrics::from_config(&config).map_err(|error| ServerError::Start(error.to_string()))?;
+    crate::metrics::install(metrics);
     let hub = Hub::connect(config).await?;
     let mut lifecycle = Lifecycle::new(shutdown);
     let result = match start_components(&hub, &mut lifecycle).await {
@@ -183,7 +188,9 @@ async fn start_components(hub: &Hub, lifecycle: &mut Lifecycle) -> Result<(), Se
         CeleryConsumer, CeleryConsumerOptions, CeleryProducer, KafkaConsumerOptions, KafkaProducerWrapper, KafkaQueue,
     };
     use crate::ingestion::writer::{EventWriter, PostgresEventWriter};
+    use crate::jobs::consumer::{run_job_queue_consumer, JobConsumerSettings};
     use crate::jobs::manager::{JobQueueManager, JobQueueOptions};
+    use crate::jobs::queue::JobRunner;
     use crate::metrics::staleness::ActivityTracker;
     use crate::pipeline::bridges::{CeleryCapture, GeoIpLookup, JobQueueEnqueuer, KafkaCapture, KafkaLogSink};
     use crate::pipeline::{Pipeline, PluginTasks};
@@ -276,28 +283,27 @@ async fn start_components(hub: &Hub, lifecycle: &mut Lifecycle) -> Result<(), Se
     }
     let tasks = Arc::new(PluginTasks { plugins: Arc::clone(&plugins), actions: Arc::clone(&actions) });
 
-    // 4. The schedule (one server of the cluster runs it).
+    // 4. The schedule (one server of the cluster runs it): loaded once the plugins are.
     let scheduler = Scheduler::new(tasks.clone(), ScheduleSettings::from_config(config));
-    plugins.spawn_schedule_reload();
+    scheduler.reload().await.map_err(|error| fail("Plugin schedule", &error))?;
     {
         let scheduler = Arc::clone(&scheduler);
         let client = crate::hub::redis_client(config)?;
         lifecycle.spawn("schedule", Duration::from_secs(30), move |token| scheduler.run(client, token));
     }
 
-    // 5. The job queue consumer.
-    jobs.start_consumer(tasks.clone()).await.map_err(|error| fail("Job queue consumer", &error))?;
+    // 5. The job queue consumer (one server of the cluster consumes, under its own lock).
     {
-        let jobs = Arc::clone(&jobs);
+        let (jobs, runner) = (Arc::clone(&jobs), tasks.clone() as Arc<dyn JobRunner>);
+        let client = crate::hub::redis_client(config)?;
+        let settings = JobConsumerSettings::from_config(config);
         lifecycle.spawn("job queue consumer", Duration::from_secs(30), move |token| async move {
-            token.cancelled().await;
-            jobs.stop_consumer().await;
+            run_job_queue_consumer(Arc::clone(&jobs), runner, client, settings, token).await;
             jobs.disconnect_producer().await;
         });
     }
 
     // 6. The ingestion queues: Kafka when enabled (Celery then only carries plugin jobs), else Celery.
-    let activity = Arc::new(ActivityTracker::new());
     let writer: Arc<dyn EventWriter> = match &kafka {
         Some(producer) => Arc::new(KafkaEventWriter::new(Arc::clone(producer))),
         None => Arc::new(PostgresEventWriter::new(hub.postgres.clone())),
@@ -305,7 +311,14 @@ async fn start_components(hub: &Hub, lifecycle: &mut Lifecycle) -> Result<(), Se
     let matcher = Arc::new(ActionMatcher::new(hub.postgres.clone(), Arc::clone(&actions)));
     let hooks = Arc::new(HookCommander::new(hub.postgres.clone()));
     let processor = Arc::new(EventsProcessor::new(hub, writer).with_action_matching(matcher, hooks));
-    let pipeline = Arc::new(Pipeline { plugins: Arc::clone(&plugins), processor, jobs: Arc::clone(&jobs), activity });
+    let activity = Arc::new(ActivityTracker::new());
+    let pipeline = Arc::new(Pipeline {
+        plugins: Arc::clone(&plugins),
+        processor,
+        jobs: Arc::clone(&jobs),
+        activity: Arc::clone(&activity),
+    });
+    let pipeline_for_metrics = Arc::clone(&pipeline);
     let celery = CeleryConsumer::start(
         &crate::hub::redis_url(config),
         hub.redis.clone(),
@@ -338,10 +351,92 @@ async fn start_components(hub: &Hub, lifecycle: &mut Lifecycle) -> Result<(), Se
     }
 
     // 8. Reloads over pub/sub.
-    let pubsub =
-        PubSub::new(crate::hub::redis_client(config)?, &config.PLUGINS_RELOAD_PUBSUB_CHANNEL, tasks, Some(scheduler));
+    let pubsub = PubSub::new(
+        crate::hub::redis_client(config)?,
+        &config.PLUGINS_RELOAD_PUBSUB_CHANNEL,
+        tasks.clone(),
+        Some(scheduler),
+    );
     lifecycle.spawn("pubsub", DEFAULT_SHUTDOWN_BUDGET, move |token| pubsub.run(token));
+
+    // 10. Observability: statsd gauges, status reports, internal and plugin metrics, staleness.
+    start_observability(hub, lifecycle, &pool, &tasks, activity, pipeline_for_metrics);
     Ok(())
+}
+
+/// The periodic reporting components (the reference's cron jobs beside the stream).
+fn start_observability(
+    hub: &Hub,
+    lifecycle: &mut Lifecycle,
+    pool: &std::sync::Arc<crate::plugins::runtime::WorkerPool>,
+    tasks: &std::sync::Arc<crate::pipeline::PluginTasks>,
+    activity: std::sync::Arc<crate::metrics::staleness::ActivityTracker>,
+    pipeline: std::sync::Arc<crate::pipeline::Pipeline>,
+) {
+    use std::sync::Arc;
+
+    use crate::metrics::internal::{run_internal_metrics, EventIngester, InternalMetrics};
+    use crate::metrics::plugin_metrics::{run_plugin_metrics, PluginMetricsManager, PluginMetricsSender};
+    use crate::metrics::staleness::StalenessCheck;
+    use crate::metrics::status_report::{run_status_report, PostHogCloud, StatusReport, TelemetryClient};
+
+    let config = &hub.config;
+    let metrics = crate::metrics::global().clone();
+    {
+        let metrics = metrics.clone();
+        lifecycle.spawn("event loop lag", DEFAULT_SHUTDOWN_BUDGET, move |token| {
+            crate::metrics::run_event_loop_lag(metrics, token)
+        });
+    }
+    let pool_stats = {
+        let pool = Arc::clone(pool);
+        move || {
+            let stats = pool.stats();
+            vec![
+                ("threads".to_string(), stats.threads as f64),
+                ("queue_size".to_string(), stats.in_flight as f64),
+                ("stalled_threads".to_string(), stats.stalled_workers.len() as f64),
+                ("replaced_threads".to_string(), stats.replaced_workers as f64),
+            ]
+        }
+    };
+    {
+        let metrics = metrics.clone();
+        let stats: crate::metrics::PoolStats = Arc::new(pool_stats.clone());
+        lifecycle.spawn("pool stats", DEFAULT_SHUTDOWN_BUDGET, move |token| {
+            crate::metrics::run_pool_stats(metrics, stats, token)
+        });
+    }
+    {
+        let node_env = crate::config::NodeEnv::detect(&|key| std::env::var(key).ok());
+        let telemetry: Arc<dyn TelemetryClient> = Arc::new(PostHogCloud::new(node_env, hub.instance_id.to_string()));
+        let report = Arc::new(StatusReport::new());
+        lifecycle
+            .spawn("status report", DEFAULT_SHUTDOWN_BUDGET, move |token| run_status_report(report, telemetry, token));
+    }
+    if config.CAPTURE_INTERNAL_METRICS {
+        let internal = Arc::new(InternalMetrics::new());
+        let (postgres, ingester) = (hub.postgres.clone(), pipeline as Arc<dyn EventIngester>);
+        lifecycle.spawn("internal metrics", DEFAULT_SHUTDOWN_BUDGET, move |token| {
+            run_internal_metrics(internal, postgres, ingester, token)
+        });
+    }
+    {
+        let manager = Arc::new(PluginMetricsManager::new());
+        let sender = Arc::clone(tasks) as Arc<dyn PluginMetricsSender>;
+        lifecycle
+            .spawn("plugin metrics", DEFAULT_SHUTDOWN_BUDGET, move |token| run_plugin_metrics(manager, sender, token));
+    }
+    if config.STALENESS_RESTART_SECONDS > 0.0 {
+        let check = StalenessCheck {
+            threshold: Duration::from_secs_f64(config.STALENESS_RESTART_SECONDS),
+            instance_id: hub.instance_id.to_string(),
+            metrics,
+            pool_stats: Box::new(move || serde_json::to_string(&pool_stats()).unwrap_or_default()),
+        };
+        let restart = lifecycle.shutdown_token();
+        lifecycle.spawn("staleness", DEFAULT_SHUTDOWN_BUDGET, move |token| check.run(activity, restart, token));
+    }
 }
 
 /// Writes the enabled job queue types, JSON-encoded (`"graphile"`), as the reference does.
