@@ -162,7 +162,8 @@ fn main() {
     // `cargo bench` passes `--bench`; a filter argument selects scenarios by substring.
     let filter = std::env::args().skip(1).find(|argument| !argument.starts_with('-')).unwrap_or_default();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
-    let scenarios: [(&str, fn(usize) -> PluginEvent); 4] = [
+    type Scenario = (&'static str, fn(usize) -> PluginEvent);
+    let scenarios: [Scenario; 4] = [
         ("anonymous events (reference ingestion bench)", anonymous),
         ("pageviews of 1000 visitors", pageview),
         ("identify + $set heavy traffic", identify_and_set),

@@ -41,8 +41,8 @@ impl ActionHandler for FooBarActions {
         _elements: &[Element],
     ) -> Result<Vec<i32>, String> {
         assert!(person.is_some(), "the person is fetched for matching");
-        let foo = event.properties.as_ref().and_then(|properties| properties.get("foo"));
-        Ok(if foo == Some(&json!("bar")) { vec![69] } else { Vec::new() })
+        let foo_value = event.properties.as_ref().and_then(|properties| properties.get("foo"));
+        Ok(if foo_value == Some(&json!("bar")) { vec![69] } else { Vec::new() })
     }
 }
 

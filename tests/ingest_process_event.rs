@@ -135,7 +135,8 @@ async fn capture_new_person() {
     assert_eq!(events[0].distinct_id, "2");
     assert_eq!(events[0].event, "$autocapture");
 
-    let elements: Vec<(Option<String>, Option<Vec<String>>, Option<i32>, Option<String>)> =
+    type ElementRow = (Option<String>, Option<Vec<String>>, Option<i32>, Option<String>);
+    let elements: Vec<ElementRow> =
         sqlx::query_as("SELECT tag_name, attr_class, \"order\", text FROM posthog_element ORDER BY \"order\"")
             .fetch_all(harness.pool())
             .await
@@ -423,7 +424,8 @@ async fn snapshot_event_stored_as_session_recording_event() {
     let result = harness.process_simple("some-id", data).await.unwrap();
     assert!(result.is_none());
     assert!(harness.events().await.is_empty());
-    let rows: Vec<(String, String, Value, DateTime<Utc>, Option<DateTime<Utc>>)> = sqlx::query_as(
+    type RecordingRow = (String, String, Value, DateTime<Utc>, Option<DateTime<Utc>>);
+    let rows: Vec<RecordingRow> = sqlx::query_as(
         "SELECT session_id, distinct_id, snapshot_data, timestamp, created_at FROM posthog_sessionrecordingevent",
     )
     .fetch_all(harness.pool())

@@ -140,14 +140,24 @@ async fn insert_distinct_id(
     distinct_id_from_row(&row)
 }
 
-/// Adds a distinct id to an existing person.
+/// Adds a distinct id to an existing person; with `identify`, also sets `is_identified` when the
+/// person is not identified yet, in the same transaction (returns the updated person then).
 pub async fn add_distinct_id(
     pool: &PgPool,
     person: &Person,
     distinct_id: &str,
-) -> Result<PersonDistinctId, sqlx::Error> {
-    let mut connection = pool.acquire().await?;
-    insert_distinct_id(&mut connection, person, distinct_id).await
+    identify: bool,
+) -> Result<(PersonDistinctId, Option<Person>), sqlx::Error> {
+    if !identify || person.is_identified {
+        let mut connection = pool.acquire().await?;
+        return Ok((insert_distinct_id(&mut connection, person, distinct_id).await?, None));
+    }
+    let mut transaction = pool.begin().await?;
+    let row = insert_distinct_id(&mut transaction, person, distinct_id).await?;
+    let update = PersonUpdate { is_identified: Some(true), ..PersonUpdate::default() };
+    let identified = update_person(&mut transaction, person, &update).await?;
+    transaction.commit().await?;
+    Ok((row, Some(identified)))
 }
 
 /// `UPDATE posthog_person SET <only the given columns> WHERE id = $n`; returns the updated person.

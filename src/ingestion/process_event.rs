@@ -190,8 +190,8 @@ impl EventsProcessor {
     }
 
     /// Sends "first team event ingested" telemetry through `telemetry`.
-    pub fn with_telemetry(mut self, telemetry: Arc<dyn FirstEventTelemetry>) -> Self {
-        self.teams = Arc::new(TeamManager::new(self.pool.clone(), Some(telemetry)));
+    pub fn with_telemetry(self, telemetry: Arc<dyn FirstEventTelemetry>) -> Self {
+        self.teams.set_telemetry(telemetry);
         self
     }
 
@@ -516,21 +516,19 @@ impl EventsProcessor {
             let old_person = persons::fetch_person(&self.pool, team_id, &previous).await?;
             let new_person = persons::fetch_person(&self.pool, team_id, &current).await?;
             let retry = || self.alias(previous.clone(), current.clone(), team_id, should_identify, false, 0);
+            // Whether `current`'s person is known to be identified already, sparing the final lookup.
+            let mut identified = false;
             match (&old_person, &new_person) {
-                (Some(old_person), None) => {
-                    if let Err(error) = self.add_distinct_id(old_person, &current).await {
-                        if !retry_if_failed {
-                            return Err(error);
-                        }
-                        retry().await?;
-                    }
-                }
-                (None, Some(new_person)) => {
-                    if let Err(error) = self.add_distinct_id(new_person, &previous).await {
-                        if !retry_if_failed {
-                            return Err(error);
-                        }
-                        retry().await?;
+                // Adding the missing distinct id and marking the person identified share one
+                // transaction (the reference uses two statements on separate connections).
+                (Some(person), None) | (None, Some(person)) => {
+                    let missing = if old_person.is_some() { &current } else { &previous };
+                    match self.add_distinct_id(person, missing, should_identify).await {
+                        Ok(()) => identified = should_identify,
+                        // Someone added it meanwhile: look again (merging if needed), once.
+                        Err(_) if retry_if_failed => retry().await?,
+                        // As the reference: a second failure is swallowed.
+                        Err(error) => tracing::warn!(%error, "adding a distinct id failed twice"),
                     }
                 }
                 (None, None) => {
@@ -545,10 +543,15 @@ impl EventsProcessor {
                     )
                     .await;
                     match created {
-                        Ok((person, distinct_ids)) => self.writer.person_created(&person, &distinct_ids).await?,
+                        Ok((person, distinct_ids)) => {
+                            self.writer.person_created(&person, &distinct_ids).await?;
+                            identified = should_identify;
+                        }
                         // Another event created one of them meanwhile: one of the others applies now.
                         Err(_) if retry_if_failed => retry().await?,
-                        Err(error) => return Err(error.into()),
+                        Err(error) => {
+                            tracing::warn!(error = %database_message(&error), "creating an aliased person failed twice")
+                        }
                     }
                 }
                 (Some(old_person), Some(new_person)) if old_person.id != new_person.id => {
@@ -569,7 +572,7 @@ impl EventsProcessor {
                 }
                 _ => {}
             }
-            if should_identify {
+            if should_identify && !identified {
                 self.set_is_identified(team_id, &current).await?;
             }
             Ok(())
@@ -577,9 +580,13 @@ impl EventsProcessor {
         .boxed()
     }
 
-    async fn add_distinct_id(&self, person: &Person, distinct_id: &str) -> Result<(), IngestError> {
-        let row = persons::add_distinct_id(&self.pool, person, distinct_id).await?;
+    /// Adds `distinct_id` to the person and, with `identify`, marks it identified (one transaction).
+    async fn add_distinct_id(&self, person: &Person, distinct_id: &str, identify: bool) -> Result<(), IngestError> {
+        let (row, identified) = persons::add_distinct_id(&self.pool, person, distinct_id, identify).await?;
         self.writer.distinct_id_added(person, &row).await?;
+        if let Some(identified) = identified {
+            self.writer.person_updated(&identified).await?;
+        }
         Ok(())
     }
 

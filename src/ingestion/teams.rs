@@ -6,7 +6,7 @@
 //! ingested" telemetry is delegated to a [`FirstEventTelemetry`] (the metrics room owns the client).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use serde_json::{Map, Value};
 use sqlx::PgPool;
@@ -37,7 +37,7 @@ pub struct TeamManager {
     teams: TtlCache<i32, Team>,
     organizations: TtlCache<Uuid, Organization>,
     definitions: Mutex<HashMap<i32, Arc<Mutex<KnownDefinitions>>>>,
-    telemetry: Option<Arc<dyn FirstEventTelemetry>>,
+    telemetry: OnceLock<Arc<dyn FirstEventTelemetry>>,
 }
 
 impl TeamManager {
@@ -47,8 +47,13 @@ impl TeamManager {
             teams: TtlCache::new(DEFAULT_MAX_AGE),
             organizations: TtlCache::new(DEFAULT_MAX_AGE),
             definitions: Mutex::new(HashMap::new()),
-            telemetry,
+            telemetry: telemetry.map(OnceLock::from).unwrap_or_default(),
         }
+    }
+
+    /// Sends "first team event ingested" telemetry from now on (the first call wins).
+    pub fn set_telemetry(&self, telemetry: Arc<dyn FirstEventTelemetry>) {
+        let _ = self.telemetry.set(telemetry);
     }
 
     /// The team, from a cache of at most 30 s; a missing team is looked up again every time.
@@ -165,7 +170,7 @@ impl TeamManager {
             .execute(&self.pool)
             .await?;
         self.teams.update(&team.id, |cached| cached.ingested_event = true);
-        let Some(telemetry) = &self.telemetry else {
+        let Some(telemetry) = self.telemetry.get() else {
             return Ok(());
         };
         let members: Vec<Option<String>> = sqlx::query_scalar(
