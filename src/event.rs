@@ -23,6 +23,9 @@ pub struct PluginEvent {
     pub team_id: i64,
     /// ISO timestamp of when PostHog received the event.
     pub now: String,
+    /// Non-string names (clients have sent objects and arrays) arrive as their JSON text, which is
+    /// what the reference stores for them.
+    #[serde(deserialize_with = "string_or_json_text")]
     pub event: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sent_at: Option<String>,
@@ -53,6 +56,13 @@ fn string_from_scalar<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Stri
     }
 }
 
+fn string_or_json_text<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    Ok(match Value::deserialize(deserializer)? {
+        Value::String(text) => text,
+        other => other.to_string(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -68,5 +78,14 @@ mod tests {
         let round_trip = serde_json::to_value(&event).unwrap();
         assert_eq!(round_trip["custom"], serde_json::json!([1]));
         assert!(round_trip.get("sent_at").is_none());
+    }
+
+    #[test]
+    fn non_string_event_names_become_their_json_text() {
+        let event: PluginEvent = serde_json::from_str(
+            r#"{"distinct_id": "a", "team_id": 2, "now": "2020-01-01T00:00:00.000Z", "event": {"nested": [1]}}"#,
+        )
+        .unwrap();
+        assert_eq!(event.event, r#"{"nested":[1]}"#);
     }
 }

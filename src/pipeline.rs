@@ -32,6 +32,10 @@ pub struct Pipeline {
     pub processor: Arc<EventsProcessor>,
     pub jobs: Arc<JobQueueManager>,
     pub activity: Arc<ActivityTracker>,
+    /// The Kafka pipeline's writer already produced a dead-letter record for an event whose
+    /// ingestion failed (with the event as ingestion left it, as the reference does); the consumer
+    /// must then not dead-letter it a second time.
+    pub writer_dead_letters: bool,
 }
 
 /// Database trouble that may pass (connection lost, pool exhausted) is worth a retry; anything
@@ -70,7 +74,13 @@ impl EventHandler for Pipeline {
             }
         };
         let (ingested, ()) = tokio::join!(self.processor.ingest_event(event.clone()), after_ingestion);
-        ingested.map(|_| ()).map_err(classify)
+        match ingested.map(|_| ()).map_err(classify) {
+            Err(HandleError::Rejected(reason)) if self.writer_dead_letters => {
+                warn!("🔔 Event {} went to the dead-letter queue: {reason}", event.event);
+                Ok(())
+            }
+            other => other,
+        }
     }
 
     async fn handle_plugin_job(&self, job: Value) -> Result<(), HandleError> {

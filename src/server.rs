@@ -317,6 +317,7 @@ async fn start_components(hub: &Hub, lifecycle: &mut Lifecycle) -> Result<(), Se
         processor,
         jobs: Arc::clone(&jobs),
         activity: Arc::clone(&activity),
+        writer_dead_letters: kafka.is_some(),
     });
     let pipeline_for_metrics = Arc::clone(&pipeline);
     let celery = CeleryConsumer::start(
