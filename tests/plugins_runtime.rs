@@ -376,3 +376,31 @@ async fn process_event_batch_alone_processes_events() {
     assert_eq!(returned.event, "changed event");
     assert_eq!(setup.plugins.capabilities(CONFIG).await.unwrap()["methods"], json!(["processEvent"]));
 }
+
+#[tokio::test]
+async fn a_retry_error_from_export_events_schedules_a_retry_job() {
+    // `RetryError` keeps the name `Error` (as in @posthog/plugin-scaffold): the runtime must still
+    // recognise it, as the reference's `instanceof RetryError` does.
+    let setup = setup(
+        "import { RetryError } from '@posthog/plugin-scaffold'
+         export async function exportEvents (events) {
+             const error = new RetryError('try again later')
+             if (error.name !== 'Error') { throw new Error('RetryError must be named Error') }
+             throw error
+         }",
+    )
+    .await;
+    sqlx::query("UPDATE posthog_pluginconfig SET config = '{\"exportEventsBufferBytes\": \"1\"}', updated_at = now() + interval '1 second' WHERE id = 39")
+        .execute(&setup.db.pool)
+        .await
+        .unwrap();
+    setup.plugins.reload().await.unwrap();
+    setup.plugins.run_on_event(&event("to export")).await;
+    assert!(
+        eventually(Duration::from_secs(5), || async { !setup.jobs.jobs.lock().unwrap().is_empty() }).await,
+        "a retry job was queued"
+    );
+    let job = setup.jobs.jobs.lock().unwrap()[0].clone();
+    assert_eq!(job.job_type, "exportEventsWithRetry");
+    assert_eq!(job.payload["retriesPerformedSoFar"], 1);
+}

@@ -29,7 +29,7 @@ impl RuntimeVmFactory {
 fn js_error(error: runtime::JsError) -> JsError {
     // `RetryError` extends `Error` without renaming itself, as in `@posthog/plugin-scaffold`; the
     // runtime reports it by class name.
-    let retry = error.name == "RetryError";
+    let retry = error.retry || error.name == "RetryError";
     JsError { name: error.name, message: error.message, stack: error.stack, retry, caller: error.caller }
 }
 

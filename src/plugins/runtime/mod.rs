@@ -145,6 +145,8 @@ pub struct JsError {
     pub stack: Option<String>,
     /// `TimeoutError.caller`: the method name for method-level timeouts.
     pub caller: Option<String>,
+    /// The thrown value is a `RetryError` (`@posthog/plugin-scaffold`), whose name is plain `Error`.
+    pub retry: bool,
 }
 
 impl std::fmt::Display for JsError {

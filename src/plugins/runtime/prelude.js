@@ -510,7 +510,14 @@
     const jsonwebtoken = { sign: jwtSign, verify: jwtVerify, decode: jwtDecode, JsonWebTokenError };
 
     // ---------------------------------------------------------------- scaffold, contrib
-    class RetryError extends Error {}
+    // Its `name` stays `Error`, as in @posthog/plugin-scaffold; a hidden mark lets the host tell it
+    // apart (the reference checks `instanceof RetryError`).
+    class RetryError extends Error {
+        constructor(...args) {
+            super(...args);
+            Object.defineProperty(this, '__posthogRetryError', { value: true });
+        }
+    }
     // createBuffer of @posthog/plugin-contrib 0.0.5 (reference 30 §6.5).
     function createBuffer(opts) {
         const buffer = {

@@ -92,6 +92,7 @@ pub fn promise_timeout_error(timeout: Duration, caller: &str) -> JsError {
         message: format!("Script execution timed out after promise waited for {}", seconds_text(timeout)),
         stack: None,
         caller: Some(caller.to_string()),
+        retry: false,
     }
 }
 
@@ -124,6 +125,7 @@ fn loop_timeout_error(diag: &Diag, stack: Option<String>) -> JsError {
         ),
         stack,
         caller: None,
+        retry: false,
     }
 }
 
@@ -150,6 +152,7 @@ fn error_from_value<'js>(ctx: &Ctx<'js>, value: &JsValue<'js>, diag: &Diag, inte
         error.message = object.get::<_, Option<String>>("message").ok().flatten().unwrap_or_default();
         error.stack = object.get::<_, Option<String>>("stack").ok().flatten();
         error.caller = object.get::<_, Option<String>>("caller").ok().flatten();
+        error.retry = object.get::<_, Option<bool>>("__posthogRetryError").ok().flatten().unwrap_or(false);
         if error.name.is_empty() && error.message.is_empty() && !value.is_error() {
             error.message = from_js(value).to_string();
         }
