@@ -26,8 +26,65 @@ use crate::plugins::{Plugins, ScheduleKind};
 use crate::pubsub::ReloadHandler;
 use crate::schedule::{BoxError, PluginSchedule, ScheduledTask, ScheduledTaskRunner};
 
+/// How many locks the distinct ids of concurrent events are spread over.
+const DISTINCT_ID_STRIPES: usize = 1024;
+
+/// Orders the ingestion of events that share a distinct id. Persons are created, merged and updated
+/// by several statements per event; two events of one new user ingested at once would race (the
+/// reference loses such events). Each distinct id maps to one of a fixed set of locks; an event holds
+/// the locks of every distinct id it touches (identify and alias touch two), taken in index order so
+/// two events can never wait on each other.
+pub struct DistinctIdLocks {
+    stripes: Vec<tokio::sync::Mutex<()>>,
+}
+
+impl Default for DistinctIdLocks {
+    fn default() -> Self {
+        DistinctIdLocks { stripes: (0..DISTINCT_ID_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect() }
+    }
+}
+
+impl DistinctIdLocks {
+    fn stripe(team_id: i64, distinct_id: &str) -> usize {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        (team_id, distinct_id).hash(&mut hasher);
+        (hasher.finish() % DISTINCT_ID_STRIPES as u64) as usize
+    }
+
+    /// The distinct ids an event's person processing touches.
+    fn touched(event: &PluginEvent) -> Vec<String> {
+        let mut ids = vec![event.distinct_id.clone()];
+        let other = match event.event.as_str() {
+            "$identify" => "$anon_distinct_id",
+            "$create_alias" => "alias",
+            _ => return ids,
+        };
+        if let Some(value) = event.properties.as_ref().and_then(|properties| properties.get(other)) {
+            ids.push(match value {
+                Value::String(text) => text.clone(),
+                other => other.to_string(),
+            });
+        }
+        ids
+    }
+
+    /// Holds the event's locks while `work` runs.
+    pub async fn run<T>(&self, event: &PluginEvent, work: impl std::future::Future<Output = T>) -> T {
+        let mut stripes: Vec<usize> = Self::touched(event).iter().map(|id| Self::stripe(event.team_id, id)).collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        let mut guards = Vec::with_capacity(stripes.len());
+        for stripe in stripes {
+            guards.push(self.stripes[stripe].lock().await);
+        }
+        work.await
+    }
+}
+
 /// Events in, plugins and ingestion out.
 pub struct Pipeline {
+    pub distinct_ids: DistinctIdLocks,
     pub plugins: Arc<Plugins>,
     pub processor: Arc<EventsProcessor>,
     pub jobs: Arc<JobQueueManager>,
@@ -44,7 +101,10 @@ fn classify(error: IngestError) -> HandleError {
     match &error {
         IngestError::Database(
             sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_),
-        ) => HandleError::Retryable(error.to_string()),
+        )
+        // Another server may be creating the same person at this instant: try again.
+        | IngestError::PersonNotFoundForUpdate { .. }
+        | IngestError::PersonNotFoundForIdentify { .. } => HandleError::Retryable(error.to_string()),
         _ => HandleError::Rejected(error.to_string()),
     }
 }
@@ -73,7 +133,8 @@ impl EventHandler for Pipeline {
                 self.plugins.run_on_event(&event).await
             }
         };
-        let (ingested, ()) = tokio::join!(self.processor.ingest_event(event.clone()), after_ingestion);
+        let ingestion = self.distinct_ids.run(&event, self.processor.ingest_event(event.clone()));
+        let (ingested, ()) = tokio::join!(ingestion, after_ingestion);
         match ingested.map(|_| ()).map_err(classify) {
             Err(HandleError::Rejected(reason)) if self.writer_dead_letters => {
                 warn!("🔔 Event {} went to the dead-letter queue: {reason}", event.event);

@@ -313,6 +313,7 @@ async fn start_components(hub: &Hub, lifecycle: &mut Lifecycle) -> Result<(), Se
     let processor = Arc::new(EventsProcessor::new(hub, writer).with_action_matching(matcher, hooks));
     let activity = Arc::new(ActivityTracker::new());
     let pipeline = Arc::new(Pipeline {
+        distinct_ids: Default::default(),
         plugins: Arc::clone(&plugins),
         processor,
         jobs: Arc::clone(&jobs),

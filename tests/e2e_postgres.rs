@@ -223,3 +223,35 @@ async fn plugin_errors_do_not_lose_events() {
         server.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_events_of_new_users_are_all_ingested() {
+    // Many events of the same few new users in flight at once: person creation must not race (the
+    // reference loses some of these; we order ingestion per distinct id).
+    let db = TestDb::with_fixture(None).await;
+    let queue = common::unique_prefix("e2e-race");
+    let server = RunningServer::start(&db, server_config(&db, &queue)).await;
+    for index in 0..200 {
+        let distinct_id = format!("racer-{}", index % 5);
+        let data = json!({
+            "distinct_id": distinct_id,
+            "event": "race",
+            "timestamp": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            "properties": {"$set": {"last_index": index}, "$set_once": {"first_seen": index}},
+            "team_id": common::TEAM_ID,
+            "uuid": uuid::Uuid::now_v7().to_string(),
+        });
+        server.producer.send_capture(data.as_object().unwrap(), i64::from(common::TEAM_ID)).await.unwrap();
+    }
+    wait_for("200 events", || async {
+        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM posthog_event WHERE event = 'race'")
+            .fetch_one(&server.pool)
+            .await
+            .unwrap();
+        (count == 200).then_some(())
+    })
+    .await;
+    let persons: i64 = sqlx::query_scalar("SELECT count(*) FROM posthog_person").fetch_one(&server.pool).await.unwrap();
+    assert_eq!(persons, 5);
+    server.stop().await;
+}

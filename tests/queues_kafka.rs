@@ -199,7 +199,8 @@ async fn kill_mid_batch_and_restart_loses_nothing() {
     kill_sender.send(()).unwrap();
     // librdkafka's close can wait on a slow broker; a consumer that takes long to go is as good as
     // killed for this test (its session expires), so the wait is bounded rather than asserted.
-    let joined = tokio::time::timeout(Duration::from_secs(20), tokio::task::spawn_blocking(move || thread.join())).await;
+    let joined =
+        tokio::time::timeout(Duration::from_secs(20), tokio::task::spawn_blocking(move || thread.join())).await;
     if joined.is_err() {
         eprintln!("the killed consumer's thread did not finish within 20 s; going on");
     }
