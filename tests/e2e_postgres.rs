@@ -255,3 +255,63 @@ async fn concurrent_events_of_new_users_are_all_ingested() {
     assert_eq!(persons, 5);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pubsub_reload_swaps_the_plugin_code_between_two_events() {
+    let version = |n: u32| format!("export function processEvent(event) {{ event.properties.version = {n}; return event }}");
+    let db = TestDb::with_fixture(Some(&version(1))).await;
+    let queue = common::unique_prefix("e2e-reload");
+    let channel = common::unique_prefix("reload-plugins");
+    let mut config = server_config(&db, &queue);
+    config.PLUGINS_RELOAD_PUBSUB_CHANNEL = channel.clone();
+    let server = RunningServer::start(&db, config).await;
+
+    let version_of = |name: &'static str| {
+        let pool = server.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, Value>("SELECT properties->'version' FROM posthog_event WHERE event = $1")
+                .bind(name)
+                .fetch_optional(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    server.capture("before", json!({})).await;
+    assert_eq!(wait_for("the first event", || version_of("before")).await, json!(1));
+
+    let plugin_json = json!({"name": "posthog-maxmind-plugin", "main": "index.js", "config": {}});
+    sqlx::query("UPDATE posthog_plugin SET archive = $1, updated_at = now() + interval '1 second' WHERE id = 60")
+        .bind(common::plugin_zip(Some(&version(2)), &plugin_json))
+        .execute(&server.pool)
+        .await
+        .unwrap();
+    let client = redis::Client::open(common::redis_url()).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    // The subscriber may still be connecting: publish until someone listens.
+    wait_for("a subscriber on the reload channel", || {
+        let mut connection = connection.clone();
+        let channel = channel.clone();
+        async move {
+            let receivers: i64 =
+                redis::cmd("PUBLISH").arg(&channel).arg("").query_async(&mut connection).await.unwrap();
+            (receivers > 0).then_some(())
+        }
+    })
+    .await;
+    let _ = &mut connection;
+
+    // Events captured after the reload run the new code.
+    let new_version = wait_for("an event processed by the reloaded code", || async {
+        server.capture("after", json!({})).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let versions: Vec<Value> =
+            sqlx::query_scalar("SELECT properties->'version' FROM posthog_event WHERE event = 'after'")
+                .fetch_all(&server.pool)
+                .await
+                .unwrap();
+        versions.into_iter().find(|version| version == &json!(2))
+    })
+    .await;
+    assert_eq!(new_version, json!(2));
+    server.stop().await;
+}
