@@ -38,7 +38,11 @@ async fn fresh_database(name: &str) -> String {
         let sql = std::fs::read_to_string(&file).expect("read sql");
         sqlx::raw_sql(&sql).execute(&mut connection).await.expect("apply sql");
     }
-    sqlx::query("UPDATE posthog_plugin SET source = $1 WHERE id = 1").bind(PLUGIN).execute(&mut connection).await.unwrap();
+    sqlx::query("UPDATE posthog_plugin SET source = $1 WHERE id = 1")
+        .bind(PLUGIN)
+        .execute(&mut connection)
+        .await
+        .unwrap();
     url
 }
 
@@ -73,8 +77,17 @@ async fn main() {
             let distinct_id = format!("user-{}", index % users);
             let data = json!({"event": "$pageview", "distinct_id": distinct_id, "timestamp": now,
                 "properties": {"$current_url": "https://example.com/", "$browser": "Chrome", "index": index}});
-            let args = [json!(distinct_id), json!("127.0.0.1"), json!("http://localhost"), data, json!(2), json!(now), json!(now)];
-            let message = encode_task_message(&queue, PROCESS_EVENT_TASK, &uuid::Uuid::new_v4().to_string(), &args, &Map::new());
+            let args = [
+                json!(distinct_id),
+                json!("127.0.0.1"),
+                json!("http://localhost"),
+                data,
+                json!(2),
+                json!(now),
+                json!(now),
+            ];
+            let message =
+                encode_task_message(&queue, PROCESS_EVENT_TASK, &uuid::Uuid::new_v4().to_string(), &args, &Map::new());
             pipe.cmd("LPUSH").arg(&queue).arg(message).ignore();
         }
         pipe.query_async::<()>(&mut connection).await.expect("push");
@@ -95,7 +108,11 @@ async fn main() {
     shutdown.cancel();
     let _ = server.await;
     println!("(start-up included: loading the plugin and joining the queue)");
-    report(&format!("Server e2e, Celery + Postgres, {users} users, {ingested} of {events} events ingested"), events, elapsed);
+    report(
+        &format!("Server e2e, Celery + Postgres, {users} users, {ingested} of {events} events ingested"),
+        events,
+        elapsed,
+    );
     rows.close().await;
     let mut admin = PgConnection::connect("postgres://postgres@127.0.0.1:5432/postgres").await.unwrap();
     let _ = admin.execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str()).await;

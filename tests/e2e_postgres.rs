@@ -258,7 +258,8 @@ async fn concurrent_events_of_new_users_are_all_ingested() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pubsub_reload_swaps_the_plugin_code_between_two_events() {
-    let version = |n: u32| format!("export function processEvent(event) {{ event.properties.version = {n}; return event }}");
+    let version =
+        |n: u32| format!("export function processEvent(event) {{ event.properties.version = {n}; return event }}");
     let db = TestDb::with_fixture(Some(&version(1))).await;
     let queue = common::unique_prefix("e2e-reload");
     let channel = common::unique_prefix("reload-plugins");
