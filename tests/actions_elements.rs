@@ -1,9 +1,10 @@
 //! Differential check of the elements hash and `elements_chain` against the reference's
 //! `extractElements` + `hashElements` / `elementsToString` evaluated in Node on tricky inputs
 //! (non-ASCII and astral text, quotes, backslashes, control characters, numeric/boolean/object
-//! attribute values, class and attribute ordering, empty values).
+//! attribute values, class and attribute ordering, empty values), and of `chain_to_elements`
+//! against the reference's `chainToElements` on 283 recorded chains.
 
-use plugin_server::ingestion::elements::{elements_hash, elements_to_chain, extract_elements};
+use plugin_server::ingestion::elements::{chain_to_elements, elements_hash, elements_to_chain, extract_elements};
 use serde_json::Value;
 
 const CASES: &str = r#"[
@@ -46,5 +47,22 @@ fn hash_and_chain_agree_with_the_reference() {
         let elements = extract_elements(raw);
         assert_eq!(elements_hash(&elements), want["hash"].as_str().unwrap_or_default(), "hash of case {index}");
         assert_eq!(elements_to_chain(&elements), want["chain"].as_str().unwrap_or_default(), "chain of case {index}");
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct ChainCase {
+    chain: String,
+    elements: Value,
+}
+
+#[test]
+fn chain_parsing_agrees_with_the_reference() {
+    let cases: Vec<ChainCase> =
+        serde_json::from_str(include_str!("actions_support/chain_cases.json")).expect("recorded cases");
+    assert_eq!(cases.len(), 283);
+    for case in &cases {
+        let parsed = serde_json::to_value(chain_to_elements(&case.chain)).expect("serialize");
+        assert_eq!(parsed, case.elements, "{}", case.chain);
     }
 }

@@ -7,7 +7,6 @@ mod actions_support;
 mod common;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use plugin_server::event::PluginEvent;
 use plugin_server::ingestion::actions::{
@@ -17,12 +16,10 @@ use plugin_server::ingestion::actions::{
 use plugin_server::model::{Organization, Team};
 use serde_json::{json, Value};
 use sqlx::PgPool;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use actions_support::{create_person, test_person};
+use actions_support::{create_person, listener, next, test_person};
 use common::{TestDb, COMMON_USER_ID, TEAM_ID};
 
 fn event(distinct_id: &str, properties: Value) -> PluginEvent {
@@ -38,15 +35,9 @@ fn action(id: i64, name: &str, format: &str) -> Action {
         id,
         team_id: i64::from(TEAM_ID),
         name: Some(name.into()),
-        created_at: None,
-        created_by_id: None,
-        deleted: false,
         post_to_slack: true,
         slack_message_format: Some(format.into()),
-        is_calculating: false,
-        updated_at: None,
-        last_calculated_at: None,
-        steps: vec![],
+        ..Action::default()
     }
 }
 
@@ -201,72 +192,6 @@ fn formatted_message_with_unknown_token_reports_the_error() {
     );
 }
 
-/// One request as the listener saw it.
-#[derive(Debug)]
-struct Received {
-    method: String,
-    path: String,
-    content_type: Option<String>,
-    body: String,
-}
-
-/// A minimal HTTP/1.1 server on 127.0.0.1 answering every request with `status`.
-async fn listener(status: u16) -> (String, mpsc::UnboundedReceiver<Received>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let address = listener.local_addr().expect("address");
-    let (sender, receiver) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok((mut socket, _)) = listener.accept().await {
-            let sender = sender.clone();
-            tokio::spawn(async move {
-                let mut buffer = Vec::new();
-                let mut chunk = [0u8; 4096];
-                let (head_end, content_length) = loop {
-                    let read = socket.read(&mut chunk).await.unwrap_or(0);
-                    if read == 0 {
-                        return;
-                    }
-                    buffer.extend_from_slice(&chunk[..read]);
-                    if let Some(end) = buffer.windows(4).position(|window| window == b"\r\n\r\n") {
-                        let head = String::from_utf8_lossy(&buffer[..end]).to_lowercase();
-                        let length = head
-                            .lines()
-                            .find_map(|line| line.strip_prefix("content-length:"))
-                            .and_then(|value| value.trim().parse::<usize>().ok())
-                            .unwrap_or(0);
-                        break (end + 4, length);
-                    }
-                };
-                while buffer.len() < head_end + content_length {
-                    let read = socket.read(&mut chunk).await.unwrap_or(0);
-                    if read == 0 {
-                        break;
-                    }
-                    buffer.extend_from_slice(&chunk[..read]);
-                }
-                let head = String::from_utf8_lossy(&buffer[..head_end]).to_string();
-                let mut request_line = head.lines().next().unwrap_or_default().split(' ');
-                let header = |name: &str| {
-                    head.lines().find_map(|line| {
-                        let (key, value) = line.split_once(':')?;
-                        key.eq_ignore_ascii_case(name).then(|| value.trim().to_owned())
-                    })
-                };
-                let received = Received {
-                    method: request_line.next().unwrap_or_default().to_owned(),
-                    path: request_line.next().unwrap_or_default().to_owned(),
-                    content_type: header("content-type"),
-                    body: String::from_utf8_lossy(&buffer[head_end..]).to_string(),
-                };
-                let _ = sender.send(received);
-                let response = format!("HTTP/1.1 {status} Whatever\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
-                let _ = socket.write_all(response.as_bytes()).await;
-            });
-        }
-    });
-    (format!("http://127.0.0.1:{}", address.port()), receiver)
-}
-
 async fn team_and_organization(pool: &PgPool) -> (Team, Organization) {
     let team: Team = sqlx::query_as(&format!("SELECT {} FROM posthog_team WHERE id = $1", Team::COLUMNS))
         .bind(TEAM_ID)
@@ -296,14 +221,10 @@ async fn fixture_match(pool: &PgPool) -> (Vec<Arc<Action>>, PluginEvent) {
     (matches, event)
 }
 
-async fn next(receiver: &mut mpsc::UnboundedReceiver<Received>) -> Received {
-    tokio::time::timeout(Duration::from_secs(10), receiver.recv()).await.expect("request in time").expect("request")
-}
-
 #[tokio::test]
 async fn fires_a_webhook() {
     let db = TestDb::with_fixture(None).await;
-    let (base, mut received) = listener(200).await;
+    let (base, mut received) = listener(200, "").await;
     sqlx::query("UPDATE posthog_team SET slack_incoming_webhook = $1")
         .bind(format!("{base}/webhook"))
         .execute(&db.pool)
@@ -332,7 +253,7 @@ async fn fires_a_webhook() {
 #[tokio::test]
 async fn fires_a_rest_hook() {
     let db = TestDb::with_fixture(None).await;
-    let (base, mut received) = listener(200).await;
+    let (base, mut received) = listener(200, "").await;
     sqlx::query("UPDATE posthog_organization SET available_features = '{\"zapier\"}'")
         .execute(&db.pool)
         .await
@@ -409,7 +330,7 @@ async fn insert_hook(pool: &PgPool, id: &str, target: &str) {
 #[tokio::test]
 async fn rest_hook_answering_410_is_deleted_and_webhooks_are_not_sent_without_zapier_or_url() {
     let db = TestDb::with_fixture(None).await;
-    let (base, mut received) = listener(410).await;
+    let (base, mut received) = listener(410, "").await;
     let (team, organization) = team_and_organization(&db.pool).await;
     let (matches, event) = fixture_match(&db.pool).await;
     insert_hook(&db.pool, "gone", &format!("{base}/gone")).await;
@@ -454,7 +375,7 @@ async fn slack_webhook_gets_text_and_blocks_and_unreachable_targets_do_not_block
         .await
         .expect("hook task");
 
-    let (base, mut received) = listener(200).await;
+    let (base, mut received) = listener(200, "").await;
     let slack = Team { slack_incoming_webhook: Some(format!("{base}/services/hooks.slack.com")), ..team };
     let person = create_person(&db.pool, "abc", false).await;
     commander

@@ -80,10 +80,13 @@ async fn returns_the_correct_actions_when_deleted_is_true() {
 async fn not_ready_until_prepared_and_unknown_actions_are_harmless() {
     let db = TestDb::with_fixture(None).await;
     let manager = ActionManager::new(db.pool.clone());
+    assert!(!manager.has_team_actions(TEAM));
     let error = manager.team_actions(TEAM).expect_err("not ready");
     assert!(matches!(error, ActionError::NotReady));
     assert_eq!(error.to_string(), "ActionManager is not ready! Run actionManager.prepare() before this");
     manager.prepare().await.expect("prepare");
+    assert!(manager.has_team_actions(TEAM));
+    assert!(!manager.has_team_actions(999));
 
     // Unknown ids: nothing in the DB, nothing cached → nothing happens.
     manager.reload_action(TEAM, 12345).await.expect("reload unknown");

@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use plugin_server::event::PluginEvent;
 use plugin_server::ingestion::actions::selector::elements_match_selector;
 use plugin_server::ingestion::actions::{
-    casting_compare, Action, ActionManager, ActionMatcher, CastingOperator, StaticCohortLookup,
+    casting_compare, Action, ActionManager, ActionMatcher, CastingOperator, ClickHouseStaticCohorts, StaticCohortLookup,
 };
 use plugin_server::ingestion::elements::Element;
 use plugin_server::model::Person;
@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use actions_support::{create_person, fetch_person, test_person};
+use actions_support::{create_person, fetch_person, listener, next, test_person};
 use common::{TestDb, COMMON_USER_ID, TEAM_ID};
 
 struct Ctx {
@@ -418,6 +418,38 @@ async fn clickhouse_static_cohort_match() {
     let person = fetch_person(&ctx.db.pool, "static_cohort_person").await;
     assert_eq!(ctx.ids(&event, person.as_ref(), &[]).await, vec![a]);
     assert_eq!(ctx.ids(&event, person.as_ref(), &[]).await, Vec::<i64>::new());
+}
+
+/// The same path against a stand-in for ClickHouse's HTTP interface: `rows: 1` matches without
+/// Postgres; `rows: 0` falls through to posthog_cohortpeople (no row → no match); an HTTP error
+/// makes the step fail (no match), as a throwing query does in the reference.
+#[tokio::test]
+async fn clickhouse_static_cohort_over_http() {
+    let mut ctx = Ctx::new().await;
+    let cohort = create_cohort(&ctx.db.pool, true).await;
+    let a = ctx.action(with_filters(json!([{"type": "cohort", "key": "id", "value": cohort}]))).await.id;
+    let person = create_person(&ctx.db.pool, "static_cohort_person", true).await;
+    let event = event(json!({"event": "trigger a webhook", "distinct_id": "static_cohort_person"}));
+    for (status, body, expected) in [
+        (200, r#"{"meta":[{"name":"1","type":"UInt8"}],"data":[{"1":1}],"rows":1}"#, vec![a]),
+        (200, r#"{"meta":[{"name":"1","type":"UInt8"}],"data":[],"rows":0}"#, vec![]),
+        (500, "Code: 60. DB::Exception: Table posthog_test.person_static_cohort doesn't exist", vec![]),
+    ] {
+        let (url, mut requests) = listener(status, body).await;
+        let lookup = Arc::new(ClickHouseStaticCohorts::new(&format!("{url}/"), "posthog_test", "default", Some("pw")));
+        ctx.matcher = ActionMatcher::new(ctx.db.pool.clone(), ctx.manager.clone()).with_static_cohorts(lookup);
+        assert_eq!(ctx.ids(&event, Some(&person), &[]).await, expected, "status {status}");
+        let request = next(&mut requests).await;
+        assert_eq!(request.method, "POST");
+        assert!(request.path.contains("database=posthog_test"), "{}", request.path);
+        assert!(request.authorization.as_deref().is_some_and(|auth| auth.starts_with("Basic ")));
+        let query = format!(
+            "SELECT 1 FROM person_static_cohort WHERE team_id = 2 AND cohort_id = {cohort} AND person_id = '{}' \
+             LIMIT 1 FORMAT JSON",
+            person.uuid
+        );
+        assert_eq!(request.body, query);
+    }
 }
 
 fn element(tag: &str) -> Element {

@@ -34,15 +34,9 @@ fn action(recorded: &RecordedAction) -> Action {
         id: recorded.id,
         team_id: 2,
         name: recorded.name.clone(),
-        created_at: None,
-        created_by_id: None,
-        deleted: false,
         post_to_slack: true,
         slack_message_format: Some(recorded.slack_message_format.clone()),
-        is_calculating: false,
-        updated_at: None,
-        last_calculated_at: None,
-        steps: vec![],
+        ..Action::default()
     }
 }
 

@@ -115,35 +115,65 @@ pub fn truncate_utf16(text: &str, max: usize) -> String {
 /// Python-`json.dumps(sort_keys=True)` form of the elements, each with `order` = its index (as the
 /// reference's `createElementGroup` sets it before hashing).
 pub fn elements_hash(elements: &[Element]) -> String {
-    let list: Vec<Value> = elements
-        .iter()
-        .enumerate()
-        .map(|(index, element)| {
-            let text = |field: &Option<String>| field.clone().map(Value::String).unwrap_or(Value::Null);
-            let integer = |field: Option<i64>| field.map(Value::from).unwrap_or(Value::Null);
-            let mut object = Map::new();
-            object.insert("attributes".into(), element.attributes.clone().map(Value::Object).unwrap_or(Value::Null));
-            object.insert("text".into(), text(&element.text));
-            object.insert("tag_name".into(), text(&element.tag_name));
-            object.insert("href".into(), text(&element.href));
-            object.insert("attr_id".into(), text(&element.attr_id));
-            object.insert(
-                "attr_class".into(),
-                element
-                    .attr_class
-                    .clone()
-                    .map(|classes| classes.into_iter().map(Value::String).collect())
-                    .unwrap_or(Value::Null),
-            );
-            object.insert("nth_child".into(), integer(element.nth_child));
-            object.insert("nth_of_type".into(), integer(element.nth_of_type));
-            object.insert("order".into(), Value::from(index as i64));
-            Value::Object(object)
-        })
-        .collect();
-    let mut serialized = String::new();
-    python_json_dumps(&mut serialized, &Value::Array(list));
-    format!("{:x}", Md5::digest(serialized.as_bytes()))
+    let mut out = String::with_capacity(256 * elements.len().max(1));
+    out.push('[');
+    for (index, element) in elements.iter().enumerate() {
+        if index > 0 {
+            out.push_str(", ");
+        }
+        // The keys in sorted order: attr_class, attr_id, attributes, href, nth_child,
+        // nth_of_type, order, tag_name, text.
+        out.push_str("{\"attr_class\": ");
+        match &element.attr_class {
+            Some(classes) => {
+                out.push('[');
+                for (position, class) in classes.iter().enumerate() {
+                    if position > 0 {
+                        out.push_str(", ");
+                    }
+                    push_python_string(&mut out, class);
+                }
+                out.push(']');
+            }
+            None => out.push_str("null"),
+        }
+        out.push_str(", \"attr_id\": ");
+        push_optional_string(&mut out, &element.attr_id);
+        out.push_str(", \"attributes\": ");
+        match &element.attributes {
+            Some(attributes) => python_json_dumps_object(&mut out, attributes),
+            None => out.push_str("null"),
+        }
+        out.push_str(", \"href\": ");
+        push_optional_string(&mut out, &element.href);
+        out.push_str(", \"nth_child\": ");
+        push_optional_integer(&mut out, element.nth_child);
+        out.push_str(", \"nth_of_type\": ");
+        push_optional_integer(&mut out, element.nth_of_type);
+        out.push_str(", \"order\": ");
+        out.push_str(&index.to_string());
+        out.push_str(", \"tag_name\": ");
+        push_optional_string(&mut out, &element.tag_name);
+        out.push_str(", \"text\": ");
+        push_optional_string(&mut out, &element.text);
+        out.push('}');
+    }
+    out.push(']');
+    format!("{:x}", Md5::digest(out.as_bytes()))
+}
+
+fn push_optional_string(out: &mut String, value: &Option<String>) {
+    match value {
+        Some(text) => push_python_string(out, text),
+        None => out.push_str("null"),
+    }
+}
+
+fn push_optional_integer(out: &mut String, value: Option<i64>) {
+    match value {
+        Some(number) => out.push_str(&number.to_string()),
+        None => out.push_str("null"),
+    }
 }
 
 /// Python's `json.dumps(obj, sort_keys=True)` (ASCII escaping, `", "` and `": "` separators) as the
@@ -160,37 +190,57 @@ fn python_json_dumps(out: &mut String, value: &Value) {
             }
             out.push(']');
         }
-        Value::Object(map) => {
-            let mut keys: Vec<&String> = map.keys().collect();
-            keys.sort_by(|a, b| a.encode_utf16().cmp(b.encode_utf16()));
-            out.push('{');
-            for (index, key) in keys.into_iter().enumerate() {
-                if index > 0 {
-                    out.push_str(", ");
-                }
-                push_ascii_escaped(out, &js::quote(key));
-                out.push_str(": ");
-                python_json_dumps(out, &map[key]);
-            }
-            out.push('}');
-        }
-        Value::String(text) => push_ascii_escaped(out, &js::quote(text)),
+        Value::Object(map) => python_json_dumps_object(out, map),
+        Value::String(text) => push_python_string(out, text),
         other => out.push_str(&js::json_stringify(other, None)),
     }
 }
 
-/// Escapes every UTF-16 code unit outside 0x20–0x7F as `\uxxxx` (lower-case hex).
-fn push_ascii_escaped(out: &mut String, quoted: &str) {
-    for c in quoted.chars() {
-        if (' '..='\u{7f}').contains(&c) {
-            out.push(c);
-        } else {
-            let mut units = [0u16; 2];
-            for unit in c.encode_utf16(&mut units) {
-                out.push_str(&format!("\\u{unit:04x}"));
+fn python_json_dumps_object(out: &mut String, map: &Map<String, Value>) {
+    let mut keys: Vec<&String> = map.keys().collect();
+    keys.sort_by(|a, b| a.encode_utf16().cmp(b.encode_utf16()));
+    out.push('{');
+    for (index, key) in keys.into_iter().enumerate() {
+        if index > 0 {
+            out.push_str(", ");
+        }
+        push_python_string(out, key);
+        out.push_str(": ");
+        python_json_dumps(out, &map[key]);
+    }
+    out.push('}');
+}
+
+/// A JSON string literal as `JSON.stringify` writes it, then with every UTF-16 code unit outside
+/// 0x20–0x7F escaped as `\uxxxx` (lower-case hex), which is Python's `ensure_ascii` output.
+fn push_python_string(out: &mut String, text: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let push_unit = |out: &mut String, unit: u16| {
+        out.push_str("\\u");
+        for shift in [12, 8, 4, 0] {
+            out.push(char::from(HEX[usize::from((unit >> shift) & 0xf)]));
+        }
+    };
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\u{8}' => out.push_str("\\b"),
+            '\u{c}' => out.push_str("\\f"),
+            ' '..='\u{7f}' => out.push(c),
+            _ => {
+                let mut units = [0u16; 2];
+                for unit in c.encode_utf16(&mut units) {
+                    push_unit(out, *unit);
+                }
             }
         }
     }
+    out.push('"');
 }
 
 /// JavaScript's `localeCompare` without a locale: ICU root collation (Node's default locale gives

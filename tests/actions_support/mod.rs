@@ -1,10 +1,14 @@
-//! Shared support for the actions tests: the reference's `createTestPerson` and person rows in
-//! Postgres (create and `fetchPerson`).
+//! Shared support for the actions tests: the reference's `createTestPerson`, person rows in
+//! Postgres (create and `fetchPerson`), and a tiny HTTP listener standing in for webhook, REST
+//! hook and ClickHouse endpoints.
 #![allow(dead_code)]
 
 use plugin_server::model::Person;
 use serde_json::{json, Value};
 use sqlx::PgPool;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use crate::common::TEAM_ID;
@@ -62,4 +66,83 @@ pub async fn fetch_person(pool: &PgPool, distinct_id: &str) -> Option<Person> {
     .fetch_optional(pool)
     .await
     .expect("fetch person")
+}
+
+/// One request as the listener saw it.
+#[derive(Debug)]
+pub struct Received {
+    pub method: String,
+    pub path: String,
+    pub content_type: Option<String>,
+    pub authorization: Option<String>,
+    pub body: String,
+}
+
+/// A minimal HTTP/1.1 server on 127.0.0.1 answering every request with `status` and `body`.
+pub async fn listener(status: u16, body: &'static str) -> (String, mpsc::UnboundedReceiver<Received>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("address");
+    let (sender, receiver) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let sender = sender.clone();
+            tokio::spawn(async move {
+                let mut buffer = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let (head_end, content_length) = loop {
+                    let read = socket.read(&mut chunk).await.unwrap_or(0);
+                    if read == 0 {
+                        return;
+                    }
+                    buffer.extend_from_slice(&chunk[..read]);
+                    if let Some(end) = buffer.windows(4).position(|window| window == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buffer[..end]).to_lowercase();
+                        let length = head
+                            .lines()
+                            .find_map(|line| line.strip_prefix("content-length:"))
+                            .and_then(|value| value.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        break (end + 4, length);
+                    }
+                };
+                while buffer.len() < head_end + content_length {
+                    let read = socket.read(&mut chunk).await.unwrap_or(0);
+                    if read == 0 {
+                        break;
+                    }
+                    buffer.extend_from_slice(&chunk[..read]);
+                }
+                let head = String::from_utf8_lossy(&buffer[..head_end]).to_string();
+                let mut request_line = head.lines().next().unwrap_or_default().split(' ');
+                let header = |name: &str| {
+                    head.lines().find_map(|line| {
+                        let (key, value) = line.split_once(':')?;
+                        key.eq_ignore_ascii_case(name).then(|| value.trim().to_owned())
+                    })
+                };
+                let received = Received {
+                    method: request_line.next().unwrap_or_default().to_owned(),
+                    path: request_line.next().unwrap_or_default().to_owned(),
+                    content_type: header("content-type"),
+                    authorization: header("authorization"),
+                    body: String::from_utf8_lossy(&buffer[head_end..]).to_string(),
+                };
+                let _ = sender.send(received);
+                let response = format!(
+                    "HTTP/1.1 {status} Whatever\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = socket.write_all(response.as_bytes()).await;
+            });
+        }
+    });
+    (format!("http://127.0.0.1:{}", address.port()), receiver)
+}
+
+/// The next request the listener received (waits up to 10 s).
+pub async fn next(receiver: &mut mpsc::UnboundedReceiver<Received>) -> Received {
+    tokio::time::timeout(std::time::Duration::from_secs(10), receiver.recv())
+        .await
+        .expect("request in time")
+        .expect("request")
 }

@@ -57,6 +57,18 @@ impl ActionManager {
         Ok(cache.get(&team_id).map(|actions| actions.values().cloned().collect()).unwrap_or_default())
     }
 
+    /// Whether the team has any cached action (false before the initial load), so callers can
+    /// skip fetching the person for teams without actions.
+    pub fn has_team_actions(&self, team_id: i64) -> bool {
+        self.ready.load(Ordering::Acquire)
+            && self
+                .cache
+                .read()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .get(&team_id)
+                .is_some_and(|actions| !actions.is_empty())
+    }
+
     /// Replaces the cache with every non-deleted action and its steps.
     pub async fn reload_all(&self) -> Result<(), ActionError> {
         let actions = sqlx::query(&format!("SELECT {ACTION_COLUMNS} FROM posthog_action WHERE deleted = FALSE"))

@@ -16,7 +16,7 @@ use regex::Regex;
 use serde_json::{Map, Value};
 use sqlx::PgPool;
 use thiserror::Error;
-use tracing::warn;
+use tracing::{debug, warn};
 use uuid::Uuid;
 
 use super::selector::Selector;
@@ -142,23 +142,33 @@ impl RegexCache {
         let mut cache = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let compiled = cache
             .get_or_insert(pattern.to_owned(), || {
-                Regex::new(&re2_ascii_classes(pattern)).map(Arc::new).map_err(|error| error.to_string())
+                Regex::new(&re2_compatible(pattern)).map(Arc::new).map_err(|error| error.to_string())
             })
             .clone();
         compiled.map_err(|reason| StepError::InvalidRegex { pattern: pattern.to_owned(), reason })
     }
 }
 
-/// RE2 (which the reference and ClickHouse use) has ASCII-only Perl classes and word boundaries;
-/// the `regex` crate's are Unicode-aware. Rewriting them keeps `\d` from matching, say, Arabic
-/// digits. Escaped backslashes are skipped, everything else is left to the `regex` crate.
-fn re2_ascii_classes(pattern: &str) -> std::borrow::Cow<'_, str> {
-    if !pattern.contains('\\') {
+/// Brings a user pattern to RE2's reading (RE2 is what the reference and ClickHouse use) before
+/// the `regex` crate compiles it:
+/// * RE2's Perl classes and word boundaries are ASCII-only, the `regex` crate's Unicode-aware, so
+///   `\d`, `\w`, `\s`, `\b` (and negations) are spelled out in ASCII;
+/// * RE2 reads a `{` that does not open `{n}`, `{n,}` or `{n,m}` as a literal, where the `regex`
+///   crate rejects the pattern, so such a `{` is escaped.
+fn re2_compatible(pattern: &str) -> std::borrow::Cow<'_, str> {
+    if !pattern.contains(['\\', '{']) {
         return std::borrow::Cow::Borrowed(pattern);
     }
     let mut out = String::with_capacity(pattern.len() + 16);
     let mut chars = pattern.chars();
     while let Some(c) = chars.next() {
+        if c == '{' {
+            if !opens_repetition(chars.as_str()) {
+                out.push('\\');
+            }
+            out.push(c);
+            continue;
+        }
         if c != '\\' {
             out.push(c);
             continue;
@@ -180,6 +190,23 @@ fn re2_ascii_classes(pattern: &str) -> std::borrow::Cow<'_, str> {
         }
     }
     std::borrow::Cow::Owned(out)
+}
+
+/// Whether the text after a `{` is `n}`, `n,}` or `n,m}` (RE2's counted repetitions).
+fn opens_repetition(rest: &str) -> bool {
+    let digits = |text: &str| text.len() - text.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+    let min = digits(rest);
+    if min == 0 {
+        return false;
+    }
+    let after = &rest[min..];
+    if after.starts_with('}') {
+        return true;
+    }
+    let Some(after_comma) = after.strip_prefix(',') else {
+        return false;
+    };
+    after_comma[digits(after_comma)..].starts_with('}')
 }
 
 /// SQL `LIKE`-style "contains": `_` is any one character, `%` any run; everything else literal.
@@ -243,6 +270,11 @@ impl ActionMatcher {
             match self.check_step(event, person, elements, step).await {
                 Ok(true) => return true,
                 Ok(false) => {}
+                // A bad pattern or cohort id fails on every event of the team: keep those quiet.
+                Err(error @ (StepError::InvalidRegex { .. } | StepError::InvalidCohortId(_))) => {
+                    debug!(%error, team_id = action.team_id, action_id = action.id, step_id = step.id,
+                        "action step cannot match; counting it as no match")
+                }
                 Err(error) => warn!(%error, team_id = action.team_id, action_id = action.id, step_id = step.id,
                     "action step could not be evaluated; counting it as no match"),
             }
@@ -481,6 +513,12 @@ mod tests {
         assert!(matches(r"\bfoo\b", "a foo b").unwrap_or(false));
         assert!(matches(r"\\d", "\\d").unwrap_or(false));
         assert!(cache.get("(unclosed").is_err());
+        // RE2 reads a `{` that opens no counted repetition as a literal.
+        assert!(matches(r#"{"a":1}"#, r#"x{"a":1}"#).unwrap_or(false));
+        assert!(matches("a{,3}", "a{,3}").unwrap_or(false));
+        assert!(matches("^a{2,}$", "aaa").unwrap_or(false));
+        assert!(matches("^a{1,2}b{2}$", "abb").unwrap_or(false));
+        assert!(cache.get("{2}").is_err());
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod js;
 mod manager;
 mod matcher;
 pub mod selector;
+mod static_cohorts;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -26,9 +27,10 @@ pub use hooks::{
 };
 pub use manager::{ActionManager, ACTIONS_RELOAD_INTERVAL};
 pub use matcher::{casting_compare, ActionMatcher, CastingOperator, StaticCohortLookup};
+pub use static_cohorts::{ClickHouseStaticCohorts, StaticCohortError, CLICKHOUSE_QUERY_TIMEOUT};
 
 /// A `posthog_action` row with its steps (the reference's `Action`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Action {
     pub id: i64,
     pub team_id: i64,
@@ -46,7 +48,7 @@ pub struct Action {
 
 /// A `posthog_actionstep` row. `properties` holds the property filters as stored (JSON objects
 /// `{type, key, value, operator}`); anything malformed simply fails to match.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ActionStep {
     pub id: i64,
     pub action_id: i64,
