@@ -130,6 +130,8 @@ pub trait EventWriter: Send + Sync {
     }
 
     /// Dead-letters an event whose ingestion failed; returns whether it was stored anywhere.
+    /// `event` is the event as ingestion left it (properties mutated as in the reference);
+    /// `error` is the plain message (the record's `error` field is `ingestEvent failed. Error: <error>`).
     /// The Postgres pipeline has no dead-letter queue (the reference only reports to Sentry).
     async fn dead_letter(&self, _event: &PluginEvent, _error: &str) -> Result<bool, WriteError> {
         Ok(false)
