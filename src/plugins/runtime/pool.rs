@@ -17,7 +17,7 @@ use serde_json::Value;
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use super::vm::{is_allowed_import, Vm, VmInner};
+use super::vm::{is_allowed_import, Vm, VmInner, TEST_CONSOLE_MODULE};
 use super::{CallKind, MetaBindings, PluginConfigId, PluginError, PluginExports, PluginVmSpec, PoolOptions};
 use crate::plugins::transform::{transform_code, TransformedCode};
 
@@ -170,7 +170,9 @@ impl WorkerPool {
     /// registered for this id and the first error is returned.
     pub async fn load(&self, spec: PluginVmSpec) -> Result<PluginExports, PluginError> {
         let source = spec.code;
-        let code = tokio::task::spawn_blocking(move || transform_code(&source, &is_allowed_import))
+        let test_module = self.inner.options.test_console_file.is_some();
+        let allowed = move |module: &str| is_allowed_import(module) || (test_module && module == TEST_CONSOLE_MODULE);
+        let code = tokio::task::spawn_blocking(move || transform_code(&source, &allowed))
             .await
             .map_err(|e| PluginError::Transform(e.to_string()))?
             .map_err(|e| PluginError::Transform(e.to_string()))?;
