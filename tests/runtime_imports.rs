@@ -154,3 +154,26 @@ async fn scaffold_and_contrib() {
     .await;
     assert_eq!(out, json!([true, true, "Error", "again", true, [["a", "b"], ["c"]]]));
 }
+
+#[tokio::test]
+async fn test_console_module_in_test_env() {
+    let file = tempfile::tempdir().unwrap().keep().join("tmp").join("test-console.txt");
+    let pool = WorkerPool::new(plugin_server::plugins::runtime::PoolOptions {
+        test_console_file: Some(file.clone()),
+        ..options(1, 5.0)
+    })
+    .unwrap();
+    let code = "import { console as testConsole } from 'test-utils/write-to-file'
+        export function runEveryMinute() { testConsole.reset(); testConsole.log('processEvent'); testConsole.log('onEvent', 'custom event'); return testConsole.read() }";
+    load(&pool, 1, code, TestMeta::new()).await.unwrap();
+    let out = pool.call(1, "runEveryMinute", vec![], CallKind::Task).await.unwrap();
+    assert_eq!(out, json!([["processEvent"], ["onEvent", "custom event"]]));
+    assert_eq!(
+        plugin_server::plugins::runtime::read_test_console(&file),
+        vec![json!(["processEvent"]), json!(["onEvent", "custom event"])]
+    );
+    // Without the option the module does not exist.
+    let plain = WorkerPool::new(options(1, 5.0)).unwrap();
+    let err = load(&plain, 1, code, TestMeta::new()).await.unwrap_err();
+    assert!(err.to_string().contains("Cannot import 'test-utils/write-to-file'"), "{err}");
+}

@@ -175,3 +175,18 @@ async fn a_stalled_thread_is_detected_and_replaced() {
     let out = pool.call(2, "processEvent", vec![event()], CallKind::Method).await.unwrap();
     assert_eq!(out["properties"]["ok"], true);
 }
+
+#[tokio::test]
+async fn a_vm_survives_its_own_runaway_calls() {
+    let pool = WorkerPool::new(options(1, 1.0)).unwrap();
+    let code = "function runEveryMinute() { const a = []; while (true) a.push(new Array(1e5).fill(Math.random())) }
+        function runEveryHour() { const f = (n) => f(n + 1) + 1; return f(0) }
+        function runEveryDay() { while (true) {} }
+        function processEvent(e) { e.properties.ok = [1, 2, 3].map(x => x * 2); return e }";
+    load(&pool, 1, code, TestMeta::new()).await.unwrap();
+    for task in ["runEveryMinute", "runEveryHour", "runEveryDay"] {
+        assert!(pool.call(1, task, vec![], CallKind::Task).await.is_err(), "{task}");
+        let out = pool.call(1, "processEvent", vec![event()], CallKind::Method).await.unwrap();
+        assert_eq!(out["properties"]["ok"], json!([2, 4, 6]), "after {task}");
+    }
+}

@@ -25,6 +25,7 @@ use async_trait::async_trait;
 use serde_json::Value;
 
 pub use host::fetch::{http_fetch, FetchRequest, FetchResponse};
+pub use host::read_test_console;
 pub use pool::{PoolStats, WorkerPool};
 pub use vm::{ALLOWED_IMPORTS, META_GLOBAL_GET, META_GLOBAL_SET};
 
@@ -243,6 +244,10 @@ pub struct PoolOptions {
     pub max_stack_bytes: usize,
     /// Test env: expose `__jestSetTimeout` like the reference does under tests.
     pub test_env: bool,
+    /// Where the test-only module `test-utils/write-to-file` writes (reference 30 §5.2); the
+    /// module exists only when this is set (`from_config` sets `<cwd>/tmp/test-console.txt` in
+    /// the test env). See [`read_test_console`].
+    pub test_console_file: Option<std::path::PathBuf>,
     /// A worker whose heartbeat is older than this is stalled and gets replaced (default
     /// `2 × TASK_TIMEOUT + 5 s`: longer than any stretch the CPU deadline allows).
     pub stall_after: Option<Duration>,
@@ -250,11 +255,13 @@ pub struct PoolOptions {
 
 impl PoolOptions {
     pub fn from_config(config: &crate::config::Config) -> PoolOptions {
+        let test_env = crate::config::NodeEnv::detect(&|key| std::env::var(key).ok()) == crate::config::NodeEnv::Test;
         PoolOptions {
             threads: config.worker_threads(),
             tasks_per_worker: config.tasks_per_worker(),
             task_timeout: config.task_timeout(),
-            test_env: crate::config::NodeEnv::detect(&|key| std::env::var(key).ok()) == crate::config::NodeEnv::Test,
+            test_env,
+            test_console_file: test_env.then(|| std::path::Path::new("tmp").join("test-console.txt")),
             ..PoolOptions::default()
         }
     }
@@ -269,6 +276,7 @@ impl Default for PoolOptions {
             memory_limit_bytes: 128 * 1024 * 1024,
             max_stack_bytes: 1024 * 1024,
             test_env: false,
+            test_console_file: None,
             stall_after: None,
         }
     }

@@ -17,7 +17,7 @@ use serde_json::Value;
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use super::vm::{is_allowed_import, Vm, VmInner};
+use super::vm::{is_allowed_import, Vm, VmInner, TEST_CONSOLE_MODULE};
 use super::{CallKind, MetaBindings, PluginConfigId, PluginError, PluginExports, PluginVmSpec, PoolOptions};
 use crate::plugins::transform::{transform_code, TransformedCode};
 
@@ -48,6 +48,9 @@ struct VmRecipe {
 struct Registered {
     recipe: VmRecipe,
     exports: Option<PluginExports>,
+    /// Threads that hold (or are building) a VM of this version: calls go there first, so
+    /// each config lives on as few threads as its load needs.
+    homes: Vec<bool>,
 }
 
 enum Task {
@@ -165,12 +168,16 @@ impl WorkerPool {
         &self.inner.options
     }
 
-    /// (Re)loads one plugin config on every worker thread: transform, run the code, discover
-    /// exports, then `setupPlugin` (if exported) on each thread. On any failure nothing stays
-    /// registered for this id and the first error is returned.
+    /// (Re)loads one plugin config: transform, then on one worker thread run the code, discover
+    /// the exports and call `setupPlugin` (if exported). Other threads build their own VM (and
+    /// run `setupPlugin`) lazily, on their first call for this config; a failure there fails
+    /// that call and is retried on the next. VMs of a previous version are dropped everywhere
+    /// (not torn down). On failure nothing stays registered for this id.
     pub async fn load(&self, spec: PluginVmSpec) -> Result<PluginExports, PluginError> {
         let source = spec.code;
-        let code = tokio::task::spawn_blocking(move || transform_code(&source, &is_allowed_import))
+        let test_module = self.inner.options.test_console_file.is_some();
+        let allowed = move |module: &str| is_allowed_import(module) || (test_module && module == TEST_CONSOLE_MODULE);
+        let code = tokio::task::spawn_blocking(move || transform_code(&source, &allowed))
             .await
             .map_err(|e| PluginError::Transform(e.to_string()))?
             .map_err(|e| PluginError::Transform(e.to_string()))?;
@@ -180,28 +187,28 @@ impl WorkerPool {
             code: Arc::new(code),
             meta: spec.meta,
         };
-        self.write_registry().insert(spec.plugin_config_id, Registered { recipe: recipe.clone(), exports: None });
-        let mut replies = Vec::new();
-        for index in 0..self.inner.workers.len() {
-            let (reply, answer) = oneshot::channel();
-            let task = Task::Load { recipe: recipe.clone(), reply };
-            replies.push(self.send(index, task, answer));
+        let threads = self.inner.workers.len();
+        let replaced = self
+            .write_registry()
+            .insert(
+                spec.plugin_config_id,
+                Registered { recipe: recipe.clone(), exports: None, homes: vec![false; threads] },
+            )
+            .is_some();
+        if replaced {
+            // VMs of the previous version go everywhere (calls still running keep theirs).
+            self.drop_vms(spec.plugin_config_id).await;
         }
-        let mut first: Option<Result<PluginExports, PluginError>> = None;
-        for result in futures::future::join_all(replies).await {
-            let result = result.and_then(|r| r);
-            match (&first, result) {
-                (None, r) => first = Some(r),
-                (Some(Ok(_)), Err(e)) => first = Some(Err(e)),
-                _ => {}
-            }
-        }
-        let outcome = first.unwrap_or(Err(PluginError::ShutDown));
+        // Built and set up on one thread now; the others build theirs on their first call.
+        let index = self.pick_worker(None)?;
+        let (reply, answer) = oneshot::channel();
+        let outcome = self.send(index, Task::Load { recipe: recipe.clone(), reply }, answer).await.and_then(|r| r);
         match &outcome {
             Ok(exports) => {
                 if let Some(entry) = self.write_registry().get_mut(&spec.plugin_config_id) {
                     if entry.recipe.generation == recipe.generation {
                         entry.exports = Some(exports.clone());
+                        entry.homes[index] = true;
                     }
                 }
             }
@@ -238,7 +245,12 @@ impl WorkerPool {
         kind: CallKind,
     ) -> Result<Value, PluginError> {
         let recipe = self.recipe(plugin_config_id)?;
-        let index = self.pick_worker()?;
+        let index = self.pick_worker(Some(plugin_config_id))?;
+        if let Some(entry) = self.write_registry().get_mut(&plugin_config_id) {
+            if entry.recipe.generation == recipe.generation {
+                entry.homes[index] = true;
+            }
+        }
         let (reply, answer) = oneshot::channel();
         let task = Task::Call { recipe, create: true, method: method.to_string(), args, kind, reply };
         self.send(index, task, answer).await?.unwrap_or(Err(PluginError::NotLoaded(plugin_config_id)))
@@ -363,17 +375,30 @@ impl WorkerPool {
         self.inner.options.stall_after.unwrap_or(self.inner.options.task_timeout * 2 + Duration::from_secs(5))
     }
 
-    fn pick_worker(&self) -> Result<usize, PluginError> {
+    /// The thread for the next task: for a config, the least busy of the threads that already
+    /// hold its VM while one of them has a free task slot; otherwise the least busy thread.
+    fn pick_worker(&self, plugin_config_id: Option<PluginConfigId>) -> Result<usize, PluginError> {
         if self.inner.shut_down.load(Ordering::Relaxed) {
             return Err(PluginError::ShutDown);
         }
-        (0..self.inner.workers.len())
-            .filter(|i| !self.is_stalled(*i))
-            .min_by_key(|i| self.inner.workers[*i].in_flight.load(Ordering::Relaxed))
-            .ok_or_else(|| PluginError::WorkerUnavailable {
-                worker: 0,
-                reason: "every worker thread is stalled".into(),
-            })
+        let load = |i: &usize| self.inner.workers[*i].in_flight.load(Ordering::Relaxed);
+        let healthy: Vec<usize> = (0..self.inner.workers.len()).filter(|i| !self.is_stalled(*i)).collect();
+        if let Some(id) = plugin_config_id {
+            let homes = self.read_registry().get(&id).map(|r| r.homes.clone()).unwrap_or_default();
+            let home = healthy
+                .iter()
+                .copied()
+                .filter(|i| homes.get(*i).copied().unwrap_or(false))
+                .min_by_key(load)
+                .filter(|i| load(i) < self.inner.options.tasks_per_worker.max(1));
+            if let Some(home) = home {
+                return Ok(home);
+            }
+        }
+        healthy.into_iter().min_by_key(load).ok_or_else(|| PluginError::WorkerUnavailable {
+            worker: 0,
+            reason: "every worker thread is stalled".into(),
+        })
     }
 
     /// Sends a task (waiting for room: back-pressure) and awaits its reply while watching the

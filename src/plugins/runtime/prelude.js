@@ -2,7 +2,7 @@
 // functions (Rust) as `host` and defines the frozen globals of reference 30 §5.1, the allow-listed
 // modules of §5.2 and the `meta` object of §5.3. `host` itself never becomes reachable from plugin
 // code. Returns the helpers the runtime needs after the plugin code ran.
-(function (host, config, attachments, testEnv) {
+(function (host, config, attachments, testEnv, testConsole) {
     'use strict';
     const G = globalThis;
     // Read-only, but configurable: a plugin's own top-level `const fetch = require('node-fetch')`
@@ -631,7 +631,19 @@
 
     // ---------------------------------------------------------------- globals
     const freeze = (o) => Object.freeze(o);
+    const testModules = testConsole
+        ? {
+              'test-utils/write-to-file': freeze({
+                  console: freeze({
+                      log: (...args) => host.testConsoleWrite(JSON.stringify(args) + '\n', true),
+                      reset: () => host.testConsoleWrite('', false),
+                      read: () => host.testConsoleRead().split('\n').filter((line) => !!line).map((line) => JSON.parse(line)),
+                  }),
+              }),
+          }
+        : {};
     const modules = freeze({
+        ...testModules,
         'node-fetch': freeze(Object.assign(fetch, { default: fetch, Headers, Response, FetchError: Error })),
         '@posthog/plugin-scaffold': freeze({ RetryError }),
         '@posthog/plugin-contrib': freeze({ createBuffer }),

@@ -47,6 +47,9 @@ pub const META_GLOBAL_SET: &str = "@meta.global.set";
 pub const ALLOWED_IMPORTS: &[&str] =
     &["node-fetch", "@posthog/plugin-scaffold", "@posthog/plugin-contrib", "crypto", "url", "zlib", "jsonwebtoken"];
 
+/// The test-only module (exists when `PoolOptions::test_console_file` is set).
+pub const TEST_CONSOLE_MODULE: &str = "test-utils/write-to-file";
+
 /// Whether `module` is importable from plugin code.
 pub fn is_allowed_import(module: &str) -> bool {
     ALLOWED_IMPORTS.contains(&module)
@@ -260,7 +263,7 @@ struct ImportResolver;
 
 impl Resolver for ImportResolver {
     fn resolve(&mut self, ctx: &Ctx<'_>, _base: &str, name: &str) -> rquickjs::Result<String> {
-        if is_allowed_import(name) {
+        if is_allowed_import(name) || name == TEST_CONSOLE_MODULE {
             Ok(name.to_string())
         } else {
             Err(Exception::throw_message(ctx, &crate::plugins::transform::forbidden_import_message(name)))
@@ -361,7 +364,7 @@ impl VmInner {
             self_weak: weak.clone(),
             exports: RefCell::default(),
         });
-        vm.load(code, options.test_env).await?;
+        vm.load(code, options).await?;
         Ok(vm)
     }
 
@@ -420,7 +423,9 @@ impl VmInner {
         }
     }
 
-    async fn load(self: &Rc<Self>, code: &TransformedCode, test_env: bool) -> Result<(), PluginError> {
+    async fn load(self: &Rc<Self>, code: &TransformedCode, options: &PoolOptions) -> Result<(), PluginError> {
+        let test_env = options.test_env;
+        let test_console = options.test_console_file.clone();
         let timeout = self.task_timeout;
         let deadline = Instant::now() + timeout + Duration::from_millis(1);
         let interrupts_before = self.interrupts.get();
@@ -432,6 +437,10 @@ impl VmInner {
                 let host = Object::new(ctx.clone())?;
                 host::install(&ctx, &host)?;
                 install_async(&ctx, &host, weak)?;
+                let has_test_console = test_console.is_some();
+                if let Some(path) = test_console {
+                    host::install_test_console(&ctx, &host, path)?;
+                }
                 // A module named `prelude`, so its stack frames are told apart from plugin code.
                 let (prelude, _) =
                     Module::declare(ctx.clone(), "prelude", format!("export default {PRELUDE}"))?.eval()?;
@@ -445,7 +454,8 @@ impl VmInner {
                     item.set("contents", ArrayBuffer::new_copy(ctx.clone(), &a.contents)?)?;
                     attachment_list.set(i, item)?;
                 }
-                let helpers: Object = setup.call((host, to_js(&ctx, &config)?, attachment_list, test_env))?;
+                let helpers: Object =
+                    setup.call((host, to_js(&ctx, &config)?, attachment_list, test_env, has_test_console))?;
                 let meta: JsValue = helpers.get("meta")?;
                 let discover: Function = helpers.get("discover")?;
                 self.state.borrow_mut().meta = Some(Persistent::save(&ctx, meta));

@@ -256,6 +256,45 @@ pub fn install<'js>(ctx: &Ctx<'js>, host: &Object<'js>) -> JsResult<()> {
     Ok(())
 }
 
+/// The lines `test-utils/write-to-file`'s `console.log(...args)` wrote to `path` (one JSON array
+/// per call), like the module's own `read()`: `[]` when the file does not exist.
+pub fn read_test_console(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.is_empty())
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// Host side of the test-only module `test-utils/write-to-file`.
+pub fn install_test_console<'js>(ctx: &Ctx<'js>, host: &Object<'js>, path: std::path::PathBuf) -> JsResult<()> {
+    let write_path = path.clone();
+    host.set(
+        "testConsoleWrite",
+        Function::new(ctx.clone(), move |ctx: Ctx<'js>, text: String, append: bool| -> JsResult<()> {
+            let result = (|| -> std::io::Result<()> {
+                if let Some(dir) = write_path.parent() {
+                    std::fs::create_dir_all(dir)?;
+                }
+                let mut file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .write(true)
+                    .append(append)
+                    .truncate(!append)
+                    .open(&write_path)?;
+                file.write_all(text.as_bytes())
+            })();
+            result.map_err(|e| Exception::throw_message(&ctx, &e.to_string()))
+        })?,
+    )?;
+    host.set(
+        "testConsoleRead",
+        Function::new(ctx.clone(), move || std::fs::read_to_string(&path).unwrap_or_default())?,
+    )?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
