@@ -199,13 +199,6 @@ impl ScheduledTaskRunner for PluginTasks {
 #[async_trait]
 impl JobRunner for PluginTasks {
     async fn run_job(&self, job: EnqueuedJob) -> Result<(), BoxError> {
-        let job = crate::plugins::extensions::jobs::EnqueuedJob {
-            job_type: job.job_type,
-            payload: job.payload,
-            timestamp: job.timestamp,
-            plugin_config_id: config_id(job.plugin_config_id)?,
-            plugin_config_team: job.plugin_config_team,
-        };
         self.plugins.run_job(job).await;
         Ok(())
     }
@@ -259,8 +252,8 @@ pub mod bridges {
     use crate::geoip::GeoIp;
     use crate::ingestion::queues::topics::KAFKA_PLUGIN_LOG_ENTRIES;
     use crate::ingestion::queues::{CeleryProducer, KafkaProducerWrapper, KafkaRecord};
+    use crate::jobs::job::EnqueuedJob;
     use crate::jobs::manager::JobQueueManager;
-    use crate::plugins::extensions::jobs::EnqueuedJob as PluginJob;
     use crate::plugins::extensions::posthog::CapturedEvent;
     use crate::plugins::extensions::{CaptureSink, GeoIpLocator, JobEnqueuer, SinkError};
     use crate::plugins::log_entries::{PluginLogEntry, PluginLogSink};
@@ -318,14 +311,7 @@ pub mod bridges {
 
     #[async_trait]
     impl JobEnqueuer for JobQueueEnqueuer {
-        async fn enqueue(&self, job: PluginJob) -> Result<(), SinkError> {
-            let job = crate::jobs::job::EnqueuedJob {
-                job_type: job.job_type,
-                payload: job.payload,
-                timestamp: job.timestamp,
-                plugin_config_id: i64::from(job.plugin_config_id),
-                plugin_config_team: job.plugin_config_team,
-            };
+        async fn enqueue(&self, job: EnqueuedJob) -> Result<(), SinkError> {
             self.0.enqueue(job).await.map_err(|error| SinkError(error.to_string()))
         }
     }

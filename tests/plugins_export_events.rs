@@ -221,7 +221,7 @@ async fn historical_export_walks_the_stored_events() {
         job_type: "Export historical events".into(),
         payload,
         timestamp: 0,
-        plugin_config_id: CONFIG,
+        plugin_config_id: i64::from(CONFIG),
         plugin_config_team: 2,
     };
     let exported = |batches: &Arc<Mutex<Vec<Vec<Value>>>>| batches.lock().unwrap().iter().map(Vec::len).sum::<usize>();

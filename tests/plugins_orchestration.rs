@@ -564,7 +564,7 @@ async fn jobs_and_tasks_run_and_missing_ones_are_errors() {
         job_type: job_type.into(),
         payload,
         timestamp: 0,
-        plugin_config_id: CONFIG,
+        plugin_config_id: i64::from(CONFIG),
         plugin_config_team: 2,
     };
     assert_eq!(

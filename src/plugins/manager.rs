@@ -288,14 +288,9 @@ impl Plugins {
     pub async fn run_job(&self, job: EnqueuedJob) -> Option<Value> {
         let loaded = self.snapshot();
         let payload = Some(job.payload).filter(super::js::truthy);
-        run::run_plugin_task(
-            &self.services,
-            loaded.by_id.get(&job.plugin_config_id),
-            TaskKind::Job,
-            &job.job_type,
-            payload,
-        )
-        .await
+        // A config id that does not fit the table's int column names no loaded config.
+        let entry = i32::try_from(job.plugin_config_id).ok().and_then(|id| loaded.by_id.get(&id));
+        run::run_plugin_task(&self.services, entry, TaskKind::Job, &job.job_type, payload).await
     }
 
     /// Tears every loaded config down (shutdown) and flushes the log sink.

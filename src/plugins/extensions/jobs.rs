@@ -2,25 +2,11 @@
 //! (the reference's `EnqueuedJob`) and its run time. Enqueuing is the job queue's business, behind
 //! the [`JobEnqueuer`](super::JobEnqueuer) trait.
 
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
-
 use super::super::js::now_ms;
 use super::super::vm::JsError;
 
-/// A plugin job as queued: exactly these keys, in this order, as the reference serializes it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct EnqueuedJob {
-    #[serde(rename = "type")]
-    pub job_type: String,
-    pub payload: Value,
-    /// Epoch milliseconds when the job is due.
-    pub timestamp: i64,
-    #[serde(rename = "pluginConfigId")]
-    pub plugin_config_id: i32,
-    #[serde(rename = "pluginConfigTeam")]
-    pub plugin_config_team: i64,
-}
+/// A plugin job as queued: the job queue's own type (one shape for every queue and producer).
+pub use crate::jobs::job::EnqueuedJob;
 
 /// When to run a job.
 #[derive(Debug, Clone, PartialEq)]

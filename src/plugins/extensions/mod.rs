@@ -237,7 +237,7 @@ impl PluginContext {
             job_type: job_type.to_string(),
             payload,
             timestamp: when.timestamp()?,
-            plugin_config_id: self.config.id,
+            plugin_config_id: i64::from(self.config.id),
             plugin_config_team: self.config.team(),
         };
         self.services.jobs.enqueue(job).await.map_err(|err| JsError::new("Error", err.0))
