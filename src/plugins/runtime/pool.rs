@@ -140,8 +140,9 @@ impl WorkerPool {
     }
 
     /// Puts a fresh thread in place of a stalled one. The stuck thread cannot be stopped (it is
-    /// inside native code the interrupt handler does not reach, e.g. a catastrophic regular
-    /// expression); it is abandoned, and the configs' VMs are rebuilt lazily on the new thread.
+    /// inside one native operation the interrupt handler does not reach, e.g. a huge BigInt's
+    /// decimal conversion; regular expressions do poll it since QuickJS-ng 0.10); it is abandoned,
+    /// and the configs' VMs are rebuilt lazily on the new thread.
     fn replace_stalled(&self, index: usize) {
         let worker = &self.inner.workers[index];
         let Ok(mut sender) = worker.sender.lock() else { return };

@@ -162,6 +162,11 @@ fn error_from_value<'js>(ctx: &Ctx<'js>, value: &JsValue<'js>, diag: &Diag, inte
     } else if value.is_null() && interrupted {
         error.name = "InternalError".into();
         error.message = "interrupted".into();
+    } else if value.is_null() {
+        // QuickJS throws `null` when the heap is so full that even its "out of memory" error
+        // cannot be allocated. (A plugin's own `throw null` reads the same; that is rare enough.)
+        error.name = "InternalError".into();
+        error.message = "out of memory".into();
     } else {
         error.message = ctx
             .globals()
