@@ -3,6 +3,7 @@
 //! See `ARCHITECTURE.md` for the data path from queue to sink. Each module says in its first
 //! lines what it owns.
 
+pub mod clickhouse;
 pub mod config;
 pub mod event;
 pub mod geoip;

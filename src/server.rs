@@ -180,7 +180,7 @@ async fn start_components(hub: &Hub, lifecycle: &mut Lifecycle) -> Result<(), Se
     use std::sync::Arc;
 
     use crate::geoip::GeoIp;
-    use crate::ingestion::actions::{ActionManager, ActionMatcher, HookCommander};
+    use crate::ingestion::actions::{ActionManager, ActionMatcher, ClickHouseStaticCohorts, HookCommander};
     use crate::ingestion::process_event::EventsProcessor;
     use crate::ingestion::queues::kafka_writer::KafkaEventWriter;
     use crate::ingestion::queues::topics::KAFKA_EVENTS_PLUGIN_INGESTION;
@@ -235,12 +235,16 @@ async fn start_components(hub: &Hub, lifecycle: &mut Lifecycle) -> Result<(), Se
         Some(Arc::new(geoip))
     };
 
-    // Kafka pipeline: one batching producer for events, persons, log entries and plugin captures.
-    let kafka = if config.KAFKA_ENABLED {
+    // Kafka pipeline: ClickHouse (read for static cohorts), and one batching producer for events,
+    // persons, log entries and plugin captures.
+    let (kafka, clickhouse) = if config.KAFKA_ENABLED {
+        let clickhouse = connect_clickhouse(config).await?;
         let client_id = crate::ingestion::queues::kafka_settings::client_id(&hub.instance_id);
-        Some(KafkaProducerWrapper::connect(config, &client_id).map_err(|error| fail("Kafka producer", &error))?)
+        let producer =
+            KafkaProducerWrapper::connect(config, &client_id).map_err(|error| fail("Kafka producer", &error))?;
+        (Some(producer), Some(clickhouse))
     } else {
-        None
+        (None, None)
     };
 
     // 3. The plugin worker threads, and every enabled plugin config loaded on them.
@@ -308,7 +312,11 @@ async fn start_components(hub: &Hub, lifecycle: &mut Lifecycle) -> Result<(), Se
         Some(producer) => Arc::new(KafkaEventWriter::new(Arc::clone(producer))),
         None => Arc::new(PostgresEventWriter::new(hub.postgres.clone())),
     };
-    let matcher = Arc::new(ActionMatcher::new(hub.postgres.clone(), Arc::clone(&actions)));
+    let mut matcher = ActionMatcher::new(hub.postgres.clone(), Arc::clone(&actions));
+    if let Some(clickhouse) = clickhouse {
+        matcher = matcher.with_static_cohorts(Arc::new(ClickHouseStaticCohorts::new(clickhouse)));
+    }
+    let matcher = Arc::new(matcher);
     let hooks = Arc::new(HookCommander::new(hub.postgres.clone()));
     let processor = Arc::new(EventsProcessor::new(hub, writer).with_action_matching(matcher, hooks));
     let activity = Arc::new(ActivityTracker::new());
@@ -364,6 +372,29 @@ async fn start_components(hub: &Hub, lifecycle: &mut Lifecycle) -> Result<(), Se
     // 10. Observability: statsd gauges, status reports, internal and plugin metrics, staleness.
     start_observability(hub, lifecycle, &pool, &tasks, activity, pipeline_for_metrics);
     Ok(())
+}
+
+/// The Kafka pipeline's ClickHouse client, after the reference's start-up `SELECT 1`.
+///
+/// DELIBERATE DEVIATION: the reference does not start when ClickHouse does not answer. We log the
+/// error and go on: only static-cohort matching reads ClickHouse, so ingestion keeps flowing and
+/// those lookups fail one by one (the step does not match) until ClickHouse answers. The check is
+/// bounded by [`STARTUP_CHECK_TIMEOUT`] so an absent ClickHouse barely delays start-up. An unreadable
+/// or invalid `CLICKHOUSE_CA` still stops start-up, as in the reference: that is a configuration error.
+async fn connect_clickhouse(config: &Config) -> Result<crate::clickhouse::ClickHouse, ServerError> {
+    use crate::clickhouse::{ClickHouse, STARTUP_CHECK_TIMEOUT};
+
+    let clickhouse =
+        ClickHouse::from_config(config).map_err(|error| ServerError::Start(format!("ClickHouse: {error}")))?;
+    match clickhouse.check_connection(STARTUP_CHECK_TIMEOUT).await {
+        Ok(()) => info!("✅ Connected to ClickHouse at {}", clickhouse.url()),
+        Err(error) => error!(
+            "🔴 ClickHouse at {} did not answer SELECT 1: {error}. Starting anyway; static cohorts in action \
+             matching fail until it answers.",
+            clickhouse.url()
+        ),
+    }
+    Ok(clickhouse)
 }
 
 /// The periodic reporting components (the reference's cron jobs beside the stream).

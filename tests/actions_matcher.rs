@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use plugin_server::clickhouse::{ClickHouse, ClickHouseSettings};
 use plugin_server::event::PluginEvent;
 use plugin_server::ingestion::actions::selector::elements_match_selector;
 use plugin_server::ingestion::actions::{
@@ -20,7 +21,8 @@ use serde_json::{json, Value};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use actions_support::{create_person, fetch_person, listener, next, test_person};
+use actions_support::{create_person, fetch_person, test_person};
+use common::http_stub::{http_stub, next_request};
 use common::{TestDb, COMMON_USER_ID, TEAM_ID};
 
 struct Ctx {
@@ -420,9 +422,10 @@ async fn clickhouse_static_cohort_match() {
     assert_eq!(ctx.ids(&event, person.as_ref(), &[]).await, Vec::<i64>::new());
 }
 
-/// The same path against a stand-in for ClickHouse's HTTP interface: `rows: 1` matches without
-/// Postgres; `rows: 0` falls through to posthog_cohortpeople (no row → no match); an HTTP error
-/// makes the step fail (no match), as a throwing query does in the reference.
+/// The same path through the ClickHouse client against a stand-in for ClickHouse's HTTP interface:
+/// a row (RowBinary `0x01`) matches without Postgres; no row falls through to posthog_cohortpeople
+/// (no row there → no match); a ClickHouse exception makes the step fail (no match), as a throwing
+/// query does in the reference.
 #[tokio::test]
 async fn clickhouse_static_cohort_over_http() {
     let mut ctx = Ctx::new().await;
@@ -431,24 +434,32 @@ async fn clickhouse_static_cohort_over_http() {
     let person = create_person(&ctx.db.pool, "static_cohort_person", true).await;
     let event = event(json!({"event": "trigger a webhook", "distinct_id": "static_cohort_person"}));
     for (status, body, expected) in [
-        (200, r#"{"meta":[{"name":"1","type":"UInt8"}],"data":[{"1":1}],"rows":1}"#, vec![a]),
-        (200, r#"{"meta":[{"name":"1","type":"UInt8"}],"data":[],"rows":0}"#, vec![]),
-        (500, "Code: 60. DB::Exception: Table posthog_test.person_static_cohort doesn't exist", vec![]),
+        (200, &b"\x01"[..], vec![a]),
+        (200, &b""[..], vec![]),
+        (500, &b"Code: 60. DB::Exception: Table posthog_test.person_static_cohort doesn't exist"[..], vec![]),
     ] {
-        let (url, mut requests) = listener(status, body).await;
-        let lookup = Arc::new(ClickHouseStaticCohorts::new(&format!("{url}/"), "posthog_test", "default", Some("pw")));
+        let (address, mut requests) = http_stub("127.0.0.1:0", move |_| (status, body.to_vec())).await;
+        let clickhouse = ClickHouse::new(&ClickHouseSettings {
+            url: format!("http://{address}"),
+            database: "posthog_test".into(),
+            user: "default".into(),
+            password: Some("pw".into()),
+            ca: None,
+        })
+        .unwrap();
+        let lookup = Arc::new(ClickHouseStaticCohorts::new(clickhouse));
         ctx.matcher = ActionMatcher::new(ctx.db.pool.clone(), ctx.manager.clone()).with_static_cohorts(lookup);
         assert_eq!(ctx.ids(&event, Some(&person), &[]).await, expected, "status {status}");
-        let request = next(&mut requests).await;
-        assert_eq!(request.method, "POST");
-        assert!(request.path.contains("database=posthog_test"), "{}", request.path);
-        assert!(request.authorization.as_deref().is_some_and(|auth| auth.starts_with("Basic ")));
+        let request = next_request(&mut requests).await;
+        assert_eq!(request.query_param("database").as_deref(), Some("posthog_test"));
+        assert_eq!(request.header("X-ClickHouse-User"), Some("default"));
+        assert_eq!(request.header("X-ClickHouse-Key"), Some("pw"));
         let query = format!(
             "SELECT 1 FROM person_static_cohort WHERE team_id = 2 AND cohort_id = {cohort} AND person_id = '{}' \
-             LIMIT 1 FORMAT JSON",
+             LIMIT 1 FORMAT RowBinary",
             person.uuid
         );
-        assert_eq!(request.body, query);
+        assert_eq!(request.query_param("query"), Some(query));
     }
 }
 

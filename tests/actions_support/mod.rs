@@ -1,16 +1,15 @@
 //! Shared support for the actions tests: the reference's `createTestPerson`, person rows in
-//! Postgres (create and `fetchPerson`), and a tiny HTTP listener standing in for webhook, REST
-//! hook and ClickHouse endpoints.
+//! Postgres (create and `fetchPerson`), and an HTTP listener (over `common::http_stub`) standing in
+//! for webhook and REST hook endpoints.
 #![allow(dead_code)]
 
 use plugin_server::model::Person;
 use serde_json::{json, Value};
 use sqlx::PgPool;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
+use crate::common::http_stub::http_stub;
 use crate::common::TEAM_ID;
 
 /// `createTestPerson({properties})`: a person that is not in the database.
@@ -78,65 +77,25 @@ pub struct Received {
     pub body: String,
 }
 
-/// A minimal HTTP/1.1 server on 127.0.0.1 answering every request with `status` and `body`.
+/// An HTTP stub on 127.0.0.1 answering every request with `status` and `body`.
 pub async fn listener(status: u16, body: &'static str) -> (String, mpsc::UnboundedReceiver<Received>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let address = listener.local_addr().expect("address");
+    let (address, mut requests) = http_stub("127.0.0.1:0", move |_| (status, body.as_bytes().to_vec())).await;
     let (sender, receiver) = mpsc::unbounded_channel();
     tokio::spawn(async move {
-        while let Ok((mut socket, _)) = listener.accept().await {
-            let sender = sender.clone();
-            tokio::spawn(async move {
-                let mut buffer = Vec::new();
-                let mut chunk = [0u8; 4096];
-                let (head_end, content_length) = loop {
-                    let read = socket.read(&mut chunk).await.unwrap_or(0);
-                    if read == 0 {
-                        return;
-                    }
-                    buffer.extend_from_slice(&chunk[..read]);
-                    if let Some(end) = buffer.windows(4).position(|window| window == b"\r\n\r\n") {
-                        let head = String::from_utf8_lossy(&buffer[..end]).to_lowercase();
-                        let length = head
-                            .lines()
-                            .find_map(|line| line.strip_prefix("content-length:"))
-                            .and_then(|value| value.trim().parse::<usize>().ok())
-                            .unwrap_or(0);
-                        break (end + 4, length);
-                    }
-                };
-                while buffer.len() < head_end + content_length {
-                    let read = socket.read(&mut chunk).await.unwrap_or(0);
-                    if read == 0 {
-                        break;
-                    }
-                    buffer.extend_from_slice(&chunk[..read]);
-                }
-                let head = String::from_utf8_lossy(&buffer[..head_end]).to_string();
-                let mut request_line = head.lines().next().unwrap_or_default().split(' ');
-                let header = |name: &str| {
-                    head.lines().find_map(|line| {
-                        let (key, value) = line.split_once(':')?;
-                        key.eq_ignore_ascii_case(name).then(|| value.trim().to_owned())
-                    })
-                };
-                let received = Received {
-                    method: request_line.next().unwrap_or_default().to_owned(),
-                    path: request_line.next().unwrap_or_default().to_owned(),
-                    content_type: header("content-type"),
-                    authorization: header("authorization"),
-                    body: String::from_utf8_lossy(&buffer[head_end..]).to_string(),
-                };
-                let _ = sender.send(received);
-                let response = format!(
-                    "HTTP/1.1 {status} Whatever\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = socket.write_all(response.as_bytes()).await;
-            });
+        while let Some(request) = requests.recv().await {
+            let received = Received {
+                method: request.method.clone(),
+                path: request.target.clone(),
+                content_type: request.header("content-type").map(str::to_owned),
+                authorization: request.header("authorization").map(str::to_owned),
+                body: request.body_text(),
+            };
+            if sender.send(received).is_err() {
+                break;
+            }
         }
     });
-    (format!("http://127.0.0.1:{}", address.port()), receiver)
+    (format!("http://{address}"), receiver)
 }
 
 /// The next request the listener received (waits up to 10 s).

@@ -1,11 +1,16 @@
 //! Shared test support: a fresh Postgres database per test (PostHog schema + graphile schema),
 //! the reference's standard fixture (`resetTestDatabase`), a per-test Redis key prefix, and a
 //! configuration pointing at them. Every integration test file starts with `mod common;`.
+//! Submodules: `http_stub` (stand-ins for external HTTP services) and `server_process` (the binary
+//! run as a process).
 //!
 //! Databases are cloned from a template built once per schema version (the template's name
 //! carries a hash of the SQL), so a test pays a `CREATE DATABASE … TEMPLATE` (tens of ms), not the
 //! whole schema. `scripts/test` drops leftover `pst_*` databases before a run.
 #![allow(dead_code)]
+
+pub mod http_stub;
+pub mod server_process;
 
 use std::io::Write;
 use std::path::PathBuf;

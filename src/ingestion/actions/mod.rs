@@ -27,7 +27,7 @@ pub use hooks::{
 };
 pub use manager::{ActionManager, ACTIONS_RELOAD_INTERVAL};
 pub use matcher::{casting_compare, ActionMatcher, CastingOperator, StaticCohortLookup};
-pub use static_cohorts::{ClickHouseStaticCohorts, StaticCohortError, CLICKHOUSE_QUERY_TIMEOUT};
+pub use static_cohorts::ClickHouseStaticCohorts;
 
 /// A `posthog_action` row with its steps (the reference's `Action`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
