@@ -11,18 +11,34 @@ use serde_json::{Map, Value};
 use super::errors::{process_error, PluginFailure};
 use super::extensions::PluginContext;
 use super::runtime::{
-    self, Attachment, CallKind, MetaBindings, MetaError, PluginError, PluginExports, PluginVmSpec, WorkerPool,
+    self, Attachment, CallKind, FetchRequest, FetchResponse, MetaBindings, MetaError, PluginError, PluginExports,
+    PluginVmSpec, WorkerPool,
 };
 use super::vm::{CallError, JsError, Method, PluginVm, TaskKind, VmExports, VmFactory};
+
+/// Performs the plugins' `fetch` (the global and the `node-fetch` import). The server's is the
+/// network ([`runtime::http_fetch`]); tests put their own in its place, as the reference's tests
+/// mock `node-fetch`.
+#[async_trait]
+pub trait Fetcher: Send + Sync {
+    async fn fetch(&self, request: FetchRequest) -> Result<FetchResponse, MetaError>;
+}
 
 /// Makes VMs on the worker pool (one per config per worker thread).
 pub struct RuntimeVmFactory {
     pool: Arc<WorkerPool>,
+    /// `None`: the network.
+    fetcher: Option<Arc<dyn Fetcher>>,
 }
 
 impl RuntimeVmFactory {
     pub fn new(pool: Arc<WorkerPool>) -> RuntimeVmFactory {
-        RuntimeVmFactory { pool }
+        RuntimeVmFactory { pool, fetcher: None }
+    }
+
+    /// VMs whose `fetch` calls go to `fetcher` instead of the network.
+    pub fn with_fetcher(pool: Arc<WorkerPool>, fetcher: Arc<dyn Fetcher>) -> RuntimeVmFactory {
+        RuntimeVmFactory { pool, fetcher: Some(fetcher) }
     }
 }
 
@@ -66,7 +82,11 @@ impl VmFactory for RuntimeVmFactory {
         let spec = PluginVmSpec {
             plugin_config_id: id as runtime::PluginConfigId,
             code,
-            meta: Arc::new(ContextBindings { context, main: tokio::runtime::Handle::current() }),
+            meta: Arc::new(ContextBindings {
+                context,
+                main: tokio::runtime::Handle::current(),
+                fetcher: self.fetcher.clone(),
+            }),
         };
         let exports = self.pool.load(spec).await.map_err(|error| call_error(error).error)?;
         Ok(Arc::new(RuntimeVm { pool: self.pool.clone(), id, exports: vm_exports(&exports) }))
@@ -125,6 +145,7 @@ struct ContextBindings {
     context: Arc<PluginContext>,
     /// The main runtime: rejections are reported from worker threads.
     main: tokio::runtime::Handle,
+    fetcher: Option<Arc<dyn Fetcher>>,
 }
 
 #[async_trait]
@@ -153,6 +174,13 @@ impl MetaBindings for ContextBindings {
 
     async fn call(&self, name: &str, args: Vec<Value>) -> Result<Value, MetaError> {
         self.context.call(name, args).await.map_err(|error| MetaError::named(error.name, error.message))
+    }
+
+    async fn fetch(&self, request: FetchRequest) -> Result<FetchResponse, MetaError> {
+        match &self.fetcher {
+            Some(fetcher) => fetcher.fetch(request).await,
+            None => runtime::http_fetch(request).await,
+        }
     }
 
     /// A rejection nobody handled is the plugin's error (reference 30 §8.3), recorded for its

@@ -1,12 +1,21 @@
 //! `meta.cache`: Redis under `@plugin/<plugin_id>/<team_id>/`, with the reference's argument
 //! checks, JSON (de)serialization and quirks (`get` returns `null` for a missing key whatever the
 //! default; invalid JSON reads as `null`; a slow `GET` is retried once after 5 s).
+//!
+//! Commands reach Redis in the order plugins issue them: a plugin that does not await
+//! `cache.set('counter', n)` reads `n` with the next event's `get`, as with the reference, whose
+//! single JavaScript thread writes each command out when it is called. Pooled connections cannot
+//! promise that (a command that gets a fresh connection overtakes one that waits for a
+//! recycled one), so the cache uses one multiplexed connection ([`CacheRedis`]) that queues
+//! commands in issue order and still pipelines many at once.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use deadpool_redis::Pool;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::AsyncCommands;
 use serde_json::Value;
+use tokio::sync::OnceCell;
 
 use super::super::js::{as_integer, number_string, string_of, truthy};
 use super::super::vm::JsError;
@@ -15,10 +24,38 @@ use super::super::vm::JsError;
 const GET_RETRY_AFTER: Duration = Duration::from_secs(5);
 const LPUSH_MAX_ELEMENTS: usize = 1000;
 
+/// The connection every config's cache shares: multiplexed, reconnecting by itself, opened on
+/// first use.
+#[derive(Clone)]
+pub struct CacheRedis {
+    url: String,
+    manager: Arc<OnceCell<ConnectionManager>>,
+}
+
+impl CacheRedis {
+    /// For `url` (see `hub::redis_url`).
+    pub fn new(url: String) -> CacheRedis {
+        CacheRedis { url, manager: Arc::new(OnceCell::new()) }
+    }
+
+    async fn connection(&self) -> Result<ConnectionManager, JsError> {
+        let manager = self
+            .manager
+            .get_or_try_init(|| async {
+                let client = redis::Client::open(self.url.as_str())?;
+                let config = ConnectionManagerConfig::new().set_connection_timeout(crate::hub::CONNECT_TIMEOUT);
+                ConnectionManager::new_with_config(client, config).await
+            })
+            .await
+            .map_err(redis_error)?;
+        Ok(manager.clone())
+    }
+}
+
 /// One plugin config's cache.
 #[derive(Clone)]
 pub struct Cache {
-    redis: Pool,
+    redis: CacheRedis,
     prefix: String,
 }
 
@@ -38,7 +75,7 @@ fn json_serialize(options: Option<&Value>) -> bool {
 
 impl Cache {
     /// `team_id` `None` gives the reference's `@all` key space.
-    pub fn new(redis: Pool, plugin_id: i32, team_id: Option<i64>) -> Cache {
+    pub fn new(redis: CacheRedis, plugin_id: i32, team_id: Option<i64>) -> Cache {
         let team = team_id.map(|team| team.to_string()).unwrap_or_else(|| "@all".into());
         Cache { redis, prefix: format!("@plugin/{plugin_id}/{team}/") }
     }
@@ -47,8 +84,8 @@ impl Cache {
         format!("{}{key}", self.prefix)
     }
 
-    async fn connection(&self) -> Result<deadpool_redis::Connection, JsError> {
-        self.redis.get().await.map_err(redis_error)
+    async fn connection(&self) -> Result<ConnectionManager, JsError> {
+        self.redis.connection().await
     }
 
     pub async fn set(
@@ -65,7 +102,7 @@ impl Cache {
             command.arg("EX").arg(number_arg(ttl));
         }
         let mut connection = self.connection().await?;
-        command.query_async::<()>(&mut *connection).await.map_err(redis_error)?;
+        command.query_async::<()>(&mut connection).await.map_err(redis_error)?;
         Ok(Value::Null)
     }
 
@@ -99,7 +136,7 @@ impl Cache {
         let result: i64 = redis::cmd("EXPIRE")
             .arg(self.key(key))
             .arg(number_arg(ttl_seconds))
-            .query_async(&mut *connection)
+            .query_async(&mut connection)
             .await
             .map_err(redis_error)?;
         Ok(Value::Bool(result == 1))
@@ -123,7 +160,7 @@ impl Cache {
         let length: i64 = redis::cmd("LPUSH")
             .arg(self.key(key))
             .arg(elements)
-            .query_async(&mut *connection)
+            .query_async(&mut connection)
             .await
             .map_err(redis_error)?;
         Ok(Value::from(length))
@@ -138,7 +175,7 @@ impl Cache {
             .arg(self.key(key))
             .arg(number_arg(start))
             .arg(number_arg(end))
-            .query_async(&mut *connection)
+            .query_async(&mut connection)
             .await
             .map_err(redis_error)?;
         Ok(Value::from(items))
@@ -159,7 +196,7 @@ impl Cache {
             .arg(self.key(key))
             .arg(number_arg(count))
             .arg(string_of(element))
-            .query_async(&mut *connection)
+            .query_async(&mut connection)
             .await
             .map_err(redis_error)?;
         Ok(Value::from(removed))
@@ -173,7 +210,7 @@ impl Cache {
         let popped: Option<Vec<String>> = redis::cmd("LPOP")
             .arg(self.key(key))
             .arg(number_arg(count))
-            .query_async(&mut *connection)
+            .query_async(&mut connection)
             .await
             .map_err(redis_error)?;
         Ok(popped.map(Value::from).unwrap_or(Value::Null))

@@ -27,7 +27,7 @@ use super::rows::PluginConfig;
 use super::vm::JsError;
 use crate::hub::Hub;
 
-pub use cache::Cache;
+pub use cache::{Cache, CacheRedis};
 pub use jobs::{duration_to_ms, EnqueuedJob, RunAt};
 pub use metrics::{MetricOperation, PluginMetrics};
 pub use posthog::{api_request, build_capture, ApiKeyManager, ApiRequest, CapturedEvent, CAPTURE_CELERY_TASK};
@@ -94,6 +94,8 @@ pub struct PluginServices {
     pub geoip: Option<Arc<dyn GeoIpLocator>>,
     pub metrics: PluginMetrics,
     pub api_keys: ApiKeyManager,
+    /// The connection of every config's `meta.cache`.
+    pub cache_redis: CacheRedis,
     /// Echo `console.*` calls to the server log (the reference does so in development; set
     /// from `NODE_ENV`/`DEBUG` by [`PluginServices::new`]).
     pub echo_console: bool,
@@ -122,6 +124,7 @@ impl PluginServices {
         jobs: Arc<dyn JobEnqueuer>,
         geoip: Option<Arc<dyn GeoIpLocator>>,
     ) -> PluginServices {
+        let cache_redis = CacheRedis::new(crate::hub::redis_url(&hub.config));
         PluginServices {
             hub,
             logs,
@@ -130,6 +133,7 @@ impl PluginServices {
             geoip,
             metrics: PluginMetrics::default(),
             api_keys: ApiKeyManager::default(),
+            cache_redis,
             echo_console: crate::config::NodeEnv::detect(&|key| std::env::var(key).ok())
                 == crate::config::NodeEnv::Development,
             observer: Arc::new(NoObserver),
@@ -168,7 +172,7 @@ fn string_arg(args: &[Value], index: usize) -> String {
 
 impl PluginContext {
     pub fn new(services: Arc<PluginServices>, config: Arc<PluginConfig>) -> PluginContext {
-        let cache = Cache::new(services.hub.redis.clone(), config.plugin_id, Some(config.team()));
+        let cache = Cache::new(services.cache_redis.clone(), config.plugin_id, Some(config.team()));
         let storage = Storage::new(services.hub.postgres.clone(), config.id);
         PluginContext { services, config, cache, storage }
     }
