@@ -1,11 +1,17 @@
-//! The whole server, end to end, in the Postgres pipeline (the reference's
-//! benchmarks/postgres/e2e.celery.benchmark.ts): N `process_event_with_plugins` Celery tasks are
-//! queued in Redis, then the server (in process, a real plugin on its JavaScript threads) is started
-//! and timed until every event is a `posthog_event` row. Prints events/s and peak RSS.
+//! The whole server, end to end: the reference's benchmarks/postgres/e2e.celery.benchmark.ts
+//! (`BENCH_QUEUE=celery`, the default: N `process_event_with_plugins` Celery tasks in Redis, events
+//! written to Postgres) and benchmarks/clickhouse/e2e.kafka.benchmark.ts (`BENCH_QUEUE=kafka`: N raw
+//! event messages on a fresh `KAFKA_CONSUMPTION_TOPIC`, events out as protobuf on
+//! `clickhouse_events_proto`, persons in Postgres). The queue is filled first; then the server (in
+//! process, a real plugin on its JavaScript threads) is started and timed until every event has
+//! landed (a `posthog_event` row, or a message on `clickhouse_events_proto`). Prints events/s and
+//! the peak RSS sampled while the server runs (the filling is not counted).
 //!
-//! Run: `cargo bench --bench e2e_server` (env: BENCH_EVENTS, default 10000; BENCH_USERS, distinct
-//! users, default 1000; WORKER_CONCURRENCY / TASKS_PER_WORKER as for the server). Needs PostgreSQL
-//! and Redis on 127.0.0.1 (`scripts/services`).
+//! Run: `cargo bench --bench e2e_server` (env: BENCH_QUEUE; BENCH_EVENTS, default 10000; BENCH_USERS,
+//! distinct users, default 1000; BENCH_SECONDS, stop after this long and report what was ingested
+//! by then, e.g. with 1,000,000 events waiting; WORKER_CONCURRENCY / TASKS_PER_WORKER as for the
+//! server). Needs PostgreSQL and Redis on 127.0.0.1 (`scripts/services`) and for Kafka a broker
+//! (`scripts/kafka`; KAFKA_HOSTS to override 127.0.0.1:9092).
 
 mod e2e_support;
 
@@ -14,12 +20,22 @@ use std::time::{Duration, Instant};
 use e2e_support::*;
 use plugin_server::config::Config;
 use plugin_server::ingestion::queues::celery::{encode_task_message, PROCESS_EVENT_TASK};
-use serde_json::{json, Map};
+use plugin_server::ingestion::queues::messages::raw_event_record;
+use plugin_server::ingestion::queues::topics::{ALL_TOPICS, KAFKA_EVENTS};
+use plugin_server::ingestion::queues::KafkaProducerWrapper;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use serde_json::{json, Map, Value};
 use sqlx::{Connection, Executor, PgConnection};
 use tokio_util::sync::CancellationToken;
 
 /// The reference benchmark's plugin.
 const PLUGIN: &str = "export function processEvent(event) { event.properties.processed = 'yes'; return event }";
+
+fn env_number(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|value| value.parse().ok()).unwrap_or(default)
+}
 
 async fn fresh_database(name: &str) -> String {
     let server = "postgres://postgres@127.0.0.1:5432";
@@ -46,21 +62,114 @@ async fn fresh_database(name: &str) -> String {
     url
 }
 
+/// The `index`th event's payload: one of `users` distinct ids, a fresh uuid.
+fn event_data(index: usize, users: usize) -> Map<String, Value> {
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let data = json!({"event": "$pageview", "distinct_id": format!("user-{}", index % users), "timestamp": now,
+        "uuid": uuid::Uuid::new_v4().to_string(),
+        "properties": {"$current_url": "https://example.com/", "$browser": "Chrome", "index": index}});
+    match data {
+        Value::Object(map) => map,
+        _ => unreachable!(),
+    }
+}
+
+/// Queues `events` Celery tasks on `queue`, as PostHog's Django app does.
+async fn fill_celery(redis_url: &str, queue: &str, events: usize, users: usize) {
+    let pool = deadpool_redis::Config::from_url(redis_url).create_pool(Some(deadpool_redis::Runtime::Tokio1)).unwrap();
+    let mut connection = pool.get().await.expect("redis");
+    for chunk in (0..events).collect::<Vec<_>>().chunks(1000) {
+        let mut pipe = redis::pipe();
+        for index in chunk {
+            let data = event_data(*index, users);
+            let now = data["timestamp"].clone();
+            let args = [
+                data["distinct_id"].clone(),
+                json!("127.0.0.1"),
+                json!("http://localhost"),
+                Value::Object(data),
+                json!(2),
+                now.clone(),
+                now,
+            ];
+            let message =
+                encode_task_message(queue, PROCESS_EVENT_TASK, &uuid::Uuid::new_v4().to_string(), &args, &Map::new());
+            pipe.cmd("LPUSH").arg(queue).arg(message).ignore();
+        }
+        pipe.query_async::<()>(&mut connection).await.expect("push");
+    }
+}
+
+/// Produces `events` raw event messages to the fresh topic `topic` and commits offset 0 for the
+/// server's consumer group there (it starts from the latest offset otherwise, as the reference's).
+async fn fill_kafka(config: &Config, topic: &str, events: usize, users: usize) {
+    let hosts = config.KAFKA_HOSTS.clone().unwrap_or_default();
+    let admin: AdminClient<_> = ClientConfig::new().set("bootstrap.servers", &hosts).create().expect("admin");
+    let mut topics: Vec<NewTopic> =
+        ALL_TOPICS.iter().map(|name| NewTopic::new(name, 1, TopicReplication::Fixed(1))).collect();
+    topics.push(NewTopic::new(topic, 1, TopicReplication::Fixed(1)));
+    let _ = admin.create_topics(&topics, &AdminOptions::new()).await.expect("create topics");
+    let producer = KafkaProducerWrapper::connect(config, "bench").expect("producer");
+    for index in 0..events {
+        producer.queue_message(raw_event_record(topic, &event_data(index, users), 2)).await.expect("queue");
+    }
+    producer.flush().await.expect("produce");
+    let group: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &hosts)
+        .set("group.id", plugin_server::ingestion::queues::kafka_consumer::CONSUMER_GROUP)
+        .create()
+        .expect("group client");
+    let mut offsets = TopicPartitionList::new();
+    offsets.add_partition_offset(topic, 0, Offset::Offset(0)).expect("offset");
+    group.commit(&offsets, rdkafka::consumer::CommitMode::Sync).expect("commit offset 0");
+}
+
+/// Messages on `clickhouse_events_proto` (all partitions' high watermarks).
+fn produced_events(watcher: &BaseConsumer) -> i64 {
+    let metadata = watcher.fetch_metadata(Some(KAFKA_EVENTS), Duration::from_secs(5)).expect("metadata");
+    let partitions = metadata.topics().first().map(|topic| topic.partitions().len()).unwrap_or(0);
+    (0..partitions as i32)
+        .map(|partition| {
+            watcher.fetch_watermarks(KAFKA_EVENTS, partition, Duration::from_secs(5)).expect("watermarks").1
+        })
+        .sum()
+}
+
+/// Current RSS of this process in MiB (`VmRSS`).
+fn rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
+            line.split_whitespace().nth(1)?.parse::<f64>().ok()
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
 #[tokio::main]
 async fn main() {
-    let events: usize = std::env::var("BENCH_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
-    let users: usize = std::env::var("BENCH_USERS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
+    let kafka = std::env::var("BENCH_QUEUE").is_ok_and(|queue| queue == "kafka");
+    let events = env_number("BENCH_EVENTS", 10_000);
+    let users = env_number("BENCH_USERS", 1000);
+    let limit = Duration::from_secs(env_number("BENCH_SECONDS", 900) as u64);
     let name = format!("pst_bench_{}", uuid::Uuid::new_v4().simple());
     let database = fresh_database(&name).await;
     let queue = format!("bench-e2e-{}", uuid::Uuid::new_v4().simple());
     let redis_url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let kafka_hosts = std::env::var("KAFKA_HOSTS").unwrap_or_else(|_| "127.0.0.1:9092".into());
     let mut pairs = vec![
         ("DATABASE_URL".to_string(), database.clone()),
         ("REDIS_URL".to_string(), redis_url.clone()),
-        ("PLUGINS_CELERY_QUEUE".to_string(), queue.clone()),
         ("LOG_LEVEL".to_string(), "warn".to_string()),
         ("DISABLE_MMDB".to_string(), "true".to_string()),
     ];
+    if kafka {
+        pairs.push(("KAFKA_ENABLED".to_string(), "true".to_string()));
+        pairs.push(("KAFKA_HOSTS".to_string(), kafka_hosts.clone()));
+        pairs.push(("KAFKA_CONSUMPTION_TOPIC".to_string(), queue.clone()));
+    } else {
+        pairs.push(("PLUGINS_CELERY_QUEUE".to_string(), queue.clone()));
+    }
     for key in ["WORKER_CONCURRENCY", "TASKS_PER_WORKER"] {
         if let Ok(value) = std::env::var(key) {
             pairs.push((key.to_string(), value));
@@ -68,52 +177,54 @@ async fn main() {
     }
     let config = Config::from_lookup(&|key| pairs.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone())).unwrap();
 
-    let pool = deadpool_redis::Config::from_url(&redis_url).create_pool(Some(deadpool_redis::Runtime::Tokio1)).unwrap();
-    let mut connection = pool.get().await.expect("redis");
-    for chunk in (0..events).collect::<Vec<_>>().chunks(1000) {
-        let mut pipe = redis::pipe();
-        for index in chunk {
-            let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-            let distinct_id = format!("user-{}", index % users);
-            let data = json!({"event": "$pageview", "distinct_id": distinct_id, "timestamp": now,
-                "properties": {"$current_url": "https://example.com/", "$browser": "Chrome", "index": index}});
-            let args = [
-                json!(distinct_id),
-                json!("127.0.0.1"),
-                json!("http://localhost"),
-                data,
-                json!(2),
-                json!(now),
-                json!(now),
-            ];
-            let message =
-                encode_task_message(&queue, PROCESS_EVENT_TASK, &uuid::Uuid::new_v4().to_string(), &args, &Map::new());
-            pipe.cmd("LPUSH").arg(&queue).arg(message).ignore();
-        }
-        pipe.query_async::<()>(&mut connection).await.expect("push");
-    }
-    drop(connection);
-
+    let filling = Instant::now();
+    let watcher: Option<BaseConsumer> = if kafka {
+        fill_kafka(&config, &queue, events, users).await;
+        Some(ClientConfig::new().set("bootstrap.servers", &kafka_hosts).create().expect("watermark client"))
+    } else {
+        fill_celery(&redis_url, &queue, events, users).await;
+        None
+    };
+    println!("(queued {events} events in {:.1}s)", filling.elapsed().as_secs_f64());
     let rows = sqlx::PgPool::connect(&database).await.unwrap();
+    let before = watcher.as_ref().map_or(0, produced_events);
+    let ingested_so_far = async || -> i64 {
+        match &watcher {
+            Some(watcher) => produced_events(watcher) - before,
+            None => sqlx::query_scalar("SELECT count(*) FROM posthog_event").fetch_one(&rows).await.unwrap(),
+        }
+    };
+
+    let rss_before = rss_mib();
     let shutdown = CancellationToken::new();
     let started = Instant::now();
     let server = tokio::spawn(plugin_server::server::run(config, shutdown.clone()));
-    let deadline = started + Duration::from_secs(900);
-    let mut ingested = 0;
+    let deadline = started + limit;
+    let (mut ingested, mut peak_rss) = (0, rss_before);
     while ingested < events as i64 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        ingested = sqlx::query_scalar("SELECT count(*) FROM posthog_event").fetch_one(&rows).await.unwrap();
+        peak_rss = peak_rss.max(rss_mib());
+        ingested = ingested_so_far().await;
     }
     let elapsed = started.elapsed();
     shutdown.cancel();
     let _ = server.await;
+    let pipeline = if kafka { "Kafka in + Kafka out, persons in Postgres" } else { "Celery + Postgres" };
     println!("(start-up included: loading the plugin and joining the queue)");
+    println!("(RSS {rss_before:.1} MiB before the server started, {peak_rss:.1} MiB at most while it ran)");
     report(
-        &format!("Server e2e, Celery + Postgres, {users} users, {ingested} of {events} events ingested"),
-        events,
+        &format!("Server e2e, {pipeline}, {users} users, {ingested} of {events} events ingested"),
+        ingested as usize,
         elapsed,
     );
     rows.close().await;
     let mut admin = PgConnection::connect("postgres://postgres@127.0.0.1:5432/postgres").await.unwrap();
     let _ = admin.execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str()).await;
+    if !kafka {
+        let pool =
+            deadpool_redis::Config::from_url(&redis_url).create_pool(Some(deadpool_redis::Runtime::Tokio1)).unwrap();
+        if let Ok(mut connection) = pool.get().await {
+            let _: Result<(), _> = redis::cmd("DEL").arg(&queue).query_async(&mut connection).await;
+        }
+    }
 }

@@ -10,7 +10,7 @@ mod queues_support;
 use std::time::{Duration, Instant};
 
 use common::TestDb;
-use queues_support::{consume_topic, create_topics, ensure_kafka, produce, unique, KAFKA_HOSTS};
+use queues_support::{consume_topic_from, create_topics, ensure_kafka, produce, topic_end, unique, KAFKA_HOSTS};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -26,10 +26,10 @@ fn contains(haystack: &[u8], needle: &str) -> bool {
     haystack.windows(needle.len()).any(|window| window == needle.as_bytes())
 }
 
-async fn wait_for_message(topic: &str, needle: &str) -> Vec<u8> {
-    let deadline = Instant::now() + Duration::from_secs(40);
+async fn wait_for_message(topic: &str, start: rdkafka::Offset, needle: &str) -> Vec<u8> {
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let found = consume_topic(topic, usize::MAX, Duration::from_secs(2))
+        let found = consume_topic_from(topic, start, usize::MAX, Duration::from_secs(3))
             .await
             .into_iter()
             .filter_map(|(_, value)| value)
@@ -43,8 +43,17 @@ async fn wait_for_message(topic: &str, needle: &str) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raw_event_in_protobuf_event_out() {
+    // The server's log goes to the test's output: shown when the test fails.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("plugin_server=debug,info"))
+        .with_test_writer()
+        .try_init();
     ensure_kafka();
     let db = TestDb::with_fixture(Some(PLUGIN)).await;
+    // These output topics are shared with every other Kafka-mode test: read only what comes after now.
+    let events_start = topic_end("clickhouse_events_proto");
+    let persons_start = topic_end("clickhouse_person_unique_id");
+    let logs_start = topic_end("plugin_log_entries");
     let topic = unique("e2e-kafka-in");
     create_topics(&[&topic], 1).await;
     let queue = common::unique_prefix("e2e-kafka-celery");
@@ -68,10 +77,10 @@ async fn raw_event_in_protobuf_event_out() {
     // The consumer starts from the latest offset, as the reference's does: keep offering the event
     // (same uuid) until the server has joined its group and the event comes out.
     let event = {
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + Duration::from_secs(90);
         loop {
             produce(&topic, &[message.to_string().into_bytes()]).await;
-            let found = consume_topic("clickhouse_events_proto", usize::MAX, Duration::from_secs(2))
+            let found = consume_topic_from("clickhouse_events_proto", events_start, usize::MAX, Duration::from_secs(3))
                 .await
                 .into_iter()
                 .filter_map(|(_, value)| value)
@@ -84,9 +93,9 @@ async fn raw_event_in_protobuf_event_out() {
     };
     assert!(contains(&event, "by the plugin"), "processEvent ran before the write");
     assert!(contains(&event, "kafka event"));
-    let person = wait_for_message("clickhouse_person_unique_id", &distinct_id).await;
+    let person = wait_for_message("clickhouse_person_unique_id", persons_start, &distinct_id).await;
     assert!(!person.is_empty());
-    wait_for_message("plugin_log_entries", "saw kafka event").await;
+    wait_for_message("plugin_log_entries", logs_start, "saw kafka event").await;
 
     // Persons stay in Postgres in this pipeline, as in the reference.
     let persons: i64 = sqlx::query_scalar("SELECT count(*) FROM posthog_persondistinctid WHERE distinct_id = $1")

@@ -187,9 +187,37 @@ pub fn test_config(pairs: &[(&str, &str)]) -> plugin_server::config::Config {
 /// Reads partition 0 of `topic` from the beginning (no consumer group) until `count` messages have
 /// arrived or `timeout`.
 pub async fn consume_topic(topic: &str, count: usize, timeout: Duration) -> Vec<(Option<Vec<u8>>, Option<Vec<u8>>)> {
+    consume_topic_from(topic, rdkafka::Offset::Beginning, count, timeout).await
+}
+
+/// The offset the next message on partition 0 of `topic` will get: read a shared topic (such as
+/// `clickhouse_events_proto`, which every Kafka-mode test and bench writes to) from here so the
+/// reader does not have to wade through everything earlier runs left on it.
+pub fn topic_end(topic: &str) -> rdkafka::Offset {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", KAFKA_HOSTS)
+        .set("group.id", unique("watermarks"))
+        .create()
+        .expect("watermark reader");
+    match consumer.fetch_watermarks(topic, 0, Duration::from_secs(10)) {
+        Ok((_, high)) => rdkafka::Offset::Offset(high),
+        // The topic does not exist yet: everything on it will be new.
+        Err(_) => rdkafka::Offset::Beginning,
+    }
+}
+
+/// Reads up to `count` messages of partition 0 of `topic` from `start`, for at most `timeout`.
+pub async fn consume_topic_from(
+    topic: &str,
+    start: rdkafka::Offset,
+    count: usize,
+    timeout: Duration,
+) -> Vec<(Option<Vec<u8>>, Option<Vec<u8>>)> {
     use rdkafka::config::ClientConfig;
     use rdkafka::consumer::{Consumer, StreamConsumer};
-    use rdkafka::{Message, Offset, TopicPartitionList};
+    use rdkafka::{Message, TopicPartitionList};
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", KAFKA_HOSTS)
         .set("group.id", unique("reader"))
@@ -197,7 +225,7 @@ pub async fn consume_topic(topic: &str, count: usize, timeout: Duration) -> Vec<
         .create()
         .expect("reader");
     let mut partitions = TopicPartitionList::new();
-    partitions.add_partition_offset(topic, 0, Offset::Beginning).expect("partition");
+    partitions.add_partition_offset(topic, 0, start).expect("partition");
     consumer.assign(&partitions).expect("assign");
     let mut messages = Vec::new();
     let deadline = tokio::time::Instant::now() + timeout;

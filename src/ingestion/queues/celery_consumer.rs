@@ -9,7 +9,7 @@
 //!   `<queue>:consumer:<consumer id>` alive; any consumer, at start-up and then periodically, puts
 //!   the messages of processing lists whose heartbeat has expired back at the head of the queue.
 //!   At shutdown, messages still waiting for a retry go back to the queue.
-//! * **Back-pressure.** At most `concurrency` (`WORKER_CONCURRENCY × TASKS_PER_WORKER`) messages
+//! * **Back-pressure.** At most `concurrency` ([`super::consumer_concurrency`]) messages
 //!   are in flight; the consumer takes no more until one finishes.
 //! * **Bad messages are set aside**, with their reason, in the list `<queue>:dead_letter` (capped
 //!   at [`CeleryConsumerOptions::dead_letter_max_len`] entries), and consumption goes on. The
@@ -67,7 +67,7 @@ pub struct CeleryConsumerOptions {
 
 impl CeleryConsumerOptions {
     /// The server's settings: `PLUGINS_CELERY_QUEUE`, events only without Kafka, concurrency
-    /// `WORKER_CONCURRENCY × TASKS_PER_WORKER`.
+    /// [`super::consumer_concurrency`].
     pub fn from_config(config: &Config) -> CeleryConsumerOptions {
         CeleryConsumerOptions {
             queue: config.PLUGINS_CELERY_QUEUE.clone(),

@@ -2,7 +2,8 @@
 //! decodes raw event messages and hands each event to the [`EventHandler`].
 //!
 //! Delivery is at least once. Messages are taken in sub-batches of up to
-//! `WORKER_CONCURRENCY × TASKS_PER_WORKER`, handled concurrently; only when every event of the
+//! [`super::consumer_concurrency`] (the reference's `WORKER_CONCURRENCY × TASKS_PER_WORKER`, times
+//! [`super::EVENTS_IN_FLIGHT_PER_TASK`]), handled concurrently; only when every event of the
 //! sub-batch is done *and* the producer has delivered everything queued so far (so the events'
 //! own writes are in Kafka) are the sub-batch's offsets stored, to be committed by the auto-commit
 //! (every 1000 ms, as the reference) and at shutdown. A crash loses no event: what was not stored
