@@ -123,6 +123,48 @@ async fn a_failed_background_send_is_reported_by_the_next_flush() {
     timer.abort();
 }
 
+/// A sender whose sends each wait for a permit.
+struct HeldSender(Arc<tokio::sync::Semaphore>);
+
+#[async_trait]
+impl BatchSender for HeldSender {
+    async fn send_batch(&self, _records: Vec<KafkaRecord>) -> Result<(), ProduceError> {
+        self.0.acquire().await.map_err(|error| ProduceError::Send(error.to_string()))?.forget();
+        Ok(())
+    }
+}
+
+/// `flush` waits for the sends started before it, not for ones started while it waits: under a
+/// steady inflow (the Kafka consumer flushes while events keep producing) it still returns.
+#[tokio::test]
+async fn flush_waits_for_earlier_sends_only() {
+    let permits = Arc::new(tokio::sync::Semaphore::new(0));
+    let settings = FlushSettings { max_queue_size: 1, max_batch_bytes: 500, flush_frequency: Duration::from_secs(60) };
+    let producer = Arc::new(KafkaProducerWrapper::new(Box::new(HeldSender(permits.clone())), settings));
+    let queue = |producer: &Arc<KafkaProducerWrapper>| {
+        let producer = Arc::clone(producer);
+        tokio::spawn(async move { producer.queue_message(record(10)).await })
+    };
+    let earlier = queue(&producer);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let flushing = {
+        let producer = Arc::clone(&producer);
+        tokio::spawn(async move { producer.flush().await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let later = queue(&producer);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!flushing.is_finished(), "the flush waits for the earlier send");
+    // One permit, which the earlier send gets (the semaphore is first come, first served): the
+    // later send is still held, and the flush returns without it.
+    permits.add_permits(1);
+    assert_eq!(tokio::time::timeout(Duration::from_secs(5), flushing).await.unwrap().unwrap(), Ok(()));
+    assert!(!later.is_finished());
+    permits.add_permits(1);
+    earlier.await.unwrap().unwrap();
+    later.await.unwrap().unwrap();
+}
+
 #[tokio::test]
 async fn sends_to_a_real_broker() {
     let topic = unique("producer");

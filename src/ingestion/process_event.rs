@@ -428,13 +428,16 @@ impl EventsProcessor {
         }
         // ClickHouse pipeline: each event announces the person as it is after its own update.
         let person = persons::fetch_person(&self.pool, team_id, distinct_id).await?.ok_or_else(not_found)?;
-        let properties = match apply_person_property_updates(&person.properties, set, set_once) {
-            Some(updated) => updated,
-            // The ClickHouse pipeline re-emits the person even when nothing changed, as the reference.
-            None if self.writer.is_clickhouse_pipeline() => person.properties.clone(),
-            None => return Ok(()),
-        };
-        self.update_person(&person, PersonUpdate { properties: Some(properties), ..PersonUpdate::default() }).await
+        match apply_person_property_updates(&person.properties, set, set_once) {
+            Some(properties) => {
+                let update = PersonUpdate { properties: Some(properties), ..PersonUpdate::default() };
+                self.update_person(&person, update).await
+            }
+            // The reference re-emits the person even when nothing changed, and first rewrites the
+            // row with the same values. That rewrite changes nothing anyone can read (the row has
+            // no version column), so it is skipped: only the message goes out.
+            None => Ok(self.writer.person_updated(&person).await?),
+        }
     }
 
     async fn update_person(&self, person: &Person, update: PersonUpdate) -> Result<(), IngestError> {

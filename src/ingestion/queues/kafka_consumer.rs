@@ -1,11 +1,12 @@
 //! The Kafka consumer (`KAFKA_ENABLED=true`): a consumer group on `KAFKA_CONSUMPTION_TOPIC` that
 //! decodes raw event messages and hands each event to the [`EventHandler`].
 //!
-//! Delivery is at least once. Messages are taken in sub-batches of up to
-//! [`super::consumer_concurrency`] (the reference's `WORKER_CONCURRENCY × TASKS_PER_WORKER`, times
-//! [`super::EVENTS_IN_FLIGHT_PER_TASK`]), handled concurrently; only when every event of the
-//! sub-batch is done *and* the producer has delivered everything queued so far (so the events'
-//! own writes are in Kafka) are the sub-batch's offsets stored, to be committed by the auto-commit
+//! Delivery is at least once. Up to [`super::consumer_concurrency`] events (the reference's
+//! `WORKER_CONCURRENCY × TASKS_PER_WORKER`, times [`super::EVENTS_IN_FLIGHT_PER_TASK`]) are
+//! handled at once, a new message taken as soon as any finishes (a sliding window: the
+//! reference's batches wait for their slowest event). Per partition, the offset stored is the end
+//! of the prefix of events that are done, and only after a producer flush that covers everything
+//! those events queued (so their own writes are in Kafka); it is committed by the auto-commit
 //! (every 1000 ms, as the reference) and at shutdown. A crash loses no event: what was not stored
 //! is consumed again.
 //!
@@ -17,12 +18,14 @@
 //! Settings as the reference's kafkajs consumer: group `clickhouse-ingestion`, read committed,
 //! new groups start at the latest offset, session timeout 30 s, heartbeat 3 s.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::Utc;
+use futures::future::BoxFuture;
+use futures::stream::{FuturesUnordered, StreamExt};
 use futures::FutureExt;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::{Message, OwnedMessage};
@@ -31,7 +34,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use super::kafka_producer::KafkaProducerWrapper;
+use super::kafka_producer::{KafkaProducerWrapper, ProduceError};
 use super::kafka_settings::{self, KafkaSetupError};
 use super::messages::{
     dead_letter_record, decode_raw_event, malformed_message_dead_letter_record, INGEST_EVENT_ERROR_LOCATION,
@@ -49,7 +52,7 @@ pub struct KafkaConsumerOptions {
     /// `KAFKA_CONSUMPTION_TOPIC`.
     pub topic: String,
     pub group_id: String,
-    /// Events handled at once (sub-batch size).
+    /// Events handled at once (the sliding window).
     pub concurrency: usize,
     /// Where a group without committed offsets starts: `latest` (the reference) or `earliest`.
     pub offset_reset: String,
@@ -128,6 +131,68 @@ pub struct KafkaQueue {
 enum MessageOutcome {
     Done,
     Interrupted,
+}
+
+type PartitionKey = (String, i32);
+/// A partition and the next offset to read there (everything before it is handled).
+type PartitionOffset = (PartitionKey, i64);
+
+/// Which offsets of each partition are in hand, and how far the handled prefix reaches. Messages
+/// of a partition arrive in offset order and finish in any order; the offset that may be stored
+/// is the oldest one still in hand or, with none in hand, one past the newest finished.
+#[derive(Default)]
+struct OffsetTracker {
+    partitions: HashMap<PartitionKey, PartitionProgress>,
+}
+
+#[derive(Default)]
+struct PartitionProgress {
+    /// Offsets in hand (a count, since after a rebalance an offset can be in hand twice).
+    in_hand: BTreeMap<i64, usize>,
+    /// One past the newest offset taken.
+    next_after_newest: i64,
+    /// The last offset returned by `take_progress`; at first the first offset taken (storing
+    /// that would say nothing).
+    reported: i64,
+}
+
+impl PartitionProgress {
+    fn storable(&self) -> i64 {
+        self.in_hand.keys().next().copied().unwrap_or(self.next_after_newest)
+    }
+}
+
+impl OffsetTracker {
+    fn start(&mut self, key: PartitionKey, offset: i64) {
+        let partition =
+            self.partitions.entry(key).or_insert_with(|| PartitionProgress { reported: offset, ..Default::default() });
+        *partition.in_hand.entry(offset).or_insert(0) += 1;
+        partition.next_after_newest = offset + 1;
+    }
+
+    fn finish(&mut self, key: PartitionKey, offset: i64) {
+        if let Some(partition) = self.partitions.get_mut(&key) {
+            if let Some(count) = partition.in_hand.get_mut(&offset) {
+                *count -= 1;
+                if *count == 0 {
+                    partition.in_hand.remove(&offset);
+                }
+            }
+        }
+    }
+
+    /// The partitions whose storable offset moved since the last call, with that offset.
+    fn take_progress(&mut self) -> Vec<PartitionOffset> {
+        let mut progress = Vec::new();
+        for (key, partition) in &mut self.partitions {
+            let storable = partition.storable();
+            if storable != partition.reported {
+                partition.reported = storable;
+                progress.push((key.clone(), storable));
+            }
+        }
+        progress
+    }
 }
 
 impl KafkaQueue {
@@ -239,7 +304,7 @@ impl KafkaQueue {
         }
     }
 
-    /// Finishes the sub-batch in hand (waiting retries are abandoned, their batch not committed),
+    /// Finishes the events in hand (waiting retries are abandoned and those events not committed),
     /// commits what was handled, and leaves the group.
     pub async fn stop(&self) {
         info!("⏳ Stopping Kafka queue...");
@@ -268,66 +333,94 @@ impl Shared {
         }
     }
 
+    /// Keeps up to `concurrency` events in hand: a new message is taken as soon as any event
+    /// finishes (no batch waits for its slowest event). Offsets advance per partition over the
+    /// completed prefix only; they are stored after a producer flush that covers every write the
+    /// completed events queued, while the next events are already being handled.
     async fn consume_loop(self: &Arc<Self>) -> Result<(), String> {
-        let batch_size = self.options.concurrency.max(1);
+        let window = self.options.concurrency.max(1);
+        let mut in_flight = FuturesUnordered::new();
+        let mut offsets = OffsetTracker::default();
+        let mut storing: Option<BoxFuture<'static, (Result<(), ProduceError>, Vec<PartitionOffset>)>> = None;
+        let mut interrupted = false;
         loop {
-            let first = tokio::select! {
-                _ = self.stop.cancelled() => return Ok(()),
-                message = self.consumer.recv() => message,
-            };
-            let mut batch = match first {
-                Ok(message) => vec![message.detach()],
-                Err(error) => {
-                    warn!("⚠️ Kafka consumer error: {error}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            while batch.len() < batch_size {
-                match self.consumer.recv().now_or_never() {
-                    Some(Ok(message)) => batch.push(message.detach()),
-                    Some(Err(error)) => {
-                        warn!("⚠️ Kafka consumer error: {error}");
-                        break;
-                    }
-                    None => break,
+            if storing.is_none() {
+                let progress = offsets.take_progress();
+                if !progress.is_empty() {
+                    let producer = Arc::clone(&self.producer);
+                    storing = Some(async move { (producer.flush().await, progress) }.boxed());
                 }
             }
-            if !self.process_batch(batch).await? {
-                return Ok(());
+            if interrupted || (self.stop.is_cancelled() && in_flight.is_empty()) {
+                break;
+            }
+            tokio::select! {
+                biased;
+                Some((key, offset, outcome)) = in_flight.next(), if !in_flight.is_empty() => match outcome {
+                    MessageOutcome::Done => offsets.finish(key, offset),
+                    MessageOutcome::Interrupted => interrupted = true,
+                },
+                (flushed, progress) = async {
+                    match storing.as_mut() {
+                        Some(flush) => flush.await,
+                        None => std::future::pending().await,
+                    }
+                }, if storing.is_some() => {
+                    storing = None;
+                    flushed.map_err(|error| format!("Kafka production failed, not committing: {error}"))?;
+                    self.store_offsets(&progress);
+                }
+                _ = self.stop.cancelled(), if !self.stop.is_cancelled() => {}
+                message = self.consumer.recv(), if in_flight.len() < window && !self.stop.is_cancelled() => match message {
+                    Ok(message) => {
+                        let message = message.detach();
+                        let key = (message.topic().to_string(), message.partition());
+                        offsets.start(key.clone(), message.offset());
+                        let shared = Arc::clone(self);
+                        in_flight.push(async move {
+                            let outcome = shared.process_message(&message).await;
+                            (key, message.offset(), outcome)
+                        });
+                    }
+                    Err(error) => {
+                        warn!("⚠️ Kafka consumer error: {error}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
             }
         }
+        if interrupted {
+            // Waiting retries were abandoned: those events stay uncommitted and come again.
+            info!("🚪 Bailing out of {} events in hand", in_flight.len() + 1);
+            while in_flight.next().await.is_some() {}
+        }
+        // What completed before the stop is stored, after the flush that delivers its writes.
+        if let Some(pending) = storing.take() {
+            let (flushed, progress) = pending.await;
+            flushed.map_err(|error| format!("Kafka production failed, not committing: {error}"))?;
+            self.store_offsets(&progress);
+        }
+        let progress = offsets.take_progress();
+        if !progress.is_empty() {
+            self.producer.flush().await.map_err(|error| format!("Kafka production failed, not committing: {error}"))?;
+            self.store_offsets(&progress);
+        }
+        Ok(())
     }
 
-    /// Handles a sub-batch; stores its offsets once everything is handled and delivered. `false`
-    /// when shutdown interrupted it (nothing stored).
-    async fn process_batch(self: &Arc<Self>, batch: Vec<OwnedMessage>) -> Result<bool, String> {
-        let started = Instant::now();
-        let outcomes = futures::future::join_all(batch.iter().map(|message| self.process_message(message))).await;
-        if outcomes.iter().any(|outcome| matches!(outcome, MessageOutcome::Interrupted)) {
-            info!("🚪 Bailing out of a batch of {} events", batch.len());
-            return Ok(false);
-        }
-        self.producer.flush().await.map_err(|error| format!("Kafka production failed, not committing: {error}"))?;
-        let mut last: HashMap<(&str, i32), i64> = HashMap::new();
-        for message in &batch {
-            let entry = last.entry((message.topic(), message.partition())).or_insert(message.offset());
-            *entry = (*entry).max(message.offset());
-        }
+    /// Stores (for the auto-commit) the next offset to read of each partition.
+    fn store_offsets(&self, progress: &[PartitionOffset]) {
         let mut offsets = TopicPartitionList::new();
-        for ((topic, partition), offset) in last {
-            if let Err(error) = offsets.add_partition_offset(topic, partition, Offset::Offset(offset + 1)) {
-                warn!("⚠️ Bad offset {offset} for {topic}/{partition}: {error}");
+        for ((topic, partition), next) in progress {
+            if let Err(error) = offsets.add_partition_offset(topic, *partition, Offset::Offset(*next)) {
+                warn!("⚠️ Bad offset {next} for {topic}/{partition}: {error}");
             }
         }
         if let Err(error) = self.consumer.store_offsets(&offsets) {
             // Typically the partition was revoked meanwhile: its new owner consumes these again.
             warn!("⚠️ Could not store Kafka offsets: {error}");
         }
-        // Debug, not info as in the reference: it logs once per kafkajs fetch, this runs per
-        // sub-batch (hundreds of times a second under load).
-        debug!("🧩 Kafka batch of {} events completed in {}ms", batch.len(), started.elapsed().as_millis());
-        Ok(true)
+        debug!("🧩 Kafka offsets stored: {progress:?}");
     }
 
     async fn process_message(self: &Arc<Self>, message: &OwnedMessage) -> MessageOutcome {
@@ -377,5 +470,65 @@ impl Shared {
             QueueStats::bump(&self.stats.dead_lettered);
         }
         MessageOutcome::Done
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(partition: i32) -> PartitionKey {
+        ("events".to_string(), partition)
+    }
+
+    #[test]
+    fn nothing_is_storable_before_an_event_is_done() {
+        let mut tracker = OffsetTracker::default();
+        tracker.start(key(0), 40);
+        tracker.start(key(0), 41);
+        assert!(tracker.take_progress().is_empty());
+    }
+
+    #[test]
+    fn only_the_done_prefix_is_storable() {
+        let mut tracker = OffsetTracker::default();
+        for offset in 10..15 {
+            tracker.start(key(0), offset);
+        }
+        // 11 and 12 finish first: 10 is still in hand, so nothing may be stored.
+        tracker.finish(key(0), 11);
+        tracker.finish(key(0), 12);
+        assert!(tracker.take_progress().is_empty());
+        tracker.finish(key(0), 10);
+        assert_eq!(tracker.take_progress(), vec![(key(0), 13)]);
+        // Unchanged since: nothing new to store.
+        assert!(tracker.take_progress().is_empty());
+        tracker.finish(key(0), 14);
+        tracker.finish(key(0), 13);
+        assert_eq!(tracker.take_progress(), vec![(key(0), 15)]);
+    }
+
+    #[test]
+    fn partitions_advance_independently() {
+        let mut tracker = OffsetTracker::default();
+        tracker.start(key(0), 0);
+        tracker.start(key(1), 7);
+        tracker.start(key(1), 8);
+        tracker.finish(key(1), 7);
+        assert_eq!(tracker.take_progress(), vec![(key(1), 8)]);
+        tracker.finish(key(0), 0);
+        assert_eq!(tracker.take_progress(), vec![(key(0), 1)]);
+    }
+
+    #[test]
+    fn an_offset_in_hand_twice_after_a_rebalance_holds_the_prefix_until_both_finish() {
+        let mut tracker = OffsetTracker::default();
+        tracker.start(key(0), 5);
+        tracker.start(key(0), 5);
+        tracker.start(key(0), 6);
+        tracker.finish(key(0), 5);
+        assert!(tracker.take_progress().is_empty());
+        tracker.finish(key(0), 5);
+        assert_eq!(tracker.take_progress(), vec![(key(0), 6)]);
     }
 }

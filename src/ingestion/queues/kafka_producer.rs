@@ -14,6 +14,7 @@
 //!
 //! This module owns buffering and sending; what the records contain is `messages`.
 
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -93,8 +94,10 @@ struct Buffer {
     records: Vec<KafkaRecord>,
     bytes: usize,
     last_flush: Instant,
-    /// Batches taken out of the buffer whose send has not finished.
-    sends_in_flight: usize,
+    /// Batches taken out of the buffer whose send has not finished, by send number.
+    sends_in_flight: BTreeSet<u64>,
+    /// The number the next batch taken out of the buffer gets.
+    next_send: u64,
     failed_sends: usize,
     last_failure: Option<String>,
 }
@@ -125,7 +128,8 @@ impl KafkaProducerWrapper {
                 records: Vec::new(),
                 bytes: 0,
                 last_flush: Instant::now(),
-                sends_in_flight: 0,
+                sends_in_flight: BTreeSet::new(),
+                next_send: 0,
                 failed_sends: 0,
                 last_failure: None,
             }),
@@ -177,22 +181,31 @@ impl KafkaProducerWrapper {
             }
         };
         match batch {
-            Some(batch) => self.send(batch).await,
+            Some((number, batch)) => self.send(number, batch).await,
             None => Ok(()),
         }
     }
 
-    /// Sends whatever is buffered, waits for every send in flight (including ones started by other
-    /// callers or the timer), and reports any send failure since the previous `flush`.
+    /// Sends whatever is buffered, waits for every send started before (including ones started by
+    /// other callers or the timer; sends started meanwhile are not waited for, so a flush under
+    /// continuous load ends), and reports any send failure since the previous `flush`.
     pub async fn flush(&self) -> Result<(), ProduceError> {
-        let _ = self.send_pending().await;
+        // Every send numbered below `last_send` is waited for: those in flight and the buffer's.
+        let (pending, last_send) = {
+            let mut buffer = self.lock();
+            let pending = (!buffer.records.is_empty()).then(|| take_batch(&mut buffer));
+            (pending, buffer.next_send)
+        };
+        if let Some((number, batch)) = pending {
+            let _ = self.send(number, batch).await;
+        }
         loop {
             let notified = self.sends_done.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             {
                 let mut buffer = self.lock();
-                if buffer.sends_in_flight == 0 {
+                if buffer.sends_in_flight.first().is_none_or(|&oldest| oldest >= last_send) {
                     if buffer.failed_sends > 0 {
                         let count = std::mem::take(&mut buffer.failed_sends);
                         let last = buffer.last_failure.take().unwrap_or_default();
@@ -219,14 +232,14 @@ impl KafkaProducerWrapper {
             }
             take_batch(&mut buffer)
         };
-        self.send(batch).await
+        self.send(batch.0, batch.1).await
     }
 
-    async fn send(&self, batch: Vec<KafkaRecord>) -> Result<(), ProduceError> {
+    async fn send(&self, number: u64, batch: Vec<KafkaRecord>) -> Result<(), ProduceError> {
         let result = self.sender.send_batch(batch).await;
         {
             let mut buffer = self.lock();
-            buffer.sends_in_flight -= 1;
+            buffer.sends_in_flight.remove(&number);
             if let Err(failure) = &result {
                 buffer.failed_sends += 1;
                 buffer.last_failure = Some(failure.to_string());
@@ -240,12 +253,15 @@ impl KafkaProducerWrapper {
     }
 }
 
-/// Takes the buffer's records as a batch to send (counted in flight until `send` finishes).
-fn take_batch(buffer: &mut Buffer) -> Vec<KafkaRecord> {
+/// Takes the buffer's records as a batch to send, with its send number (in flight until `send`
+/// finishes).
+fn take_batch(buffer: &mut Buffer) -> (u64, Vec<KafkaRecord>) {
     buffer.last_flush = Instant::now();
     buffer.bytes = 0;
-    buffer.sends_in_flight += 1;
-    std::mem::take(&mut buffer.records)
+    let number = buffer.next_send;
+    buffer.next_send += 1;
+    buffer.sends_in_flight.insert(number);
+    (number, std::mem::take(&mut buffer.records))
 }
 
 /// Sends batches through librdkafka (acks = all).

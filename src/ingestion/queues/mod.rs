@@ -117,9 +117,10 @@ impl QueueStats {
 /// a task slot is only held while the event's plugin code runs (the pool bounds that to
 /// `WORKER_CONCURRENCY × TASKS_PER_WORKER` calls); most of an event's time is spent waiting on
 /// Postgres, Redis or Kafka, holding no slot. Feeding each slot a few events keeps the JS threads
-/// and the database busy at once (measured on 2 cores: 2,344 events/s end to end at 20 in flight,
-/// over 4,000 at 100) while memory stays bounded by this small, fixed number.
-pub const EVENTS_IN_FLIGHT_PER_TASK: usize = 5;
+/// and the database busy at once (measured on 2 cores with `cargo bench --bench e2e_server`: 2,344
+/// events/s end to end at 20 in flight, over 4,000 at 100; 400 gives the Kafka path room to
+/// overlap its deliveries) while memory stays bounded by this small, fixed number.
+pub const EVENTS_IN_FLIGHT_PER_TASK: usize = 20;
 
 /// How many events the consumers handle at once: `WORKER_CONCURRENCY × TASKS_PER_WORKER ×`
 /// [`EVENTS_IN_FLIGHT_PER_TASK`], never zero (the reference loops forever on
