@@ -6,6 +6,11 @@
 //! Run: `cargo bench --bench vm_worker` (optional env: BENCH_EVENTS, BENCH_VMS).
 
 use std::sync::Arc;
+
+/// The server binary's allocator (src/main.rs), so the VMs run as they do there.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -86,7 +91,7 @@ async fn worker_benchmark() {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let threads: Vec<usize> = [1, 2, 4, 8, 12, 16].into_iter().filter(|t| *t <= cores.max(1)).collect();
     let events = env_number("BENCH_EVENTS", 50_000);
-    println!("worker benchmark ({cores} cores): events/s through WorkerPool::call (JSON in and out)");
+    println!("worker benchmark ({cores} cores): events/s through WorkerPool::call (serde_json values in and out, converted directly)");
     for (name, code, count) in
         [("simple", SIMPLE, events), ("for2k", FOR2K, events / 5), ("timeout100ms", TIMEOUT100MS, 5_000)]
     {
