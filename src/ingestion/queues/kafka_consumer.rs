@@ -391,7 +391,7 @@ impl Shared {
         }
         if interrupted {
             // Waiting retries were abandoned: those events stay uncommitted and come again.
-            info!("🚪 Bailing out of {} events in hand", in_flight.len() + 1);
+            info!("🚪 Bailing out: {} more events in hand are not committed", in_flight.len());
             while in_flight.next().await.is_some() {}
         }
         // What completed before the stop is stored, after the flush that delivers its writes.
