@@ -193,6 +193,40 @@ async fn is_new_person_uses_the_lru() {
 }
 
 #[tokio::test]
+async fn persons_are_looked_up_many_at_once_in_input_order() {
+    use plugin_server::ingestion::persons::{create_person, fetch_person, fetch_persons_by_distinct_id};
+    let db = TestDb::with_fixture(None).await;
+    let create = |ids: &'static [&'static str], properties: Value| {
+        let pool = db.pool.clone();
+        async move {
+            let properties = properties.as_object().cloned().unwrap_or_default();
+            create_person(&pool, chrono::Utc::now(), &properties, TEAM_ID, false, Uuid::new_v4(), ids).await.unwrap().0
+        }
+    };
+    let anna = create(&["anna", "anna-2"], json!({"name": "Anna"})).await;
+    let bob = create(&["bob"], json!({"name": "Bob"})).await;
+    let keys: Vec<(i32, String)> = [
+        (TEAM_ID, "bob"),
+        (TEAM_ID, "nobody"),
+        (TEAM_ID, "anna-2"),
+        (TEAM_ID + 1, "anna"),
+        (TEAM_ID, "anna"),
+        (TEAM_ID, "bob"),
+    ]
+    .iter()
+    .map(|(team_id, distinct_id)| (*team_id, distinct_id.to_string()))
+    .collect();
+    let found = fetch_persons_by_distinct_id(&db.pool, &keys).await.unwrap();
+    let expected = vec![Some(bob.clone()), None, Some(anna.clone()), None, Some(anna.clone()), Some(bob.clone())];
+    assert_eq!(found, expected);
+    // The same rows as one lookup at a time.
+    for ((team_id, distinct_id), person) in keys.iter().zip(&found) {
+        assert_eq!(&fetch_person(&db.pool, *team_id, distinct_id).await.unwrap(), person);
+    }
+    assert!(fetch_persons_by_distinct_id(&db.pool, &[]).await.unwrap().is_empty());
+}
+
+#[tokio::test]
 async fn group_types_insert_and_conflicts() {
     let db = TestDb::with_fixture(None).await;
     assert!(fetch_group_types(&db.pool, TEAM_ID).await.unwrap().is_empty());

@@ -83,16 +83,51 @@ fn distinct_id_from_row(row: &PgRow) -> Result<PersonDistinctId, sqlx::Error> {
     })
 }
 
+/// `posthog_person`'s columns, qualified, for the queries that join the distinct id table.
+const JOINED_PERSON_COLUMNS: &str = "posthog_person.id, posthog_person.created_at, posthog_person.team_id, \
+     posthog_person.properties, posthog_person.properties_last_updated_at, posthog_person.properties_last_operation, \
+     posthog_person.is_user_id, posthog_person.is_identified, posthog_person.uuid";
+
+/// The rows `input` (`$1` team ids, `$2` distinct ids, 1-based `position`) joined to the persons
+/// owning them, for lookups of many events' persons in one statement.
+const PERSONS_OF_KEYS: &str = "FROM UNNEST($1::int4[], $2::text[]) WITH ORDINALITY AS input(team_id, distinct_id, position) \
+     JOIN posthog_persondistinctid ON posthog_persondistinctid.team_id = input.team_id \
+         AND posthog_persondistinctid.distinct_id = input.distinct_id \
+     JOIN posthog_person ON posthog_person.id = posthog_persondistinctid.person_id \
+         AND posthog_person.team_id = input.team_id";
+
 /// The person that owns `distinct_id` in the team, if any.
 pub async fn fetch_person(pool: &PgPool, team_id: i32, distinct_id: &str) -> Result<Option<Person>, sqlx::Error> {
-    let sql = "SELECT posthog_person.id, posthog_person.created_at, posthog_person.team_id, \
-         posthog_person.properties, posthog_person.properties_last_updated_at, posthog_person.properties_last_operation, \
-         posthog_person.is_user_id, posthog_person.is_identified, posthog_person.uuid \
+    let sql = format!(
+        "SELECT {JOINED_PERSON_COLUMNS} \
          FROM posthog_person JOIN posthog_persondistinctid ON (posthog_persondistinctid.person_id = posthog_person.id) \
          WHERE posthog_person.team_id = $1 AND posthog_persondistinctid.team_id = $1 \
-         AND posthog_persondistinctid.distinct_id = $2";
-    let row = sqlx::query(sql).bind(team_id).bind(distinct_id).fetch_optional(pool).await?;
+         AND posthog_persondistinctid.distinct_id = $2"
+    );
+    let row = sqlx::query(&sql).bind(team_id).bind(distinct_id).fetch_optional(pool).await?;
     row.as_ref().map(person_from_row).transpose()
+}
+
+/// [`fetch_person`] for many `(team_id, distinct_id)` keys in one query: the owners in input
+/// order (`None` where the team has no such distinct id). Repeated keys each get the person.
+pub async fn fetch_persons_by_distinct_id(
+    pool: &PgPool,
+    keys: &[(i32, String)],
+) -> Result<Vec<Option<Person>>, sqlx::Error> {
+    let team_ids: Vec<i32> = keys.iter().map(|(team_id, _)| *team_id).collect();
+    let distinct_ids: Vec<&str> = keys.iter().map(|(_, distinct_id)| distinct_id.as_str()).collect();
+    let sql = format!(
+        "SELECT input.position::int8 AS input_position, {JOINED_PERSON_COLUMNS} {PERSONS_OF_KEYS}"
+    );
+    let rows = sqlx::query(&sql).bind(&team_ids).bind(&distinct_ids).fetch_all(pool).await?;
+    let mut persons: Vec<Option<Person>> = vec![None; keys.len()];
+    for row in &rows {
+        let position: i64 = row.try_get("input_position")?;
+        if let Some(slot) = usize::try_from(position - 1).ok().and_then(|index| persons.get_mut(index)) {
+            *slot = Some(person_from_row(row)?);
+        }
+    }
+    Ok(persons)
 }
 
 /// Creates a person and its distinct ids (in this order) in one transaction.
@@ -285,14 +320,8 @@ pub struct PropertyUpdate {
 pub async fn apply_property_updates(pool: &PgPool, updates: &[PropertyUpdate]) -> Result<Vec<bool>, sqlx::Error> {
     let team_ids: Vec<i32> = updates.iter().map(|update| update.team_id).collect();
     let distinct_ids: Vec<&str> = updates.iter().map(|update| update.distinct_id.as_str()).collect();
-    let found: Vec<(i64, i32)> = sqlx::query_as(
-        "SELECT input.position::int8, posthog_person.id \
-         FROM UNNEST($1::int4[], $2::text[]) WITH ORDINALITY AS input(team_id, distinct_id, position) \
-         JOIN posthog_persondistinctid ON posthog_persondistinctid.team_id = input.team_id \
-             AND posthog_persondistinctid.distinct_id = input.distinct_id \
-         JOIN posthog_person ON posthog_person.id = posthog_persondistinctid.person_id \
-             AND posthog_person.team_id = input.team_id",
-    )
+    let sql = format!("SELECT input.position::int8, posthog_person.id {PERSONS_OF_KEYS}");
+    let found: Vec<(i64, i32)> = sqlx::query_as(&sql)
     .bind(&team_ids)
     .bind(&distinct_ids)
     .fetch_all(pool)

@@ -47,6 +47,9 @@ pub const MAX_FAILED_PERSON_MERGE_ATTEMPTS: u32 = 3;
 /// Most `$set` / `$set_once` updates applied together (Postgres pipeline).
 const MAX_PROPERTY_UPDATE_BATCH: usize = 200;
 
+/// Most person lookups answered by one query (the per-event reads of the ClickHouse pipeline).
+const MAX_PERSON_LOOKUP_BATCH: usize = 200;
+
 /// Internal events that get no event definition.
 const EVENTS_WITHOUT_EVENT_DEFINITION: [&str; 1] = ["$$plugin_metrics"];
 
@@ -137,6 +140,8 @@ pub struct EventsProcessor {
     slow_warning_after: Duration,
     /// Concurrent events' `$set`/`$set_once` share statements and one commit (Postgres pipeline).
     property_updates: Batcher<PropertyUpdate, Result<bool, sqlx::Error>>,
+    /// Concurrent events' person reads share one query.
+    person_lookups: Batcher<(i32, String), Result<Option<Person>, sqlx::Error>>,
 }
 
 impl EventsProcessor {
@@ -168,7 +173,19 @@ impl EventsProcessor {
             group_types: GroupTypeManager::new(pool.clone()),
             property_updates: Batcher::new(MAX_PROPERTY_UPDATE_BATCH, {
                 let pool = pool.clone();
-                move |updates| apply_property_update_batch(pool.clone(), updates)
+                move |updates| {
+                    batch_or_each(pool.clone(), updates, |pool, updates| {
+                        Box::pin(persons::apply_property_updates(pool, updates))
+                    })
+                }
+            }),
+            person_lookups: Batcher::new(MAX_PERSON_LOOKUP_BATCH, {
+                let pool = pool.clone();
+                move |keys| {
+                    batch_or_each(pool.clone(), keys, |pool, keys| {
+                        Box::pin(persons::fetch_persons_by_distinct_id(pool, keys))
+                    })
+                }
             }),
             pool,
             writer,
@@ -233,7 +250,7 @@ impl EventsProcessor {
         if let Some(actions) = &self.actions {
             let team_id = processed.payload.team_id;
             if actions.team_has_actions(team_id) {
-                let person = persons::fetch_person(&self.pool, team_id, &event.distinct_id).await?;
+                let person = self.fetch_person_batched(team_id, &event.distinct_id).await?;
                 matched_action_ids = actions
                     .match_and_fire(event, person.as_ref(), &processed.payload.elements)
                     .await
@@ -427,7 +444,7 @@ impl EventsProcessor {
             return if applied { Ok(()) } else { Err(not_found()) };
         }
         // ClickHouse pipeline: each event announces the person as it is after its own update.
-        let person = persons::fetch_person(&self.pool, team_id, distinct_id).await?.ok_or_else(not_found)?;
+        let person = self.fetch_person_batched(team_id, distinct_id).await?.ok_or_else(not_found)?;
         match apply_person_property_updates(&person.properties, set, set_once) {
             Some(properties) => {
                 let update = PersonUpdate { properties: Some(properties), ..PersonUpdate::default() };
@@ -437,6 +454,16 @@ impl EventsProcessor {
             // row with the same values. That rewrite changes nothing anyone can read (the row has
             // no version column), so it is skipped: only the message goes out.
             None => Ok(self.writer.person_updated(&person).await?),
+        }
+    }
+
+    /// [`persons::fetch_person`] through the lookup batcher: one query serves the events that
+    /// ask at the same time. Only for reads that need not see a write this event has not made
+    /// (identify/alias read directly).
+    async fn fetch_person_batched(&self, team_id: i32, distinct_id: &str) -> Result<Option<Person>, sqlx::Error> {
+        match self.person_lookups.submit((team_id, distinct_id.to_string())).await {
+            Some(result) => result,
+            None => persons::fetch_person(&self.pool, team_id, distinct_id).await,
         }
     }
 
@@ -660,18 +687,22 @@ impl EventsProcessor {
     }
 }
 
-/// Applies a batch of property updates together; when that fails, one by one so each gets its
-/// own error.
-async fn apply_property_update_batch(pool: PgPool, updates: Vec<PropertyUpdate>) -> Vec<Result<bool, sqlx::Error>> {
-    if updates.len() > 1 {
-        if let Ok(found) = persons::apply_property_updates(&pool, &updates).await {
-            return found.into_iter().map(Ok).collect();
+/// Runs a batched statement over `items` (one result per item, in order); when that fails, one
+/// item at a time so each gets its own error. A missing result reads as `R::default()`.
+async fn batch_or_each<T, R: Default>(
+    pool: PgPool,
+    items: Vec<T>,
+    run: impl for<'a> Fn(&'a PgPool, &'a [T]) -> BoxFuture<'a, Result<Vec<R>, sqlx::Error>>,
+) -> Vec<Result<R, sqlx::Error>> {
+    if items.len() > 1 {
+        if let Ok(results) = run(&pool, &items).await {
+            return results.into_iter().map(Ok).collect();
         }
     }
-    let mut results = Vec::with_capacity(updates.len());
-    for update in updates {
-        let result = persons::apply_property_updates(&pool, std::slice::from_ref(&update)).await;
-        results.push(result.map(|found| found.first().copied().unwrap_or(false)));
+    let mut results = Vec::with_capacity(items.len());
+    for item in &items {
+        let result = run(&pool, std::slice::from_ref(item)).await;
+        results.push(result.map(|found| found.into_iter().next().unwrap_or_default()));
     }
     results
 }
