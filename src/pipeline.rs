@@ -22,7 +22,7 @@ use crate::jobs::job::EnqueuedJob;
 use crate::jobs::manager::JobQueueManager;
 use crate::jobs::queue::JobRunner;
 use crate::metrics::staleness::ActivityTracker;
-use crate::plugins::{Plugins, ScheduleKind};
+use crate::plugins::Plugins;
 use crate::pubsub::ReloadHandler;
 use crate::schedule::{BoxError, PluginSchedule, ScheduledTask, ScheduledTaskRunner};
 
@@ -165,33 +165,15 @@ pub struct PluginTasks {
     pub actions: Arc<ActionManager>,
 }
 
-fn schedule_kind(task: ScheduledTask) -> ScheduleKind {
-    match task {
-        ScheduledTask::RunEveryMinute => ScheduleKind::RunEveryMinute,
-        ScheduledTask::RunEveryHour => ScheduleKind::RunEveryHour,
-        ScheduledTask::RunEveryDay => ScheduleKind::RunEveryDay,
-    }
-}
-
-fn config_id(id: i64) -> Result<i32, BoxError> {
-    i32::try_from(id).map_err(|_| format!("plugin config id {id} is out of range").into())
-}
-
 #[async_trait]
 impl ScheduledTaskRunner for PluginTasks {
     async fn plugin_schedule(&self) -> Option<PluginSchedule> {
-        let schedule = self.plugins.schedule()?;
-        let widen = |kind| schedule.ids(kind).iter().map(|id| i64::from(*id)).collect();
-        Some(PluginSchedule {
-            run_every_minute: widen(ScheduleKind::RunEveryMinute),
-            run_every_hour: widen(ScheduleKind::RunEveryHour),
-            run_every_day: widen(ScheduleKind::RunEveryDay),
-        })
+        self.plugins.schedule()
     }
 
-    async fn run_scheduled_task(&self, task: ScheduledTask, plugin_config_id: i64) -> Result<(), BoxError> {
+    async fn run_scheduled_task(&self, task: ScheduledTask, plugin_config_id: i32) -> Result<(), BoxError> {
         // Failures are recorded on the config by the plugins themselves.
-        self.plugins.run_scheduled(schedule_kind(task), config_id(plugin_config_id)?).await;
+        self.plugins.run_scheduled(task, plugin_config_id).await;
         Ok(())
     }
 }
@@ -202,6 +184,10 @@ impl JobRunner for PluginTasks {
         self.plugins.run_job(job).await;
         Ok(())
     }
+}
+
+fn config_id(id: i64) -> Result<i32, BoxError> {
+    i32::try_from(id).map_err(|_| format!("plugin config id {id} is out of range").into())
 }
 
 /// `$$plugin_metrics` events, captured as the plugin config they describe.

@@ -72,19 +72,27 @@ impl fmt::Display for ScheduledTask {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PluginSchedule {
     #[serde(rename = "runEveryMinute", default)]
-    pub run_every_minute: Vec<i64>,
+    pub run_every_minute: Vec<i32>,
     #[serde(rename = "runEveryHour", default)]
-    pub run_every_hour: Vec<i64>,
+    pub run_every_hour: Vec<i32>,
     #[serde(rename = "runEveryDay", default)]
-    pub run_every_day: Vec<i64>,
+    pub run_every_day: Vec<i32>,
 }
 
 impl PluginSchedule {
-    pub fn configs_for(&self, task: ScheduledTask) -> &[i64] {
+    pub fn configs_for(&self, task: ScheduledTask) -> &[i32] {
         match task {
             ScheduledTask::RunEveryMinute => &self.run_every_minute,
             ScheduledTask::RunEveryHour => &self.run_every_hour,
             ScheduledTask::RunEveryDay => &self.run_every_day,
+        }
+    }
+
+    pub fn configs_for_mut(&mut self, task: ScheduledTask) -> &mut Vec<i32> {
+        match task {
+            ScheduledTask::RunEveryMinute => &mut self.run_every_minute,
+            ScheduledTask::RunEveryHour => &mut self.run_every_hour,
+            ScheduledTask::RunEveryDay => &mut self.run_every_day,
         }
     }
 }
@@ -99,7 +107,7 @@ pub trait ScheduledTaskRunner: Send + Sync + 'static {
     /// Runs `task` of one plugin config and resolves when it finished. An error is the plugin's
     /// failure: the runner records it on the config (the reference's `processError`); the
     /// scheduler only logs it.
-    async fn run_scheduled_task(&self, task: ScheduledTask, plugin_config_id: i64) -> Result<(), BoxError>;
+    async fn run_scheduled_task(&self, task: ScheduledTask, plugin_config_id: i32) -> Result<(), BoxError>;
 }
 
 #[derive(Debug, Error)]
@@ -141,7 +149,7 @@ pub struct Scheduler {
     runner: Arc<dyn ScheduledTaskRunner>,
     settings: ScheduleSettings,
     schedule: RwLock<PluginSchedule>,
-    in_flight: Mutex<HashSet<(ScheduledTask, i64)>>,
+    in_flight: Mutex<HashSet<(ScheduledTask, i32)>>,
     runs: TaskTracker,
 }
 

@@ -41,7 +41,7 @@ impl ScheduledTaskRunner for FakePool {
     async fn plugin_schedule(&self) -> Option<PluginSchedule> {
         Some(PluginSchedule { run_every_minute: vec![39], ..PluginSchedule::default() })
     }
-    async fn run_scheduled_task(&self, _: ScheduledTask, _: i64) -> Result<(), BoxError> {
+    async fn run_scheduled_task(&self, _: ScheduledTask, _: i32) -> Result<(), BoxError> {
         Ok(())
     }
 }

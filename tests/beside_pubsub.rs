@@ -42,7 +42,7 @@ impl ScheduledTaskRunner for Recorder {
         self.calls.lock().unwrap().push("schedule".into());
         Some(PluginSchedule::default())
     }
-    async fn run_scheduled_task(&self, _: ScheduledTask, _: i64) -> Result<(), BoxError> {
+    async fn run_scheduled_task(&self, _: ScheduledTask, _: i32) -> Result<(), BoxError> {
         Ok(())
     }
 }

@@ -27,10 +27,10 @@ struct TestRunner {
     schedule: PluginSchedule,
     delay: Duration,
     /// Only this config is slow (all are when `None`).
-    slow_config: Option<i64>,
+    slow_config: Option<i32>,
     fail: bool,
     not_ready_answers: AtomicUsize,
-    runs: Mutex<Vec<(ScheduledTask, i64, Instant)>>,
+    runs: Mutex<Vec<(ScheduledTask, i32, Instant)>>,
     finished: AtomicUsize,
 }
 
@@ -62,7 +62,7 @@ impl ScheduledTaskRunner for TestRunner {
         Some(self.schedule.clone())
     }
 
-    async fn run_scheduled_task(&self, task: ScheduledTask, plugin_config_id: i64) -> Result<(), BoxError> {
+    async fn run_scheduled_task(&self, task: ScheduledTask, plugin_config_id: i32) -> Result<(), BoxError> {
         self.runs.lock().unwrap().push((task, plugin_config_id, Instant::now()));
         if self.slow_config.is_none_or(|slow| slow == plugin_config_id) {
             tokio::time::sleep(self.delay).await;
@@ -133,7 +133,7 @@ async fn a_slow_task_never_delays_the_others() {
     scheduler.run_debounced(ScheduledTask::RunEveryMinute);
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(runner.finished.load(Ordering::SeqCst), 3);
-    let started: Vec<i64> = runner.runs.lock().unwrap().iter().map(|(_, config, _)| *config).collect();
+    let started: Vec<i32> = runner.runs.lock().unwrap().iter().map(|(_, config, _)| *config).collect();
     assert_eq!(started.iter().filter(|config| **config == 39).count(), 1);
     assert_eq!(started.iter().filter(|config| **config == 40).count(), 2);
     scheduler.wait_for_tasks_to_finish().await;

@@ -15,7 +15,7 @@ use std::time::Duration;
 use plugin_server::plugins::extensions::EnqueuedJob;
 use plugin_server::plugins::lazy::LoadOptions;
 use plugin_server::plugins::vm::{CallError, JsError, Method, VmExports};
-use plugin_server::plugins::ScheduleKind;
+use plugin_server::schedule::ScheduledTask;
 use plugins_support::*;
 use serde_json::{json, Value};
 
@@ -339,9 +339,9 @@ async fn capabilities_cover_methods_tasks_and_jobs_and_metrics_are_stored_lower_
     );
     assert_eq!(setup.plugin_column(60, "metrics").await, json!({"metric1": "sum", "metric2": "max", "metric3": "min"}));
     let schedule = setup.plugins.wait_for_schedule().await;
-    assert_eq!(schedule.ids(ScheduleKind::RunEveryHour), &[CONFIG]);
+    assert_eq!(schedule.configs_for(ScheduledTask::RunEveryHour), &[CONFIG]);
     assert_eq!(setup.plugins.schedule(), Some(schedule));
-    assert_eq!(setup.plugins.run_scheduled(ScheduleKind::RunEveryHour, CONFIG).await, Some(json!(4)));
+    assert_eq!(setup.plugins.run_scheduled(ScheduledTask::RunEveryHour, CONFIG).await, Some(json!(4)));
 
     // Metric operations follow the declared types.
     let config = setup.plugins.config(CONFIG).unwrap();
@@ -556,7 +556,7 @@ async fn jobs_and_tasks_run_and_missing_ones_are_errors() {
     let setup = Setup::new("jobs", shared(&fakes)).await;
     setup.plugins.reload().await.unwrap();
     assert_eq!(
-        setup.plugins.wait_for_schedule().await.ids(ScheduleKind::RunEveryDay),
+        setup.plugins.wait_for_schedule().await.configs_for(ScheduledTask::RunEveryDay),
         &[CONFIG],
         "schedule {{runEveryDay: [39]}}"
     );
@@ -576,5 +576,5 @@ async fn jobs_and_tasks_run_and_missing_ones_are_errors() {
         setup.config_error(CONFIG).await.unwrap()["message"],
         "Task \"missing\" not found for plugin \"test-maxmind-plugin\" with config id [object Object]"
     );
-    assert_eq!(setup.plugins.run_scheduled(ScheduleKind::RunEveryMinute, 12345).await, None);
+    assert_eq!(setup.plugins.run_scheduled(ScheduledTask::RunEveryMinute, 12345).await, None);
 }

@@ -15,7 +15,7 @@ use plugin_server::plugins::extensions::EnqueuedJob;
 use plugin_server::plugins::lazy::LoadOptions;
 use plugin_server::plugins::runtime::{PoolOptions, WorkerPool};
 use plugin_server::plugins::runtime_vm::RuntimeVmFactory;
-use plugin_server::plugins::ScheduleKind;
+use plugin_server::schedule::ScheduledTask;
 use plugins_support::*;
 use serde_json::{json, Value};
 
@@ -262,10 +262,10 @@ async fn console_capture_jobs_tasks_and_metrics_from_plugin_code() {
     assert_eq!(stored, "\"hello\"");
 
     let schedule = setup.plugins.wait_for_schedule().await;
-    assert_eq!(schedule.ids(ScheduleKind::RunEveryMinute), &[CONFIG]);
-    assert_eq!(schedule.ids(ScheduleKind::RunEveryDay), &[CONFIG]);
-    assert_eq!(setup.plugins.run_scheduled(ScheduleKind::RunEveryMinute, CONFIG).await, Some(json!("haha")));
-    assert_eq!(setup.plugins.run_scheduled(ScheduleKind::RunEveryDay, CONFIG).await, Some(json!(4)));
+    assert_eq!(schedule.configs_for(ScheduledTask::RunEveryMinute), &[CONFIG]);
+    assert_eq!(schedule.configs_for(ScheduledTask::RunEveryDay), &[CONFIG]);
+    assert_eq!(setup.plugins.run_scheduled(ScheduledTask::RunEveryMinute, CONFIG).await, Some(json!("haha")));
+    assert_eq!(setup.plugins.run_scheduled(ScheduledTask::RunEveryDay, CONFIG).await, Some(json!(4)));
     // `posthog.capture` is not awaited by the task either.
     assert!(eventually(Duration::from_secs(5), || async { !setup.capture.events.lock().unwrap().is_empty() }).await);
     let captured = setup.capture.events.lock().unwrap().clone();

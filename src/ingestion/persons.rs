@@ -90,7 +90,8 @@ const JOINED_PERSON_COLUMNS: &str = "posthog_person.id, posthog_person.created_a
 
 /// The rows `input` (`$1` team ids, `$2` distinct ids, 1-based `position`) joined to the persons
 /// owning them, for lookups of many events' persons in one statement.
-const PERSONS_OF_KEYS: &str = "FROM UNNEST($1::int4[], $2::text[]) WITH ORDINALITY AS input(team_id, distinct_id, position) \
+const PERSONS_OF_KEYS: &str =
+    "FROM UNNEST($1::int4[], $2::text[]) WITH ORDINALITY AS input(team_id, distinct_id, position) \
      JOIN posthog_persondistinctid ON posthog_persondistinctid.team_id = input.team_id \
          AND posthog_persondistinctid.distinct_id = input.distinct_id \
      JOIN posthog_person ON posthog_person.id = posthog_persondistinctid.person_id \
@@ -116,9 +117,7 @@ pub async fn fetch_persons_by_distinct_id(
 ) -> Result<Vec<Option<Person>>, sqlx::Error> {
     let team_ids: Vec<i32> = keys.iter().map(|(team_id, _)| *team_id).collect();
     let distinct_ids: Vec<&str> = keys.iter().map(|(_, distinct_id)| distinct_id.as_str()).collect();
-    let sql = format!(
-        "SELECT input.position::int8 AS input_position, {JOINED_PERSON_COLUMNS} {PERSONS_OF_KEYS}"
-    );
+    let sql = format!("SELECT input.position::int8 AS input_position, {JOINED_PERSON_COLUMNS} {PERSONS_OF_KEYS}");
     let rows = sqlx::query(&sql).bind(&team_ids).bind(&distinct_ids).fetch_all(pool).await?;
     let mut persons: Vec<Option<Person>> = vec![None; keys.len()];
     for row in &rows {
@@ -321,11 +320,7 @@ pub async fn apply_property_updates(pool: &PgPool, updates: &[PropertyUpdate]) -
     let team_ids: Vec<i32> = updates.iter().map(|update| update.team_id).collect();
     let distinct_ids: Vec<&str> = updates.iter().map(|update| update.distinct_id.as_str()).collect();
     let sql = format!("SELECT input.position::int8, posthog_person.id {PERSONS_OF_KEYS}");
-    let found: Vec<(i64, i32)> = sqlx::query_as(&sql)
-    .bind(&team_ids)
-    .bind(&distinct_ids)
-    .fetch_all(pool)
-    .await?;
+    let found: Vec<(i64, i32)> = sqlx::query_as(&sql).bind(&team_ids).bind(&distinct_ids).fetch_all(pool).await?;
     let mut person_of_update: Vec<Option<i32>> = vec![None; updates.len()];
     for (position, person_id) in found {
         if let Some(slot) = usize::try_from(position - 1).ok().and_then(|index| person_of_update.get_mut(index)) {

@@ -9,7 +9,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
 
 use futures::future::join_all;
-use serde::Serialize;
 use serde_json::Value;
 use tracing::{error, info};
 
@@ -23,57 +22,7 @@ use super::runtime::WorkerPool;
 use super::runtime_vm::RuntimeVmFactory;
 use super::vm::{Method, TaskKind, VmFactory};
 use crate::event::PluginEvent;
-
-/// The three schedules.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ScheduleKind {
-    RunEveryMinute,
-    RunEveryHour,
-    RunEveryDay,
-}
-
-impl ScheduleKind {
-    pub const ALL: [ScheduleKind; 3] =
-        [ScheduleKind::RunEveryMinute, ScheduleKind::RunEveryHour, ScheduleKind::RunEveryDay];
-
-    /// The task (and worker task) name.
-    pub fn task_name(self) -> &'static str {
-        match self {
-            ScheduleKind::RunEveryMinute => "runEveryMinute",
-            ScheduleKind::RunEveryHour => "runEveryHour",
-            ScheduleKind::RunEveryDay => "runEveryDay",
-        }
-    }
-}
-
-/// Config ids per schedule, as `getPluginSchedule` returns them.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct PluginSchedule {
-    #[serde(rename = "runEveryMinute")]
-    pub run_every_minute: Vec<i32>,
-    #[serde(rename = "runEveryHour")]
-    pub run_every_hour: Vec<i32>,
-    #[serde(rename = "runEveryDay")]
-    pub run_every_day: Vec<i32>,
-}
-
-impl PluginSchedule {
-    pub fn ids(&self, kind: ScheduleKind) -> &[i32] {
-        match kind {
-            ScheduleKind::RunEveryMinute => &self.run_every_minute,
-            ScheduleKind::RunEveryHour => &self.run_every_hour,
-            ScheduleKind::RunEveryDay => &self.run_every_day,
-        }
-    }
-
-    fn ids_mut(&mut self, kind: ScheduleKind) -> &mut Vec<i32> {
-        match kind {
-            ScheduleKind::RunEveryMinute => &mut self.run_every_minute,
-            ScheduleKind::RunEveryHour => &mut self.run_every_hour,
-            ScheduleKind::RunEveryDay => &mut self.run_every_day,
-        }
-    }
-}
+use crate::schedule::{PluginSchedule, ScheduledTask};
 
 /// One loaded set of configs.
 #[derive(Default)]
@@ -278,9 +227,9 @@ impl Plugins {
     }
 
     /// A scheduled task of one config; its return value, or `None` when it failed or is missing.
-    pub async fn run_scheduled(&self, kind: ScheduleKind, config_id: i32) -> Option<Value> {
+    pub async fn run_scheduled(&self, task: ScheduledTask, config_id: i32) -> Option<Value> {
         let loaded = self.snapshot();
-        run::run_plugin_task(&self.services, loaded.by_id.get(&config_id), TaskKind::Schedule, kind.task_name(), None)
+        run::run_plugin_task(&self.services, loaded.by_id.get(&config_id), TaskKind::Schedule, task.as_str(), None)
             .await
     }
 
@@ -319,9 +268,9 @@ async fn compute_schedule(loaded: &Loaded) -> PluginSchedule {
     let mut count = 0;
     for (id, entry) in &loaded.by_id {
         let Some(vm) = entry.vm.get().await else { continue };
-        for kind in ScheduleKind::ALL {
-            if vm.scheduled_tasks.iter().any(|task| task == kind.task_name()) {
-                schedule.ids_mut(kind).push(*id);
+        for task in ScheduledTask::ALL {
+            if vm.scheduled_tasks.iter().any(|name| name == task.as_str()) {
+                schedule.configs_for_mut(task).push(*id);
                 count += 1;
             }
         }

@@ -28,4 +28,4 @@ pub mod run;
 pub mod runtime_vm;
 pub mod vm;
 
-pub use manager::{PluginSchedule, Plugins, ScheduleKind};
+pub use manager::Plugins;
