@@ -186,23 +186,11 @@ impl JobRunner for PluginTasks {
     }
 }
 
-fn config_id(id: i64) -> Result<i32, BoxError> {
-    i32::try_from(id).map_err(|_| format!("plugin config id {id} is out of range").into())
-}
-
-/// `$$plugin_metrics` events, captured as the plugin config they describe.
+/// `$$plugin_metrics` events, captured as the plugin configs they describe.
 #[async_trait]
 impl crate::metrics::plugin_metrics::PluginMetricsSender for PluginTasks {
-    async fn capture_plugin_metrics(
-        &self,
-        plugin_config_id: i64,
-        properties: serde_json::Map<String, Value>,
-    ) -> Result<(), BoxError> {
-        self.plugins
-            .capture_as(config_id(plugin_config_id)?, "$$plugin_metrics", Value::Object(properties))
-            .await
-            .map(|_| ())
-            .map_err(|error| error.0.into())
+    async fn send_plugin_metrics(&self) {
+        self.plugins.send_plugin_metrics().await
     }
 }
 

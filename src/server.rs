@@ -409,7 +409,7 @@ fn start_observability(
     use std::sync::Arc;
 
     use crate::metrics::internal::{run_internal_metrics, EventIngester, InternalMetrics};
-    use crate::metrics::plugin_metrics::{run_plugin_metrics, PluginMetricsManager, PluginMetricsSender};
+    use crate::metrics::plugin_metrics::{run_plugin_metrics, PluginMetricsSender};
     use crate::metrics::staleness::StalenessCheck;
     use crate::metrics::status_report::{run_status_report, PostHogCloud, StatusReport, TelemetryClient};
 
@@ -455,10 +455,8 @@ fn start_observability(
         });
     }
     {
-        let manager = Arc::new(PluginMetricsManager::new());
         let sender = Arc::clone(tasks) as Arc<dyn PluginMetricsSender>;
-        lifecycle
-            .spawn("plugin metrics", DEFAULT_SHUTDOWN_BUDGET, move |token| run_plugin_metrics(manager, sender, token));
+        lifecycle.spawn("plugin metrics", DEFAULT_SHUTDOWN_BUDGET, move |token| run_plugin_metrics(sender, token));
     }
     if config.STALENESS_RESTART_SECONDS > 0.0 {
         let check = StalenessCheck {

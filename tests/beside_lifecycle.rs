@@ -17,7 +17,7 @@ use plugin_server::hub::{redis_client, Hub};
 use plugin_server::jobs::consumer::{run_job_queue_consumer, JobConsumerSettings};
 use plugin_server::jobs::{EnqueuedJob, JobQueueManager, JobQueueOptions, JobRunner};
 use plugin_server::metrics::internal::{run_internal_metrics, EventIngester, InternalMetrics};
-use plugin_server::metrics::plugin_metrics::{run_plugin_metrics, PluginMetricsManager, PluginMetricsSender};
+use plugin_server::metrics::plugin_metrics::{run_plugin_metrics, PluginMetricsSender};
 use plugin_server::metrics::staleness::{ActivityTracker, StalenessCheck};
 use plugin_server::metrics::status_report::{
     run_status_report, PluginFunction, PostHogCloud, StatusReport, TelemetryClient,
@@ -77,13 +77,7 @@ impl EventIngester for FakePool {
 
 #[async_trait]
 impl PluginMetricsSender for FakePool {
-    async fn capture_plugin_metrics(
-        &self,
-        _plugin_config_id: i64,
-        _properties: serde_json::Map<String, serde_json::Value>,
-    ) -> Result<(), BoxError> {
-        Ok(())
-    }
+    async fn send_plugin_metrics(&self) {}
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -165,9 +159,8 @@ async fn components_start_work_and_stop_within_their_budgets() {
             .spawn("internal metrics", budget, move |token| run_internal_metrics(internal, postgres, ingester, token));
     }
     {
-        let manager = Arc::new(PluginMetricsManager::new());
         let sender = pool.clone() as Arc<dyn PluginMetricsSender>;
-        lifecycle.spawn("plugin metrics", budget, move |token| run_plugin_metrics(manager, sender, token));
+        lifecycle.spawn("plugin metrics", budget, move |token| run_plugin_metrics(sender, token));
     }
     {
         let tracker = Arc::new(ActivityTracker::new());
