@@ -14,6 +14,7 @@
 
 pub mod internal;
 pub mod plugin_metrics;
+pub mod plugin_runs;
 pub mod sentry;
 pub mod staleness;
 pub mod status_report;

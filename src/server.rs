@@ -266,13 +266,20 @@ async fn start_components(hub: &Hub, lifecycle: &mut Lifecycle) -> Result<(), Se
             )))),
         ),
     };
-    let services = Arc::new(PluginServices::new(
+    let mut services = PluginServices::new(
         hub.clone(),
         logs,
         capture,
         Arc::new(JobQueueEnqueuer(Arc::clone(&jobs))),
         geoip.map(|geoip| Arc::new(GeoIpLookup(geoip)) as Arc<dyn crate::plugins::extensions::GeoIpLocator>),
+    );
+    // Plugin call timings go to statsd and to the hourly `$plugin_running_duration` report.
+    let status_report = Arc::new(crate::metrics::status_report::StatusReport::new());
+    services.observer = Arc::new(crate::metrics::plugin_runs::PluginRunRecorder::new(
+        crate::metrics::global().clone(),
+        Arc::clone(&status_report),
     ));
+    let services = Arc::new(services);
     let plugins = Arc::new(Plugins::on_runtime(services, Arc::clone(&pool)));
     plugins.reload().await.map_err(|error| fail("Could not load plugins", &error))?;
     {
@@ -370,7 +377,7 @@ async fn start_components(hub: &Hub, lifecycle: &mut Lifecycle) -> Result<(), Se
     lifecycle.spawn("pubsub", DEFAULT_SHUTDOWN_BUDGET, move |token| pubsub.run(token));
 
     // 10. Observability: statsd gauges, status reports, internal and plugin metrics, staleness.
-    start_observability(hub, lifecycle, &pool, &tasks, activity, pipeline_for_metrics);
+    start_observability(hub, lifecycle, &pool, &tasks, activity, pipeline_for_metrics, status_report);
     Ok(())
 }
 
@@ -405,13 +412,14 @@ fn start_observability(
     tasks: &std::sync::Arc<crate::pipeline::PluginTasks>,
     activity: std::sync::Arc<crate::metrics::staleness::ActivityTracker>,
     pipeline: std::sync::Arc<crate::pipeline::Pipeline>,
+    report: std::sync::Arc<crate::metrics::status_report::StatusReport>,
 ) {
     use std::sync::Arc;
 
     use crate::metrics::internal::{run_internal_metrics, EventIngester, InternalMetrics};
     use crate::metrics::plugin_metrics::{run_plugin_metrics, PluginMetricsSender};
     use crate::metrics::staleness::StalenessCheck;
-    use crate::metrics::status_report::{run_status_report, PostHogCloud, StatusReport, TelemetryClient};
+    use crate::metrics::status_report::{run_status_report, PostHogCloud, TelemetryClient};
 
     let config = &hub.config;
     let metrics = crate::metrics::global().clone();
@@ -443,7 +451,6 @@ fn start_observability(
     {
         let node_env = crate::config::NodeEnv::detect(&|key| std::env::var(key).ok());
         let telemetry: Arc<dyn TelemetryClient> = Arc::new(PostHogCloud::new(node_env, hub.instance_id.to_string()));
-        let report = Arc::new(StatusReport::new());
         lifecycle
             .spawn("status report", DEFAULT_SHUTDOWN_BUDGET, move |token| run_status_report(report, telemetry, token));
     }

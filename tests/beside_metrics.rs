@@ -297,3 +297,60 @@ async fn event_loop_lag_and_pool_gauges_are_reported() {
     shutdown.cancel();
     gauges.await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_calls_become_statsd_timings_error_counters_and_status_report_time() {
+    use plugin_server::metrics::plugin_runs::PluginRunRecorder;
+    use plugin_server::plugins::extensions::{PluginRun, RunObserver};
+
+    let listener = StatsdListener::new();
+    let metrics = Metrics::udp("127.0.0.1", listener.port(), "").unwrap();
+    let report = Arc::new(StatusReport::new());
+    let marker = metrics.clone();
+    let recorder = PluginRunRecorder::new(metrics, report.clone());
+    let run =
+        |function: &'static str, millis: u64, failed: bool, task: Option<(&'static str, &'static str)>| PluginRun {
+            team_id: 2,
+            plugin_config_id: 39,
+            plugin_name: "geoip",
+            function,
+            elapsed: Duration::from_millis(millis),
+            failed,
+            task,
+        };
+    recorder.plugin_ran(&run("processEvent", 12, false, None));
+    recorder.plugin_ran(&run("processEvent", 8, true, None));
+    recorder.plugin_ran(&run("onEvent", 5, true, None));
+    recorder.plugin_ran(&run("onSnapshot", 3, false, None));
+    recorder.plugin_ran(&run("exportEvents", 40, false, None));
+    recorder.plugin_ran(&run("exportEvents", 41, true, None));
+    recorder.plugin_ran(&run("pluginTask", 100, true, Some(("schedule", "runEveryMinute"))));
+    recorder.plugin_ran(&run("pluginTask", 50, false, Some(("job", "retry"))));
+
+    // Nothing for a successful task or a failed export (the retry path counts those): the next
+    // datagram is the marker.
+    marker.increment("marker", &[]);
+    let datagrams = listener.receive(9);
+    assert_eq!(
+        datagrams,
+        [
+            "plugin.process_event,plugin=geoip,teamId=2:12|ms",
+            "plugin.process_event,plugin=geoip,teamId=2:8|ms",
+            "plugin.geoip.process_event.ERROR:1|c",
+            "plugin.geoip.on_event:5|ms",
+            "plugin.geoip.on_event.ERROR:1|c",
+            "plugin.geoip.on_event:3|ms",
+            "plugin.export_events.success,plugin=geoip,teamId=2:40|ms",
+            "plugin.task.schedule.runEveryMinute.39.ERROR:1|c",
+            "marker:1|c",
+        ]
+    );
+    let reports = report.take_report();
+    assert_eq!(reports.len(), 1);
+    assert_eq!(reports[0]["team"], 2);
+    assert_eq!(reports[0]["processEvent_time_ms"], 20);
+    assert_eq!(reports[0]["onEvent_time_ms"], 5);
+    assert_eq!(reports[0]["onSnapshot_time_ms"], 3);
+    assert_eq!(reports[0]["pluginTask_time_ms"], 150);
+    assert_eq!(reports[0]["total_time_ms"], 178);
+}

@@ -178,7 +178,7 @@ pub async fn run_plugin_task(
         None => Err(task_not_found(entry, name)),
     };
     if let Some(entry) = entry {
-        services.observe(&entry.config, "pluginTask", started, result.is_err());
+        services.observe_task(&entry.config, kind.as_str(), name, started, result.is_err());
     }
     match result {
         Ok(value) => Some(value),

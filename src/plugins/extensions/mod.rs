@@ -70,6 +70,8 @@ pub struct PluginRun<'a> {
     pub function: &'static str,
     pub elapsed: std::time::Duration,
     pub failed: bool,
+    /// For `pluginTask`: the kind (`schedule` / `job`) and the task's name.
+    pub task: Option<(&'static str, &'a str)>,
 }
 
 /// Told about every plugin call; the default does nothing.
@@ -106,6 +108,29 @@ pub struct PluginServices {
 impl PluginServices {
     /// Reports a finished call of `config`'s plugin to the observer.
     pub fn observe(&self, config: &PluginConfig, function: &'static str, started: std::time::Instant, failed: bool) {
+        self.report_run(config, function, started, failed, None);
+    }
+
+    /// Reports a finished scheduled task or job (`kind` is `schedule` or `job`).
+    pub fn observe_task(
+        &self,
+        config: &PluginConfig,
+        kind: &'static str,
+        name: &str,
+        started: std::time::Instant,
+        failed: bool,
+    ) {
+        self.report_run(config, "pluginTask", started, failed, Some((kind, name)));
+    }
+
+    fn report_run(
+        &self,
+        config: &PluginConfig,
+        function: &'static str,
+        started: std::time::Instant,
+        failed: bool,
+        task: Option<(&'static str, &str)>,
+    ) {
         let name = config.plugin.name();
         self.observer.plugin_ran(&PluginRun {
             team_id: config.team(),
@@ -114,6 +139,7 @@ impl PluginServices {
             function,
             elapsed: started.elapsed(),
             failed,
+            task,
         });
     }
 
