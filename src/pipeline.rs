@@ -95,17 +95,12 @@ pub struct Pipeline {
     pub writer_dead_letters: bool,
 }
 
-/// Database trouble that may pass (connection lost, pool exhausted) is worth a retry; anything
-/// else about an event will fail the same way again and goes to the dead-letter queue.
+/// Transient failures are retried by the consumer; the rest go to the dead-letter queue.
 fn classify(error: IngestError) -> HandleError {
-    match &error {
-        IngestError::Database(
-            sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_),
-        )
-        // Another server may be creating the same person at this instant: try again.
-        | IngestError::PersonNotFoundForUpdate { .. }
-        | IngestError::PersonNotFoundForIdentify { .. } => HandleError::Retryable(error.to_string()),
-        _ => HandleError::Rejected(error.to_string()),
+    if error.is_transient() {
+        HandleError::Retryable(error.to_string())
+    } else {
+        HandleError::Rejected(error.to_string())
     }
 }
 

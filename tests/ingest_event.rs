@@ -286,6 +286,26 @@ async fn clickhouse_pipeline_calls() {
 /// Event rows of concurrent tasks are inserted together; a bad row fails alone and every other
 /// event gets its own id.
 #[tokio::test]
+async fn a_transient_failure_is_left_to_the_caller_to_retry_not_dead_lettered() {
+    let db = TestDb::with_fixture(None).await;
+    let writer = Arc::new(RecordingWriter {
+        postgres: PostgresEventWriter::new(db.pool.clone()),
+        calls: Mutex::new(Vec::new()),
+    });
+    let processor = EventsProcessor::from_parts(db.pool.clone(), writer.clone(), 100, Duration::from_secs(30));
+    // A permanent failure is dead-lettered by ingestion itself.
+    let broken = json!({"event": "e", "properties": {"$elements": "x"}});
+    let error = processor.ingest_event(event("a", broken)).await.unwrap_err();
+    assert!(!error.is_transient());
+    assert_eq!(writer.take(), [format!("dead letter e {error}")]);
+    // The database going away is worth a retry: no record of a failure that may yet succeed.
+    db.pool.close().await;
+    let error = processor.ingest_event(event("a", json!({"event": "e"}))).await.unwrap_err();
+    assert!(error.is_transient(), "{error}");
+    assert!(writer.take().is_empty());
+}
+
+#[tokio::test]
 async fn concurrent_events_are_batched_and_a_bad_one_fails_alone() {
     let harness = Harness::new().await;
     let long_id = "x".repeat(300);

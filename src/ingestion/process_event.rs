@@ -77,6 +77,21 @@ pub enum IngestError {
     Actions(String),
 }
 
+impl IngestError {
+    /// Trouble that may pass, so the same event is worth another try: the database connection
+    /// (lost, pool exhausted), or a person another server is creating at this instant. Anything
+    /// else fails the same way again.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            IngestError::Database(
+                sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_)
+            ) | IngestError::PersonNotFoundForUpdate { .. }
+                | IngestError::PersonNotFoundForIdentify { .. }
+        )
+    }
+}
+
 impl From<WriteError> for IngestError {
     fn from(error: WriteError) -> Self {
         match error {
@@ -224,12 +239,17 @@ impl EventsProcessor {
 
     /// The reference's `ingestEvent` task. On failure the event (as mutated so far) is offered to
     /// the writer's dead-letter queue and the error is returned for the caller to log and count.
+    /// A transient failure is not dead-lettered: the caller retries it, and dead-letters it
+    /// itself if it never succeeds (else a later success would leave a record of a failure).
     pub async fn ingest_event(&self, mut event: PluginEvent) -> Result<IngestOutcome, IngestError> {
         let uuid_for_logs = event.uuid.clone().unwrap_or_default();
         let work = self.ingest_event_inner(&mut event);
         let result = warn_if_slow(work, self.slow_warning_after, &uuid_for_logs).await;
         if let Err(error) = &result {
             tracing::info!(event = %event.event, uuid = ?event.uuid, %error, "🔔 ingestEvent failed");
+            if error.is_transient() {
+                return result;
+            }
             match self.writer.dead_letter(&event, &error.to_string()).await {
                 Ok(_) => {}
                 Err(dead_letter_error) => tracing::info!(
