@@ -190,6 +190,8 @@ fn pairs(env: &[(String, String)]) -> Vec<(&str, &str)> {
 /// Kafka-mode server logs the failed `SELECT 1` with the URL and the cause, starts anyway, and is
 /// healthy. Nothing listens on 127.77.0.2:8123 (an address of its own on loopback).
 #[tokio::test(flavor = "multi_thread")]
+// One Kafka-mode server at a time under `cargo test` too (nextest: the kafka-mode-server group).
+#[serial_test::serial(kafka_mode_server)]
 async fn kafka_mode_starts_when_clickhouse_is_unreachable() {
     const REDIS_DB: u8 = 13;
     ensure_kafka();
@@ -225,6 +227,8 @@ async fn kafka_mode_starts_when_clickhouse_is_unreachable() {
 /// cohort before Postgres. ClickHouse's port is fixed (8123), so the stand-in listens on an address
 /// of its own on loopback, 127.77.0.1:8123, which no other test uses.
 #[tokio::test(flavor = "multi_thread")]
+// One Kafka-mode server at a time under `cargo test` too (nextest: the kafka-mode-server group).
+#[serial_test::serial(kafka_mode_server)]
 async fn kafka_mode_start_up_runs_select_1_and_static_cohorts_ask_clickhouse() {
     const REDIS_DB: u8 = 14;
     ensure_kafka();
