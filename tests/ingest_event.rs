@@ -157,6 +157,10 @@ struct RecordingWriter {
 }
 
 impl RecordingWriter {
+    fn new(pool: &sqlx::PgPool) -> Arc<RecordingWriter> {
+        Arc::new(RecordingWriter { postgres: PostgresEventWriter::new(pool.clone()), calls: Mutex::new(Vec::new()) })
+    }
+
     fn record(&self, call: String) {
         self.calls.lock().unwrap().push(call);
     }
@@ -225,10 +229,7 @@ impl EventWriter for RecordingWriter {
 #[tokio::test]
 async fn clickhouse_pipeline_calls() {
     let db = TestDb::with_fixture(None).await;
-    let writer = Arc::new(RecordingWriter {
-        postgres: PostgresEventWriter::new(db.pool.clone()),
-        calls: Mutex::new(Vec::new()),
-    });
+    let writer = RecordingWriter::new(&db.pool);
     let processor = EventsProcessor::from_parts(db.pool.clone(), writer.clone(), 100, Duration::from_secs(30))
         .with_actions(Arc::new(FooBarActions));
 
@@ -283,15 +284,10 @@ async fn clickhouse_pipeline_calls() {
     assert_eq!(persons.len(), 6);
 }
 
-/// Event rows of concurrent tasks are inserted together; a bad row fails alone and every other
-/// event gets its own id.
 #[tokio::test]
 async fn a_transient_failure_is_left_to_the_caller_to_retry_not_dead_lettered() {
     let db = TestDb::with_fixture(None).await;
-    let writer = Arc::new(RecordingWriter {
-        postgres: PostgresEventWriter::new(db.pool.clone()),
-        calls: Mutex::new(Vec::new()),
-    });
+    let writer = RecordingWriter::new(&db.pool);
     let processor = EventsProcessor::from_parts(db.pool.clone(), writer.clone(), 100, Duration::from_secs(30));
     // A permanent failure is dead-lettered by ingestion itself.
     let broken = json!({"event": "e", "properties": {"$elements": "x"}});
@@ -305,6 +301,8 @@ async fn a_transient_failure_is_left_to_the_caller_to_retry_not_dead_lettered() 
     assert!(writer.take().is_empty());
 }
 
+/// Event rows of concurrent tasks are inserted together; a bad row fails alone and every other
+/// event gets its own id.
 #[tokio::test]
 async fn concurrent_events_are_batched_and_a_bad_one_fails_alone() {
     let harness = Harness::new().await;
