@@ -4,6 +4,8 @@
 //! Owns the SQL only. When to call what (identify/alias rules, retries) is `process_event`'s;
 //! announcing changes to ClickHouse is the `EventWriter`'s.
 
+use std::sync::LazyLock;
+
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
@@ -97,15 +99,24 @@ const PERSONS_OF_KEYS: &str =
      JOIN posthog_person ON posthog_person.id = posthog_persondistinctid.person_id \
          AND posthog_person.team_id = input.team_id";
 
-/// The person that owns `distinct_id` in the team, if any.
-pub async fn fetch_person(pool: &PgPool, team_id: i32, distinct_id: &str) -> Result<Option<Person>, sqlx::Error> {
-    let sql = format!(
+/// The statements built from the shared pieces above, once.
+static FETCH_PERSON_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
         "SELECT {JOINED_PERSON_COLUMNS} \
          FROM posthog_person JOIN posthog_persondistinctid ON (posthog_persondistinctid.person_id = posthog_person.id) \
          WHERE posthog_person.team_id = $1 AND posthog_persondistinctid.team_id = $1 \
          AND posthog_persondistinctid.distinct_id = $2"
-    );
-    let row = sqlx::query(&sql).bind(team_id).bind(distinct_id).fetch_optional(pool).await?;
+    )
+});
+static FETCH_PERSONS_OF_KEYS_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!("SELECT input.position::int8 AS input_position, {JOINED_PERSON_COLUMNS} {PERSONS_OF_KEYS}")
+});
+static PERSON_IDS_OF_KEYS_SQL: LazyLock<String> =
+    LazyLock::new(|| format!("SELECT input.position::int8, posthog_person.id {PERSONS_OF_KEYS}"));
+
+/// The person that owns `distinct_id` in the team, if any.
+pub async fn fetch_person(pool: &PgPool, team_id: i32, distinct_id: &str) -> Result<Option<Person>, sqlx::Error> {
+    let row = sqlx::query(&FETCH_PERSON_SQL).bind(team_id).bind(distinct_id).fetch_optional(pool).await?;
     row.as_ref().map(person_from_row).transpose()
 }
 
@@ -117,8 +128,7 @@ pub async fn fetch_persons_by_distinct_id(
 ) -> Result<Vec<Option<Person>>, sqlx::Error> {
     let team_ids: Vec<i32> = keys.iter().map(|(team_id, _)| *team_id).collect();
     let distinct_ids: Vec<&str> = keys.iter().map(|(_, distinct_id)| distinct_id.as_str()).collect();
-    let sql = format!("SELECT input.position::int8 AS input_position, {JOINED_PERSON_COLUMNS} {PERSONS_OF_KEYS}");
-    let rows = sqlx::query(&sql).bind(&team_ids).bind(&distinct_ids).fetch_all(pool).await?;
+    let rows = sqlx::query(&FETCH_PERSONS_OF_KEYS_SQL).bind(&team_ids).bind(&distinct_ids).fetch_all(pool).await?;
     let mut persons: Vec<Option<Person>> = vec![None; keys.len()];
     for row in &rows {
         let position: i64 = row.try_get("input_position")?;
@@ -319,8 +329,8 @@ pub struct PropertyUpdate {
 pub async fn apply_property_updates(pool: &PgPool, updates: &[PropertyUpdate]) -> Result<Vec<bool>, sqlx::Error> {
     let team_ids: Vec<i32> = updates.iter().map(|update| update.team_id).collect();
     let distinct_ids: Vec<&str> = updates.iter().map(|update| update.distinct_id.as_str()).collect();
-    let sql = format!("SELECT input.position::int8, posthog_person.id {PERSONS_OF_KEYS}");
-    let found: Vec<(i64, i32)> = sqlx::query_as(&sql).bind(&team_ids).bind(&distinct_ids).fetch_all(pool).await?;
+    let found: Vec<(i64, i32)> =
+        sqlx::query_as(&PERSON_IDS_OF_KEYS_SQL).bind(&team_ids).bind(&distinct_ids).fetch_all(pool).await?;
     let mut person_of_update: Vec<Option<i32>> = vec![None; updates.len()];
     for (position, person_id) in found {
         if let Some(slot) = usize::try_from(position - 1).ok().and_then(|index| person_of_update.get_mut(index)) {

@@ -13,7 +13,7 @@ use serde_json::Value;
 use tracing::{error, info};
 
 use super::errors::PluginsError;
-use super::extensions::{build_capture, EnqueuedJob, PluginContext, PluginServices, SinkError};
+use super::extensions::{EnqueuedJob, PluginContext, PluginServices};
 use super::lazy::{LazyVm, LoadOptions};
 use super::loader::{apply_schema_defaults, load_code, schema_is_empty};
 use super::rows::{fetch_in_force, Plugin, PluginConfig};
@@ -247,14 +247,6 @@ impl Plugins {
         let loaded = self.snapshot();
         join_all(loaded.by_id.values().map(|entry| run::teardown(&self.services, entry, true))).await;
         self.services.logs.flush().await;
-    }
-
-    /// `posthog.capture(event, properties)` as a loaded config (for example `$$plugin_metrics` sent
-    /// by an accumulator kept elsewhere). `false` when the config is not loaded.
-    pub async fn capture_as(&self, config_id: i32, event: &str, properties: Value) -> Result<bool, SinkError> {
-        let Some(config) = self.config(config_id) else { return Ok(false) };
-        let captured = build_capture(&config, event, Some(&properties), crate::VERSION);
-        self.services.capture.capture(captured).await.map(|()| true)
     }
 
     /// Captures the accumulated `$$plugin_metrics` events and resets the accumulators.
