@@ -3,25 +3,58 @@
 //! kept in `extra` and survive every hop. Key order is preserved (serde_json `preserve_order`), so
 //! JSON written out keeps the order JavaScript would give it.
 //!
-//! This module owns the shape only; what each field means is up to `ingestion`.
+//! Decoding is JavaScript's: the reference reads most fields without a type check, so any JSON
+//! type is accepted where its code accepts it (Celery args and `data`, Kafka messages, and what a
+//! plugin's `processEvent` returns all decode here). A value is refused only where the reference
+//! fails on it too; such messages are dead-lettered with the reason. Per field, what the reference
+//! does with each JSON type (`"…"` string, `1` number, `null`/absent, `{}` object, `[]` array):
+//!
+//! | Field | string | number | null / absent | object | array |
+//! |---|---|---|---|---|---|
+//! | `distinct_id` | kept | `String(n)` (`42.0` → `"42"`) | `String(undefined)`: stored under `"undefined"` | `"[object Object]"` | `String(array)` (`"1,2"`) |
+//! | `ip` | `$ip` when truthy | `$ip` as the number when non-zero | no `$ip` | `$ip` as sent | `$ip` as sent |
+//! | `site_url` | kept (hook links) | `String(n)` | empty (*the reference renders `null`*) | `"[object Object]"` | `String(array)` |
+//! | `team_id` | digits → that team (*the reference then runs no plugins*) | integer (`2.0` is 2); else refused: no such team | refused: no team | refused | refused |
+//! | `now` | `DateTime.fromISO` | `String(n)`, unparseable → server time | unparseable → server time | `"[object Object]"` → server time | `String(array)` |
+//! | `sent_at` | ISO time for the skew correction | ignored (*the reference: invalid time*) | none | ignored | ignored |
+//! | `event` | kept | JSON text (`sanitizeEventName`) | `"null"` / absent refused (*`undefined.substr` throws*) | JSON text | JSON text |
+//! | `uuid` | must be a UUID (`Not a valid UUID`) | refused (the reference fails the same) | a fresh UUIDT in Celery; absent → `Not a valid UUID: "undefined"` | refused | refused |
+//! | `properties` | spread by index (`{"0": "a"}`) | `{}` | `{}` (`?? {}`) | kept | spread by index |
+//! | `timestamp` | `new Date(text)` with `sent_at`, ISO without (`ingestion::timestamp`) | epoch ms (`new Date(n)`); 0 falls to `offset` | falls to `offset` | invalid → `now` | `new Date(String(array))` |
+//! | `offset` | `Number(text)` ms (`"2000"`); not numeric → `now` | ms before `now`; 0 ignored | ignored | `now` (*luxon throws*) | `Number(String(array))` |
+//! | `$set`, `$set_once` | spread by index | truthy → `{}`; 0 ignored | ignored | merged into `properties` | spread by index |
+//!
+//! Where the reference produces an invalid time and then fails the insert (a number timestamp
+//! without `sent_at`, an unparseable timestamp, a non-numeric offset) the event is kept with the
+//! time the client meant, else `now`; the README lists these differences.
+//!
+//! This module owns the shape and its decoding; what each field means is up to `ingestion`.
 
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
+
+use crate::plugins::js::{string_of, truthy};
 
 /// JSON object of properties.
 pub type Properties = Map<String, Value>;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PluginEvent {
-    /// Always a string here; numbers from clients are converted (the reference's `String(id)`).
-    #[serde(deserialize_with = "string_from_scalar")]
+    /// Always a string here: the reference's `sanitizeEvent` (`distinct_id?.toString()`) and
+    /// `String(event.distinct_id)` at ingestion, so `42` → `"42"`, an absent or null id →
+    /// `"undefined"` (the reference stores such events under that id; so do we).
+    #[serde(default = "undefined_text", deserialize_with = "js_string")]
     pub distinct_id: String,
+    /// Kept as sent: only a truthy value becomes `$ip` (any JSON type, as the reference).
     #[serde(default)]
-    pub ip: Option<String>,
-    #[serde(default)]
+    pub ip: Option<Value>,
+    /// `String(site_url)` for non-strings (the reference's template strings); null is empty.
+    #[serde(default, deserialize_with = "js_string_or_empty")]
     pub site_url: String,
+    #[serde(deserialize_with = "team_id")]
     pub team_id: i64,
-    /// ISO timestamp of when PostHog received the event.
+    /// ISO timestamp of when PostHog received the event (non-strings as `String(value)`).
+    #[serde(default, deserialize_with = "js_string_or_empty")]
     pub now: String,
     /// Non-string names (clients have sent objects and arrays) arrive as their JSON text, which is
     /// what the reference stores for them.
@@ -29,16 +62,33 @@ pub struct PluginEvent {
     pub event: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sent_at: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// `data.properties ?? {}` spread as the reference's code does: a non-object becomes the
+    /// object JavaScript's spread makes of it (strings and arrays by index, numbers `{}`).
+    #[serde(default, deserialize_with = "spread_object", skip_serializing_if = "Option::is_none")]
     pub properties: Option<Properties>,
+    /// As sent (string, epoch-milliseconds number, …): `ingestion::timestamp` reads it as the
+    /// reference's `new Date(timestamp)` does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub timestamp: Option<String>,
-    /// Milliseconds before `now` the event happened (used when there is no timestamp).
+    pub timestamp: Option<Value>,
+    /// Milliseconds before `now` the event happened (used when there is no timestamp), as sent:
+    /// a number or a numeric string (`Duration.fromMillis` takes `Number(offset)`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub offset: Option<f64>,
-    #[serde(rename = "$set", default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<Value>,
+    /// Falsy values are absent (the reference's `if (data['$set'])`); other non-objects are
+    /// spread like objects.
+    #[serde(
+        rename = "$set",
+        default,
+        deserialize_with = "truthy_spread_object",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub set: Option<Properties>,
-    #[serde(rename = "$set_once", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "$set_once",
+        default,
+        deserialize_with = "truthy_spread_object",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub set_once: Option<Properties>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uuid: Option<String>,
@@ -47,13 +97,39 @@ pub struct PluginEvent {
     pub extra: Map<String, Value>,
 }
 
-fn string_from_scalar<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
-    match Value::deserialize(deserializer)? {
-        Value::String(text) => Ok(text),
-        Value::Number(number) => Ok(number.to_string()),
-        Value::Bool(flag) => Ok(flag.to_string()),
-        other => Err(serde::de::Error::custom(format!("distinct_id must be a string or number, got {other}"))),
-    }
+fn undefined_text() -> String {
+    "undefined".to_string()
+}
+
+/// `String(value)`, with null as `"undefined"` (`null?.toString()` is `undefined`).
+fn js_string<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    Ok(match Value::deserialize(deserializer)? {
+        Value::Null => undefined_text(),
+        other => string_of(&other),
+    })
+}
+
+fn js_string_or_empty<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    Ok(match Value::deserialize(deserializer)? {
+        Value::Null => String::new(),
+        other => string_of(&other),
+    })
+}
+
+/// A team id: an integer, also written `2.0` or `"2"` (JSON and JavaScript do not tell `2.0` from
+/// `2`; for a numeric string see the README's differences table).
+fn team_id<'de, D: Deserializer<'de>>(deserializer: D) -> Result<i64, D::Error> {
+    let value = Value::deserialize(deserializer)?;
+    let number = match &value {
+        Value::Number(number) => number.as_i64().or_else(|| number.as_f64().and_then(whole)),
+        Value::String(text) => text.trim().parse::<f64>().ok().and_then(whole),
+        _ => None,
+    };
+    number.ok_or_else(|| serde::de::Error::custom(format!("No team found with ID {}", string_of(&value))))
+}
+
+fn whole(number: f64) -> Option<i64> {
+    (number.fract() == 0.0 && number.abs() < 9.007_199_254_740_992e15).then_some(number as i64)
 }
 
 fn string_or_json_text<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
@@ -61,6 +137,33 @@ fn string_or_json_text<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Str
         Value::String(text) => text,
         other => other.to_string(),
     })
+}
+
+/// What JavaScript's `{...value}` makes of a JSON value: objects as they are, strings and arrays
+/// keyed by index, anything else `{}`.
+pub fn js_spread(value: Value) -> Properties {
+    match value {
+        Value::Object(object) => object,
+        Value::Array(items) => items.into_iter().enumerate().map(|(index, item)| (index.to_string(), item)).collect(),
+        Value::String(text) => text
+            .chars()
+            .enumerate()
+            .map(|(index, character)| (index.to_string(), Value::String(character.into())))
+            .collect(),
+        _ => Map::new(),
+    }
+}
+
+fn spread_object<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Properties>, D::Error> {
+    Ok(match Value::deserialize(deserializer)? {
+        Value::Null => None,
+        other => Some(js_spread(other)),
+    })
+}
+
+fn truthy_spread_object<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Properties>, D::Error> {
+    let value = Value::deserialize(deserializer)?;
+    Ok(truthy(&value).then(|| js_spread(value)))
 }
 
 #[cfg(test)]

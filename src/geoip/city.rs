@@ -1,20 +1,24 @@
-//! The GeoIP2 City model as `@maxmind/geoip2-node` 3.0 builds it from a raw MMDB record, which is
-//! what plugins received from the reference's `geoip.locate`: keys camel-cased deeply (except
-//! keys containing `-`, such as `pt-BR` in `names`), `city`/`location`/`postal` default to `{}`,
-//! `subdivisions` to `[]`, `traits` carries `ipAddress`, `network` and the boolean flags
-//! (default `false`), `registeredCountry.isInEuropeanUnion` defaults to `false`.
+//! The GeoIP2 City model as `@maxmind/geoip2-node` 3.0.0 (the reference's locked version) builds it
+//! from a raw MMDB record, which is what plugins received from the reference's `geoip.locate`:
+//! keys camel-cased deeply (except keys containing `-`, such as `pt-BR` in `names`); every field of
+//! the model present, in the model's order, those the record lacks (`maxmind`,
+//! `representedCountry`, often `postal`) `undefined`, here `null` (the runtime turns them back
+//! into `undefined`); `traits` carries the boolean flags (default `false`), then `ipAddress` and
+//! `network`; `registeredCountry.isInEuropeanUnion` defaults to `false`. Checked against the
+//! package itself on the GeoLite2 test database.
 
 use std::net::IpAddr;
 
 use serde_json::{Map, Value};
 
-const TRAIT_FLAGS: [&str; 8] = [
+const TRAIT_FLAGS: [&str; 9] = [
     "isAnonymous",
     "isAnonymousProxy",
     "isAnonymousVpn",
     "isHostingProvider",
     "isLegitimateProxy",
     "isPublicProxy",
+    "isResidentialProxy",
     "isSatelliteProvider",
     "isTorExitNode",
 ];
@@ -71,28 +75,19 @@ pub fn city_model(record: Value, ip: &str, address: IpAddr, prefix_len: usize) -
         Value::Object(map) => map,
         _ => Map::new(),
     };
-    let mut take = |key: &str| raw.remove(key).map(camel_keys);
+    let mut take = |key: &str| raw.remove(key).map(camel_keys).unwrap_or(Value::Null);
     let mut model = Map::new();
-    if let Some(continent) = take("continent") {
-        model.insert("continent".into(), continent);
+    model.insert("continent".into(), take("continent"));
+    model.insert("country".into(), take("country"));
+    model.insert("maxmind".into(), take("maxmind"));
+    let mut registered = take("registered_country");
+    if let Value::Object(fields) = &mut registered {
+        fields.entry("isInEuropeanUnion").or_insert(Value::Bool(false));
     }
-    if let Some(country) = take("country") {
-        model.insert("country".into(), country);
-    }
-    if let Some(maxmind) = take("maxmind") {
-        model.insert("maxmind".into(), maxmind);
-    }
-    if let Some(mut registered) = take("registered_country") {
-        if let Value::Object(fields) = &mut registered {
-            fields.entry("isInEuropeanUnion").or_insert(Value::Bool(false));
-        }
-        model.insert("registeredCountry".into(), registered);
-    }
-    if let Some(represented) = take("represented_country") {
-        model.insert("representedCountry".into(), represented);
-    }
+    model.insert("registeredCountry".into(), registered);
+    model.insert("representedCountry".into(), take("represented_country"));
     let mut traits = match take("traits") {
-        Some(Value::Object(fields)) => fields,
+        Value::Object(fields) => fields,
         _ => Map::new(),
     };
     for flag in TRAIT_FLAGS {
@@ -101,10 +96,9 @@ pub fn city_model(record: Value, ip: &str, address: IpAddr, prefix_len: usize) -
     traits.insert("ipAddress".into(), Value::String(ip.to_string()));
     traits.insert("network".into(), Value::String(network(address, prefix_len)));
     model.insert("traits".into(), Value::Object(traits));
-    for key in ["city", "location", "postal"] {
-        model.insert(key.into(), take(key).unwrap_or_else(|| Value::Object(Map::new())));
+    for key in ["city", "location", "postal", "subdivisions"] {
+        model.insert(key.into(), take(key));
     }
-    model.insert("subdivisions".into(), take("subdivisions").unwrap_or_else(|| Value::Array(Vec::new())));
     Value::Object(model)
 }
 
@@ -127,8 +121,25 @@ mod tests {
         assert_eq!(model["city"], json!({"geonameId": 1, "names": {"zh-CN": "x", "en": "y"}}));
         assert_eq!(model["traits"]["network"], "89.160.20.128/25");
         assert_eq!(model["traits"]["isTorExitNode"], false);
-        assert_eq!(model["location"], json!({}));
-        assert_eq!(model["subdivisions"], json!([]));
-        assert!(model.get("country").is_none());
+        // What the record lacks is there, `undefined` in the reference (null in JSON).
+        assert_eq!(model["location"], Value::Null);
+        assert_eq!(model["subdivisions"], Value::Null);
+        assert_eq!(model["country"], Value::Null);
+        let keys: Vec<&String> = model.as_object().unwrap().keys().collect();
+        assert_eq!(
+            keys,
+            [
+                "continent",
+                "country",
+                "maxmind",
+                "registeredCountry",
+                "representedCountry",
+                "traits",
+                "city",
+                "location",
+                "postal",
+                "subdivisions"
+            ]
+        );
     }
 }

@@ -316,7 +316,7 @@ impl EventsProcessor {
             properties.insert("$set_once".to_string(), merged);
         }
         let person_uuid = new_uuidt();
-        let timestamp = handle_timestamp(event.timestamp.as_deref(), event.offset, now, sent_at);
+        let timestamp = handle_timestamp(event.timestamp.as_ref(), event.offset.as_ref(), now, sent_at);
 
         if let Err(error) = self.handle_identify_or_alias(&event.event, properties, &event.distinct_id, team_id).await {
             // As the reference: identify/alias failures never fail the event.
@@ -331,7 +331,7 @@ impl EventsProcessor {
         let capture = Capture {
             uuid,
             person_uuid,
-            ip: event.ip.as_deref(),
+            ip: event.ip.as_ref(),
             team_id,
             distinct_id: &event.distinct_id,
             timestamp,
@@ -351,9 +351,10 @@ impl EventsProcessor {
         let team =
             self.teams.fetch_team(capture.team_id).await?.ok_or(IngestError::TeamNotFound(capture.team_id.into()))?;
 
-        if let Some(ip) = capture.ip.filter(|ip| !ip.is_empty()) {
+        // `if (ip && …)`: any truthy value, stored as sent.
+        if let Some(ip) = capture.ip.filter(|ip| crate::plugins::js::truthy(ip)) {
             if !team.anonymize_ips && !properties.contains_key("$ip") {
-                properties.insert("$ip".to_string(), Value::String(ip.to_string()));
+                properties.insert("$ip".to_string(), ip.clone());
             }
         }
         if !EVENTS_WITHOUT_EVENT_DEFINITION.contains(&event_name.as_str()) {
@@ -731,7 +732,7 @@ async fn batch_or_each<T, R: Default>(
 struct Capture<'a> {
     uuid: Uuid,
     person_uuid: Uuid,
-    ip: Option<&'a str>,
+    ip: Option<&'a Value>,
     team_id: i32,
     distinct_id: &'a str,
     timestamp: DateTime<Utc>,

@@ -12,7 +12,7 @@ use super::extensions::PluginServices;
 use super::js::iso;
 use super::log_entries::{LogSource, LogType, PluginLogEntry};
 use super::rows::{self, PluginConfig};
-use super::vm::JsError;
+use super::vm::{JsError, Thrown};
 
 /// Errors of the plugin orchestration itself (not of plugin code).
 #[derive(Debug, Error)]
@@ -48,20 +48,48 @@ impl From<JsError> for PluginFailure {
     }
 }
 
-/// The JSON stored in `posthog_pluginconfig.error`. `event`: `None` leaves the key out (the
-/// reference's `undefined`), `Some(Value::Null)` stores `null`.
+/// The JSON stored in `posthog_pluginconfig.error`, as the reference's `processError` builds it:
+/// a message (or a thrown string) gives `{message, time}`; a thrown object gives
+/// `{message, time, name, stack, event}` with what JSON.stringify drops (an `undefined` name,
+/// stack or event) left out. `event`: `None` leaves the key out (the reference's `undefined`: tasks,
+/// jobs, teardown), `Some(Value::Null)` stores `null`.
+///
+/// The stack starts with V8's `Name: message` line, which QuickJS leaves out of `error.stack`; the
+/// frames below it are QuickJS's (see the README's differences). A thrown number or boolean keeps
+/// its `String()` as the message (the reference stores none, and its log entry then fails).
 pub fn error_json(failure: &PluginFailure, time: DateTime<Utc>, event: Option<&Value>) -> Value {
     let mut json = Map::new();
     json.insert("message".into(), Value::String(failure.message().to_string()));
     json.insert("time".into(), Value::String(iso(time)));
     if let PluginFailure::Error(error) = failure {
-        json.insert("name".into(), Value::String(error.name.clone()));
-        json.insert("stack".into(), error.stack.clone().map(Value::String).unwrap_or(Value::Null));
+        if error.thrown == Thrown::String {
+            return Value::Object(json);
+        }
+        if !error.name.is_empty() {
+            json.insert("name".into(), Value::String(error.name.clone()));
+        }
+        if let Some(stack) = &error.stack {
+            json.insert("stack".into(), Value::String(v8_stack(error, stack)));
+        }
         if let Some(event) = event {
             json.insert("event".into(), event.clone());
         }
     }
     Value::Object(json)
+}
+
+/// V8's `error.stack`: the `String(error)` line, then the frames.
+fn v8_stack(error: &JsError, frames: &str) -> String {
+    let header = match (error.name.is_empty(), error.message.is_empty()) {
+        (true, _) => error.message.clone(),
+        (false, true) => error.name.clone(),
+        (false, false) => format!("{}: {}", error.name, error.message),
+    };
+    // Already headed (errors built by the sandbox in V8's form, e.g. ERR_INVALID_URL).
+    if !frames.is_empty() && !frames.starts_with(char::is_whitespace) {
+        return frames.to_string();
+    }
+    format!("{header}\n{}", frames.trim_end_matches('\n'))
 }
 
 /// Records `failure` for `config`: stores the error JSON and queues the PLUGIN/ERROR log entry.
@@ -123,12 +151,22 @@ mod tests {
     fn error_objects_keep_name_stack_and_event() {
         let time = Utc::now();
         let mut error = JsError::new("IllegalOperationError", "Plugin tried to change event.team_id");
-        error.stack = Some("stack".into());
+        error.stack = Some("    at f (index.ts:1:1)\n".into());
         let json = error_json(&PluginFailure::Error(error), time, Some(&json!({"event": "$test"})));
         let keys: Vec<&String> = json.as_object().unwrap().keys().collect();
         assert_eq!(keys, ["message", "time", "name", "stack", "event"]);
         assert_eq!(json["name"], "IllegalOperationError");
+        assert_eq!(
+            json["stack"],
+            "IllegalOperationError: Plugin tried to change event.team_id\n    at f (index.ts:1:1)"
+        );
         let without_event = error_json(&PluginFailure::named("Error", "x"), time, None);
         assert!(without_event.get("event").is_none());
+        // No stack (a thrown plain object): none stored, as JSON.stringify drops `undefined`.
+        assert!(without_event.get("stack").is_none());
+        let mut thrown = JsError::new("", "just text");
+        thrown.thrown = Thrown::String;
+        let json = error_json(&PluginFailure::Error(thrown), time, Some(&json!({"event": "$test"})));
+        assert_eq!(json.as_object().unwrap().keys().collect::<Vec<_>>(), ["message", "time"]);
     }
 }

@@ -52,6 +52,41 @@ pub fn string_of(value: &Value) -> String {
     }
 }
 
+/// JavaScript's `Number(value)` for a JSON value: strings as numeric literals after trimming
+/// (empty is 0; `0x`/`0o`/`0b` prefixes; `Infinity`), arrays through their `String(value)`,
+/// objects NaN, `null` 0.
+pub fn to_number(value: &Value) -> f64 {
+    match value {
+        Value::Null => 0.0,
+        Value::Bool(flag) => f64::from(u8::from(*flag)),
+        Value::Number(number) => number.as_f64().unwrap_or(f64::NAN),
+        Value::String(text) => string_to_number(text),
+        Value::Array(_) => string_to_number(&string_of(value)),
+        Value::Object(_) => f64::NAN,
+    }
+}
+
+fn string_to_number(text: &str) -> f64 {
+    let text = text.trim_matches(|c: char| c.is_whitespace() || c == '\u{feff}');
+    if text.is_empty() {
+        return 0.0;
+    }
+    for (prefix, radix) in [("0x", 16), ("0X", 16), ("0o", 8), ("0O", 8), ("0b", 2), ("0B", 2)] {
+        if let Some(digits) = text.strip_prefix(prefix) {
+            return u128::from_str_radix(digits, radix).map_or(f64::NAN, |n| n as f64);
+        }
+    }
+    let unsigned = text.strip_prefix(['+', '-']).unwrap_or(text);
+    if unsigned == "Infinity" {
+        return if text.starts_with('-') { f64::NEG_INFINITY } else { f64::INFINITY };
+    }
+    // Rust also reads `inf`/`nan`; JavaScript's numeric literals are digits, `.` and an exponent.
+    if !unsigned.bytes().all(|b| b.is_ascii_digit() || matches!(b, b'.' | b'e' | b'E' | b'+' | b'-')) {
+        return f64::NAN;
+    }
+    text.parse::<f64>().unwrap_or(f64::NAN)
+}
+
 /// A JS number as JSON: whole numbers as integers (so `3` stays `3`), NaN/Infinity as `null`
 /// (what `JSON.stringify` gives).
 pub fn number_value(number: f64) -> Value {

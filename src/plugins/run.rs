@@ -29,18 +29,19 @@ fn event_value(event: &PluginEvent) -> Value {
     serde_json::to_value(event).unwrap_or(Value::Null)
 }
 
-/// What one plugin's `processEvent` made of the event.
+/// What one plugin's `processEvent` made of the event. `same`: the plugin returned the object it
+/// was given (in-place changes only).
 enum Step {
     Dropped,
-    Kept(PluginEvent),
-    Failed { error: JsError, event: PluginEvent },
+    Kept { event: PluginEvent, same: bool },
+    Failed { error: JsError, event: PluginEvent, same: bool },
 }
 
 async fn process_one(loaded: &LoadedVm, event: &PluginEvent) -> Step {
     let team_id = event.team_id;
-    match loaded.vm.call(Method::ProcessEvent, vec![event_value(event)]).await {
-        Ok(value) if !super::js::truthy(&value) => Step::Dropped,
-        Ok(mut value) => {
+    match loaded.vm.call_process_event(event_value(event)).await {
+        Ok((value, _)) if !super::js::truthy(&value) => Step::Dropped,
+        Ok((mut value, same)) => {
             let team_changed = value.get("team_id").and_then(Value::as_i64) != Some(team_id);
             if team_changed {
                 if let Some(object) = value.as_object_mut() {
@@ -51,13 +52,15 @@ async fn process_one(loaded: &LoadedVm, event: &PluginEvent) -> Step {
                 Ok(returned) if team_changed => Step::Failed {
                     error: JsError::new("IllegalOperationError", "Plugin tried to change event.team_id"),
                     event: returned,
+                    same,
                 },
-                Ok(returned) => Step::Kept(returned),
+                Ok(returned) => Step::Kept { event: returned, same },
                 // The pipeline cannot carry something that is not an event: keep the event as it
                 // was before this plugin and report the plugin.
                 Err(err) => Step::Failed {
                     error: JsError::new("TypeError", format!("processEvent returned an invalid event: {err}")),
                     event: event.clone(),
+                    same: true,
                 },
             }
         }
@@ -72,18 +75,25 @@ async fn process_one(loaded: &LoadedVm, event: &PluginEvent) -> Step {
                     mutated.team_id = team_id;
                     mutated
                 });
-            Step::Failed { error: failure.error, event: mutated.unwrap_or_else(|| event.clone()) }
+            Step::Failed { error: failure.error, event: mutated.unwrap_or_else(|| event.clone()), same: true }
         }
     }
 }
 
 /// Runs the team's `processEvent`s in order. `None`: a plugin dropped the event.
+///
+/// `$plugins_succeeded` / `$plugins_failed` / `$plugins_deferred` go where the reference's
+/// `run.ts` puts them: on the event object the chain was given. So they are stored only when every
+/// plugin handed back that same object (changed in place, or threw); once a plugin returns a new
+/// object (`return { ...event }`) the stored event has none, and no property definitions are made
+/// for them.
 pub async fn run_process_event(
     services: &PluginServices,
     team_configs: &[Arc<ConfigEntry>],
     event: PluginEvent,
 ) -> Option<PluginEvent> {
     let mut current = event;
+    let mut same_object = true;
     let mut succeeded = Vec::new();
     let mut failed = Vec::new();
     let mut deferred = Vec::new();
@@ -95,12 +105,14 @@ pub async fn run_process_event(
             services.observe(&entry.config, "processEvent", started, matches!(step, Step::Failed { .. }));
             match step {
                 Step::Dropped => return None,
-                Step::Kept(returned) => {
-                    current = returned;
+                Step::Kept { event, same } => {
+                    current = event;
+                    same_object &= same;
                     succeeded.push(Value::String(entry.config.label()));
                 }
-                Step::Failed { error, event } => {
+                Step::Failed { error, event, same } => {
                     current = event;
+                    same_object &= same;
                     let value = event_value(&current);
                     process_error(services, &entry.config, &PluginFailure::Error(error), Some(&value)).await;
                     debug!(plugin = %entry.config.plugin.name(), "plugin.process_event.ERROR");
@@ -112,8 +124,7 @@ pub async fn run_process_event(
             deferred.push(Value::String(entry.config.label()));
         }
     }
-    if !(succeeded.is_empty() && failed.is_empty() && deferred.is_empty()) {
-        // REF-BUG 12 fixed: written to the returned event (the reference wrote to its input).
+    if same_object && !(succeeded.is_empty() && failed.is_empty() && deferred.is_empty()) {
         let properties = current.properties.get_or_insert_with(Default::default);
         properties.insert("$plugins_succeeded".into(), Value::Array(succeeded));
         properties.insert("$plugins_failed".into(), Value::Array(failed));

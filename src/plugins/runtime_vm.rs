@@ -46,7 +46,14 @@ fn js_error(error: runtime::JsError) -> JsError {
     // `RetryError` extends `Error` without renaming itself, as in `@posthog/plugin-scaffold`; the
     // runtime reports it by class name.
     let retry = error.retry || error.name == "RetryError";
-    JsError { name: error.name, message: error.message, stack: error.stack, retry, caller: error.caller }
+    JsError {
+        name: error.name,
+        message: error.message,
+        stack: error.stack,
+        retry,
+        caller: error.caller,
+        thrown: error.thrown,
+    }
 }
 
 fn call_error(error: PluginError) -> CallError {
@@ -122,6 +129,21 @@ impl PluginVm for RuntimeVm {
             };
         }
         self.pool.call(self.pool_id(), method.name(), args, CallKind::Method).await.map_err(call_error)
+    }
+
+    async fn call_process_event(&self, event: Value) -> Result<(Value, bool), CallError> {
+        let pair = self
+            .pool
+            .call(self.pool_id(), runtime::PROCESS_EVENT_TRACKED, vec![event], CallKind::Method)
+            .await
+            .map_err(call_error)?;
+        match pair {
+            Value::Array(mut pair) if pair.len() == 2 => {
+                let same = pair.pop().is_some_and(|same| same == Value::Bool(true));
+                Ok((pair.pop().unwrap_or(Value::Null), same))
+            }
+            other => Ok((other, false)),
+        }
     }
 
     async fn run_task(&self, kind: TaskKind, name: &str, payload: Option<Value>) -> Result<Value, CallError> {

@@ -20,6 +20,7 @@ use async_trait::async_trait;
 use serde_json::{Map, Value};
 
 use super::extensions::PluginContext;
+pub use super::runtime::Thrown;
 
 /// A JavaScript error as the orchestration needs to see it.
 #[derive(Debug, Clone, PartialEq)]
@@ -32,11 +33,20 @@ pub struct JsError {
     pub retry: bool,
     /// `TimeoutError.caller` (the method name for method-level timeouts).
     pub caller: Option<String>,
+    /// What kind of value was thrown (`processError` stores a thrown string as `{message, time}`).
+    pub thrown: Thrown,
 }
 
 impl JsError {
     pub fn new(name: &str, message: impl Into<String>) -> JsError {
-        JsError { name: name.to_string(), message: message.into(), stack: None, retry: false, caller: None }
+        JsError {
+            name: name.to_string(),
+            message: message.into(),
+            stack: None,
+            retry: false,
+            caller: None,
+            thrown: Thrown::Object,
+        }
     }
 
     /// A `RetryError` thrown by plugin code.
@@ -147,6 +157,12 @@ pub trait PluginVm: Send + Sync {
     /// the method-level `TASK_TIMEOUT` guard. Returns the (awaited) return value; `undefined`
     /// comes back as `null`.
     async fn call(&self, method: Method, args: Vec<Value>) -> Result<Value, CallError>;
+
+    /// `processEvent(event)`, and whether it returned the very object it was given (the reference
+    /// adds `$plugins_*` to that object only). A VM that cannot tell says it did.
+    async fn call_process_event(&self, event: Value) -> Result<(Value, bool), CallError> {
+        self.call(Method::ProcessEvent, vec![event]).await.map(|value| (value, true))
+    }
 
     /// Runs a scheduled task (`fn(meta)`) or a job (`fn(payload, meta)`); no method-level guard.
     async fn run_task(&self, kind: TaskKind, name: &str, payload: Option<Value>) -> Result<Value, CallError>;

@@ -27,7 +27,7 @@ use serde_json::Value;
 pub use host::fetch::{http_fetch, FetchRequest, FetchResponse};
 pub use host::read_test_console;
 pub use pool::{PoolStats, WorkerPool};
-pub use vm::{ALLOWED_IMPORTS, META_GLOBAL_GET, META_GLOBAL_SET};
+pub use vm::{ALLOWED_IMPORTS, META_GLOBAL_GET, META_GLOBAL_SET, PROCESS_EVENT_TRACKED};
 
 /// Identifies one plugin config (`posthog_pluginconfig.id`); one VM per id per worker thread.
 pub type PluginConfigId = i64;
@@ -148,6 +148,20 @@ pub struct JsError {
     pub caller: Option<String>,
     /// The thrown value is a `RetryError` (`@posthog/plugin-scaffold`), whose name is plain `Error`.
     pub retry: bool,
+    /// What kind of value was thrown (the reference records a thrown string differently).
+    pub thrown: Thrown,
+}
+
+/// The kind of value plugin code threw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Thrown {
+    /// An object: an `Error` or anything else with properties.
+    #[default]
+    Object,
+    /// A string (`throw 'message'`).
+    String,
+    /// Another primitive (`throw 42`, `throw undefined`).
+    Primitive,
 }
 
 impl std::fmt::Display for JsError {

@@ -160,37 +160,52 @@
     }
 
     // ---------------------------------------------------------------- URL
+    // WHATWG URL and URLSearchParams as Node has them; parsing, the setters and the
+    // x-www-form-urlencoded parser are the `url` crate's (host.urlParse / urlSet / formParse).
     const formEncode = (s) =>
-        encodeURIComponent(s)
+        encodeURIComponent(s.replace(/[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/g, '\uFFFD'))
             .replace(/[!'()~]/g, (c) => '%' + c.charCodeAt(0).toString(16).toUpperCase())
             .replace(/%20/g, '+');
-    const formDecode = (s) => {
-        try {
-            return decodeURIComponent(s.replace(/\+/g, ' '));
-        } catch (e) {
-            return s;
-        }
+    // Node's ERR_INVALID_URL: message "Invalid URL", `code` and `input` own properties, and
+    // (as in the Node of the reference) `TypeError [ERR_INVALID_URL]: Invalid URL` for
+    // toString() and the stack's first line.
+    const invalidUrl = (input) => {
+        const e = new TypeError('Invalid URL');
+        e.code = 'ERR_INVALID_URL';
+        e.input = input;
+        const header = 'TypeError [ERR_INVALID_URL]: Invalid URL';
+        Object.defineProperty(e, 'stack', { value: header + '\n' + String(e.stack || ''), writable: true, configurable: true });
+        Object.defineProperty(e, 'toString', {
+            value: function () {
+                return this.name + ' [' + this.code + ']: ' + this.message;
+            },
+            writable: true,
+            configurable: true,
+        });
+        return e;
     };
+    const sameName = (p, k) => p[0] === k;
     class URLSearchParams {
         constructor(init) {
             this._list = [];
             this._url = null;
             if (init === undefined || init === null) return;
-            if (typeof init === 'object') {
-                const iter = typeof init[Symbol.iterator] === 'function' ? init : Object.entries(init);
-                for (const pair of iter) this._list.push([String(pair[0]), String(pair[1])]);
+            if (typeof init === 'object' || typeof init === 'function') {
+                if (typeof init[Symbol.iterator] === 'function') {
+                    for (const pair of init) {
+                        const items = [...pair];
+                        if (items.length !== 2) throw new TypeError('Each query pair must be an iterable [name, value] tuple');
+                        this._list.push([String(items[0]), String(items[1])]);
+                    }
+                } else {
+                    for (const k of Object.keys(init)) this._list.push([k, String(init[k])]);
+                }
             } else {
                 this._parse(String(init));
             }
         }
         _parse(s) {
-            this._list = [];
-            if (s.startsWith('?')) s = s.slice(1);
-            for (const part of s.split('&')) {
-                if (!part) continue;
-                const i = part.indexOf('=');
-                this._list.push(i < 0 ? [formDecode(part), ''] : [formDecode(part.slice(0, i)), formDecode(part.slice(i + 1))]);
-            }
+            this._list = host.formParse(s.startsWith('?') ? s.slice(1) : s);
         }
         _update() {
             if (this._url) this._url._setSearch(this.toString());
@@ -202,36 +217,42 @@
             this._list.push([String(k), String(v)]);
             this._update();
         }
-        delete(k) {
-            this._list = this._list.filter((p) => p[0] !== String(k));
+        delete(k, v) {
+            k = String(k);
+            this._list = v === undefined ? this._list.filter((p) => !sameName(p, k)) : this._list.filter((p) => !(sameName(p, k) && p[1] === String(v)));
             this._update();
         }
         get(k) {
-            const p = this._list.find((p) => p[0] === String(k));
+            const p = this._list.find((p) => sameName(p, String(k)));
             return p ? p[1] : null;
         }
         getAll(k) {
-            return this._list.filter((p) => p[0] === String(k)).map((p) => p[1]);
+            return this._list.filter((p) => sameName(p, String(k))).map((p) => p[1]);
         }
-        has(k) {
-            return this._list.some((p) => p[0] === String(k));
+        has(k, v) {
+            k = String(k);
+            return this._list.some((p) => sameName(p, k) && (v === undefined || p[1] === String(v)));
         }
         set(k, v) {
             k = String(k);
-            const i = this._list.findIndex((p) => p[0] === k);
+            const i = this._list.findIndex((p) => sameName(p, k));
             if (i < 0) this._list.push([k, String(v)]);
             else {
                 this._list[i] = [k, String(v)];
-                this._list = this._list.filter((p, j) => j <= i || p[0] !== k);
+                this._list = this._list.filter((p, j) => j <= i || !sameName(p, k));
             }
             this._update();
         }
         sort() {
-            this._list.sort((a, b) => (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : 0));
+            // Stable, by UTF-16 code units, as the standard says.
+            this._list = this._list
+                .map((p, i) => [p, i])
+                .sort((a, b) => (a[0][0] < b[0][0] ? -1 : a[0][0] > b[0][0] ? 1 : a[1] - b[1]))
+                .map((x) => x[0]);
             this._update();
         }
         forEach(fn, thisArg) {
-            for (const [k, v] of this._list) fn.call(thisArg, v, k, this);
+            for (let i = 0; i < this._list.length; i++) fn.call(thisArg, this._list[i][1], this._list[i][0], this);
         }
         keys() {
             return this._list.map((p) => p[0])[Symbol.iterator]();
@@ -248,12 +269,24 @@
         toString() {
             return this._list.map((p) => formEncode(p[0]) + '=' + formEncode(p[1])).join('&');
         }
+        get [Symbol.toStringTag]() {
+            return 'URLSearchParams';
+        }
     }
     const URL_FIELDS = ['href', 'protocol', 'username', 'password', 'host', 'hostname', 'port', 'pathname', 'search', 'hash'];
+    const parseUrl = (url, base) => {
+        const input = String(url);
+        const r = base === undefined ? host.urlParse(input) : host.urlParse(input, String(base));
+        if (r === null) throw invalidUrl(input);
+        return r;
+    };
     class URL {
         constructor(url, base) {
-            this._r = base === undefined ? host.urlParse(String(url)) : host.urlParse(String(url), String(base));
+            this._r = parseUrl(url, base);
             this._params = null;
+        }
+        static canParse(url, base) {
+            return (base === undefined ? host.urlParse(String(url)) : host.urlParse(String(url), String(base))) !== null;
         }
         _setSearch(search) {
             this._r = host.urlSet(this._r.href, 'search', search);
@@ -274,6 +307,9 @@
         toJSON() {
             return this._r.href;
         }
+        get [Symbol.toStringTag]() {
+            return 'URL';
+        }
     }
     for (const field of URL_FIELDS) {
         Object.defineProperty(URL.prototype, field, {
@@ -281,7 +317,7 @@
                 return this._r[field];
             },
             set(value) {
-                this._r = field === 'href' ? host.urlParse(String(value)) : host.urlSet(this._r.href, field, String(value));
+                this._r = field === 'href' ? parseUrl(value) : host.urlSet(this._r.href, field, String(value));
                 if (this._params) this._params._parse(this._r.search);
             },
         });
@@ -600,7 +636,17 @@
         config,
         attachments: Object.fromEntries(attachments.map((a) => [a.key, toAttachment(a)])),
         storage: namespace('storage.', ['get', 'set', 'del']),
-        geoip: { locate: (ip) => hostCall('geoip.locate', [ip]) },
+        // The reference's City model (`@maxmind/geoip2-node` 3.0, passed through v8.serialize)
+        // keeps the fields the database lacks as `undefined` properties; JSON carries them as null.
+        geoip: {
+            locate: (ip) =>
+                hostCall('geoip.locate', [ip]).then((city) => {
+                    if (city && typeof city === 'object') {
+                        for (const key of Object.keys(city)) if (city[key] === null) city[key] = undefined;
+                    }
+                    return city;
+                }),
+        },
         jobs: new Proxy({}, {
             get(_, name) {
                 if (typeof name !== 'string') return undefined;
@@ -724,7 +770,18 @@
             for (const n of Object.keys(jobsObject)) if (typeof jobsObject[n] === 'function') jobs[n] = jobsObject[n];
         }
         const metrics = get('metrics');
-        return { functions, jobs, metrics: metrics && typeof metrics === 'object' ? metrics : undefined };
+        // For the server's processEvent chain: the result and whether it is the very object the
+        // plugin was given (the reference adds `$plugins_*` to that object only).
+        const internal = {};
+        if (typeof functions.processEvent === 'function') {
+            const processEvent = functions.processEvent;
+            internal['@processEvent.tracked'] = function (event, m) {
+                const pair = (r) => [r, r === event];
+                const r = processEvent(event, m);
+                return r && typeof r.then === 'function' ? r.then(pair) : pair(r);
+            };
+        }
+        return { functions, jobs, internal, metrics: metrics && typeof metrics === 'object' ? metrics : undefined };
     }
 
     return { meta, discover, modules };

@@ -33,7 +33,9 @@ use tokio::sync::Notify;
 
 use super::convert::{from_js, to_js};
 use super::host::{self, bytes_of};
-use super::{CallKind, FetchRequest, FetchResponse, JsError, MetaBindings, MetaError, PluginError, PluginExports};
+use super::{
+    CallKind, FetchRequest, FetchResponse, JsError, MetaBindings, MetaError, PluginError, PluginExports, Thrown,
+};
 use super::{PluginConfigId, PoolOptions};
 use crate::plugins::transform::{TransformedCode, VIRTUAL_FILENAME};
 
@@ -42,6 +44,9 @@ const PRELUDE: &str = include_str!("prelude.js");
 /// Pseudo-methods for [`super::WorkerPool::call`]: read `meta.global` / set `meta.global[key]`.
 pub const META_GLOBAL_GET: &str = "@meta.global.get";
 pub const META_GLOBAL_SET: &str = "@meta.global.set";
+/// Pseudo-method: `processEvent`, resolving to `[result, result === event]` (the reference adds
+/// `$plugins_*` to the object it passed in, which shows only when a plugin returns that object).
+pub const PROCESS_EVENT_TRACKED: &str = "@processEvent.tracked";
 
 /// The modules plugin code may import (reference 30 §5.2, the subset this runtime provides).
 pub const ALLOWED_IMPORTS: &[&str] =
@@ -95,7 +100,7 @@ pub fn promise_timeout_error(timeout: Duration, caller: &str) -> JsError {
         message: format!("Script execution timed out after promise waited for {}", seconds_text(timeout)),
         stack: None,
         caller: Some(caller.to_string()),
-        retry: false,
+        ..JsError::default()
     }
 }
 
@@ -127,8 +132,7 @@ fn loop_timeout_error(diag: &Diag, stack: Option<String>) -> JsError {
             position.unwrap_or_default()
         ),
         stack,
-        caller: None,
-        retry: false,
+        ..JsError::default()
     }
 }
 
@@ -168,6 +172,7 @@ fn error_from_value<'js>(ctx: &Ctx<'js>, value: &JsValue<'js>, diag: &Diag, inte
         error.name = "InternalError".into();
         error.message = "out of memory".into();
     } else {
+        error.thrown = if value.is_string() { Thrown::String } else { Thrown::Primitive };
         error.message = ctx
             .globals()
             .get::<_, Function>("String")
@@ -509,6 +514,12 @@ impl VmInner {
             exports.jobs.push(name.clone());
             state.jobs.insert(name, Persistent::save(ctx, function));
         }
+        // Server-side helpers: callable, not exports of the plugin.
+        let internal: Object = found.get("internal")?;
+        for entry in internal.props::<String, Function>() {
+            let (name, function) = entry?;
+            state.functions.insert(name, Persistent::save(ctx, function));
+        }
         let metrics: JsValue = found.get("metrics")?;
         exports.metrics = if metrics.is_undefined() { None } else { Some(from_js(&metrics)) };
         *self.exports.borrow_mut() = exports;
@@ -535,6 +546,8 @@ impl VmInner {
                 method: method.to_string(),
             });
         };
+        // Errors name the plugin's method, as the reference's guard does.
+        let method = if method == PROCESS_EVENT_TRACKED { "processEvent" } else { method };
         let meta = self.state.borrow().meta.clone();
         let timeout = self.task_timeout;
         let started = Instant::now();

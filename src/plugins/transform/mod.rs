@@ -66,12 +66,33 @@ pub fn transform_code(source: &str, is_allowed: &dyn Fn(&str) -> bool) -> Result
     }
     let is_module = parsed.module_record.has_module_syntax;
 
+    // Babel's TypeScript preset (the reference transforms every plugin as `index.ts`) drops
+    // `import type` and every import whose bindings are used only in types or not at all, before
+    // its import check runs: those never reach the allow-list.
+    let program = parsed.program;
+    let semantic = SemanticBuilder::new().with_excess_capacity(2.0).build(&program);
+    if let Some(error) = semantic.diagnostics.errors().next() {
+        return Err(diagnostic_error(source, error));
+    }
+    let scoping = semantic.semantic.into_scoping();
+    let elided = elided_imports(&program, &scoping);
     let mut imports: Vec<String> = Vec::new();
-    for (name, _) in parsed.module_record.requested_modules.iter() {
-        push_unique(&mut imports, name.as_str());
+    for statement in &program.body {
+        match statement {
+            Statement::ImportDeclaration(declaration) if !elided.contains(&declaration.span) => {
+                push_unique(&mut imports, declaration.source.value.as_str())
+            }
+            Statement::ExportFromDeclaration(declaration) if !declaration.export_kind.is_type() => {
+                push_unique(&mut imports, declaration.source.value.as_str())
+            }
+            Statement::ExportAllDeclaration(declaration) if !declaration.export_kind.is_type() => {
+                push_unique(&mut imports, declaration.source.value.as_str())
+            }
+            _ => {}
+        }
     }
     let mut requires = RequireCollector::default();
-    requires.visit_program(&parsed.program);
+    requires.visit_program(&program);
     for name in requires.modules {
         push_unique(&mut imports, &name);
     }
@@ -86,24 +107,53 @@ pub fn transform_code(source: &str, is_allowed: &dyn Fn(&str) -> bool) -> Result
     let as_js = Parser::new(&js_allocator, source, SourceType::mjs()).parse();
     if !as_js.panicked && as_js.diagnostics.errors().next().is_none() {
         drop(as_js);
-        return Ok(finish(source, is_module, imports));
+        return Ok(finish(source, is_module, imports, &elided));
     }
     drop(as_js);
 
-    let mut program = parsed.program;
-    let semantic = SemanticBuilder::new().with_excess_capacity(2.0).build(&program);
-    if let Some(error) = semantic.diagnostics.errors().next() {
-        return Err(diagnostic_error(source, error));
-    }
-    let scoping = semantic.semantic.into_scoping();
+    let mut program = program;
     let options = TransformOptions::from_target("esnext").map_err(|message| TransformError { message })?;
     let result =
         Transformer::new(&allocator, Path::new(VIRTUAL_FILENAME), &options).build_with_scoping(scoping, &mut program);
     if let Some(error) = result.diagnostics.errors().next() {
         return Err(diagnostic_error(source, error));
     }
+    // The TypeScript transform has removed the elided imports itself.
     let code = Codegen::new().build(&program).code;
-    Ok(finish(&code, is_module, imports))
+    Ok(finish(&code, is_module, imports, &[]))
+}
+
+/// The spans of the top-level imports Babel's TypeScript plugin removes (its
+/// `onlyRemoveTypeImports: false` rule): `import type …`, and imports with specifiers none of
+/// whose bindings is used as a value (only in types, or not at all). Side-effect imports
+/// (`import 'm'`) stay.
+fn elided_imports(program: &oxc::ast::ast::Program<'_>, scoping: &oxc::semantic::Scoping) -> Vec<Span> {
+    let mut elided = Vec::new();
+    for statement in &program.body {
+        let Statement::ImportDeclaration(declaration) = statement else { continue };
+        if declaration.import_kind.is_type() {
+            elided.push(declaration.span);
+            continue;
+        }
+        let Some(specifiers) = declaration.specifiers.as_ref().filter(|specifiers| !specifiers.is_empty()) else {
+            continue;
+        };
+        let used_as_value = |specifier: &ImportDeclarationSpecifier<'_>| {
+            if let ImportDeclarationSpecifier::ImportSpecifier(named) = specifier {
+                if named.import_kind.is_type() {
+                    return false;
+                }
+            }
+            // No symbol: keep the import (Babel keeps imports it has no binding for).
+            specifier.local().symbol_id.get().is_none_or(|symbol| {
+                scoping.get_resolved_references(symbol).any(|reference| reference.flags().is_value())
+            })
+        };
+        if !specifiers.iter().any(used_as_value) {
+            elided.push(declaration.span);
+        }
+    }
+    elided
 }
 
 /// Binds imports the way the reference's transform does (a named import is a property of the
@@ -111,7 +161,7 @@ pub fn transform_code(source: &str, is_allowed: &dyn Fn(&str) -> bool) -> Result
 /// object) by replacing each `import` with constants, keeping line numbers. Code that still
 /// exports runs as an ES module; code that only imported runs as a script, like the reference's
 /// CommonJS output, so its top-level functions are globals.
-fn finish(code: &str, had_module_syntax: bool, imports: Vec<String>) -> TransformedCode {
+fn finish(code: &str, had_module_syntax: bool, imports: Vec<String>, elided: &[Span]) -> TransformedCode {
     if !had_module_syntax {
         return TransformedCode { code: code.to_string(), is_module: false, imports };
     }
@@ -121,6 +171,10 @@ fn finish(code: &str, had_module_syntax: bool, imports: Vec<String>) -> Transfor
     let mut has_exports = false;
     for statement in &parsed.program.body {
         match statement {
+            Statement::ImportDeclaration(declaration) if elided.contains(&declaration.span) => {
+                let original = code.get(declaration.span.start as usize..declaration.span.end as usize).unwrap_or("");
+                edits.push((declaration.span, "\n".repeat(original.matches('\n').count())));
+            }
             Statement::ImportDeclaration(declaration) => {
                 let host = format!("__pluginHostImports[{}]", json_string(declaration.source.value.as_str()));
                 let mut constants = Vec::new();
@@ -325,7 +379,7 @@ mod tests {
 
     #[test]
     fn forbidden_imports_and_requires() {
-        let err = transform_code("import { kea } from 'kea'\n", &allow).unwrap_err();
+        let err = transform_code("import { kea } from 'kea'\nkea()\n", &allow).unwrap_err();
         assert_eq!(
             err.to_string(),
             "/index.ts: Cannot import 'kea'! This package is not provided by PostHog in plugins."
@@ -335,17 +389,60 @@ mod tests {
             err.to_string(),
             "/index.ts: Cannot import 'kea'! This package is not provided by PostHog in plugins."
         );
-        let ok = transform_code("import fetch from 'node-fetch'\nconst c = require('crypto')\n", &allow).unwrap();
+        let ok =
+            transform_code("import fetch from 'node-fetch'\nconst c = require('crypto')\nfetch(c)\n", &allow).unwrap();
         assert_eq!(ok.imports, vec!["node-fetch".to_string(), "crypto".to_string()]);
         assert!(!ok.is_module);
-        assert_eq!(ok.code, "const fetch = __pluginHostImports[\"node-fetch\"];\nconst c = require('crypto')\n");
+        assert_eq!(
+            ok.code,
+            "const fetch = __pluginHostImports[\"node-fetch\"];\nconst c = require('crypto')\nfetch(c)\n"
+        );
         let named =
-            transform_code("import { bla, bla3 as bla4 } from 'node-fetch'\nexport const x = 1", &allow).unwrap();
+            transform_code("import { bla, bla3 as bla4 } from 'node-fetch'\nexport const x = [bla, bla4]", &allow)
+                .unwrap();
         assert!(named.is_module);
         assert_eq!(
             named.code,
-            "const { \"bla\": bla, \"bla3\": bla4 } = __pluginHostImports[\"node-fetch\"];\nexport const x = 1"
+            "const { \"bla\": bla, \"bla3\": bla4 } = __pluginHostImports[\"node-fetch\"];\nexport const x = [bla, bla4]"
         );
+    }
+
+    /// Babel 7.13's TypeScript preset (`@babel/standalone`, as the reference runs it) removes these
+    /// imports before the reference's import check sees them.
+    #[test]
+    fn type_only_and_unused_imports_are_erased_before_the_import_check() {
+        let typed = "import { PluginEvent, PluginMeta } from 'posthog-plugins'\n\
+                     export function processEvent(event: PluginEvent, meta: PluginMeta): PluginEvent {\n  return event\n}\n";
+        let out = transform_code(typed, &allow).unwrap();
+        assert!(out.imports.is_empty(), "{:?}", out.imports);
+        assert!(!out.code.contains("posthog-plugins"), "{}", out.code);
+        assert!(out.is_module);
+
+        let type_import = "import type { Plugin } from '@posthog/plugin-scaffold-types'\nconst x: Plugin = {}\n";
+        assert!(transform_code(type_import, &allow).unwrap().imports.is_empty());
+        // `typeof X` in a type is a type use too.
+        let type_query = "import { thing } from 'not-provided'\nlet y: typeof thing\n";
+        assert!(transform_code(type_query, &allow).unwrap().imports.is_empty());
+        // Unused imports go too, even in plain JavaScript, which still runs as written otherwise
+        // (the erased line stays a blank line).
+        let unused = "import { kea } from 'kea'\nfunction processEvent(event) { return event }\n";
+        let out = transform_code(unused, &allow).unwrap();
+        assert_eq!(out.code, "\nfunction processEvent(event) { return event }\n");
+        assert!(!out.is_module);
+
+        // Mixed: a binding used as a value keeps the import, and the check applies.
+        let mixed =
+            "import { PluginEvent, kea } from 'kea'\nexport function processEvent(e: PluginEvent) { return kea(e) }\n";
+        let err = transform_code(mixed, &allow).unwrap_err();
+        assert_eq!(err.message, forbidden_import_message("kea"));
+        let allowed_mixed = "import fetch, { Response } from 'node-fetch'\nexport async function f(): Promise<Response> { return fetch('x') }\n";
+        let out = transform_code(allowed_mixed, &allow).unwrap();
+        assert_eq!(out.imports, vec!["node-fetch".to_string()]);
+        assert!(out.code.contains("__pluginHostImports[\"node-fetch\"]"), "{}", out.code);
+        // Side-effect imports are kept, so checked.
+        assert!(transform_code("import 'kea'\n", &allow).is_err());
+        // A value use anywhere (here a re-export) keeps it.
+        assert!(transform_code("import { kea } from 'kea'\nexport { kea }\n", &allow).is_err());
     }
 
     #[test]

@@ -97,35 +97,59 @@ fn zlib(op: &str, data: &[u8]) -> std::result::Result<Vec<u8>, String> {
     .map_err(|e| if e.contains("invalid") || e.contains("corrupt") { "incorrect header check".to_string() } else { e })
 }
 
+/// The WHATWG URL API's getters (`url::quirks` implements them to the standard, as Node does).
 fn url_record<'js>(ctx: &Ctx<'js>, url: &url::Url) -> JsResult<Object<'js>> {
+    use url::quirks;
     let record = Object::new(ctx.clone())?;
-    let with_prefix = |prefix: &str, part: Option<&str>| match part {
-        Some(p) if !p.is_empty() => format!("{prefix}{p}"),
-        _ => String::new(),
-    };
-    let port = url.port().map(|p| p.to_string()).unwrap_or_default();
-    let hostname = url.host_str().unwrap_or("").to_string();
-    let host = if port.is_empty() { hostname.clone() } else { format!("{hostname}:{port}") };
-    record.set("href", url.as_str())?;
-    record.set("protocol", format!("{}:", url.scheme()))?;
-    record.set("username", url.username())?;
-    record.set("password", url.password().unwrap_or(""))?;
-    record.set("host", host)?;
-    record.set("hostname", hostname)?;
-    record.set("port", port)?;
-    record.set("pathname", url.path())?;
-    record.set("search", with_prefix("?", url.query()))?;
-    record.set("hash", with_prefix("#", url.fragment()))?;
-    record.set("origin", url.origin().ascii_serialization())?;
+    record.set("href", quirks::href(url))?;
+    record.set("protocol", quirks::protocol(url))?;
+    record.set("username", quirks::username(url))?;
+    record.set("password", quirks::password(url))?;
+    record.set("host", quirks::host(url))?;
+    record.set("hostname", quirks::hostname(url))?;
+    record.set("port", quirks::port(url))?;
+    record.set("pathname", quirks::pathname(url))?;
+    record.set("search", quirks::search(url))?;
+    record.set("hash", quirks::hash(url))?;
+    record.set("origin", quirks::origin(url))?;
     Ok(record)
 }
 
-fn parse_url(ctx: &Ctx<'_>, href: &str, base: Option<&str>) -> JsResult<url::Url> {
-    let parsed = match base {
-        Some(base) => url::Url::parse(base).and_then(|b| b.join(href)),
-        None => url::Url::parse(href),
+/// The URL parser (`new URL(input, base)`): `None` for an invalid input or base.
+fn parse_url(href: &str, base: Option<&str>) -> Option<url::Url> {
+    match base {
+        Some(base) => {
+            let base = url::Url::parse(base).ok()?;
+            url::Url::options().base_url(Some(&base)).parse(href).ok()
+        }
+        None => url::Url::parse(href).ok(),
+    }
+}
+
+/// A WHATWG URL setter on `url`. Invalid values leave the URL unchanged, as the standard says.
+fn set_url_field(url: &mut url::Url, field: &str, value: &str) {
+    use url::quirks;
+    let _ = match field {
+        "protocol" => quirks::set_protocol(url, value),
+        "username" => quirks::set_username(url, value),
+        "password" => quirks::set_password(url, value),
+        "host" => quirks::set_host(url, value),
+        "hostname" => quirks::set_hostname(url, value),
+        "port" => quirks::set_port(url, value),
+        "pathname" => {
+            quirks::set_pathname(url, value);
+            Ok(())
+        }
+        "search" => {
+            quirks::set_search(url, value);
+            Ok(())
+        }
+        "hash" => {
+            quirks::set_hash(url, value);
+            Ok(())
+        }
+        _ => Ok(()),
     };
-    parsed.map_err(|_| Exception::throw_type(ctx, &format!("Invalid URL: {href}")))
 }
 
 /// Adds the synchronous host functions to `host`.
@@ -210,47 +234,37 @@ pub fn install<'js>(ctx: &Ctx<'js>, host: &Object<'js>) -> JsResult<()> {
     )?;
     host.set(
         "urlParse",
-        Function::new(ctx.clone(), |ctx: Ctx<'js>, href: String, base: rquickjs::function::Opt<String>| {
-            let url = parse_url(&ctx, &href, base.0.as_deref())?;
-            url_record(&ctx, &url)
-        })?,
+        Function::new(
+            ctx.clone(),
+            |ctx: Ctx<'js>, href: String, base: rquickjs::function::Opt<String>| match parse_url(
+                &href,
+                base.0.as_deref(),
+            ) {
+                Some(url) => url_record(&ctx, &url).map(|record| record.into_value()),
+                None => Ok(rquickjs::Value::new_null(ctx)),
+            },
+        )?,
     )?;
     host.set(
         "urlSet",
         Function::new(ctx.clone(), |ctx: Ctx<'js>, href: String, field: String, value: String| {
-            let mut url = parse_url(&ctx, &href, None)?;
-            let strip = |v: &str, prefix: char| v.strip_prefix(prefix).unwrap_or(v).to_string();
-            // Invalid assignments are ignored, as in the WHATWG URL setters.
-            let _ = match field.as_str() {
-                "protocol" => url.set_scheme(value.trim_end_matches(':')),
-                "username" => url.set_username(&value),
-                "password" => url.set_password(Some(&value).filter(|v| !v.is_empty()).map(|v| v.as_str())),
-                "host" => {
-                    let (host, port) = match value.rsplit_once(':') {
-                        Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) => (h.to_string(), p.parse().ok()),
-                        _ => (value.clone(), None),
-                    };
-                    url.set_host(Some(&host)).map_err(|_| ()).and_then(|_| url.set_port(port))
-                }
-                "hostname" => url.set_host(Some(&value)).map_err(|_| ()),
-                "port" => url.set_port(if value.is_empty() { None } else { value.parse().ok() }),
-                "pathname" => {
-                    url.set_path(&value);
-                    Ok(())
-                }
-                "search" => {
-                    let q = strip(&value, '?');
-                    url.set_query(if q.is_empty() { None } else { Some(&q) });
-                    Ok(())
-                }
-                "hash" => {
-                    let h = strip(&value, '#');
-                    url.set_fragment(if h.is_empty() { None } else { Some(&h) });
-                    Ok(())
-                }
-                _ => Ok(()),
-            };
+            let mut url = url::Url::parse(&href).map_err(|_| Exception::throw_type(&ctx, "Invalid URL"))?;
+            set_url_field(&mut url, &field, &value);
             url_record(&ctx, &url)
+        })?,
+    )?;
+    // The application/x-www-form-urlencoded parser (`URLSearchParams`): `[[name, value], …]`.
+    host.set(
+        "formParse",
+        Function::new(ctx.clone(), |ctx: Ctx<'js>, text: String| -> JsResult<rquickjs::Array<'js>> {
+            let pairs = rquickjs::Array::new(ctx.clone())?;
+            for (index, (name, value)) in url::form_urlencoded::parse(text.as_bytes()).enumerate() {
+                let pair = rquickjs::Array::new(ctx.clone())?;
+                pair.set(0, name.as_ref())?;
+                pair.set(1, value.as_ref())?;
+                pairs.set(index, pair)?;
+            }
+            Ok(pairs)
         })?,
     )?;
     Ok(())
