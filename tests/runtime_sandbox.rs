@@ -56,7 +56,8 @@ async fn imports_of_host_modules_fail() {
             run_task(&pool, 1, &body).await,
             json!(format!("Cannot import '{module}'! This package is not provided by PostHog in plugins."))
         );
-        let err = load(&pool, 2, &format!("import x from '{module}'"), TestMeta::new()).await.unwrap_err();
+        // Used, so Babel keeps the import (an unused one is erased before the check).
+        let err = load(&pool, 2, &format!("import x from '{module}'\nx()"), TestMeta::new()).await.unwrap_err();
         assert!(err.to_string().contains(&format!("Cannot import '{module}'")), "{err}");
     }
 }

@@ -252,7 +252,7 @@ async fn posthog_api_goes_through_fetch() {
 async fn transform_errors() {
     let pool = WorkerPool::new(options(1, 5.0)).unwrap();
     let err =
-        load(&pool, 1, "import { kea } from 'kea'\nexport function processEvent(e) { return e }", TestMeta::new())
+        load(&pool, 1, "import { kea } from 'kea'\nexport function processEvent(e) { return kea(e) }", TestMeta::new())
             .await
             .unwrap_err();
     assert_eq!(err.to_string(), "/index.ts: Cannot import 'kea'! This package is not provided by PostHog in plugins.");
