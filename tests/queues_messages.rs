@@ -198,6 +198,37 @@ fn raw_events_decode_with_data_winning() {
     assert_eq!(decode_raw_event(None), Err(RawEventError::Empty));
 }
 
+/// Values JavaScript accepts where the reference reads a field without a type check decode as
+/// JavaScript reads them (the strict decoding dead-lettered these: "invalid type: integer
+/// `1635760798000`, expected a string").
+#[test]
+fn raw_events_decode_fields_as_javascript_reads_them() {
+    let data = json!({"event": "e", "distinct_id": 1.0, "timestamp": 1635760798000_i64, "offset": "2000",
+        "properties": null, "$set": "ab", "$set_once": 0, "team_id": 2.0, "ip": 3232235777_i64});
+    let value = json!({"site_url": 7, "uuid": "0178b5a2-5ad8-0000-21a1-6b4b9a5c8d3f", "data": data.to_string(),
+        "now": "2021-11-01T10:00:00.000Z"});
+    let event = decode_raw_event(Some(value.to_string().as_bytes())).unwrap();
+    assert_eq!(event.distinct_id, "1");
+    assert_eq!(event.timestamp, Some(json!(1635760798000_i64)));
+    assert_eq!(event.offset, Some(json!("2000")));
+    assert_eq!(event.properties, None);
+    assert_eq!(event.set, Some(json!({"0": "a", "1": "b"}).as_object().unwrap().clone()));
+    assert_eq!(event.set_once, None);
+    assert_eq!(event.team_id, 2);
+    assert_eq!(event.ip, Some(json!(3232235777_i64)));
+    assert_eq!(event.site_url, "7");
+    // As plugins get it: the values as sent.
+    let round_trip = serde_json::to_value(&event).unwrap();
+    assert_eq!(round_trip["timestamp"], json!(1635760798000_i64));
+    assert_eq!(round_trip["offset"], json!("2000"));
+
+    // Where the reference fails too: no team, no event name.
+    for data in [json!({"event": "e", "team_id": null}), json!({"event": "e", "team_id": 2.5}), json!({"team_id": 2})] {
+        let value = json!({"data": data.to_string(), "now": "2021-11-01T10:00:00.000Z"});
+        assert!(decode_raw_event(Some(value.to_string().as_bytes())).is_err(), "{data}");
+    }
+}
+
 #[test]
 fn plugin_captures_become_raw_event_messages_that_decode_back() {
     let data =
