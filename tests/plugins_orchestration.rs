@@ -131,6 +131,26 @@ async fn a_throwing_plugin_keeps_its_in_place_mutations_but_not_after_a_timeout(
 }
 
 #[tokio::test]
+async fn a_plugin_the_runtime_cannot_run_fails_the_event_instead_of_skipping_the_plugin() {
+    // A filter or PII-scrubbing plugin whose worker thread was lost (twice: the pool retries once)
+    // must not be skipped: the chain fails, so the pipeline hands the event back to its queue.
+    let plugin = process_event_plugin(|_| {
+        Err(CallError {
+            error: JsError::new("Error", "JS worker thread 0 unavailable: the thread is stalled"),
+            args: None,
+            unavailable: true,
+        })
+    });
+    let (_fakes, setup) = fake_setup(plugin, Duration::from_secs(3)).await;
+    setup.plugins.reload().await.unwrap();
+    let failure = setup.plugins.run_process_event(event("$test")).await.expect_err("the event does not go on");
+    assert_eq!(failure.plugin_config_id, CONFIG);
+    assert!(failure.to_string().contains("the thread is stalled"), "{failure}");
+    // Not the plugin's error: nothing recorded on its config.
+    assert_eq!(setup.config_error(CONFIG).await, None);
+}
+
+#[tokio::test]
 async fn on_event_only_plugins_are_deferred_and_on_event_errors_are_recorded() {
     let fakes = factory();
     fakes.register(

@@ -859,10 +859,19 @@ impl VmInner {
                 match result {
                     Ok(ok) => {
                         let value = match ok {
-                            HostOk::Json(v) => to_js(&ctx, &v)?,
-                            HostOk::Fetch(r) => fetch_response_to_js(&ctx, r)?,
+                            HostOk::Json(v) => to_js(&ctx, &v),
+                            HostOk::Fetch(r) => fetch_response_to_js(&ctx, r),
                         };
-                        resolve.restore(&ctx)?.call::<_, ()>((value,))
+                        match value {
+                            Ok(value) => resolve.restore(&ctx)?.call::<_, ()>((value,)),
+                            // The result could not be handed over (over the memory limit): the
+                            // plugin's promise rejects with that error instead of hanging.
+                            Err(QjsError::Exception) => {
+                                let error = ctx.catch();
+                                reject.restore(&ctx)?.call::<_, ()>((error,))
+                            }
+                            Err(other) => Err(other),
+                        }
                     }
                     Err(err) => {
                         let error = match err {
@@ -902,6 +911,16 @@ fn fetch_response_to_js<'js>(ctx: &Ctx<'js>, response: FetchResponse) -> rquickj
     }
     object.set("headers", headers)?;
     // Copied into the VM's heap: the body counts against the plugin's memory limit.
+    let headroom = host::memory_headroom(ctx);
+    if response.body.len() > headroom {
+        return Err(Exception::throw_range(
+            ctx,
+            &format!(
+                "The plugin server refused a response body of {} bytes: the plugin's memory has {headroom} bytes left",
+                response.body.len()
+            ),
+        ));
+    }
     object.set("body", host::buffer(ctx, response.body)?)?;
     Ok(object.into_value())
 }
