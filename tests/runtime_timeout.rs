@@ -192,6 +192,20 @@ async fn a_stalled_thread_is_detected_and_replaced() {
     assert_eq!(pool.stats().replaced_workers, plugin_server::plugins::runtime::CALL_ATTEMPTS);
     let out = pool.call(2, "processEvent", vec![event()], CallKind::Method).await.unwrap();
     assert_eq!(out["properties"]["ok"], true);
+    // The abandoned threads stop for good once their native operation returns: only the
+    // current `js-worker-0` is left (no thread keeps burning CPU).
+    let workers = || {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+            .filter(|name| name.trim() == "js-worker-0")
+            .count()
+    };
+    let waited = Instant::now();
+    while workers() > 1 && waited.elapsed() < Duration::from_secs(120) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(workers(), 1, "abandoned threads still alive after {:?}", waited.elapsed());
 }
 
 #[tokio::test]
