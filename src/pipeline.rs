@@ -113,9 +113,12 @@ impl EventHandler for Pipeline {
         } else {
             self.activity.record("processEvent");
             match self.plugins.run_process_event(event).await {
-                Some(event) => event,
+                Ok(Some(event)) => event,
                 // A plugin dropped it: done.
-                None => return Ok(()),
+                Ok(None) => return Ok(()),
+                // A plugin could not run (not its error): the event must not be written without
+                // it, so it goes back to the consumer's retries, then to the dead-letter queue.
+                Err(unavailable) => return Err(HandleError::Retryable(unavailable.to_string())),
             }
         };
         self.activity.record("ingestEvent");

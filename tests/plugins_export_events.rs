@@ -80,7 +80,7 @@ async fn buffers_by_bytes_and_flushes_the_rest_after_the_timeout() {
         json!({"events_seen": "sum", "events_delivered_successfully": "sum", "undelivered_events": "sum", "retry_errors": "sum", "other_errors": "sum"})
     );
     // exportEvents plugins are deferred in the processEvent chain (they now have onEvent).
-    let returned = setup.plugins.run_process_event(event("x")).await.unwrap();
+    let returned = setup.plugins.run_process_event(event("x")).await.expect("the chain ran").unwrap();
     assert_eq!(returned.properties.unwrap()["$plugins_deferred"], json!(["test-maxmind-plugin (39)"]));
 
     for _ in 0..100 {

@@ -50,7 +50,7 @@ async fn loads_the_fixture_config_and_runs_process_event() {
     assert_eq!(config.attachments[0].0, "maxmindMmdb");
     assert_eq!(config.attachments[0].1.contents, b"test");
 
-    let returned = setup.plugins.run_process_event(event("$test")).await.expect("kept");
+    let returned = setup.plugins.run_process_event(event("$test")).await.expect("the chain ran").expect("kept");
     let properties = returned.properties.unwrap();
     assert_eq!(properties["processed"], json!(true));
     assert_eq!(properties["$plugins_succeeded"], json!(["test-maxmind-plugin (39)"]));
@@ -78,7 +78,7 @@ async fn a_null_return_drops_the_event_and_stops_the_chain() {
     );
     let setup = Setup::new("drop", shared(&fakes)).await;
     setup.plugins.reload().await.unwrap();
-    assert_eq!(setup.plugins.run_process_event(event("$test")).await, None);
+    assert_eq!(setup.plugins.run_process_event(event("$test")).await.expect("the chain ran"), None);
 }
 
 #[tokio::test]
@@ -89,7 +89,7 @@ async fn changing_team_id_is_an_error_and_the_team_is_restored() {
     });
     let (_fakes, setup) = fake_setup(plugin, Duration::from_secs(3)).await;
     setup.plugins.reload().await.unwrap();
-    let returned = setup.plugins.run_process_event(event("$test")).await.expect("kept");
+    let returned = setup.plugins.run_process_event(event("$test")).await.expect("the chain ran").expect("kept");
     assert_eq!(returned.team_id, 2);
     let properties = returned.properties.unwrap();
     assert_eq!(properties["$plugins_failed"], json!(["test-maxmind-plugin (39)"]));
@@ -108,22 +108,46 @@ async fn a_throwing_plugin_keeps_its_in_place_mutations_but_not_after_a_timeout(
         let timeout = event["event"] == "timeout";
         event["properties"]["mutated"] = json!(true);
         if timeout {
-            return Err(CallError { error: JsError::new("TimeoutError", "Script execution timed out"), args: None });
+            return Err(JsError::new("TimeoutError", "Script execution timed out").into());
         }
-        Err(CallError { error: JsError::new("ReferenceError", "x is not defined"), args: Some(vec![event]) })
+        Err(CallError {
+            error: JsError::new("ReferenceError", "x is not defined"),
+            args: Some(vec![event]),
+            unavailable: false,
+        })
     });
     let (_fakes, setup) = fake_setup(plugin, Duration::from_secs(3)).await;
     setup.plugins.reload().await.unwrap();
-    let returned = setup.plugins.run_process_event(event("$test")).await.expect("kept");
+    let returned = setup.plugins.run_process_event(event("$test")).await.expect("the chain ran").expect("kept");
     let properties = returned.properties.unwrap();
     assert_eq!(properties["mutated"], json!(true));
     assert_eq!(properties["$plugins_failed"], json!(["test-maxmind-plugin (39)"]));
     assert_eq!(setup.config_error(CONFIG).await.unwrap()["message"], "x is not defined");
 
-    let returned = setup.plugins.run_process_event(event("timeout")).await.expect("kept");
+    let returned = setup.plugins.run_process_event(event("timeout")).await.expect("the chain ran").expect("kept");
     assert!(returned.properties.unwrap().get("mutated").is_none());
     let runs = setup.observer.runs.lock().unwrap().clone();
     assert_eq!(runs, [("processEvent".to_string(), 2, true), ("processEvent".to_string(), 2, true)]);
+}
+
+#[tokio::test]
+async fn a_plugin_the_runtime_cannot_run_fails_the_event_instead_of_skipping_the_plugin() {
+    // A filter or PII-scrubbing plugin whose worker thread was lost (twice: the pool retries once)
+    // must not be skipped: the chain fails, so the pipeline hands the event back to its queue.
+    let plugin = process_event_plugin(|_| {
+        Err(CallError {
+            error: JsError::new("Error", "JS worker thread 0 unavailable: the thread is stalled"),
+            args: None,
+            unavailable: true,
+        })
+    });
+    let (_fakes, setup) = fake_setup(plugin, Duration::from_secs(3)).await;
+    setup.plugins.reload().await.unwrap();
+    let failure = setup.plugins.run_process_event(event("$test")).await.expect_err("the event does not go on");
+    assert_eq!(failure.plugin_config_id, CONFIG);
+    assert!(failure.to_string().contains("the thread is stalled"), "{failure}");
+    // Not the plugin's error: nothing recorded on its config.
+    assert_eq!(setup.config_error(CONFIG).await, None);
 }
 
 #[tokio::test]
@@ -143,7 +167,7 @@ async fn on_event_only_plugins_are_deferred_and_on_event_errors_are_recorded() {
     );
     let setup = Setup::new("on-event", shared(&fakes)).await;
     setup.plugins.reload().await.unwrap();
-    let returned = setup.plugins.run_process_event(event("$test")).await.expect("kept");
+    let returned = setup.plugins.run_process_event(event("$test")).await.expect("the chain ran").expect("kept");
     assert_eq!(returned.properties.unwrap()["$plugins_deferred"], json!(["test-maxmind-plugin (39)"]));
     setup.plugins.run_on_event(&event("$test")).await;
     assert_eq!(fakes.calls_of("onEvent"), 1);
@@ -162,7 +186,7 @@ async fn process_event_batch_only_plugins_process_events() {
     fakes.register("processed", processed_plugin());
     let setup = Setup::new("processed", shared(&fakes)).await;
     setup.plugins.reload().await.unwrap();
-    assert!(setup.plugins.run_process_event(event("$test")).await.is_some());
+    assert!(setup.plugins.run_process_event(event("$test")).await.expect("the chain ran").is_some());
 }
 
 #[tokio::test]
@@ -176,7 +200,7 @@ async fn a_plugin_that_fails_to_evaluate_leaves_events_alone() {
     )
     .await;
     setup.plugins.reload().await.unwrap();
-    let returned = setup.plugins.run_process_event(event("$test")).await.expect("kept");
+    let returned = setup.plugins.run_process_event(event("$test")).await.expect("the chain ran").expect("kept");
     assert!(returned.properties.unwrap().is_empty());
     let error = setup.config_error(CONFIG).await.unwrap();
     assert_eq!(error["name"], "SyntaxError");
@@ -258,7 +282,7 @@ async fn loading_failures_are_recorded_with_the_reference_messages() {
     let message = setup.config_error(CONFIG).await.unwrap()["message"].as_str().unwrap().to_string();
     assert!(message.starts_with("Could not load posthog config at "), "{message}");
     // Events still pass through unchanged.
-    assert!(setup.plugins.run_process_event(event("$test")).await.is_some());
+    assert!(setup.plugins.run_process_event(event("$test")).await.expect("the chain ran").is_some());
 }
 
 #[tokio::test]
@@ -280,7 +304,7 @@ async fn configs_run_in_order_and_reloads_only_reload_what_changed() {
     setup.plugins.reload().await.unwrap();
     assert_eq!(setup.plugins.team_order(2), vec![(40, 1), (39, 2), (41, 3)]);
     for _ in 0..2 {
-        let returned = setup.plugins.run_process_event(event("$test")).await.unwrap();
+        let returned = setup.plugins.run_process_event(event("$test")).await.expect("the chain ran").unwrap();
         assert_eq!(returned.properties.unwrap()["plugins"], json!([61, 60, 62]));
     }
     setup.add_source_plugin(63, 42, 0, "push-63").await;
@@ -451,7 +475,15 @@ async fn setup_is_retried_with_back_off_then_the_config_is_disabled() {
         )
     );
     // Events skip the plugin meanwhile.
-    assert!(setup.plugins.run_process_event(event("$test")).await.unwrap().properties.unwrap().is_empty());
+    assert!(setup
+        .plugins
+        .run_process_event(event("$test"))
+        .await
+        .expect("the chain ran")
+        .unwrap()
+        .properties
+        .unwrap()
+        .is_empty());
 }
 
 #[tokio::test]
@@ -488,7 +520,7 @@ async fn setup_succeeding_on_retry_loads_the_plugin_and_clears_the_error() {
     setup.plugins.reload().await.unwrap();
     assert!(eventually(Duration::from_secs(5), || async { setup.plugins.capabilities(CONFIG).await.is_some() }).await);
     assert_eq!(attempts.load(Ordering::SeqCst), 2);
-    let returned = setup.plugins.run_process_event(event("$test")).await.unwrap();
+    let returned = setup.plugins.run_process_event(event("$test")).await.expect("the chain ran").unwrap();
     assert_eq!(returned.properties.unwrap()["ok"], json!(true));
     assert!(eventually(Duration::from_secs(5), || async { setup.config_error(CONFIG).await.is_none() }).await);
 }
@@ -519,11 +551,11 @@ async fn teardown_errors_are_recorded_and_teardown_runs_before_the_reloaded_setu
     );
     let setup = Setup::new("teardown", shared(&fakes)).await;
     setup.plugins.reload().await.unwrap();
-    let before = setup.plugins.run_process_event(event("$test")).await.unwrap();
+    let before = setup.plugins.run_process_event(event("$test")).await.expect("the chain ran").unwrap();
     assert_eq!(before.properties.unwrap()["storage"], "nope");
     setup.touch_config(CONFIG).await;
     setup.plugins.reload().await.unwrap();
-    let after = setup.plugins.run_process_event(event("$test")).await.unwrap();
+    let after = setup.plugins.run_process_event(event("$test")).await.expect("the chain ran").unwrap();
     assert_eq!(after.properties.unwrap()["storage"], "tore down");
     // The reloaded VM loaded fine, which clears the error the old one's teardown recorded.
     assert_eq!(setup.config_error(CONFIG).await, None);

@@ -55,7 +55,7 @@ async fn the_fixture_plugin_processes_events() {
         "function processEvent (event) { if (event.properties) { event.properties.processed = true } return event }",
     )
     .await;
-    let returned = setup.plugins.run_process_event(event("$test")).await.unwrap();
+    let returned = setup.plugins.run_process_event(event("$test")).await.expect("the chain ran").unwrap();
     let properties = returned.properties.unwrap();
     assert_eq!(properties["processed"], json!(true));
     assert_eq!(properties["$plugins_succeeded"], json!(["test-maxmind-plugin (39)"]));
@@ -72,7 +72,7 @@ async fn meta_holds_config_attachments_global_and_the_extensions() {
          function processEvent (event, meta) { event.properties = meta; return event }",
     )
     .await;
-    let returned = setup.plugins.run_process_event(event("$test")).await.unwrap();
+    let returned = setup.plugins.run_process_event(event("$test")).await.expect("the chain ran").unwrap();
     let properties = returned.properties.unwrap();
     let mut keys: Vec<&str> = properties.keys().map(String::as_str).collect();
     keys.sort();
@@ -102,7 +102,7 @@ async fn meta_holds_config_attachments_global_and_the_extensions() {
 #[tokio::test]
 async fn a_syntax_error_is_recorded_and_events_pass_unchanged() {
     let setup = setup("function setupPlugin (met").await;
-    let returned = setup.plugins.run_process_event(event("$test")).await.unwrap();
+    let returned = setup.plugins.run_process_event(event("$test")).await.expect("the chain ran").unwrap();
     assert!(returned.properties.unwrap().is_empty());
     let error = setup.config_error(CONFIG).await.unwrap();
     assert_eq!(error["name"], "SyntaxError");
@@ -131,7 +131,7 @@ async fn a_typescript_source_plugin_uses_cache_and_config() {
         .await;
     setup.plugins.reload().await.unwrap();
     for expected in 1..=2 {
-        let returned = setup.plugins.run_process_event(event("$test")).await.unwrap();
+        let returned = setup.plugins.run_process_event(event("$test")).await.expect("the chain ran").unwrap();
         let properties = returned.properties.unwrap();
         assert_eq!(properties["ip"], "94.224.212.175");
         assert_eq!(properties["n"], expected);
@@ -165,7 +165,7 @@ async fn a_github_zipball_with_a_typescript_main() {
         zip.finish().unwrap();
     }
     set_archive(&setup, cursor.into_inner()).await;
-    let returned = setup.plugins.run_process_event(event("$test")).await.unwrap();
+    let returned = setup.plugins.run_process_event(event("$test")).await.expect("the chain ran").unwrap();
     let properties = returned.properties.unwrap();
     assert_eq!(setup.config_error(CONFIG).await, None);
     // The fixture's DB schema (with its own defaults) is used; plugin.json's config only fills
@@ -194,7 +194,7 @@ async fn an_npm_tarball_with_module_exports() {
     let archive = builder.into_inner().unwrap().finish().unwrap();
     sqlx::query("UPDATE posthog_plugin SET config_schema = '{}' WHERE id = 60").execute(&setup.db.pool).await.unwrap();
     set_archive(&setup, archive).await;
-    let returned = setup.plugins.run_process_event(event("$test")).await.unwrap();
+    let returned = setup.plugins.run_process_event(event("$test")).await.expect("the chain ran").unwrap();
     // plugin.json's schema default fills the missing config key.
     assert_eq!(returned.properties.unwrap()["greeting"], "hello");
 }
@@ -218,7 +218,7 @@ async fn a_local_plugin_with_plain_functions() {
     .await
     .unwrap();
     setup.plugins.reload().await.unwrap();
-    let returned = setup.plugins.run_process_event(event("$test")).await.unwrap();
+    let returned = setup.plugins.run_process_event(event("$test")).await.expect("the chain ran").unwrap();
     assert_eq!(returned.properties.unwrap()["local"], json!(true));
     assert_eq!(setup.plugins.capabilities(CONFIG).await.unwrap()["methods"], json!(["onEvent", "processEvent"]));
 }
@@ -240,7 +240,7 @@ async fn console_capture_jobs_tasks_and_metrics_from_plugin_code() {
          export async function runEveryDay (meta) { return 4 }",
     )
     .await;
-    setup.plugins.run_process_event(event("hello")).await.unwrap();
+    setup.plugins.run_process_event(event("hello")).await.expect("the chain ran").unwrap();
     let logged = ("CONSOLE".to_string(), "LOG".to_string(), "logged event".to_string());
     assert!(eventually(Duration::from_secs(5), || async { setup.log_entries(CONFIG).await.contains(&logged) }).await);
     // Neither the metric nor the job is awaited by the plugin.
@@ -289,11 +289,11 @@ async fn teardown_runs_on_every_thread_and_errors_are_recorded() {
         2,
     )
     .await;
-    let before = setup.plugins.run_process_event(event("$test")).await.unwrap();
+    let before = setup.plugins.run_process_event(event("$test")).await.expect("the chain ran").unwrap();
     assert_eq!(before.properties.unwrap()["storage"], "nope");
     setup.touch_config(CONFIG).await;
     setup.plugins.reload().await.unwrap();
-    let after = setup.plugins.run_process_event(event("$test")).await.unwrap();
+    let after = setup.plugins.run_process_event(event("$test")).await.expect("the chain ran").unwrap();
     assert_eq!(after.properties.unwrap()["storage"], "tore down");
     setup.plugins.teardown_all().await;
     assert_eq!(setup.config_error(CONFIG).await.unwrap()["message"], "This Happened In The Teardown Palace");
@@ -308,7 +308,7 @@ async fn rejections_nobody_handles_are_the_plugins_errors() {
          }",
     )
     .await;
-    let returned = setup.plugins.run_process_event(event("$test")).await;
+    let returned = setup.plugins.run_process_event(event("$test")).await.expect("the chain ran");
     assert!(returned.is_some(), "the event is still ingested");
     assert!(
         eventually(Duration::from_secs(5), || async {
@@ -357,7 +357,8 @@ async fn a_throwing_process_event_keeps_what_it_changed_before_the_throw() {
          }",
     )
     .await;
-    let returned = setup.plugins.run_process_event(event("$test")).await.expect("still ingested");
+    let returned =
+        setup.plugins.run_process_event(event("$test")).await.expect("the chain ran").expect("still ingested");
     let properties = returned.properties.unwrap();
     assert_eq!(properties["processed"], "hell yes");
     assert_eq!(properties["$plugins_failed"], json!(["test-maxmind-plugin (39)"]));
@@ -372,7 +373,7 @@ async fn process_event_batch_alone_processes_events() {
         "export async function processEventBatch (events) { return events.map(e => ({ ...e, event: 'changed event' })) }",
     )
     .await;
-    let returned = setup.plugins.run_process_event(event("$test")).await.unwrap();
+    let returned = setup.plugins.run_process_event(event("$test")).await.expect("the chain ran").unwrap();
     assert_eq!(returned.event, "changed event");
     assert_eq!(setup.plugins.capabilities(CONFIG).await.unwrap()["methods"], json!(["processEvent"]));
 }

@@ -209,7 +209,7 @@ impl Plugins {
     }
 
     /// The `processEvent` chain of the event's team. `None`: a plugin dropped the event.
-    pub async fn run_process_event(&self, event: PluginEvent) -> Option<PluginEvent> {
+    pub async fn run_process_event(&self, event: PluginEvent) -> Result<Option<PluginEvent>, run::PluginUnavailable> {
         let (_loaded, configs) = self.team_configs(event.team_id);
         run::run_process_event(&self.services, &configs, event).await
     }

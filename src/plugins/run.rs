@@ -1,6 +1,11 @@
 //! The method runners over a loaded set of plugin configs: the `processEvent` chain of a team's
 //! plugins (in `order`), `onEvent`/`onSnapshot` (all at once), scheduled tasks and jobs, and
 //! teardown. Errors raised by plugin code are recorded on the config and never fail the caller.
+//!
+//! A `processEvent` the runtime could not run at all (its worker thread lost twice, the pool
+//! shutting down) is not a plugin error: the event must not be written without that plugin (it
+//! may filter or scrub), so the chain fails with [`PluginUnavailable`] and the caller hands the
+//! event back to its queue (retried, then dead-lettered with this reason).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -35,6 +40,18 @@ enum Step {
     Dropped,
     Kept { event: PluginEvent, same: bool },
     Failed { error: JsError, event: PluginEvent, same: bool },
+    /// The runtime could not run the call (see [`PluginUnavailable`]).
+    Unavailable(JsError),
+}
+
+/// A plugin of the team's chain could not be run (not a plugin error): the event must go back to
+/// its queue instead of being written without that plugin.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("plugin {plugin} (config {plugin_config_id}) could not run processEvent: {reason}")]
+pub struct PluginUnavailable {
+    pub plugin: String,
+    pub plugin_config_id: i32,
+    pub reason: String,
 }
 
 async fn process_one(loaded: &LoadedVm, event: &PluginEvent) -> Step {
@@ -64,6 +81,7 @@ async fn process_one(loaded: &LoadedVm, event: &PluginEvent) -> Step {
                 },
             }
         }
+        Err(failure) if failure.unavailable => Step::Unavailable(failure.error),
         Err(failure) => {
             // In-place mutations made before the throw are kept (the reference shares the object);
             // after a timeout they are not.
@@ -80,7 +98,8 @@ async fn process_one(loaded: &LoadedVm, event: &PluginEvent) -> Step {
     }
 }
 
-/// Runs the team's `processEvent`s in order. `None`: a plugin dropped the event.
+/// Runs the team's `processEvent`s in order. `Ok(None)`: a plugin dropped the event; `Err`: a
+/// plugin could not be run, the event must not go on.
 ///
 /// `$plugins_succeeded` / `$plugins_failed` / `$plugins_deferred` go where the reference's
 /// `run.ts` puts them: on the event object the chain was given. So they are stored only when every
@@ -91,7 +110,7 @@ pub async fn run_process_event(
     services: &PluginServices,
     team_configs: &[Arc<ConfigEntry>],
     event: PluginEvent,
-) -> Option<PluginEvent> {
+) -> Result<Option<PluginEvent>, PluginUnavailable> {
     let mut current = event;
     let mut same_object = true;
     let mut succeeded = Vec::new();
@@ -102,9 +121,23 @@ pub async fn run_process_event(
         if loaded.has(Method::ProcessEvent) {
             let started = Instant::now();
             let step = process_one(&loaded, &current).await;
-            services.observe(&entry.config, "processEvent", started, matches!(step, Step::Failed { .. }));
+            services.observe(
+                &entry.config,
+                "processEvent",
+                started,
+                matches!(step, Step::Failed { .. } | Step::Unavailable(_)),
+            );
             match step {
-                Step::Dropped => return None,
+                Step::Dropped => return Ok(None),
+                Step::Unavailable(error) => {
+                    let unavailable = PluginUnavailable {
+                        plugin: entry.config.label(),
+                        plugin_config_id: entry.config.id,
+                        reason: error.message,
+                    };
+                    tracing::error!(%unavailable, "🔴 event handed back to its queue: a plugin could not run");
+                    return Err(unavailable);
+                }
                 Step::Kept { event, same } => {
                     current = event;
                     same_object &= same;
@@ -130,7 +163,7 @@ pub async fn run_process_event(
         properties.insert("$plugins_failed".into(), Value::Array(failed));
         properties.insert("$plugins_deferred".into(), Value::Array(deferred));
     }
-    Some(current)
+    Ok(Some(current))
 }
 
 /// Runs `onEvent` (or `onSnapshot`) of all the team's plugins concurrently.

@@ -58,7 +58,14 @@ fn js_error(error: runtime::JsError) -> JsError {
 
 fn call_error(error: PluginError) -> CallError {
     match error {
-        PluginError::Js { error, args_after } => CallError { error: js_error(error), args: args_after },
+        PluginError::Js { error, args_after } => {
+            CallError { error: js_error(error), args: args_after, unavailable: false }
+        }
+        // The pool could not run the call (it already retried on another thread): the caller
+        // must not go on as if the plugin had failed (run.rs fails the event back to its queue).
+        error @ (PluginError::WorkerUnavailable { .. } | PluginError::ShutDown) => {
+            CallError { error: JsError::new("Error", error.to_string()), args: None, unavailable: true }
+        }
         // Babel reports parse errors as SyntaxError and its plugins' errors (forbidden imports) as Error.
         PluginError::Transform(message) => {
             let name = if message.contains("Cannot import") { "Error" } else { "SyntaxError" };

@@ -140,11 +140,15 @@ impl VmExports {
 pub struct CallError {
     pub error: JsError,
     pub args: Option<Vec<Value>>,
+    /// The runtime could not run the call at all (its worker thread stalled and the retry failed
+    /// too, or the pool is shutting down): not the plugin's error, and the call did not happen.
+    /// An event must then not go on without this plugin.
+    pub unavailable: bool,
 }
 
 impl From<JsError> for CallError {
     fn from(error: JsError) -> Self {
-        CallError { error, args: None }
+        CallError { error, args: None, unavailable: false }
     }
 }
 

@@ -25,8 +25,9 @@ use async_trait::async_trait;
 use serde_json::Value;
 
 pub use host::fetch::{http_fetch, FetchRequest, FetchResponse};
+pub use host::memory_headroom;
 pub use host::read_test_console;
-pub use pool::{PoolStats, WorkerPool};
+pub use pool::{PoolStats, WorkerPool, CALL_ATTEMPTS};
 pub use vm::{ALLOWED_IMPORTS, META_GLOBAL_GET, META_GLOBAL_SET, PROCESS_EVENT_TRACKED};
 
 /// Identifies one plugin config (`posthog_pluginconfig.id`); one VM per id per worker thread.

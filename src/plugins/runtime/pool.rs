@@ -4,6 +4,12 @@
 //! bound is the back-pressure) and awaits a oneshot reply, watching the worker's heartbeat so a
 //! stalled thread is reported instead of waited on forever.
 //!
+//! A stalled thread is replaced and abandoned for good: its `abandoned` flag makes every
+//! interrupt check of its VMs fire, so the JS it still runs stops at the next check, its loop
+//! takes no more tasks and its VMs are dropped. A call lost with its thread is retried on a
+//! healthy one ([`CALL_ATTEMPTS`]); only when that fails too does the caller see
+//! [`PluginError::WorkerUnavailable`] (which the orchestration must not treat as a plugin error).
+//!
 //! Not here: the VM internals (`vm.rs`), what plugins are loaded when (the orchestration).
 
 use std::cell::RefCell;
@@ -23,6 +29,8 @@ use crate::plugins::transform::{transform_code, TransformedCode};
 
 /// How often a worker proves it is alive.
 const HEARTBEAT_EVERY: Duration = Duration::from_millis(250);
+/// How many threads a call is tried on before the pool gives up on it.
+pub const CALL_ATTEMPTS: usize = 2;
 
 /// A snapshot of the pool's load.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -78,6 +86,8 @@ enum Task {
 
 struct Worker {
     sender: Mutex<Option<mpsc::Sender<Task>>>,
+    /// The current thread's abandon flag (a replaced thread keeps its own, set).
+    abandoned: Mutex<Arc<AtomicBool>>,
     in_flight: Arc<AtomicUsize>,
     heartbeat_ns: Arc<AtomicU64>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -117,9 +127,12 @@ impl WorkerPool {
         let mut workers = Vec::with_capacity(threads);
         for index in 0..threads {
             let heartbeat_ns = Arc::new(AtomicU64::new(0));
-            let (sender, thread) = spawn_worker(index, &options, main.clone(), heartbeat_ns.clone(), started)?;
+            let abandoned = Arc::new(AtomicBool::new(false));
+            let (sender, thread) =
+                spawn_worker(index, &options, main.clone(), heartbeat_ns.clone(), started, abandoned.clone())?;
             workers.push(Worker {
                 sender: Mutex::new(Some(sender)),
+                abandoned: Mutex::new(abandoned),
                 in_flight: Arc::new(AtomicUsize::new(0)),
                 heartbeat_ns,
                 thread: Mutex::new(Some(thread)),
@@ -139,10 +152,12 @@ impl WorkerPool {
         })
     }
 
-    /// Puts a fresh thread in place of a stalled one. The stuck thread cannot be stopped (it is
-    /// inside one native operation the interrupt handler does not reach, e.g. a huge BigInt's
-    /// decimal conversion; regular expressions do poll it since QuickJS-ng 0.10); it is abandoned,
-    /// and the configs' VMs are rebuilt lazily on the new thread.
+    /// Puts a fresh thread in place of a stalled one. The stuck thread cannot be stopped while it
+    /// is inside one native operation the interrupt handler does not reach (e.g. a huge BigInt's
+    /// decimal conversion; regular expressions do poll it since QuickJS-ng 0.10); it is abandoned
+    /// for good: its flag makes every later interrupt check fire, so it stops running JS as soon
+    /// as that operation returns, takes no more tasks and drops its VMs. The configs' VMs are
+    /// rebuilt lazily on the new thread.
     fn replace_stalled(&self, index: usize) {
         let worker = &self.inner.workers[index];
         let Ok(mut sender) = worker.sender.lock() else { return };
@@ -150,8 +165,22 @@ impl WorkerPool {
             return; // shut down, or already replaced by a concurrent caller
         }
         let inner = &self.inner;
-        match spawn_worker(index, &inner.options, inner.main.clone(), worker.heartbeat_ns.clone(), inner.started) {
+        if let Ok(flag) = worker.abandoned.lock() {
+            flag.store(true, Ordering::Relaxed);
+        }
+        let fresh = Arc::new(AtomicBool::new(false));
+        match spawn_worker(
+            index,
+            &inner.options,
+            inner.main.clone(),
+            worker.heartbeat_ns.clone(),
+            inner.started,
+            fresh.clone(),
+        ) {
             Ok((new_sender, thread)) => {
+                if let Ok(mut flag) = worker.abandoned.lock() {
+                    *flag = fresh;
+                }
                 // Give the new thread time to start beating.
                 worker.heartbeat_ns.store(inner.started.elapsed().as_nanos() as u64, Ordering::Relaxed);
                 *sender = Some(new_sender);
@@ -245,16 +274,27 @@ impl WorkerPool {
         args: Vec<Value>,
         kind: CallKind,
     ) -> Result<Value, PluginError> {
-        let recipe = self.recipe(plugin_config_id)?;
-        let index = self.pick_worker(Some(plugin_config_id))?;
-        if let Some(entry) = self.write_registry().get_mut(&plugin_config_id) {
-            if entry.recipe.generation == recipe.generation {
-                entry.homes[index] = true;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let recipe = self.recipe(plugin_config_id)?;
+            let index = self.pick_worker(Some(plugin_config_id))?;
+            if let Some(entry) = self.write_registry().get_mut(&plugin_config_id) {
+                if entry.recipe.generation == recipe.generation {
+                    entry.homes[index] = true;
+                }
+            }
+            let (reply, answer) = oneshot::channel();
+            let task = Task::Call { recipe, create: true, method: method.to_string(), args: args.clone(), kind, reply };
+            match self.send(index, task, answer).await {
+                Ok(result) => return result.unwrap_or(Err(PluginError::NotLoaded(plugin_config_id))),
+                // The thread was lost with the call (stalled, exited): try a healthy one.
+                Err(error @ PluginError::WorkerUnavailable { .. }) if attempt < CALL_ATTEMPTS => {
+                    tracing::warn!(plugin_config_id, method, %error, attempt, "retrying a call lost with its JS worker thread");
+                }
+                Err(error) => return Err(error),
             }
         }
-        let (reply, answer) = oneshot::channel();
-        let task = Task::Call { recipe, create: true, method: method.to_string(), args, kind, reply };
-        self.send(index, task, answer).await?.unwrap_or(Err(PluginError::NotLoaded(plugin_config_id)))
     }
 
     /// Calls `method` on every thread that holds a VM of this config (e.g. `teardownPlugin`);
@@ -452,6 +492,7 @@ fn spawn_worker(
     main: Option<Handle>,
     heartbeat: Arc<AtomicU64>,
     started: Instant,
+    abandoned: Arc<AtomicBool>,
 ) -> Result<(mpsc::Sender<Task>, std::thread::JoinHandle<()>), PluginError> {
     let (sender, receiver) = mpsc::channel(options.tasks_per_worker.max(1));
     let options = options.clone();
@@ -459,7 +500,7 @@ fn spawn_worker(
         .name(format!("js-worker-{index}"))
         // Room for the VM's own stack limit plus Rust frames around it.
         .stack_size(options.max_stack_bytes.max(1 << 20) * 4 + (8 << 20))
-        .spawn(move || worker_main(receiver, options, main, heartbeat, started))
+        .spawn(move || worker_main(receiver, options, main, heartbeat, started, abandoned))
         .map_err(|e| PluginError::WorkerUnavailable { worker: index, reason: e.to_string() })?;
     Ok((sender, thread))
 }
@@ -470,6 +511,7 @@ fn worker_main(
     main: Option<Handle>,
     heartbeat: Arc<AtomicU64>,
     started: Instant,
+    abandoned: Arc<AtomicBool>,
 ) {
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -491,15 +533,20 @@ fn worker_main(
         let permits = Arc::new(Semaphore::new(options.tasks_per_worker.max(1)));
         let options = Rc::new(options);
         while let Some(task) = receiver.recv().await {
+            if abandoned.load(Ordering::Relaxed) {
+                break; // replaced: the task's sender sees it dropped and retries elsewhere
+            }
             let Ok(permit) = permits.clone().acquire_owned().await else { break };
             let vms = vms.clone();
             let options = options.clone();
             let main = main.clone();
+            let abandoned = abandoned.clone();
             tokio::task::spawn_local(async move {
-                run_task(task, &vms, &options, main).await;
+                run_task(task, &vms, &options, main, abandoned).await;
                 drop(permit);
             });
         }
+        receiver.close();
         // Channel closed: let running tasks finish, then drop the VMs on this thread.
         let _ = permits.acquire_many(options.tasks_per_worker.max(1) as u32).await;
         ticker.abort();
@@ -507,25 +554,52 @@ fn worker_main(
     });
 }
 
-async fn run_task(task: Task, vms: &Rc<RefCell<Vms>>, options: &PoolOptions, main: Option<Handle>) {
+/// Drops `vm` from this thread if it was discarded (it runs no more JS; the next call of its
+/// config builds a fresh one).
+fn forget_if_discarded(vms: &Rc<RefCell<Vms>>, vm: &Vm) {
+    if vm.is_discarded() {
+        let mut vms = vms.borrow_mut();
+        if vms.vms.get(&vm.plugin_config_id).is_some_and(|(_, held)| Rc::ptr_eq(held, vm)) {
+            vms.vms.remove(&vm.plugin_config_id);
+        }
+    }
+}
+
+async fn run_task(
+    task: Task,
+    vms: &Rc<RefCell<Vms>>,
+    options: &PoolOptions,
+    main: Option<Handle>,
+    abandoned: Arc<AtomicBool>,
+) {
     match task {
         Task::Load { recipe, reply } => {
             vms.borrow_mut().vms.remove(&recipe.plugin_config_id);
-            let result = vm_for(vms, &recipe, options, main).await.map(|vm| vm.exports.borrow().clone());
+            let result = vm_for(vms, &recipe, options, main, abandoned).await.map(|vm| vm.exports.borrow().clone());
             let _ = reply.send(result);
         }
         Task::Call { recipe, create, method, args, kind, reply } => {
             let existing = {
                 let vms = vms.borrow();
-                // A newer VM (a reload raced this call) serves it too; an older one never does.
-                vms.vms.get(&recipe.plugin_config_id).filter(|(g, _)| *g >= recipe.generation).map(|(_, vm)| vm.clone())
+                // A newer VM (a reload raced this call) serves it too; an older one never does,
+                // nor a discarded one.
+                vms.vms
+                    .get(&recipe.plugin_config_id)
+                    .filter(|(g, vm)| *g >= recipe.generation && !vm.is_discarded())
+                    .map(|(_, vm)| vm.clone())
             };
-            let result = match existing {
-                Some(vm) => Some(vm.call(&method, args, kind).await),
-                None if create => Some(match vm_for(vms, &recipe, options, main).await {
-                    Ok(vm) => vm.call(&method, args, kind).await,
-                    Err(e) => Err(e),
-                }),
+            let vm = match existing {
+                Some(vm) => Some(Ok(vm)),
+                None if create => Some(vm_for(vms, &recipe, options, main, abandoned).await),
+                None => None,
+            };
+            let result = match vm {
+                Some(Ok(vm)) => {
+                    let result = vm.call(&method, args, kind).await;
+                    forget_if_discarded(vms, &vm);
+                    Some(result)
+                }
+                Some(Err(e)) => Some(Err(e)),
                 None => None,
             };
             let _ = reply.send(result);
@@ -548,16 +622,17 @@ async fn vm_for(
     recipe: &VmRecipe,
     options: &PoolOptions,
     main: Option<Handle>,
+    abandoned: Arc<AtomicBool>,
 ) -> Result<Vm, PluginError> {
     let id = recipe.plugin_config_id;
     let lock = vms.borrow_mut().creating.entry(id).or_default().clone();
     let _guard = lock.lock().await;
     if let Some((generation, vm)) = vms.borrow().vms.get(&id) {
-        if *generation >= recipe.generation {
+        if *generation >= recipe.generation && !vm.is_discarded() {
             return Ok(vm.clone());
         }
     }
-    let vm = VmInner::create(id, &recipe.code, recipe.meta.clone(), options, main).await?;
+    let vm = VmInner::create(id, &recipe.code, recipe.meta.clone(), options, main, abandoned).await?;
     if vm.exports.borrow().has("setupPlugin") {
         vm.call("setupPlugin", Vec::new(), CallKind::Method).await?;
     }

@@ -31,7 +31,7 @@ use serde_json::Value;
 use tokio::runtime::Handle;
 use tokio::sync::Notify;
 
-use super::convert::{from_js, to_js};
+use super::convert::{array_items, from_js, from_js_checked, to_js, Budget, Refused};
 use super::host::{self, bytes_of};
 use super::{
     CallKind, FetchRequest, FetchResponse, JsError, MetaBindings, MetaError, PluginError, PluginExports, Thrown,
@@ -73,6 +73,9 @@ fn instant_ns(at: Instant) -> u64 {
 struct Clock {
     deadline_ns: AtomicU64,
     fired: AtomicBool,
+    /// Set when the pool abandoned this VM's thread as stalled: every interrupt check fires from
+    /// then on, so whatever JS still runs there stops at its next check, for good.
+    abandoned: Arc<AtomicBool>,
 }
 
 impl Clock {
@@ -100,6 +103,28 @@ pub fn promise_timeout_error(timeout: Duration, caller: &str) -> JsError {
         message: format!("Script execution timed out after promise waited for {}", seconds_text(timeout)),
         stack: None,
         caller: Some(caller.to_string()),
+        ..JsError::default()
+    }
+}
+
+/// The error of a value refused at the VM → host boundary (see `convert.rs`).
+pub fn refused_error(what: &str, refused: &Refused) -> JsError {
+    JsError {
+        name: "RangeError".to_string(),
+        message: format!("The plugin server refused {what}: {refused}"),
+        ..JsError::default()
+    }
+}
+
+/// The error of calls still waiting on a VM that was discarded because promise jobs kept running
+/// past a call's deadline.
+fn discarded_error(timeout: Duration) -> JsError {
+    JsError {
+        name: "TimeoutError".to_string(),
+        message: format!(
+            "Script execution timed out after promise jobs ran for {}; the plugin VM was discarded",
+            seconds_text(timeout)
+        ),
         ..JsError::default()
     }
 }
@@ -249,6 +274,10 @@ pub struct VmInner {
     /// Interrupts that escaped promise jobs (no promise carries them): count and last error.
     interrupts: Cell<u64>,
     last_interrupt: RefCell<Option<JsError>>,
+    /// Set when promise jobs were still queued after a call's deadline (they would run on the
+    /// next call's time, e.g. a job that queues itself and spins): the VM runs no more JS, its
+    /// waiting calls fail with this error, and the pool builds a fresh one.
+    discarded: RefCell<Option<JsError>>,
     next_id: Cell<u64>,
     self_weak: Weak<VmInner>,
     pub exports: RefCell<PluginExports>,
@@ -316,6 +345,7 @@ impl VmInner {
         meta: Arc<dyn MetaBindings>,
         options: &PoolOptions,
         main: Option<Handle>,
+        abandoned: Arc<AtomicBool>,
     ) -> Result<Vm, PluginError> {
         let setup_error = |e: QjsError| PluginError::Js {
             error: JsError {
@@ -328,9 +358,14 @@ impl VmInner {
         let rt = Runtime::new().map_err(setup_error)?;
         rt.set_memory_limit(options.memory_limit_bytes);
         rt.set_max_stack_size(options.max_stack_bytes);
-        let clock = Arc::new(Clock { deadline_ns: AtomicU64::new(Clock::NONE), fired: AtomicBool::new(false) });
+        let clock =
+            Arc::new(Clock { deadline_ns: AtomicU64::new(Clock::NONE), fired: AtomicBool::new(false), abandoned });
         let handler_clock = clock.clone();
         rt.set_interrupt_handler(Some(Box::new(move || {
+            if handler_clock.abandoned.load(Ordering::Relaxed) {
+                handler_clock.fired.store(true, Ordering::Relaxed);
+                return true;
+            }
             let deadline = handler_clock.deadline_ns.load(Ordering::Relaxed);
             if deadline != Clock::NONE && instant_ns(Instant::now()) > deadline {
                 handler_clock.fired.store(true, Ordering::Relaxed);
@@ -370,6 +405,7 @@ impl VmInner {
             last_progress: Cell::new(Instant::now()),
             interrupts: Cell::new(0),
             last_interrupt: RefCell::new(None),
+            discarded: RefCell::new(None),
             next_id: Cell::new(1),
             self_weak: weak.clone(),
             exports: RefCell::default(),
@@ -392,10 +428,34 @@ impl VmInner {
         (result, self.clock.fired.load(Ordering::Relaxed))
     }
 
-    /// Runs queued promise jobs; each stretch is limited by the CPU deadline.
+    /// Whether this VM may no longer run JS (discarded after a deadline, or its thread abandoned).
+    pub fn is_discarded(&self) -> bool {
+        self.discarded.borrow().is_some() || self.clock.abandoned.load(Ordering::Relaxed)
+    }
+
+    fn discard(&self, error: JsError) {
+        tracing::warn!(plugin_config_id = self.plugin_config_id, %error, "plugin VM discarded");
+        self.discarded.borrow_mut().get_or_insert(error);
+    }
+
+    /// Runs queued promise jobs until the queue is empty or `deadline` (the deadline of the call
+    /// that queued them) passes. Jobs left over at the deadline would run on the next call's time
+    /// (a job that re-queues itself and spins never ends), so the VM is discarded instead.
     fn drain_jobs(&self, deadline: Instant) {
+        if self.is_discarded() {
+            self.notify.notify_waiters();
+            return;
+        }
         self.clock.set(deadline);
         loop {
+            if Instant::now() > deadline || self.clock.abandoned.load(Ordering::Relaxed) {
+                if self.rt.is_job_pending() {
+                    let error =
+                        self.last_interrupt.borrow().clone().unwrap_or_else(|| discarded_error(self.task_timeout));
+                    self.discard(error);
+                }
+                break;
+            }
             match self.rt.execute_pending_job() {
                 Ok(true) => {}
                 Ok(false) => break,
@@ -411,9 +471,10 @@ impl VmInner {
                     let error = exception.0.with(|ctx| error_from_value(&ctx, &ctx.catch(), &self.diag, interrupted));
                     tracing::debug!(plugin_config_id = self.plugin_config_id, %error, "plugin promise job failed");
                     if interrupted {
+                        // The deadline is spent: no further job runs on it (the loop's check
+                        // above discards the VM if any is left).
                         self.interrupts.set(self.interrupts.get() + 1);
                         *self.last_interrupt.borrow_mut() = Some(error);
-                        self.clock.set(Instant::now() + self.task_timeout);
                     }
                 }
             }
@@ -548,12 +609,19 @@ impl VmInner {
         };
         // Errors name the plugin's method, as the reference's guard does.
         let method = if method == PROCESS_EVENT_TRACKED { "processEvent" } else { method };
+        if let Some(error) = self.discarded.borrow().clone() {
+            return Err(PluginError::Js { error, args_after: None });
+        }
         let meta = self.state.borrow().meta.clone();
         let timeout = self.task_timeout;
         let started = Instant::now();
         let deadline = started + timeout;
         let interrupts_before = self.interrupts.get();
         let id = self.fresh_id();
+        let refused = |refused: Refused| PluginError::Js {
+            error: refused_error(&format!("the value {method} returned"), &refused),
+            args_after: None,
+        };
         let (outcome, _) = self.enter(deadline, |ctx| -> Result<Option<Value>, PluginError> {
             let mut js_args = Vec::with_capacity(args.len());
             let mut call_args = Args::new(ctx.clone(), args.len() + 1);
@@ -574,13 +642,12 @@ impl VmInner {
                 Ok(result) => {
                     if let Some(promise) = result.as_promise() {
                         match promise.state() {
-                            PromiseState::Resolved => Ok(Some(
-                                promise
-                                    .result::<JsValue>()
-                                    .and_then(|r| r.ok())
-                                    .map(|v| from_js(&v))
-                                    .unwrap_or(Value::Null),
-                            )),
+                            PromiseState::Resolved => match promise.result::<JsValue>().and_then(|r| r.ok()) {
+                                Some(v) => {
+                                    from_js_checked(&v, &mut Budget::new(Some(deadline))).map(Some).map_err(refused)
+                                }
+                                None => Ok(Some(Value::Null)),
+                            },
                             _ => {
                                 // Mark it handled: its rejection is this call's error, not an
                                 // unhandled one.
@@ -597,19 +664,39 @@ impl VmInner {
                             }
                         }
                     } else {
-                        Ok(Some(from_js(&result)))
+                        from_js_checked(&result, &mut Budget::new(Some(deadline))).map(Some).map_err(refused)
                     }
                 }
                 Err(e) => {
                     let interrupted = self.clock.fired.load(Ordering::Relaxed);
                     let error = caught(&ctx, e, &self.diag, interrupted);
-                    let args_after = if interrupted { None } else { Some(js_args.iter().map(from_js).collect()) };
+                    // The mutations made before the throw are kept, if they fit the budget.
+                    let args_after = if interrupted {
+                        None
+                    } else {
+                        let mut budget = Budget::new(Some(deadline));
+                        js_args.iter().map(|a| from_js_checked(a, &mut budget)).collect::<Result<Vec<_>, _>>().ok()
+                    };
                     Err(PluginError::Js { error, args_after })
                 }
             }
         });
-        let outcome = outcome?;
+        let outcome = match outcome {
+            Err(error) => {
+                if self.clock.fired.load(Ordering::Relaxed) && self.rt.is_job_pending() {
+                    // Jobs the interrupted call queued would run on the next call's time.
+                    self.discard(error.js_error().cloned().unwrap_or_else(|| discarded_error(timeout)));
+                }
+                return Err(error);
+            }
+            Ok(outcome) => outcome,
+        };
         self.drain_jobs(deadline);
+        if let Some(error) = self.discarded.borrow().clone() {
+            // This call's promise jobs ran to its deadline: whatever it returned is not taken.
+            self.state.borrow_mut().calls.remove(&id);
+            return Err(PluginError::Js { error, args_after: None });
+        }
         match outcome {
             Some(value) => Ok(value),
             None => self.wait(id, kind, method, started, deadline, interrupts_before).await,
@@ -654,7 +741,15 @@ impl VmInner {
             let notified = self.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some(result) = self.settled(id) {
+            if let Some(error) = self.discarded.borrow().clone() {
+                self.state.borrow_mut().calls.remove(&id);
+                return Err(PluginError::Js { error, args_after: None });
+            }
+            let read_by = match kind {
+                CallKind::Method => deadline,
+                CallKind::Task => Instant::now() + timeout,
+            };
+            if let Some(result) = self.settled(id, method, read_by) {
                 return result;
             }
             if self.interrupts.get() != interrupts_before {
@@ -685,14 +780,13 @@ impl VmInner {
         }
     }
 
-    fn settled(&self, id: u64) -> Option<Result<Value, PluginError>> {
+    fn settled(&self, id: u64, method: &str, deadline: Instant) -> Option<Result<Value, PluginError>> {
         let (promise, args) = {
             let state = self.state.borrow();
             let call = state.calls.get(&id)?;
             (call.promise.clone(), call.args.clone())
         };
-        let timeout = self.task_timeout;
-        let (result, _) = self.enter(Instant::now() + timeout, |ctx| -> Option<Result<Value, PluginError>> {
+        let (result, _) = self.enter(deadline, |ctx| -> Option<Result<Value, PluginError>> {
             let promise = promise.restore(&ctx).ok()?;
             match promise.state() {
                 PromiseState::Pending => None,
@@ -701,7 +795,10 @@ impl VmInner {
                         .result::<JsValue>()
                         .and_then(|r| r.ok())
                         .unwrap_or_else(|| JsValue::new_undefined(ctx.clone()));
-                    Some(Ok(from_js(&value)))
+                    Some(from_js_checked(&value, &mut Budget::new(Some(deadline))).map_err(|refused| PluginError::Js {
+                        error: refused_error(&format!("the value {method} returned"), &refused),
+                        args_after: None,
+                    }))
                 }
                 PromiseState::Rejected => {
                     let reason = match promise.result::<JsValue>() {
@@ -714,7 +811,12 @@ impl VmInner {
                     let args_after = if timed_out {
                         None
                     } else {
-                        Some(args.into_iter().filter_map(|a| a.restore(&ctx).ok()).map(|v| from_js(&v)).collect())
+                        let mut budget = Budget::new(Some(deadline));
+                        args.into_iter()
+                            .filter_map(|a| a.restore(&ctx).ok())
+                            .map(|v| from_js_checked(&v, &mut budget))
+                            .collect::<Result<Vec<_>, _>>()
+                            .ok()
                     };
                     Some(Err(PluginError::Js { error, args_after }))
                 }
@@ -759,6 +861,9 @@ impl VmInner {
 
     fn settle_op(&self, id: u64, result: Result<HostOk, HostErr>) {
         let Some((resolve, reject)) = self.state.borrow_mut().ops.remove(&id) else { return };
+        if self.is_discarded() {
+            return;
+        }
         self.last_progress.set(Instant::now());
         let timeout = self.task_timeout;
         let deadline = Instant::now() + timeout;
@@ -767,10 +872,19 @@ impl VmInner {
                 match result {
                     Ok(ok) => {
                         let value = match ok {
-                            HostOk::Json(v) => to_js(&ctx, &v)?,
-                            HostOk::Fetch(r) => fetch_response_to_js(&ctx, r)?,
+                            HostOk::Json(v) => to_js(&ctx, &v),
+                            HostOk::Fetch(r) => fetch_response_to_js(&ctx, r),
                         };
-                        resolve.restore(&ctx)?.call::<_, ()>((value,))
+                        match value {
+                            Ok(value) => resolve.restore(&ctx)?.call::<_, ()>((value,)),
+                            // The result could not be handed over (over the memory limit): the
+                            // plugin's promise rejects with that error instead of hanging.
+                            Err(QjsError::Exception) => {
+                                let error = ctx.catch();
+                                reject.restore(&ctx)?.call::<_, ()>((error,))
+                            }
+                            Err(other) => Err(other),
+                        }
                     }
                     Err(err) => {
                         let error = match err {
@@ -809,7 +923,18 @@ fn fetch_response_to_js<'js>(ctx: &Ctx<'js>, response: FetchResponse) -> rquickj
         headers.set(i, pair)?;
     }
     object.set("headers", headers)?;
-    object.set("body", ArrayBuffer::new(ctx.clone(), response.body)?)?;
+    // Copied into the VM's heap: the body counts against the plugin's memory limit.
+    let headroom = host::memory_headroom(ctx);
+    if response.body.len() > headroom {
+        return Err(Exception::throw_range(
+            ctx,
+            &format!(
+                "The plugin server refused a response body of {} bytes: the plugin's memory has {headroom} bytes left",
+                response.body.len()
+            ),
+        ));
+    }
+    object.set("body", host::buffer(ctx, response.body)?)?;
     Ok(object.into_value())
 }
 
@@ -825,7 +950,19 @@ fn install_async<'js>(ctx: &Ctx<'js>, host: &Object<'js>, weak: Weak<VmInner>) -
             ctx.clone(),
             move |ctx: Ctx<'js>, name: String, args: Array<'js>| -> rquickjs::Result<Promise<'js>> {
                 let vm = vm_of(&ctx, &w)?;
-                let args: Vec<Value> = args.iter::<JsValue>().filter_map(|v| v.ok()).map(|v| from_js(&v)).collect();
+                // Bounded like every value leaving the VM; a refused one fails this call only.
+                let mut budget = Budget::new(Some(Instant::now() + vm.task_timeout));
+                let args = array_items(&args, &mut budget).and_then(|items| {
+                    items.iter().map(|v| from_js_checked(v, &mut budget)).collect::<Result<Vec<Value>, _>>()
+                });
+                let args = match args {
+                    Ok(args) => args,
+                    Err(refused) => {
+                        let error = refused_error(&format!("the arguments of {name}"), &refused);
+                        tracing::warn!(plugin_config_id = vm.plugin_config_id, %error, "value refused");
+                        return Err(Exception::throw_range(&ctx, &error.message));
+                    }
+                };
                 let meta = vm.meta.clone();
                 // Logging and metrics are fire-and-forget in the reference; everything else is an
                 // awaited promise limited like the reference's guarded `await`.
@@ -851,9 +988,13 @@ fn install_async<'js>(ctx: &Ctx<'js>, host: &Object<'js>, weak: Weak<VmInner>) -
                   -> rquickjs::Result<Promise<'js>> {
                 let vm = vm_of(&ctx, &w)?;
                 let mut header_pairs = Vec::new();
-                for pair in headers.iter::<Array>() {
-                    let pair = pair?;
-                    header_pairs.push((pair.get::<String>(0)?, pair.get::<String>(1)?));
+                let mut budget = Budget::new(Some(Instant::now() + vm.task_timeout));
+                let pairs = array_items(&headers, &mut budget).map_err(|refused| {
+                    Exception::throw_range(&ctx, &refused_error("the fetch headers", &refused).message)
+                })?;
+                for pair in pairs {
+                    let Some(pair) = pair.as_object() else { continue };
+                    header_pairs.push((pair.get::<_, String>(0)?, pair.get::<_, String>(1)?));
                 }
                 let body = if body.is_null() || body.is_undefined() {
                     None

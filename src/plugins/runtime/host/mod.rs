@@ -4,6 +4,11 @@
 //!
 //! Not here: functions that need the VM's async machinery (meta calls, fetch, timers), which
 //! live in `vm.rs`; the HTTP client itself is `fetch.rs`.
+//!
+//! Host-made memory counts against the VM's limit: every buffer handed to JS is allocated in the
+//! VM's own heap ([`buffer`] copies into it, so QuickJS' memory limit applies and an allocation
+//! over it is an ordinary `out of memory`), and zlib output is bounded while it streams by the
+//! VM's [`memory_headroom`], so an inflate bomb stops at the budget instead of after it.
 
 pub mod fetch;
 
@@ -14,7 +19,8 @@ use hmac::{Hmac, Mac};
 use rquickjs::{ArrayBuffer, Ctx, Exception, Function, Object, Result as JsResult, TypedArray, Value};
 use sha2::Digest;
 
-/// Largest output a single zlib call may produce (a decompression bomb stops here).
+/// Largest output a single zlib call may produce, whatever the VM's headroom (a decompression
+/// bomb stops at the smaller of the two).
 const MAX_INFLATED_BYTES: u64 = 64 * 1024 * 1024;
 /// Largest `crypto.randomBytes` request.
 const MAX_RANDOM_BYTES: usize = 1024 * 1024;
@@ -32,8 +38,24 @@ pub fn bytes_of(ctx: &Ctx<'_>, value: &Value<'_>) -> JsResult<Vec<u8>> {
     Err(Exception::throw_type(ctx, "expected a Buffer, Uint8Array or ArrayBuffer"))
 }
 
-fn buffer<'js>(ctx: &Ctx<'js>, bytes: Vec<u8>) -> JsResult<ArrayBuffer<'js>> {
-    ArrayBuffer::new(ctx.clone(), bytes)
+/// Bytes the VM of `ctx` may still allocate before its memory limit (`usize::MAX` without one).
+/// The budget for host-made data (zlib output, fetch bodies) that is about to be handed to JS.
+pub fn memory_headroom(ctx: &Ctx<'_>) -> usize {
+    let mut usage = std::mem::MaybeUninit::<rquickjs::qjs::JSMemoryUsage>::zeroed();
+    // SAFETY: `ctx` is a live context on this thread; QuickJS only fills the struct.
+    let usage = unsafe {
+        rquickjs::qjs::JS_ComputeMemoryUsage(rquickjs::qjs::JS_GetRuntime(ctx.as_raw().as_ptr()), usage.as_mut_ptr());
+        usage.assume_init()
+    };
+    if usage.malloc_limit <= 0 {
+        return usize::MAX;
+    }
+    usize::try_from(usage.malloc_limit.saturating_sub(usage.malloc_size)).unwrap_or(0)
+}
+
+/// A JS `ArrayBuffer` of `bytes`, allocated in the VM's heap so it counts against its limit.
+pub fn buffer<'js>(ctx: &Ctx<'js>, bytes: Vec<u8>) -> JsResult<ArrayBuffer<'js>> {
+    ArrayBuffer::new_copy(ctx.clone(), bytes)
 }
 
 fn digest(algorithm: &str, data: &[u8]) -> Option<Vec<u8>> {
@@ -63,18 +85,22 @@ fn hmac_digest(algorithm: &str, key: &[u8], data: &[u8]) -> Option<Vec<u8>> {
     }
 }
 
-fn zlib(op: &str, data: &[u8]) -> std::result::Result<Vec<u8>, String> {
+/// Runs one zlib operation; inflated output stops at `limit` bytes (streaming: at most `limit + 1`
+/// bytes are ever produced).
+fn zlib(op: &str, data: &[u8], limit: u64) -> std::result::Result<Vec<u8>, String> {
     use flate2::read::{DeflateDecoder, GzDecoder, MultiGzDecoder, ZlibDecoder};
     use flate2::write::{DeflateEncoder, GzEncoder, ZlibEncoder};
     use flate2::Compression;
-    fn inflate(mut reader: impl Read) -> std::result::Result<Vec<u8>, String> {
+    let inflate = |mut reader: Box<dyn Read + '_>| -> std::result::Result<Vec<u8>, String> {
         let mut out = Vec::new();
-        reader.by_ref().take(MAX_INFLATED_BYTES + 1).read_to_end(&mut out).map_err(|e| e.to_string())?;
-        if out.len() as u64 > MAX_INFLATED_BYTES {
-            return Err("Cannot create a Buffer larger than the plugin limit".to_string());
+        reader.by_ref().take(limit.saturating_add(1)).read_to_end(&mut out).map_err(|e| e.to_string())?;
+        if out.len() as u64 > limit {
+            return Err(format!(
+                "Cannot create a Buffer larger than the plugin's memory allows: the {op} output exceeds {limit} bytes"
+            ));
         }
         Ok(out)
-    }
+    };
     fn deflate<W: Write>(
         mut writer: W,
         data: &[u8],
@@ -87,11 +113,11 @@ fn zlib(op: &str, data: &[u8]) -> std::result::Result<Vec<u8>, String> {
         "gzip" => deflate(GzEncoder::new(Vec::new(), Compression::default()), data, |w| w.finish()),
         "deflate" => deflate(ZlibEncoder::new(Vec::new(), Compression::default()), data, |w| w.finish()),
         "deflateRaw" => deflate(DeflateEncoder::new(Vec::new(), Compression::default()), data, |w| w.finish()),
-        "gunzip" => inflate(MultiGzDecoder::new(data)),
-        "inflate" => inflate(ZlibDecoder::new(data)),
-        "inflateRaw" => inflate(DeflateDecoder::new(data)),
-        "unzip" if data.starts_with(&[0x1f, 0x8b]) => inflate(GzDecoder::new(data)),
-        "unzip" => inflate(ZlibDecoder::new(data)),
+        "gunzip" => inflate(Box::new(MultiGzDecoder::new(data))),
+        "inflate" => inflate(Box::new(ZlibDecoder::new(data))),
+        "inflateRaw" => inflate(Box::new(DeflateDecoder::new(data))),
+        "unzip" if data.starts_with(&[0x1f, 0x8b]) => inflate(Box::new(GzDecoder::new(data))),
+        "unzip" => inflate(Box::new(ZlibDecoder::new(data))),
         _ => Err(format!("unknown zlib operation {op}")),
     }
     .map_err(|e| if e.contains("invalid") || e.contains("corrupt") { "incorrect header check".to_string() } else { e })
@@ -226,7 +252,9 @@ pub fn install<'js>(ctx: &Ctx<'js>, host: &Object<'js>) -> JsResult<()> {
         "zlib",
         Function::new(ctx.clone(), |ctx: Ctx<'js>, op: String, data: Value<'js>| {
             let data = bytes_of(&ctx, &data)?;
-            match zlib(&op, &data) {
+            // The output is copied into the VM's heap: it must fit there (plus the input copy).
+            let limit = (memory_headroom(&ctx) as u64).min(MAX_INFLATED_BYTES);
+            match zlib(&op, &data, limit) {
                 Ok(out) => buffer(&ctx, out),
                 Err(message) => Err(Exception::throw_message(&ctx, &message)),
             }
@@ -320,8 +348,12 @@ mod tests {
             hex::encode(hmac_digest("sha256", b"key", b"The quick brown fox jumps over the lazy dog").unwrap()),
             "f7bc83f430538424b13298e6aa6fb143ef4d59a14946175997479dbc2d1a3cd8"
         );
-        let packed = zlib("gzip", b"hello hello hello").unwrap();
-        assert_eq!(zlib("gunzip", &packed).unwrap(), b"hello hello hello");
-        assert!(zlib("inflate", b"garbage").is_err());
+        let packed = zlib("gzip", b"hello hello hello", MAX_INFLATED_BYTES).unwrap();
+        assert_eq!(zlib("gunzip", &packed, MAX_INFLATED_BYTES).unwrap(), b"hello hello hello");
+        assert!(zlib("inflate", b"garbage", MAX_INFLATED_BYTES).is_err());
+        // A bomb stops at the limit while streaming.
+        let bomb = zlib("gzip", &vec![0u8; 8 << 20], MAX_INFLATED_BYTES).unwrap();
+        let refused = zlib("gunzip", &bomb, 1 << 20).unwrap_err();
+        assert!(refused.contains("exceeds 1048576 bytes"), "{refused}");
     }
 }
