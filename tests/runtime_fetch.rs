@@ -99,6 +99,11 @@ async fn errors_read_as_node_fetch() {
         "/slow" => Reply::After(Duration::from_secs(3), Box::new(response("200 OK", &[], "x"))),
         "/reset" => Reply::Drop,
         "/big" => response("200 OK", &[], &"x".repeat(100)),
+        "/slowbody" => Reply::Split(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\na".to_vec(),
+            Duration::from_secs(3),
+            b"b".to_vec(),
+        ),
         _ => response("200 OK", &[], "ok"),
     })
     .await;
@@ -111,6 +116,7 @@ async fn errors_read_as_node_fetch() {
         results.noRedirect = await attempt(fetch('{base}/redir', {{ redirect: 'error' }}))
         results.timeout = await attempt(fetch('{base}/slow', {{ timeout: 200 }}))
         results.reset = await attempt(fetch('{base}/reset'))
+        results.bodyTimeout = await fetch('{base}/slowbody', {{ timeout: 500 }}).then((r) => r.text()).then(() => 'read', describe)
         results.size = await attempt(fetch('{base}/big', {{ size: 10 }}))
         results.badjson = await fetch('{base}/badjson').then((r) => r.json()).then(() => 'parsed', describe)
         results.html = await fetch('{base}/html').then((r) => r.json()).then(() => 'parsed', describe)
@@ -143,6 +149,10 @@ async fn errors_read_as_node_fetch() {
         system_error(format!("request to {base}/reset failed, reason: socket hang up"), "ECONNRESET")
     );
     assert_eq!(out["size"], typed_error(format!("content size at {base}/big over limit: 10"), "max-size"));
+    assert_eq!(
+        out["bodyTimeout"],
+        typed_error(format!("Response timeout while trying to fetch {base}/slowbody (over 500ms)"), "body-timeout")
+    );
     assert_eq!(
         out["badjson"],
         typed_error(
@@ -388,4 +398,35 @@ async fn response_bodies_are_bounded() {
     assert_eq!(out[0], typed_error(format!("content size at {} over limit: 1000", server.url("/chunked")), "max-size"));
     assert_eq!(out[1], typed_error(format!("content size at {} over limit: 1000", server.url("/sized")), "max-size"));
     assert_eq!(out[2]["type"], "max-size", "a plugin's own size option cannot raise the limit");
+}
+
+/// All bodies being read at once share one budget: the second of two concurrent 2,000-byte bodies
+/// does not fit in 2,500 bytes; the budget is given back afterwards.
+#[tokio::test]
+async fn concurrent_bodies_share_one_buffer_budget() {
+    configure_network(NetworkSettings { max_buffered_bytes: 2500, ..allow_internal() });
+    let server = serve("127.0.0.1:0", |_| {
+        let mut head = b"HTTP/1.1 200 OK\r\ncontent-length: 2000\r\nconnection: close\r\n\r\n".to_vec();
+        head.extend_from_slice(&[b'x'; 1500]);
+        Reply::Split(head, Duration::from_millis(800), vec![b'y'; 500])
+    })
+    .await;
+    let url = server.url("/");
+    let out = run(&format!(
+        "const both = await Promise.all([attempt(fetch('{url}')), attempt(fetch('{url}'))])
+        const after = await attempt(fetch('{url}'))
+        return {{ both, after }}"
+    ))
+    .await;
+    let both = out["both"].as_array().unwrap();
+    assert_eq!(both.iter().filter(|r| r["status"] == 200).count(), 1, "{out}");
+    let failed = both.iter().find(|r| r.get("code").is_some()).unwrap();
+    assert_eq!(
+        *failed,
+        system_error(
+            format!("request to {url} failed, reason: the plugin server's buffer for response bodies is full (2500 bytes, PLUGIN_FETCH_BUFFER_MAX_BYTES)"),
+            "ERR_PLUGIN_FETCH_BUFFER_FULL"
+        )
+    );
+    assert_eq!(out["after"]["status"], 200, "{out}");
 }

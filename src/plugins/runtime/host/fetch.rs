@@ -13,7 +13,9 @@
 //!   `FetchError` messages, `type`s and `code`s (`request to URL failed, reason: connect
 //!   ECONNREFUSED 127.0.0.1:9`, `getaddrinfo ENOTFOUND host`, `maximum redirect reached at: URL`, …);
 //! * the bounds: a response body over `PLUGIN_FETCH_MAX_RESPONSE_BYTES` is an error and is never
-//!   buffered whole, a request never takes longer than [`REQUEST_TIMEOUT`].
+//!   buffered whole; all bodies being read at once share `PLUGIN_FETCH_BUFFER_MAX_BYTES` (a body
+//!   that would go past it fails), so many concurrent fetches cannot exhaust memory either; a
+//!   request never takes longer than [`REQUEST_TIMEOUT`].
 //!
 //! Errors cross to JS as a [`MetaError`] named `FetchError[type,code]` (the VM boundary carries a
 //! name and a message only); `prelude.js` turns that into a node-fetch `FetchError` with `type`,
@@ -34,6 +36,8 @@ use crate::config::{Config, NodeEnv};
 
 /// Default of `PLUGIN_FETCH_MAX_RESPONSE_BYTES`.
 pub const MAX_RESPONSE_BYTES: usize = 32 * 1024 * 1024;
+/// Default of `PLUGIN_FETCH_BUFFER_MAX_BYTES`.
+pub const MAX_BUFFERED_BYTES: usize = 256 * 1024 * 1024;
 /// Default of `PLUGIN_MAX_HOST_CALLS_IN_FLIGHT`.
 pub const MAX_HOST_CALLS_IN_FLIGHT: usize = 500;
 /// Longest a single request may take, redirects and body included (node-fetch has no default
@@ -59,6 +63,9 @@ pub struct NetworkSettings {
     pub posthog_host: String,
     /// `PLUGIN_FETCH_MAX_RESPONSE_BYTES`.
     pub max_response_bytes: usize,
+    /// `PLUGIN_FETCH_BUFFER_MAX_BYTES`: response bytes all fetches together may hold while they
+    /// read their bodies.
+    pub max_buffered_bytes: usize,
     /// `PLUGIN_MAX_HOST_CALLS_IN_FLIGHT`: host calls (fetch, posthog.api, meta calls) one VM may
     /// have started and not yet seen settle.
     pub max_host_calls_in_flight: usize,
@@ -74,6 +81,7 @@ impl NetworkSettings {
             allow_internal_ips: node_env != NodeEnv::Production,
             posthog_host: DEFAULT_POSTHOG_HOST.to_string(),
             max_response_bytes: MAX_RESPONSE_BYTES,
+            max_buffered_bytes: MAX_BUFFERED_BYTES,
             max_host_calls_in_flight: MAX_HOST_CALLS_IN_FLIGHT,
             test_public_hosts: Vec::new(),
         }
@@ -90,6 +98,7 @@ impl NetworkSettings {
             allow_internal_ips: config.ALLOW_INTERNAL_IPS,
             posthog_host,
             max_response_bytes: config.PLUGIN_FETCH_MAX_RESPONSE_BYTES,
+            max_buffered_bytes: config.PLUGIN_FETCH_BUFFER_MAX_BYTES,
             max_host_calls_in_flight: config.PLUGIN_MAX_HOST_CALLS_IN_FLIGHT.max(1),
             test_public_hosts: Vec::new(),
         }
@@ -472,6 +481,32 @@ fn tls_error(text: &str, url: &url::Url) -> Option<(String, &'static str)> {
 
 // ---------------------------------------------------------------- the request
 
+/// Response bytes held by all fetches reading their bodies.
+static BUFFERED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// One fetch's share of [`BUFFERED`], given back when the body is handed over or dropped.
+struct Reservation(usize);
+
+impl Reservation {
+    /// Takes `bytes` more, unless that would pass `max`.
+    fn grow(&mut self, bytes: usize, max: usize) -> bool {
+        use std::sync::atomic::Ordering;
+        let before = BUFFERED.fetch_add(bytes, Ordering::SeqCst);
+        if before.saturating_add(bytes) > max {
+            BUFFERED.fetch_sub(bytes, Ordering::SeqCst);
+            return false;
+        }
+        self.0 += bytes;
+        true
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        BUFFERED.fetch_sub(self.0, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// node-fetch's options that change how a request is made (passed in [`OPTIONS_HEADER`]).
 #[derive(Debug, Clone, Default, serde::Deserialize)]
 struct Options {
@@ -587,7 +622,15 @@ pub async fn fetch_with(settings: &NetworkSettings, request: FetchRequest) -> Re
                     "manual" => {
                         // node-fetch makes the Location header absolute in manual mode.
                         let absolute = next.as_ref().map(|n| n.to_string()).unwrap_or(location);
-                        return read_response(response, &url, limit, timeout, started, Some(absolute)).await;
+                        return read_response(
+                            response,
+                            &url,
+                            (limit, settings.max_buffered_bytes),
+                            timeout,
+                            started,
+                            Some(absolute),
+                        )
+                        .await;
                     }
                     _ => {}
                 }
@@ -623,7 +666,7 @@ pub async fn fetch_with(settings: &NetworkSettings, request: FetchRequest) -> Re
                 continue;
             }
         }
-        return read_response(response, &url, limit, timeout, started, None).await;
+        return read_response(response, &url, (limit, settings.max_buffered_bytes), timeout, started, None).await;
     }
 }
 
@@ -631,7 +674,7 @@ pub async fn fetch_with(settings: &NetworkSettings, request: FetchRequest) -> Re
 async fn read_response(
     mut response: reqwest::Response,
     url: &url::Url,
-    limit: usize,
+    (limit, max_buffered): (usize, usize),
     timeout: Duration,
     started: std::time::Instant,
     location: Option<String>,
@@ -657,6 +700,7 @@ async fn read_response(
         })
         .collect();
     let mut body = Vec::new();
+    let mut reservation = Reservation(0);
     loop {
         let chunk = match response.chunk().await {
             Ok(Some(chunk)) => chunk,
@@ -680,6 +724,15 @@ async fn read_response(
         };
         if body.len() + chunk.len() > limit {
             return Err(over());
+        }
+        if !reservation.grow(chunk.len(), max_buffered) {
+            return Err(FetchError::new(
+                format!(
+                    "request to {url} failed, reason: the plugin server's buffer for response bodies is full ({max_buffered} bytes, PLUGIN_FETCH_BUFFER_MAX_BYTES)"
+                ),
+                "system",
+                Some("ERR_PLUGIN_FETCH_BUFFER_FULL"),
+            ));
         }
         body.extend_from_slice(&chunk);
     }
