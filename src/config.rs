@@ -344,6 +344,11 @@ define_config! {
     DISABLE_WEB: bool = |_| true, false, "accepted for compatibility with later PostHog plugin servers; this server has no web endpoint";
     WEB_PORT: u16 = |_| 3008, false, "accepted for compatibility with later PostHog plugin servers (unused)";
     WEB_HOSTNAME: String = |_| "0.0.0.0".into(), false, "accepted for compatibility with later PostHog plugin servers (unused)";
+    ALLOW_INTERNAL_IPS: bool = |c| c.is_test() || c.is_dev(), false, "let plugins' fetch and posthog.api reach loopback, private, link-local and cloud-metadata addresses (as PostHog's later servers, allowed by default only in dev and test)";
+    SITE_URL: Option<String> = |_| None, false, "URL of the PostHog instance: the default posthog.api host and the only one the plugins' bot user API key is sent to (unset: https://app.posthog.com, the reference's default)";
+    PLUGIN_FETCH_MAX_RESPONSE_BYTES: usize = |_| 32 * 1024 * 1024, false, "largest response body a plugin's fetch or posthog.api may receive (bytes); a bigger body is a FetchError";
+    PLUGIN_FETCH_BUFFER_MAX_BYTES: usize = |_| 256 * 1024 * 1024, false, "response bytes all plugin fetches together may hold while reading bodies; a body that would pass it is a FetchError";
+    PLUGIN_MAX_HOST_CALLS_IN_FLIGHT: usize = |_| 500, false, "host calls (fetch, posthog.api, meta calls) one plugin VM may have in flight at once; more are refused with an error";
 }
 
 impl Config {

@@ -247,7 +247,9 @@ async fn start_components(hub: &Hub, lifecycle: &mut Lifecycle) -> Result<(), Se
         (None, None)
     };
 
-    // 3. The plugin worker threads, and every enabled plugin config loaded on them.
+    // 3. The plugin worker threads, and every enabled plugin config loaded on them (their
+    // network reach first: ALLOW_INTERNAL_IPS, SITE_URL, the fetch limits).
+    crate::plugins::runtime::configure_network(crate::plugins::runtime::NetworkSettings::from_config(config));
     let pool =
         Arc::new(WorkerPool::new(PoolOptions::from_config(config)).map_err(|error| fail("Worker pool", &error))?);
     let (logs, capture): (Arc<dyn PluginLogSink>, Arc<dyn CaptureSink>) = match &kafka {

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use plugin_server::plugins::extensions::PluginContext;
+use plugin_server::plugins::runtime::FetchRequest;
 use plugin_server::plugins::vm::Method;
 use plugins_support::*;
 use serde_json::{json, Value};
@@ -208,6 +209,21 @@ async fn capture_builds_the_reference_payload() {
     assert_eq!(raw["data"], data.to_string());
 }
 
+/// The fetch request of a `posthog.api` call's answer.
+fn fetch_request(request: &Value) -> FetchRequest {
+    FetchRequest {
+        url: request["url"].as_str().unwrap().to_string(),
+        method: request["method"].as_str().unwrap().to_string(),
+        headers: vec![("authorization".into(), request["headers"]["Authorization"].as_str().unwrap().to_string())],
+        body: None,
+    }
+}
+
+/// The `Authorization` header the fetch sends for a `posthog.api` call's answer.
+fn unsealed(context: &PluginContext, request: &Value) -> String {
+    context.services.api_keys.unseal(fetch_request(request)).unwrap().headers[0].1.clone()
+}
+
 #[tokio::test]
 async fn api_requests_and_personal_api_key_provisioning() {
     let (setup, context) = context().await;
@@ -215,8 +231,9 @@ async fn api_requests_and_personal_api_key_provisioning() {
     assert_eq!(request["url"], "https://app.posthog.com/api/event?token=THIS+IS+NOT+A+TOKEN+FOR+TEAM+2");
     assert_eq!(request["method"], "GET");
     assert_eq!(request["body"], Value::Null);
+    // The VM gets a sealed handle, never the key; the fetch unseals it for the PostHog host only.
     let bearer = request["headers"]["Authorization"].as_str().unwrap().to_string();
-    assert!(bearer.starts_with("Bearer phx_"), "{bearer}");
+    assert!(bearer.starts_with("Bearer phx_sealed_"), "{bearer}");
     let (email, first_name): (String, String) =
         sqlx::query_as("SELECT email, first_name FROM posthog_user WHERE email LIKE '%@posthogbot.user'")
             .fetch_one(&setup.db.pool)
@@ -228,12 +245,19 @@ async fn api_requests_and_personal_api_key_provisioning() {
         .fetch_one(&setup.db.pool)
         .await
         .unwrap();
-    assert_eq!(bearer, format!("Bearer {key}"));
+    assert_eq!(unsealed(&context, &request), format!("Bearer {key}"));
+    let again = call(&context, "posthog.api", vec![json!("GET"), json!("/api/event")]).await;
+    let elsewhere = FetchRequest { url: "https://evil.example/api/event".into(), ..fetch_request(&again) };
+    let refused = context.services.api_keys.unseal(elsewhere).unwrap_err();
+    assert_eq!(
+        refused.message,
+        "request to https://evil.example/api/event failed, reason: the PostHog API key may only be sent to https://app.posthog.com"
+    );
 
     let request =
         call(&context, "posthog.api", vec![json!("GET"), json!("/api/event"), json!({"data": {"url": "param"}})]).await;
     assert_eq!(request["url"], "https://app.posthog.com/api/event?url=param&token=THIS+IS+NOT+A+TOKEN+FOR+TEAM+2");
-    assert_eq!(request["headers"]["Authorization"], bearer, "the key is reused");
+    assert_eq!(unsealed(&context, &request), format!("Bearer {key}"), "the key is reused");
     let request =
         call(&context, "posthog.api", vec![json!("POST"), json!("/api/event"), json!({"data": {"a": 1}})]).await;
     assert_eq!(request["url"], "https://app.posthog.com/api/event?token=THIS+IS+NOT+A+TOKEN+FOR+TEAM+2");

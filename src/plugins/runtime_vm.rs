@@ -10,6 +10,7 @@ use serde_json::{Map, Value};
 
 use super::errors::{process_error, PluginFailure};
 use super::extensions::PluginContext;
+use super::log_entries::{LogSource, LogType, PluginLogEntry};
 use super::runtime::{
     self, Attachment, CallKind, FetchRequest, FetchResponse, MetaBindings, MetaError, PluginError, PluginExports,
     PluginVmSpec, WorkerPool,
@@ -205,11 +206,30 @@ impl MetaBindings for ContextBindings {
         self.context.call(name, args).await.map_err(|error| MetaError::named(error.name, error.message))
     }
 
+    /// The plugin's fetch: a sealed `posthog.api` key is unsealed (only for the PostHog host),
+    /// and a request the network policy refuses is also written to the plugin's log.
     async fn fetch(&self, request: FetchRequest) -> Result<FetchResponse, MetaError> {
-        match &self.fetcher {
-            Some(fetcher) => fetcher.fetch(request).await,
-            None => runtime::http_fetch(request).await,
+        let result = match self.context.services.api_keys.unseal(request) {
+            Ok(request) => match &self.fetcher {
+                Some(fetcher) => fetcher.fetch(request).await,
+                None => runtime::http_fetch(request).await,
+            },
+            Err(error) => Err(error),
+        };
+        if let Err(error) = &result {
+            if error.name.contains(runtime::FETCH_REFUSED_CODE) {
+                let entry = PluginLogEntry::new(
+                    &self.context.config,
+                    LogSource::System,
+                    LogType::Warn,
+                    format!("fetch refused: {}", error.message),
+                    self.context.services.hub.instance_id,
+                    None,
+                );
+                self.context.services.logs.queue(entry).await;
+            }
         }
+        result
     }
 
     /// A rejection nobody handled is the plugin's error (reference 30 §8.3), recorded for its

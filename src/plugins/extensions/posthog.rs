@@ -2,6 +2,13 @@
 //! pipeline; delivering it is the queues module's job behind [`CaptureSink`](super::CaptureSink))
 //! and `posthog.api.*` (the request to PostHog's API, including the auto-provisioned personal API
 //! key of the organization's bot user). The runtime performs the actual `fetch`.
+//!
+//! The bot user's key never enters the plugin's VM: the request handed to the runtime carries a
+//! single-use sealed handle in its `Authorization` header, which [`ApiKeyManager::unseal`] swaps
+//! for the key just before the request leaves, and only when it goes to the configured PostHog
+//! host (`SITE_URL`, else the reference's `https://app.posthog.com`). A plugin can no more send
+//! the key elsewhere through `options.host` (refused) than through a redirect (the fetch drops
+//! credentials on a cross-host hop).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -15,13 +22,17 @@ use uuid::Uuid;
 
 use super::super::js::{form_urlencode, iso_now, random_token, string_of, truthy};
 use super::super::rows::PluginConfig;
+use super::super::runtime::{network_settings, FetchError, FetchRequest, MetaError};
 use super::super::vm::JsError;
 
 /// The Celery task a captured event is sent as in the Postgres pipeline.
 pub const CAPTURE_CELERY_TASK: &str = "posthog.tasks.process_event.process_event_with_plugins";
-const DEFAULT_API_HOST: &str = "https://app.posthog.com";
 const BOT_USER_EMAIL_DOMAIN: &str = "posthogbot.user";
 const API_KEY_CACHE_AGE: Duration = Duration::from_secs(30);
+/// How a sealed bot key handle starts (`Bearer <prefix><token>`).
+const SEALED_PREFIX: &str = "phx_sealed_";
+/// A sealed handle not used within this time is forgotten.
+const SEALED_MAX_AGE: Duration = Duration::from_secs(600);
 
 /// An event captured by a plugin (the reference's `InternalData`).
 #[derive(Debug, Clone, PartialEq)]
@@ -124,7 +135,8 @@ pub async fn api_request(
             "You must specify a personalApiKey if you specify a projectApiKey and vice-versa!",
         ));
     }
-    let mut host = option("host").map(string_of).unwrap_or_else(|| DEFAULT_API_HOST.to_string());
+    let posthog_host = network_settings().posthog_host.clone();
+    let mut host = option("host").map(string_of).unwrap_or(posthog_host);
     if host.ends_with('/') {
         host.pop();
     }
@@ -132,6 +144,18 @@ pub async fn api_request(
     let (token, api_key) = match (project, personal) {
         (Some(project), Some(personal)) => (string_of(project), string_of(personal)),
         _ => {
+            let configured = network_settings().posthog_origin();
+            let requested = url::Url::parse(&host).ok().map(|url| url.origin().ascii_serialization());
+            if requested.is_none() || requested != configured {
+                return Err(JsError::new(
+                    "Error",
+                    format!(
+                        "posthog.api sends this project's API key only to the configured PostHog host ({}), not to \
+                         {host}; pass projectApiKey and personalApiKey to call another host",
+                        configured.unwrap_or_default()
+                    ),
+                ));
+            }
             let team: Option<(Option<String>, Uuid)> =
                 sqlx::query_as("SELECT api_token, organization_id FROM posthog_team WHERE id = $1")
                     .bind(team_id.unwrap_or(0))
@@ -140,7 +164,8 @@ pub async fn api_request(
                     .map_err(|err| JsError::new("Error", err.to_string()))?;
             let (token, organization) = team.ok_or_else(|| JsError::new("Error", "Unable to determine project"))?;
             // A team without a token gives `token=undefined`, as the reference's template does.
-            (token.unwrap_or_else(|| "undefined".into()), keys.fetch_or_create(pool, organization).await?)
+            let key = keys.fetch_or_create(pool, organization).await?;
+            (token.unwrap_or_else(|| "undefined".into()), keys.seal(key, requested.unwrap_or_default()))
         }
     };
     // REF-BUG 15 kept: the reference meant GET and DELETE to carry `data` in the query, but only
@@ -169,9 +194,52 @@ pub async fn api_request(
 #[derive(Default)]
 pub struct ApiKeyManager {
     cache: Mutex<HashMap<Uuid, (String, Instant)>>,
+    /// Sealed handle → (key, the origin it may go to, when sealed).
+    sealed: Mutex<HashMap<String, (String, String, Instant)>>,
 }
 
 impl ApiKeyManager {
+    /// A single-use handle standing in for `key` in the request given to the plugin's VM; only
+    /// [`ApiKeyManager::unseal`] turns it back into the key, for a request to `origin`.
+    pub fn seal(&self, key: String, origin: String) -> String {
+        let handle = format!("{SEALED_PREFIX}{}", random_token());
+        if let Ok(mut sealed) = self.sealed.lock() {
+            sealed.retain(|_, (_, _, at)| at.elapsed() <= SEALED_MAX_AGE);
+            sealed.insert(handle.clone(), (key, origin, Instant::now()));
+        }
+        handle
+    }
+
+    /// Replaces a sealed handle in `request`'s `Authorization` header by the key it stands for.
+    /// A request to any other origin than the one the handle was sealed for is refused (a fetch
+    /// error); a request without a handle passes unchanged.
+    pub fn unseal(&self, mut request: FetchRequest) -> Result<FetchRequest, MetaError> {
+        let origin = url::Url::parse(&request.url).ok().map(|url| url.origin().ascii_serialization());
+        for (name, value) in request.headers.iter_mut() {
+            let Some(handle) = value.strip_prefix("Bearer ").filter(|v| v.starts_with(SEALED_PREFIX)) else {
+                continue;
+            };
+            if !name.eq_ignore_ascii_case("authorization") {
+                continue;
+            }
+            let entry = self.sealed.lock().ok().and_then(|mut sealed| sealed.remove(handle));
+            let Some((key, allowed, _)) = entry.filter(|(_, _, at)| at.elapsed() <= SEALED_MAX_AGE) else {
+                return Err(
+                    FetchError::refused(&request.url, "the posthog.api credentials are spent or unknown").into()
+                );
+            };
+            if origin.as_deref() != Some(allowed.as_str()) {
+                return Err(FetchError::refused(
+                    &request.url,
+                    &format!("the PostHog API key may only be sent to {allowed}"),
+                )
+                .into());
+            }
+            *value = format!("Bearer {key}");
+        }
+        Ok(request)
+    }
+
     pub async fn fetch_or_create(&self, pool: &PgPool, organization: Uuid) -> Result<String, JsError> {
         if let Ok(cache) = self.cache.lock() {
             if let Some((key, at)) = cache.get(&organization) {

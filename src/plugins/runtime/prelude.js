@@ -14,7 +14,8 @@
         while (n > 0 && args[n - 1] === undefined) n--;
         return Array.prototype.slice.call(args, 0, n);
     };
-    const hostCall = (name, args) => host.call(name, trimArgs(args));
+    // Counted against the host calls in flight (set up with `fetch` below).
+    let hostCall;
     const quiet = (promise) => {
         promise.catch(() => {});
         return promise;
@@ -333,104 +334,240 @@
         };
     };
 
-    // ---------------------------------------------------------------- fetch
+    // ---------------------------------------------------------------- fetch (node-fetch v2)
+    // Errors as node-fetch makes them: `FetchError` with `type` (and `errno`/`code` for system
+    // errors) as own enumerable properties, `name` on the prototype; `AbortError` likewise.
+    function FetchError(message, type, systemError) {
+        Error.call(this, message);
+        this.message = message;
+        this.type = type;
+        if (systemError) this.code = this.errno = systemError.code;
+        Object.defineProperty(this, 'stack', { value: 'FetchError: ' + message + '\n' + (new Error().stack || ''), writable: true, configurable: true });
+    }
+    FetchError.prototype = Object.create(Error.prototype);
+    FetchError.prototype.constructor = FetchError;
+    FetchError.prototype.name = 'FetchError';
+    function AbortError(message) {
+        Error.call(this, message);
+        this.type = 'aborted';
+        this.message = message;
+        Object.defineProperty(this, 'stack', { value: 'AbortError: ' + message + '\n' + (new Error().stack || ''), writable: true, configurable: true });
+    }
+    AbortError.prototype = Object.create(Error.prototype);
+    AbortError.prototype.constructor = AbortError;
+    AbortError.prototype.name = 'AbortError';
+    // The host reports fetch failures as `FetchError[type,code]` (the VM boundary carries a name
+    // and a message); anything else passes through.
+    const fromHostError = (e) => {
+        const m = e && typeof e.name === 'string' && /^FetchError\[([^,\]]*),([^\]]*)\]$/.exec(e.name);
+        if (!m) return e;
+        return new FetchError(e.message, m[1] || undefined, m[2] ? { code: m[2] } : undefined);
+    };
+
+    // Host calls in flight per VM: a plugin that starts calls without awaiting them (a loop of
+    // 100,000 fetches) is refused beyond the limit instead of exhausting sockets and memory.
+    const limits = host.limits();
+    let inFlight = 0;
+    const tooManyMessage = () =>
+        'too many host calls in flight (' + limits.maxHostCallsInFlight + ', PLUGIN_MAX_HOST_CALLS_IN_FLIGHT): await earlier calls before starting more';
+    const track = (start, refuse) => {
+        if (inFlight >= limits.maxHostCallsInFlight) return Promise.reject(refuse());
+        inFlight++;
+        let promise;
+        try {
+            promise = start();
+        } catch (e) {
+            inFlight--;
+            return Promise.reject(e);
+        }
+        const done = () => {
+            inFlight--;
+        };
+        promise.then(done, done);
+        return promise;
+    };
+    hostCall = (name, args) => track(() => host.call(name, trimArgs(args)), () => new Error(tooManyMessage()));
+
+    const INVALID_TOKEN = /[^\^_`a-zA-Z\-0-9!#$%&'*+.|~]/;
+    const INVALID_HEADER_CHAR = /[^\t\x20-\x7e\x80-\xff]/;
+    const validateName = (name) => {
+        name = String(name);
+        if (INVALID_TOKEN.test(name) || name === '') throw new TypeError(name + ' is not a legal HTTP header name');
+        return name.toLowerCase();
+    };
+    const validateValue = (value) => {
+        value = String(value);
+        if (INVALID_HEADER_CHAR.test(value)) throw new TypeError(value + ' is not a legal HTTP header value');
+        return value;
+    };
     class Headers {
         constructor(init) {
             this._map = new Map();
-            if (!init) return;
-            const iter = init instanceof Headers ? init.entries() : typeof init[Symbol.iterator] === 'function' ? init : Object.entries(init);
-            for (const [k, v] of iter) this.append(k, v);
+            if (init === undefined || init === null) return;
+            if (init instanceof Headers) {
+                for (const [k, values] of init._map) this._map.set(k, values.slice());
+                return;
+            }
+            if (typeof init !== 'object') throw new TypeError('Provided initializer must be an object');
+            if (typeof init[Symbol.iterator] === 'function') {
+                for (const pair of init) {
+                    if (typeof pair !== 'object' || typeof pair[Symbol.iterator] !== 'function') throw new TypeError('Each header pair must be iterable');
+                    const p = Array.from(pair);
+                    if (p.length !== 2) throw new TypeError('Each header pair must be a name/value tuple');
+                    this.append(p[0], p[1]);
+                }
+            } else {
+                for (const k of Object.keys(init)) this.append(k, init[k]);
+            }
         }
         append(k, v) {
-            const key = String(k).toLowerCase();
+            const key = validateName(k);
+            const value = validateValue(v);
             const prev = this._map.get(key);
-            this._map.set(key, prev === undefined ? String(v) : prev + ', ' + String(v));
+            if (prev) prev.push(value);
+            else this._map.set(key, [value]);
         }
         set(k, v) {
-            this._map.set(String(k).toLowerCase(), String(v));
+            this._map.set(validateName(k), [validateValue(v)]);
         }
         get(k) {
-            const v = this._map.get(String(k).toLowerCase());
-            return v === undefined ? null : v;
+            const v = this._map.get(validateName(k));
+            return v === undefined ? null : v.join(', ');
         }
         has(k) {
-            return this._map.has(String(k).toLowerCase());
+            return this._map.has(validateName(k));
         }
         delete(k) {
-            this._map.delete(String(k).toLowerCase());
+            this._map.delete(validateName(k));
+        }
+        // node-fetch v2 iterates in name order.
+        _pairs() {
+            return Array.from(this._map.keys()).sort().map((k) => [k, this._map.get(k).join(', ')]);
         }
         forEach(fn, thisArg) {
-            for (const [k, v] of this._map) fn.call(thisArg, v, k, this);
+            for (const [k, v] of this._pairs()) fn.call(thisArg, v, k, this);
         }
         keys() {
-            return this._map.keys();
+            return this._pairs().map((p) => p[0])[Symbol.iterator]();
         }
         values() {
-            return this._map.values();
+            return this._pairs().map((p) => p[1])[Symbol.iterator]();
         }
         entries() {
-            return this._map.entries();
+            return this._pairs()[Symbol.iterator]();
         }
         [Symbol.iterator]() {
-            return this._map.entries();
+            return this.entries();
+        }
+        get [Symbol.toStringTag]() {
+            return 'Headers';
         }
         raw() {
             const out = {};
-            for (const [k, v] of this._map) out[k] = [v];
+            for (const [k, v] of this._map) out[k] = v.slice();
             return out;
         }
     }
+    const bodyBytes = (body) => {
+        if (body === undefined || body === null) return null;
+        if (typeof body === 'string') return host.utf8Encode(body);
+        if (body instanceof URLSearchParams) return host.utf8Encode(body.toString());
+        if (body instanceof ArrayBuffer || ArrayBuffer.isView(body)) return toBytes(body);
+        return host.utf8Encode(String(body));
+    };
     class Response {
-        constructor(r) {
-            this.status = r.status;
-            this.statusText = r.statusText;
-            this.ok = r.status >= 200 && r.status < 300;
-            this.url = r.url;
-            this.headers = new Headers(r.headers);
-            this._body = Buffer.from(r.body);
+        constructor(body, init) {
+            init = init || {};
+            const bytes = bodyBytes(body);
+            this._body = bytes === null ? Buffer.alloc(0) : Buffer.from(bytes);
+            this.url = init.url || '';
+            this.status = init.status || 200;
+            this.statusText = init.statusText || '';
+            this.headers = new Headers(init.headers);
+            this.ok = this.status >= 200 && this.status < 300;
+            this.redirected = !!init.redirected;
             this.bodyUsed = false;
+            this.size = 0;
+            this.timeout = 0;
         }
-        async buffer() {
+        _consume() {
+            if (this.bodyUsed) return Promise.reject(new TypeError('body used already for: ' + this.url));
             this.bodyUsed = true;
-            return this._body;
+            return Promise.resolve(this._body);
         }
-        async arrayBuffer() {
-            this.bodyUsed = true;
-            return this._body.buffer.slice(this._body.byteOffset, this._body.byteOffset + this._body.length);
+        buffer() {
+            return this._consume();
         }
-        async text() {
-            this.bodyUsed = true;
-            return this._body.toString('utf8');
+        arrayBuffer() {
+            return this._consume().then((b) => b.buffer.slice(b.byteOffset, b.byteOffset + b.length));
         }
-        async json() {
-            const text = await this.text();
-            try {
-                return JSON.parse(text);
-            } catch (e) {
-                throw namedError('FetchError', 'invalid json response body at ' + this.url + ' reason: ' + e.message);
-            }
+        text() {
+            return this._consume().then((b) => b.toString('utf8'));
+        }
+        textConverted() {
+            return this.text();
+        }
+        json() {
+            return this._consume().then((b) => {
+                const text = b.toString('utf8');
+                try {
+                    return JSON.parse(text);
+                } catch (e) {
+                    const reason = host.jsonError(text) || e.message;
+                    throw new FetchError('invalid json response body at ' + this.url + ' reason: ' + reason, 'invalid-json');
+                }
+            });
         }
         clone() {
-            return new Response({ status: this.status, statusText: this.statusText, url: this.url, headers: Array.from(this.headers), body: this._body });
+            if (this.bodyUsed) throw new Error('cannot clone body after it is used');
+            return new Response(this._body, { url: this.url, status: this.status, statusText: this.statusText, headers: this.headers, redirected: this.redirected });
         }
     }
-    async function fetch(url, init) {
-        init = init || {};
-        const target = url instanceof URL ? url.href : typeof url === 'object' && url && url.url ? url.url : String(url);
-        const headers = Array.from(new Headers(init.headers));
-        let body = init.body;
-        if (body !== undefined && body !== null) {
-            if (body instanceof URLSearchParams) {
-                if (!headers.some((h) => h[0] === 'content-type')) headers.push(['content-type', 'application/x-www-form-urlencoded;charset=UTF-8']);
-                body = body.toString();
+    const fromHostResponse = (r, requested) => {
+        let requestedHref = requested;
+        try {
+            requestedHref = host.urlParse(requested).href;
+        } catch (e) {
+            // the host accepted it, so this does not happen
+        }
+        return new Response(r.body, { url: r.url, status: r.status, statusText: r.statusText, headers: r.headers, redirected: r.url !== requestedHref });
+    };
+    const OPTIONS_HEADER = 'x-plugin-server-fetch-options';
+    function fetch(url, init) {
+        return new Promise((resolve, reject) => {
+            init = init || {};
+            const isRequest = url && typeof url === 'object' && !(url instanceof URL) && typeof url.url === 'string';
+            const target = isRequest ? url.url : String(url);
+            const method = String(init.method || (isRequest && url.method) || 'GET').toUpperCase();
+            const headers = new Headers(init.headers || (isRequest ? url.headers : undefined));
+            let body = init.body !== undefined ? init.body : isRequest ? url.body : undefined;
+            if (body !== undefined && body !== null && (method === 'GET' || method === 'HEAD')) {
+                throw new TypeError('Request with GET/HEAD method cannot have body');
             }
-            body = typeof body === 'string' ? body : toBytes(body);
-        } else {
-            body = null;
-        }
-        const r = await host.fetch(target, String(init.method || 'GET').toUpperCase(), headers, body);
-        return new Response(r);
+            if (body !== undefined && body !== null && !headers.has('content-type')) {
+                if (typeof body === 'string') headers.set('content-type', 'text/plain;charset=UTF-8');
+                else if (body instanceof URLSearchParams) headers.set('content-type', 'application/x-www-form-urlencoded;charset=UTF-8');
+            }
+            const options = {};
+            for (const k of ['redirect', 'follow', 'timeout', 'size']) if (init[k] !== undefined) options[k] = init[k];
+            headers.delete(OPTIONS_HEADER);
+            if (Object.keys(options).length > 0) headers.set(OPTIONS_HEADER, JSON.stringify(options));
+            const pairs = Array.from(headers._map).map(([k, v]) => [k, v.join(', ')]);
+            const bytes = bodyBytes(body);
+            const signal = init.signal;
+            const aborted = () => new AbortError('The user aborted a request.');
+            if (signal && signal.aborted) throw aborted();
+            if (signal && typeof signal.addEventListener === 'function') signal.addEventListener('abort', () => reject(aborted()));
+            track(
+                () => host.fetch(target, method, pairs, bytes),
+                () => new FetchError('request to ' + target + ' failed, reason: ' + tooManyMessage(), 'system', { code: 'ERR_PLUGIN_TOO_MANY_IN_FLIGHT' }),
+            ).then(
+                (r) => resolve(fromHostResponse(r, target)),
+                (e) => reject(fromHostError(e)),
+            );
+        });
     }
+    fetch.isRedirect = (code) => code === 301 || code === 302 || code === 303 || code === 307 || code === 308;
 
     // ---------------------------------------------------------------- crypto, zlib, jwt
     class Hash {
@@ -690,7 +827,7 @@
         : {};
     const modules = freeze({
         ...testModules,
-        'node-fetch': freeze(Object.assign(fetch, { default: fetch, Headers, Response, FetchError: Error })),
+        'node-fetch': freeze(Object.assign(fetch, { default: fetch, Headers, Response, FetchError, AbortError })),
         '@posthog/plugin-scaffold': freeze({ RetryError }),
         '@posthog/plugin-contrib': freeze({ createBuffer }),
         crypto: freeze(crypto),
@@ -698,7 +835,7 @@
         zlib: freeze(zlib),
         jsonwebtoken: freeze(jsonwebtoken),
     });
-    for (const cls of [Buffer, TextEncoder, TextDecoder, URL, URLSearchParams, Headers, Response, RetryError, JsonWebTokenError, Hash]) {
+    for (const cls of [Buffer, TextEncoder, TextDecoder, URL, URLSearchParams, Headers, Response, FetchError, AbortError, RetryError, JsonWebTokenError, Hash]) {
         freeze(cls);
         freeze(cls.prototype);
     }

@@ -2,6 +2,9 @@
 //! `TextEncoder`/`TextDecoder` (the JS side lives in `prelude.js`). They take and return plain
 //! bytes/strings, so plugin code never holds a host object.
 //!
+//! Also the host-op limits the prelude enforces per VM (`limits`: how many host calls may be in
+//! flight) and V8's `JSON.parse` message for `res.json()`'s node-fetch error (`jsonError`).
+//!
 //! Not here: functions that need the VM's async machinery (meta calls, fetch, timers), which
 //! live in `vm.rs`; the HTTP client itself is `fetch.rs`.
 //!
@@ -178,8 +181,56 @@ fn set_url_field(url: &mut url::Url, field: &str, value: &str) {
     };
 }
 
+/// V8's `JSON.parse` error message for `text` (Node 20), which node-fetch puts in its
+/// `invalid json response body at URL reason: …`; `None` when `text` parses.
+pub fn v8_json_error(text: &str) -> Option<String> {
+    let error = serde_json::from_str::<serde_json::Value>(text).err()?;
+    if error.is_eof() {
+        return Some("Unexpected end of JSON input".to_string());
+    }
+    // serde reports 1-based line/column of the offending character; V8 counts UTF-16 units.
+    let chars: Vec<char> = text.chars().collect();
+    let mut line = 1;
+    let mut position = 0;
+    for (index, c) in chars.iter().enumerate() {
+        if line == error.line() {
+            position = (index + error.column()).saturating_sub(1).min(chars.len().saturating_sub(1));
+            break;
+        }
+        if *c == '\n' {
+            line += 1;
+        }
+    }
+    let token = chars.get(position).copied().unwrap_or(' ');
+    if error.to_string().starts_with("trailing characters") {
+        return Some(format!("Unexpected non-whitespace character after JSON at position {position}"));
+    }
+    // V8 quotes the whole text when it is short, else 10 characters either side.
+    const CONTEXT: usize = 10;
+    let slice = |from: usize, to: usize| chars[from..to.min(chars.len())].iter().collect::<String>();
+    let snippet = if chars.len() < CONTEXT * 2 + 1 {
+        format!("\"{}\"", slice(0, chars.len()))
+    } else if position < CONTEXT {
+        format!("\"{}\"...", slice(0, position + CONTEXT))
+    } else if position >= chars.len() - CONTEXT {
+        format!("...\"{}\"", slice(position - CONTEXT, chars.len()))
+    } else {
+        format!("...\"{}\"...", slice(position - CONTEXT, position + CONTEXT))
+    };
+    Some(format!("Unexpected token '{token}', {snippet} is not valid JSON"))
+}
+
 /// Adds the synchronous host functions to `host`.
 pub fn install<'js>(ctx: &Ctx<'js>, host: &Object<'js>) -> JsResult<()> {
+    host.set(
+        "limits",
+        Function::new(ctx.clone(), |ctx: Ctx<'js>| -> JsResult<Object<'js>> {
+            let limits = Object::new(ctx)?;
+            limits.set("maxHostCallsInFlight", fetch::settings().max_host_calls_in_flight as f64)?;
+            Ok(limits)
+        })?,
+    )?;
+    host.set("jsonError", Function::new(ctx.clone(), |text: String| v8_json_error(&text))?)?;
     host.set("utf8Encode", Function::new(ctx.clone(), |ctx: Ctx<'js>, s: String| buffer(&ctx, s.into_bytes()))?)?;
     host.set(
         "utf8Decode",
@@ -355,5 +406,21 @@ mod tests {
         let bomb = zlib("gzip", &vec![0u8; 8 << 20], MAX_INFLATED_BYTES).unwrap();
         let refused = zlib("gunzip", &bomb, 1 << 20).unwrap_err();
         assert!(refused.contains("exceeds 1048576 bytes"), "{refused}");
+    }
+
+    #[test]
+    fn json_errors_read_as_v8() {
+        assert_eq!(v8_json_error("{\"a\":").as_deref(), Some("Unexpected end of JSON input"));
+        assert_eq!(v8_json_error("").as_deref(), Some("Unexpected end of JSON input"));
+        assert_eq!(v8_json_error("abc").as_deref(), Some("Unexpected token 'a', \"abc\" is not valid JSON"));
+        assert_eq!(
+            v8_json_error("<html><body>hello world this is a long page</body></html>").as_deref(),
+            Some("Unexpected token '<', \"<html><bod\"... is not valid JSON")
+        );
+        assert_eq!(
+            v8_json_error("{\"a\":1}x").as_deref(),
+            Some("Unexpected non-whitespace character after JSON at position 7")
+        );
+        assert_eq!(v8_json_error("{\"a\":1}"), None);
     }
 }
