@@ -22,8 +22,10 @@ use thiserror::Error;
 
 use crate::event::PluginEvent;
 
+pub mod batch_redis;
 pub mod celery;
 pub mod celery_consumer;
+pub mod celery_dedupe;
 pub mod kafka_consumer;
 pub mod kafka_producer;
 pub mod kafka_settings;
