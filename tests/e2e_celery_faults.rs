@@ -62,7 +62,7 @@ fn server_env<'a>(db: &'a TestDb, queue: &'a str, consumer: &'a str, redis_url: 
         ("PLUGINS_CELERY_QUEUE", queue),
         ("CELERY_DEFAULT_QUEUE", "e2e-celery-faults-default"),
         ("PLUGINS_CELERY_CONSUMER_ID", consumer),
-        ("PLUGINS_CELERY_MAX_DELIVERIES", "2"),
+        ("PLUGINS_CELERY_MAX_DELIVERIES", "3"),
     ]
 }
 
@@ -104,6 +104,8 @@ async fn kill_9_mid_backlog_then_restart_loses_nothing_and_duplicates_are_rare()
         assert!(Instant::now() < deadline, "no progress: {}", server.output());
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    // At an arbitrary instant, not right after seeing a commit (0–50 ms later).
+    tokio::time::sleep(Duration::from_millis(u64::from(uuid::Uuid::new_v4().as_bytes()[0]) % 50)).await;
     kill_9(&mut server);
     let written_at_kill = counts(&db.pool, "backlog").await.0;
     assert!(written_at_kill < BACKLOG as i64, "killed before the end of the backlog");
@@ -172,8 +174,10 @@ async fn a_message_that_kills_the_server_is_dead_lettered_and_the_rest_flows() {
     messages.extend((1..=5).map(|index| task(&queue, index, "fine")));
     push(&queue, &messages);
 
-    // Twice (PLUGINS_CELERY_MAX_DELIVERIES=2): the server takes the poison, hangs on it, dies.
-    for delivery in 1..=2 {
+    // Three times (PLUGINS_CELERY_MAX_DELIVERIES=3): the server takes the poison, spins on it and
+    // is killed. Fine messages stuck behind it in a run are delivered again, never set aside: from
+    // the third delivery on the poison runs alone, so the later crashes count against it only.
+    for delivery in 1..=3 {
         let mut server = Server::start(&[], &env);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -182,16 +186,23 @@ async fn a_message_that_kills_the_server_is_dead_lettered_and_the_rest_flows() {
                 redis::cmd("LRANGE").arg(&processing).arg(0).arg(-1).query(&mut connection).unwrap();
             let count: Option<i64> =
                 redis::cmd("GET").arg(format!("{queue}:deliveries:task-0")).query(&mut connection).unwrap();
-            if held == [messages[0].clone()] && count == Some(delivery) && counts(&db.pool, "fine").await.0 == 5 {
+            if held.contains(&messages[0]) && count == Some(delivery) {
                 break;
             }
-            assert!(Instant::now() < deadline, "delivery {delivery}: {held:?} {count:?} {}", server.output());
+            assert!(
+                Instant::now() < deadline,
+                "delivery {delivery}: {} held, {count:?} {}",
+                held.len(),
+                server.output()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        // Let the fine messages that can go through go through.
+        tokio::time::sleep(Duration::from_millis(500)).await;
         kill_9(&mut server);
     }
 
-    // The third delivery is not handled: the message is set aside with the reason.
+    // The fourth delivery is not handled: the message is set aside with the reason.
     let mut server = Server::start(&[], &env);
     let deadline = Instant::now() + Duration::from_secs(30);
     let dead: Vec<String> = loop {
@@ -204,7 +215,7 @@ async fn a_message_that_kills_the_server_is_dead_lettered_and_the_rest_flows() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let entry: Value = serde_json::from_str(&dead[0]).unwrap();
-    assert!(entry["reason"].as_str().unwrap().starts_with("delivered 3 times"), "{entry}");
+    assert!(entry["reason"].as_str().unwrap().starts_with("delivered 4 times"), "{entry}");
     assert_eq!(entry["message"], json!(messages[0]));
     push(&queue, &(6..=10).map(|index| task(&queue, index, "fine")).collect::<Vec<_>>());
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -213,6 +224,11 @@ async fn a_message_that_kills_the_server_is_dead_lettered_and_the_rest_flows() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     stop(&mut server);
-    assert_eq!(counts(&db.pool, "fine").await, (10, 10, 10));
+    let (rows, users, uuids) = counts(&db.pool, "fine").await;
+    println!("poison: {rows} rows of fine events, {users} distinct");
+    assert_eq!((users, uuids), (10, 10), "nothing lost, one uuid per message");
+    assert!(rows - users <= 1, "{} duplicates", rows - users);
     assert_eq!(counts(&db.pool, "poison").await.0, 0);
+    let dead: i64 = redis::cmd("LLEN").arg(dead_letter_key(&queue)).query(&mut redis()).unwrap();
+    assert_eq!(dead, 1, "only the poison is set aside");
 }

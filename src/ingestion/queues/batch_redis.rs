@@ -60,6 +60,16 @@ impl RedisBatcher {
         }
     }
 
+    /// `GET key` as a count (0 when absent or when Redis cannot be asked).
+    pub async fn delivery_count(&self, key: &str) -> u64 {
+        match self.query(vec![redis::cmd("GET").arg(key).clone()]).await.as_deref() {
+            Ok([Value::BulkString(bytes)]) => {
+                std::str::from_utf8(bytes).ok().and_then(|text| text.parse().ok()).unwrap_or(0)
+            }
+            _ => 0,
+        }
+    }
+
     /// `EXISTS key`; `false` when Redis cannot be asked.
     pub async fn exists(&self, key: &str) -> bool {
         matches!(self.query(vec![redis::cmd("EXISTS").arg(key).clone()]).await.as_deref(), Ok([Value::Int(1)]))
