@@ -223,9 +223,9 @@ async fn start_components(hub: &Hub, lifecycle: &mut Lifecycle) -> Result<(), Se
     use crate::geoip::GeoIp;
     use crate::ingestion::actions::{ActionManager, ActionMatcher, ClickHouseStaticCohorts, HookCommander};
     use crate::ingestion::process_event::EventsProcessor;
-    use crate::ingestion::queues::batch_redis::RedisBatcher;
     use crate::ingestion::queues::celery_dedupe::MarkingWriter;
     use crate::ingestion::queues::kafka_writer::KafkaEventWriter;
+    use crate::ingestion::queues::pipelined_redis::PipelinedRedis;
     use crate::ingestion::queues::topics::KAFKA_EVENTS_PLUGIN_INGESTION;
     use crate::ingestion::queues::{
         CeleryConsumer, CeleryConsumerOptions, CeleryProducer, KafkaConsumerOptions, KafkaProducerWrapper, KafkaQueue,
@@ -366,7 +366,8 @@ async fn start_components(hub: &Hub, lifecycle: &mut Lifecycle) -> Result<(), Se
         // Events come from Celery: each written event is marked so a redelivery skips it.
         None => Arc::new(MarkingWriter::new(
             Arc::new(PostgresEventWriter::new(hub.postgres.clone())),
-            RedisBatcher::new(hub.redis.clone(), celery_options.response_timeout),
+            hub.postgres.clone(),
+            PipelinedRedis::new(crate::hub::redis_client(config)?, celery_options.response_timeout),
             &celery_options.queue,
             Duration::from_secs(config.PLUGINS_CELERY_DEDUPE_TTL_SECONDS),
         )),

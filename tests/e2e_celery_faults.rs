@@ -148,10 +148,13 @@ async fn kill_9_mid_backlog_then_restart_loses_nothing_and_duplicates_are_rare()
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop(&mut server);
+    let output = server.output();
+    let skipped = output.matches("Skipping redelivered").count();
     let (rows, users, uuids) = counts(&db.pool, "backlog").await;
     let duplicates = rows - users;
     println!(
-        "kill -9 after {written_at_kill} of {BACKLOG} rows, {} in flight: {rows} rows, {users} distinct, {duplicates} duplicates",
+        "kill -9 after {written_at_kill} of {BACKLOG} rows, {} in flight: {rows} rows, {users} distinct, {duplicates} \
+         duplicates, {skipped} redeliveries skipped as already written",
         in_flight_users.len()
     );
     assert_eq!(users, BACKLOG as i64, "nothing lost");

@@ -780,7 +780,7 @@ async fn a_redelivered_message_already_written_is_skipped() {
     let mut connection = redis_conn(&pool).await;
     let _: () =
         redis::cmd("SET").arg(opts.deliveries_key("written-task")).arg(1).query_async(&mut connection).await.unwrap();
-    let _: () = redis::cmd("SET").arg(&marker).arg(1).query_async(&mut connection).await.unwrap();
+    let _: () = redis::cmd("SET").arg(&marker).arg("written").query_async(&mut connection).await.unwrap();
     lpush(&pool, &queue, &raw).await;
     // A first delivery is never skipped, marker or not.
     let first =
@@ -789,7 +789,7 @@ async fn a_redelivered_message_already_written_is_skipped() {
         &queue,
         &plugin_server::ingestion::queues::celery_dedupe::message_event_uuid("first-task").to_string(),
     );
-    let _: () = redis::cmd("SET").arg(&first_marker).arg(1).query_async(&mut connection).await.unwrap();
+    let _: () = redis::cmd("SET").arg(&first_marker).arg("written").query_async(&mut connection).await.unwrap();
     lpush(&pool, &queue, &first).await;
     let handler = RecordingHandler::new();
     let consumer = CeleryConsumer::start(REDIS_URL, pool.clone(), handler.clone(), opts.clone()).await.unwrap();

@@ -49,9 +49,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use super::batch_redis::RedisBatcher;
 use super::celery::{decode_envelope, CeleryTask, TaskSet};
 use super::celery_dedupe::{message_event_uuid, message_key, written_marker_key};
+use super::pipelined_redis::PipelinedRedis;
 use super::retry::{Outcome, RetryPolicy};
 use super::{EventHandler, QueueStats};
 use crate::config::Config;
@@ -233,8 +233,8 @@ struct Shared {
     in_hand: Mutex<HashMap<Arc<str>, usize>>,
     /// Orphans seen at the previous check (requeued when seen again).
     suspects: Mutex<HashSet<Arc<str>>>,
-    /// Redis commands of all handlers, pipelined together.
-    redis: RedisBatcher,
+    /// Redis commands of all handlers, multiplexed on one connection.
+    redis: PipelinedRedis,
     /// Read by every handler, written by one handling a suspected poison message alone.
     gate: tokio::sync::RwLock<()>,
 }
@@ -263,7 +263,7 @@ impl CeleryConsumer {
         let beat_text = serde_json::to_string(&beat).unwrap_or_default();
         let predecessor = claim_identity(&pool, &mut options).await.map_err(CeleryError::Redis)?;
         let concurrency = options.concurrency.max(1);
-        let redis = RedisBatcher::new(pool.clone(), options.response_timeout);
+        let redis = PipelinedRedis::new(client.clone(), options.response_timeout);
         let shared = Arc::new(Shared {
             options,
             pool,
@@ -758,7 +758,7 @@ impl Shared {
             if let CeleryTask::ProcessEvent(event) = &task {
                 let marker = event.uuid.as_deref().map(|uuid| written_marker_key(&self.options.queue, uuid));
                 if let Some(marker) = marker {
-                    if self.redis.exists(&marker).await {
+                    if self.redis.get(&marker).await.as_deref() == Some(super::celery_dedupe::WRITTEN) {
                         info!(
                             "♻️ Skipping redelivered Celery message {id}: its event {:?} was already written",
                             event.uuid

@@ -5,9 +5,13 @@
 //! * the **event uuid** ([`message_event_uuid`]): a UUID v5 of that id, given to an event whose
 //!   data carries no `uuid` (the reference gives each delivery a fresh UUIDT), so every copy of a
 //!   message has the same uuid (ClickHouse's `ReplacingMergeTree`, or a query, can drop them);
-//! * the **write marker** ([`written_marker_key`], set by [`MarkingWriter`] right after the event
-//!   is written, deleted when its message is acknowledged, expiring after
-//!   `PLUGINS_CELERY_DEDUPE_TTL_SECONDS`): a redelivered message whose marker exists is skipped.
+//! * the **write marker** ([`written_marker_key`], kept by [`MarkingWriter`]: `pending` right
+//!   before the event's row is written, `written` right after, deleted when its message is
+//!   acknowledged, expiring after `PLUGINS_CELERY_DEDUPE_TTL_SECONDS`): a redelivered message
+//!   whose marker says `written` is skipped. A `pending` marker means the previous delivery died
+//!   while its row was being written (the INSERT may have committed without the process learning
+//!   it): the writer then looks for that very row (same team, timestamp, distinct id, event name
+//!   and properties) and inserts only if it is not there.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,11 +22,12 @@ use serde_json::Value;
 use sha2::Digest;
 use uuid::Uuid;
 
-use super::batch_redis::RedisBatcher;
 use super::celery::TaskMessage;
+use super::pipelined_redis::PipelinedRedis;
 use crate::event::PluginEvent;
 use crate::ingestion::persons::{Person, PersonDistinctId};
 use crate::ingestion::writer::{EventPayload, EventWriter, GroupPayload, SessionRecordingPayload, WriteError};
+use sqlx::PgPool;
 
 /// The UUID v5 namespace of event uuids derived from Celery message ids.
 const MESSAGE_UUID_NAMESPACE: Uuid = Uuid::from_u128(0x5f0c_6d3e_8a47_4b1e_9c2d_7e61_a0b3_c4d5);
@@ -68,26 +73,93 @@ pub fn written_marker_key(queue: &str, uuid: &str) -> String {
     format!("{queue}:written:{uuid}")
 }
 
-/// An [`EventWriter`] that sets the write marker of each event (and session recording) right
-/// after writing it. A marker that cannot be set is logged: the event may then be duplicated if
-/// its message is redelivered, never lost.
+/// Marks an event `pending` unless it has a marker already; answers the marker found (`new` when
+/// there was none).
+const BEGIN_WRITE_SCRIPT: &str = r#"
+local found = redis.call('GET', KEYS[1])
+if not found then
+  redis.call('SET', KEYS[1], 'pending', 'EX', ARGV[1])
+  return 'new'
+end
+return found
+"#;
+
+/// The marker's value once the event's row is written.
+pub const WRITTEN: &str = "written";
+
+/// An [`EventWriter`] (Postgres pipeline) that keeps the write marker of each event (see the
+/// module documentation). When the marker cannot be read or set, the event is written as usual:
+/// it may then be duplicated if its message is redelivered, never lost.
 pub struct MarkingWriter {
     inner: Arc<dyn EventWriter>,
-    redis: RedisBatcher,
+    postgres: PgPool,
+    redis: PipelinedRedis,
     queue: String,
     ttl: Duration,
 }
 
 impl MarkingWriter {
-    pub fn new(inner: Arc<dyn EventWriter>, redis: RedisBatcher, queue: &str, ttl: Duration) -> MarkingWriter {
-        MarkingWriter { inner, redis, queue: queue.to_string(), ttl }
+    pub fn new(
+        inner: Arc<dyn EventWriter>,
+        postgres: PgPool,
+        redis: PipelinedRedis,
+        queue: &str,
+        ttl: Duration,
+    ) -> MarkingWriter {
+        MarkingWriter { inner, postgres, redis, queue: queue.to_string(), ttl }
     }
 
-    async fn mark(&self, uuid: &Uuid) {
-        let key = written_marker_key(&self.queue, &uuid.to_string());
-        let set = redis::cmd("SET").arg(key).arg(1).arg("EX").arg(self.ttl.as_secs().max(1)).clone();
+    fn key(&self, uuid: &Uuid) -> String {
+        written_marker_key(&self.queue, &uuid.to_string())
+    }
+
+    /// Marks the event `pending`; returns the marker that was there (`None`: none, or unknown).
+    async fn begin(&self, uuid: &Uuid) -> Option<String> {
+        let command = redis::cmd("EVAL")
+            .arg(BEGIN_WRITE_SCRIPT)
+            .arg(1)
+            .arg(self.key(uuid))
+            .arg(self.ttl.as_secs().max(1))
+            .clone();
+        match self.redis.query(vec![command]).await.as_deref() {
+            Ok([redis::Value::BulkString(found)]) if found.as_slice() != b"new" => {
+                Some(String::from_utf8_lossy(found).into_owned())
+            }
+            Ok([redis::Value::SimpleString(found)]) if found != "new" => Some(found.clone()),
+            Ok(_) => None,
+            Err(reason) => {
+                tracing::warn!("⚠️ Could not read the write marker of event {uuid}: {reason}");
+                None
+            }
+        }
+    }
+
+    async fn mark_written(&self, uuid: &Uuid) {
+        let set = redis::cmd("SET").arg(self.key(uuid)).arg(WRITTEN).arg("EX").arg(self.ttl.as_secs().max(1)).clone();
         if let Err(reason) = self.redis.run(vec![set]).await {
             tracing::warn!("⚠️ Could not set the write marker of event {uuid}: {reason}");
+        }
+    }
+
+    /// The id of a stored row identical to `event`, if there is one.
+    async fn stored_copy(&self, event: &EventPayload) -> Option<i64> {
+        let found = sqlx::query_scalar::<_, i64>(
+            "SELECT id::int8 FROM posthog_event WHERE team_id = $1 AND timestamp = $2 AND distinct_id = $3 \
+             AND event = $4 AND properties = $5 LIMIT 1",
+        )
+        .bind(event.team_id)
+        .bind(event.timestamp)
+        .bind(&event.distinct_id)
+        .bind(&event.event)
+        .bind(Value::Object(event.properties.clone()))
+        .fetch_optional(&self.postgres)
+        .await;
+        match found {
+            Ok(found) => found,
+            Err(error) => {
+                tracing::warn!("⚠️ Could not look for an earlier copy of event {}: {error}", event.uuid);
+                None
+            }
         }
     }
 }
@@ -99,14 +171,26 @@ impl EventWriter for MarkingWriter {
     }
 
     async fn write_event(&self, event: &EventPayload) -> Result<Option<i64>, WriteError> {
+        match self.begin(&event.uuid).await.as_deref() {
+            // An earlier delivery of this very event was being written when it died.
+            Some("pending") => {
+                if let Some(id) = self.stored_copy(event).await {
+                    tracing::info!("♻️ Event {} was already stored (row {id}): not writing it again", event.uuid);
+                    self.mark_written(&event.uuid).await;
+                    return Ok(Some(id));
+                }
+            }
+            Some(WRITTEN) => tracing::info!("♻️ Event {} is marked written already; writing it again", event.uuid),
+            _ => {}
+        }
         let written = self.inner.write_event(event).await?;
-        self.mark(&event.uuid).await;
+        self.mark_written(&event.uuid).await;
         Ok(written)
     }
 
     async fn write_session_recording(&self, recording: &SessionRecordingPayload) -> Result<(), WriteError> {
         self.inner.write_session_recording(recording).await?;
-        self.mark(&recording.uuid).await;
+        self.mark_written(&recording.uuid).await;
         Ok(())
     }
 

@@ -22,7 +22,6 @@ use thiserror::Error;
 
 use crate::event::PluginEvent;
 
-pub mod batch_redis;
 pub mod celery;
 pub mod celery_consumer;
 pub mod celery_dedupe;
@@ -31,6 +30,7 @@ pub mod kafka_producer;
 pub mod kafka_settings;
 pub mod kafka_writer;
 pub mod messages;
+pub mod pipelined_redis;
 pub mod retry;
 pub mod topics;
 
