@@ -343,6 +343,9 @@ define_config! {
     POSTHOG_REDIS_PORT: u16 = |_| 6379, false, "Redis port, used when POSTHOG_REDIS_HOST is set";
     DISABLE_WEB: bool = |_| true, false, "accepted for compatibility with later PostHog plugin servers; this server has no web endpoint";
     WEB_PORT: u16 = |_| 3008, false, "accepted for compatibility with later PostHog plugin servers (unused)";
+    PLUGINS_CELERY_CONSUMER_ID: Option<String> = |_| None, false, "identity of this server's Celery consumer, stable across restarts (default: the host name); unique per server";
+    PLUGINS_CELERY_MAX_DELIVERIES: u64 = |_| 5, false, "deliveries of one Celery message (the server died while handling it) before it is dead-lettered";
+    PLUGINS_CELERY_DEDUPE_TTL_SECONDS: u64 = |_| 3600, false, "how long the marker of an event written from Celery but not yet acknowledged lives";
     WEB_HOSTNAME: String = |_| "0.0.0.0".into(), false, "accepted for compatibility with later PostHog plugin servers (unused)";
     ALLOW_INTERNAL_IPS: bool = |c| c.is_test() || c.is_dev(), false, "let plugins' fetch and posthog.api reach loopback, private, link-local and cloud-metadata addresses (as PostHog's later servers, allowed by default only in dev and test)";
     SITE_URL: Option<String> = |_| None, false, "URL of the PostHog instance: the default posthog.api host and the only one the plugins' bot user API key is sent to (unset: https://app.posthog.com, the reference's default)";

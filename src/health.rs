@@ -4,8 +4,12 @@
 //!
 //! Unlike the reference, the healthcheck never hangs on an unreachable Redis (it answers 1 within
 //! [`HEALTHCHECK_TIMEOUT`]) and a gracefully stopped server deletes its ping so that a probe sees it
-//! gone at once instead of for up to a minute.
+//! gone at once instead of for up to a minute. While any component of the server is dead
+//! ([`Liveness`]), the ping is not written and its key is deleted: a server that stopped
+//! consuming never looks healthy.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{SecondsFormat, Utc};
@@ -78,22 +82,59 @@ pub async fn write_ping(redis: &RedisPool) -> Result<(), String> {
         .map_err(|error| error.to_string())
 }
 
+/// Whether every component of the running server is alive; shared by the lifecycle (which marks
+/// a component dead when it ends on its own) and the ping (which then stops).
+#[derive(Clone, Default)]
+pub struct Liveness {
+    dead: Arc<AtomicBool>,
+    changed: Arc<tokio::sync::Notify>,
+}
+
+impl Liveness {
+    pub fn mark_dead(&self, component: &str) {
+        tracing::error!("💀 Component {component} is dead: the health ping stops");
+        self.dead.store(true, Ordering::SeqCst);
+        self.changed.notify_waiters();
+    }
+
+    pub fn is_alive(&self) -> bool {
+        !self.dead.load(Ordering::SeqCst)
+    }
+}
+
+async fn delete_ping(redis: &RedisPool) {
+    if let Ok(mut connection) = redis.get().await {
+        let _: Result<(), _> = connection.del(PING_KEY).await;
+    }
+}
+
 /// Writes the ping every [`PING_INTERVAL`] until `shutdown`, then deletes it. A failed write is
-/// logged and retried at the next tick: the key simply expires if Redis stays away.
-pub async fn run_ping(redis: RedisPool, shutdown: CancellationToken) {
+/// logged and retried at the next tick: the key simply expires if Redis stays away. Once
+/// `liveness` says a component died, the key is deleted and never written again.
+pub async fn run_ping(redis: RedisPool, liveness: Liveness, shutdown: CancellationToken) {
     let mut interval = tokio::time::interval(PING_INTERVAL);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        let died = liveness.changed.notified();
+        if !liveness.is_alive() {
+            break;
+        }
         tokio::select! {
             _ = shutdown.cancelled() => break,
+            _ = died => break,
             _ = interval.tick() => {
+                if !liveness.is_alive() {
+                    break;
+                }
                 if let Err(error) = write_ping(&redis).await {
                     tracing::error!("🔴 Could not write the health ping to Redis: {error}");
                 }
             }
         }
     }
-    if let Ok(mut connection) = redis.get().await {
-        let _: Result<(), _> = connection.del(PING_KEY).await;
+    delete_ping(&redis).await;
+    if !liveness.is_alive() {
+        // Dead part: stay silent until asked to stop (the server is shutting down with code 1).
+        shutdown.cancelled().await;
     }
 }

@@ -4,15 +4,19 @@
 //! Every long-running part of the server is a *component*: a named task that receives a
 //! cancellation token and gets a shutdown budget. Components are stopped in reverse order of
 //! start (consumers first, the health ping last). A component that ends on its own before shutdown
-//! was asked for is a failure: it is logged and the server shuts down with exit code 1 rather than
-//! limping on with a dead part.
+//! was asked for (it returns, `Ok` or `Err` alike, or it panics) is a failure: the health ping
+//! stops at once (its key is deleted, so `--healthcheck` fails), the failure is logged and the
+//! server shuts down with exit code 1 rather than limping on with a dead part.
 //!
 //! Signals (SIGINT, SIGTERM, SIGHUP): the first starts a graceful shutdown; the next one forces an
 //! immediate exit. (The reference needs a third signal to force; a second is what operators expect.)
 //! What each component does lives in its own module; this one only orders them.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::time::Duration;
+
+use futures::FutureExt;
 
 use thiserror::Error;
 use tokio::sync::mpsc;
@@ -40,6 +44,16 @@ pub enum ServerError {
     Start(String),
     #[error("component {0} stopped unexpectedly")]
     ComponentFailed(String),
+    #[error("component {0} panicked: {1}")]
+    ComponentPanicked(String, String),
+}
+
+/// How a component ended on its own.
+#[derive(Debug)]
+struct Ended {
+    name: String,
+    /// The panic message, when it panicked.
+    panic: Option<String>,
 }
 
 struct Component {
@@ -53,8 +67,9 @@ struct Component {
 pub struct Lifecycle {
     shutdown: CancellationToken,
     components: Vec<Component>,
-    ended_sender: mpsc::UnboundedSender<String>,
-    ended: mpsc::UnboundedReceiver<String>,
+    ended_sender: mpsc::UnboundedSender<Ended>,
+    ended: mpsc::UnboundedReceiver<Ended>,
+    health: health::Liveness,
 }
 
 impl Default for Lifecycle {
@@ -67,11 +82,16 @@ impl Lifecycle {
     /// `shutdown` is cancelled by the signal handler (or a test) to start the graceful shutdown.
     pub fn new(shutdown: CancellationToken) -> Self {
         let (ended_sender, ended) = mpsc::unbounded_channel();
-        Lifecycle { shutdown, components: Vec::new(), ended_sender, ended }
+        Lifecycle { shutdown, components: Vec::new(), ended_sender, ended, health: health::Liveness::default() }
     }
 
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()
+    }
+
+    /// Whether every component is alive: the health ping writes only while it is.
+    pub fn liveness(&self) -> health::Liveness {
+        self.health.clone()
     }
 
     /// Starts a component. `run` gets a token cancelled when the component must stop; it should
@@ -85,18 +105,28 @@ impl Lifecycle {
         let future = run(token.clone());
         let ended_sender = self.ended_sender.clone();
         let component_name = name.to_string();
+        let (health, own_token) = (self.health.clone(), token.clone());
         let handle = tokio::spawn(async move {
-            future.await;
-            let _ = ended_sender.send(component_name);
+            // A panic is caught here (not in a detached task) so that it is noticed like a return.
+            let panic = AssertUnwindSafe(future).catch_unwind().await.err().map(|payload| panic_message(&*payload));
+            if !own_token.is_cancelled() {
+                // Dead before it was asked to stop: the ping stops now, not after the shutdown.
+                health.mark_dead(&component_name);
+                let _ = ended_sender.send(Ended { name: component_name, panic });
+            }
         });
         self.components.push(Component { name: name.to_string(), budget, token, handle });
     }
 
-    /// Waits until shutdown is requested (`Ok`) or a component ends on its own (`Err`).
+    /// Waits until shutdown is requested (`Ok`) or a component ends on its own (`Err`): returning
+    /// (`Ok` or `Err` alike) or panicking before its token was cancelled.
     pub async fn wait(&mut self) -> Result<(), ServerError> {
         tokio::select! {
             _ = self.shutdown.cancelled() => Ok(()),
-            Some(name) = self.ended.recv() => Err(ServerError::ComponentFailed(name)),
+            Some(ended) = self.ended.recv() => Err(match ended.panic {
+                Some(message) => ServerError::ComponentPanicked(ended.name, message),
+                None => ServerError::ComponentFailed(ended.name),
+            }),
         }
     }
 
@@ -116,6 +146,17 @@ impl Lifecycle {
                 }
             }
         }
+    }
+}
+
+/// The text of a panic payload (`panic!("…")` gives a `&str` or a `String`).
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(text) = payload.downcast_ref::<&str>() {
+        text.to_string()
+    } else if let Some(text) = payload.downcast_ref::<String>() {
+        text.clone()
+    } else {
+        "non-text panic payload".to_string()
     }
 }
 
@@ -182,7 +223,9 @@ async fn start_components(hub: &Hub, lifecycle: &mut Lifecycle) -> Result<(), Se
     use crate::geoip::GeoIp;
     use crate::ingestion::actions::{ActionManager, ActionMatcher, ClickHouseStaticCohorts, HookCommander};
     use crate::ingestion::process_event::EventsProcessor;
+    use crate::ingestion::queues::celery_dedupe::MarkingWriter;
     use crate::ingestion::queues::kafka_writer::KafkaEventWriter;
+    use crate::ingestion::queues::pipelined_redis::PipelinedRedis;
     use crate::ingestion::queues::topics::KAFKA_EVENTS_PLUGIN_INGESTION;
     use crate::ingestion::queues::{
         CeleryConsumer, CeleryConsumerOptions, CeleryProducer, KafkaConsumerOptions, KafkaProducerWrapper, KafkaQueue,
@@ -207,8 +250,10 @@ async fn start_components(hub: &Hub, lifecycle: &mut Lifecycle) -> Result<(), Se
     let fail = |what: &str, error: &dyn std::fmt::Display| ServerError::Start(format!("{what}: {error}"));
 
     // The health ping goes first so that it is stopped (and deleted) last.
-    let redis = hub.redis.clone();
-    lifecycle.spawn("health ping", DEFAULT_SHUTDOWN_BUDGET, move |token| health::run_ping(redis, token));
+    let (redis, liveness) = (hub.redis.clone(), lifecycle.liveness());
+    lifecycle.spawn("health ping", DEFAULT_SHUTDOWN_BUDGET, move |token| health::run_ping(redis, liveness, token));
+    #[cfg(debug_assertions)]
+    spawn_injected_fault(lifecycle);
 
     // 1. Managers: actions (loaded now, reloaded every 5 minutes), job queues (graphile migrations).
     let actions = Arc::new(ActionManager::new(hub.postgres.clone()));
@@ -317,9 +362,17 @@ async fn start_components(hub: &Hub, lifecycle: &mut Lifecycle) -> Result<(), Se
     }
 
     // 6. The ingestion queues: Kafka when enabled (Celery then only carries plugin jobs), else Celery.
+    let celery_options = CeleryConsumerOptions::from_config(config);
     let writer: Arc<dyn EventWriter> = match &kafka {
         Some(producer) => Arc::new(KafkaEventWriter::new(Arc::clone(producer))),
-        None => Arc::new(PostgresEventWriter::new(hub.postgres.clone())),
+        // Events come from Celery: each written event is marked so a redelivery skips it.
+        None => Arc::new(MarkingWriter::new(
+            Arc::new(PostgresEventWriter::new(hub.postgres.clone())),
+            hub.postgres.clone(),
+            PipelinedRedis::new(crate::hub::redis_client(config)?, celery_options.response_timeout),
+            &celery_options.queue,
+            Duration::from_secs(config.PLUGINS_CELERY_DEDUPE_TTL_SECONDS),
+        )),
     };
     let mut matcher = ActionMatcher::new(hub.postgres.clone(), Arc::clone(&actions));
     if let Some(clickhouse) = clickhouse {
@@ -338,17 +391,12 @@ async fn start_components(hub: &Hub, lifecycle: &mut Lifecycle) -> Result<(), Se
         writer_dead_letters: kafka.is_some(),
     });
     let pipeline_for_metrics = Arc::clone(&pipeline);
-    let celery = CeleryConsumer::start(
-        &crate::hub::redis_url(config),
-        hub.redis.clone(),
-        pipeline.clone(),
-        CeleryConsumerOptions::from_config(config),
-    )
-    .await
-    .map_err(|error| fail("Celery consumer", &error))?;
+    let celery =
+        CeleryConsumer::start(&crate::hub::redis_url(config), hub.redis.clone(), pipeline.clone(), celery_options)
+            .await
+            .map_err(|error| fail("Celery consumer", &error))?;
     lifecycle.spawn("celery consumer", Duration::from_secs(30), move |token| async move {
-        token.cancelled().await;
-        celery.stop().await;
+        celery.run_until(token).await;
     });
     if let Some(producer) = &kafka {
         let consumer = KafkaQueue::start(
@@ -381,6 +429,25 @@ async fn start_components(hub: &Hub, lifecycle: &mut Lifecycle) -> Result<(), Se
     // 10. Observability: statsd gauges, status reports, internal and plugin metrics, staleness.
     start_observability(hub, lifecycle, &pool, &tasks, activity, pipeline_for_metrics, status_report);
     Ok(())
+}
+
+/// Fault injection for the process-level lifecycle tests, compiled only into debug builds (the
+/// test profile; release builds never read the variable): `PLUGIN_SERVER_TEST_FAULT=panic` or
+/// `=exit` starts a component that panics, or returns, 500 ms after start.
+#[cfg(debug_assertions)]
+fn spawn_injected_fault(lifecycle: &mut Lifecycle) {
+    let Ok(fault) = std::env::var("PLUGIN_SERVER_TEST_FAULT") else { return };
+    warn!("🧪 Injecting fault {fault:?} (debug build)");
+    lifecycle.spawn("injected fault", DEFAULT_SHUTDOWN_BUDGET, move |token| async move {
+        tokio::select! {
+            _ = token.cancelled() => {}
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                if fault == "panic" {
+                    panic!("injected panic");
+                }
+            }
+        }
+    });
 }
 
 /// The Kafka pipeline's ClickHouse client, after the reference's start-up `SELECT 1`.

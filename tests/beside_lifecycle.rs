@@ -210,3 +210,55 @@ async fn components_start_work_and_stop_within_their_budgets() {
     jobs.disconnect_producer().await;
     hub.close().await;
 }
+
+/// A component that ends on its own before shutdown (a panic, or a return) is a failure: `wait`
+/// reports it, and the health ping deletes its key at once and writes it no more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_component_fails_the_server_and_stops_the_health_ping() {
+    use plugin_server::health::{run_ping, PING_KEY};
+    use plugin_server::server::ServerError;
+    // Redis database 13: the ping key is global by design.
+    let url = format!("{}/13", common::redis_url());
+    let pool =
+        deadpool_redis::Config::from_url(url.as_str()).create_pool(Some(deadpool_redis::Runtime::Tokio1)).unwrap();
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let ping_exists = |mut connection: redis::aio::MultiplexedConnection| async move {
+        redis::cmd("EXISTS").arg(PING_KEY).query_async::<i64>(&mut connection).await.unwrap() == 1
+    };
+    for (fault, panics) in [("panic", true), ("return", false)] {
+        let _: () = redis::cmd("DEL").arg(PING_KEY).query_async(&mut connection).await.unwrap();
+        let mut lifecycle = Lifecycle::new(CancellationToken::new());
+        {
+            let (pool, liveness) = (pool.clone(), lifecycle.liveness());
+            lifecycle.spawn("health ping", Duration::from_secs(5), move |token| run_ping(pool, liveness, token));
+        }
+        lifecycle.spawn("doomed", Duration::from_secs(5), move |_token| async move {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if panics {
+                panic!("boom");
+            }
+        });
+        lifecycle.spawn("healthy", Duration::from_secs(5), |token| async move { token.cancelled().await });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(ping_exists(connection.clone()).await, "{fault}: the ping is written while all live");
+        let error = tokio::time::timeout(Duration::from_secs(5), lifecycle.wait()).await.expect("noticed").unwrap_err();
+        match (&error, panics) {
+            (ServerError::ComponentPanicked(name, message), true) => {
+                assert_eq!((name.as_str(), message.as_str()), ("doomed", "boom"))
+            }
+            (ServerError::ComponentFailed(name), false) => assert_eq!(name, "doomed"),
+            _ => panic!("{fault}: unexpected {error:?}"),
+        }
+        assert!(!lifecycle.liveness().is_alive());
+        // The key goes at once and stays gone while the server winds down.
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while ping_exists(connection.clone()).await {
+            assert!(std::time::Instant::now() < deadline, "{fault}: the ping key is still there");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(5500)).await;
+        assert!(!ping_exists(connection.clone()).await, "{fault}: the ping came back");
+        lifecycle.stop().await;
+    }
+}

@@ -113,6 +113,38 @@ async fn healthcheck_follows_the_server_lifecycle_and_sigterm_shuts_down_gracefu
     assert_eq!(after.status.code(), Some(1), "the ping is gone once the server stopped");
 }
 
+/// A component that panics (fault injected in debug builds) brings the process down with exit
+/// code 1, and the health ping is no longer there.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_panicking_component_exits_1_and_the_ping_stops() {
+    const REDIS_DB: u8 = 14;
+    flush_redis_db(REDIS_DB);
+    let db = TestDb::empty().await;
+    let redis = format!("{}/{REDIS_DB}", common::redis_url());
+    let queue = common::unique_prefix("panicking");
+    for fault in ["panic", "exit"] {
+        let env = [
+            ("DATABASE_URL", db.url.as_str()),
+            ("REDIS_URL", redis.as_str()),
+            ("LOG_LEVEL", "info"),
+            ("PLUGINS_CELERY_QUEUE", queue.as_str()),
+            ("PLUGIN_SERVER_TEST_FAULT", fault),
+        ];
+        let mut server = Server::start(&[], &env);
+        let code = server.wait_exit(Duration::from_secs(30));
+        assert_eq!(code, Some(1), "{fault}: {}", server.output());
+        let output = server.output();
+        let expected = if fault == "panic" {
+            "component injected fault panicked: injected panic"
+        } else {
+            "component injected fault stopped unexpectedly"
+        };
+        assert!(output.contains(expected), "{fault}: {output}");
+        let after = run(&["--healthcheck"], &env);
+        assert_eq!(after.status.code(), Some(1), "{fault}: the ping is gone: {}", stdout(&after));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_second_signal_forces_the_exit() {
     const REDIS_DB: u8 = 12;

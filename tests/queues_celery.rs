@@ -528,3 +528,276 @@ impl plugin_server::ingestion::queues::EventHandler for RetryOne {
         self.inner.handle_plugin_job(job).await
     }
 }
+
+/// A TCP proxy to Redis on loopback whose connections can be frozen: a frozen connection stays
+/// open but forwards nothing more (a half-open socket as seen from the client). Connections made
+/// after a freeze forward normally.
+struct FreezingProxy {
+    port: u16,
+    generation: Arc<std::sync::Mutex<tokio_util::sync::CancellationToken>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FreezingProxy {
+    async fn start() -> FreezingProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let generation = Arc::new(std::sync::Mutex::new(tokio_util::sync::CancellationToken::new()));
+        let current = generation.clone();
+        let task = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((client, _)) = listener.accept().await {
+                let frozen = current.lock().unwrap().clone();
+                connections.spawn(async move {
+                    let Ok(upstream) = tokio::net::TcpStream::connect("127.0.0.1:6379").await else { return };
+                    let (client_read, client_write) = client.into_split();
+                    let (upstream_read, upstream_write) = upstream.into_split();
+                    tokio::join!(
+                        forward(client_read, upstream_write, frozen.clone()),
+                        forward(upstream_read, client_write, frozen)
+                    );
+                });
+            }
+        });
+        FreezingProxy { port, generation, task }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Every connection open now stops forwarding (and stays open).
+    fn freeze(&self) {
+        let mut generation = self.generation.lock().unwrap();
+        generation.cancel();
+        *generation = tokio_util::sync::CancellationToken::new();
+    }
+}
+
+impl Drop for FreezingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn forward(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    frozen: tokio_util::sync::CancellationToken,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buffer = vec![0u8; 16 * 1024];
+    loop {
+        let read = tokio::select! {
+            read = from.read(&mut buffer) => read,
+            _ = frozen.cancelled() => break,
+        };
+        match read {
+            Ok(0) | Err(_) => return,
+            Ok(count) if !frozen.is_cancelled() => {
+                if to.write_all(&buffer[..count]).await.is_err() {
+                    return;
+                }
+            }
+            Ok(_) => break,
+        }
+    }
+    // Half-open: hold both ends, forward nothing.
+    let _held = (from, to);
+    std::future::pending::<()>().await;
+}
+
+/// A consumer whose connection goes half-open (the socket stays up, nothing comes back) does not
+/// hang: the reply times out, it reconnects, and the message whose reply was lost is put back
+/// from its own processing list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_open_connection_is_replaced_and_nothing_is_stuck() {
+    let pool = redis_pool();
+    let queue = unique("celery-half-open");
+    let producer = CeleryProducer::new(pool.clone(), queue.clone());
+    let proxy = FreezingProxy::start().await;
+    let handler = RecordingHandler::new();
+    let opts = CeleryConsumerOptions {
+        poll_timeout: Duration::from_millis(500),
+        response_timeout: Duration::from_secs(1),
+        heartbeat_ttl: Duration::from_millis(1500),
+        ..options(&queue, 4)
+    };
+    let processing = opts.processing_key();
+    let consumer = CeleryConsumer::start(&proxy.url(), pool.clone(), handler.clone(), opts).await.unwrap();
+    push_events(&producer, 3, "before-").await;
+    assert!(eventually(Duration::from_secs(5), || async { handler.event_count() == 3 }).await);
+
+    // The blocking pop under way now never gets its reply; the next message is moved by it.
+    proxy.freeze();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    push_events(&producer, 5, "after-").await;
+    assert!(
+        eventually(Duration::from_secs(20), || async { handler.event_count() == 8 }).await,
+        "handled {} of 8; processing list holds {}",
+        handler.event_count(),
+        llen(&pool, &processing).await
+    );
+    let mut seen: Vec<String> = handler.events().into_iter().map(|event| event.distinct_id).collect();
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 8, "{seen:?}");
+    consumer.stop().await;
+    assert_eq!(llen(&pool, &processing).await, 0);
+    cleanup_queue(&pool, &queue).await;
+}
+
+/// A message left in the consumer's own processing list with no handler (its acknowledgement
+/// failed, or the reply of its pop was lost) is handled again instead of waiting for a restart.
+#[tokio::test]
+async fn orphans_in_the_own_processing_list_are_requeued() {
+    let pool = redis_pool();
+    let queue = unique("celery-orphan");
+    let handler = RecordingHandler::new();
+    let opts = CeleryConsumerOptions { heartbeat_ttl: Duration::from_millis(600), ..options(&queue, 2) };
+    let processing = opts.processing_key();
+    let consumer = CeleryConsumer::start(REDIS_URL, pool.clone(), handler.clone(), opts).await.unwrap();
+    let orphan =
+        encode_task_message(&queue, PROCESS_EVENT_TASK, "orphan-task", &process_event_args("orphan"), &Map::new());
+    lpush(&pool, &processing, &orphan).await;
+    assert!(eventually(Duration::from_secs(10), || async { handler.event_count() == 1 }).await);
+    assert_eq!(handler.events()[0].distinct_id, "orphan");
+    assert!(eventually(Duration::from_secs(2), || async { llen(&pool, &processing).await == 0 }).await);
+    consumer.stop().await;
+    cleanup_queue(&pool, &queue).await;
+}
+
+/// A restarted consumer (same identity, its predecessor's process gone) takes its predecessor's
+/// unfinished messages back at start, without waiting for the old heartbeat to expire.
+#[tokio::test]
+async fn a_restarted_consumer_takes_back_its_list_at_once() {
+    let pool = redis_pool();
+    let queue = unique("celery-takeover");
+    let opts = CeleryConsumerOptions { heartbeat_ttl: Duration::from_secs(60), ..options(&queue, 2) };
+    let producer = CeleryProducer::new(pool.clone(), queue.clone());
+    push_events(&producer, 4, "t-").await;
+    // What a killed predecessor with this identity leaves: a live heartbeat naming a process that
+    // is gone (no process has pid 0x7ffffffe) and two messages in its processing list.
+    let mut connection = redis_conn(&pool).await;
+    let host = plugin_server::ingestion::queues::celery_consumer::host_name();
+    let beat = json!({"nonce": "old", "host": host, "pid": 0x7fff_fffe_u32}).to_string();
+    let _: () = redis::cmd("SET")
+        .arg(opts.heartbeat_key())
+        .arg(beat)
+        .arg("EX")
+        .arg(60)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        let _: Option<String> =
+            redis::cmd("RPOPLPUSH").arg(&queue).arg(opts.processing_key()).query_async(&mut connection).await.unwrap();
+    }
+    let handler = RecordingHandler::new();
+    let started = std::time::Instant::now();
+    let consumer = CeleryConsumer::start(REDIS_URL, pool.clone(), handler.clone(), opts.clone()).await.unwrap();
+    assert!(eventually(Duration::from_secs(5), || async { handler.event_count() == 4 }).await);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let mut sorted: Vec<String> = handler.events().into_iter().map(|event| event.distinct_id).collect();
+    sorted.sort();
+    assert_eq!(sorted, ["t-0", "t-1", "t-2", "t-3"]);
+    consumer.stop().await;
+
+    // A live process holding the identity is not robbed: the newcomer takes a unique id.
+    let live = json!({"nonce": "live", "host": host, "pid": 1}).to_string();
+    let _: () = redis::cmd("SET")
+        .arg(opts.heartbeat_key())
+        .arg(&live)
+        .arg("EX")
+        .arg(60)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let second = CeleryConsumer::start(REDIS_URL, pool.clone(), RecordingHandler::new(), opts.clone()).await.unwrap();
+    assert_ne!(second.options().consumer_id, opts.consumer_id);
+    assert!(second.options().consumer_id.starts_with(&opts.consumer_id));
+    second.stop().await;
+    let still: String = redis::cmd("GET").arg(opts.heartbeat_key()).query_async(&mut connection).await.unwrap();
+    assert_eq!(still, live);
+    cleanup_queue(&pool, &queue).await;
+}
+
+/// Each delivery of a message is counted; one delivered more than `max_deliveries` times (the
+/// consumer died while handling it each time) is dead-lettered with that reason, and its
+/// redelivered event carries the same uuid every time.
+#[tokio::test]
+async fn a_message_delivered_too_often_is_dead_lettered_and_uuids_are_stable() {
+    let pool = redis_pool();
+    let queue = unique("celery-poison");
+    let opts = CeleryConsumerOptions { max_deliveries: 3, ..options(&queue, 2) };
+    let poison =
+        encode_task_message(&queue, PROCESS_EVENT_TASK, "poison-task", &process_event_args("poison"), &Map::new());
+    let fine = encode_task_message(&queue, PROCESS_EVENT_TASK, "fine-task", &process_event_args("fine"), &Map::new());
+    // Three deliveries already happened (each ended by a crash).
+    let mut connection = redis_conn(&pool).await;
+    let _: () =
+        redis::cmd("SET").arg(opts.deliveries_key("poison-task")).arg(3).query_async(&mut connection).await.unwrap();
+    lpush(&pool, &queue, &poison).await;
+    lpush(&pool, &queue, &fine).await;
+    let handler = RecordingHandler::new();
+    let consumer = CeleryConsumer::start(REDIS_URL, pool.clone(), handler.clone(), opts.clone()).await.unwrap();
+    let dead_letters = dead_letter_key_of(&queue);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            handler.event_count() == 1 && llen(&pool, &dead_letters).await == 1
+        })
+        .await
+    );
+    assert_eq!(handler.events()[0].distinct_id, "fine");
+    let entry: Value = serde_json::from_str(&lrange(&pool, &dead_letters).await[0]).unwrap();
+    assert!(entry["reason"].as_str().unwrap().starts_with("delivered 4 times"), "{entry}");
+    assert_eq!(entry["message"], json!(poison));
+    // The counters are gone with their messages.
+    let left: i64 = redis::cmd("EXISTS")
+        .arg(opts.deliveries_key("poison-task"))
+        .arg(opts.deliveries_key("fine-task"))
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+    // The event's uuid is derived from the task id: the same on every delivery.
+    let expected = plugin_server::ingestion::queues::celery_dedupe::message_event_uuid("fine-task").to_string();
+    assert_eq!(handler.events()[0].uuid.as_deref(), Some(expected.as_str()));
+    consumer.stop().await;
+    cleanup_queue(&pool, &queue).await;
+}
+
+/// A redelivered message whose event was already written (its write marker is set) is skipped.
+#[tokio::test]
+async fn a_redelivered_message_already_written_is_skipped() {
+    let pool = redis_pool();
+    let queue = unique("celery-dedupe");
+    let opts = options(&queue, 2);
+    let raw =
+        encode_task_message(&queue, PROCESS_EVENT_TASK, "written-task", &process_event_args("written"), &Map::new());
+    let uuid = plugin_server::ingestion::queues::celery_dedupe::message_event_uuid("written-task").to_string();
+    let marker = plugin_server::ingestion::queues::celery_dedupe::written_marker_key(&queue, &uuid);
+    let mut connection = redis_conn(&pool).await;
+    let _: () =
+        redis::cmd("SET").arg(opts.deliveries_key("written-task")).arg(1).query_async(&mut connection).await.unwrap();
+    let _: () = redis::cmd("SET").arg(&marker).arg("written").query_async(&mut connection).await.unwrap();
+    lpush(&pool, &queue, &raw).await;
+    // A first delivery is never skipped, marker or not.
+    let first =
+        encode_task_message(&queue, PROCESS_EVENT_TASK, "first-task", &process_event_args("first"), &Map::new());
+    let first_marker = plugin_server::ingestion::queues::celery_dedupe::written_marker_key(
+        &queue,
+        &plugin_server::ingestion::queues::celery_dedupe::message_event_uuid("first-task").to_string(),
+    );
+    let _: () = redis::cmd("SET").arg(&first_marker).arg("written").query_async(&mut connection).await.unwrap();
+    lpush(&pool, &queue, &first).await;
+    let handler = RecordingHandler::new();
+    let consumer = CeleryConsumer::start(REDIS_URL, pool.clone(), handler.clone(), opts.clone()).await.unwrap();
+    assert!(eventually(Duration::from_secs(5), || async { consumer.stats().snapshot().handled == 2 }).await);
+    let seen: Vec<String> = handler.events().into_iter().map(|event| event.distinct_id).collect();
+    assert_eq!(seen, ["first"]);
+    let left: i64 = redis::cmd("EXISTS").arg(&marker).arg(&first_marker).query_async(&mut connection).await.unwrap();
+    assert_eq!(left, 0, "markers are deleted with their messages");
+    consumer.stop().await;
+    cleanup_queue(&pool, &queue).await;
+}

@@ -9,6 +9,24 @@
 //!   `<queue>:consumer:<consumer id>` alive; any consumer, at start-up and then periodically, puts
 //!   the messages of processing lists whose heartbeat has expired back at the head of the queue.
 //!   At shutdown, messages still waiting for a retry go back to the queue.
+//! * **A stable identity.** The consumer id is the host name (or `PLUGINS_CELERY_CONSUMER_ID`), so
+//!   a server restarted after a crash recognises its predecessor's processing list (the heartbeat
+//!   names the process that wrote it; a process no longer running is dead) and takes it back at
+//!   once instead of waiting for the heartbeat to expire. A live process already using the id
+//!   (two servers on one host name) makes the newcomer fall back to a unique id.
+//! * **Its own leftovers too.** A message left in this consumer's own processing list without a
+//!   handler (its acknowledgement failed, the reply of a pop was lost, its handler panicked) is
+//!   put back on the queue by the periodic check once seen orphaned twice in a row.
+//! * **No hang on a half-open connection.** Every Redis reply must arrive within
+//!   `response_timeout` (the blocking pop: its block time plus that margin); otherwise the
+//!   connection is dropped and a new one made.
+//! * **Poison messages end.** Each delivery of a message is counted in
+//!   `<queue>:deliveries:<message id>`; a message delivered more than `max_deliveries` times (the
+//!   server died while handling it each time) is dead-lettered with that reason.
+//! * **Duplicates are rare and recognisable.** An event without a `uuid` in its data gets one
+//!   derived from the message id ([`super::celery_dedupe::message_event_uuid`]), so every copy
+//!   of a redelivered message carries the same uuid; a redelivered event whose write marker
+//!   ([`super::celery_dedupe`]) is present was already written and is skipped.
 //! * **Back-pressure.** At most `concurrency` ([`super::consumer_concurrency`]) messages
 //!   are in flight; the consumer takes no more until one finishes.
 //! * **Bad messages are set aside**, with their reason, in the list `<queue>:dead_letter` (capped
@@ -17,20 +35,23 @@
 //!
 //! Order is FIFO (producers `LPUSH`, we pop from the right) up to the concurrency.
 
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::Utc;
 use deadpool_redis::Pool;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use serde_json::json;
+use serde_json::{json, Value};
 use thiserror::Error;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use super::celery::{decode_task, CeleryTask, TaskSet};
+use super::celery::{decode_envelope, CeleryTask, TaskSet};
+use super::celery_dedupe::{message_event_uuid, message_key, written_marker_key};
+use super::pipelined_redis::PipelinedRedis;
 use super::retry::{Outcome, RetryPolicy};
 use super::{EventHandler, QueueStats};
 use crate::config::Config;
@@ -38,6 +59,12 @@ use crate::ingestion::timestamp::format_iso;
 
 /// How many messages one round trip may move when the queue is busy.
 const MAX_PREFETCH: usize = 64;
+/// Deliveries after which a message is handled alone (see [`Shared::handle`]): the first
+/// redelivery after a crash runs with the others, so a restart drains quickly.
+const ISOLATE_AFTER_DELIVERIES: u64 = 2;
+/// How long a delivery count lives without being cleared (a message is normally done, and its
+/// count deleted, within seconds).
+const DELIVERY_COUNT_TTL_SECONDS: u64 = 24 * 3600;
 
 #[derive(Debug, Error)]
 pub enum CeleryError {
@@ -54,13 +81,20 @@ pub struct CeleryConsumerOptions {
     pub tasks: TaskSet,
     /// Messages handled at once.
     pub concurrency: usize,
-    /// Names this consumer's processing list and heartbeat; unique per running consumer.
+    /// Names this consumer's processing list and heartbeat: stable across restarts of the same
+    /// server (`PLUGINS_CELERY_CONSUMER_ID`, default the host name).
     pub consumer_id: String,
     /// How long the heartbeat lives without renewal; a consumer silent this long is presumed dead
     /// and its in-flight messages are put back on the queue.
     pub heartbeat_ttl: Duration,
     /// How long one blocking pop waits (also bounds how long `pause` and `stop` wait for it).
     pub poll_timeout: Duration,
+    /// How long a Redis reply may take (beyond the blocking pop's own wait) before the connection
+    /// is presumed half-open, dropped and made anew.
+    pub response_timeout: Duration,
+    /// Deliveries of one message before it is dead-lettered as poison
+    /// (`PLUGINS_CELERY_MAX_DELIVERIES`).
+    pub max_deliveries: u64,
     pub retry: RetryPolicy,
     pub dead_letter_max_len: usize,
 }
@@ -73,9 +107,15 @@ impl CeleryConsumerOptions {
             queue: config.PLUGINS_CELERY_QUEUE.clone(),
             tasks: TaskSet { process_events: !config.KAFKA_ENABLED },
             concurrency: super::consumer_concurrency(config),
-            consumer_id: uuid::Uuid::new_v4().to_string(),
+            consumer_id: config
+                .PLUGINS_CELERY_CONSUMER_ID
+                .clone()
+                .filter(|id| !id.is_empty())
+                .unwrap_or_else(host_name),
             heartbeat_ttl: Duration::from_secs(30),
             poll_timeout: Duration::from_secs(1),
+            response_timeout: Duration::from_secs(5),
+            max_deliveries: config.PLUGINS_CELERY_MAX_DELIVERIES.max(1),
             retry: RetryPolicy::default(),
             dead_letter_max_len: 10_000,
         }
@@ -92,6 +132,21 @@ impl CeleryConsumerOptions {
     pub fn dead_letter_key(&self) -> String {
         dead_letter_key(&self.queue)
     }
+
+    /// The delivery counter of the message with this id.
+    pub fn deliveries_key(&self, message_id: &str) -> String {
+        format!("{}:deliveries:{message_id}", self.queue)
+    }
+}
+
+/// This machine's host name (the default consumer identity): the kernel's, else `HOSTNAME`.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|name| name.trim().to_string())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "localhost".to_string())
 }
 
 /// The processing list of consumer `consumer_id` of `queue`.
@@ -105,10 +160,10 @@ pub fn dead_letter_key(queue: &str) -> String {
     format!("{queue}:dead_letter")
 }
 
-/// Moves a dead consumer's processing list back to the head of the queue, unless its heartbeat is
-/// alive. Newest first to the right end, so the oldest ends up popped first.
+/// Moves a processing list back to the head of the queue, unless ARGV[1] is "1" and its heartbeat
+/// is alive. Newest first to the right end, so the oldest ends up popped first.
 const RECOVER_SCRIPT: &str = r#"
-if redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
+if ARGV[1] == '1' and redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
 local moved = 0
 while true do
   local item = redis.call('LPOP', KEYS[1])
@@ -118,6 +173,46 @@ while true do
 end
 return moved
 "#;
+
+/// Puts one orphaned item of a processing list back at the head of the queue.
+const REQUEUE_ONE_SCRIPT: &str = r#"
+if redis.call('LREM', KEYS[1], -1, ARGV[1]) == 1 then
+  redis.call('RPUSH', KEYS[2], ARGV[1])
+  return 1
+end
+return 0
+"#;
+
+/// Renews the heartbeat, returning the value it replaced when another process wrote it.
+const BEAT_SCRIPT: &str = r#"
+local previous = redis.call('GET', KEYS[1])
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if previous and previous ~= ARGV[1] then return previous end
+return false
+"#;
+
+/// What a heartbeat says: which process of which host keeps it alive.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Beat {
+    nonce: String,
+    host: String,
+    pid: u32,
+}
+
+impl Beat {
+    /// Whether the process that wrote this beat is certainly gone: same host, and its pid is ours
+    /// (a restarted container) or no longer exists.
+    fn writer_is_dead(&self) -> bool {
+        if self.host != host_name() {
+            return false;
+        }
+        if self.pid == std::process::id() {
+            return true;
+        }
+        let pid = nix::unistd::Pid::from_raw(self.pid as i32);
+        matches!(nix::sys::signal::kill(pid, None), Err(nix::errno::Errno::ESRCH))
+    }
+}
 
 struct Shared {
     options: CeleryConsumerOptions,
@@ -131,6 +226,17 @@ struct Shared {
     /// Cancelled at shutdown: retries stop waiting and their messages go back to the queue.
     shutdown: CancellationToken,
     stats: Arc<QueueStats>,
+    /// This process's heartbeat value (JSON [`Beat`]).
+    beat: String,
+    /// Messages of the processing list this process holds (taken and not yet acknowledged), with
+    /// how many copies of each; anything else in the list is an orphan.
+    in_hand: Mutex<HashMap<Arc<str>, usize>>,
+    /// Orphans seen at the previous check (requeued when seen again).
+    suspects: Mutex<HashSet<Arc<str>>>,
+    /// Redis commands of all handlers, multiplexed on one connection.
+    redis: PipelinedRedis,
+    /// Read by every handler, written by one handling a suspected poison message alone.
+    gate: tokio::sync::RwLock<()>,
 }
 
 /// A running Celery consumer.
@@ -141,21 +247,23 @@ pub struct CeleryConsumer {
 }
 
 impl CeleryConsumer {
-    /// Connects, announces itself (heartbeat), recovers dead consumers' messages and starts
-    /// consuming. `redis_url` is the server's (`hub::redis_url`); the blocking pop gets its own
-    /// connection so it never holds a pooled one.
+    /// Connects, announces itself (heartbeat), takes back its predecessor's unfinished messages,
+    /// recovers dead consumers' messages and starts consuming. `redis_url` is the server's
+    /// (`hub::redis_url`); the blocking pop gets its own connection so it never holds a pooled one.
     pub async fn start(
         redis_url: &str,
         pool: Pool,
         handler: Arc<dyn EventHandler>,
-        options: CeleryConsumerOptions,
+        mut options: CeleryConsumerOptions,
     ) -> Result<CeleryConsumer, CeleryError> {
         let client = redis::Client::open(redis_url).map_err(|error| CeleryError::Redis(error.to_string()))?;
-        let blocking = ConnectionManager::new_with_config(client, ConnectionManagerConfig::new())
-            .await
-            .map_err(|error| CeleryError::Redis(error.to_string()))?;
+        let blocking = connect_blocking(&client, &options).await.map_err(CeleryError::Redis)?;
         info!("🍆 Starting Celery worker...");
+        let beat = Beat { nonce: uuid::Uuid::new_v4().to_string(), host: host_name(), pid: std::process::id() };
+        let beat_text = serde_json::to_string(&beat).unwrap_or_default();
+        let predecessor = claim_identity(&pool, &mut options).await.map_err(CeleryError::Redis)?;
         let concurrency = options.concurrency.max(1);
+        let redis = PipelinedRedis::new(client.clone(), options.response_timeout);
         let shared = Arc::new(Shared {
             options,
             pool,
@@ -166,13 +274,28 @@ impl CeleryConsumer {
             stop_polling: CancellationToken::new(),
             shutdown: CancellationToken::new(),
             stats: Arc::new(QueueStats::default()),
+            beat: beat_text,
+            in_hand: Mutex::new(HashMap::new()),
+            suspects: Mutex::new(HashSet::new()),
+            redis,
+            gate: tokio::sync::RwLock::new(()),
         });
-        shared.beat().await.map_err(CeleryError::Redis)?;
+        shared.beat(predecessor).await.map_err(CeleryError::Redis)?;
+        if predecessor {
+            match shared.recover_list(&shared.options.processing_key(), &shared.options.heartbeat_key(), false).await {
+                Ok(moved) if moved > 0 => warn!(
+                    "♻️ Took back {moved} unfinished message(s) of this consumer's previous run ({})",
+                    shared.options.consumer_id
+                ),
+                Ok(_) => {}
+                Err(reason) => warn!("⚠️ Could not take back this consumer's unfinished messages: {reason}"),
+            }
+        }
         let heartbeat = tokio::spawn(Arc::clone(&shared).heartbeat_loop());
         if let Err(reason) = shared.recover_dead_consumers().await {
             warn!("⚠️ Could not recover messages of stopped Celery consumers: {reason}");
         }
-        let polling = tokio::spawn(Arc::clone(&shared).poll_loop(blocking));
+        let polling = tokio::spawn(Arc::clone(&shared).poll_loop(client, blocking));
         info!("✅ Celery worker subscribed to {}!", shared.subscribed_tasks());
         Ok(CeleryConsumer { shared, polling: tokio::sync::Mutex::new(Some(polling)), heartbeat })
     }
@@ -208,9 +331,29 @@ impl CeleryConsumer {
     }
 
     /// For a server component: consumes until `shutdown` is cancelled, then stops gracefully.
+    /// Returns early, without stopping, if the polling loop or the heartbeat ends on its own (a
+    /// bug or a panic): the lifecycle then treats the consumer as dead.
     pub async fn run_until(&self, shutdown: CancellationToken) {
-        shutdown.cancelled().await;
+        let mut polling = self.polling.lock().await;
+        let Some(handle) = polling.as_mut() else { return };
+        let died = tokio::select! {
+            _ = shutdown.cancelled() => None,
+            result = handle => Some(format!("the polling loop ended on its own: {result:?}")),
+            _ = self.heartbeat_ended() => Some("the heartbeat ended on its own".to_string()),
+        };
+        if let Some(reason) = died {
+            polling.take();
+            error!("💥 Celery consumer: {reason}");
+            return;
+        }
+        drop(polling);
         self.stop().await;
+    }
+
+    async fn heartbeat_ended(&self) {
+        while !self.heartbeat.is_finished() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// Stops consuming, waits for the messages in flight (a message waiting for a retry goes back
@@ -240,6 +383,48 @@ impl CeleryConsumer {
     }
 }
 
+/// The blocking connection: replies must come within the pop's block time plus the margin.
+async fn connect_blocking(
+    client: &redis::Client,
+    options: &CeleryConsumerOptions,
+) -> Result<ConnectionManager, String> {
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(options.response_timeout)
+        .set_response_timeout(options.poll_timeout + options.response_timeout)
+        .set_number_of_retries(1);
+    tokio::time::timeout(options.response_timeout * 2, ConnectionManager::new_with_config(client.clone(), config))
+        .await
+        .map_err(|_| format!("no answer from Redis within {:?}", options.response_timeout * 2))?
+        .map_err(|error| error.to_string())
+}
+
+/// Claims the consumer identity. Returns whether a predecessor of this identity is known dead
+/// (its processing list is then ours to take back at once). When a live process holds the
+/// identity, falls back to a unique id.
+async fn claim_identity(pool: &Pool, options: &mut CeleryConsumerOptions) -> Result<bool, String> {
+    let mut connection = pool.get().await.map_err(|error| error.to_string())?;
+    let current: Option<String> = redis::cmd("GET")
+        .arg(options.heartbeat_key())
+        .query_async(&mut connection)
+        .await
+        .map_err(|error| error.to_string())?;
+    let Some(current) = current else { return Ok(true) };
+    match serde_json::from_str::<Beat>(&current) {
+        Ok(holder) if !holder.writer_is_dead() => {
+            let unique = format!("{}-{}", options.consumer_id, &uuid::Uuid::new_v4().simple().to_string()[..8]);
+            error!(
+                "⚠️ Celery consumer id {} is in use by process {} of {}: using {unique} (set PLUGINS_CELERY_CONSUMER_ID \
+                 to a different value on each server sharing a host name)",
+                options.consumer_id, holder.pid, holder.host
+            );
+            options.consumer_id = unique;
+            Ok(false)
+        }
+        // A dead process of this host, or an older server's plain timestamp.
+        _ => Ok(true),
+    }
+}
+
 impl Shared {
     fn subscribed_tasks(&self) -> String {
         let mut names = vec![super::celery::PLUGIN_JOB_TASK];
@@ -249,25 +434,40 @@ impl Shared {
         names.join(", ")
     }
 
-    async fn beat(&self) -> Result<(), String> {
-        let mut connection = self.pool.get().await.map_err(|error| error.to_string())?;
-        redis::cmd("SET")
-            .arg(self.options.heartbeat_key())
-            .arg(format_iso(&Utc::now()))
-            .arg("PX")
-            .arg(self.options.heartbeat_ttl.as_millis().max(1) as u64)
-            .query_async::<()>(&mut connection)
+    /// Renews the heartbeat. `replacing`: the previous value is a dead predecessor's (not a twin).
+    async fn beat(&self, replacing: bool) -> Result<(), String> {
+        let work = async {
+            let mut connection = self.pool.get().await.map_err(|error| error.to_string())?;
+            redis::Script::new(BEAT_SCRIPT)
+                .key(self.options.heartbeat_key())
+                .arg(&self.beat)
+                .arg(self.options.heartbeat_ttl.as_millis().max(1) as u64)
+                .invoke_async::<Option<String>>(&mut connection)
+                .await
+                .map_err(|error| error.to_string())
+        };
+        let replaced = tokio::time::timeout(self.options.response_timeout, work)
             .await
-            .map_err(|error| error.to_string())
+            .map_err(|_| "no answer from Redis".to_string())??;
+        if let Some(other) = replaced.filter(|_| !replacing) {
+            // Another process renewed our identity's heartbeat: it shares our processing list.
+            error!(
+                "⚠️ Another process ({other}) uses Celery consumer id {}; set PLUGINS_CELERY_CONSUMER_ID to a \
+                 different value on each server",
+                self.options.consumer_id
+            );
+        }
+        Ok(())
     }
 
-    /// Renews the heartbeat three times per TTL and recovers dead consumers' lists once per TTL.
+    /// Renews the heartbeat three times per TTL; once per TTL recovers dead consumers' lists and
+    /// this consumer's own orphans.
     async fn heartbeat_loop(self: Arc<Self>) {
         let period = (self.options.heartbeat_ttl / 3).max(Duration::from_millis(10));
         let mut beats = 0u32;
         loop {
             tokio::time::sleep(period).await;
-            if let Err(reason) = self.beat().await {
+            if let Err(reason) = self.beat(false).await {
                 warn!("⚠️ Celery consumer heartbeat failed: {reason}");
             }
             beats += 1;
@@ -275,34 +475,48 @@ impl Shared {
                 if let Err(reason) = self.recover_dead_consumers().await {
                     warn!("⚠️ Could not recover messages of stopped Celery consumers: {reason}");
                 }
+                if let Err(reason) = self.requeue_orphans().await {
+                    warn!("⚠️ Could not check this Celery consumer's processing list: {reason}");
+                }
             }
         }
+    }
+
+    async fn recover_list(&self, list: &str, heartbeat: &str, only_if_dead: bool) -> Result<i64, String> {
+        let mut connection = self.pool.get().await.map_err(|error| error.to_string())?;
+        let script = redis::Script::new(RECOVER_SCRIPT);
+        let mut invocation = script.prepare_invoke();
+        invocation.key(list).key(heartbeat).key(&self.options.queue).arg(if only_if_dead { "1" } else { "0" });
+        let work = invocation.invoke_async::<i64>(&mut connection);
+        tokio::time::timeout(self.options.response_timeout, work)
+            .await
+            .map_err(|_| "no answer from Redis".to_string())?
+            .map_err(|error| error.to_string())
     }
 
     async fn recover_dead_consumers(&self) -> Result<u64, String> {
         let queue = &self.options.queue;
         let prefix = format!("{queue}:processing:");
         let pattern = format!("{}*", escape_glob(&prefix));
-        let mut connection = self.pool.get().await.map_err(|error| error.to_string())?;
-        let mut cursor = 0u64;
         let mut keys = Vec::new();
-        loop {
-            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(500)
-                .query_async(&mut connection)
-                .await
-                .map_err(|error| error.to_string())?;
-            keys.extend(batch);
-            cursor = next;
-            if cursor == 0 {
-                break;
+        {
+            let mut connection = self.pool.get().await.map_err(|error| error.to_string())?;
+            let mut cursor = 0u64;
+            loop {
+                let mut command = redis::cmd("SCAN");
+                command.arg(cursor).arg("MATCH").arg(&pattern).arg("COUNT").arg(500);
+                let scan = command.query_async::<(u64, Vec<String>)>(&mut connection);
+                let (next, batch) = tokio::time::timeout(self.options.response_timeout, scan)
+                    .await
+                    .map_err(|_| "no answer from Redis".to_string())?
+                    .map_err(|error| error.to_string())?;
+                keys.extend(batch);
+                cursor = next;
+                if cursor == 0 {
+                    break;
+                }
             }
         }
-        let script = redis::Script::new(RECOVER_SCRIPT);
         let mut recovered = 0u64;
         for key in keys {
             let Some(consumer_id) = key.strip_prefix(&prefix) else { continue };
@@ -310,13 +524,7 @@ impl Shared {
                 continue;
             }
             let heartbeat = format!("{queue}:consumer:{consumer_id}");
-            let moved: i64 = script
-                .key(&key)
-                .key(&heartbeat)
-                .key(queue)
-                .invoke_async(&mut connection)
-                .await
-                .map_err(|error| error.to_string())?;
+            let moved = self.recover_list(&key, &heartbeat, true).await?;
             if moved > 0 {
                 warn!("♻️ Put {moved} unfinished message(s) of stopped Celery consumer {consumer_id} back on {queue}");
                 recovered += moved as u64;
@@ -325,7 +533,59 @@ impl Shared {
         Ok(recovered)
     }
 
-    async fn poll_loop(self: Arc<Self>, mut blocking: ConnectionManager) {
+    /// Puts back on the queue the items of this consumer's own processing list that no handler
+    /// holds, once seen so at two checks in a row (a pop's reply still on its way is received or
+    /// timed out long before the next check).
+    async fn requeue_orphans(&self) -> Result<u64, String> {
+        let processing = self.options.processing_key();
+        let items: Vec<String> = {
+            let mut connection = self.pool.get().await.map_err(|error| error.to_string())?;
+            let mut command = redis::cmd("LRANGE");
+            command.arg(&processing).arg(0).arg(-1);
+            let work = command.query_async(&mut connection);
+            tokio::time::timeout(self.options.response_timeout, work)
+                .await
+                .map_err(|_| "no answer from Redis".to_string())?
+                .map_err(|error| error.to_string())?
+        };
+        let orphans: HashSet<Arc<str>> = {
+            let in_hand = self.in_hand.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut listed: HashMap<&str, usize> = HashMap::new();
+            for item in &items {
+                *listed.entry(item.as_str()).or_default() += 1;
+            }
+            listed
+                .into_iter()
+                .filter(|(item, count)| in_hand.get(*item).copied().unwrap_or(0) < *count)
+                .map(|(item, _)| Arc::from(item))
+                .collect()
+        };
+        let confirmed: Vec<Arc<str>> = {
+            let mut suspects = self.suspects.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let confirmed = orphans.iter().filter(|item| suspects.contains(*item)).cloned().collect();
+            *suspects = orphans;
+            confirmed
+        };
+        let mut requeued = 0u64;
+        for item in confirmed {
+            let mut connection = self.pool.get().await.map_err(|error| error.to_string())?;
+            let script = redis::Script::new(REQUEUE_ONE_SCRIPT);
+            let mut invocation = script.prepare_invoke();
+            invocation.key(&processing).key(&self.options.queue).arg(&*item);
+            let work = invocation.invoke_async::<i64>(&mut connection);
+            let moved = tokio::time::timeout(self.options.response_timeout, work)
+                .await
+                .map_err(|_| "no answer from Redis".to_string())?
+                .map_err(|error| error.to_string())?;
+            requeued += moved.max(0) as u64;
+        }
+        if requeued > 0 {
+            warn!("♻️ Put {requeued} orphaned message(s) of this Celery consumer's processing list back on the queue");
+        }
+        Ok(requeued)
+    }
+
+    async fn poll_loop(self: Arc<Self>, client: redis::Client, mut blocking: ConnectionManager) {
         let mut paused = self.paused.subscribe();
         let queue = self.options.queue.clone();
         let processing = self.options.processing_key();
@@ -357,19 +617,34 @@ impl Shared {
                 tokio::time::sleep(Duration::from_millis(1)).await;
                 self.take_free_permits(&mut permits);
             }
-            match self.pop(&mut blocking, &queue, &processing, permits.len()).await {
+            let deadline = self.options.poll_timeout + self.options.response_timeout * 2;
+            let popped =
+                match tokio::time::timeout(deadline, self.pop(&mut blocking, &queue, &processing, permits.len())).await
+                {
+                    Ok(result) => result,
+                    Err(_) => Err(format!("no answer from Redis within {deadline:?}")),
+                };
+            match popped {
                 Ok(items) => {
                     for (raw, permit) in items.into_iter().zip(permits) {
                         QueueStats::bump(&self.stats.received);
+                        let raw: Arc<str> = Arc::from(raw);
+                        self.hold(&raw);
                         tokio::spawn(Arc::clone(&self).handle(raw, permit));
                     }
                 }
                 Err(reason) => {
                     drop(permits);
-                    error!("⚠️ An error occured in Celery broker: {reason}");
+                    error!("⚠️ An error occured in Celery broker: {reason}; reconnecting");
+                    // A reply may have been lost with the connection (a half-open socket): what it
+                    // moved stays in the processing list and is requeued by the orphan check.
                     tokio::select! {
                         _ = self.stop_polling.cancelled() => return,
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                    match connect_blocking(&client, &self.options).await {
+                        Ok(fresh) => blocking = fresh,
+                        Err(reason) => warn!("⚠️ Could not reconnect the Celery consumer to Redis: {reason}"),
                     }
                 }
             }
@@ -414,15 +689,90 @@ impl Shared {
         Ok(item.into_iter().collect())
     }
 
-    async fn handle(self: Arc<Self>, raw: String, _permit: OwnedSemaphorePermit) {
-        let task = match decode_task(&self.options.queue, &raw, self.options.tasks) {
+    fn hold(&self, raw: &Arc<str>) {
+        let mut in_hand = self.in_hand.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        *in_hand.entry(Arc::clone(raw)).or_default() += 1;
+    }
+
+    fn release(&self, raw: &Arc<str>) {
+        let mut in_hand = self.in_hand.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(count) = in_hand.get_mut(raw) {
+            *count -= 1;
+            if *count == 0 {
+                in_hand.remove(raw);
+            }
+        }
+    }
+
+    async fn handle(self: Arc<Self>, raw: Arc<str>, permit: OwnedSemaphorePermit) {
+        // Released whatever happens, a panic included: the message, if still listed, becomes an
+        // orphan and is requeued (its delivery count then ends a panic loop).
+        let _held = Held { shared: Arc::clone(&self), raw: Arc::clone(&raw), _permit: permit };
+        let message = match decode_envelope(&self.options.queue, &raw) {
+            Ok(message) => message,
+            Err(error) => {
+                warn!("⚠️ Setting aside Celery message: {error}");
+                return self.finish(&raw, None, Finish::DeadLetter(error.to_string())).await;
+            }
+        };
+        let id = message_key(&message, &raw);
+        let ids = MessageIds { deliveries: self.options.deliveries_key(&id), uuid: message_event_uuid(&id) };
+        // A message delivered twice already may be what kills the server: it runs alone, and
+        // messages wait for it before being counted, so a crash then counts only against it (not
+        // against the innocent messages that happened to be in flight).
+        let previous = self.redis.delivery_count(&ids.deliveries).await;
+        let _turn = if previous >= ISOLATE_AFTER_DELIVERIES {
+            warn!("🔬 Celery message {id} was delivered {previous} times: handling it alone");
+            Turn::Alone { _guard: self.gate.write().await }
+        } else {
+            Turn::Shared { _guard: self.gate.read().await }
+        };
+        let deliveries = self.redis.count_delivery(&ids.deliveries, DELIVERY_COUNT_TTL_SECONDS).await;
+        if deliveries > self.options.max_deliveries {
+            let reason = format!(
+                "delivered {deliveries} times without being acknowledged (the server stopped while handling it each \
+                 time); PLUGINS_CELERY_MAX_DELIVERIES is {}",
+                self.options.max_deliveries
+            );
+            error!("☠️ Setting aside Celery message {id}: {reason}");
+            return self.finish(&raw, Some(&ids), Finish::DeadLetter(reason)).await;
+        }
+        let data_has_uuid =
+            message.args.get(3).and_then(Value::as_object).is_some_and(|data| data.contains_key("uuid"));
+        let task = match message.into_task(self.options.tasks) {
             Ok(task) => task,
             Err(error) => {
                 warn!("⚠️ Setting aside Celery message: {error}");
-                return self.finish(&raw, Finish::DeadLetter(error.to_string())).await;
+                return self.finish(&raw, Some(&ids), Finish::DeadLetter(error.to_string())).await;
             }
         };
+        let task = match task {
+            // The reference gives a fresh UUIDT; ours is the same for every copy of this message.
+            CeleryTask::ProcessEvent(mut event) if !data_has_uuid => {
+                event.uuid = Some(ids.uuid.to_string());
+                CeleryTask::ProcessEvent(event)
+            }
+            other => other,
+        };
+        if deliveries > 1 {
+            if let CeleryTask::ProcessEvent(event) = &task {
+                let marker = event.uuid.as_deref().map(|uuid| written_marker_key(&self.options.queue, uuid));
+                if let Some(marker) = marker {
+                    if self.redis.get(&marker).await.as_deref() == Some(super::celery_dedupe::WRITTEN) {
+                        info!(
+                            "♻️ Skipping redelivered Celery message {id}: its event {:?} was already written",
+                            event.uuid
+                        );
+                        return self.finish(&raw, Some(&ids), Finish::Done).await;
+                    }
+                }
+            }
+        }
         let (what, handler) = (task_description(&task), Arc::clone(&self.handler));
+        let event_uuid = match &task {
+            CeleryTask::ProcessEvent(event) => event.uuid.clone(),
+            CeleryTask::PluginJob(_) => None,
+        };
         let outcome = self
             .options
             .retry
@@ -444,18 +794,18 @@ impl Shared {
             }
             Outcome::Interrupted => Finish::Requeue,
         };
-        self.finish(&raw, finish).await;
+        let ids = MessageIds { uuid: event_uuid.and_then(|uuid| uuid.parse().ok()).unwrap_or(ids.uuid), ..ids };
+        self.finish(&raw, Some(&ids), finish).await;
     }
 
-    /// Removes the message from the processing list, dead-lettering or requeueing it in the same
-    /// transaction. Retried for a while if Redis is unavailable; if that fails the message stays
-    /// in the processing list and is redelivered by recovery (at least once, never lost).
-    async fn finish(&self, raw: &str, finish: Finish) {
+    /// Removes the message from the processing list (with its delivery count and write marker),
+    /// dead-lettering or requeueing it in the same transaction. Retried for a while if Redis is
+    /// unavailable; if that fails the message stays in the processing list, becomes an orphan and
+    /// is requeued by the periodic check (at least once, never lost; an event already written is
+    /// then skipped thanks to its marker).
+    async fn finish(&self, raw: &str, ids: Option<&MessageIds>, finish: Finish) {
         let processing = self.options.processing_key();
-        let mut pipe = redis::pipe();
-        if !matches!(finish, Finish::Done) {
-            pipe.atomic();
-        }
+        let mut commands = Vec::with_capacity(5);
         match &finish {
             Finish::Done => {}
             Finish::DeadLetter(reason) => {
@@ -467,21 +817,23 @@ impl Shared {
                     "message": raw,
                 });
                 let key = self.options.dead_letter_key();
-                pipe.cmd("LPUSH").arg(&key).arg(entry.to_string()).ignore();
-                pipe.cmd("LTRIM").arg(&key).arg(0).arg(self.options.dead_letter_max_len.max(1) as i64 - 1).ignore();
+                commands.push(redis::cmd("LPUSH").arg(&key).arg(entry.to_string()).clone());
+                let last = self.options.dead_letter_max_len.max(1) as i64 - 1;
+                commands.push(redis::cmd("LTRIM").arg(&key).arg(0).arg(last).clone());
             }
-            Finish::Requeue => {
-                pipe.cmd("RPUSH").arg(&self.options.queue).arg(raw).ignore();
-            }
+            Finish::Requeue => commands.push(redis::cmd("RPUSH").arg(&self.options.queue).arg(raw).clone()),
         }
-        pipe.cmd("LREM").arg(&processing).arg(1).arg(raw).ignore();
+        // Sent in one write after the dead letter or requeue: Redis runs it even if we die now.
+        commands.push(redis::cmd("LREM").arg(&processing).arg(-1).arg(raw).clone());
+        if let Some(ids) = ids {
+            // A requeue at shutdown is not a crash: the count starts again.
+            commands.push(redis::cmd("DEL").arg(&ids.deliveries).clone());
+            commands
+                .push(redis::cmd("DEL").arg(written_marker_key(&self.options.queue, &ids.uuid.to_string())).clone());
+        }
         let mut delay = Duration::from_millis(100);
         for attempt in 1..=10 {
-            let result = match self.pool.get().await {
-                Ok(mut connection) => pipe.query_async::<()>(&mut connection).await.map_err(|error| error.to_string()),
-                Err(error) => Err(error.to_string()),
-            };
-            match result {
+            match self.redis.run(commands.clone()).await {
                 Ok(()) => {
                     let counter = match finish {
                         Finish::Done => &self.stats.handled,
@@ -501,6 +853,31 @@ impl Shared {
             }
         }
     }
+}
+
+/// A message in the hands of a handler: its permit and its place in [`Shared::in_hand`].
+struct Held {
+    shared: Arc<Shared>,
+    raw: Arc<str>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.shared.release(&self.raw);
+    }
+}
+
+/// A handler's turn: shared with other handlers, or alone (a suspected poison message).
+enum Turn<'a> {
+    Shared { _guard: tokio::sync::RwLockReadGuard<'a, ()> },
+    Alone { _guard: tokio::sync::RwLockWriteGuard<'a, ()> },
+}
+
+/// The Redis keys derived from a message's id.
+struct MessageIds {
+    deliveries: String,
+    uuid: uuid::Uuid,
 }
 
 enum Finish {

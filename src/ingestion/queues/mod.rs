@@ -24,11 +24,13 @@ use crate::event::PluginEvent;
 
 pub mod celery;
 pub mod celery_consumer;
+pub mod celery_dedupe;
 pub mod kafka_consumer;
 pub mod kafka_producer;
 pub mod kafka_settings;
 pub mod kafka_writer;
 pub mod messages;
+pub mod pipelined_redis;
 pub mod retry;
 pub mod topics;
 

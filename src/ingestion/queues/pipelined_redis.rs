@@ -1,0 +1,113 @@
+//! Redis commands of many concurrent handlers over one multiplexed connection: each caller's
+//! commands go out as one pipeline at once, replies are matched to callers by the connection (no
+//! per-command connection checkout, no waiting for a batch), and every reply must arrive within a
+//! response timeout, after which the connection is presumed half-open and replaced. Used by the
+//! Celery consumer (delivery counts, acknowledgements) and its write markers, so that the time
+//! between an event's write and its marker is one round trip.
+//!
+//! The commands of one caller run in order and are not interleaved with another caller's (one
+//! pipeline is written at once), but they are not a transaction: Redis executes everything sent
+//! even if this process dies.
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::Value;
+use tokio::sync::Mutex;
+
+/// One multiplexed, self-replacing connection; see the module documentation.
+pub struct PipelinedRedis {
+    client: redis::Client,
+    response_timeout: Duration,
+    connection: Mutex<Option<ConnectionManager>>,
+}
+
+impl PipelinedRedis {
+    pub fn new(client: redis::Client, response_timeout: Duration) -> PipelinedRedis {
+        PipelinedRedis { client, response_timeout, connection: Mutex::new(None) }
+    }
+
+    async fn connection(&self) -> Result<ConnectionManager, String> {
+        let mut current = self.connection.lock().await;
+        if let Some(connection) = current.as_ref() {
+            return Ok(connection.clone());
+        }
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(self.response_timeout)
+            .set_response_timeout(self.response_timeout)
+            .set_number_of_retries(1);
+        let connection = tokio::time::timeout(
+            self.response_timeout * 2,
+            ConnectionManager::new_with_config(self.client.clone(), config),
+        )
+        .await
+        .map_err(|_| format!("no connection to Redis within {:?}", self.response_timeout * 2))?
+        .map_err(|error| error.to_string())?;
+        *current = Some(connection.clone());
+        Ok(connection)
+    }
+
+    /// Runs `commands` as one pipeline: one reply per command.
+    pub async fn query(&self, commands: Vec<redis::Cmd>) -> Result<Vec<Value>, String> {
+        let mut pipe = redis::pipe();
+        for command in commands {
+            pipe.add_command(command);
+        }
+        let mut connection = self.connection().await?;
+        let reply = tokio::time::timeout(self.response_timeout, pipe.query_async::<Vec<Value>>(&mut connection)).await;
+        match reply {
+            Ok(Ok(values)) => Ok(values),
+            Ok(Err(error)) => {
+                if error.is_io_error() || error.is_connection_dropped() || error.is_timeout() {
+                    self.connection.lock().await.take();
+                }
+                Err(error.to_string())
+            }
+            Err(_) => {
+                // Half-open: the next caller gets a fresh connection.
+                self.connection.lock().await.take();
+                Err(format!("no answer from Redis within {:?}", self.response_timeout))
+            }
+        }
+    }
+
+    /// Runs `commands`, discarding the replies.
+    pub async fn run(&self, commands: Vec<redis::Cmd>) -> Result<(), String> {
+        self.query(commands).await.map(|_| ())
+    }
+
+    /// `INCR key` (and `EXPIRE key ttl`): this delivery's number. When Redis cannot be asked the
+    /// answer is 1 (handling goes on; only the poison count is lost for this delivery).
+    pub async fn count_delivery(&self, key: &str, ttl_seconds: u64) -> u64 {
+        let commands =
+            vec![redis::cmd("INCR").arg(key).clone(), redis::cmd("EXPIRE").arg(key).arg(ttl_seconds).clone()];
+        match self.query(commands).await {
+            Ok(values) => match values.first() {
+                Some(Value::Int(count)) => (*count).max(1) as u64,
+                _ => 1,
+            },
+            Err(reason) => {
+                tracing::warn!("⚠️ Could not count the delivery of a Celery message: {reason}");
+                1
+            }
+        }
+    }
+
+    /// `GET key` as a count (0 when absent or when Redis cannot be asked).
+    pub async fn delivery_count(&self, key: &str) -> u64 {
+        match self.query(vec![redis::cmd("GET").arg(key).clone()]).await.as_deref() {
+            Ok([Value::BulkString(bytes)]) => {
+                std::str::from_utf8(bytes).ok().and_then(|text| text.parse().ok()).unwrap_or(0)
+            }
+            _ => 0,
+        }
+    }
+
+    /// `GET key` as text; `None` when absent or when Redis cannot be asked.
+    pub async fn get(&self, key: &str) -> Option<String> {
+        match self.query(vec![redis::cmd("GET").arg(key).clone()]).await.as_deref() {
+            Ok([Value::BulkString(bytes)]) => Some(String::from_utf8_lossy(bytes).into_owned()),
+            _ => None,
+        }
+    }
+}
