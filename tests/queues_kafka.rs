@@ -95,7 +95,7 @@ async fn consumes_events_and_dead_letters_bad_ones() {
         handler.event_count()
     );
     let first = handler.events().into_iter().find(|event| event.event == "first").unwrap();
-    assert_eq!(first.ip.as_deref(), Some("127.0.0.1"));
+    assert_eq!(first.ip, Some(serde_json::json!("127.0.0.1")));
     assert_eq!(first.site_url, "");
     assert_eq!(first.team_id, 2);
     assert_eq!(first.properties.unwrap()["key"], json!("value"));
