@@ -25,6 +25,7 @@ use crate::event::PluginEvent;
 pub mod celery;
 pub mod celery_consumer;
 pub mod kafka_consumer;
+pub mod kafka_deliveries;
 pub mod kafka_producer;
 pub mod kafka_settings;
 pub mod kafka_writer;
