@@ -201,7 +201,8 @@ async fn oversized_records_are_dead_lettered_and_consumption_goes_on() {
                     })
                     .collect();
             let enlarged_row = rows.iter().any(|row| row["event_uuid"] == json!(enlarged));
-            let log_row = rows.iter().any(|row| row["error"].as_str().is_some_and(|e| e.contains("plugin_log_entries")));
+            let log_row =
+                rows.iter().any(|row| row["error"].as_str().is_some_and(|e| e.contains("plugin_log_entries")));
             if enlarged_row && log_row {
                 break rows;
             }

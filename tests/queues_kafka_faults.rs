@@ -11,12 +11,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use plugin_server::ingestion::queues::retry::RetryPolicy;
-use plugin_server::ingestion::queues::{EventHandler, HandleError, KafkaConsumerOptions, KafkaProducerWrapper, KafkaQueue};
+use plugin_server::ingestion::queues::{
+    EventHandler, HandleError, KafkaConsumerOptions, KafkaProducerWrapper, KafkaQueue,
+};
 use queues_support::*;
 use serde_json::{json, Value};
 
 fn raw_event(distinct_id: &str) -> Vec<u8> {
-    let data = json!({"event": "e", "properties": {}, "distinct_id": distinct_id, "timestamp": "2021-10-28T11:59:57.792Z"});
+    let data =
+        json!({"event": "e", "properties": {}, "distinct_id": distinct_id, "timestamp": "2021-10-28T11:59:57.792Z"});
     json!({"distinct_id": distinct_id, "ip": "127.0.0.1", "site_url": "", "team_id": 2, "uuid": uuid::Uuid::new_v4().to_string(),
         "data": data.to_string(), "now": "2021-10-28T12:00:00Z", "sent_at": "2021-10-28T11:59:59Z"})
     .to_string()
@@ -29,7 +32,11 @@ fn options(config: &plugin_server::config::Config, group: &str, concurrency: usi
         concurrency,
         offset_reset: "earliest".into(),
         session_timeout: Duration::from_secs(6),
-        retry: RetryPolicy { max_attempts: 2, initial_backoff: Duration::from_millis(10), max_backoff: Duration::from_millis(10) },
+        retry: RetryPolicy {
+            max_attempts: 2,
+            initial_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(10),
+        },
         max_delivery_attempts: 3,
         ..KafkaConsumerOptions::from_config(config, &uuid::Uuid::new_v4())
     }
@@ -133,11 +140,12 @@ async fn a_message_that_crashes_the_process_is_dead_lettered_after_three_crashes
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let row = loop {
-        let found = consume_topic_from("events_dead_letter_queue", dead_letters_start, usize::MAX, Duration::from_secs(3))
-            .await
-            .into_iter()
-            .filter_map(|(_, value)| serde_json::from_slice::<Value>(&value?).ok())
-            .find(|row| row["distinct_id"] == json!(poison));
+        let found =
+            consume_topic_from("events_dead_letter_queue", dead_letters_start, usize::MAX, Duration::from_secs(3))
+                .await
+                .into_iter()
+                .filter_map(|(_, value)| serde_json::from_slice::<Value>(&value?).ok())
+                .find(|row| row["distinct_id"] == json!(poison));
         if let Some(row) = found {
             break row;
         }

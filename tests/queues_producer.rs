@@ -242,7 +242,8 @@ async fn an_oversized_message_is_dead_lettered_and_the_rest_flows() {
         FlushSettings { max_queue_size: 100, max_batch_bytes: 900_000, flush_frequency: Duration::from_secs(60) };
     let producer =
         KafkaProducerWrapper::new(Box::new(SharedSender(sender.clone())), settings).with_max_message_bytes(1000);
-    let big = serde_json::json!({"team_id": 2, "distinct_id": "huge person", "uuid": "0178", "properties": "x".repeat(5000)});
+    let big =
+        serde_json::json!({"team_id": 2, "distinct_id": "huge person", "uuid": "0178", "properties": "x".repeat(5000)});
     let record = KafkaRecord {
         topic: "clickhouse_person".into(),
         messages: vec![
@@ -314,8 +315,12 @@ async fn oversized_messages_to_a_real_broker_go_to_the_dead_letter_queue() {
     .with_max_message_bytes(usize::MAX);
     let marker = unique("big");
     for (index, producer) in [&checked, &unchecked].into_iter().enumerate() {
-        let huge = serde_json::json!({"team_id": 2, "distinct_id": format!("{marker}-{index}"), "big": "x".repeat(1_200_000)});
-        producer.queue_message(KafkaRecord::single(&topic, None, format!("before-{index}").into_bytes())).await.unwrap();
+        let huge =
+            serde_json::json!({"team_id": 2, "distinct_id": format!("{marker}-{index}"), "big": "x".repeat(1_200_000)});
+        producer
+            .queue_message(KafkaRecord::single(&topic, None, format!("before-{index}").into_bytes()))
+            .await
+            .unwrap();
         producer.queue_message(KafkaRecord::single(&topic, None, huge.to_string().into_bytes())).await.unwrap();
         producer.queue_message(KafkaRecord::single(&topic, None, format!("after-{index}").into_bytes())).await.unwrap();
         producer.flush().await.unwrap();

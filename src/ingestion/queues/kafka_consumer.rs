@@ -123,6 +123,8 @@ struct QueueContext {
     group_id: String,
     control: mpsc::UnboundedSender<Control>,
     revoke_timeout: Duration,
+    /// Cleared when the queue stops or is dropped.
+    polling: Arc<AtomicBool>,
 }
 
 impl ClientContext for QueueContext {}
@@ -140,9 +142,21 @@ impl ConsumerContext for QueueContext {
         info!("🔀 Kafka partitions revoked: {partitions:?}");
         let (done, answered) = std::sync::mpsc::channel();
         if self.control.send(Control::Revoke { partitions, done }).is_ok() {
-            // The loop answers within its drain timeout plus a flush; it may also be gone.
-            if answered.recv_timeout(self.revoke_timeout + Duration::from_secs(30)).is_err() {
-                warn!("⚠️ The Kafka consumer loop did not finish the revoked partitions in time");
+            // The loop answers within its drain timeout plus a flush. It may also be gone or going
+            // (the queue stopped or dropped): then there is nothing to wait for.
+            let deadline = std::time::Instant::now() + self.revoke_timeout + Duration::from_secs(30);
+            loop {
+                match answered.recv_timeout(Duration::from_millis(50)) {
+                    Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                }
+                if self.control.is_closed() || !self.polling.load(Ordering::SeqCst) {
+                    break;
+                }
+                if std::time::Instant::now() > deadline {
+                    warn!("⚠️ The Kafka consumer loop did not finish the revoked partitions in time");
+                    break;
+                }
             }
         }
         match consumer.commit_consumer_state(CommitMode::Sync) {
@@ -150,6 +164,7 @@ impl ConsumerContext for QueueContext {
             Err(rdkafka::error::KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
             Err(error) => warn!("⚠️ Committing Kafka offsets on revoke failed: {error}"),
         }
+        debug!("🔀 Revoke handled");
     }
 
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -297,9 +312,8 @@ impl InHand {
         self.next_id += 1;
         let (handle, registration) = AbortHandle::new_pair();
         self.aborts.insert(id, (key.clone(), handle));
-        self.futures.push(
-            Abortable::new(work, registration).map(move |outcome| (id, key, offset, outcome.ok())).boxed(),
-        );
+        self.futures
+            .push(Abortable::new(work, registration).map(move |outcome| (id, key, offset, outcome.ok())).boxed());
     }
 
     /// The next finished event: `None` in the outcome when it was abandoned.
@@ -350,7 +364,9 @@ impl KafkaQueue {
         let paused = Arc::new(AtomicBool::new(false));
         let (joined_sender, mut joined) = watch::channel(false);
         let (control_sender, control) = mpsc::unbounded_channel();
+        let polling = Arc::new(AtomicBool::new(true));
         let context = QueueContext {
+            polling: Arc::clone(&polling),
             paused: Arc::clone(&paused),
             joined: joined_sender,
             group_id: options.group_id.clone(),
@@ -375,7 +391,7 @@ impl KafkaQueue {
             deliveries,
             paused,
             stop: CancellationToken::new(),
-            polling: Arc::new(AtomicBool::new(true)),
+            polling,
             stats: Arc::new(QueueStats::default()),
         });
         let messages = shared.spawn_poller().map_err(|error| KafkaSetupError::Client(error.to_string()))?;
@@ -503,10 +519,13 @@ impl Shared {
     /// callbacks, which may block) and passes messages on, a few ahead of the loop.
     fn spawn_poller(&self) -> std::io::Result<mpsc::Receiver<OwnedMessage>> {
         let (sender, messages) = mpsc::channel(POLLED_AHEAD);
-        let consumer = Arc::clone(&self.consumer);
+        // Weak: the queue's owner decides when the consumer closes (when the queue is dropped, at
+        // once, as a crashed server's would), not this thread.
+        let consumer = Arc::downgrade(&self.consumer);
         let polling = Arc::clone(&self.polling);
         std::thread::Builder::new().name("kafka-poll".into()).spawn(move || {
             while polling.load(Ordering::SeqCst) {
+                let Some(consumer) = consumer.upgrade() else { break };
                 match consumer.poll(Duration::from_millis(100)) {
                     None => {}
                     Some(Ok(message)) => {
@@ -521,6 +540,7 @@ impl Shared {
                     }
                 }
             }
+            debug!("Kafka polling thread ends");
         })?;
         Ok(messages)
     }
@@ -673,7 +693,10 @@ impl Shared {
         }
         let abandoned = in_hand.abort(partitions);
         if abandoned > 0 {
-            warn!("⚠️ Revoke: abandoned {abandoned} events still in hand after {:?}", self.options.revoke_drain_timeout);
+            warn!(
+                "⚠️ Revoke: abandoned {abandoned} events still in hand after {:?}",
+                self.options.revoke_drain_timeout
+            );
         }
         info!("🔀 Revoke: {} polled events dropped, handled prefix stored", before - backlog.len());
         if let Some(pending) = storing.take() {
@@ -721,9 +744,10 @@ impl Shared {
                 return self.dead_letter(record, None).await;
             }
         };
-        let counted = self.deliveries.enabled().then(|| {
-            self.deliveries.key(message.topic(), message.partition(), message.offset())
-        });
+        let counted = self
+            .deliveries
+            .enabled()
+            .then(|| self.deliveries.key(message.topic(), message.partition(), message.offset()));
         let (_guard, suspect) = match &counted {
             None => (None, false),
             Some(key) => match self.deliveries.admit(key).await {

@@ -51,7 +51,8 @@ impl DeliveryCounter {
     /// `max_attempts` 0 (or no Redis) turns counting off.
     pub fn new(redis_url: Option<&str>, group: &str, max_attempts: u32) -> DeliveryCounter {
         let pool = match redis_url.filter(|_| max_attempts > 0) {
-            Some(url) => match deadpool_redis::Config::from_url(url).create_pool(Some(deadpool_redis::Runtime::Tokio1)) {
+            Some(url) => match deadpool_redis::Config::from_url(url).create_pool(Some(deadpool_redis::Runtime::Tokio1))
+            {
                 Ok(pool) => Some(pool),
                 Err(error) => {
                     warn!("⚠️ Kafka delivery counting is off: no Redis pool ({error})");
@@ -93,7 +94,10 @@ impl DeliveryCounter {
         if count > self.max_attempts {
             return Admission::DeadLetter { attempts: count - 1 };
         }
-        warn!("🧪 Handling a Kafka message alone: its handling was started {} time(s) before without finishing", count - 1);
+        warn!(
+            "🧪 Handling a Kafka message alone: its handling was started {} time(s) before without finishing",
+            count - 1
+        );
         Admission::Handle { guard: HandlingGuard::Exclusive(exclusive), suspect: true }
     }
 
