@@ -287,9 +287,14 @@ impl OffsetTracker {
     }
 }
 
+/// An event's handling, once over: `None` in the outcome when it was abandoned.
+type Finishing = BoxFuture<'static, (u64, PartitionKey, i64, Option<MessageOutcome>)>;
+/// A producer flush in progress, and the offsets to store once it succeeded.
+type Storing = Option<BoxFuture<'static, (Result<(), ProduceError>, Vec<PartitionOffset>)>>;
+
 /// The events in hand, each abortable (a revoke abandons those of its partitions).
 struct InHand {
-    futures: FuturesUnordered<BoxFuture<'static, (u64, PartitionKey, i64, Option<MessageOutcome>)>>,
+    futures: FuturesUnordered<Finishing>,
     aborts: HashMap<u64, (PartitionKey, AbortHandle)>,
     next_id: u64,
 }
@@ -528,12 +533,8 @@ impl Shared {
                 let Some(consumer) = consumer.upgrade() else { break };
                 match consumer.poll(Duration::from_millis(100)) {
                     None => {}
-                    Some(Ok(message)) => {
-                        if sender.blocking_send(message.detach()).is_err() {
-                            // The loop is gone: keep serving callbacks until told to end.
-                            continue;
-                        }
-                    }
+                    // An error means the loop is gone: keep serving callbacks until told to end.
+                    Some(Ok(message)) => drop(sender.blocking_send(message.detach())),
                     Some(Err(error)) => {
                         warn!("⚠️ Kafka consumer error: {error}");
                         std::thread::sleep(Duration::from_millis(100));
@@ -557,7 +558,7 @@ impl Shared {
         let window = self.options.concurrency.max(1);
         let mut in_hand = InHand::new();
         let mut offsets = OffsetTracker::default();
-        let mut storing: Option<BoxFuture<'static, (Result<(), ProduceError>, Vec<PartitionOffset>)>> = None;
+        let mut storing: Storing = None;
         // Messages polled before a revoke, of partitions still ours.
         let mut backlog: VecDeque<OwnedMessage> = VecDeque::new();
         // Delivery count keys of events done, forgotten in batches.
@@ -667,7 +668,7 @@ impl Shared {
         backlog: &mut VecDeque<OwnedMessage>,
         in_hand: &mut InHand,
         offsets: &mut OffsetTracker,
-        storing: &mut Option<BoxFuture<'static, (Result<(), ProduceError>, Vec<PartitionOffset>)>>,
+        storing: &mut Storing,
         finished_keys: &mut Vec<String>,
     ) -> Result<(), String> {
         // The poller waits in the revoke: what it passed on so far is all there is.
