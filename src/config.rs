@@ -338,6 +338,7 @@ define_config! {
     KAFKA_PRODUCER_MAX_QUEUE_SIZE: usize = |c| if c.is_test() { 0 } else { 1000 }, false, "flush the Kafka producer buffer when it holds this many messages";
     KAFKA_MAX_MESSAGE_BATCH_SIZE: usize = |_| 900_000, false, "flush the Kafka producer buffer before it would exceed this many bytes";
     KAFKA_FLUSH_FREQUENCY_MS: u64 = |_| 500, false, "flush the Kafka producer buffer at least this often (milliseconds)";
+    KAFKA_MAX_DELIVERY_ATTEMPTS: u32 = |_| 3, false, "Kafka mode: dead-letter a consumed event once its handling was started this many times without finishing (the server crashed on it); 0 turns the count off";
     POSTHOG_REDIS_PASSWORD: String = |_| String::new(), false, "Redis password, used when POSTHOG_REDIS_HOST is set";
     POSTHOG_REDIS_HOST: String = |_| String::new(), false, "Redis host; when set it overrides REDIS_URL";
     POSTHOG_REDIS_PORT: u16 = |_| 6379, false, "Redis port, used when POSTHOG_REDIS_HOST is set";

@@ -409,8 +409,11 @@ async fn start_components(hub: &Hub, lifecycle: &mut Lifecycle) -> Result<(), Se
         .map_err(|error| fail("Kafka consumer", &error))?;
         let producer = Arc::clone(producer);
         lifecycle.spawn("kafka consumer", Duration::from_secs(30), move |token| async move {
-            token.cancelled().await;
-            consumer.stop().await;
+            // Ends with the shutdown token, or on its own when the consumer fails (the lifecycle
+            // then marks the component dead: the ping stops and the server exits 1).
+            if let Err(error) = consumer.run_until(token).await {
+                tracing::error!("💥 Kafka consumer stopped: {error}");
+            }
             if let Err(error) = producer.flush().await {
                 tracing::error!("🔴 Could not flush the Kafka producer: {error}");
             }

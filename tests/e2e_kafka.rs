@@ -26,6 +26,15 @@ fn contains(haystack: &[u8], needle: &str) -> bool {
     haystack.windows(needle.len()).any(|window| window == needle.as_bytes())
 }
 
+fn raw_event(distinct_id: &str, uuid: &str, properties: serde_json::Value) -> Vec<u8> {
+    let data = json!({"event": "kafka event", "properties": properties, "distinct_id": distinct_id,
+        "timestamp": "2021-10-28T11:59:57.792Z"});
+    json!({"distinct_id": distinct_id, "ip": "127.0.0.1", "site_url": "", "team_id": common::TEAM_ID,
+        "uuid": uuid, "data": data.to_string(), "now": "2021-10-28T12:00:00Z", "sent_at": "2021-10-28T11:59:59Z"})
+    .to_string()
+    .into_bytes()
+}
+
 async fn wait_for_message(topic: &str, start: rdkafka::Offset, needle: &str) -> Vec<u8> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -42,6 +51,7 @@ async fn wait_for_message(topic: &str, start: rdkafka::Offset, needle: &str) -> 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[serial_test::serial(kafka_mode_server)]
 async fn raw_event_in_protobuf_event_out() {
     // The server's log goes to the test's output: shown when the test fails.
     let _ = tracing_subscriber::fmt()
@@ -106,6 +116,111 @@ async fn raw_event_in_protobuf_event_out() {
     assert_eq!(persons, 1);
     let events: i64 = sqlx::query_scalar("SELECT count(*) FROM posthog_event").fetch_one(&db.pool).await.unwrap();
     assert_eq!(events, 0, "events go to Kafka, not to posthog_event");
+
+    shutdown.cancel();
+    let result = tokio::time::timeout(Duration::from_secs(40), server).await;
+    assert!(matches!(result, Ok(Ok(Ok(())))), "server stopped cleanly: {result:?}");
+}
+
+const ENLARGING_PLUGIN: &str = r#"
+    export function processEvent (event) {
+        if (event.properties.enlarge) {
+            event.properties.big = 'x'.repeat(1100000)
+        }
+        if (event.properties.shout) {
+            console.log('y'.repeat(1100000))
+        }
+        return event
+    }
+"#;
+
+/// A plugin that makes an event bigger than the broker's message limit, and one `console.log` of
+/// more than 1 MB (a plugin log entry over the limit): each used to fail the producer's batch, then
+/// the consumer's flush, and the consumer stopped for good while the server ran on (after a
+/// restart, the same event stopped it again). Now each goes to `events_dead_letter_queue` with
+/// the reason, and the events after them land.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[serial_test::serial(kafka_mode_server)]
+async fn oversized_records_are_dead_lettered_and_consumption_goes_on() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("plugin_server=info,warn"))
+        .with_test_writer()
+        .try_init();
+    ensure_kafka();
+    let db = TestDb::with_fixture(Some(ENLARGING_PLUGIN)).await;
+    let events_start = topic_end("clickhouse_events_proto");
+    let dead_letters_start = topic_end("events_dead_letter_queue");
+    let topic = unique("e2e-kafka-big");
+    create_topics(&[&topic], 1).await;
+    let queue = common::unique_prefix("e2e-kafka-big-celery");
+    let config = db.config(&[
+        ("KAFKA_ENABLED", "true"),
+        ("KAFKA_HOSTS", KAFKA_HOSTS),
+        ("KAFKA_CONSUMPTION_TOPIC", &topic),
+        ("PLUGINS_CELERY_QUEUE", &queue),
+        ("WORKER_CONCURRENCY", "2"),
+        ("KAFKA_FLUSH_FREQUENCY_MS", "100"),
+    ]);
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(plugin_server::server::run(config, shutdown.clone()));
+
+    let marker = unique("big");
+    let (enlarged, shouting, after) =
+        (uuid::Uuid::now_v7().to_string(), uuid::Uuid::now_v7().to_string(), uuid::Uuid::now_v7().to_string());
+    let messages = [
+        raw_event(&format!("{marker}-enlarged"), &enlarged, json!({"enlarge": true})),
+        raw_event(&format!("{marker}-shouting"), &shouting, json!({"shout": true})),
+        raw_event(&format!("{marker}-after"), &after, json!({})),
+    ];
+    // Offered until the server joined its group (it starts at the latest offset) and the event
+    // after the oversized ones comes out.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        produce(&topic, &messages).await;
+        let found = consume_topic_from("clickhouse_events_proto", events_start, usize::MAX, Duration::from_secs(3))
+            .await
+            .into_iter()
+            .filter_map(|(_, value)| value)
+            .any(|value| contains(&value, &after));
+        if found {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the event after the oversized ones never landed");
+    }
+    let rows = {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let rows: Vec<serde_json::Value> =
+                consume_topic_from("events_dead_letter_queue", dead_letters_start, usize::MAX, Duration::from_secs(3))
+                    .await
+                    .into_iter()
+                    .filter_map(|(_, value)| serde_json::from_slice::<serde_json::Value>(&value?).ok())
+                    .filter(|row| {
+                        row.to_string().contains(&marker)
+                            || row["raw_payload"].as_str().is_some_and(|payload| payload.contains("yyyyyyyyyyyyyyyy"))
+                    })
+                    .collect();
+            let enlarged_row = rows.iter().any(|row| row["event_uuid"] == json!(enlarged));
+            let log_row =
+                rows.iter().any(|row| row["error"].as_str().is_some_and(|e| e.contains("plugin_log_entries")));
+            if enlarged_row && log_row {
+                break rows;
+            }
+            assert!(Instant::now() < deadline, "dead letters missing: {rows:?}");
+        }
+    };
+    let enlarged_row = rows.iter().find(|row| row["event_uuid"] == json!(enlarged)).unwrap();
+    assert_eq!(enlarged_row["error_location"], json!("plugin_server_kafka_producer"));
+    assert!(enlarged_row["error"].as_str().unwrap().contains("clickhouse_events_proto"), "{enlarged_row}");
+    assert!(enlarged_row["error"].as_str().unwrap().contains("byte limit"), "{enlarged_row}");
+    assert_eq!(enlarged_row["team_id"], json!(common::TEAM_ID));
+    assert!(enlarged_row["raw_payload"].as_str().unwrap().len() <= 64 * 1024);
+
+    // Still consuming: a later event lands too.
+    let later = uuid::Uuid::now_v7().to_string();
+    produce(&topic, &[raw_event(&format!("{marker}-later"), &later, json!({}))]).await;
+    wait_for_message("clickhouse_events_proto", events_start, &later).await;
+    assert!(!server.is_finished(), "the server is still running");
 
     shutdown.cancel();
     let result = tokio::time::timeout(Duration::from_secs(40), server).await;

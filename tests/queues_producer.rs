@@ -186,3 +186,171 @@ async fn sends_to_a_real_broker() {
         (0..5).map(|index| (format!("key-{index}"), format!("value-{index}"))).collect();
     assert_eq!(got, expected);
 }
+
+/// A sender that refuses for good every message whose value starts with `refuse`.
+struct RefusingSender(Arc<RecordingSender>);
+
+#[async_trait]
+impl BatchSender for RefusingSender {
+    async fn send_batch(&self, records: Vec<KafkaRecord>) -> Result<(), ProduceError> {
+        self.send_batch_reporting(records).await.map(|_| ())
+    }
+
+    async fn send_batch_reporting(
+        &self,
+        records: Vec<KafkaRecord>,
+    ) -> Result<Vec<plugin_server::ingestion::queues::kafka_producer::RejectedMessage>, ProduceError> {
+        let mut rejected = Vec::new();
+        let mut delivered = Vec::new();
+        for record in records {
+            for message in record.messages {
+                if message.value.as_deref().is_some_and(|value| value.starts_with(b"refuse")) {
+                    rejected.push(plugin_server::ingestion::queues::kafka_producer::RejectedMessage {
+                        topic: record.topic.clone(),
+                        message,
+                        reason: "Broker: Message size too large".into(),
+                    });
+                } else {
+                    delivered.push(KafkaRecord { topic: record.topic.clone(), messages: vec![message] });
+                }
+            }
+        }
+        self.0.batches.lock().unwrap().push(delivered);
+        Ok(rejected)
+    }
+}
+
+fn dead_letter_rows(sender: &RecordingSender) -> Vec<serde_json::Value> {
+    sender
+        .batches
+        .lock()
+        .unwrap()
+        .iter()
+        .flatten()
+        .filter(|record| record.topic == "events_dead_letter_queue")
+        .flat_map(|record| record.messages.iter())
+        .map(|message| serde_json::from_slice(message.value.as_deref().unwrap()).unwrap())
+        .collect()
+}
+
+/// A message over the size limit is never sent (it would fail its whole batch, and the consumer
+/// with it): its dead-letter row goes instead, with the reason, and the rest of the record flows.
+#[tokio::test]
+async fn an_oversized_message_is_dead_lettered_and_the_rest_flows() {
+    let sender = Arc::new(RecordingSender::default());
+    let settings =
+        FlushSettings { max_queue_size: 100, max_batch_bytes: 900_000, flush_frequency: Duration::from_secs(60) };
+    let producer =
+        KafkaProducerWrapper::new(Box::new(SharedSender(sender.clone())), settings).with_max_message_bytes(1000);
+    let big =
+        serde_json::json!({"team_id": 2, "distinct_id": "huge person", "uuid": "0178", "properties": "x".repeat(5000)});
+    let record = KafkaRecord {
+        topic: "clickhouse_person".into(),
+        messages: vec![
+            KafkaMessage { key: None, value: Some(b"small".to_vec()) },
+            KafkaMessage { key: None, value: Some(big.to_string().into_bytes()) },
+        ],
+    };
+    producer.queue_message(record).await.unwrap();
+    producer.flush().await.unwrap();
+    let batches = sender.batches.lock().unwrap().clone();
+    let sent: Vec<&KafkaRecord> = batches.iter().flatten().collect();
+    assert_eq!(sent[0].topic, "clickhouse_person");
+    assert_eq!(sent[0].messages, vec![KafkaMessage { key: None, value: Some(b"small".to_vec()) }]);
+    let rows = dead_letter_rows(&sender);
+    assert_eq!(rows.len(), 1);
+    let row = &rows[0];
+    assert_eq!(row["error_location"], "plugin_server_kafka_producer");
+    assert!(row["error"].as_str().unwrap().contains("is over the 1000-byte limit"), "{row}");
+    assert!(row["error"].as_str().unwrap().contains("clickhouse_person"), "{row}");
+    assert_eq!(row["team_id"], 2);
+    assert_eq!(row["distinct_id"], "huge person");
+    assert_eq!(row["event_uuid"], "0178");
+    assert!(row["raw_payload"].as_str().unwrap().len() <= 64 * 1024);
+    assert_eq!(producer.stats().dead_lettered.load(std::sync::atomic::Ordering::Relaxed), 1);
+}
+
+/// A message the broker refuses for good does not fail the flush (the consumer would stop on it,
+/// and again after every restart): it is dead-lettered, counted, and the other messages count as
+/// delivered.
+#[tokio::test]
+async fn a_message_refused_for_good_is_dead_lettered_not_a_failed_flush() {
+    let sender = Arc::new(RecordingSender::default());
+    let settings =
+        FlushSettings { max_queue_size: 100, max_batch_bytes: 900_000, flush_frequency: Duration::from_secs(60) };
+    let producer = KafkaProducerWrapper::new(Box::new(RefusingSender(sender.clone())), settings);
+    producer.queue_message(KafkaRecord::single("plugin_log_entries", None, b"fine".to_vec())).await.unwrap();
+    producer
+        .queue_message(KafkaRecord::single("plugin_log_entries", None, b"refuse {\"team_id\": 7}".to_vec()))
+        .await
+        .unwrap();
+    producer.flush().await.unwrap();
+    let rows = dead_letter_rows(&sender);
+    assert_eq!(rows.len(), 1);
+    assert!(rows[0]["error"].as_str().unwrap().contains("Message size too large"));
+    assert_eq!(rows[0]["raw_payload"], "refuse {\"team_id\": 7}");
+    assert_eq!(producer.stats().dead_lettered.load(std::sync::atomic::Ordering::Relaxed), 1);
+}
+
+/// Against the broker: a 1.2 MB message is dead-lettered before sending; with the wrapper's limit
+/// raised, librdkafka itself refuses it (`message.max.bytes`), per message, and it is dead-lettered
+/// too. The small messages beside it are delivered and the flushes succeed.
+#[tokio::test]
+async fn oversized_messages_to_a_real_broker_go_to_the_dead_letter_queue() {
+    use plugin_server::ingestion::queues::kafka_producer::RdKafkaSender;
+    use plugin_server::ingestion::queues::kafka_settings::producer_config;
+    let topic = unique("producer-big");
+    create_topics(&[&topic, "events_dead_letter_queue"], 1).await;
+    let dead_letters_start = topic_end("events_dead_letter_queue");
+    let config = test_config(&[("KAFKA_PRODUCER_MAX_QUEUE_SIZE", "1000"), ("KAFKA_FLUSH_FREQUENCY_MS", "10000")]);
+    let settings = FlushSettings::from_config(&config);
+    let checked = KafkaProducerWrapper::new(
+        Box::new(RdKafkaSender::new(&producer_config(&config, "big-checked").unwrap()).unwrap()),
+        settings,
+    );
+    let unchecked = KafkaProducerWrapper::new(
+        Box::new(RdKafkaSender::new(&producer_config(&config, "big-unchecked").unwrap()).unwrap()),
+        settings,
+    )
+    .with_max_message_bytes(usize::MAX);
+    let marker = unique("big");
+    for (index, producer) in [&checked, &unchecked].into_iter().enumerate() {
+        let huge =
+            serde_json::json!({"team_id": 2, "distinct_id": format!("{marker}-{index}"), "big": "x".repeat(1_200_000)});
+        producer
+            .queue_message(KafkaRecord::single(&topic, None, format!("before-{index}").into_bytes()))
+            .await
+            .unwrap();
+        producer.queue_message(KafkaRecord::single(&topic, None, huge.to_string().into_bytes())).await.unwrap();
+        producer.queue_message(KafkaRecord::single(&topic, None, format!("after-{index}").into_bytes())).await.unwrap();
+        producer.flush().await.unwrap();
+        assert_eq!(producer.stats().dead_lettered.load(std::sync::atomic::Ordering::Relaxed), 1);
+    }
+    let values: Vec<String> = consume_topic(&topic, 4, Duration::from_secs(30))
+        .await
+        .into_iter()
+        .map(|(_, value)| String::from_utf8(value.unwrap()).unwrap())
+        .collect();
+    assert_eq!(values, ["before-0", "after-0", "before-1", "after-1"]);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let rows = loop {
+        let rows: Vec<serde_json::Value> =
+            consume_topic_from("events_dead_letter_queue", dead_letters_start, usize::MAX, Duration::from_secs(3))
+                .await
+                .into_iter()
+                .filter_map(|(_, value)| serde_json::from_slice::<serde_json::Value>(&value?).ok())
+                .filter(|row| row["distinct_id"].as_str().is_some_and(|id| id.starts_with(&marker)))
+                .collect();
+        if rows.len() >= 2 || tokio::time::Instant::now() > deadline {
+            break rows;
+        }
+    };
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    for row in &rows {
+        assert_eq!(row["error_location"], "plugin_server_kafka_producer");
+        assert_eq!(row["team_id"], 2);
+    }
+    let errors: Vec<&str> = rows.iter().map(|row| row["error"].as_str().unwrap()).collect();
+    assert!(errors.iter().any(|error| error.contains("over the 1000000-byte limit")), "{errors:?}");
+    assert!(errors.iter().any(|error| error.contains("too large")), "{errors:?}");
+}

@@ -10,34 +10,46 @@
 //! (every 1000 ms, as the reference) and at shutdown. A crash loses no event: what was not stored
 //! is consumed again.
 //!
+//! A thread of its own polls the consumer (librdkafka serves rebalances there) and passes the
+//! messages on. On a partition revoke the revoke waits while the consumer loop stops taking that
+//! partition's events, waits up to [`REVOKE_DRAIN_TIMEOUT`] for those in hand (then abandons the
+//! rest: their new owner handles them), flushes the producer, stores the handled prefix, and the
+//! revoke commits it synchronously before it returns: a clean rebalance hands over without
+//! duplicates. (The reference's kafkajs consumer only stops at its batch's next sub-batch.)
+//!
 //! Differences from the reference: a message that is not a valid event goes to
 //! `events_dead_letter_queue` and consumption goes on (the reference's poison pill); the batch size
-//! is never zero; a failed Kafka delivery stops the consumer without committing (the server then
-//! exits and the events are re-consumed) instead of being lost.
+//! is never zero; a message whose handling crashed the process `KAFKA_MAX_DELIVERY_ATTEMPTS`
+//! times is dead-lettered ([`super::kafka_deliveries`]); a failed Kafka delivery stops the
+//! consumer with an error without committing (the server then exits and the events are
+//! re-consumed) instead of being lost — messages refused for good are dead-lettered by the
+//! producer and do not stop it.
 //!
 //! Settings as the reference's kafkajs consumer: group `clickhouse-ingestion`, read committed,
 //! new groups start at the latest offset, session timeout 30 s, heartbeat 3 s.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use futures::future::BoxFuture;
+use futures::future::{AbortHandle, Abortable, BoxFuture};
 use futures::stream::{FuturesUnordered, StreamExt};
 use futures::FutureExt;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use super::kafka_deliveries::{Admission, DeliveryCounter};
 use super::kafka_producer::{KafkaProducerWrapper, ProduceError};
 use super::kafka_settings::{self, KafkaSetupError};
 use super::messages::{
     dead_letter_record, decode_raw_event, malformed_message_dead_letter_record, INGEST_EVENT_ERROR_LOCATION,
+    KAFKA_CONSUMER_ERROR_LOCATION,
 };
 use super::retry::{Outcome, RetryPolicy};
 use super::{EventHandler, QueueStats};
@@ -45,6 +57,13 @@ use crate::config::Config;
 
 /// The reference's consumer group.
 pub const CONSUMER_GROUP: &str = "clickhouse-ingestion";
+
+/// How long a partition revoke waits for the events of that partition in hand to finish before
+/// abandoning them (well within librdkafka's rebalance timeout).
+pub const REVOKE_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Messages polled ahead of the consumer loop.
+const POLLED_AHEAD: usize = 16;
 
 /// How a [`KafkaQueue`] runs.
 #[derive(Debug, Clone)]
@@ -61,6 +80,12 @@ pub struct KafkaConsumerOptions {
     pub join_timeout: Duration,
     pub retry: RetryPolicy,
     pub client_id: String,
+    /// Where delivery counts are kept (`None`: not counted).
+    pub redis_url: Option<String>,
+    /// `KAFKA_MAX_DELIVERY_ATTEMPTS` (0: not counted).
+    pub max_delivery_attempts: u32,
+    /// See [`REVOKE_DRAIN_TIMEOUT`].
+    pub revoke_drain_timeout: Duration,
 }
 
 impl KafkaConsumerOptions {
@@ -77,20 +102,71 @@ impl KafkaConsumerOptions {
             join_timeout: Duration::from_secs(60),
             retry: RetryPolicy::default(),
             client_id: kafka_settings::client_id(instance_id),
+            redis_url: Some(crate::hub::redis_url(config)),
+            max_delivery_attempts: config.KAFKA_MAX_DELIVERY_ATTEMPTS,
+            revoke_drain_timeout: REVOKE_DRAIN_TIMEOUT,
         }
     }
 }
 
-/// Re-applies a pause to partitions assigned while paused, and announces joining the group.
+/// What the polling thread tells the consumer loop besides messages.
+enum Control {
+    /// These partitions are being revoked: drain them, store what is done, then answer.
+    Revoke { partitions: Vec<PartitionKey>, done: std::sync::mpsc::Sender<()> },
+}
+
+/// Re-applies a pause to partitions assigned while paused, announces joining the group, and hands
+/// revokes to the consumer loop.
 struct QueueContext {
     paused: Arc<AtomicBool>,
     joined: watch::Sender<bool>,
     group_id: String,
+    control: mpsc::UnboundedSender<Control>,
+    revoke_timeout: Duration,
+    /// Cleared when the queue stops or is dropped.
+    polling: Arc<AtomicBool>,
 }
 
 impl ClientContext for QueueContext {}
 
 impl ConsumerContext for QueueContext {
+    /// Runs on the polling thread, before librdkafka takes the partitions away: the consumer loop
+    /// finishes or abandons their events and stores the handled prefix, which is committed here.
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(revoked) = rebalance else { return };
+        let partitions: Vec<PartitionKey> =
+            revoked.elements().iter().map(|element| (element.topic().to_string(), element.partition())).collect();
+        if partitions.is_empty() {
+            return;
+        }
+        info!("🔀 Kafka partitions revoked: {partitions:?}");
+        let (done, answered) = std::sync::mpsc::channel();
+        if self.control.send(Control::Revoke { partitions, done }).is_ok() {
+            // The loop answers within its drain timeout plus a flush. It may also be gone or going
+            // (the queue stopped or dropped): then there is nothing to wait for.
+            let deadline = std::time::Instant::now() + self.revoke_timeout + Duration::from_secs(30);
+            loop {
+                match answered.recv_timeout(Duration::from_millis(50)) {
+                    Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                }
+                if self.control.is_closed() || !self.polling.load(Ordering::SeqCst) {
+                    break;
+                }
+                if std::time::Instant::now() > deadline {
+                    warn!("⚠️ The Kafka consumer loop did not finish the revoked partitions in time");
+                    break;
+                }
+            }
+        }
+        match consumer.commit_consumer_state(CommitMode::Sync) {
+            Ok(()) => {}
+            Err(rdkafka::error::KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
+            Err(error) => warn!("⚠️ Committing Kafka offsets on revoke failed: {error}"),
+        }
+        debug!("🔀 Revoke handled");
+    }
+
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(partitions) => {
@@ -110,15 +186,18 @@ impl ConsumerContext for QueueContext {
     }
 }
 
-type QueueConsumer = StreamConsumer<QueueContext>;
+type QueueConsumer = BaseConsumer<QueueContext>;
 
 struct Shared {
-    consumer: QueueConsumer,
+    consumer: Arc<QueueConsumer>,
     options: KafkaConsumerOptions,
     handler: Arc<dyn EventHandler>,
     producer: Arc<KafkaProducerWrapper>,
+    deliveries: Arc<DeliveryCounter>,
     paused: Arc<AtomicBool>,
     stop: CancellationToken,
+    /// Tells the polling thread to end.
+    polling: Arc<AtomicBool>,
     stats: Arc<QueueStats>,
 }
 
@@ -129,7 +208,8 @@ pub struct KafkaQueue {
 }
 
 enum MessageOutcome {
-    Done,
+    /// Handled or dead-lettered; the delivery count key to forget, if counted.
+    Done(Option<String>),
     Interrupted,
 }
 
@@ -181,6 +261,18 @@ impl OffsetTracker {
         }
     }
 
+    /// Whether any event of these partitions is in hand.
+    fn any_in_hand(&self, keys: &[PartitionKey]) -> bool {
+        keys.iter().any(|key| self.partitions.get(key).is_some_and(|partition| !partition.in_hand.is_empty()))
+    }
+
+    /// Forgets partitions (revoked: their offsets are no longer ours to store).
+    fn remove(&mut self, keys: &[PartitionKey]) {
+        for key in keys {
+            self.partitions.remove(key);
+        }
+    }
+
     /// The partitions whose storable offset moved since the last call, with that offset.
     fn take_progress(&mut self) -> Vec<PartitionOffset> {
         let mut progress = Vec::new();
@@ -192,6 +284,61 @@ impl OffsetTracker {
             }
         }
         progress
+    }
+}
+
+/// An event's handling, once over: `None` in the outcome when it was abandoned.
+type Finishing = BoxFuture<'static, (u64, PartitionKey, i64, Option<MessageOutcome>)>;
+/// A producer flush in progress, and the offsets to store once it succeeded.
+type Storing = Option<BoxFuture<'static, (Result<(), ProduceError>, Vec<PartitionOffset>)>>;
+
+/// The events in hand, each abortable (a revoke abandons those of its partitions).
+struct InHand {
+    futures: FuturesUnordered<Finishing>,
+    aborts: HashMap<u64, (PartitionKey, AbortHandle)>,
+    next_id: u64,
+}
+
+impl InHand {
+    fn new() -> InHand {
+        InHand { futures: FuturesUnordered::new(), aborts: HashMap::new(), next_id: 0 }
+    }
+
+    fn len(&self) -> usize {
+        self.futures.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.futures.is_empty()
+    }
+
+    fn push(&mut self, key: PartitionKey, offset: i64, work: BoxFuture<'static, MessageOutcome>) {
+        let id = self.next_id;
+        self.next_id += 1;
+        let (handle, registration) = AbortHandle::new_pair();
+        self.aborts.insert(id, (key.clone(), handle));
+        self.futures
+            .push(Abortable::new(work, registration).map(move |outcome| (id, key, offset, outcome.ok())).boxed());
+    }
+
+    /// The next finished event: `None` in the outcome when it was abandoned.
+    async fn next(&mut self) -> Option<(PartitionKey, i64, Option<MessageOutcome>)> {
+        let (id, key, offset, outcome) = self.futures.next().await?;
+        self.aborts.remove(&id);
+        Some((key, offset, outcome))
+    }
+
+    fn abort(&mut self, keys: &[PartitionKey]) -> usize {
+        let mut count = 0;
+        self.aborts.retain(|_, (key, handle)| {
+            let revoked = keys.contains(key);
+            if revoked {
+                handle.abort();
+                count += 1;
+            }
+            !revoked
+        });
+        count
     }
 }
 
@@ -221,26 +368,42 @@ impl KafkaQueue {
             .set("max.partition.fetch.bytes", "1048576");
         let paused = Arc::new(AtomicBool::new(false));
         let (joined_sender, mut joined) = watch::channel(false);
-        let context =
-            QueueContext { paused: Arc::clone(&paused), joined: joined_sender, group_id: options.group_id.clone() };
+        let (control_sender, control) = mpsc::unbounded_channel();
+        let polling = Arc::new(AtomicBool::new(true));
+        let context = QueueContext {
+            polling: Arc::clone(&polling),
+            paused: Arc::clone(&paused),
+            joined: joined_sender,
+            group_id: options.group_id.clone(),
+            control: control_sender,
+            revoke_timeout: options.revoke_drain_timeout,
+        };
         info!("⏬ Connecting Kafka consumer to {}...", config.KAFKA_HOSTS.as_deref().unwrap_or_default());
         let consumer: QueueConsumer =
             client.create_with_context(context).map_err(|error| KafkaSetupError::Client(error.to_string()))?;
         consumer.subscribe(&[options.topic.as_str()]).map_err(|error| KafkaSetupError::Client(error.to_string()))?;
         let join_timeout = options.join_timeout;
+        let deliveries = Arc::new(DeliveryCounter::new(
+            options.redis_url.as_deref(),
+            &options.group_id,
+            options.max_delivery_attempts,
+        ));
         let shared = Arc::new(Shared {
-            consumer,
+            consumer: Arc::new(consumer),
             options,
             handler,
             producer,
+            deliveries,
             paused,
             stop: CancellationToken::new(),
+            polling,
             stats: Arc::new(QueueStats::default()),
         });
+        let messages = shared.spawn_poller().map_err(|error| KafkaSetupError::Client(error.to_string()))?;
         let (finished_sender, finished) = watch::channel(None);
         let looping = Arc::clone(&shared);
         tokio::spawn(async move {
-            let result = looping.consume_loop().await;
+            let result = looping.consume_loop(messages, control).await;
             if let Err(reason) = &result {
                 error!("💥 Kafka consumer stopped: {reason}");
             }
@@ -303,7 +466,10 @@ impl KafkaQueue {
                 self.stop().await;
                 Ok(())
             }
-            result = self.finished() => result,
+            result = self.finished() => {
+                self.stop().await;
+                result
+            }
         }
     }
 
@@ -313,13 +479,31 @@ impl KafkaQueue {
         info!("⏳ Stopping Kafka queue...");
         self.shared.stop.cancel();
         let _ = self.finished().await;
-        match self.shared.consumer.commit_consumer_state(CommitMode::Sync) {
-            Ok(()) => {}
-            Err(rdkafka::error::KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
-            Err(error) => warn!("⚠️ Committing Kafka offsets at shutdown failed: {error}"),
+        let consumer = Arc::clone(&self.shared.consumer);
+        let polling = Arc::clone(&self.shared.polling);
+        // librdkafka calls block (a commit, leaving the group): off the async threads.
+        let left = tokio::task::spawn_blocking(move || {
+            match consumer.commit_consumer_state(CommitMode::Sync) {
+                Ok(()) => {}
+                Err(rdkafka::error::KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
+                Err(error) => warn!("⚠️ Committing Kafka offsets at shutdown failed: {error}"),
+            }
+            consumer.unsubscribe();
+            // The polling thread serves the revoke of the unsubscribe, then ends.
+            std::thread::sleep(Duration::from_millis(200));
+            polling.store(false, Ordering::SeqCst);
+        })
+        .await;
+        if let Err(error) = left {
+            warn!("⚠️ Leaving the Kafka group failed: {error}");
         }
-        self.shared.consumer.unsubscribe();
         info!("⏹ Kafka consumer stopped!");
+    }
+}
+
+impl Drop for KafkaQueue {
+    fn drop(&mut self) {
+        self.shared.polling.store(false, Ordering::SeqCst);
     }
 }
 
@@ -336,15 +520,49 @@ impl Shared {
         }
     }
 
+    /// Polls the consumer on a thread of its own (where librdkafka also runs the rebalance
+    /// callbacks, which may block) and passes messages on, a few ahead of the loop.
+    fn spawn_poller(&self) -> std::io::Result<mpsc::Receiver<OwnedMessage>> {
+        let (sender, messages) = mpsc::channel(POLLED_AHEAD);
+        // Weak: the queue's owner decides when the consumer closes (when the queue is dropped, at
+        // once, as a crashed server's would), not this thread.
+        let consumer = Arc::downgrade(&self.consumer);
+        let polling = Arc::clone(&self.polling);
+        std::thread::Builder::new().name("kafka-poll".into()).spawn(move || {
+            while polling.load(Ordering::SeqCst) {
+                let Some(consumer) = consumer.upgrade() else { break };
+                match consumer.poll(Duration::from_millis(100)) {
+                    None => {}
+                    // An error means the loop is gone: keep serving callbacks until told to end.
+                    Some(Ok(message)) => drop(sender.blocking_send(message.detach())),
+                    Some(Err(error)) => {
+                        warn!("⚠️ Kafka consumer error: {error}");
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            }
+            debug!("Kafka polling thread ends");
+        })?;
+        Ok(messages)
+    }
+
     /// Keeps up to `concurrency` events in hand: a new message is taken as soon as any event
     /// finishes (no batch waits for its slowest event). Offsets advance per partition over the
     /// completed prefix only; they are stored after a producer flush that covers every write the
     /// completed events queued, while the next events are already being handled.
-    async fn consume_loop(self: &Arc<Self>) -> Result<(), String> {
+    async fn consume_loop(
+        self: &Arc<Self>,
+        mut messages: mpsc::Receiver<OwnedMessage>,
+        mut control: mpsc::UnboundedReceiver<Control>,
+    ) -> Result<(), String> {
         let window = self.options.concurrency.max(1);
-        let mut in_flight = FuturesUnordered::new();
+        let mut in_hand = InHand::new();
         let mut offsets = OffsetTracker::default();
-        let mut storing: Option<BoxFuture<'static, (Result<(), ProduceError>, Vec<PartitionOffset>)>> = None;
+        let mut storing: Storing = None;
+        // Messages polled before a revoke, of partitions still ours.
+        let mut backlog: VecDeque<OwnedMessage> = VecDeque::new();
+        // Delivery count keys of events done, forgotten in batches.
+        let mut finished_keys: Vec<String> = Vec::new();
         let mut interrupted = false;
         loop {
             if storing.is_none() {
@@ -352,16 +570,32 @@ impl Shared {
                 if !progress.is_empty() {
                     let producer = Arc::clone(&self.producer);
                     storing = Some(async move { (producer.flush().await, progress) }.boxed());
+                    self.forget_deliveries(&mut finished_keys);
                 }
             }
-            if interrupted || (self.stop.is_cancelled() && in_flight.is_empty()) {
+            if interrupted || (self.stop.is_cancelled() && in_hand.is_empty()) {
                 break;
+            }
+            while in_hand.len() < window && !self.stop.is_cancelled() {
+                let Some(message) = backlog.pop_front() else { break };
+                self.take(message, &mut in_hand, &mut offsets);
             }
             tokio::select! {
                 biased;
-                Some((key, offset, outcome)) = in_flight.next(), if !in_flight.is_empty() => match outcome {
-                    MessageOutcome::Done => offsets.finish(key, offset),
-                    MessageOutcome::Interrupted => interrupted = true,
+                Some(Control::Revoke { partitions, done }) = control.recv() => {
+                    let result = self
+                        .revoke(&partitions, &mut messages, &mut backlog, &mut in_hand, &mut offsets, &mut storing, &mut finished_keys)
+                        .await;
+                    let _ = done.send(());
+                    result?;
+                }
+                Some((key, offset, outcome)) = in_hand.next(), if !in_hand.is_empty() => match outcome {
+                    Some(MessageOutcome::Done(counted)) => {
+                        offsets.finish(key, offset);
+                        finished_keys.extend(counted);
+                    }
+                    Some(MessageOutcome::Interrupted) => interrupted = true,
+                    None => {}
                 },
                 (flushed, progress) = async {
                     match storing.as_mut() {
@@ -374,28 +608,16 @@ impl Shared {
                     self.store_offsets(&progress);
                 }
                 _ = self.stop.cancelled(), if !self.stop.is_cancelled() => {}
-                message = self.consumer.recv(), if in_flight.len() < window && !self.stop.is_cancelled() => match message {
-                    Ok(message) => {
-                        let message = message.detach();
-                        let key = (message.topic().to_string(), message.partition());
-                        offsets.start(key.clone(), message.offset());
-                        let shared = Arc::clone(self);
-                        in_flight.push(async move {
-                            let outcome = shared.process_message(&message).await;
-                            (key, message.offset(), outcome)
-                        });
-                    }
-                    Err(error) => {
-                        warn!("⚠️ Kafka consumer error: {error}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
+                message = messages.recv(), if in_hand.len() < window && !self.stop.is_cancelled() => match message {
+                    Some(message) => self.take(message, &mut in_hand, &mut offsets),
+                    None => return Err("the Kafka polling thread ended".into()),
                 },
             }
         }
         if interrupted {
             // Waiting retries were abandoned: those events stay uncommitted and come again.
-            info!("🚪 Bailing out: {} more events in hand are not committed", in_flight.len());
-            while in_flight.next().await.is_some() {}
+            info!("🚪 Bailing out: {} more events in hand are not committed", in_hand.len());
+            while in_hand.next().await.is_some() {}
         }
         // What completed before the stop is stored, after the flush that delivers its writes.
         if let Some(pending) = storing.take() {
@@ -403,11 +625,89 @@ impl Shared {
             flushed.map_err(|error| format!("Kafka production failed, not committing: {error}"))?;
             self.store_offsets(&progress);
         }
+        self.store_done(&mut offsets).await?;
+        self.forget_deliveries(&mut finished_keys);
+        Ok(())
+    }
+
+    fn take(self: &Arc<Self>, message: OwnedMessage, in_hand: &mut InHand, offsets: &mut OffsetTracker) {
+        let key = (message.topic().to_string(), message.partition());
+        let offset = message.offset();
+        offsets.start(key.clone(), offset);
+        let shared = Arc::clone(self);
+        in_hand.push(key, offset, async move { shared.process_message(&message).await }.boxed());
+    }
+
+    /// Flushes the producer and stores the handled prefix of every partition that moved.
+    async fn store_done(&self, offsets: &mut OffsetTracker) -> Result<(), String> {
         let progress = offsets.take_progress();
         if !progress.is_empty() {
             self.producer.flush().await.map_err(|error| format!("Kafka production failed, not committing: {error}"))?;
             self.store_offsets(&progress);
         }
+        Ok(())
+    }
+
+    fn forget_deliveries(&self, keys: &mut Vec<String>) {
+        if keys.is_empty() || !self.deliveries.enabled() {
+            keys.clear();
+            return;
+        }
+        let keys = std::mem::take(keys);
+        let counter = Arc::clone(&self.deliveries);
+        tokio::spawn(async move { counter.forget(&keys).await });
+    }
+
+    /// A partition revoke: stop taking its events, wait (bounded) for those in hand, abandon the
+    /// rest, flush the producer and store the handled prefix (the revoke then commits it).
+    #[allow(clippy::too_many_arguments)]
+    async fn revoke(
+        self: &Arc<Self>,
+        partitions: &[PartitionKey],
+        messages: &mut mpsc::Receiver<OwnedMessage>,
+        backlog: &mut VecDeque<OwnedMessage>,
+        in_hand: &mut InHand,
+        offsets: &mut OffsetTracker,
+        storing: &mut Storing,
+        finished_keys: &mut Vec<String>,
+    ) -> Result<(), String> {
+        // The poller waits in the revoke: what it passed on so far is all there is.
+        while let Ok(message) = messages.try_recv() {
+            backlog.push_back(message);
+        }
+        let revoked: HashSet<&PartitionKey> = partitions.iter().collect();
+        let before = backlog.len();
+        backlog.retain(|message| !revoked.contains(&(message.topic().to_string(), message.partition())));
+        let deadline = tokio::time::Instant::now() + self.options.revoke_drain_timeout;
+        while offsets.any_in_hand(partitions) {
+            tokio::select! {
+                Some((key, offset, outcome)) = in_hand.next() => match outcome {
+                    Some(MessageOutcome::Done(counted)) => {
+                        offsets.finish(key, offset);
+                        finished_keys.extend(counted);
+                    }
+                    // Shutting down meanwhile: this event stays uncommitted.
+                    Some(MessageOutcome::Interrupted) | None => {}
+                },
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        let abandoned = in_hand.abort(partitions);
+        if abandoned > 0 {
+            warn!(
+                "⚠️ Revoke: abandoned {abandoned} events still in hand after {:?}",
+                self.options.revoke_drain_timeout
+            );
+        }
+        info!("🔀 Revoke: {} polled events dropped, handled prefix stored", before - backlog.len());
+        if let Some(pending) = storing.take() {
+            let (flushed, progress) = pending.await;
+            flushed.map_err(|error| format!("Kafka production failed, not committing: {error}"))?;
+            self.store_offsets(&progress);
+        }
+        self.store_done(offsets).await?;
+        offsets.remove(partitions);
+        self.forget_deliveries(finished_keys);
         Ok(())
     }
 
@@ -442,8 +742,33 @@ impl Shared {
                     &reason.to_string(),
                     &Utc::now(),
                 );
-                return self.dead_letter(record).await;
+                return self.dead_letter(record, None).await;
             }
+        };
+        let counted = self
+            .deliveries
+            .enabled()
+            .then(|| self.deliveries.key(message.topic(), message.partition(), message.offset()));
+        let (_guard, suspect) = match &counted {
+            None => (None, false),
+            Some(key) => match self.deliveries.admit(key).await {
+                Admission::Handle { guard, suspect } => (Some(guard), suspect),
+                Admission::DeadLetter { attempts } => {
+                    let reason = format!(
+                        "its handling was started {attempts} times without finishing (the server crashed or was killed each time)"
+                    );
+                    warn!(
+                        "🪦 Dead-lettering poison Kafka message {}/{}@{}: {reason}",
+                        message.topic(),
+                        message.partition(),
+                        message.offset()
+                    );
+                    let record = dead_letter_record(&event, &reason, KAFKA_CONSUMER_ERROR_LOCATION, &Utc::now());
+                    let outcome = self.dead_letter(record, None).await;
+                    self.deliveries.forget(std::slice::from_ref(key)).await;
+                    return outcome;
+                }
+            },
         };
         let what = format!("event {:?} of team {}", event.event, event.team_id);
         let outcome = self
@@ -454,25 +779,36 @@ impl Shared {
                 async move { handler.handle_event(event).await }
             })
             .await;
+        // A suspect's count is forgotten at once (the next suspect's fate must not depend on it).
+        let counted = match (suspect, counted) {
+            (true, Some(key)) => {
+                if !matches!(outcome, Outcome::Interrupted) {
+                    self.deliveries.forget(std::slice::from_ref(&key)).await;
+                }
+                None
+            }
+            (_, counted) => counted,
+        };
         match outcome {
             Outcome::Handled => {
                 QueueStats::bump(&self.stats.handled);
-                MessageOutcome::Done
+                MessageOutcome::Done(counted)
             }
             Outcome::Failed(reason) => {
                 warn!("⚠️ Dead-lettering {what}: {reason}");
-                self.dead_letter(dead_letter_record(&event, &reason, INGEST_EVENT_ERROR_LOCATION, &Utc::now())).await
+                let record = dead_letter_record(&event, &reason, INGEST_EVENT_ERROR_LOCATION, &Utc::now());
+                self.dead_letter(record, counted).await
             }
             Outcome::Interrupted => MessageOutcome::Interrupted,
         }
     }
 
-    async fn dead_letter(&self, record: super::KafkaRecord) -> MessageOutcome {
+    async fn dead_letter(&self, record: super::KafkaRecord, counted: Option<String>) -> MessageOutcome {
         // A failed send is remembered by the producer and fails the batch's flush: not committed.
         if self.producer.queue_message(record).await.is_ok() {
             QueueStats::bump(&self.stats.dead_lettered);
         }
-        MessageOutcome::Done
+        MessageOutcome::Done(counted)
     }
 }
 

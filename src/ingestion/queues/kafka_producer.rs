@@ -12,9 +12,18 @@
 //! reports it even when the failure happened in a timer flush — the consumer then does not commit,
 //! and the events are consumed again instead of lost (reference issue #511).
 //!
+//! Messages that can never be delivered do not fail anything (in the reference one such message
+//! fails the whole `sendBatch`, and with it the consumer): a message over
+//! [`KAFKA_MESSAGE_MAX_BYTES`] (key + value) is never sent, and a message the broker or librdkafka
+//! refuses for good ([`is_permanent`]: too large, invalid, unauthorized topic, …) is not retried;
+//! each is replaced by a row on `events_dead_letter_queue` (`messages::undeliverable_dead_letter_record`,
+//! with the reason) and counted in [`ProducerStats`]. Transient failures are retried by librdkafka
+//! (up to `message.timeout.ms`) and then fail the send: never dropped.
+//!
 //! This module owns buffering and sending; what the records contain is `messages`.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -29,6 +38,7 @@ use tokio::time::Instant;
 use tracing::{error, warn};
 
 use super::kafka_settings::{self, KafkaSetupError};
+use super::messages::undeliverable_dead_letter_record;
 use crate::config::Config;
 
 /// One message of a record. A `None` value is a tombstone (counted as 4 bytes, as the reference).
@@ -65,11 +75,57 @@ pub enum ProduceError {
     EarlierSendFailed { count: usize, last: String },
 }
 
+/// The largest message (key + value bytes) the producer sends: librdkafka's `message.max.bytes`
+/// default, set explicitly in `kafka_settings::producer_config` (a Kafka broker's own default limit,
+/// 1,048,588 bytes for a whole record batch, leaves room for the batch overhead). The reference has
+/// no check: kafkajs sends and the broker refuses.
+pub const KAFKA_MESSAGE_MAX_BYTES: usize = 1_000_000;
+
+/// A message refused for good (it would be refused again however often it is sent).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RejectedMessage {
+    pub topic: String,
+    pub message: KafkaMessage,
+    pub reason: String,
+}
+
 /// Where flushed batches go: the broker in production, a recorder in the buffering unit tests.
 #[async_trait]
 pub trait BatchSender: Send + Sync + 'static {
     /// Sends all records and returns once every message is acknowledged (acks = all) or failed.
     async fn send_batch(&self, records: Vec<KafkaRecord>) -> Result<(), ProduceError>;
+
+    /// As [`Self::send_batch`], but a message refused for good is returned instead of failing the
+    /// batch: `Ok` means every other message was acknowledged. `Err` is a transient failure.
+    async fn send_batch_reporting(&self, records: Vec<KafkaRecord>) -> Result<Vec<RejectedMessage>, ProduceError> {
+        self.send_batch(records).await.map(|()| Vec::new())
+    }
+}
+
+/// Errors that sending the same message again cannot cure.
+pub fn is_permanent(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::MessageSizeTooLarge
+            | RDKafkaErrorCode::MessageBatchTooLarge
+            | RDKafkaErrorCode::InvalidMessage
+            | RDKafkaErrorCode::InvalidMessageSize
+            | RDKafkaErrorCode::InvalidRecord
+            | RDKafkaErrorCode::InvalidTopic
+            | RDKafkaErrorCode::TopicAuthorizationFailed
+            | RDKafkaErrorCode::UnsupportedForMessageFormat
+            | RDKafkaErrorCode::InvalidTimestamp
+            | RDKafkaErrorCode::PolicyViolation
+    )
+}
+
+/// What the producer set aside, for tests and metrics.
+#[derive(Debug, Default)]
+pub struct ProducerStats {
+    /// Messages replaced by a row on `events_dead_letter_queue` (too large, or refused for good).
+    pub dead_lettered: AtomicU64,
+    /// Messages refused for good whose dead-letter row was refused too (logged as errors).
+    pub lost: AtomicU64,
 }
 
 /// The flush thresholds (`KAFKA_*` settings).
@@ -106,8 +162,10 @@ struct Buffer {
 pub struct KafkaProducerWrapper {
     sender: Box<dyn BatchSender>,
     settings: FlushSettings,
+    max_message_bytes: usize,
     buffer: Mutex<Buffer>,
     sends_done: Notify,
+    stats: ProducerStats,
 }
 
 impl KafkaProducerWrapper {
@@ -124,6 +182,8 @@ impl KafkaProducerWrapper {
         KafkaProducerWrapper {
             sender,
             settings,
+            max_message_bytes: KAFKA_MESSAGE_MAX_BYTES,
+            stats: ProducerStats::default(),
             buffer: Mutex::new(Buffer {
                 records: Vec::new(),
                 bytes: 0,
@@ -135,6 +195,17 @@ impl KafkaProducerWrapper {
             }),
             sends_done: Notify::new(),
         }
+    }
+
+    /// Sets the largest message sent (default [`KAFKA_MESSAGE_MAX_BYTES`]); larger ones are
+    /// dead-lettered.
+    pub fn with_max_message_bytes(mut self, bytes: usize) -> KafkaProducerWrapper {
+        self.max_message_bytes = bytes;
+        self
+    }
+
+    pub fn stats(&self) -> &ProducerStats {
+        &self.stats
     }
 
     /// Flushes every `KAFKA_FLUSH_FREQUENCY_MS` until the wrapper is dropped.
@@ -159,7 +230,56 @@ impl KafkaProducerWrapper {
     }
 
     /// Buffers a record, flushing by the reference's rules. Errors are those of a flush it caused.
-    pub async fn queue_message(&self, record: KafkaRecord) -> Result<(), ProduceError> {
+    /// A message over the size limit is not buffered: its dead-letter row is, instead.
+    pub async fn queue_message(&self, mut record: KafkaRecord) -> Result<(), ProduceError> {
+        let limit = self.max_message_bytes;
+        if record.messages.iter().all(|message| message_bytes(message) <= limit) {
+            return self.buffer_record(record).await;
+        }
+        let (fitting, oversized): (Vec<KafkaMessage>, Vec<KafkaMessage>) =
+            std::mem::take(&mut record.messages).into_iter().partition(|message| message_bytes(message) <= limit);
+        let topic = record.topic.clone();
+        record.messages = fitting;
+        let mut result = Ok(());
+        if !record.messages.is_empty() {
+            result = self.buffer_record(record).await;
+        }
+        for message in oversized {
+            let reason = format!(
+                "message of {} bytes to {topic} is over the {limit}-byte limit (message.max.bytes)",
+                message_bytes(&message)
+            );
+            let rejected = RejectedMessage { topic: topic.clone(), message, reason };
+            if let Some(dead_letter) = self.dead_letter_for(&rejected) {
+                let buffered = self.buffer_record(dead_letter).await;
+                result = result.and(buffered);
+            }
+        }
+        result
+    }
+
+    /// The dead-letter row replacing a rejected message, counted; `None` (counted as lost) when the
+    /// row itself would not fit.
+    fn dead_letter_for(&self, rejected: &RejectedMessage) -> Option<KafkaRecord> {
+        warn!("🪦 Dead-lettering a Kafka message to {}: {}", rejected.topic, rejected.reason);
+        let record = undeliverable_dead_letter_record(
+            &rejected.topic,
+            rejected.message.value.as_deref(),
+            &rejected.reason,
+            // Room for the other columns, and for JSON escapes, within the size limit.
+            self.max_message_bytes / 4,
+            &chrono::Utc::now(),
+        );
+        if record.messages.iter().any(|message| message_bytes(message) > self.max_message_bytes) {
+            error!("🔴 The dead-letter row of a message to {} does not fit either; it is lost", rejected.topic);
+            self.stats.lost.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        Some(record)
+    }
+
+    async fn buffer_record(&self, record: KafkaRecord) -> Result<(), ProduceError> {
         let size = record.size();
         let batch = {
             let mut buffer = self.lock();
@@ -236,7 +356,11 @@ impl KafkaProducerWrapper {
     }
 
     async fn send(&self, number: u64, batch: Vec<KafkaRecord>) -> Result<(), ProduceError> {
-        let result = self.sender.send_batch(batch).await;
+        let result = match self.sender.send_batch_reporting(batch).await {
+            Ok(rejected) if rejected.is_empty() => Ok(()),
+            Ok(rejected) => self.send_dead_letters(&rejected).await,
+            Err(failure) => Err(failure),
+        };
         {
             let mut buffer = self.lock();
             buffer.sends_in_flight.remove(&number);
@@ -251,6 +375,28 @@ impl KafkaProducerWrapper {
         }
         result
     }
+}
+
+impl KafkaProducerWrapper {
+    /// Sends the dead-letter rows of messages refused for good, within the same send (a flush that
+    /// waits for the send waits for them). A row refused in turn is lost, and logged.
+    async fn send_dead_letters(&self, rejected: &[RejectedMessage]) -> Result<(), ProduceError> {
+        let rows: Vec<KafkaRecord> = rejected.iter().filter_map(|message| self.dead_letter_for(message)).collect();
+        if rows.is_empty() {
+            return Ok(());
+        }
+        for refused in self.sender.send_batch_reporting(rows).await? {
+            error!("🔴 A dead-letter row was refused ({}); the message to {} is lost", refused.reason, refused.topic);
+            self.stats.dead_lettered.fetch_sub(1, Ordering::Relaxed);
+            self.stats.lost.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
+
+/// Bytes a message counts for against the size limit: key and value, as librdkafka counts them.
+pub fn message_bytes(message: &KafkaMessage) -> usize {
+    message.key.as_ref().map_or(0, String::len) + message.value.as_ref().map_or(0, Vec::len)
 }
 
 /// Takes the buffer's records as a batch to send, with its send number (in flight until `send`
@@ -279,7 +425,15 @@ impl RdKafkaSender {
 #[async_trait]
 impl BatchSender for RdKafkaSender {
     async fn send_batch(&self, records: Vec<KafkaRecord>) -> Result<(), ProduceError> {
+        match self.send_batch_reporting(records).await? {
+            rejected if rejected.is_empty() => Ok(()),
+            rejected => Err(ProduceError::Send(rejected[0].reason.clone())),
+        }
+    }
+
+    async fn send_batch_reporting(&self, records: Vec<KafkaRecord>) -> Result<Vec<RejectedMessage>, ProduceError> {
         let mut deliveries = Vec::new();
+        let mut rejected = Vec::new();
         for record in &records {
             for message in &record.messages {
                 let mut future_record = FutureRecord::<str, [u8]>::to(&record.topic);
@@ -292,7 +446,7 @@ impl BatchSender for RdKafkaSender {
                 loop {
                     match self.producer.send_result(future_record) {
                         Ok(delivery) => {
-                            deliveries.push(delivery);
+                            deliveries.push((record, message, delivery));
                             break;
                         }
                         Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
@@ -300,15 +454,31 @@ impl BatchSender for RdKafkaSender {
                             future_record = returned;
                             tokio::time::sleep(Duration::from_millis(5)).await;
                         }
+                        Err((failure, _)) if failure.rdkafka_error_code().is_some_and(is_permanent) => {
+                            rejected.push(RejectedMessage {
+                                topic: record.topic.clone(),
+                                message: message.clone(),
+                                reason: failure.to_string(),
+                            });
+                            break;
+                        }
                         Err((failure, _)) => return Err(ProduceError::Send(failure.to_string())),
                     }
                 }
             }
         }
         let mut first_failure = None;
-        for delivery in deliveries {
+        for (record, message, delivery) in deliveries {
             let failure = match delivery.await {
                 Ok(Ok(_)) => None,
+                Ok(Err((failure, _))) if failure.rdkafka_error_code().is_some_and(is_permanent) => {
+                    rejected.push(RejectedMessage {
+                        topic: record.topic.clone(),
+                        message: message.clone(),
+                        reason: failure.to_string(),
+                    });
+                    None
+                }
                 Ok(Err((failure, _))) => Some(failure.to_string()),
                 Err(_) => Some("producer dropped before delivery".to_string()),
             };
@@ -317,6 +487,6 @@ impl BatchSender for RdKafkaSender {
                 first_failure = Some(failure);
             }
         }
-        first_failure.map_or(Ok(()), |failure| Err(ProduceError::Send(failure)))
+        first_failure.map_or(Ok(rejected), |failure| Err(ProduceError::Send(failure)))
     }
 }

@@ -346,6 +346,93 @@ pub fn malformed_message_dead_letter_record(raw: &[u8], reason: &str, now: &Date
     }
 }
 
+/// Where this server puts messages the Kafka producer could not deliver (too large, or refused
+/// for good by the broker); the reference has none (its whole batch fails).
+pub const KAFKA_PRODUCER_ERROR_LOCATION: &str = "plugin_server_kafka_producer";
+/// How much of an undeliverable message `raw_payload` keeps, so that its dead letter always fits.
+pub const DEAD_LETTER_RAW_PAYLOAD_BYTES: usize = 64 * 1024;
+/// How much of each copied field (distinct id, event name, …) an undeliverable message's dead
+/// letter keeps.
+const DEAD_LETTER_FIELD_BYTES: usize = 1024;
+
+/// The dead letter for a message the producer could not deliver (to any topic): the columns of
+/// `events_dead_letter_queue` that can be read from it (an event's protobuf on
+/// `clickhouse_events_proto`, the JSON fields of the others), `raw_payload` = the first
+/// `raw_payload_bytes` (at most [`DEAD_LETTER_RAW_PAYLOAD_BYTES`]) of the value (protobuf decoded to
+/// JSON first), and the reason. Small, whatever the message's size.
+pub fn undeliverable_dead_letter_record(
+    topic: &str,
+    value: Option<&[u8]>,
+    reason: &str,
+    raw_payload_bytes: usize,
+    now: &DateTime<Utc>,
+) -> KafkaRecord {
+    let value = value.unwrap_or_default();
+    let (parsed, text) = if topic == topics::KAFKA_EVENTS {
+        match EventProto::decode_length_delimited(value) {
+            Ok(event) => {
+                let mut fields = Map::new();
+                fields.insert("event_uuid".into(), event.uuid.clone().map_or(Value::Null, Value::String));
+                fields.insert("event".into(), event.event.clone().map_or(Value::Null, Value::String));
+                fields.insert("distinct_id".into(), event.distinct_id.clone().map_or(Value::Null, Value::String));
+                fields.insert("team_id".into(), event.team_id.map_or(Value::Null, Value::from));
+                let text = json!({"uuid": event.uuid, "event": event.event, "properties": event.properties,
+                    "timestamp": event.timestamp, "team_id": event.team_id, "distinct_id": event.distinct_id,
+                    "created_at": event.created_at, "elements_chain": event.elements_chain})
+                .to_string();
+                (fields, text)
+            }
+            Err(_) => (Map::new(), String::from_utf8_lossy(value).into_owned()),
+        }
+    } else {
+        let text = String::from_utf8_lossy(value).into_owned();
+        let mut parsed = serde_json::from_str::<Map<String, Value>>(&text).unwrap_or_default();
+        if let Some(uuid) = parsed.shift_remove("uuid") {
+            parsed.entry("event_uuid").or_insert(uuid);
+        }
+        (parsed, text)
+    };
+    let mut fields = Map::new();
+    fields.insert("id".into(), Value::String(new_uuidt().to_string()));
+    for key in ["event_uuid", "event", "distinct_id", "team_id", "ip", "site_url", "now"] {
+        match parsed.get(key) {
+            Some(Value::String(text)) => {
+                fields.insert(key.into(), Value::String(truncate_utf8(text, DEAD_LETTER_FIELD_BYTES).to_string()));
+            }
+            Some(number @ Value::Number(_)) => {
+                fields.insert(key.into(), number.clone());
+            }
+            _ => {}
+        }
+    }
+    fields.insert("error_timestamp".into(), Value::String(format_clickhouse_seconds(now)));
+    fields.insert(
+        "raw_payload".into(),
+        Value::String(truncate_utf8(&text, raw_payload_bytes.min(DEAD_LETTER_RAW_PAYLOAD_BYTES)).to_string()),
+    );
+    fields.insert("error_location".into(), Value::String(KAFKA_PRODUCER_ERROR_LOCATION.into()));
+    fields.insert(
+        "error".into(),
+        Value::String(format!("Kafka production failed. Error: {}", truncate_utf8(reason, DEAD_LETTER_FIELD_BYTES))),
+    );
+    KafkaRecord {
+        topic: topics::KAFKA_EVENTS_DEAD_LETTER_QUEUE.into(),
+        messages: vec![KafkaMessage { key: None, value: Some(json_bytes(&Value::Object(fields))) }],
+    }
+}
+
+/// The longest prefix of `text` of at most `bytes` bytes that ends on a character boundary.
+fn truncate_utf8(text: &str, bytes: usize) -> &str {
+    if text.len() <= bytes {
+        return text;
+    }
+    let mut end = bytes;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 /// An event captured by a plugin (`posthog.capture`) in the Kafka pipeline: a raw event message to
 /// `KAFKA_CONSUMPTION_TOPIC`, keyed by the event uuid. `data` is the capture payload
 /// `{distinct_id, event, timestamp, properties, team_id, uuid}`; its `distinct_id`, `timestamp`

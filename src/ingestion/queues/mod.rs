@@ -26,6 +26,7 @@ pub mod celery;
 pub mod celery_consumer;
 pub mod celery_dedupe;
 pub mod kafka_consumer;
+pub mod kafka_deliveries;
 pub mod kafka_producer;
 pub mod kafka_settings;
 pub mod kafka_writer;
