@@ -10,18 +10,42 @@
 //! healthy one ([`CALL_ATTEMPTS`]); only when that fails too does the caller see
 //! [`PluginError::WorkerUnavailable`] (which the orchestration must not treat as a plugin error).
 //!
+//! **Fair share.** All plugin configs (teams) share the threads, and a synchronous JS stretch
+//! (a busy loop up to `TASK_TIMEOUT`) holds its whole thread: every task queued behind it waits.
+//! So calls pass an admission step ([`WorkerPool::call`]) that keeps one config from taking the
+//! others' threads:
+//! * each worker records which config it is polling and since when; a config whose task held
+//!   its thread in one stretch longer than [`HEAVY_POLL`] is *heavy* (for [`HEAVY_FOR`] after
+//!   the last such stretch, seen live or when it ended);
+//! * a thread that another config is blocking right now, or that holds calls of another heavy
+//!   config, gets no new calls of this config (they would only wait behind the spin);
+//! * a heavy config has at most [`HEAVY_DEPTH`] calls on one thread (a synchronous hog gains
+//!   nothing from more, and a call queued on a thread cannot be taken back) and, while another
+//!   config is active (calls in flight or waiting, or admitted within [`HEAVY_FOR`]), at most
+//!   `ceil(threads / 2)` threads; while a light config has calls waiting for a thread, heavy
+//!   configs get no new calls until it has one (so with one thread they take turns);
+//! * calls beyond a config's share wait in the pool (FIFO per wake-up, re-checked whenever a
+//!   call ends and every [`RECHECK`]); they are never dropped, and their `TASK_TIMEOUT` starts
+//!   only when they run. The wait is bounded by the heavy config's own pace: its share always
+//!   keeps at least one thread, and the caller's window bounds how many calls wait.
+//! With one config active (the common case) none of this applies beyond the per-thread depth of
+//! a heavy config: it may use every thread.
+//!
 //! Not here: the VM internals (`vm.rs`), what plugins are loaded when (the orchestration).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tokio::runtime::Handle;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 
 use super::vm::{is_allowed_import, Vm, VmInner, TEST_CONSOLE_MODULE};
 use super::{CallKind, MetaBindings, PluginConfigId, PluginError, PluginExports, PluginVmSpec, PoolOptions};
@@ -31,6 +55,16 @@ use crate::plugins::transform::{transform_code, TransformedCode};
 const HEARTBEAT_EVERY: Duration = Duration::from_millis(250);
 /// How many threads a call is tried on before the pool gives up on it.
 pub const CALL_ATTEMPTS: usize = 2;
+/// A task that holds its thread in one synchronous stretch longer than this makes its config
+/// *heavy* (fair share, see the module docs). A simple `processEvent` takes well under 1 ms.
+pub const HEAVY_POLL: Duration = Duration::from_millis(50);
+/// How long a config stays heavy after its last long stretch.
+pub const HEAVY_FOR: Duration = Duration::from_secs(10);
+/// Calls of a heavy config one thread holds at most (one running, one queued behind it).
+pub const HEAVY_DEPTH: usize = 2;
+/// How often a call waiting for its share re-checks even when no call ended (blocked threads
+/// change state with time alone).
+pub const RECHECK: Duration = Duration::from_millis(50);
 
 /// A snapshot of the pool's load.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -42,6 +76,48 @@ pub struct PoolStats {
     pub stalled_workers: Vec<usize>,
     /// Stalled threads that were replaced by fresh ones since the pool started.
     pub replaced_workers: usize,
+    /// Calls waiting for their config's fair share of the threads.
+    pub waiting_for_share: usize,
+}
+
+/// What a worker thread is polling right now (written by the thread, read by the admission).
+#[derive(Default)]
+struct Polling {
+    /// Nanoseconds since the pool started when the current poll began (+1); 0 when idle.
+    since_ns: AtomicU64,
+    config: AtomicI64,
+}
+
+/// Fair-share bookkeeping of one config.
+struct ConfigShare {
+    /// Admitted calls not answered yet, per worker thread.
+    on_worker: Vec<usize>,
+    /// Calls waiting for a thread.
+    waiting: usize,
+    /// Heavy until this time (ns since the pool started); set by the worker threads too.
+    heavy_until_ns: Arc<AtomicU64>,
+}
+
+impl ConfigShare {
+    fn heavy(&self, now: u64) -> bool {
+        self.heavy_until_ns.load(Ordering::Relaxed) > now
+    }
+    fn in_flight(&self) -> usize {
+        self.on_worker.iter().sum()
+    }
+}
+
+/// Fair-share bookkeeping of the pool (one lock: admission decides and counts at once).
+#[derive(Default)]
+struct Fair {
+    configs: HashMap<PluginConfigId, ConfigShare>,
+    /// Configs seen heavy, pruned when they are no longer.
+    heavy: Vec<PluginConfigId>,
+    /// Calls admitted or waiting, every config.
+    active: usize,
+    /// The last light config admitted and when (ns): "another config is active" lasts
+    /// [`HEAVY_FOR`] past it, so a team between two bursts keeps its threads.
+    last_light: Option<(PluginConfigId, u64)>,
 }
 
 /// What a worker needs to (re)build a VM of one config.
@@ -72,6 +148,8 @@ enum Task {
         method: String,
         args: Vec<Value>,
         kind: CallKind,
+        /// The config's heavy mark, set by the thread after a long stretch (fair share).
+        heavy: Option<Arc<AtomicU64>>,
         reply: oneshot::Sender<Option<Result<Value, PluginError>>>,
     },
     Unload {
@@ -90,6 +168,7 @@ struct Worker {
     abandoned: Mutex<Arc<AtomicBool>>,
     in_flight: Arc<AtomicUsize>,
     heartbeat_ns: Arc<AtomicU64>,
+    polling: Arc<Polling>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -103,6 +182,9 @@ struct Inner {
     main: Option<Handle>,
     /// Stalled threads replaced so far.
     replaced: AtomicUsize,
+    fair: Mutex<Fair>,
+    /// Woken whenever an admitted call ends (waiting calls re-check their share).
+    share_freed: Notify,
 }
 
 /// The pool of JS worker threads. Cheap to clone; all clones share the threads.
@@ -128,13 +210,15 @@ impl WorkerPool {
         for index in 0..threads {
             let heartbeat_ns = Arc::new(AtomicU64::new(0));
             let abandoned = Arc::new(AtomicBool::new(false));
-            let (sender, thread) =
-                spawn_worker(index, &options, main.clone(), heartbeat_ns.clone(), started, abandoned.clone())?;
+            let polling = Arc::new(Polling::default());
+            let clocks = Clocks { heartbeat: heartbeat_ns.clone(), polling: polling.clone(), started };
+            let (sender, thread) = spawn_worker(index, &options, main.clone(), clocks, abandoned.clone())?;
             workers.push(Worker {
                 sender: Mutex::new(Some(sender)),
                 abandoned: Mutex::new(abandoned),
                 in_flight: Arc::new(AtomicUsize::new(0)),
                 heartbeat_ns,
+                polling,
                 thread: Mutex::new(Some(thread)),
             });
         }
@@ -148,6 +232,8 @@ impl WorkerPool {
                 started,
                 main,
                 replaced: AtomicUsize::new(0),
+                fair: Mutex::default(),
+                share_freed: Notify::new(),
             }),
         })
     }
@@ -169,14 +255,9 @@ impl WorkerPool {
             flag.store(true, Ordering::Relaxed);
         }
         let fresh = Arc::new(AtomicBool::new(false));
-        match spawn_worker(
-            index,
-            &inner.options,
-            inner.main.clone(),
-            worker.heartbeat_ns.clone(),
-            inner.started,
-            fresh.clone(),
-        ) {
+        let clocks =
+            Clocks { heartbeat: worker.heartbeat_ns.clone(), polling: worker.polling.clone(), started: inner.started };
+        match spawn_worker(index, &inner.options, inner.main.clone(), clocks, fresh.clone()) {
             Ok((new_sender, thread)) => {
                 if let Ok(mut flag) = worker.abandoned.lock() {
                     *flag = fresh;
@@ -278,15 +359,20 @@ impl WorkerPool {
         loop {
             attempt += 1;
             let recipe = self.recipe(plugin_config_id)?;
-            let index = self.pick_worker(Some(plugin_config_id))?;
+            let admitted = self.admit(plugin_config_id).await?;
+            let index = admitted.index;
             if let Some(entry) = self.write_registry().get_mut(&plugin_config_id) {
                 if entry.recipe.generation == recipe.generation {
                     entry.homes[index] = true;
                 }
             }
             let (reply, answer) = oneshot::channel();
-            let task = Task::Call { recipe, create: true, method: method.to_string(), args: args.clone(), kind, reply };
-            match self.send(index, task, answer).await {
+            let heavy = Some(admitted.heavy.clone());
+            let task =
+                Task::Call { recipe, create: true, method: method.to_string(), args: args.clone(), kind, heavy, reply };
+            let outcome = self.send(index, task, answer).await;
+            drop(admitted);
+            match outcome {
                 Ok(result) => return result.unwrap_or(Err(PluginError::NotLoaded(plugin_config_id))),
                 // The thread was lost with the call (stalled, exited): try a healthy one.
                 Err(error @ PluginError::WorkerUnavailable { .. }) if attempt < CALL_ATTEMPTS => {
@@ -319,6 +405,7 @@ impl WorkerPool {
                 method: method.to_string(),
                 args: args.clone(),
                 kind,
+                heavy: None,
                 reply,
             };
             replies.push(self.send(index, task, answer));
@@ -336,6 +423,13 @@ impl WorkerPool {
     /// Forgets this config and drops its VMs on every thread (no teardown call).
     pub async fn unload(&self, plugin_config_id: PluginConfigId) {
         self.write_registry().remove(&plugin_config_id);
+        {
+            let mut fair = self.fair();
+            if fair.configs.get(&plugin_config_id).is_some_and(|s| s.waiting == 0 && s.in_flight() == 0) {
+                fair.configs.remove(&plugin_config_id);
+                fair.heavy.retain(|id| *id != plugin_config_id);
+            }
+        }
         self.drop_vms(plugin_config_id).await;
     }
 
@@ -356,6 +450,7 @@ impl WorkerPool {
             in_flight: workers.iter().map(|w| w.in_flight.load(Ordering::Relaxed)).sum(),
             stalled_workers: (0..workers.len()).filter(|i| self.is_stalled(*i)).collect(),
             replaced_workers: self.inner.replaced.load(Ordering::Relaxed),
+            waiting_for_share: self.fair().configs.values().map(|s| s.waiting).sum(),
         }
     }
 
@@ -416,30 +511,161 @@ impl WorkerPool {
         self.inner.options.stall_after.unwrap_or(self.inner.options.task_timeout * 2 + Duration::from_secs(5))
     }
 
-    /// The thread for the next task: for a config, the least busy of the threads that already
-    /// hold its VM while one of them has a free task slot; otherwise the least busy thread.
+    /// The thread for a load: the least busy healthy one.
     fn pick_worker(&self, plugin_config_id: Option<PluginConfigId>) -> Result<usize, PluginError> {
         if self.inner.shut_down.load(Ordering::Relaxed) {
             return Err(PluginError::ShutDown);
         }
-        let load = |i: &usize| self.inner.workers[*i].in_flight.load(Ordering::Relaxed);
+        let healthy = self.healthy()?;
+        Ok(self.pick_among(plugin_config_id, &healthy).unwrap_or(healthy[0]))
+    }
+
+    /// Healthy (not stalled) threads; an error when there is none.
+    fn healthy(&self) -> Result<Vec<usize>, PluginError> {
         let healthy: Vec<usize> = (0..self.inner.workers.len()).filter(|i| !self.is_stalled(*i)).collect();
+        if healthy.is_empty() {
+            return Err(PluginError::WorkerUnavailable { worker: 0, reason: "every worker thread is stalled".into() });
+        }
+        Ok(healthy)
+    }
+
+    /// Among `candidates`: for a config, the least busy of the threads that already hold its VM
+    /// while one of them has a free task slot; otherwise the least busy thread.
+    fn pick_among(&self, plugin_config_id: Option<PluginConfigId>, candidates: &[usize]) -> Option<usize> {
+        let load = |i: &usize| self.inner.workers[*i].in_flight.load(Ordering::Relaxed);
         if let Some(id) = plugin_config_id {
-            let homes = self.read_registry().get(&id).map(|r| r.homes.clone()).unwrap_or_default();
-            let home = healthy
+            let registry = self.read_registry();
+            let homes = registry.get(&id).map(|r| r.homes.as_slice()).unwrap_or_default();
+            let home = candidates
                 .iter()
                 .copied()
                 .filter(|i| homes.get(*i).copied().unwrap_or(false))
                 .min_by_key(load)
                 .filter(|i| load(i) < self.inner.options.tasks_per_worker.max(1));
-            if let Some(home) = home {
-                return Ok(home);
+            if home.is_some() {
+                return home;
             }
         }
-        healthy.into_iter().min_by_key(load).ok_or_else(|| PluginError::WorkerUnavailable {
-            worker: 0,
-            reason: "every worker thread is stalled".into(),
-        })
+        candidates.iter().copied().min_by_key(load)
+    }
+
+    fn fair(&self) -> std::sync::MutexGuard<'_, Fair> {
+        self.inner.fair.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.inner.started.elapsed().as_nanos() as u64
+    }
+
+    /// Waits until this config's fair share has room on a thread and takes it (see the module
+    /// docs). The returned guard gives the share back when dropped.
+    async fn admit(&self, plugin_config_id: PluginConfigId) -> Result<Admitted<'_>, PluginError> {
+        let mut waiting = Waiting { pool: self, plugin_config_id, registered: false };
+        loop {
+            let freed = self.inner.share_freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            {
+                let mut fair = self.fair();
+                if let Some((index, heavy)) = self.try_admit(&mut fair, plugin_config_id)? {
+                    if waiting.registered {
+                        waiting.registered = false;
+                        if let Some(share) = fair.configs.get_mut(&plugin_config_id) {
+                            share.waiting -= 1;
+                        }
+                    } else {
+                        fair.active += 1;
+                    }
+                    if let Some(share) = fair.configs.get_mut(&plugin_config_id) {
+                        share.on_worker[index] += 1;
+                    }
+                    return Ok(Admitted { pool: self, plugin_config_id, index, heavy });
+                }
+                if !waiting.registered {
+                    waiting.registered = true;
+                    fair.active += 1;
+                    if let Some(share) = fair.configs.get_mut(&plugin_config_id) {
+                        share.waiting += 1;
+                    }
+                }
+            }
+            let _ = tokio::time::timeout(RECHECK, freed).await;
+        }
+    }
+
+    /// The thread this config's next call may go to now, or `None` when it must wait.
+    fn try_admit(
+        &self,
+        fair: &mut Fair,
+        id: PluginConfigId,
+    ) -> Result<Option<(usize, Arc<AtomicU64>)>, PluginError> {
+        if self.inner.shut_down.load(Ordering::Relaxed) {
+            return Err(PluginError::ShutDown);
+        }
+        let healthy = self.healthy()?;
+        let threads = self.inner.workers.len();
+        let now = self.now_ns();
+        let heavy_poll = HEAVY_POLL.as_nanos() as u64;
+        let mark_until = now + HEAVY_FOR.as_nanos() as u64;
+        // Threads another config blocks right now (a long synchronous stretch, seen live).
+        let mut reserved = vec![false; threads];
+        for (index, worker) in self.inner.workers.iter().enumerate() {
+            let since = worker.polling.since_ns.load(Ordering::Relaxed);
+            if since != 0 && now.saturating_sub(since - 1) > heavy_poll {
+                let config = worker.polling.config.load(Ordering::Relaxed);
+                if let Some(share) = fair.configs.get(&config) {
+                    share.heavy_until_ns.fetch_max(mark_until, Ordering::Relaxed);
+                    if !fair.heavy.contains(&config) {
+                        fair.heavy.push(config);
+                    }
+                }
+                reserved[index] = config != id;
+            }
+        }
+        let me = fair.configs.entry(id).or_insert_with(|| ConfigShare {
+            on_worker: vec![0; threads],
+            waiting: 0,
+            heavy_until_ns: Arc::default(),
+        });
+        let heavy_me = me.heavy(now);
+        let mine = me.in_flight() + me.waiting;
+        let my_threads: Vec<bool> = me.on_worker.iter().map(|n| *n > 0).collect();
+        let my_depth = me.on_worker.clone();
+        let heavy_mark = me.heavy_until_ns.clone();
+        if heavy_me && !fair.heavy.contains(&id) {
+            fair.heavy.push(id);
+        }
+        // Threads holding calls of another heavy config.
+        let configs = &fair.configs;
+        fair.heavy.retain(|h| configs.get(h).is_some_and(|s| s.heavy(now) || s.in_flight() > 0));
+        for h in fair.heavy.iter().filter(|h| **h != id) {
+            if let Some(share) = fair.configs.get(h).filter(|s| s.heavy(now)) {
+                for (index, n) in share.on_worker.iter().enumerate() {
+                    if *n > 0 {
+                        reserved[index] = true;
+                    }
+                }
+            }
+        }
+        let mut allowed: Vec<usize> = healthy.into_iter().filter(|i| !reserved[*i]).collect();
+        if heavy_me {
+            let others_active = fair.active > mine
+                || fair.last_light.is_some_and(|(c, at)| c != id && now.saturating_sub(at) < HEAVY_FOR.as_nanos() as u64);
+            if others_active {
+                let starved = fair.configs.iter().any(|(c, s)| *c != id && s.waiting > 0 && !s.heavy(now));
+                if starved {
+                    return Ok(None);
+                }
+                let cap = threads.div_ceil(2);
+                if my_threads.iter().filter(|held| **held).count() >= cap {
+                    allowed.retain(|i| my_threads[*i]);
+                }
+            }
+            allowed.retain(|i| my_depth[*i] < HEAVY_DEPTH);
+        } else {
+            fair.last_light = Some((id, now));
+        }
+        Ok(self.pick_among(Some(id), &allowed).map(|index| (index, heavy_mark)))
     }
 
     /// Sends a task (waiting for room: back-pressure) and awaits its reply while watching the
@@ -470,6 +696,46 @@ impl WorkerPool {
     }
 }
 
+/// A call's place in its config's share; given back (and waiting calls woken) on drop.
+struct Admitted<'a> {
+    pool: &'a WorkerPool,
+    plugin_config_id: PluginConfigId,
+    index: usize,
+    heavy: Arc<AtomicU64>,
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        {
+            let mut fair = self.pool.fair();
+            fair.active = fair.active.saturating_sub(1);
+            if let Some(share) = fair.configs.get_mut(&self.plugin_config_id) {
+                share.on_worker[self.index] = share.on_worker[self.index].saturating_sub(1);
+            }
+        }
+        self.pool.inner.share_freed.notify_waiters();
+    }
+}
+
+/// A call waiting for its share (counted while it waits, also when its caller gives up).
+struct Waiting<'a> {
+    pool: &'a WorkerPool,
+    plugin_config_id: PluginConfigId,
+    registered: bool,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if self.registered {
+            let mut fair = self.pool.fair();
+            fair.active = fair.active.saturating_sub(1);
+            if let Some(share) = fair.configs.get_mut(&self.plugin_config_id) {
+                share.waiting = share.waiting.saturating_sub(1);
+            }
+        }
+    }
+}
+
 struct InFlight<'a>(&'a AtomicUsize);
 
 impl Drop for InFlight<'_> {
@@ -486,12 +752,18 @@ struct Vms {
     creating: HashMap<PluginConfigId, Rc<tokio::sync::Mutex<()>>>,
 }
 
+/// What a worker thread reports about itself: its heartbeat and what it is polling.
+struct Clocks {
+    heartbeat: Arc<AtomicU64>,
+    polling: Arc<Polling>,
+    started: Instant,
+}
+
 fn spawn_worker(
     index: usize,
     options: &PoolOptions,
     main: Option<Handle>,
-    heartbeat: Arc<AtomicU64>,
-    started: Instant,
+    clocks: Clocks,
     abandoned: Arc<AtomicBool>,
 ) -> Result<(mpsc::Sender<Task>, std::thread::JoinHandle<()>), PluginError> {
     let (sender, receiver) = mpsc::channel(options.tasks_per_worker.max(1));
@@ -500,7 +772,7 @@ fn spawn_worker(
         .name(format!("js-worker-{index}"))
         // Room for the VM's own stack limit plus Rust frames around it.
         .stack_size(options.max_stack_bytes.max(1 << 20) * 4 + (8 << 20))
-        .spawn(move || worker_main(receiver, options, main, heartbeat, started, abandoned))
+        .spawn(move || worker_main(receiver, options, main, clocks, abandoned))
         .map_err(|e| PluginError::WorkerUnavailable { worker: index, reason: e.to_string() })?;
     Ok((sender, thread))
 }
@@ -509,10 +781,10 @@ fn worker_main(
     mut receiver: mpsc::Receiver<Task>,
     options: PoolOptions,
     main: Option<Handle>,
-    heartbeat: Arc<AtomicU64>,
-    started: Instant,
+    clocks: Clocks,
     abandoned: Arc<AtomicBool>,
 ) {
+    let Clocks { heartbeat, polling, started } = clocks;
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(error) => {
@@ -541,10 +813,17 @@ fn worker_main(
             let options = options.clone();
             let main = main.clone();
             let abandoned = abandoned.clone();
-            tokio::task::spawn_local(async move {
-                run_task(task, &vms, &options, main, abandoned).await;
-                drop(permit);
-            });
+            let tracked = Tracked {
+                polling: polling.clone(),
+                started,
+                config: task.plugin_config_id(),
+                heavy: task.heavy_mark(),
+                task: Box::pin(async move {
+                    run_task(task, &vms, &options, main, abandoned).await;
+                    drop(permit);
+                }),
+            };
+            tokio::task::spawn_local(tracked);
         }
         receiver.close();
         // Channel closed: let running tasks finish, then drop the VMs on this thread.
@@ -552,6 +831,51 @@ fn worker_main(
         ticker.abort();
         vms.borrow_mut().vms.clear();
     });
+}
+
+impl Task {
+    fn plugin_config_id(&self) -> PluginConfigId {
+        match self {
+            Task::Load { recipe, .. } | Task::Call { recipe, .. } => recipe.plugin_config_id,
+            Task::Unload { plugin_config_id, .. } | Task::Memory { plugin_config_id, .. } => *plugin_config_id,
+        }
+    }
+
+    fn heavy_mark(&self) -> Option<Arc<AtomicU64>> {
+        match self {
+            Task::Call { heavy, .. } => heavy.clone(),
+            _ => None,
+        }
+    }
+}
+
+/// A task future that publishes each poll (which config, since when) in the thread's
+/// [`Polling`], and marks its config heavy after a poll longer than [`HEAVY_POLL`].
+struct Tracked {
+    polling: Arc<Polling>,
+    started: Instant,
+    config: PluginConfigId,
+    heavy: Option<Arc<AtomicU64>>,
+    task: Pin<Box<dyn Future<Output = ()>>>,
+}
+
+impl Future for Tracked {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let began = self.started.elapsed();
+        self.polling.config.store(self.config, Ordering::Relaxed);
+        self.polling.since_ns.store(began.as_nanos() as u64 + 1, Ordering::Relaxed);
+        let outcome = self.task.as_mut().poll(cx);
+        let ended = self.started.elapsed();
+        self.polling.since_ns.store(0, Ordering::Relaxed);
+        if ended.saturating_sub(began) > HEAVY_POLL {
+            if let Some(heavy) = &self.heavy {
+                heavy.fetch_max((ended + HEAVY_FOR).as_nanos() as u64, Ordering::Relaxed);
+            }
+        }
+        outcome
+    }
 }
 
 /// Drops `vm` from this thread if it was discarded (it runs no more JS; the next call of its
@@ -578,7 +902,7 @@ async fn run_task(
             let result = vm_for(vms, &recipe, options, main, abandoned).await.map(|vm| vm.exports.borrow().clone());
             let _ = reply.send(result);
         }
-        Task::Call { recipe, create, method, args, kind, reply } => {
+        Task::Call { recipe, create, method, args, kind, reply, .. } => {
             let existing = {
                 let vms = vms.borrow();
                 // A newer VM (a reload raced this call) serves it too; an older one never does,
