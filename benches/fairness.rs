@@ -6,7 +6,7 @@
 //! BENCH_SECONDS (default 5), BENCH_WINDOW (B's calls in flight, default 200), BENCH_A_WINDOW
 //! (A's calls in flight, default 20)).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// The server binary's allocator (src/main.rs), so the VMs run as they do there.
@@ -76,7 +76,12 @@ async fn team_b_rate(pool: &WorkerPool, window: usize, seconds: u64) -> f64 {
 
 /// Keeps `window` calls of team A in flight until `stop`; returns how many ended (each with
 /// its timeout error).
-async fn team_a_load(pool: WorkerPool, window: usize, stop: Arc<AtomicBool>) -> (usize, usize) {
+async fn team_a_load(
+    pool: WorkerPool,
+    window: usize,
+    stop: Arc<AtomicBool>,
+    ended: Arc<AtomicUsize>,
+) -> (usize, usize) {
     let mut in_flight = FuturesUnordered::new();
     let (mut timed_out, mut other) = (0, 0);
     let mut index = 0;
@@ -86,9 +91,18 @@ async fn team_a_load(pool: WorkerPool, window: usize, stop: Arc<AtomicBool>) -> 
             let (pool, i) = (pool.clone(), index);
             in_flight.push(async move { pool.call(TEAM_A, "processEvent", vec![event(i)], CallKind::Method).await });
         }
-        match in_flight.next().await {
+        let next = in_flight.next().await;
+        if next.is_some() {
+            ended.fetch_add(1, Ordering::Relaxed);
+        }
+        match next {
             Some(Err(e)) if e.to_string().contains("timed out") => timed_out += 1,
-            Some(_) => other += 1,
+            Some(out) => {
+                if other == 0 {
+                    println!("  team A: a call ended otherwise: {out:?}");
+                }
+                other += 1
+            }
             None => return (timed_out, other),
         }
     }
@@ -119,11 +133,15 @@ fn main() {
         println!("  team B alone:                          {alone:>9.0} events/s");
 
         let stop = Arc::new(AtomicBool::new(false));
-        let load = tokio::spawn(team_a_load(pool.clone(), a_window, stop.clone()));
+        let ended = Arc::new(AtomicUsize::new(0));
+        let load = tokio::spawn(team_a_load(pool.clone(), a_window, stop.clone(), ended.clone()));
         tokio::time::sleep(Duration::from_millis(1500)).await;
+        let ended_before = ended.load(Ordering::Relaxed);
         let loaded = team_b_rate(&pool, window, seconds).await;
+        let ended_during = ended.load(Ordering::Relaxed) - ended_before;
         stop.store(true, Ordering::Relaxed);
         println!("  team B while team A spins every call:  {loaded:>9.0} events/s");
+        println!("  team A's calls that ended (timed out) while team B was measured: {ended_during}");
         println!("  team B keeps {:.0}% of its unloaded rate (target ≥ 70%)", loaded / alone * 100.0);
         let (timed_out, other) = load.await.expect("team A");
         println!("  team A: {timed_out} calls ended with the timeout error, {other} otherwise (none dropped)");

@@ -19,7 +19,11 @@ fn event(index: usize) -> Value {
 
 /// Keeps `depth` calls of config 1 (the spinner) in flight until `stop` is set; returns every
 /// result.
-async fn spin_load(pool: WorkerPool, depth: usize, stop: tokio::sync::watch::Receiver<bool>) -> Vec<Result<Value, PluginError>> {
+async fn spin_load(
+    pool: WorkerPool,
+    depth: usize,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Vec<Result<Value, PluginError>> {
     let mut in_flight = FuturesUnordered::new();
     let mut results = Vec::new();
     let mut sent = 0;

@@ -33,14 +33,14 @@
 //!
 //! Not here: the VM internals (`vm.rs`), what plugins are loaded when (the orchestration).
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
-use std::task::{Context, Poll};
 use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -62,6 +62,11 @@ pub const HEAVY_POLL: Duration = Duration::from_millis(50);
 pub const HEAVY_FOR: Duration = Duration::from_secs(10);
 /// Calls of a heavy config one thread holds at most (one running, one queued behind it).
 pub const HEAVY_DEPTH: usize = 2;
+/// While another config is active, a heavy config runs one call at a time and after a call
+/// that held its thread for `t`, waits `t × (1 / HEAVY_DUTY − 1)` before the next: it gets at
+/// most this share of one thread's time (a config that spins until `TASK_TIMEOUT` fails every
+/// call anyway; the others keep most of the CPU).
+pub const HEAVY_DUTY: f64 = 0.25;
 /// How often a call waiting for its share re-checks even when no call ended (blocked threads
 /// change state with time alone).
 pub const RECHECK: Duration = Duration::from_millis(50);
@@ -94,13 +99,24 @@ struct ConfigShare {
     on_worker: Vec<usize>,
     /// Calls waiting for a thread.
     waiting: usize,
-    /// Heavy until this time (ns since the pool started); set by the worker threads too.
-    heavy_until_ns: Arc<AtomicU64>,
+    /// Set by the worker threads too.
+    marks: Arc<Marks>,
+    /// When a call of this config was last admitted (ns since the pool started).
+    last_admitted_ns: u64,
+}
+
+/// What the worker threads learn about a config's calls (times in ns since the pool started).
+#[derive(Default)]
+struct Marks {
+    /// Heavy until then.
+    heavy_until_ns: AtomicU64,
+    /// While another config is active, no call of this heavy config starts before then.
+    resume_ns: AtomicU64,
 }
 
 impl ConfigShare {
     fn heavy(&self, now: u64) -> bool {
-        self.heavy_until_ns.load(Ordering::Relaxed) > now
+        self.marks.heavy_until_ns.load(Ordering::Relaxed) > now
     }
     fn in_flight(&self) -> usize {
         self.on_worker.iter().sum()
@@ -115,9 +131,6 @@ struct Fair {
     heavy: Vec<PluginConfigId>,
     /// Calls admitted or waiting, every config.
     active: usize,
-    /// The last light config admitted and when (ns): "another config is active" lasts
-    /// [`HEAVY_FOR`] past it, so a team between two bursts keeps its threads.
-    last_light: Option<(PluginConfigId, u64)>,
 }
 
 /// What a worker needs to (re)build a VM of one config.
@@ -149,7 +162,10 @@ enum Task {
         args: Vec<Value>,
         kind: CallKind,
         /// The config's heavy mark, set by the thread after a long stretch (fair share).
-        heavy: Option<Arc<AtomicU64>>,
+        heavy: Option<Arc<Marks>>,
+        /// Taken by the thread when the call starts, or by the pool when it withdraws the call
+        /// before that (fair share): whoever takes it first decides.
+        claim: Option<Arc<AtomicBool>>,
         reply: oneshot::Sender<Option<Result<Value, PluginError>>>,
     },
     Unload {
@@ -368,12 +384,23 @@ impl WorkerPool {
             }
             let (reply, answer) = oneshot::channel();
             let heavy = Some(admitted.heavy.clone());
-            let task =
-                Task::Call { recipe, create: true, method: method.to_string(), args: args.clone(), kind, heavy, reply };
-            let outcome = self.send(index, task, answer).await;
+            let claim = Arc::new(AtomicBool::new(false));
+            let task = Task::Call {
+                recipe,
+                create: true,
+                method: method.to_string(),
+                args: args.clone(),
+                kind,
+                heavy,
+                claim: Some(claim.clone()),
+                reply,
+            };
+            let outcome = self.send_call(index, task, answer, Some((plugin_config_id, claim))).await;
             drop(admitted);
             match outcome {
-                Ok(result) => return result.unwrap_or(Err(PluginError::NotLoaded(plugin_config_id))),
+                Ok(Some(result)) => return result.unwrap_or(Err(PluginError::NotLoaded(plugin_config_id))),
+                // Withdrawn from behind a blocked thread before it started: admitted again.
+                Ok(None) => attempt -= 1,
                 // The thread was lost with the call (stalled, exited): try a healthy one.
                 Err(error @ PluginError::WorkerUnavailable { .. }) if attempt < CALL_ATTEMPTS => {
                     tracing::warn!(plugin_config_id, method, %error, attempt, "retrying a call lost with its JS worker thread");
@@ -406,6 +433,7 @@ impl WorkerPool {
                 args: args.clone(),
                 kind,
                 heavy: None,
+                claim: None,
                 reply,
             };
             replies.push(self.send(index, task, answer));
@@ -578,6 +606,7 @@ impl WorkerPool {
                     }
                     if let Some(share) = fair.configs.get_mut(&plugin_config_id) {
                         share.on_worker[index] += 1;
+                        share.last_admitted_ns = self.now_ns();
                     }
                     return Ok(Admitted { pool: self, plugin_config_id, index, heavy });
                 }
@@ -594,11 +623,7 @@ impl WorkerPool {
     }
 
     /// The thread this config's next call may go to now, or `None` when it must wait.
-    fn try_admit(
-        &self,
-        fair: &mut Fair,
-        id: PluginConfigId,
-    ) -> Result<Option<(usize, Arc<AtomicU64>)>, PluginError> {
+    fn try_admit(&self, fair: &mut Fair, id: PluginConfigId) -> Result<Option<(usize, Arc<Marks>)>, PluginError> {
         if self.inner.shut_down.load(Ordering::Relaxed) {
             return Err(PluginError::ShutDown);
         }
@@ -614,7 +639,7 @@ impl WorkerPool {
             if since != 0 && now.saturating_sub(since - 1) > heavy_poll {
                 let config = worker.polling.config.load(Ordering::Relaxed);
                 if let Some(share) = fair.configs.get(&config) {
-                    share.heavy_until_ns.fetch_max(mark_until, Ordering::Relaxed);
+                    share.marks.heavy_until_ns.fetch_max(mark_until, Ordering::Relaxed);
                     if !fair.heavy.contains(&config) {
                         fair.heavy.push(config);
                     }
@@ -625,13 +650,14 @@ impl WorkerPool {
         let me = fair.configs.entry(id).or_insert_with(|| ConfigShare {
             on_worker: vec![0; threads],
             waiting: 0,
-            heavy_until_ns: Arc::default(),
+            marks: Arc::default(),
+            last_admitted_ns: 0,
         });
         let heavy_me = me.heavy(now);
         let mine = me.in_flight() + me.waiting;
         let my_threads: Vec<bool> = me.on_worker.iter().map(|n| *n > 0).collect();
         let my_depth = me.on_worker.clone();
-        let heavy_mark = me.heavy_until_ns.clone();
+        let heavy_mark = me.marks.clone();
         if heavy_me && !fair.heavy.contains(&id) {
             fair.heavy.push(id);
         }
@@ -649,34 +675,61 @@ impl WorkerPool {
         }
         let mut allowed: Vec<usize> = healthy.into_iter().filter(|i| !reserved[*i]).collect();
         if heavy_me {
-            let others_active = fair.active > mine
-                || fair.last_light.is_some_and(|(c, at)| c != id && now.saturating_sub(at) < HEAVY_FOR.as_nanos() as u64);
+            // "Another config is active" lasts [`HEAVY_FOR`] past its last call, so a team
+            // between two bursts keeps its threads.
+            let recent = |s: &ConfigShare| now.saturating_sub(s.last_admitted_ns) < HEAVY_FOR.as_nanos() as u64;
+            let others_active = fair.active > mine || fair.configs.iter().any(|(c, s)| *c != id && recent(s));
             if others_active {
                 let starved = fair.configs.iter().any(|(c, s)| *c != id && s.waiting > 0 && !s.heavy(now));
                 if starved {
                     return Ok(None);
                 }
+                // Over or at the cap: only the first `cap` threads it holds (the others drain).
                 let cap = threads.div_ceil(2);
-                if my_threads.iter().filter(|held| **held).count() >= cap {
-                    allowed.retain(|i| my_threads[*i]);
+                let kept: Vec<usize> = (0..threads).filter(|i| my_threads[*i]).take(cap).collect();
+                if kept.len() >= cap {
+                    allowed.retain(|i| kept.contains(i));
+                }
+                // One call at a time, and [`HEAVY_DUTY`] of a thread's time at most.
+                if my_depth.iter().sum::<usize>() > 0 || heavy_mark.resume_ns.load(Ordering::Relaxed) > now {
+                    return Ok(None);
                 }
             }
             allowed.retain(|i| my_depth[*i] < HEAVY_DEPTH);
-        } else {
-            fair.last_light = Some((id, now));
         }
-        Ok(self.pick_among(Some(id), &allowed).map(|index| (index, heavy_mark)))
+        let picked = self.pick_among(Some(id), &allowed);
+        Ok(picked.map(|index| (index, heavy_mark)))
     }
 
     /// Sends a task (waiting for room: back-pressure) and awaits its reply while watching the
     /// worker's heartbeat.
     async fn send<T>(&self, index: usize, task: Task, answer: oneshot::Receiver<T>) -> Result<T, PluginError> {
+        self.send_call(index, task, answer, None)
+            .await?
+            .ok_or(PluginError::WorkerUnavailable { worker: index, reason: "the task was withdrawn".into() })
+    }
+
+    /// [`WorkerPool::send`]; with `claim` (a call of that config) the task is withdrawn
+    /// (`Ok(None)`) when it has not started yet and waits behind a thread that another config
+    /// blocks, or that its own config blocks while holding more than [`HEAVY_DEPTH`] calls
+    /// there or while another config is active: the caller re-admits it where its share allows
+    /// (fair share).
+    async fn send_call<T>(
+        &self,
+        index: usize,
+        task: Task,
+        answer: oneshot::Receiver<T>,
+        claim: Option<(PluginConfigId, Arc<AtomicBool>)>,
+    ) -> Result<Option<T>, PluginError> {
         let worker = &self.inner.workers[index];
         let unavailable = |reason: &str| PluginError::WorkerUnavailable { worker: index, reason: reason.to_string() };
         let sender = worker.sender.lock().ok().and_then(|s| s.clone()).ok_or(PluginError::ShutDown)?;
         worker.in_flight.fetch_add(1, Ordering::Relaxed);
         let _in_flight = InFlight(&worker.in_flight);
-        sender.send(task).await.map_err(|_| unavailable("the thread has exited"))?;
+        let delivered = async {
+            sender.send(task).await.map_err(|_| unavailable("the thread has exited"))?;
+            answer.await.map_err(|_| unavailable("the thread dropped the task"))
+        };
         let watchdog = async {
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -685,14 +738,46 @@ impl WorkerPool {
                 }
             }
         };
+        let withdraw = async {
+            let Some((id, claim)) = claim else { return std::future::pending().await };
+            loop {
+                tokio::time::sleep(RECHECK).await;
+                if claim.load(Ordering::Acquire) {
+                    return std::future::pending().await; // started: it runs to its end here
+                }
+                if self.queued_behind_block(index, id) && !claim.swap(true, Ordering::AcqRel) {
+                    return;
+                }
+            }
+        };
         tokio::select! {
-            reply = answer => reply.map_err(|_| unavailable("the thread dropped the task")),
+            reply = delivered => reply.map(Some),
             _ = watchdog => {
                 tracing::error!(worker = index, "JS worker thread is stalled; its task is abandoned");
                 self.replace_stalled(index);
                 Err(unavailable("the thread is stalled"))
             }
+            _ = withdraw => Ok(None),
         }
+    }
+
+    /// Whether a call of `id` that has not started on thread `index` waits behind a long
+    /// synchronous stretch it should not wait for (see [`WorkerPool::send_call`]).
+    fn queued_behind_block(&self, index: usize, id: PluginConfigId) -> bool {
+        let polling = &self.inner.workers[index].polling;
+        let since = polling.since_ns.load(Ordering::Relaxed);
+        if since == 0 || self.now_ns().saturating_sub(since - 1) <= HEAVY_POLL.as_nanos() as u64 {
+            return false;
+        }
+        if polling.config.load(Ordering::Relaxed) != id {
+            return true;
+        }
+        // Behind its own config: past the depth of a heavy config, or at all while another
+        // config is active (then it runs one call at a time).
+        let fair = self.fair();
+        fair.configs
+            .get(&id)
+            .is_some_and(|s| s.on_worker[index] > HEAVY_DEPTH || fair.active > s.in_flight() + s.waiting)
     }
 }
 
@@ -701,7 +786,7 @@ struct Admitted<'a> {
     pool: &'a WorkerPool,
     plugin_config_id: PluginConfigId,
     index: usize,
-    heavy: Arc<AtomicU64>,
+    heavy: Arc<Marks>,
 }
 
 impl Drop for Admitted<'_> {
@@ -818,6 +903,7 @@ fn worker_main(
                 started,
                 config: task.plugin_config_id(),
                 heavy: task.heavy_mark(),
+                busy: Duration::ZERO,
                 task: Box::pin(async move {
                     run_task(task, &vms, &options, main, abandoned).await;
                     drop(permit);
@@ -841,7 +927,7 @@ impl Task {
         }
     }
 
-    fn heavy_mark(&self) -> Option<Arc<AtomicU64>> {
+    fn heavy_mark(&self) -> Option<Arc<Marks>> {
         match self {
             Task::Call { heavy, .. } => heavy.clone(),
             _ => None,
@@ -855,7 +941,9 @@ struct Tracked {
     polling: Arc<Polling>,
     started: Instant,
     config: PluginConfigId,
-    heavy: Option<Arc<AtomicU64>>,
+    heavy: Option<Arc<Marks>>,
+    /// Time spent inside this task's polls so far.
+    busy: Duration,
     task: Pin<Box<dyn Future<Output = ()>>>,
 }
 
@@ -864,14 +952,24 @@ impl Future for Tracked {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let began = self.started.elapsed();
+        let building_before = BUILDING.with(Cell::get);
         self.polling.config.store(self.config, Ordering::Relaxed);
         self.polling.since_ns.store(began.as_nanos() as u64 + 1, Ordering::Relaxed);
         let outcome = self.task.as_mut().poll(cx);
         let ended = self.started.elapsed();
         self.polling.since_ns.store(0, Ordering::Relaxed);
-        if ended.saturating_sub(began) > HEAVY_POLL {
-            if let Some(heavy) = &self.heavy {
-                heavy.fetch_max((ended + HEAVY_FOR).as_nanos() as u64, Ordering::Relaxed);
+        // Building a VM (its code and `setupPlugin`, slow in a debug build) is not the call's
+        // own work: it does not make a config heavy.
+        let building = BUILDING.with(Cell::get).saturating_sub(building_before);
+        let took = ended.saturating_sub(began).saturating_sub(building);
+        self.busy += took;
+        if let Some(marks) = &self.heavy {
+            if took > HEAVY_POLL {
+                marks.heavy_until_ns.fetch_max((ended + HEAVY_FOR).as_nanos() as u64, Ordering::Relaxed);
+            }
+            if outcome.is_ready() && self.busy > HEAVY_POLL {
+                let pause = self.busy.mul_f64(1.0 / HEAVY_DUTY - 1.0);
+                marks.resume_ns.fetch_max((ended + pause).as_nanos() as u64, Ordering::Relaxed);
             }
         }
         outcome
@@ -902,7 +1000,10 @@ async fn run_task(
             let result = vm_for(vms, &recipe, options, main, abandoned).await.map(|vm| vm.exports.borrow().clone());
             let _ = reply.send(result);
         }
-        Task::Call { recipe, create, method, args, kind, reply, .. } => {
+        Task::Call { recipe, create, method, args, kind, reply, claim, .. } => {
+            if claim.is_some_and(|claim| claim.swap(true, Ordering::AcqRel)) {
+                return; // withdrawn by the pool before it started: admitted elsewhere
+            }
             let existing = {
                 let vms = vms.borrow();
                 // A newer VM (a reload raced this call) serves it too; an older one never does,
@@ -940,6 +1041,20 @@ async fn run_task(
     }
 }
 
+thread_local! {
+    /// Time this thread spent building VMs (see [`Tracked`]).
+    static BUILDING: Cell<Duration> = const { Cell::new(Duration::ZERO) };
+}
+
+/// Adds the time from its creation to its drop to [`BUILDING`].
+struct Building(Instant);
+
+impl Drop for Building {
+    fn drop(&mut self) {
+        BUILDING.with(|b| b.set(b.get() + self.0.elapsed()));
+    }
+}
+
 /// This thread's VM for `recipe`, built (code + `setupPlugin`) if missing or outdated.
 async fn vm_for(
     vms: &Rc<RefCell<Vms>>,
@@ -956,10 +1071,12 @@ async fn vm_for(
             return Ok(vm.clone());
         }
     }
+    let building = Building(Instant::now());
     let vm = VmInner::create(id, &recipe.code, recipe.meta.clone(), options, main, abandoned).await?;
     if vm.exports.borrow().has("setupPlugin") {
         vm.call("setupPlugin", Vec::new(), CallKind::Method).await?;
     }
+    drop(building);
     let mut vms = vms.borrow_mut();
     if let Some((_, newer)) = vms.vms.get(&id).filter(|(g, _)| *g > recipe.generation) {
         // A reload finished while this one was being set up: keep the newer VM.
