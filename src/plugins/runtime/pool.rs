@@ -19,17 +19,22 @@
 //!   the last such stretch, seen live or when it ended);
 //! * a thread that another config is blocking right now, or that holds calls of another heavy
 //!   config, gets no new calls of this config (they would only wait behind the spin);
+//! * a call queued on a thread that another config blocks is taken back before it starts
+//!   (the thread and the pool race for its `claim`) and admitted again elsewhere;
 //! * a heavy config has at most [`HEAVY_DEPTH`] calls on one thread (a synchronous hog gains
-//!   nothing from more, and a call queued on a thread cannot be taken back) and, while another
-//!   config is active (calls in flight or waiting, or admitted within [`HEAVY_FOR`]), at most
-//!   `ceil(threads / 2)` threads; while a light config has calls waiting for a thread, heavy
-//!   configs get no new calls until it has one (so with one thread they take turns);
-//! * calls beyond a config's share wait in the pool (FIFO per wake-up, re-checked whenever a
-//!   call ends and every [`RECHECK`]); they are never dropped, and their `TASK_TIMEOUT` starts
-//!   only when they run. The wait is bounded by the heavy config's own pace: its share always
-//!   keeps at least one thread, and the caller's window bounds how many calls wait.
+//!   nothing from more); while another config is active (calls in flight or waiting, or
+//!   admitted within [`HEAVY_FOR`]) it runs one call at a time, on at most `ceil(threads / 2)`
+//!   threads, with a duty cycle of [`HEAVY_DUTY`] (after a call that held its thread for `t`,
+//!   its next call waits `3 × t`); while a light config has calls waiting for a thread, heavy
+//!   configs get no new calls (so with one thread they take turns);
+//! * calls beyond a config's share wait in the pool (re-checked whenever a call ends and every
+//!   [`RECHECK`]); they are never dropped, and their `TASK_TIMEOUT` starts only when they run.
+//!   The wait is bounded by the heavy config's own pace (its share never drops to nothing) and
+//!   the caller's window bounds how many calls wait.
+//!
 //! With one config active (the common case) none of this applies beyond the per-thread depth of
-//! a heavy config: it may use every thread.
+//! a heavy config: it may use every thread. Building a VM (code and `setupPlugin`) does not
+//! count as a long stretch.
 //!
 //! Not here: the VM internals (`vm.rs`), what plugins are loaded when (the orchestration).
 
@@ -549,6 +554,7 @@ impl WorkerPool {
     }
 
     /// Healthy (not stalled) threads; an error when there is none.
+    #[allow(clippy::result_large_err)] // PluginError is the pool's error everywhere
     fn healthy(&self) -> Result<Vec<usize>, PluginError> {
         let healthy: Vec<usize> = (0..self.inner.workers.len()).filter(|i| !self.is_stalled(*i)).collect();
         if healthy.is_empty() {
@@ -623,6 +629,7 @@ impl WorkerPool {
     }
 
     /// The thread this config's next call may go to now, or `None` when it must wait.
+    #[allow(clippy::result_large_err)]
     fn try_admit(&self, fair: &mut Fair, id: PluginConfigId) -> Result<Option<(usize, Arc<Marks>)>, PluginError> {
         if self.inner.shut_down.load(Ordering::Relaxed) {
             return Err(PluginError::ShutDown);
