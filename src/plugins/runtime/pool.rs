@@ -128,6 +128,16 @@ impl ConfigShare {
     }
 }
 
+impl Fair {
+    /// Whether a config other than `id` (which has `mine` calls admitted or waiting) is active:
+    /// it has calls admitted or waiting, or had one admitted within [`HEAVY_FOR`] (so a team
+    /// between two bursts keeps its threads).
+    fn others_active(&self, id: PluginConfigId, mine: usize, now: u64) -> bool {
+        let recent = |s: &ConfigShare| now.saturating_sub(s.last_admitted_ns) < HEAVY_FOR.as_nanos() as u64;
+        self.active > mine || self.configs.iter().any(|(c, s)| *c != id && recent(s))
+    }
+}
+
 /// Fair-share bookkeeping of the pool (one lock: admission decides and counts at once).
 #[derive(Default)]
 struct Fair {
@@ -595,6 +605,7 @@ impl WorkerPool {
     /// docs). The returned guard gives the share back when dropped.
     async fn admit(&self, plugin_config_id: PluginConfigId) -> Result<Admitted<'_>, PluginError> {
         let mut waiting = Waiting { pool: self, plugin_config_id, registered: false };
+        let mut heavy;
         loop {
             let freed = self.inner.share_freed.notified();
             tokio::pin!(freed);
@@ -623,8 +634,17 @@ impl WorkerPool {
                         share.waiting += 1;
                     }
                 }
+                // A heavy config's calls last longer than RECHECK: its waiting calls re-check on
+                // the timer only, not after every call of the others (that would cost each of
+                // their calls a pass over all of them).
+                let now = self.now_ns();
+                heavy = fair.configs.get(&plugin_config_id).is_some_and(|s| s.heavy(now));
             }
-            let _ = tokio::time::timeout(RECHECK, freed).await;
+            if heavy {
+                tokio::time::sleep(RECHECK).await;
+            } else {
+                let _ = tokio::time::timeout(RECHECK, freed).await;
+            }
         }
     }
 
@@ -684,9 +704,7 @@ impl WorkerPool {
         if heavy_me {
             // "Another config is active" lasts [`HEAVY_FOR`] past its last call, so a team
             // between two bursts keeps its threads.
-            let recent = |s: &ConfigShare| now.saturating_sub(s.last_admitted_ns) < HEAVY_FOR.as_nanos() as u64;
-            let others_active = fair.active > mine || fair.configs.iter().any(|(c, s)| *c != id && recent(s));
-            if others_active {
+            if fair.others_active(id, mine, now) {
                 let starved = fair.configs.iter().any(|(c, s)| *c != id && s.waiting > 0 && !s.heavy(now));
                 if starved {
                     return Ok(None);
@@ -782,9 +800,10 @@ impl WorkerPool {
         // Behind its own config: past the depth of a heavy config, or at all while another
         // config is active (then it runs one call at a time).
         let fair = self.fair();
+        let now = self.now_ns();
         fair.configs
             .get(&id)
-            .is_some_and(|s| s.on_worker[index] > HEAVY_DEPTH || fair.active > s.in_flight() + s.waiting)
+            .is_some_and(|s| s.on_worker[index] > HEAVY_DEPTH || fair.others_active(id, s.in_flight() + s.waiting, now))
     }
 }
 
