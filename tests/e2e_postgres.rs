@@ -4,9 +4,9 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::TestDb;
+use common::{wait_for, TestDb};
 use plugin_server::config::Config;
 use plugin_server::ingestion::queues::CeleryProducer;
 use serde_json::{json, Value};
@@ -68,21 +68,6 @@ impl RunningServer {
         self.shutdown.cancel();
         let result = tokio::time::timeout(Duration::from_secs(30), self.handle).await;
         assert!(matches!(result, Ok(Ok(Ok(())))), "server stopped cleanly: {result:?}");
-    }
-}
-
-async fn wait_for<T, F, Fut>(what: &str, mut probe: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(found) = probe().await {
-            return found;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

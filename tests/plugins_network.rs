@@ -6,9 +6,9 @@
 mod common;
 mod network_support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::TestDb;
+use common::{wait_for, TestDb};
 use network_support::{response, serve, Routes};
 use plugin_server::config::Config;
 use plugin_server::ingestion::queues::CeleryProducer;
@@ -28,21 +28,6 @@ const PLUGIN: &str = r#"
         return event
     }
 "#;
-
-async fn wait_for<T, F, Fut>(what: &str, mut probe: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(found) = probe().await {
-            return found;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 /// The PostHog instance (on `localhost`, as `SITE_URL`) and an internal service (on 127.0.0.1).
 async fn servers() -> (Routes, Routes) {

@@ -38,8 +38,15 @@ fn event_value(event: &PluginEvent) -> Value {
 /// was given (in-place changes only).
 enum Step {
     Dropped,
-    Kept { event: PluginEvent, same: bool },
-    Failed { error: JsError, event: PluginEvent, same: bool },
+    Kept {
+        event: PluginEvent,
+        same: bool,
+    },
+    Failed {
+        error: JsError,
+        event: PluginEvent,
+        same: bool,
+    },
     /// The runtime could not run the call (see [`PluginUnavailable`]).
     Unavailable(JsError),
 }

@@ -337,3 +337,19 @@ pub async fn create_user_team_and_organization(
 pub fn unique_prefix(name: &str) -> String {
     format!("test:{name}:{}:", Uuid::new_v4().simple())
 }
+
+/// Polls `probe` every 100 ms until it answers `Some`, failing the test after 30 s.
+pub async fn wait_for<T, F, Fut>(what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(found) = probe().await {
+            return found;
+        }
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -24,11 +24,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde_json::Value;
 
-pub use host::memory_headroom;
 pub use host::fetch::{
     configure as configure_network, fetch_with, http_fetch, internal_reason, settings as network_settings, FetchError,
     FetchRequest, FetchResponse, NetworkSettings, REFUSED_CODE as FETCH_REFUSED_CODE,
 };
+pub use host::memory_headroom;
 pub use host::read_test_console;
 pub use pool::{PoolStats, WorkerPool, CALL_ATTEMPTS};
 pub use vm::{ALLOWED_IMPORTS, META_GLOBAL_GET, META_GLOBAL_SET, PROCESS_EVENT_TRACKED};
