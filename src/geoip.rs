@@ -177,7 +177,7 @@ impl GeoIp {
                 Ok((Some(record), prefix_len)) => Some(city::city_model(record, ip.trim(), address, prefix_len)),
                 _ => None,
             });
-        crate::metrics::global().timing_since("mmdb.internal_request", start, &[]);
+        crate::metrics::catalog::mmdb_request(start);
         Ok(result)
     }
 

@@ -71,34 +71,60 @@ pub fn iso_now() -> String {
 
 /// Writes the ping and version keys once.
 pub async fn write_ping(redis: &RedisPool) -> Result<(), String> {
-    let mut connection = redis.get().await.map_err(|error| error.to_string())?;
-    redis::pipe()
-        .set_ex(PING_KEY, iso_now(), PING_TTL_SECONDS)
-        .ignore()
-        .set(VERSION_KEY, crate::VERSION)
-        .ignore()
-        .query_async::<()>(&mut connection)
-        .await
-        .map_err(|error| error.to_string())
+    crate::metrics::catalog::instrument_query(crate::metrics::catalog::statsd::REDIS_SET, None, async {
+        let mut connection = redis.get().await.map_err(|error| error.to_string())?;
+        redis::pipe()
+            .set_ex(PING_KEY, iso_now(), PING_TTL_SECONDS)
+            .ignore()
+            .set(VERSION_KEY, crate::VERSION)
+            .ignore()
+            .query_async::<()>(&mut connection)
+            .await
+            .map_err(|error| error.to_string())
+    })
+    .await
 }
 
-/// Whether every component of the running server is alive; shared by the lifecycle (which marks
-/// a component dead when it ends on its own) and the ping (which then stops).
+/// Whether every component of the running server is alive, and whether it is consuming; shared
+/// by the lifecycle (which marks a component dead when it ends on its own, and the server ready
+/// once every component started), the ping (which stops once a component died) and the HTTP
+/// endpoints (`/_health`, `/_ready`).
 #[derive(Clone, Default)]
 pub struct Liveness {
     dead: Arc<AtomicBool>,
+    /// The components that died, in the order they did.
+    dead_components: Arc<std::sync::Mutex<Vec<String>>>,
+    ready: Arc<AtomicBool>,
     changed: Arc<tokio::sync::Notify>,
 }
 
 impl Liveness {
     pub fn mark_dead(&self, component: &str) {
         tracing::error!("💀 Component {component} is dead: the health ping stops");
+        if let Ok(mut dead) = self.dead_components.lock() {
+            dead.push(component.to_string());
+        }
         self.dead.store(true, Ordering::SeqCst);
         self.changed.notify_waiters();
     }
 
     pub fn is_alive(&self) -> bool {
         !self.dead.load(Ordering::SeqCst)
+    }
+
+    /// The components that died (empty while every one is alive).
+    pub fn dead_components(&self) -> Vec<String> {
+        self.dead_components.lock().map(|dead| dead.clone()).unwrap_or_default()
+    }
+
+    /// Every component started: the consumers are consuming (`false` again at shutdown).
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::SeqCst);
+    }
+
+    /// Consuming, and no component died.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst) && self.is_alive()
     }
 }
 

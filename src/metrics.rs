@@ -5,34 +5,46 @@
 //! prefixed with `STATSD_PREFIX` exactly as hot-shots does (plain concatenation), tags in the
 //! telegraf format the reference uses (`prefix.name,tag=value:1|c`). Without `STATSD_HOST`
 //! every call is a no-op. Install one client with [`install`] at start-up; any module records
-//! through [`global`] without plumbing. The metric names are the reference's (spec 40 §6.4);
-//! each call site chooses its own.
+//! through [`global`] without plumbing. Datagrams are buffered (several newline-separated lines
+//! per datagram, at most [`DATAGRAM_BYTES`], as statsd and telegraf accept them) and flushed at
+//! least every [`FLUSH_EVERY`]. The metric names live in `catalog` (the only module that names
+//! metrics; every call site calls one of its functions).
 //!
-//! Submodules: `sentry` (init and capture helpers), `status_report` (`$plugin_running_duration`),
+//! Submodules: `catalog` (every metric, statsd and Prometheus), `prometheus` (the `/metrics`
+//! recorder), `http` (`/_health`, `/_ready`, `/metrics` on `HTTP_SERVER_PORT`), `sentry` (init and
+//! capture helpers), `status_report` (`$plugin_running_duration`),
 //! `internal` (`CAPTURE_INTERNAL_METRICS`), `plugin_metrics` (`$$plugin_metrics`), `staleness`
 //! (`STALENESS_RESTART_SECONDS`).
 
+pub mod catalog;
+pub mod http;
 pub mod internal;
 pub mod plugin_metrics;
 pub mod plugin_runs;
+pub mod prometheus;
 pub mod sentry;
 pub mod staleness;
 pub mod status_report;
 
-use std::future::Future;
 use std::io;
 use std::net::UdpSocket;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use cadence::prelude::*;
-use cadence::{Metric, MetricBuilder, MetricSink, StatsdClient, UdpMetricSink};
+use cadence::{BufferedUdpMetricSink, Metric, MetricBuilder, MetricSink, StatsdClient};
 use serde_json::Value;
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::Config;
+
+/// Largest statsd datagram: several lines are packed into one up to this size.
+pub const DATAGRAM_BYTES: usize = 512;
+
+/// Buffered statsd lines wait at most this long.
+pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Error)]
 pub enum MetricsError {
@@ -68,8 +80,30 @@ impl Metrics {
         let setup_error = |reason: String| MetricsError::Setup { target: target.clone(), reason };
         let socket = UdpSocket::bind("0.0.0.0:0").map_err(|error| setup_error(error.to_string()))?;
         socket.set_nonblocking(true).map_err(|error| setup_error(error.to_string()))?;
-        let sink = UdpMetricSink::from((host, port), socket).map_err(|error| setup_error(error.to_string()))?;
-        Ok(Metrics::with_sink(TelegrafSink(sink), prefix))
+        let sink = BufferedUdpMetricSink::with_capacity((host, port), socket, DATAGRAM_BYTES)
+            .map_err(|error| setup_error(error.to_string()))?;
+        let metrics = Metrics::with_sink(TelegrafSink(sink), prefix);
+        metrics.spawn_flusher();
+        Ok(metrics)
+    }
+
+    /// Flushes the buffered lines every [`FLUSH_EVERY`] from a thread of its own, which ends once
+    /// the client is dropped.
+    fn spawn_flusher(&self) {
+        let Some(inner) = &self.inner else { return };
+        let weak = Arc::downgrade(inner);
+        let spawned = std::thread::Builder::new().name("statsd-flush".into()).spawn(move || loop {
+            std::thread::sleep(FLUSH_EVERY);
+            match weak.upgrade() {
+                Some(statsd) => {
+                    let _ = statsd.client.flush();
+                }
+                None => return,
+            }
+        });
+        if let Err(error) = spawned {
+            warn!("⚠️ No StatsD flush thread: {error}");
+        }
     }
 
     /// A client over any cadence sink (the sink receives telegraf-formatted lines when wrapped
@@ -135,15 +169,11 @@ impl Metrics {
         builder.send();
     }
 
-    /// The reference's `instrumentQuery`: `<name>.total` counter before, `<name>` timing after,
-    /// both tagged `queryTag` when a tag is given.
-    pub async fn instrument_query<T, F: Future<Output = T>>(&self, name: &str, tag: Option<&str>, query: F) -> T {
-        let tags: Vec<(&str, &str)> = tag.map(|tag| vec![("queryTag", tag)]).unwrap_or_default();
-        self.increment(&format!("{name}.total"), &tags);
-        let start = Instant::now();
-        let result = query.await;
-        self.timing_since(name, start, &tags);
-        result
+    /// Sends the buffered lines now.
+    pub fn flush(&self) {
+        if let Some(statsd) = &self.inner {
+            let _ = statsd.client.flush();
+        }
     }
 }
 
@@ -213,7 +243,7 @@ pub fn global() -> &'static Metrics {
 /// Reports `event_loop_lag` every 2 s: how late a freshly spawned task starts on the runtime (the
 /// tokio counterpart of the reference's setImmediate lag).
 pub async fn run_event_loop_lag(metrics: Metrics, shutdown: CancellationToken) {
-    if !metrics.is_enabled() {
+    if !metrics.is_enabled() && !prometheus::enabled() {
         return shutdown.cancelled().await;
     }
     let mut interval = tokio::time::interval(Duration::from_secs(2));
@@ -223,9 +253,7 @@ pub async fn run_event_loop_lag(metrics: Metrics, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
             _ = interval.tick() => {
                 let start = Instant::now();
-                let _ = tokio::spawn(async move { start.elapsed() }).await.map(|lag| {
-                    metrics.timing("event_loop_lag", lag, &[]);
-                });
+                let _ = tokio::spawn(async move { start.elapsed() }).await.map(|lag| catalog::event_loop_lag(&metrics, lag));
             }
         }
     }
@@ -245,7 +273,7 @@ pub async fn run_pool_stats(metrics: Metrics, stats: PoolStats, shutdown: Cancel
 pub async fn run_pool_stats_every(metrics: Metrics, stats: PoolStats, period: Duration, shutdown: CancellationToken) {
     crate::schedule::cron::run_on_boundaries(period, shutdown, || {
         for (name, value) in stats() {
-            metrics.gauge(&format!("piscina.{name}"), value, &[]);
+            catalog::pool_stat(&metrics, &name, value);
         }
         std::future::ready(())
     })

@@ -9,6 +9,7 @@
 //! handles: the rooms it calls own theirs.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use async_trait::async_trait;
 use serde_json::Value;
@@ -21,6 +22,7 @@ use crate::ingestion::queues::{EventHandler, HandleError};
 use crate::jobs::job::EnqueuedJob;
 use crate::jobs::manager::JobQueueManager;
 use crate::jobs::queue::JobRunner;
+use crate::metrics::catalog::{self, EventStep, Stage};
 use crate::metrics::staleness::ActivityTracker;
 use crate::plugins::Plugins;
 use crate::pubsub::ReloadHandler;
@@ -95,6 +97,72 @@ pub struct Pipeline {
     pub writer_dead_letters: bool,
 }
 
+impl Pipeline {
+    /// processEvent, then ingestion beside onEvent/onSnapshot, each step timed and counted.
+    async fn run_event(&self, event: PluginEvent) -> Result<(), HandleError> {
+        let is_snapshot = event.event == "$snapshot";
+        let event = if is_snapshot {
+            event
+        } else {
+            self.activity.record("processEvent");
+            catalog::received(Stage::Plugins, "processEvent", 1);
+            let started = Instant::now();
+            let processed = self.plugins.run_process_event(event).await;
+            catalog::event_step(EventStep::ProcessEvent, started.elapsed());
+            match processed {
+                Ok(Some(event)) => {
+                    catalog::handled(Stage::Plugins, "processEvent", 1);
+                    event
+                }
+                // A plugin dropped it: done.
+                Ok(None) => {
+                    catalog::dropped(Stage::Plugins, "plugin_dropped", 1);
+                    return Ok(());
+                }
+                // A plugin could not run (not its error): the event must not be written without
+                // it, so it goes back to the consumer's retries, then to the dead-letter queue.
+                Err(unavailable) => {
+                    catalog::dropped(Stage::Plugins, "plugin_unavailable", 1);
+                    return Err(HandleError::Retryable(unavailable.to_string()));
+                }
+            }
+        };
+        self.activity.record("ingestEvent");
+        let after_ingestion = async {
+            let started = Instant::now();
+            if is_snapshot {
+                self.activity.record("onSnapshot");
+                self.plugins.run_on_snapshot(&event).await;
+                catalog::event_step(EventStep::OnSnapshot, started.elapsed());
+            } else {
+                self.activity.record("onEvent");
+                self.plugins.run_on_event(&event).await;
+                catalog::event_step(EventStep::OnEvent, started.elapsed());
+            }
+        };
+        let ingestion = async {
+            catalog::received(Stage::Ingestion, "event", 1);
+            let started = Instant::now();
+            let ingested = self.distinct_ids.run(&event, self.processor.ingest_event(event.clone())).await;
+            catalog::event_step(EventStep::Ingestion, started.elapsed());
+            match &ingested {
+                Ok(_) => catalog::handled(Stage::Ingestion, "event", 1),
+                Err(error) if error.is_transient() => catalog::dropped(Stage::Ingestion, "transient_failure", 1),
+                Err(_) => catalog::dropped(Stage::Ingestion, "failed", 1),
+            }
+            ingested
+        };
+        let (ingested, ()) = tokio::join!(ingestion, after_ingestion);
+        match ingested.map(|_| ()).map_err(classify) {
+            Err(HandleError::Rejected(reason)) if self.writer_dead_letters => {
+                warn!("🔔 Event {} went to the dead-letter queue: {reason}", event.event);
+                Ok(())
+            }
+            other => other,
+        }
+    }
+}
+
 /// Transient failures are retried by the consumer; the rest go to the dead-letter queue.
 fn classify(error: IngestError) -> HandleError {
     if error.is_transient() {
@@ -107,39 +175,10 @@ fn classify(error: IngestError) -> HandleError {
 #[async_trait]
 impl EventHandler for Pipeline {
     async fn handle_event(&self, event: PluginEvent) -> Result<(), HandleError> {
-        let is_snapshot = event.event == "$snapshot";
-        let event = if is_snapshot {
-            event
-        } else {
-            self.activity.record("processEvent");
-            match self.plugins.run_process_event(event).await {
-                Ok(Some(event)) => event,
-                // A plugin dropped it: done.
-                Ok(None) => return Ok(()),
-                // A plugin could not run (not its error): the event must not be written without
-                // it, so it goes back to the consumer's retries, then to the dead-letter queue.
-                Err(unavailable) => return Err(HandleError::Retryable(unavailable.to_string())),
-            }
-        };
-        self.activity.record("ingestEvent");
-        let after_ingestion = async {
-            if is_snapshot {
-                self.activity.record("onSnapshot");
-                self.plugins.run_on_snapshot(&event).await
-            } else {
-                self.activity.record("onEvent");
-                self.plugins.run_on_event(&event).await
-            }
-        };
-        let ingestion = self.distinct_ids.run(&event, self.processor.ingest_event(event.clone()));
-        let (ingested, ()) = tokio::join!(ingestion, after_ingestion);
-        match ingested.map(|_| ()).map_err(classify) {
-            Err(HandleError::Rejected(reason)) if self.writer_dead_letters => {
-                warn!("🔔 Event {} went to the dead-letter queue: {reason}", event.event);
-                Ok(())
-            }
-            other => other,
-        }
+        let started = Instant::now();
+        let result = self.run_event(event).await;
+        catalog::each_event(started.elapsed());
+        result
     }
 
     async fn handle_plugin_job(&self, job: Value) -> Result<(), HandleError> {
@@ -166,12 +205,19 @@ pub struct PluginTasks {
 #[async_trait]
 impl ScheduledTaskRunner for PluginTasks {
     async fn plugin_schedule(&self) -> Option<PluginSchedule> {
-        self.plugins.schedule()
+        let started = Instant::now();
+        let schedule = self.plugins.schedule();
+        catalog::task("getPluginSchedule", started.elapsed());
+        schedule
     }
 
     async fn run_scheduled_task(&self, task: ScheduledTask, plugin_config_id: i32) -> Result<(), BoxError> {
         // Failures are recorded on the config by the plugins themselves.
+        let started = Instant::now();
+        catalog::received(Stage::Schedule, task.as_str(), 1);
         self.plugins.run_scheduled(task, plugin_config_id).await;
+        catalog::handled(Stage::Schedule, task.as_str(), 1);
+        catalog::schedule_run(task.as_str(), plugin_config_id, started.elapsed());
         Ok(())
     }
 }
@@ -179,7 +225,11 @@ impl ScheduledTaskRunner for PluginTasks {
 #[async_trait]
 impl JobRunner for PluginTasks {
     async fn run_job(&self, job: EnqueuedJob) -> Result<(), BoxError> {
+        let started = Instant::now();
+        catalog::received(Stage::Jobs, "run", 1);
         self.plugins.run_job(job).await;
+        catalog::handled(Stage::Jobs, "run", 1);
+        catalog::job_run("plugin_job", "ran", started.elapsed());
         Ok(())
     }
 }
@@ -188,14 +238,19 @@ impl JobRunner for PluginTasks {
 #[async_trait]
 impl crate::metrics::plugin_metrics::PluginMetricsSender for PluginTasks {
     async fn send_plugin_metrics(&self) {
-        self.plugins.send_plugin_metrics().await
+        let started = Instant::now();
+        self.plugins.send_plugin_metrics().await;
+        catalog::task("sendPluginMetrics", started.elapsed());
     }
 }
 
 #[async_trait]
 impl ReloadHandler for PluginTasks {
     async fn reload_plugins(&self) -> Result<(), BoxError> {
-        self.plugins.reload().await.map_err(|error| {
+        let started = Instant::now();
+        let reloaded = self.plugins.reload().await;
+        catalog::task("reloadPlugins", started.elapsed());
+        reloaded.map_err(|error| {
             warn!("🔴 Plugin reload failed: {error}");
             Box::new(error) as BoxError
         })?;
@@ -204,11 +259,16 @@ impl ReloadHandler for PluginTasks {
     }
 
     async fn reload_action(&self, team_id: i64, action_id: i64) -> Result<(), BoxError> {
-        self.actions.reload_action(team_id, action_id).await.map_err(|error| Box::new(error) as BoxError)
+        let started = Instant::now();
+        let reloaded = self.actions.reload_action(team_id, action_id).await;
+        catalog::task("reloadAction", started.elapsed());
+        reloaded.map_err(|error| Box::new(error) as BoxError)
     }
 
     async fn drop_action(&self, team_id: i64, action_id: i64) -> Result<(), BoxError> {
+        let started = Instant::now();
         self.actions.drop_action(team_id, action_id);
+        catalog::task("dropAction", started.elapsed());
         Ok(())
     }
 }

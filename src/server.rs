@@ -198,11 +198,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
     let metrics =
         crate::metrics::Metrics::from_config(&config).map_err(|error| ServerError::Start(error.to_string()))?;
     crate::metrics::install(metrics);
+    if config.HTTP_SERVER_PORT != 0 {
+        crate::metrics::prometheus::install().map_err(|error| ServerError::Start(error.to_string()))?;
+    }
     let hub = Hub::connect(config).await?;
     let mut lifecycle = Lifecycle::new(shutdown);
     let result = match start_components(&hub, &mut lifecycle).await {
         Ok(()) => {
             info!("🚀 All systems go");
+            lifecycle.liveness().set_ready(true);
             lifecycle.wait().await
         }
         Err(error) => Err(error),
@@ -210,6 +214,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
     if let Err(error) = &result {
         error!("💥 {error}");
     }
+    lifecycle.liveness().set_ready(false);
     lifecycle.stop().await;
     hub.close().await;
     info!("👋 Over and out!");
@@ -391,10 +396,12 @@ async fn start_components(hub: &Hub, lifecycle: &mut Lifecycle) -> Result<(), Se
         writer_dead_letters: kafka.is_some(),
     });
     let pipeline_for_metrics = Arc::clone(&pipeline);
+    let celery_queue = celery_options.queue.clone();
     let celery =
         CeleryConsumer::start(&crate::hub::redis_url(config), hub.redis.clone(), pipeline.clone(), celery_options)
             .await
             .map_err(|error| fail("Celery consumer", &error))?;
+    let mut consumer_stats = vec![("celery", celery.stats())];
     lifecycle.spawn("celery consumer", Duration::from_secs(30), move |token| async move {
         celery.run_until(token).await;
     });
@@ -407,6 +414,7 @@ async fn start_components(hub: &Hub, lifecycle: &mut Lifecycle) -> Result<(), Se
         )
         .await
         .map_err(|error| fail("Kafka consumer", &error))?;
+        consumer_stats.push(("kafka", consumer.stats()));
         let producer = Arc::clone(producer);
         lifecycle.spawn("kafka consumer", Duration::from_secs(30), move |token| async move {
             // Ends with the shutdown token, or on its own when the consumer fails (the lifecycle
@@ -431,6 +439,21 @@ async fn start_components(hub: &Hub, lifecycle: &mut Lifecycle) -> Result<(), Se
 
     // 10. Observability: statsd gauges, status reports, internal and plugin metrics, staleness.
     start_observability(hub, lifecycle, &pool, &tasks, activity, pipeline_for_metrics, status_report);
+
+    // 11. The HTTP endpoints (/_health, /_ready, /metrics) unless HTTP_SERVER_PORT is 0.
+    let gauges = crate::metrics::http::ServerGauges {
+        pool,
+        plugins,
+        consumers: consumer_stats,
+        celery_queue: Some((hub.redis.clone(), celery_queue)),
+    };
+    let http =
+        crate::metrics::http::HttpServer::bind(config.HTTP_SERVER_PORT, lifecycle.liveness(), Some(Arc::new(gauges)))
+            .await
+            .map_err(|error| fail("HTTP server", &error))?;
+    if let Some(http) = http {
+        lifecycle.spawn("http server", DEFAULT_SHUTDOWN_BUDGET, move |token| http.serve(token));
+    }
     Ok(())
 }
 

@@ -20,32 +20,37 @@ use tokio_util::sync::CancellationToken;
 
 struct StatsdListener {
     socket: std::net::UdpSocket,
+    pending: std::cell::RefCell<std::collections::VecDeque<String>>,
 }
 
 impl StatsdListener {
     fn new() -> StatsdListener {
         let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        socket.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        StatsdListener { socket }
+        socket.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        StatsdListener { socket, pending: Default::default() }
     }
 
     fn port(&self) -> u16 {
         self.socket.local_addr().unwrap().port()
     }
 
+    /// The next `count` statsd lines (a datagram carries several, newline-separated).
     fn receive(&self, count: usize) -> Vec<String> {
-        let mut buffer = [0u8; 2048];
-        (0..count)
-            .map(|_| {
-                let (length, _) = self.socket.recv_from(&mut buffer).expect("a statsd datagram");
-                String::from_utf8_lossy(&buffer[..length]).to_string()
-            })
-            .collect()
+        let mut buffer = [0u8; 65536];
+        let mut pending = self.pending.borrow_mut();
+        while pending.len() < count {
+            let (length, _) = self.socket.recv_from(&mut buffer).expect("a statsd datagram");
+            pending.extend(String::from_utf8_lossy(&buffer[..length]).lines().map(str::to_string));
+        }
+        pending.drain(..count).collect()
     }
 }
 
+/// The client's wire format: the prefix, telegraf tags (sanitised as hot-shots does), the
+/// metric types, and several lines packed into one datagram. (Which metric the server sends
+/// where is tested from a running server in beside_operations.rs.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn statsd_datagrams_carry_the_reference_names_prefix_and_telegraf_tags() {
+async fn statsd_lines_carry_the_prefix_and_telegraf_tags() {
     let listener = StatsdListener::new();
     let port = listener.port().to_string();
     let config = plugin_server::config::Config::from_pairs(&[
@@ -58,28 +63,58 @@ async fn statsd_datagrams_carry_the_reference_names_prefix_and_telegraf_tags() {
     let metrics = Metrics::from_config(&config).unwrap();
     assert!(metrics.is_enabled());
 
-    metrics.increment("events_added_to_dead_letter_queue", &[]);
-    metrics.count("action_matches_found", 3, &[]);
-    metrics.timing("kafka_queue.single_save.standard", Duration::from_millis(12), &[("team_id", "2")]);
-    metrics.gauge("piscina.utilization", 37.5, &[]);
-    metrics.increment("illegal_distinct_ids.total", &[("distinctId", "a:b|c")]);
-    let answer = metrics.instrument_query("query.postgres", Some("fetchTeam"), async { 42 }).await;
-    assert_eq!(answer, 42);
+    metrics.increment("a.counter", &[]);
+    metrics.count("a.count", 3, &[]);
+    metrics.timing("a.timing", Duration::from_millis(12), &[("team_id", "2")]);
+    metrics.gauge("a.gauge", 37.5, &[]);
+    metrics.increment("a.tagged", &[("distinctId", "a:b|c,d")]);
 
-    let datagrams = listener.receive(7);
-    assert_eq!(datagrams[0], "plugin-server.events_added_to_dead_letter_queue:1|c");
-    assert_eq!(datagrams[1], "plugin-server.action_matches_found:3|c");
-    assert_eq!(datagrams[2], "plugin-server.kafka_queue.single_save.standard,team_id=2:12|ms");
-    assert_eq!(datagrams[3], "plugin-server.piscina.utilization:37.5|g");
-    assert_eq!(datagrams[4], "plugin-server.illegal_distinct_ids.total,distinctId=a_b_c:1|c");
-    assert_eq!(datagrams[5], "plugin-server.query.postgres.total,queryTag=fetchTeam:1|c");
-    assert!(datagrams[6].starts_with("plugin-server.query.postgres,queryTag=fetchTeam:"), "{}", datagrams[6]);
-    assert!(datagrams[6].ends_with("|ms"));
+    let lines = listener.receive(5);
+    assert_eq!(
+        lines,
+        [
+            "plugin-server.a.counter:1|c",
+            "plugin-server.a.count:3|c",
+            "plugin-server.a.timing,team_id=2:12|ms",
+            "plugin-server.a.gauge:37.5|g",
+            "plugin-server.a.tagged,distinctId=a_b_c_d:1|c",
+        ]
+    );
 
     // No STATSD_HOST: nothing is sent and nothing fails.
     let disabled = Metrics::from_config(&plugin_server::config::Config::from_pairs(&[]).unwrap()).unwrap();
     assert!(!disabled.is_enabled());
     disabled.increment("x", &[]);
+}
+
+/// `query.kafka_send` (`.total` before, the timing after) around every batch the producer sends,
+/// and `query.kafka_send.failure` when the send fails (the reference's instrumentQuery).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_sends_are_instrumented_like_the_reference_queries() {
+    use plugin_server::ingestion::queues::kafka_producer::{BatchSender, FlushSettings};
+    use plugin_server::ingestion::queues::{KafkaMessage, KafkaProducerWrapper, KafkaRecord, ProduceError};
+
+    struct FailingSender;
+
+    #[async_trait]
+    impl BatchSender for FailingSender {
+        async fn send_batch(&self, _records: Vec<KafkaRecord>) -> Result<(), ProduceError> {
+            Err(ProduceError::Send("broker down".into()))
+        }
+    }
+
+    let listener = StatsdListener::new();
+    plugin_server::metrics::install(Metrics::udp("127.0.0.1", listener.port(), "plugin-server.").unwrap());
+    let settings = FlushSettings { max_queue_size: 1, max_batch_bytes: 1000, flush_frequency: Duration::from_secs(60) };
+    let producer = KafkaProducerWrapper::new(Box::new(FailingSender), settings);
+    let record =
+        KafkaRecord { topic: "t".into(), messages: vec![KafkaMessage { key: None, value: Some(b"x".to_vec()) }] };
+    assert!(producer.queue_message(record).await.is_err());
+    let lines = listener.receive(4);
+    assert_eq!(lines[0], "plugin-server.query.kafka_send.total:1|c");
+    assert_eq!(lines[1], "plugin-server.query.kafka_send.failure:1|c");
+    assert!(lines[2].starts_with("plugin-server.query.kafka_send:") && lines[2].ends_with("|ms"), "{lines:?}");
+    assert_eq!(lines[3], "plugin-server.events_dropped,stage=producer,reason=send_failed:1|c");
 }
 
 #[derive(Default)]

@@ -115,6 +115,11 @@ async fn a_tiny_buffer_exports_every_event_alone_and_ignored_events_are_skipped(
 
 #[tokio::test]
 async fn retry_errors_are_retried_through_the_job_queue_up_to_15_times() {
+    // The process-wide statsd client sends to a local socket (each test runs in its own process).
+    let statsd = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    statsd.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let port = statsd.local_addr().unwrap().port();
+    plugin_server::metrics::install(plugin_server::metrics::Metrics::udp("127.0.0.1", port, "").unwrap());
     let batches = Arc::new(Mutex::new(Vec::new()));
     let setup = setup_with(exporter(batches.clone(), true), json!({"exportEventsBufferBytes": "1"})).await;
     setup.plugins.run_on_event(&event("exported")).await;
@@ -142,6 +147,22 @@ async fn retry_errors_are_retried_through_the_job_queue_up_to_15_times() {
     assert_eq!(values["retry_errors"], 16);
     assert_eq!(values["undelivered_events"], 1);
     assert_eq!(setup.config_error(CONFIG).await, None);
+
+    // The reference's retry counters, tagged with the retry number, plugin and team.
+    plugin_server::metrics::global().flush();
+    let mut lines = Vec::new();
+    let mut buffer = [0u8; 65536];
+    while !lines.iter().any(|line: &String| line.starts_with("plugin.export_events.retry_dropped")) {
+        let (length, _) = statsd.recv_from(&mut buffer).expect("statsd datagrams");
+        lines.extend(String::from_utf8_lossy(&buffer[..length]).lines().map(str::to_string));
+    }
+    let retries: Vec<&String> = lines.iter().filter(|line| line.starts_with("plugin.export_events.retry_")).collect();
+    let plugin = setup.plugins.config(CONFIG).expect("config in force").plugin.name();
+    let mut expected: Vec<String> = (1..=15)
+        .map(|retry| format!("plugin.export_events.retry_enqueued,retry={retry},plugin={plugin},teamId=2:1|c"))
+        .collect();
+    expected.push(format!("plugin.export_events.retry_dropped,retry=15,plugin={plugin},teamId=2:1|c"));
+    assert_eq!(retries, expected.iter().collect::<Vec<_>>());
 }
 
 #[tokio::test]

@@ -38,12 +38,15 @@ impl PersonManager {
                 }
             }
         }
-        let count: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) AS pdicount FROM posthog_persondistinctid WHERE team_id = $1 AND distinct_id = $2",
+        let count: i64 = crate::metrics::catalog::postgres(
+            "pdicount",
+            sqlx::query_scalar(
+                "SELECT COUNT(*) AS pdicount FROM posthog_persondistinctid WHERE team_id = $1 AND distinct_id = $2",
+            )
+            .bind(team_id)
+            .bind(distinct_id)
+            .fetch_one(pool),
         )
-        .bind(team_id)
-        .bind(distinct_id)
-        .fetch_one(pool)
         .await?;
         Ok(count == 0)
     }

@@ -116,7 +116,11 @@ static PERSON_IDS_OF_KEYS_SQL: LazyLock<String> =
 
 /// The person that owns `distinct_id` in the team, if any.
 pub async fn fetch_person(pool: &PgPool, team_id: i32, distinct_id: &str) -> Result<Option<Person>, sqlx::Error> {
-    let row = sqlx::query(&FETCH_PERSON_SQL).bind(team_id).bind(distinct_id).fetch_optional(pool).await?;
+    let row = crate::metrics::catalog::postgres(
+        "fetchPerson",
+        sqlx::query(&FETCH_PERSON_SQL).bind(team_id).bind(distinct_id).fetch_optional(pool),
+    )
+    .await?;
     row.as_ref().map(person_from_row).transpose()
 }
 
@@ -128,7 +132,11 @@ pub async fn fetch_persons_by_distinct_id(
 ) -> Result<Vec<Option<Person>>, sqlx::Error> {
     let team_ids: Vec<i32> = keys.iter().map(|(team_id, _)| *team_id).collect();
     let distinct_ids: Vec<&str> = keys.iter().map(|(_, distinct_id)| distinct_id.as_str()).collect();
-    let rows = sqlx::query(&FETCH_PERSONS_OF_KEYS_SQL).bind(&team_ids).bind(&distinct_ids).fetch_all(pool).await?;
+    let rows = crate::metrics::catalog::postgres(
+        "fetchPerson",
+        sqlx::query(&FETCH_PERSONS_OF_KEYS_SQL).bind(&team_ids).bind(&distinct_ids).fetch_all(pool),
+    )
+    .await?;
     let mut persons: Vec<Option<Person>> = vec![None; keys.len()];
     for row in &rows {
         let position: i64 = row.try_get("input_position")?;
@@ -141,6 +149,20 @@ pub async fn fetch_persons_by_distinct_id(
 
 /// Creates a person and its distinct ids (in this order) in one transaction.
 pub async fn create_person(
+    pool: &PgPool,
+    created_at: DateTime<Utc>,
+    properties: &Properties,
+    team_id: i32,
+    is_identified: bool,
+    uuid: Uuid,
+    distinct_ids: &[&str],
+) -> Result<(Person, Vec<PersonDistinctId>), sqlx::Error> {
+    let created =
+        create_person_in_transaction(pool, created_at, properties, team_id, is_identified, uuid, distinct_ids);
+    crate::metrics::catalog::postgres_transaction(created).await
+}
+
+async fn create_person_in_transaction(
     pool: &PgPool,
     created_at: DateTime<Utc>,
     properties: &Properties,
@@ -303,12 +325,15 @@ pub async fn fetch_persons(pool: &PgPool) -> Result<Vec<Person>, sqlx::Error> {
 
 /// A person's distinct ids in insertion order.
 pub async fn fetch_distinct_ids(pool: &PgPool, person: &Person) -> Result<Vec<String>, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT distinct_id FROM posthog_persondistinctid WHERE person_id = $1 AND team_id = $2 ORDER BY id",
+    crate::metrics::catalog::postgres(
+        "fetchDistinctIds",
+        sqlx::query_scalar(
+            "SELECT distinct_id FROM posthog_persondistinctid WHERE person_id = $1 AND team_id = $2 ORDER BY id",
+        )
+        .bind(person.id)
+        .bind(person.team_id)
+        .fetch_all(pool),
     )
-    .bind(person.id)
-    .bind(person.team_id)
-    .fetch_all(pool)
     .await
 }
 
@@ -329,8 +354,11 @@ pub struct PropertyUpdate {
 pub async fn apply_property_updates(pool: &PgPool, updates: &[PropertyUpdate]) -> Result<Vec<bool>, sqlx::Error> {
     let team_ids: Vec<i32> = updates.iter().map(|update| update.team_id).collect();
     let distinct_ids: Vec<&str> = updates.iter().map(|update| update.distinct_id.as_str()).collect();
-    let found: Vec<(i64, i32)> =
-        sqlx::query_as(&PERSON_IDS_OF_KEYS_SQL).bind(&team_ids).bind(&distinct_ids).fetch_all(pool).await?;
+    let found: Vec<(i64, i32)> = crate::metrics::catalog::postgres(
+        "fetchPerson",
+        sqlx::query_as(&PERSON_IDS_OF_KEYS_SQL).bind(&team_ids).bind(&distinct_ids).fetch_all(pool),
+    )
+    .await?;
     let mut person_of_update: Vec<Option<i32>> = vec![None; updates.len()];
     for (position, person_id) in found {
         if let Some(slot) = usize::try_from(position - 1).ok().and_then(|index| person_of_update.get_mut(index)) {
@@ -359,16 +387,19 @@ pub async fn apply_property_updates(pool: &PgPool, updates: &[PropertyUpdate]) -
             .filter_map(|person_id| composed.remove(person_id))
             .map(|(set_once, set)| (Value::Object(set_once), Value::Object(set)))
             .unzip();
-        sqlx::query(
-            "UPDATE posthog_person SET properties = input.set_once || posthog_person.properties || input.set \
+        crate::metrics::catalog::postgres(
+            "updatePerson",
+            sqlx::query(
+                "UPDATE posthog_person SET properties = input.set_once || posthog_person.properties || input.set \
              FROM UNNEST($1::int4[], $2::jsonb[], $3::jsonb[]) AS input(id, set_once, set) \
              WHERE posthog_person.id = input.id \
              AND posthog_person.properties IS DISTINCT FROM (input.set_once || posthog_person.properties || input.set)",
+            )
+            .bind(&person_ids)
+            .bind(&set_onces)
+            .bind(&sets)
+            .execute(pool),
         )
-        .bind(&person_ids)
-        .bind(&set_onces)
-        .bind(&sets)
-        .execute(pool)
         .await?;
     }
     Ok(person_of_update.iter().map(Option::is_some).collect())

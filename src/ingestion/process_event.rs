@@ -9,7 +9,7 @@
 //! (the `actions` room).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -251,7 +251,8 @@ impl EventsProcessor {
                 return result;
             }
             match self.writer.dead_letter(&event, &error.to_string()).await {
-                Ok(_) => {}
+                Ok(true) => crate::metrics::catalog::event_dead_lettered(),
+                Ok(false) => {}
                 Err(dead_letter_error) => tracing::info!(
                     event = %event.event,
                     error = %dead_letter_error,
@@ -269,6 +270,7 @@ impl EventsProcessor {
         let mut matched_action_ids = Vec::new();
         if let Some(actions) = &self.actions {
             let team_id = processed.payload.team_id;
+            let matching = Instant::now();
             if actions.team_has_actions(team_id) {
                 let person = self.fetch_person_batched(team_id, &event.distinct_id).await?;
                 matched_action_ids = actions
@@ -276,6 +278,8 @@ impl EventsProcessor {
                     .await
                     .map_err(IngestError::Actions)?;
             }
+            // As the reference: timed and counted for every matched standard event, 0 included.
+            crate::metrics::catalog::action_matching(matching.elapsed(), matched_action_ids.len());
         }
         if let (Some(event_id), false) = (processed.event_id, matched_action_ids.is_empty()) {
             self.writer.register_action_matches(event_id, &matched_action_ids).await?;
@@ -304,6 +308,7 @@ impl EventsProcessor {
         uuid: Uuid,
         properties: &mut Properties,
     ) -> Result<Option<ProcessedEvent>, IngestError> {
+        let single_save = Instant::now();
         let team_id = i32::try_from(event.team_id).map_err(|_| IngestError::TeamNotFound(event.team_id))?;
         let now = parse_timestamp(&event.now).unwrap_or_else(now_ms);
         let sent_at = event.sent_at.as_deref().and_then(parse_timestamp);
@@ -326,6 +331,7 @@ impl EventsProcessor {
         if event.event == "$snapshot" {
             self.create_session_recording(uuid, team_id, &event.distinct_id, properties, timestamp, person_uuid)
                 .await?;
+            crate::metrics::catalog::single_save(true, event.team_id, single_save);
             return Ok(None);
         }
         let capture = Capture {
@@ -337,7 +343,9 @@ impl EventsProcessor {
             timestamp,
             sent_at,
         };
-        self.capture(capture, &event.event, properties).await.map(Some)
+        let processed = self.capture(capture, &event.event, properties).await?;
+        crate::metrics::catalog::single_save(false, event.team_id, single_save);
+        Ok(Some(processed))
     }
 
     async fn capture(
@@ -527,7 +535,7 @@ impl EventsProcessor {
         team_id: i32,
     ) -> Result<(), IngestError> {
         if is_distinct_id_illegal(distinct_id) {
-            tracing::debug!(distinct_id, "illegal_distinct_ids.total");
+            crate::metrics::catalog::illegal_distinct_id(distinct_id);
             return Ok(());
         }
         match event_name {

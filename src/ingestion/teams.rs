@@ -62,7 +62,11 @@ impl TeamManager {
             return Ok(Some(team));
         }
         let sql = format!("SELECT {} FROM posthog_team WHERE id = $1", Team::COLUMNS);
-        let team: Option<Team> = sqlx::query_as(&sql).bind(team_id).fetch_optional(&self.pool).await?;
+        let team: Option<Team> = crate::metrics::catalog::postgres(
+            "fetchTeam",
+            sqlx::query_as(&sql).bind(team_id).fetch_optional(&self.pool),
+        )
+        .await?;
         self.teams.insert(team_id, team.clone());
         Ok(team)
     }
@@ -73,8 +77,11 @@ impl TeamManager {
             return Ok(Some(organization));
         }
         let sql = format!("SELECT {} FROM posthog_organization WHERE id = $1", Organization::COLUMNS);
-        let organization: Option<Organization> =
-            sqlx::query_as(&sql).bind(organization_id).fetch_optional(&self.pool).await?;
+        let organization: Option<Organization> = crate::metrics::catalog::postgres(
+            "fetchOrganization",
+            sqlx::query_as(&sql).bind(organization_id).fetch_optional(&self.pool),
+        )
+        .await?;
         self.organizations.insert(organization_id, organization.clone());
         Ok(organization)
     }
@@ -83,16 +90,20 @@ impl TeamManager {
         if let Some(known) = self.definitions.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).get(&team_id) {
             return Ok(known.clone());
         }
-        let event_names: Vec<String> =
+        let event_names: Vec<String> = crate::metrics::catalog::postgres(
+            "fetchEventDefinitions",
             sqlx::query_scalar("SELECT name FROM posthog_eventdefinition WHERE team_id = $1")
                 .bind(team_id)
-                .fetch_all(&self.pool)
-                .await?;
-        let property_names: Vec<String> =
+                .fetch_all(&self.pool),
+        )
+        .await?;
+        let property_names: Vec<String> = crate::metrics::catalog::postgres(
+            "fetchPropertyDefinitions",
             sqlx::query_scalar("SELECT name FROM posthog_propertydefinition WHERE team_id = $1")
                 .bind(team_id)
-                .fetch_all(&self.pool)
-                .await?;
+                .fetch_all(&self.pool),
+        )
+        .await?;
         let loaded = KnownDefinitions {
             event_names: event_names.into_iter().collect(),
             property_names: property_names.into_iter().collect(),
@@ -125,14 +136,17 @@ impl TeamManager {
             (new_event, new_properties)
         };
         if new_event {
-            sqlx::query(
-                "INSERT INTO posthog_eventdefinition (id, name, volume_30_day, query_usage_30_day, team_id) \
+            crate::metrics::catalog::postgres(
+                "insertEventDefinition",
+                sqlx::query(
+                    "INSERT INTO posthog_eventdefinition (id, name, volume_30_day, query_usage_30_day, team_id) \
                  VALUES ($1, $2, NULL, NULL, $3) ON CONFLICT DO NOTHING",
+                )
+                .bind(new_uuidt())
+                .bind(event)
+                .bind(team.id)
+                .execute(&self.pool),
             )
-            .bind(new_uuidt())
-            .bind(event)
-            .bind(team.id)
-            .execute(&self.pool)
             .await?;
             known.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).event_names.insert(event.to_string());
         }
@@ -142,7 +156,7 @@ impl TeamManager {
             let ids: Vec<Uuid> = new_properties.iter().map(|_| new_uuidt()).collect();
             let names: Vec<&str> = new_properties.iter().map(|(name, _)| name.as_str()).collect();
             let numerical: Vec<bool> = new_properties.iter().map(|(_, numerical)| *numerical).collect();
-            sqlx::query(
+            crate::metrics::catalog::postgres("insertPropertyDefinition", sqlx::query(
                 "INSERT INTO posthog_propertydefinition (id, name, is_numerical, volume_30_day, query_usage_30_day, team_id) \
                  SELECT id, name, is_numerical, NULL, NULL, $4 FROM UNNEST($1::uuid[], $2::text[], $3::bool[]) \
                  WITH ORDINALITY AS new_definition(id, name, is_numerical, position) ORDER BY position \
@@ -153,7 +167,7 @@ impl TeamManager {
             .bind(&numerical)
             .bind(team.id)
             .execute(&self.pool)
-            .await?;
+            ).await?;
             let mut known = known.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             known.property_names.extend(names.iter().map(|name| name.to_string()));
         }
@@ -164,21 +178,27 @@ impl TeamManager {
     }
 
     async fn mark_first_event_ingested(&self, team: &Team, properties: &Properties) -> Result<(), sqlx::Error> {
-        sqlx::query("UPDATE posthog_team SET ingested_event = $1 WHERE id = $2")
-            .bind(true)
-            .bind(team.id)
-            .execute(&self.pool)
-            .await?;
+        crate::metrics::catalog::postgres(
+            "setTeamIngestedEvent",
+            sqlx::query("UPDATE posthog_team SET ingested_event = $1 WHERE id = $2")
+                .bind(true)
+                .bind(team.id)
+                .execute(&self.pool),
+        )
+        .await?;
         self.teams.update(&team.id, |cached| cached.ingested_event = true);
         let Some(telemetry) = self.telemetry.get() else {
             return Ok(());
         };
-        let members: Vec<Option<String>> = sqlx::query_scalar(
-            "SELECT distinct_id FROM posthog_user JOIN posthog_organizationmembership \
+        let members: Vec<Option<String>> = crate::metrics::catalog::postgres(
+            "posthog_organizationmembership",
+            sqlx::query_scalar(
+                "SELECT distinct_id FROM posthog_user JOIN posthog_organizationmembership \
              ON posthog_user.id = posthog_organizationmembership.user_id WHERE organization_id = $1",
+            )
+            .bind(team.organization_id)
+            .fetch_all(&self.pool),
         )
-        .bind(team.organization_id)
-        .fetch_all(&self.pool)
         .await?;
         // Absent keys are left out, as JSON serialization of `undefined` does.
         let mut telemetry_properties = Map::new();

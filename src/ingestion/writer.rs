@@ -265,17 +265,20 @@ impl EventWriter for PostgresEventWriter {
     }
 
     async fn write_session_recording(&self, recording: &SessionRecordingPayload) -> Result<(), WriteError> {
-        sqlx::query(
-            "INSERT INTO posthog_sessionrecordingevent (created_at, team_id, distinct_id, session_id, timestamp, \
+        crate::metrics::catalog::postgres(
+            "insertSessionRecording",
+            sqlx::query(
+                "INSERT INTO posthog_sessionrecordingevent (created_at, team_id, distinct_id, session_id, timestamp, \
              snapshot_data) VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(recording.timestamp)
+            .bind(recording.team_id)
+            .bind(&recording.distinct_id)
+            .bind(&recording.session_id)
+            .bind(recording.timestamp)
+            .bind(&recording.snapshot_data)
+            .execute(&self.pool),
         )
-        .bind(recording.timestamp)
-        .bind(recording.team_id)
-        .bind(&recording.distinct_id)
-        .bind(&recording.session_id)
-        .bind(recording.timestamp)
-        .bind(&recording.snapshot_data)
-        .execute(&self.pool)
         .await?;
         Ok(())
     }
@@ -284,14 +287,14 @@ impl EventWriter for PostgresEventWriter {
         if action_ids.is_empty() {
             return Ok(());
         }
-        sqlx::query(
+        crate::metrics::catalog::postgres("registerActionMatch", sqlx::query(
             "INSERT INTO posthog_action_events (event_id, action_id) \
              SELECT $1, action_id FROM UNNEST($2::int4[]) WITH ORDINALITY AS matched(action_id, position) ORDER BY position",
         )
         .bind(event_id)
         .bind(action_ids)
         .execute(&self.pool)
-        .await?;
+        ).await?;
         Ok(())
     }
 }
@@ -315,19 +318,22 @@ async fn write_event_batch(pool: PgPool, rows: Vec<EventRow>) -> Vec<Result<i64,
 }
 
 async fn insert_event_row(pool: &PgPool, row: &EventRow) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar(
-        "INSERT INTO posthog_event (created_at, event, distinct_id, properties, team_id, timestamp, elements, \
+    crate::metrics::catalog::postgres(
+        "createEventInsert",
+        sqlx::query_scalar(
+            "INSERT INTO posthog_event (created_at, event, distinct_id, properties, team_id, timestamp, elements, \
          elements_hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id::int8",
+        )
+        .bind(row.created_at)
+        .bind(&row.event)
+        .bind(&row.distinct_id)
+        .bind(&row.properties)
+        .bind(row.team_id)
+        .bind(row.timestamp)
+        .bind(&row.elements)
+        .bind(&row.elements_hash)
+        .fetch_one(pool),
     )
-    .bind(row.created_at)
-    .bind(&row.event)
-    .bind(&row.distinct_id)
-    .bind(&row.properties)
-    .bind(row.team_id)
-    .bind(row.timestamp)
-    .bind(&row.elements)
-    .bind(&row.elements_hash)
-    .fetch_one(pool)
     .await
 }
 
@@ -342,7 +348,7 @@ async fn insert_event_rows(pool: &PgPool, rows: &[&EventRow]) -> Result<Vec<i64>
     let timestamp: Vec<DateTime<Utc>> = rows.iter().map(|row| row.timestamp).collect();
     let elements: Vec<&Value> = rows.iter().map(|row| &row.elements).collect();
     let elements_hash: Vec<&str> = rows.iter().map(|row| row.elements_hash.as_str()).collect();
-    let ids: Vec<(i64, i64)> = sqlx::query_as(
+    let ids: Vec<(i64, i64)> = crate::metrics::catalog::postgres("createEventInsert", sqlx::query_as(
         "WITH input AS ( \
             SELECT * FROM UNNEST($1::timestamptz[], $2::text[], $3::text[], $4::jsonb[], $5::int4[], $6::timestamptz[], \
                 $7::jsonb[], $8::text[]) WITH ORDINALITY \
@@ -368,6 +374,6 @@ async fn insert_event_rows(pool: &PgPool, rows: &[&EventRow]) -> Result<Vec<i64>
     .bind(&elements)
     .bind(&elements_hash)
     .fetch_all(pool)
-    .await?;
+    ).await?;
     Ok(ids.into_iter().map(|(_, id)| id).collect())
 }

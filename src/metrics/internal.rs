@@ -55,13 +55,16 @@ impl InternalMetrics {
     async fn team_id(&self, postgres: &PgPool) -> Result<Option<i64>, sqlx::Error> {
         self.team_id
             .get_or_try_init(|| async {
-                let row: Option<i64> = sqlx::query_scalar(
-                    "SELECT posthog_team.id::bigint AS team_id
+                let row: Option<i64> = crate::metrics::catalog::postgres(
+                    "fetchInternalMetricsTeam",
+                    sqlx::query_scalar(
+                        "SELECT posthog_team.id::bigint AS team_id
                      FROM posthog_team
                      INNER JOIN posthog_organization ON posthog_organization.id = posthog_team.organization_id
                      WHERE for_internal_metrics",
+                    )
+                    .fetch_optional(postgres),
                 )
-                .fetch_optional(postgres)
                 .await?;
                 Ok(row)
             })

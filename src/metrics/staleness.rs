@@ -95,7 +95,7 @@ impl StalenessCheck {
             extra.insert("piscina".into(), Value::String((self.pool_stats)()));
             capture_message_with_extra(&message, sentry::Level::Error, extra);
             error!("🕰 {message}");
-            self.metrics.increment("alerts.stale_plugin_server_restarted", &[]);
+            crate::metrics::catalog::stale_restart(&self.metrics);
             restart.cancel();
             // Ending now would look like a crashed component; wait for the shutdown we asked for.
             return shutdown.cancelled().await;

@@ -246,8 +246,12 @@ impl ExportEvents {
                         retries + 1,
                         next_retry_seconds.round()
                     );
+                    let plugin = config.plugin.name();
+                    crate::metrics::catalog::export_retry(false, retries as u32 + 1, &plugin, config.team(), count);
                 } else {
                     self.metric("undelivered_events", count);
+                    let plugin = config.plugin.name();
+                    crate::metrics::catalog::export_retry(true, retries as u32, &plugin, config.team(), count);
                     info!(
                         "☠️ Dropped PluginConfig {} batch {} after retrying {} times",
                         config.id,
@@ -260,6 +264,11 @@ impl ExportEvents {
             Err(failure) => {
                 self.metric("other_errors", count);
                 self.metric("undelivered_events", count);
+                crate::metrics::catalog::dropped(
+                    crate::metrics::catalog::Stage::Plugins,
+                    "export_failed",
+                    count as u64,
+                );
                 Err(failure)
             }
         }

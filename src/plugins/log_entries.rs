@@ -84,7 +84,8 @@ pub struct PluginLogEntry {
 }
 
 impl PluginLogEntry {
-    /// An entry for `config`, stamped now unless `timestamp` is given.
+    /// An entry for `config`, stamped now unless `timestamp` is given; counted as created
+    /// (`logs.entries_created`, the reference's `queuePluginLogEntry`: every entry made is queued).
     pub fn new(
         config: &PluginConfig,
         source: LogSource,
@@ -93,6 +94,7 @@ impl PluginLogEntry {
         instance_id: Uuid,
         timestamp: Option<DateTime<Utc>>,
     ) -> PluginLogEntry {
+        crate::metrics::catalog::log_entry_created(source.as_str(), config.team(), i64::from(config.plugin_id));
         PluginLogEntry {
             id: Uuid::now_v7(),
             team_id: config.team_id,
@@ -197,22 +199,25 @@ impl PostgresLogSink {
             messages.push(entry.message);
             instances.push(entry.instance_id);
         }
-        let result = sqlx::query(
-            "INSERT INTO posthog_pluginlogentry \
+        let result = crate::metrics::catalog::postgres(
+            "insertPluginLogEntries",
+            sqlx::query(
+                "INSERT INTO posthog_pluginlogentry \
              (id, team_id, plugin_id, plugin_config_id, timestamp, source, type, message, instance_id) \
              SELECT * FROM UNNEST($1::uuid[], $2::int[], $3::int[], $4::int[], $5::timestamptz[], $6::text[], \
              $7::text[], $8::text[], $9::uuid[])",
+            )
+            .bind(ids)
+            .bind(teams)
+            .bind(plugins)
+            .bind(configs)
+            .bind(timestamps)
+            .bind(sources)
+            .bind(types)
+            .bind(messages)
+            .bind(instances)
+            .execute(pool),
         )
-        .bind(ids)
-        .bind(teams)
-        .bind(plugins)
-        .bind(configs)
-        .bind(timestamps)
-        .bind(sources)
-        .bind(types)
-        .bind(messages)
-        .bind(instances)
-        .execute(pool)
         .await;
         if let Err(err) = result {
             error!(entries = count, error = %err, "could not insert plugin log entries");

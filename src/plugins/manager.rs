@@ -80,6 +80,11 @@ impl Plugins {
         self.snapshot().by_id.get(&config_id).map(|entry| entry.config.clone())
     }
 
+    /// Every config in force.
+    pub fn configs(&self) -> Vec<Arc<PluginConfig>> {
+        self.snapshot().by_id.values().map(|entry| entry.config.clone()).collect()
+    }
+
     /// Config ids of a team, in run order.
     pub fn team_order(&self, team_id: i64) -> Vec<(i32, i32)> {
         self.team_configs(team_id).1.iter().map(|entry| (entry.config.id, entry.config.order)).collect()

@@ -183,60 +183,98 @@ fn in_force(column: &str) -> String {
 
 /// Reads the in-force plugins, attachments and configs (the reference's three queries).
 pub async fn fetch_in_force(pool: &PgPool) -> Result<InForceRows, sqlx::Error> {
-    let plugins = sqlx::query_as::<_, PluginRow>(&format!(
+    let plugins = crate::metrics::catalog::postgres("getPluginRows", sqlx::query_as::<_, PluginRow>(&format!(
         "SELECT id, organization_id, plugin_type, is_global, name, url, config_schema, tag, archive, source, \
          capabilities, metrics, updated_at FROM posthog_plugin WHERE id IN ({} GROUP BY posthog_pluginconfig.plugin_id)",
         in_force("plugin_id")
     ))
     .fetch_all(pool)
-    .await?;
-    let attachments = sqlx::query_as::<_, PluginAttachmentRow>(&format!(
-        "SELECT id, plugin_config_id, key, content_type, file_name, contents FROM posthog_pluginattachment \
+    ).await?;
+    let attachments = crate::metrics::catalog::postgres(
+        "getPluginAttachmentRows",
+        sqlx::query_as::<_, PluginAttachmentRow>(&format!(
+            "SELECT id, plugin_config_id, key, content_type, file_name, contents FROM posthog_pluginattachment \
          WHERE plugin_config_id IN ({})",
-        in_force("id")
-    ))
-    .fetch_all(pool)
+            in_force("id")
+        ))
+        .fetch_all(pool),
+    )
     .await?;
-    let configs = sqlx::query_as::<_, PluginConfigRow>(&format!(
-        "SELECT id, team_id, plugin_id, enabled, \"order\", config, error, created_at, updated_at \
+    let configs = crate::metrics::catalog::postgres(
+        "getPluginConfigRows",
+        sqlx::query_as::<_, PluginConfigRow>(&format!(
+            "SELECT id, team_id, plugin_id, enabled, \"order\", config, error, created_at, updated_at \
          FROM posthog_pluginconfig WHERE id IN ({}) ORDER BY id",
-        in_force("id")
-    ))
-    .fetch_all(pool)
+            in_force("id")
+        ))
+        .fetch_all(pool),
+    )
     .await?;
     Ok(InForceRows { plugins, configs, attachments })
 }
 
 /// Runs `UPDATE … SET <json column> = $1 WHERE id = $2`.
-async fn set_json(pool: &PgPool, sql: &str, value: Option<&Value>, id: i32) -> Result<(), sqlx::Error> {
-    sqlx::query(sql).bind(value).bind(id).execute(pool).await.map(|_| ())
+async fn set_json(
+    pool: &PgPool,
+    tag: &'static str,
+    sql: &str,
+    value: Option<&Value>,
+    id: i32,
+) -> Result<(), sqlx::Error> {
+    crate::metrics::catalog::postgres(tag, sqlx::query(sql).bind(value).bind(id).execute(pool)).await.map(|_| ())
 }
 
 pub async fn set_plugin_capabilities(pool: &PgPool, plugin_id: i32, capabilities: &Value) -> Result<(), sqlx::Error> {
-    set_json(pool, "UPDATE posthog_plugin SET capabilities = $1 WHERE id = $2", Some(capabilities), plugin_id).await
+    set_json(
+        pool,
+        "setPluginCapabilities",
+        "UPDATE posthog_plugin SET capabilities = $1 WHERE id = $2",
+        Some(capabilities),
+        plugin_id,
+    )
+    .await
 }
 
 pub async fn set_plugin_metrics(pool: &PgPool, plugin_id: i32, metrics: &Value) -> Result<(), sqlx::Error> {
-    set_json(pool, "UPDATE posthog_plugin SET metrics = $1 WHERE id = $2", Some(metrics), plugin_id).await
+    set_json(pool, "setPluginMetrics", "UPDATE posthog_plugin SET metrics = $1 WHERE id = $2", Some(metrics), plugin_id)
+        .await
 }
 
 /// Writes (or clears, with `None`) `posthog_pluginconfig.error`.
 pub async fn set_config_error(pool: &PgPool, config_id: i32, error: Option<&Value>) -> Result<(), sqlx::Error> {
-    set_json(pool, "UPDATE posthog_pluginconfig SET error = $1 WHERE id = $2", error, config_id).await
+    set_json(
+        pool,
+        "updatePluginConfigError",
+        "UPDATE posthog_pluginconfig SET error = $1 WHERE id = $2",
+        error,
+        config_id,
+    )
+    .await
 }
 
 /// Runs an update whose only parameter is the row id.
-async fn update_by_id(pool: &PgPool, sql: &str, id: i32) -> Result<(), sqlx::Error> {
-    sqlx::query(sql).bind(id).execute(pool).await.map(|_| ())
+async fn update_by_id(pool: &PgPool, tag: &'static str, sql: &str, id: i32) -> Result<(), sqlx::Error> {
+    crate::metrics::catalog::postgres(tag, sqlx::query(sql).bind(id).execute(pool)).await.map(|_| ())
 }
 
 /// Clears `posthog_pluginconfig.error` when set.
 pub async fn clear_config_error(pool: &PgPool, config_id: i32) -> Result<(), sqlx::Error> {
-    update_by_id(pool, "UPDATE posthog_pluginconfig SET error = NULL WHERE id = $1 AND error IS NOT NULL", config_id)
-        .await
+    update_by_id(
+        pool,
+        "updatePluginConfigError",
+        "UPDATE posthog_pluginconfig SET error = NULL WHERE id = $1 AND error IS NOT NULL",
+        config_id,
+    )
+    .await
 }
 
 /// Disables a config after too many failed set-up attempts.
 pub async fn disable_plugin_config(pool: &PgPool, config_id: i32) -> Result<(), sqlx::Error> {
-    update_by_id(pool, "UPDATE posthog_pluginconfig SET enabled = 'f' WHERE id = $1 AND enabled = 't'", config_id).await
+    update_by_id(
+        pool,
+        "disablePlugin",
+        "UPDATE posthog_pluginconfig SET enabled = 'f' WHERE id = $1 AND enabled = 't'",
+        config_id,
+    )
+    .await
 }

@@ -448,7 +448,10 @@ impl HookCommander {
     ) {
         let body = webhook_message(determine_webhook_type(webhook_url), action, event, person, site_url);
         match self.post_json(webhook_url, body).await {
-            Ok(_) => debug!(action_id = action.id, "webhook fired"),
+            Ok(_) => {
+                crate::metrics::catalog::hook_fired(false);
+                debug!(action_id = action.id, "webhook fired");
+            }
             Err(error) => warn!(%error, action_id = action.id, "webhook request failed"),
         }
     }
@@ -479,7 +482,7 @@ impl HookCommander {
         event: &str,
         resource_id: i64,
     ) -> Result<Vec<Hook>, sqlx::Error> {
-        let rows = sqlx::query(
+        let rows = crate::metrics::catalog::postgres("fetchRelevantRestHooks", sqlx::query(
             "SELECT id, team_id::bigint AS team_id, user_id::bigint AS user_id, resource_id::bigint AS resource_id, \
              event, target FROM ee_hook WHERE team_id = $1 AND event = $2 AND resource_id = $3",
         )
@@ -487,7 +490,7 @@ impl HookCommander {
         .bind(event)
         .bind(resource_id)
         .fetch_all(&self.postgres)
-        .await?;
+        ).await?;
         rows.iter()
             .map(|row| {
                 Ok(Hook {
@@ -507,13 +510,21 @@ impl HookCommander {
         match self.post_json(&hook.target, body).await {
             Ok(status) if status == reqwest::StatusCode::GONE => {
                 // The subscriber is gone on Zapier's side: forget the hook on ours.
-                if let Err(error) =
-                    sqlx::query("DELETE FROM ee_hook WHERE id = $1").bind(&hook.id).execute(&self.postgres).await
+                if let Err(error) = crate::metrics::catalog::postgres(
+                    "deleteRestHook",
+                    sqlx::query("DELETE FROM ee_hook WHERE id = $1").bind(&hook.id).execute(&self.postgres),
+                )
+                .await
                 {
                     warn!(%error, hook_id = hook.id, "deleting a gone REST hook failed");
+                } else {
+                    crate::metrics::catalog::hook_fired(true);
                 }
             }
-            Ok(_) => debug!(hook_id = hook.id, "REST hook fired"),
+            Ok(_) => {
+                crate::metrics::catalog::hook_fired(true);
+                debug!(hook_id = hook.id, "REST hook fired");
+            }
             Err(error) => warn!(%error, hook_id = hook.id, "REST hook request failed"),
         }
     }

@@ -71,16 +71,22 @@ impl ActionManager {
 
     /// Replaces the cache with every non-deleted action and its steps.
     pub async fn reload_all(&self) -> Result<(), ActionError> {
-        let actions = sqlx::query(&format!("SELECT {ACTION_COLUMNS} FROM posthog_action WHERE deleted = FALSE"))
-            .fetch_all(&self.postgres)
-            .await
-            .map_err(|source| ActionError::Database { context: "fetching actions", source })?;
-        let steps = sqlx::query(&format!(
-            "SELECT {STEP_COLUMNS}, posthog_action.team_id::bigint AS step_team_id FROM posthog_actionstep \
+        let actions = crate::metrics::catalog::postgres(
+            "fetchActions",
+            sqlx::query(&format!("SELECT {ACTION_COLUMNS} FROM posthog_action WHERE deleted = FALSE"))
+                .fetch_all(&self.postgres),
+        )
+        .await
+        .map_err(|source| ActionError::Database { context: "fetching actions", source })?;
+        let steps = crate::metrics::catalog::postgres(
+            "fetchActionSteps",
+            sqlx::query(&format!(
+                "SELECT {STEP_COLUMNS}, posthog_action.team_id::bigint AS step_team_id FROM posthog_actionstep \
              JOIN posthog_action ON (posthog_action.id = posthog_actionstep.action_id) \
              WHERE posthog_action.deleted = FALSE ORDER BY posthog_actionstep.id"
-        ))
-        .fetch_all(&self.postgres)
+            ))
+            .fetch_all(&self.postgres),
+        )
         .await
         .map_err(|source| ActionError::Database { context: "fetching action steps", source })?;
 
@@ -170,22 +176,27 @@ impl ActionManager {
     }
 
     async fn fetch_action(&self, action_id: i64) -> Result<Option<Action>, ActionError> {
-        let row =
+        let row = crate::metrics::catalog::postgres(
+            "fetchActions",
             sqlx::query(&format!("SELECT {ACTION_COLUMNS} FROM posthog_action WHERE id = $1 AND deleted = FALSE"))
                 .bind(action_id)
-                .fetch_optional(&self.postgres)
-                .await
-                .map_err(|source| ActionError::Database { context: "fetching an action", source })?;
+                .fetch_optional(&self.postgres),
+        )
+        .await
+        .map_err(|source| ActionError::Database { context: "fetching an action", source })?;
         let Some(row) = row else {
             return Ok(None);
         };
         let mut action =
             action_from_row(&row).map_err(|source| ActionError::Database { context: "reading an action", source })?;
-        let steps = sqlx::query(&format!(
-            "SELECT {STEP_COLUMNS} FROM posthog_actionstep WHERE action_id = $1 ORDER BY posthog_actionstep.id"
-        ))
-        .bind(action_id)
-        .fetch_all(&self.postgres)
+        let steps = crate::metrics::catalog::postgres(
+            "fetchActionSteps",
+            sqlx::query(&format!(
+                "SELECT {STEP_COLUMNS} FROM posthog_actionstep WHERE action_id = $1 ORDER BY posthog_actionstep.id"
+            ))
+            .bind(action_id)
+            .fetch_all(&self.postgres),
+        )
         .await
         .map_err(|source| ActionError::Database { context: "fetching action steps", source })?;
         for row in &steps {

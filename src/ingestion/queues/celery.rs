@@ -338,13 +338,16 @@ impl CeleryProducer {
         let task_id = uuid::Uuid::new_v4().to_string();
         let message = encode_task_message(&self.queue, task, &task_id, args, kwargs);
         let error = |reason: String| SendError { queue: self.queue.clone(), reason };
-        let mut connection = self.redis.get().await.map_err(|failure| error(failure.to_string()))?;
-        redis::cmd("LPUSH")
-            .arg(&self.queue)
-            .arg(message)
-            .query_async::<i64>(&mut connection)
-            .await
-            .map_err(|failure| error(failure.to_string()))?;
+        crate::metrics::catalog::instrument_query(crate::metrics::catalog::statsd::REDIS_LPUSH, None, async {
+            let mut connection = self.redis.get().await.map_err(|failure| error(failure.to_string()))?;
+            redis::cmd("LPUSH")
+                .arg(&self.queue)
+                .arg(message)
+                .query_async::<i64>(&mut connection)
+                .await
+                .map_err(|failure| error(failure.to_string()))
+        })
+        .await?;
         Ok(task_id)
     }
 

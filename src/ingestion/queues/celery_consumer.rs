@@ -56,6 +56,7 @@ use super::retry::{Outcome, RetryPolicy};
 use super::{EventHandler, QueueStats};
 use crate::config::Config;
 use crate::ingestion::timestamp::format_iso;
+use crate::metrics::catalog::{self, Stage};
 
 /// How many messages one round trip may move when the queue is busy.
 const MAX_PREFETCH: usize = 64;
@@ -618,16 +619,20 @@ impl Shared {
                 self.take_free_permits(&mut permits);
             }
             let deadline = self.options.poll_timeout + self.options.response_timeout * 2;
-            let popped =
+            // The reference's `query.redisBRPop` (it pops one message per call; this moves a batch).
+            let popped = catalog::instrument_query(catalog::statsd::REDIS_BRPOP, None, async {
                 match tokio::time::timeout(deadline, self.pop(&mut blocking, &queue, &processing, permits.len())).await
                 {
                     Ok(result) => result,
                     Err(_) => Err(format!("no answer from Redis within {deadline:?}")),
-                };
+                }
+            })
+            .await;
             match popped {
                 Ok(items) => {
                     for (raw, permit) in items.into_iter().zip(permits) {
                         QueueStats::bump(&self.stats.received);
+                        catalog::received(Stage::Consumer, "celery", 1);
                         let raw: Arc<str> = Arc::from(raw);
                         self.hold(&raw);
                         tokio::spawn(Arc::clone(&self).handle(raw, permit));
@@ -712,7 +717,7 @@ impl Shared {
             Ok(message) => message,
             Err(error) => {
                 warn!("⚠️ Setting aside Celery message: {error}");
-                return self.finish(&raw, None, Finish::DeadLetter(error.to_string())).await;
+                return self.finish(&raw, None, Finish::DeadLetter("undecodable", error.to_string())).await;
             }
         };
         let id = message_key(&message, &raw);
@@ -735,7 +740,7 @@ impl Shared {
                 self.options.max_deliveries
             );
             error!("☠️ Setting aside Celery message {id}: {reason}");
-            return self.finish(&raw, Some(&ids), Finish::DeadLetter(reason)).await;
+            return self.finish(&raw, Some(&ids), Finish::DeadLetter("out_of_deliveries", reason)).await;
         }
         let data_has_uuid =
             message.args.get(3).and_then(Value::as_object).is_some_and(|data| data.contains_key("uuid"));
@@ -743,7 +748,7 @@ impl Shared {
             Ok(task) => task,
             Err(error) => {
                 warn!("⚠️ Setting aside Celery message: {error}");
-                return self.finish(&raw, Some(&ids), Finish::DeadLetter(error.to_string())).await;
+                return self.finish(&raw, Some(&ids), Finish::DeadLetter("invalid_task", error.to_string())).await;
             }
         };
         let task = match task {
@@ -790,7 +795,7 @@ impl Shared {
             Outcome::Handled => Finish::Done,
             Outcome::Failed(reason) => {
                 warn!("⚠️ Setting aside Celery message ({what}): {reason}");
-                Finish::DeadLetter(reason)
+                Finish::DeadLetter("handler_failed", reason)
             }
             Outcome::Interrupted => Finish::Requeue,
         };
@@ -808,7 +813,7 @@ impl Shared {
         let mut commands = Vec::with_capacity(5);
         match &finish {
             Finish::Done => {}
-            Finish::DeadLetter(reason) => {
+            Finish::DeadLetter(_, reason) => {
                 let entry = json!({
                     "queue": self.options.queue,
                     "reason": reason,
@@ -836,8 +841,15 @@ impl Shared {
             match self.redis.run(commands.clone()).await {
                 Ok(()) => {
                     let counter = match finish {
-                        Finish::Done => &self.stats.handled,
-                        Finish::DeadLetter(_) => &self.stats.dead_lettered,
+                        Finish::Done => {
+                            catalog::handled(Stage::Consumer, "celery", 1);
+                            &self.stats.handled
+                        }
+                        Finish::DeadLetter(code, _) => {
+                            catalog::dropped(Stage::Consumer, code, 1);
+                            &self.stats.dead_lettered
+                        }
+                        // Back on the queue for later: neither handled nor dropped.
                         Finish::Requeue => &self.stats.requeued,
                     };
                     QueueStats::bump(counter);
@@ -882,7 +894,8 @@ struct MessageIds {
 
 enum Finish {
     Done,
-    DeadLetter(String),
+    /// A short reason for the counters (`undecodable`, ...) and the message for the record.
+    DeadLetter(&'static str, String),
     Requeue,
 }
 

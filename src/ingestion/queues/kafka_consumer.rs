@@ -54,6 +54,7 @@ use super::messages::{
 use super::retry::{Outcome, RetryPolicy};
 use super::{EventHandler, QueueStats};
 use crate::config::Config;
+use crate::metrics::catalog::{self, Stage};
 
 /// The reference's consumer group.
 pub const CONSUMER_GROUP: &str = "clickhouse-ingestion";
@@ -564,6 +565,9 @@ impl Shared {
         // Delivery count keys of events done, forgotten in batches.
         let mut finished_keys: Vec<String> = Vec::new();
         let mut interrupted = false;
+        // `kafka_queue.each_batch`: the events completed between two offset stores form a batch;
+        // its time runs from the previous store to the flush-and-store that commits it.
+        let mut batch_started = std::time::Instant::now();
         loop {
             if storing.is_none() {
                 let progress = offsets.take_progress();
@@ -606,6 +610,8 @@ impl Shared {
                     storing = None;
                     flushed.map_err(|error| format!("Kafka production failed, not committing: {error}"))?;
                     self.store_offsets(&progress);
+                    catalog::each_batch(batch_started.elapsed());
+                    batch_started = std::time::Instant::now();
                 }
                 _ = self.stop.cancelled(), if !self.stop.is_cancelled() => {}
                 message = messages.recv(), if in_hand.len() < window && !self.stop.is_cancelled() => match message {
@@ -728,6 +734,7 @@ impl Shared {
 
     async fn process_message(self: &Arc<Self>, message: &OwnedMessage) -> MessageOutcome {
         QueueStats::bump(&self.stats.received);
+        catalog::received(Stage::Consumer, "kafka", 1);
         let event = match decode_raw_event(message.payload()) {
             Ok(event) => event,
             Err(reason) => {
@@ -742,7 +749,7 @@ impl Shared {
                     &reason.to_string(),
                     &Utc::now(),
                 );
-                return self.dead_letter(record, None).await;
+                return self.dead_letter(record, None, "undecodable").await;
             }
         };
         let counted = self
@@ -764,7 +771,7 @@ impl Shared {
                         message.offset()
                     );
                     let record = dead_letter_record(&event, &reason, KAFKA_CONSUMER_ERROR_LOCATION, &Utc::now());
-                    let outcome = self.dead_letter(record, None).await;
+                    let outcome = self.dead_letter(record, None, "out_of_deliveries").await;
                     self.deliveries.forget(std::slice::from_ref(key)).await;
                     return outcome;
                 }
@@ -792,21 +799,29 @@ impl Shared {
         match outcome {
             Outcome::Handled => {
                 QueueStats::bump(&self.stats.handled);
+                catalog::handled(Stage::Consumer, "kafka", 1);
                 MessageOutcome::Done(counted)
             }
             Outcome::Failed(reason) => {
                 warn!("⚠️ Dead-lettering {what}: {reason}");
                 let record = dead_letter_record(&event, &reason, INGEST_EVENT_ERROR_LOCATION, &Utc::now());
-                self.dead_letter(record, counted).await
+                self.dead_letter(record, counted, "handler_failed").await
             }
             Outcome::Interrupted => MessageOutcome::Interrupted,
         }
     }
 
-    async fn dead_letter(&self, record: super::KafkaRecord, counted: Option<String>) -> MessageOutcome {
+    /// `reason` is the short word for the counters (`undecodable`, ...).
+    async fn dead_letter(
+        &self,
+        record: super::KafkaRecord,
+        counted: Option<String>,
+        reason: &'static str,
+    ) -> MessageOutcome {
         // A failed send is remembered by the producer and fails the batch's flush: not committed.
         if self.producer.queue_message(record).await.is_ok() {
             QueueStats::bump(&self.stats.dead_lettered);
+            catalog::dropped(Stage::Consumer, reason, 1);
         }
         MessageOutcome::Done(counted)
     }

@@ -273,9 +273,11 @@ impl KafkaProducerWrapper {
         if record.messages.iter().any(|message| message_bytes(message) > self.max_message_bytes) {
             error!("🔴 The dead-letter row of a message to {} does not fit either; it is lost", rejected.topic);
             self.stats.lost.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::catalog::dropped(crate::metrics::catalog::Stage::DeadLetters, "lost", 1);
             return None;
         }
         self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::catalog::dropped(crate::metrics::catalog::Stage::DeadLetters, "undeliverable", 1);
         Some(record)
     }
 
@@ -356,10 +358,31 @@ impl KafkaProducerWrapper {
     }
 
     async fn send(&self, number: u64, batch: Vec<KafkaRecord>) -> Result<(), ProduceError> {
-        let result = match self.sender.send_batch_reporting(batch).await {
-            Ok(rejected) if rejected.is_empty() => Ok(()),
-            Ok(rejected) => self.send_dead_letters(&rejected).await,
-            Err(failure) => Err(failure),
+        use crate::metrics::catalog::{self, Stage};
+        let messages: u64 = batch.iter().map(|record| record.messages.len() as u64).sum();
+        catalog::received(Stage::Producer, "kafka", messages);
+        let sent = catalog::instrument_query(catalog::statsd::KAFKA_SEND, None, async {
+            let sent = self.sender.send_batch_reporting(batch).await;
+            if sent.is_err() {
+                catalog::kafka_send_failed();
+            }
+            sent
+        })
+        .await;
+        let result = match sent {
+            Ok(rejected) if rejected.is_empty() => {
+                catalog::handled(Stage::Producer, "kafka", messages);
+                Ok(())
+            }
+            Ok(rejected) => {
+                catalog::handled(Stage::Producer, "kafka", messages - rejected.len() as u64);
+                catalog::dropped(Stage::Producer, "refused", rejected.len() as u64);
+                self.send_dead_letters(&rejected).await
+            }
+            Err(failure) => {
+                catalog::dropped(Stage::Producer, "send_failed", messages);
+                Err(failure)
+            }
         };
         {
             let mut buffer = self.lock();
@@ -389,6 +412,7 @@ impl KafkaProducerWrapper {
             error!("🔴 A dead-letter row was refused ({}); the message to {} is lost", refused.reason, refused.topic);
             self.stats.dead_lettered.fetch_sub(1, Ordering::Relaxed);
             self.stats.lost.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::catalog::dropped(crate::metrics::catalog::Stage::DeadLetters, "lost", 1);
         }
         Ok(())
     }

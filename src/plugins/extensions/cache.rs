@@ -95,124 +95,151 @@ impl Cache {
         ttl_seconds: Option<&Value>,
         options: Option<&Value>,
     ) -> Result<Value, JsError> {
-        let serialized = if json_serialize(options) { value.to_string() } else { string_of(value) };
-        let mut command = redis::cmd("SET");
-        command.arg(self.key(key)).arg(serialized);
-        if let Some(ttl) = ttl_seconds.filter(|ttl| truthy(ttl)) {
-            command.arg("EX").arg(number_arg(ttl));
-        }
-        let mut connection = self.connection().await?;
-        command.query_async::<()>(&mut connection).await.map_err(redis_error)?;
-        Ok(Value::Null)
+        crate::metrics::catalog::instrument_query(crate::metrics::catalog::statsd::REDIS_SET, None, async {
+            let serialized = if json_serialize(options) { value.to_string() } else { string_of(value) };
+            let mut command = redis::cmd("SET");
+            command.arg(self.key(key)).arg(serialized);
+            if let Some(ttl) = ttl_seconds.filter(|ttl| truthy(ttl)) {
+                command.arg("EX").arg(number_arg(ttl));
+            }
+            let mut connection = self.connection().await?;
+            command.query_async::<()>(&mut connection).await.map_err(redis_error)?;
+            Ok(Value::Null)
+        })
+        .await
     }
 
     pub async fn get(&self, key: &str, options: Option<&Value>) -> Result<Value, JsError> {
-        let full_key = self.key(key);
-        let mut connection = self.connection().await?;
-        let value: Option<String> = match tokio::time::timeout(GET_RETRY_AFTER, connection.get(&full_key)).await {
-            Ok(result) => result.map_err(redis_error)?,
-            Err(_) => {
-                tracing::warn!(key = %full_key, "Waited 5 sec to get redis key, retrying once!");
-                let mut retry = self.connection().await?;
-                retry.get(&full_key).await.map_err(redis_error)?
-            }
-        };
-        Ok(match value {
-            None => Value::Null,
-            Some(text) if text.is_empty() => Value::Null,
-            Some(text) if json_serialize(options) => serde_json::from_str(&text).unwrap_or(Value::Null),
-            Some(text) => Value::String(text),
+        crate::metrics::catalog::instrument_query(crate::metrics::catalog::statsd::REDIS_GET, None, async {
+            let full_key = self.key(key);
+            let mut connection = self.connection().await?;
+            let value: Option<String> = match tokio::time::timeout(GET_RETRY_AFTER, connection.get(&full_key)).await {
+                Ok(result) => result.map_err(redis_error)?,
+                Err(_) => {
+                    tracing::warn!(key = %full_key, "Waited 5 sec to get redis key, retrying once!");
+                    let mut retry = self.connection().await?;
+                    retry.get(&full_key).await.map_err(redis_error)?
+                }
+            };
+            Ok(match value {
+                None => Value::Null,
+                Some(text) if text.is_empty() => Value::Null,
+                Some(text) if json_serialize(options) => serde_json::from_str(&text).unwrap_or(Value::Null),
+                Some(text) => Value::String(text),
+            })
         })
+        .await
     }
 
     pub async fn incr(&self, key: &str) -> Result<Value, JsError> {
-        let mut connection = self.connection().await?;
-        let value: i64 = connection.incr(self.key(key), 1).await.map_err(redis_error)?;
-        Ok(Value::from(value))
+        crate::metrics::catalog::instrument_query(crate::metrics::catalog::statsd::REDIS_INCR, None, async {
+            let mut connection = self.connection().await?;
+            let value: i64 = connection.incr(self.key(key), 1).await.map_err(redis_error)?;
+            Ok(Value::from(value))
+        })
+        .await
     }
 
     pub async fn expire(&self, key: &str, ttl_seconds: &Value) -> Result<Value, JsError> {
-        let mut connection = self.connection().await?;
-        let result: i64 = redis::cmd("EXPIRE")
-            .arg(self.key(key))
-            .arg(number_arg(ttl_seconds))
-            .query_async(&mut connection)
-            .await
-            .map_err(redis_error)?;
-        Ok(Value::Bool(result == 1))
+        crate::metrics::catalog::instrument_query(crate::metrics::catalog::statsd::REDIS_EXPIRE, None, async {
+            let mut connection = self.connection().await?;
+            let result: i64 = redis::cmd("EXPIRE")
+                .arg(self.key(key))
+                .arg(number_arg(ttl_seconds))
+                .query_async(&mut connection)
+                .await
+                .map_err(redis_error)?;
+            Ok(Value::Bool(result == 1))
+        })
+        .await
     }
 
     pub async fn lpush(&self, key: &str, element_or_array: &Value) -> Result<Value, JsError> {
-        let elements: Vec<String> = match element_or_array {
-            Value::String(text) => vec![text.clone()],
-            Value::Array(items) => {
-                if items.len() > LPUSH_MAX_ELEMENTS {
-                    return Err(JsError::new(
-                        "IllegalOperationError",
-                        "Too many elements in array for cache.lpush. Maximum: 1000",
-                    ));
+        crate::metrics::catalog::instrument_query(crate::metrics::catalog::statsd::REDIS_LPUSH, None, async {
+            let elements: Vec<String> = match element_or_array {
+                Value::String(text) => vec![text.clone()],
+                Value::Array(items) => {
+                    if items.len() > LPUSH_MAX_ELEMENTS {
+                        return Err(JsError::new(
+                            "IllegalOperationError",
+                            "Too many elements in array for cache.lpush. Maximum: 1000",
+                        ));
+                    }
+                    items.iter().map(string_of).collect()
                 }
-                items.iter().map(string_of).collect()
-            }
-            _ => return Err(JsError::new("Error", "cache.lpush expects a string value or an array of strings")),
-        };
-        let mut connection = self.connection().await?;
-        let length: i64 = redis::cmd("LPUSH")
-            .arg(self.key(key))
-            .arg(elements)
-            .query_async(&mut connection)
-            .await
-            .map_err(redis_error)?;
-        Ok(Value::from(length))
+                _ => return Err(JsError::new("Error", "cache.lpush expects a string value or an array of strings")),
+            };
+            let mut connection = self.connection().await?;
+            let length: i64 = redis::cmd("LPUSH")
+                .arg(self.key(key))
+                .arg(elements)
+                .query_async(&mut connection)
+                .await
+                .map_err(redis_error)?;
+            Ok(Value::from(length))
+        })
+        .await
     }
 
     pub async fn lrange(&self, key: &str, start: &Value, end: &Value) -> Result<Value, JsError> {
-        if !start.is_number() || !end.is_number() {
-            return Err(JsError::new("Error", "cache.lrange expects a number for the start and end indexes"));
-        }
-        let mut connection = self.connection().await?;
-        let items: Vec<String> = redis::cmd("LRANGE")
-            .arg(self.key(key))
-            .arg(number_arg(start))
-            .arg(number_arg(end))
-            .query_async(&mut connection)
-            .await
-            .map_err(redis_error)?;
-        Ok(Value::from(items))
+        crate::metrics::catalog::instrument_query(crate::metrics::catalog::statsd::REDIS_LRANGE, None, async {
+            if !start.is_number() || !end.is_number() {
+                return Err(JsError::new("Error", "cache.lrange expects a number for the start and end indexes"));
+            }
+            let mut connection = self.connection().await?;
+            let items: Vec<String> = redis::cmd("LRANGE")
+                .arg(self.key(key))
+                .arg(number_arg(start))
+                .arg(number_arg(end))
+                .query_async(&mut connection)
+                .await
+                .map_err(redis_error)?;
+            Ok(Value::from(items))
+        })
+        .await
     }
 
     pub async fn llen(&self, key: &str) -> Result<Value, JsError> {
-        let mut connection = self.connection().await?;
-        let length: i64 = connection.llen(self.key(key)).await.map_err(redis_error)?;
-        Ok(Value::from(length))
+        crate::metrics::catalog::instrument_query(crate::metrics::catalog::statsd::REDIS_LLEN, None, async {
+            let mut connection = self.connection().await?;
+            let length: i64 = connection.llen(self.key(key)).await.map_err(redis_error)?;
+            Ok(Value::from(length))
+        })
+        .await
     }
 
     pub async fn lrem(&self, key: &str, count: &Value, element: &Value) -> Result<Value, JsError> {
-        if !count.is_number() {
-            return Err(JsError::new("Error", "cache.lrem expects a number for the \"count\" argument"));
-        }
-        let mut connection = self.connection().await?;
-        let removed: i64 = redis::cmd("LREM")
-            .arg(self.key(key))
-            .arg(number_arg(count))
-            .arg(string_of(element))
-            .query_async(&mut connection)
-            .await
-            .map_err(redis_error)?;
-        Ok(Value::from(removed))
+        crate::metrics::catalog::instrument_query(crate::metrics::catalog::statsd::REDIS_LREM, None, async {
+            if !count.is_number() {
+                return Err(JsError::new("Error", "cache.lrem expects a number for the \"count\" argument"));
+            }
+            let mut connection = self.connection().await?;
+            let removed: i64 = redis::cmd("LREM")
+                .arg(self.key(key))
+                .arg(number_arg(count))
+                .arg(string_of(element))
+                .query_async(&mut connection)
+                .await
+                .map_err(redis_error)?;
+            Ok(Value::from(removed))
+        })
+        .await
     }
 
     pub async fn lpop(&self, key: &str, count: &Value) -> Result<Value, JsError> {
-        if !count.is_number() {
-            return Err(JsError::new("Error", "cache.lpop expects a number for the \"count\" argument"));
-        }
-        let mut connection = self.connection().await?;
-        let popped: Option<Vec<String>> = redis::cmd("LPOP")
-            .arg(self.key(key))
-            .arg(number_arg(count))
-            .query_async(&mut connection)
-            .await
-            .map_err(redis_error)?;
-        Ok(popped.map(Value::from).unwrap_or(Value::Null))
+        crate::metrics::catalog::instrument_query(crate::metrics::catalog::statsd::REDIS_LPOP, None, async {
+            if !count.is_number() {
+                return Err(JsError::new("Error", "cache.lpop expects a number for the \"count\" argument"));
+            }
+            let mut connection = self.connection().await?;
+            let popped: Option<Vec<String>> = redis::cmd("LPOP")
+                .arg(self.key(key))
+                .arg(number_arg(count))
+                .query_async(&mut connection)
+                .await
+                .map_err(redis_error)?;
+            Ok(popped.map(Value::from).unwrap_or(Value::Null))
+        })
+        .await
     }
 }
