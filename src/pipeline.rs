@@ -213,11 +213,7 @@ impl ScheduledTaskRunner for PluginTasks {
 
     async fn run_scheduled_task(&self, task: ScheduledTask, plugin_config_id: i32) -> Result<(), BoxError> {
         // Failures are recorded on the config by the plugins themselves.
-        let started = Instant::now();
-        catalog::received(Stage::Schedule, task.as_str(), 1);
         self.plugins.run_scheduled(task, plugin_config_id).await;
-        catalog::handled(Stage::Schedule, task.as_str(), 1);
-        catalog::schedule_run(task.as_str(), plugin_config_id, started.elapsed());
         Ok(())
     }
 }
@@ -225,11 +221,7 @@ impl ScheduledTaskRunner for PluginTasks {
 #[async_trait]
 impl JobRunner for PluginTasks {
     async fn run_job(&self, job: EnqueuedJob) -> Result<(), BoxError> {
-        let started = Instant::now();
-        catalog::received(Stage::Jobs, "run", 1);
         self.plugins.run_job(job).await;
-        catalog::handled(Stage::Jobs, "run", 1);
-        catalog::job_run("plugin_job", "ran", started.elapsed());
         Ok(())
     }
 }

@@ -25,6 +25,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::metrics::catalog::{self, Stage};
 use redlock::{LockState, Redlock, SCHEDULE_LOCK};
 
 /// Errors a runner or the plugins behind it report; logged here, recorded by the runner.
@@ -200,9 +201,16 @@ impl Scheduler {
             }
             let scheduler = Arc::clone(self);
             self.runs.spawn(async move {
-                if let Err(error) = scheduler.runner.run_scheduled_task(task, plugin_config_id).await {
-                    warn!("🔴 Scheduled task {task} of plugin config {plugin_config_id} failed: {error}");
+                let started = std::time::Instant::now();
+                catalog::received(Stage::Schedule, task.as_str(), 1);
+                match scheduler.runner.run_scheduled_task(task, plugin_config_id).await {
+                    Ok(()) => catalog::handled(Stage::Schedule, task.as_str(), 1),
+                    Err(error) => {
+                        warn!("🔴 Scheduled task {task} of plugin config {plugin_config_id} failed: {error}");
+                        catalog::dropped(Stage::Schedule, "failed", 1);
+                    }
                 }
+                catalog::schedule_run(task.as_str(), plugin_config_id, started.elapsed());
                 if let Ok(mut in_flight) = scheduler.in_flight.lock() {
                     in_flight.remove(&(task, plugin_config_id));
                 }

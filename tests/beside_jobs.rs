@@ -104,6 +104,9 @@ async fn enqueue_calls_add_job_as_graphile_worker_does() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_queued_for_two_seconds_runs_once_after_two_seconds() {
+    let statsd = common::statsd::StatsdListener::start();
+    statsd.install_global();
+    let prometheus = plugin_server::metrics::prometheus::install().unwrap();
     let db = TestDb::empty().await;
     let manager = graphile_manager(&db, &[]).await;
     let (runner, mut ran) = recording_runner(false);
@@ -127,6 +130,13 @@ async fn a_job_queued_for_two_seconds_runs_once_after_two_seconds() {
     assert!(ran.try_recv().is_err());
     let left: i64 = sqlx::query_scalar("SELECT count(*) FROM graphile_worker.jobs").fetch_one(&db.pool).await.unwrap();
     assert_eq!(left, 0);
+    // The run is timed as the reference's worker task.
+    let line = statsd.wait_for_line("piscina_task.runJob:", Duration::from_secs(3));
+    assert!(line.ends_with("|ms"), "{line}");
+    let scraped = prometheus.render();
+    let runs = format!(r#"plugin_server_job_runs_total{{type="{}",outcome="ok"}} 1"#, job.job_type);
+    assert!(scraped.contains(&runs), "{scraped}");
+    assert!(scraped.contains(r#"plugin_server_events_handled_total{stage="jobs",source="job_queue"} 1"#), "{scraped}");
     shutdown.cancel();
     consumer.await.unwrap();
 }

@@ -142,6 +142,9 @@ async fn a_slow_task_never_delays_the_others() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_task_does_not_crash_anything() {
+    let statsd = common::statsd::StatsdListener::start();
+    statsd.install_global();
+    let prometheus = plugin_server::metrics::prometheus::install().unwrap();
     let runner = TestRunner::new(Duration::ZERO, true);
     let scheduler = Scheduler::new(runner.clone(), settings("unused", Duration::from_secs(3), Duration::from_secs(60)));
     scheduler.reload().await.unwrap();
@@ -150,6 +153,14 @@ async fn a_failing_task_does_not_crash_anything() {
     scheduler.run_debounced(ScheduledTask::RunEveryMinute);
     scheduler.wait_for_tasks_to_finish().await;
     assert_eq!(runner.run_count(), 2);
+    // Each run is timed as the reference's worker task, and the failures are counted.
+    statsd.wait_for_line("piscina_task.runEveryMinute:", Duration::from_secs(3));
+    statsd.wait_for_line("events_dropped,stage=schedule,reason=failed:1|c", Duration::from_secs(3));
+    let scraped = prometheus.render();
+    assert!(
+        scraped.contains(r#"plugin_server_schedule_runs_total{task="runEveryMinute",plugin_config_id="39"} 2"#),
+        "{scraped}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

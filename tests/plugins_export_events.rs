@@ -115,11 +115,8 @@ async fn a_tiny_buffer_exports_every_event_alone_and_ignored_events_are_skipped(
 
 #[tokio::test]
 async fn retry_errors_are_retried_through_the_job_queue_up_to_15_times() {
-    // The process-wide statsd client sends to a local socket (each test runs in its own process).
-    let statsd = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    statsd.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-    let port = statsd.local_addr().unwrap().port();
-    plugin_server::metrics::install(plugin_server::metrics::Metrics::udp("127.0.0.1", port, "").unwrap());
+    let statsd = common::statsd::StatsdListener::start();
+    statsd.install_global();
     let batches = Arc::new(Mutex::new(Vec::new()));
     let setup = setup_with(exporter(batches.clone(), true), json!({"exportEventsBufferBytes": "1"})).await;
     setup.plugins.run_on_event(&event("exported")).await;
@@ -149,13 +146,8 @@ async fn retry_errors_are_retried_through_the_job_queue_up_to_15_times() {
     assert_eq!(setup.config_error(CONFIG).await, None);
 
     // The reference's retry counters, tagged with the retry number, plugin and team.
-    plugin_server::metrics::global().flush();
-    let mut lines = Vec::new();
-    let mut buffer = [0u8; 65536];
-    while !lines.iter().any(|line: &String| line.starts_with("plugin.export_events.retry_dropped")) {
-        let (length, _) = statsd.recv_from(&mut buffer).expect("statsd datagrams");
-        lines.extend(String::from_utf8_lossy(&buffer[..length]).lines().map(str::to_string));
-    }
+    statsd.wait_for_line("plugin.export_events.retry_dropped", Duration::from_secs(3));
+    let lines = statsd.lines();
     let retries: Vec<&String> = lines.iter().filter(|line| line.starts_with("plugin.export_events.retry_")).collect();
     let plugin = setup.plugins.config(CONFIG).expect("config in force").plugin.name();
     let mut expected: Vec<String> = (1..=15)

@@ -17,6 +17,7 @@ use tracing::warn;
 use crate::hub::HubError;
 use crate::jobs::job::EnqueuedJob;
 use crate::jobs::migrations::MigrationError;
+use crate::metrics::catalog::{self, Stage};
 use crate::schedule::BoxError;
 
 #[derive(Debug, Error)]
@@ -87,8 +88,19 @@ impl Dispatcher {
     pub async fn run(&self, jobs: Vec<EnqueuedJob>) {
         for job in jobs {
             let description = format!("{} of plugin config {}", job.job_type, job.plugin_config_id);
-            if let Err(error) = self.runner.run_job(job).await {
-                warn!("🔴 Plugin job {description} failed: {error}");
+            let job_type = job.job_type.clone();
+            let started = std::time::Instant::now();
+            catalog::received(Stage::Jobs, "job_queue", 1);
+            match self.runner.run_job(job).await {
+                Ok(()) => {
+                    catalog::handled(Stage::Jobs, "job_queue", 1);
+                    catalog::job_run(&job_type, "ok", started.elapsed());
+                }
+                Err(error) => {
+                    warn!("🔴 Plugin job {description} failed: {error}");
+                    catalog::dropped(Stage::Jobs, "failed", 1);
+                    catalog::job_run(&job_type, "failed", started.elapsed());
+                }
             }
         }
     }

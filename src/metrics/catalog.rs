@@ -420,10 +420,10 @@ pub fn plugin_vm_memory(team_id: i64, plugin_config_id: i32, plugin: &str, bytes
 
 // --- Jobs and schedule -------------------------------------------------------------------------
 
-/// A job of the job queue ran (`outcome`: `ok`, `failed`, `unknown_type`, ...).
-pub fn job_run(job_type: &'static str, outcome: &'static str, elapsed: Duration) {
+/// A job of the job queue ran (`outcome`: `ok` or `failed`).
+pub fn job_run(job_type: &str, outcome: &'static str, elapsed: Duration) {
     if prometheus_enabled() {
-        metrics::counter!(prom::JOB_RUNS, "type" => job_type, "outcome" => outcome).increment(1);
+        metrics::counter!(prom::JOB_RUNS, "type" => job_type.to_string(), "outcome" => outcome).increment(1);
     }
     task("runJob", elapsed);
 }

@@ -11,6 +11,7 @@
 
 pub mod http_stub;
 pub mod server_process;
+pub mod statsd;
 
 use std::io::Write;
 use std::path::PathBuf;
