@@ -11,7 +11,9 @@
 //! Run: `cargo bench --bench e2e_server` (env: BENCH_QUEUE; BENCH_EVENTS, default 10000; BENCH_USERS,
 //! distinct users, default 1000; BENCH_SECONDS, stop after this long and report what was ingested
 //! by then, e.g. with 1,000,000 events waiting; WORKER_CONCURRENCY / TASKS_PER_WORKER as for the
-//! server; BENCH_PROGRESS=1 prints the count every second; LOG_LEVEL, default warn, for the server's log). Needs PostgreSQL and Redis on 127.0.0.1 (`scripts/services`) and for Kafka a broker
+//! server; BENCH_PROGRESS=1 prints the count every second; LOG_LEVEL, default warn, for the server's log;
+//! BENCH_METRICS=1 turns the metrics on: statsd to a local UDP socket drained by the bench, and
+//! `/metrics` on a free `HTTP_SERVER_PORT` scraped every 5 s; off by default, `HTTP_SERVER_PORT=0`). Needs PostgreSQL and Redis on 127.0.0.1 (`scripts/services`) and for Kafka a broker
 //! (`scripts/kafka`; KAFKA_HOSTS to override 127.0.0.1:9092).
 
 mod e2e_support;
@@ -208,6 +210,18 @@ async fn main() {
             pairs.push((key.to_string(), value));
         }
     }
+    let metrics_on = std::env::var("BENCH_METRICS").is_ok_and(|value| value == "1");
+    let statsd_lines = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let http_port = if metrics_on {
+        let (statsd_port, http_port) = metrics_sinks(statsd_lines.clone());
+        pairs.push(("STATSD_HOST".to_string(), "127.0.0.1".to_string()));
+        pairs.push(("STATSD_PORT".to_string(), statsd_port.to_string()));
+        pairs.push(("HTTP_SERVER_PORT".to_string(), http_port.to_string()));
+        Some(http_port)
+    } else {
+        pairs.push(("HTTP_SERVER_PORT".to_string(), "0".to_string()));
+        None
+    };
     let config = Config::from_lookup(&|key| pairs.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone())).unwrap();
     plugin_server::logging::init(config.LOG_LEVEL, "MAIN");
 
@@ -239,6 +253,25 @@ async fn main() {
     let shutdown = CancellationToken::new();
     let started = Instant::now();
     let server = tokio::spawn(plugin_server::server::run(config, shutdown.clone()));
+    let scrapes = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    if let Some(port) = http_port {
+        let (scrapes, shutdown) = (scrapes.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = interval.tick() => {
+                        if let Ok(response) = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await {
+                            if response.text().await.is_ok() {
+                                scrapes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
+                        }
+                    }
+                }
+            }
+        });
+    }
     let deadline = started + limit;
     let (mut ingested, mut peak_rss) = (0, rss_before);
     let progress = std::env::var("BENCH_PROGRESS").is_ok();
@@ -292,6 +325,15 @@ async fn main() {
     shutdown.cancel();
     let _ = server.await;
     let pipeline = if kafka { "Kafka in + Kafka out, persons in Postgres" } else { "Celery + Postgres" };
+    if metrics_on {
+        println!(
+            "(metrics on: {} statsd lines received, /metrics scraped {} times)",
+            statsd_lines.load(std::sync::atomic::Ordering::Relaxed),
+            scrapes.load(std::sync::atomic::Ordering::Relaxed)
+        );
+    } else {
+        println!("(metrics off: no STATSD_HOST, HTTP_SERVER_PORT=0)");
+    }
     println!("(start-up included: loading the plugin and joining the queue)");
     println!("(RSS {rss_before:.1} MiB before the server started, {peak_rss:.1} MiB at most while it ran)");
     report(
@@ -309,4 +351,19 @@ async fn main() {
             let _: Result<(), _> = redis::cmd("DEL").arg(&queue).query_async(&mut connection).await;
         }
     }
+}
+
+/// A UDP socket drained in a thread (counting statsd lines) and a free TCP port for `/metrics`.
+fn metrics_sinks(lines: std::sync::Arc<std::sync::atomic::AtomicU64>) -> (u16, u16) {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("statsd socket");
+    let statsd_port = socket.local_addr().expect("statsd address").port();
+    std::thread::spawn(move || {
+        let mut buffer = [0u8; 65536];
+        while let Ok((length, _)) = socket.recv_from(&mut buffer) {
+            let count = buffer[..length].iter().filter(|byte| **byte == b'\n').count() as u64 + 1;
+            lines.fetch_add(count, std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+    let http_port = std::net::TcpListener::bind("127.0.0.1:0").expect("free port").local_addr().expect("port").port();
+    (statsd_port, http_port)
 }

@@ -165,7 +165,8 @@ impl ClickHouse {
     /// Runs a complete read query and returns its rows (sent as `RowBinary`, which the crate
     /// appends as the output format).
     pub async fn fetch_all<T: Row + DeserializeOwned>(&self, sql: &str) -> Result<Vec<T>, ClickHouseError> {
-        self.fetch_all_within(sql, self.query_timeout).await
+        let query = self.fetch_all_within(sql, self.query_timeout);
+        crate::metrics::catalog::instrument_query(crate::metrics::catalog::statsd::CLICKHOUSE, None, query).await
     }
 
     /// `SELECT 1`, as the reference runs at start-up to test that the connection works.

@@ -342,7 +342,7 @@ define_config! {
     POSTHOG_REDIS_PASSWORD: String = |_| String::new(), false, "Redis password, used when POSTHOG_REDIS_HOST is set";
     POSTHOG_REDIS_HOST: String = |_| String::new(), false, "Redis host; when set it overrides REDIS_URL";
     POSTHOG_REDIS_PORT: u16 = |_| 6379, false, "Redis port, used when POSTHOG_REDIS_HOST is set";
-    DISABLE_WEB: bool = |_| true, false, "accepted for compatibility with later PostHog plugin servers; this server has no web endpoint";
+    DISABLE_WEB: bool = |_| true, false, "accepted for compatibility with later PostHog plugin servers (unused; the HTTP endpoints listen on HTTP_SERVER_PORT)";
     WEB_PORT: u16 = |_| 3008, false, "accepted for compatibility with later PostHog plugin servers (unused)";
     HTTP_SERVER_PORT: u16 = |c| if c.is_test() { 0 } else { 6738 }, false, "port of the HTTP endpoints /_health, /_ready and /metrics (Prometheus), as PostHog's later plugin servers; 0 turns them off (the default under NODE_ENV=test, so that test servers do not collide)";
     PLUGINS_CELERY_CONSUMER_ID: Option<String> = |_| None, false, "identity of this server's Celery consumer, stable across restarts (default: the host name); unique per server";

@@ -219,7 +219,11 @@ pub fn to_telegraf(line: &str) -> String {
 
 impl<S: MetricSink> MetricSink for TelegrafSink<S> {
     fn emit(&self, metric: &str) -> io::Result<usize> {
-        self.0.emit(&to_telegraf(metric))
+        if metric.contains("|#") {
+            self.0.emit(&to_telegraf(metric))
+        } else {
+            self.0.emit(metric)
+        }
     }
 
     fn flush(&self) -> io::Result<()> {

@@ -37,24 +37,29 @@ pub struct TimestampBoundaries {
 }
 
 pub async fn fetch_timestamp_boundaries(pool: &PgPool, team_id: i64) -> Result<TimestampBoundaries, sqlx::Error> {
-    let (min, max): (Option<DateTime<Utc>>, Option<DateTime<Utc>>) =
+    let (min, max): (Option<DateTime<Utc>>, Option<DateTime<Utc>>) = crate::metrics::catalog::postgres(
+        "fetchTimestampBoundariesForTeam",
         sqlx::query_as("SELECT min(timestamp), max(timestamp) FROM posthog_event WHERE team_id = $1")
             .bind(team_id as i32)
-            .fetch_one(pool)
-            .await?;
+            .fetch_one(pool),
+    )
+    .await?;
     Ok(TimestampBoundaries { min, max })
 }
 
 /// Makes the job visible in PostHog's interface (once per plugin).
 pub async fn add_public_job(pool: &PgPool, plugin_id: i32) {
-    let result = sqlx::query(
-        "UPDATE posthog_plugin SET public_jobs = COALESCE(public_jobs, '{}'::jsonb) || $1::jsonb \
+    let result = crate::metrics::catalog::postgres(
+        "addPublicJobIfNotExists",
+        sqlx::query(
+            "UPDATE posthog_plugin SET public_jobs = COALESCE(public_jobs, '{}'::jsonb) || $1::jsonb \
          WHERE id = $2 AND (public_jobs -> $3) IS NULL",
+        )
+        .bind(json!({ INTERFACE_JOB: {} }))
+        .bind(plugin_id)
+        .bind(INTERFACE_JOB)
+        .execute(pool),
     )
-    .bind(json!({ INTERFACE_JOB: {} }))
-    .bind(plugin_id)
-    .bind(INTERFACE_JOB)
-    .execute(pool)
     .await;
     if let Err(err) = result {
         warn!(plugin_id, error = %err, "could not add the historical export public job");
@@ -279,16 +284,19 @@ impl HistoricalExport {
         let lower = Utc.timestamp_millis_opt(cursor).single().unwrap_or_default();
         let upper = Utc.timestamp_millis_opt(cursor + EVENTS_TIME_INTERVAL_MS).single().unwrap_or_default();
         type Row = (Option<String>, Value, DateTime<Utc>, i32, String, Option<DateTime<Utc>>);
-        let rows: Vec<Row> = sqlx::query_as(
-            "SELECT event, properties, timestamp, team_id, distinct_id, created_at FROM posthog_event \
+        let rows: Vec<Row> = crate::metrics::catalog::postgres(
+            "fetchEventsForInterval",
+            sqlx::query_as(
+                "SELECT event, properties, timestamp, team_id, distinct_id, created_at FROM posthog_event \
              WHERE team_id = $1 AND timestamp >= $2 AND timestamp < $3 ORDER BY id LIMIT $4 OFFSET $5",
+            )
+            .bind(self.context.config.team() as i32)
+            .bind(lower)
+            .bind(upper)
+            .bind(EVENTS_PER_RUN)
+            .bind(offset)
+            .fetch_all(&self.context.services.hub.postgres),
         )
-        .bind(self.context.config.team() as i32)
-        .bind(lower)
-        .bind(upper)
-        .bind(EVENTS_PER_RUN)
-        .bind(offset)
-        .fetch_all(&self.context.services.hub.postgres)
         .await?;
         Ok(rows
             .into_iter()

@@ -404,12 +404,15 @@ impl ActionMatcher {
                 return Ok(true);
             }
         }
-        let exists: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM posthog_cohortpeople WHERE cohort_id = $1 AND person_id = $2)",
+        let exists: bool = crate::metrics::catalog::postgres(
+            "doesPersonBelongToCohort",
+            sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM posthog_cohortpeople WHERE cohort_id = $1 AND person_id = $2)",
+            )
+            .bind(cohort_id)
+            .bind(i64::from(person.id))
+            .fetch_one(&self.postgres),
         )
-        .bind(cohort_id)
-        .bind(i64::from(person.id))
-        .fetch_one(&self.postgres)
         .await?;
         Ok(exists)
     }

@@ -256,17 +256,22 @@ impl ApiKeyManager {
     }
 
     async fn provision(&self, pool: &PgPool, organization: Uuid) -> Result<String, sqlx::Error> {
-        let user: Option<(i32,)> = sqlx::query_as("SELECT id FROM posthog_user WHERE email LIKE $1")
-            .bind(format!("%@{BOT_USER_EMAIL_DOMAIN}"))
-            .fetch_optional(pool)
-            .await?;
+        let user: Option<(i32,)> = crate::metrics::catalog::postgres(
+            "fetchPluginsUser",
+            sqlx::query_as("SELECT id FROM posthog_user WHERE email LIKE $1")
+                .bind(format!("%@{BOT_USER_EMAIL_DOMAIN}"))
+                .fetch_optional(pool),
+        )
+        .await?;
         let user_id = match user {
             Some((id,)) => {
-                let existing: Option<(Option<String>,)> =
+                let existing: Option<(Option<String>,)> = crate::metrics::catalog::postgres(
+                    "fetchOrCreatePersonalApiKey",
                     sqlx::query_as("SELECT value FROM posthog_personalapikey WHERE user_id = $1")
                         .bind(id)
-                        .fetch_optional(pool)
-                        .await?;
+                        .fetch_optional(pool),
+                )
+                .await?;
                 if let Some((Some(value),)) =
                     existing.filter(|(value,)| value.as_deref().is_some_and(|v| !v.is_empty()))
                 {
@@ -311,7 +316,7 @@ impl ApiKeyManager {
                 id
             }
         };
-        let (value,): (String,) = sqlx::query_as(
+        let (value,): (String,) = crate::metrics::catalog::postgres("createPersonalApiKey", sqlx::query_as(
             "INSERT INTO posthog_personalapikey (id, user_id, label, value, created_at) VALUES ($1, $2, $3, $4, $5) \
              RETURNING value",
         )
@@ -321,7 +326,7 @@ impl ApiKeyManager {
         .bind(format!("phx_{}", random_token()))
         .bind(Utc::now())
         .fetch_one(pool)
-        .await?;
+        ).await?;
         Ok(value)
     }
 }
