@@ -177,7 +177,10 @@ impl EventHandler for Pipeline {
     async fn handle_event(&self, event: PluginEvent) -> Result<(), HandleError> {
         let started = Instant::now();
         let result = self.run_event(event).await;
-        catalog::each_event(started.elapsed());
+        // As the reference: not for an event whose handling threw.
+        if result.is_ok() {
+            catalog::each_event(started.elapsed());
+        }
         result
     }
 
