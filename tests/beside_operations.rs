@@ -6,7 +6,6 @@
 
 mod actions_support;
 mod common;
-#[allow(dead_code)]
 mod queues_support;
 
 use std::collections::BTreeSet;
