@@ -9,11 +9,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use common::TestDb;
 use plugin_server::event::PluginEvent;
+use plugin_server::infra::BoxError;
 use plugin_server::metrics::internal::{EventIngester, InternalMetrics, EVENTS_PROCESSED};
 use plugin_server::metrics::staleness::{ActivityTracker, StalenessCheck};
 use plugin_server::metrics::status_report::{run_status_report_every, PluginFunction, StatusReport, TelemetryClient};
 use plugin_server::metrics::Metrics;
-use plugin_server::schedule::BoxError;
 use sentry::SentryFutureExt;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
@@ -91,8 +91,8 @@ async fn statsd_lines_carry_the_prefix_and_telegraf_tags() {
 /// and `query.kafka_send.failure` when the send fails (the reference's instrumentQuery).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_sends_are_instrumented_like_the_reference_queries() {
-    use plugin_server::ingestion::queues::kafka_producer::{BatchSender, FlushSettings};
-    use plugin_server::ingestion::queues::{KafkaMessage, KafkaProducerWrapper, KafkaRecord, ProduceError};
+    use plugin_server::sinks::kafka_producer::{BatchSender, FlushSettings};
+    use plugin_server::sinks::{KafkaMessage, KafkaProducerWrapper, KafkaRecord, ProduceError};
 
     struct FailingSender;
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 use common::statsd::StatsdListener;
 use common::{wait_for, TestDb, COMMON_USER_ID, TEAM_ID};
 use plugin_server::config::Config;
-use plugin_server::ingestion::queues::CeleryProducer;
+use plugin_server::sinks::CeleryProducer;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
@@ -270,8 +270,8 @@ async fn a_running_server_sends_the_reference_statsd_metrics_and_serves_health_r
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_names_the_dead_component_and_readiness_follows() {
+    use plugin_server::lifecycle::Lifecycle;
     use plugin_server::metrics::http::{bind, serve, HttpState};
-    use plugin_server::server::Lifecycle;
 
     let mut lifecycle = Lifecycle::default();
     let (dies, dead) = (CancellationToken::new(), CancellationToken::new());

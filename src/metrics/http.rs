@@ -145,7 +145,7 @@ pub struct ServerGauges {
     pub pool: Arc<crate::plugins::runtime::WorkerPool>,
     pub plugins: Arc<crate::plugins::Plugins>,
     /// `(consumer name, its counters)`: in flight = received − handled − dead-lettered − requeued.
-    pub consumers: Vec<(&'static str, Arc<crate::ingestion::queues::QueueStats>)>,
+    pub consumers: Vec<(&'static str, Arc<crate::sources::QueueStats>)>,
     /// The Celery list and a connection to read its length.
     pub celery_queue: Option<(deadpool_redis::Pool, String)>,
 }
