@@ -41,6 +41,14 @@ use crate::config::Config;
 use crate::event::PluginEvent;
 use crate::hub::Hub;
 
+/// `writeln!` into a `String` (which cannot fail).
+macro_rules! emit {
+    ($out:expr, $($arg:tt)*) => {{
+        use std::fmt::Write as _;
+        let _ = writeln!($out, $($arg)*);
+    }};
+}
+
 /// `plugin-server plugin …`
 #[derive(Parser, Debug)]
 #[command(name = "plugin-server plugin", about = "Run or check a plugin locally, without Postgres or Redis")]
@@ -109,8 +117,9 @@ pub enum DevError {
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
     Hub(#[from] crate::hub::HubError),
+    /// The worker pool's error, as text (`PluginError` is large).
     #[error("cannot start the JavaScript worker: {0}")]
-    Pool(#[from] runtime::PluginError),
+    Pool(String),
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
 }
@@ -174,7 +183,9 @@ impl Source {
     fn plugin_json(&self) -> Result<Option<Value>, String> {
         match self.file("plugin.json")? {
             None => Ok(None),
-            Some(text) => serde_json::from_str(&text).map(Some).map_err(|error| format!("plugin.json is not JSON: {error}")),
+            Some(text) => {
+                serde_json::from_str(&text).map(Some).map_err(|error| format!("plugin.json is not JSON: {error}"))
+            }
         }
     }
 
@@ -254,7 +265,8 @@ fn read_events(path: &Path, team_id: i64) -> Result<Vec<PluginEvent>, DevError> 
             if !fields.contains_key("event") {
                 return Err(bad("no \"event\" name".into()));
             }
-            let from_properties = fields.get("properties").and_then(|properties| properties.get("distinct_id")).cloned();
+            let from_properties =
+                fields.get("properties").and_then(|properties| properties.get("distinct_id")).cloned();
             if let (false, Some(distinct_id)) = (fields.contains_key("distinct_id"), from_properties) {
                 fields.insert("distinct_id".into(), distinct_id);
             }
@@ -485,7 +497,10 @@ async fn run_command(args: RunArgs) -> Result<i32, DevError> {
     // Production limits: TASK_TIMEOUT and the VM memory limit of the server, on one thread.
     let server_config = Config::from_env()?;
     runtime::configure_network(runtime::NetworkSettings::from_config(&server_config));
-    let pool = Arc::new(WorkerPool::new(PoolOptions { threads: 1, ..PoolOptions::from_config(&server_config) })?);
+    let pool = Arc::new(
+        WorkerPool::new(PoolOptions { threads: 1, ..PoolOptions::from_config(&server_config) })
+            .map_err(|error| DevError::Pool(error.to_string()))?,
+    );
     let hub = Hub::offline(server_config)?;
     let stores = Stores {
         storage: Arc::default(),
@@ -576,7 +591,8 @@ async fn run_command(args: RunArgs) -> Result<i32, DevError> {
             let label = input.get("event").map(super::js::string_of).unwrap_or_default();
             let mut step = stores.step(format!("event {}: {label}", index + 1), mark);
             step.input = Some(input);
-            step.output = Some(output.map(|event| serde_json::to_value(event).unwrap_or(Value::Null)).unwrap_or(Value::Null));
+            step.output =
+                Some(output.map(|event| serde_json::to_value(event).unwrap_or(Value::Null)).unwrap_or(Value::Null));
             if let Some(message) = unavailable {
                 step.errors.push(json!({ "message": message }));
                 step.failed = true;
@@ -611,9 +627,11 @@ async fn run_command(args: RunArgs) -> Result<i32, DevError> {
         "ok": ok,
     });
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+        let mut out = String::new();
+        emit!(out, "{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+        print_out(&out);
     } else {
-        print_report(&report);
+        print_out(&render_report(&report));
     }
     Ok(if ok { 0 } else { 1 })
 }
@@ -629,27 +647,36 @@ async fn heap_bytes(pool: &WorkerPool) -> Option<i64> {
 // ---------------------------------------------------------------------------------------------
 // Text output
 
+/// Writes the output at once; a closed pipe (`| head`) is not an error worth a panic.
+fn print_out(text: &str) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush());
+}
+
 fn kib(bytes: &Value) -> String {
     bytes.as_f64().map(|bytes| format!("heap {:.0} KiB", bytes / 1024.0)).unwrap_or_default()
 }
 
-fn print_report(report: &Value) {
+fn render_report(report: &Value) -> String {
+    let mut out = String::new();
     let plugin = &report["plugin"];
-    println!("Plugin {} ({})", super::js::string_of(&plugin["name"]), super::js::string_of(&plugin["path"]));
-    println!("  config: {}", plugin["config"]);
+    emit!(out, "Plugin {} ({})", super::js::string_of(&plugin["name"]), super::js::string_of(&plugin["path"]));
+    emit!(out, "  config: {}", plugin["config"]);
     if !plugin["capabilities"].is_null() {
-        println!("  capabilities: {}", plugin["capabilities"]);
+        emit!(out, "  capabilities: {}", plugin["capabilities"]);
     }
     for step in report["steps"].as_array().into_iter().flatten() {
-        println!();
-        println!("== {}", super::js::string_of(&step["step"]));
+        out.push('\n');
+        emit!(out, "== {}", super::js::string_of(&step["step"]));
         if let Some(input) = step.get("input") {
-            println!("  in:  {input}");
+            emit!(out, "  in:  {input}");
         }
         for call in step["calls"].as_array().into_iter().flatten() {
             let mark = if call["ok"] == Value::Bool(true) { "ok    " } else { "FAILED" };
             let ms = call["duration_ms"].as_f64().unwrap_or_default();
-            println!(
+            emit!(
+                out,
                 "  {mark} {:<16} {:>9.1} ms   {}",
                 super::js::string_of(&call["function"]),
                 ms,
@@ -657,7 +684,8 @@ fn print_report(report: &Value) {
             );
         }
         for log in step["logs"].as_array().into_iter().flatten() {
-            println!(
+            emit!(
+                out,
                 "  log   {} {:<5} {}",
                 super::js::string_of(&log["source"]),
                 super::js::string_of(&log["type"]),
@@ -665,15 +693,17 @@ fn print_report(report: &Value) {
             );
         }
         for error in step["errors"].as_array().into_iter().flatten() {
-            let text = error.get("stack").or_else(|| error.get("message")).map(super::js::string_of).unwrap_or_default();
+            let text =
+                error.get("stack").or_else(|| error.get("message")).map(super::js::string_of).unwrap_or_default();
             for (index, line) in text.lines().enumerate() {
-                println!("  {} {line}", if index == 0 { "error" } else { "     " });
+                emit!(out, "  {} {line}", if index == 0 { "error" } else { "     " });
             }
         }
         for (label, key) in [("storage", "storage_writes"), ("cache", "cache_writes")] {
             for write in step[key].as_array().into_iter().flatten() {
                 let value = if write["value"].is_null() { String::new() } else { format!(" = {}", write["value"]) };
-                println!(
+                emit!(
+                    out,
                     "  {label:<7} {} {}{value}",
                     super::js::string_of(&write["operation"]),
                     super::js::string_of(&write["key"])
@@ -681,21 +711,26 @@ fn print_report(report: &Value) {
             }
         }
         for captured in step["captured"].as_array().into_iter().flatten() {
-            println!("  posthog.capture {captured}");
+            emit!(out, "  posthog.capture {captured}");
         }
         for job in step["jobs"].as_array().into_iter().flatten() {
-            println!("  job   {job}");
+            emit!(out, "  job   {job}");
         }
         if let Some(output) = step.get("output") {
             if step["dropped"] == Value::Bool(true) {
-                println!("  out: (dropped)");
+                emit!(out, "  out: (dropped)");
             } else {
-                println!("  out: {output}");
+                emit!(out, "  out: {output}");
             }
         }
     }
-    println!();
-    println!("{}", if report["ok"] == Value::Bool(true) { "OK: every call succeeded" } else { "FAILED: see the errors above" });
+    out.push('\n');
+    emit!(
+        out,
+        "{}",
+        if report["ok"] == Value::Bool(true) { "OK: every call succeeded" } else { "FAILED: see the errors above" }
+    );
+    out
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -736,11 +771,10 @@ fn check_plugin(path: &Path) -> (Vec<String>, Map<String, Value>) {
     match load_code(".", &plugin) {
         Err(failure) => problems.push(failure.message().to_string()),
         Ok(code) => {
-            found.insert(
-                "main".into(),
-                json!(plugin_json.get("main").and_then(Value::as_str).unwrap_or("index.js")),
-            );
-            match super::transform::transform_code(&code.code, &|module: &str| runtime::ALLOWED_IMPORTS.contains(&module)) {
+            found.insert("main".into(), json!(plugin_json.get("main").and_then(Value::as_str).unwrap_or("index.js")));
+            match super::transform::transform_code(&code.code, &|module: &str| {
+                runtime::ALLOWED_IMPORTS.contains(&module)
+            }) {
                 Ok(transformed) => {
                     found.insert("imports".into(), json!(transformed.imports));
                 }
@@ -799,23 +833,26 @@ fn check_config_schema(schema: Option<&Value>, problems: &mut Vec<String>) {
 
 fn check_command(args: &CheckArgs) -> i32 {
     let (problems, found) = check_plugin(&args.path);
+    let mut out = String::new();
     if args.json {
         let report = json!({"path": args.path.display().to_string(), "ok": problems.is_empty(), "problems": problems, "plugin": found});
-        println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+        emit!(out, "{}", serde_json::to_string_pretty(&report).unwrap_or_default());
     } else if problems.is_empty() {
         let imports = found.get("imports").map(Value::to_string).unwrap_or_default();
-        println!(
+        emit!(
+            out,
             "OK: plugin {} ({}), main {}, imports {imports}",
             found.get("name").map(super::js::string_of).unwrap_or_default(),
             args.path.display(),
             found.get("main").map(super::js::string_of).unwrap_or_default(),
         );
     } else {
-        println!("{}: {} problem{}", args.path.display(), problems.len(), if problems.len() == 1 { "" } else { "s" });
+        emit!(out, "{}: {} problem{}", args.path.display(), problems.len(), if problems.len() == 1 { "" } else { "s" });
         for problem in &problems {
-            println!("  - {problem}");
+            emit!(out, "  - {problem}");
         }
     }
+    print_out(&out);
     if problems.is_empty() {
         0
     } else {

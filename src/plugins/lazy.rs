@@ -247,14 +247,13 @@ async fn initialize(
         tokio::spawn(async move { records.add_public_job(plugin_id).await });
         // Events from here on reach exportEvents through onEvent: the historical export stops at
         // the last event stored before this set-up.
-        let boundaries =
-            match services.records.timestamp_boundaries(context.config.team()).await {
-                Ok(boundaries) => boundaries,
-                Err(err) => {
-                    vm.dispose().await;
-                    return Err(JsError::new("Error", err.to_string()));
-                }
-            };
+        let boundaries = match services.records.timestamp_boundaries(context.config.team()).await {
+            Ok(boundaries) => boundaries,
+            Err(err) => {
+                vm.dispose().await;
+                return Err(JsError::new("Error", err.to_string()));
+            }
+        };
         Some(Arc::new(HistoricalExport::new(vm.clone(), context.clone(), boundaries)))
     } else {
         None

@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use serde_json::{json, Value};
 
-use super::extensions::{CacheBackend, CaptureSink, CapturedEvent, EnqueuedJob, JobEnqueuer, SinkError, StorageBackend};
+use super::extensions::{
+    CacheBackend, CaptureSink, CapturedEvent, EnqueuedJob, JobEnqueuer, SinkError, StorageBackend,
+};
 use super::historical_export::TimestampBoundaries;
 use super::js::number_string;
 use super::log_entries::{PluginLogEntry, PluginLogSink};
@@ -158,7 +160,7 @@ fn list_window(len: usize, start: i64, end: i64) -> Option<(usize, usize)> {
     let len = len as i64;
     let start = if start < 0 { (len + start).max(0) } else { start };
     let end = if end < 0 { len + end } else { end.min(len - 1) };
-    (start <= end && start < len).then(|| (start as usize, end as usize))
+    (start <= end && start < len).then_some((start as usize, end as usize))
 }
 
 impl MemoryCache {
@@ -230,9 +232,9 @@ impl CacheBackend for MemoryCache {
                 .or_insert(CacheEntry { value: CacheValue::Text("0".into()), expires: None });
             match &mut entry.value {
                 CacheValue::Text(text) => {
-                    let next = redis_integer(text)?.checked_add(1).ok_or_else(|| {
-                        JsError::new("ReplyError", "ERR increment or decrement would overflow")
-                    })?;
+                    let next = redis_integer(text)?
+                        .checked_add(1)
+                        .ok_or_else(|| JsError::new("ReplyError", "ERR increment or decrement would overflow"))?;
                     *text = next.to_string();
                     Ok(next)
                 }
@@ -475,6 +477,27 @@ mod tests {
         assert_eq!(list_window(5, 3, 1), None);
         assert_eq!(list_window(0, 0, -1), None);
         assert_eq!(list_window(5, -100, 0), Some((0, 0)));
+    }
+
+    #[tokio::test]
+    async fn storage_and_cursors_behind_the_meta_api_rules() {
+        let backend = std::sync::Arc::new(MemoryStorage::default());
+        let storage = super::super::extensions::Storage::new(backend.clone(), 7);
+        assert_eq!(storage.get("missing", json!("default")).await, Ok(json!("default")));
+        storage.set("k", Some(&json!({"a": 1}))).await.unwrap();
+        assert_eq!(storage.get("k", Value::Null).await, Ok(json!({"a": 1})));
+        storage.set("k", None).await.unwrap();
+        assert_eq!(storage.get("k", json!(0)).await, Ok(json!(0)));
+        storage.cursor_init("c", Some(&json!(5))).await.unwrap();
+        storage.cursor_init("c", Some(&json!(9))).await.unwrap();
+        assert_eq!(storage.cursor_increment("c", None).await, Ok(json!(6)));
+        assert_eq!(storage.cursor_increment("c", Some(&json!(2.5))).await, Ok(json!(8.5)));
+        assert_eq!(storage.cursor_increment("fresh", Some(&json!(3))).await, Ok(json!(3)));
+        let operations: Vec<String> = backend.writes().into_iter().map(|write| write.operation).collect();
+        assert_eq!(
+            operations,
+            ["set", "del", "cursor.init", "cursor.increment", "cursor.increment", "cursor.increment"]
+        );
     }
 
     #[tokio::test]
