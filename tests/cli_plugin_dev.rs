@@ -188,6 +188,25 @@ fn a_zip_archive_loads_as_the_server_loads_it() {
 }
 
 #[test]
+fn an_npm_tarball_loads_as_the_server_loads_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let archive = dir.path().join("hello.tgz");
+    let file = std::fs::File::create(&archive).expect("tgz file");
+    let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(file, flate2::Compression::default()));
+    for name in ["plugin.json", "index.ts"] {
+        tar.append_path_with_name(repo("examples/plugin-dev/hello-world").join(name), format!("package/{name}"))
+            .expect("entry");
+    }
+    tar.into_inner().expect("tar").finish().expect("gzip");
+    let (code, report) =
+        run_json(&[path_str(&archive), "--event", path_str(&repo("examples/plugin-dev/events.json"))], &[]);
+    assert_eq!(code, 0, "{report:#}");
+    assert_eq!(step(&report, "event 2")["output"]["properties"]["events_seen"], 2);
+    let check = plugin_command(&["check", path_str(&archive)], &[]);
+    assert_eq!(check.status.code(), Some(0), "{}", String::from_utf8_lossy(&check.stdout));
+}
+
+#[test]
 fn fetch_is_refused_unless_allowed() {
     let (code, report) = run_json(&[path_str(&fixture("fetching")), "--event", path_str(&fixture("events.json"))], &[]);
     assert_eq!(code, 0, "{report:#}");
