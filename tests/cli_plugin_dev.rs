@@ -145,6 +145,21 @@ fn a_throwing_plugin_fails_the_run_with_its_error() {
 }
 
 #[test]
+fn a_failing_set_up_fails_the_run_before_any_event() {
+    let (code, report) =
+        run_json(&[path_str(&fixture("setup_fails")), "--event", path_str(&fixture("events.json"))], &[]);
+    assert_eq!(code, 1, "{report:#}");
+    let setup = step(&report, "load and setupPlugin");
+    assert_eq!(setup["ok"], false);
+    assert_eq!(setup["errors"][0]["message"], "no api key");
+    assert!(setup["logs"].as_array().unwrap().iter().any(|log| log["message"]
+        .as_str()
+        .is_some_and(|m| m.starts_with("Plugin failed to load") && m.ends_with("Retrying in 3 s."))));
+    // No event runs on a plugin that did not load.
+    assert_eq!(steps(&report).len(), 1);
+}
+
+#[test]
 fn config_and_attachments_reach_the_plugin() {
     let attachment = format!("words={}", path_str(&fixture("config_attachment/words.txt")));
     let (code, report) = run_json(

@@ -546,8 +546,9 @@ async fn run_command(args: RunArgs) -> Result<i32, DevError> {
     let mark = stores.mark();
     let started = Instant::now();
     let context = Arc::new(PluginContext::new(services.clone(), config.clone()));
-    let options = LoadOptions { retry_base: Duration::from_secs(3600), test_env: false };
-    let vm = LazyVm::start(services.clone(), Arc::new(factory), options, context, code, None);
+    // The server's timing, so the log says what the server would ("Retrying in 3 s"); the retry
+    // itself is cancelled: one attempt is what a dev loop wants to see.
+    let vm = LazyVm::start(services.clone(), Arc::new(factory), LoadOptions::default(), context, code, None);
     let loaded = vm.get().await;
     vm.cancel_retry();
     let entry = Arc::new(ConfigEntry { config: config.clone(), vm });
