@@ -23,7 +23,7 @@ use super::historical_export::TimestampBoundaries;
 use super::js::number_string;
 use super::log_entries::{PluginLogEntry, PluginLogSink};
 use super::rows::PluginRecords;
-use super::vm::JsError;
+use super::vm_boundary::JsError;
 
 /// One write to a store, as the dev loop prints it.
 #[derive(Debug, Clone, PartialEq)]
