@@ -16,6 +16,7 @@
 mod convert;
 mod host;
 mod pool;
+pub mod v8;
 mod vm;
 
 use std::sync::Arc;
