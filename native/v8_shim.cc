@@ -118,7 +118,39 @@ struct Iso {
   bool oom = false;
   std::string out;
   Global<String> to_json_key;
+  // Promises rejected with no handler (yet): reported by pst_v8_take_rejection once the jobs ran,
+  // unless a handler came later (as Node's `unhandledRejection`).
+  std::vector<std::pair<Global<Promise>, Global<Value>>> rejections;
 };
+
+void forget_rejection(Iso* iso, Local<Promise> promise) {
+  for (auto it = iso->rejections.begin(); it != iso->rejections.end(); ++it) {
+    if (it->first.Get(iso->isolate) == promise) {
+      iso->rejections.erase(it);
+      return;
+    }
+  }
+}
+
+void on_reject(v8::PromiseRejectMessage message) {
+  Local<Promise> promise = message.GetPromise();
+  Isolate* isolate = promise->GetIsolate();
+  Iso* iso = static_cast<Iso*>(isolate->GetData(0));
+  switch (message.GetEvent()) {
+    case v8::kPromiseRejectWithNoHandler:
+      if (iso->rejections.size() < 1000) {
+        Local<Value> value = message.GetValue();
+        if (value.IsEmpty()) value = v8::Undefined(isolate);
+        iso->rejections.emplace_back(Global<Promise>(isolate, promise), Global<Value>(isolate, value));
+      }
+      break;
+    case v8::kPromiseHandlerAddedAfterReject:
+      forget_rejection(iso, promise);
+      break;
+    default:
+      break;
+  }
+}
 
 size_t near_heap_limit(void* data, size_t current, size_t initial) {
   Iso* iso = static_cast<Iso*>(data);
@@ -508,7 +540,9 @@ int32_t settle(Iso* iso, Local<Context> context, Local<Value> value, TryCatch& t
         return PST_PENDING;
       }
       case Promise::kRejected:
+        // The caller handles it: not an unhandled rejection.
         promise->MarkAsHandled();
+        forget_rejection(iso, promise);
         write_error(iso, context, promise->Result(), Local<v8::Message>());
         if (iso->isolate->IsExecutionTerminating() || iso->oom) {
           iso->isolate->CancelTerminateExecution();
@@ -699,6 +733,7 @@ Iso* pst_v8_isolate_new(size_t heap_limit, size_t stack_bytes, PstLimits limits,
   isolate->SetMicrotasksPolicy(v8::MicrotasksPolicy::kExplicit);
   isolate->SetAllowAtomicsWait(false);
   isolate->AddNearHeapLimitCallback(near_heap_limit, iso.get());
+  isolate->SetPromiseRejectCallback(on_reject);
   {
     Isolate::Scope scope(isolate);
     HandleScope hs(isolate);
@@ -715,6 +750,7 @@ void pst_v8_isolate_free(Iso* iso) {
     iso->ops.clear();
     iso->realms.clear();
     iso->to_json_key.Reset();
+    iso->rejections.clear();
   }
   iso->isolate->Dispose();
   delete iso->allocator;
@@ -905,6 +941,28 @@ int32_t pst_v8_poll(Iso* iso, uint32_t realm_index, uint64_t call_id) {
 }
 
 void pst_v8_forget(Iso* iso, uint64_t call_id) { iso->calls.erase(call_id); }
+
+// The oldest unhandled rejection as error JSON in out (then forgotten): 1, or 0 when none is left.
+int32_t pst_v8_take_rejection(Iso* iso, uint32_t realm_index) {
+  Realm* realm = realm_of(iso, realm_index);
+  if (iso->oom || !realm || iso->rejections.empty()) return 0;
+  Isolate* isolate = iso->isolate;
+  Isolate::Scope scope(isolate);
+  HandleScope hs(isolate);
+  set_stack_limit(iso);
+  // The realm the promise was made in (a realm reads its own objects).
+  Local<Context> context;
+  if (!iso->rejections.front().first.Get(isolate)->GetCreationContext().ToLocal(&context)) {
+    context = realm->context.Get(isolate);
+  }
+  Context::Scope cs(context);
+  TryCatch tc(isolate);
+  Local<Value> reason = iso->rejections.front().second.Get(isolate);
+  iso->rejections.erase(iso->rejections.begin());
+  write_error(iso, context, reason, Local<v8::Message>());
+  if (isolate->IsExecutionTerminating()) isolate->CancelTerminateExecution();
+  return 1;
+}
 
 // Settles a host async op (ok: `json` is the value; else JSON {name, message} of the rejection)
 // and runs the promise jobs. PST_OK, PST_NOT_FOUND (unknown op), PST_TERMINATED or PST_DEAD.

@@ -194,7 +194,12 @@ fn promises_and_host_async_ops() {
         export async function rejects() { await lookup('bad') }
         export async function plain(x) { await null; return x * 2 }
         export function never() { return new Promise(() => {}) }
-        export function waits() { return forever() }";
+        export function waits() { return forever() }
+        export function fireAndForget() {
+            Promise.reject(new Error('nobody listens'))
+            Promise.reject(new Error('handled later')).catch(() => {})
+            return 1
+        }";
     assert!(isolate.load(SourceKind::Module, code, "index.ts", SECOND).is_ok());
     let main = RealmId::MAIN;
     let result = block_on(async {
@@ -215,6 +220,11 @@ fn promises_and_host_async_ops() {
     assert!(matches!(result.4, Err(EngineError::NeverSettles)));
     assert!(matches!(result.5, Err(EngineError::PromiseTimeout(_))));
     assert_eq!(started.get(), 4);
+    // Only a rejection nobody handles is reported (not the calls' own rejected promises).
+    assert!(isolate.take_unhandled_rejections(SECOND).is_empty());
+    assert_eq!(isolate.call("fireAndForget", &[], SECOND).ok(), Some(Outcome::Done(json!(1))));
+    let unhandled: Vec<String> = isolate.take_unhandled_rejections(SECOND).into_iter().map(|e| e.message).collect();
+    assert_eq!(unhandled, vec!["nobody listens".to_string()]);
     // A plain (sync) call of an async function settles within the call when nothing waits.
     assert_eq!(isolate.call("plain", &[json!(1)], SECOND).ok(), Some(Outcome::Done(json!(2))));
 

@@ -87,5 +87,6 @@ extern "C" {
     ) -> i32;
     pub fn pst_v8_poll(iso: *mut Iso, realm: u32, call_id: u64) -> i32;
     pub fn pst_v8_forget(iso: *mut Iso, call_id: u64);
+    pub fn pst_v8_take_rejection(iso: *mut Iso, realm: u32) -> i32;
     pub fn pst_v8_settle_op(iso: *mut Iso, realm: u32, op_id: u64, ok: i32, json: *const c_char, len: usize) -> i32;
 }

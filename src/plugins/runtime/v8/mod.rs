@@ -391,6 +391,27 @@ impl V8Isolate {
         (std::mem::take(&mut *self.host.console.borrow_mut()), self.host.console_dropped.replace(0))
     }
 
+    /// Promises rejected with no handler since the last take (a handler attached later in the
+    /// same turn cancels the report, like Node's `unhandledRejection`). Reading an error may run
+    /// plugin code (a `stack` getter): it runs under `timeout`.
+    pub fn take_unhandled_rejections(&mut self, timeout: Duration) -> Vec<JsError> {
+        let mut errors = Vec::new();
+        if self.dead {
+            return errors;
+        }
+        let iso = self.iso();
+        let armed = watchdog::arm(iso, Instant::now() + timeout);
+        // SAFETY: a live isolate; each error is read out before the next take.
+        while unsafe { ffi::pst_v8_take_rejection(iso, RealmId::MAIN.0) } == 1 {
+            errors.push(self.read_error());
+        }
+        if armed.disarm() {
+            // SAFETY: a live isolate.
+            unsafe { ffi::pst_v8_cancel_terminate(iso) };
+        }
+        errors
+    }
+
     /// Host async ops started by JS since the last take, each with its future.
     pub fn take_started_ops(&self) -> Vec<(OpId, HostFuture)> {
         std::mem::take(&mut *self.host.started.borrow_mut())
@@ -551,6 +572,7 @@ impl V8Isolate {
     pub fn poll(&mut self, realm: RealmId, call: CallId) -> Result<Outcome, EngineError> {
         // Reading the result may run getters: it runs under a deadline like any call.
         let timeout = Duration::from_secs(1);
+        // SAFETY: a live isolate.
         self.run(timeout, |iso, _| unsafe { ffi::pst_v8_poll(iso, realm.0, call.0) })
     }
 
