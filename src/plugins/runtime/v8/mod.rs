@@ -620,27 +620,36 @@ impl V8Isolate {
                 return Err(error);
             }
         };
+        let result = self.wait(realm, call, timeout, promise_timeout).await;
+        if result.is_err() {
+            self.forget(call);
+        }
+        result
+    }
+
+    async fn wait(
+        &mut self,
+        realm: RealmId,
+        call: CallId,
+        timeout: Duration,
+        promise_timeout: Duration,
+    ) -> Result<Value, EngineError> {
         let give_up = tokio::time::Instant::now() + promise_timeout;
         let mut in_flight = FuturesUnordered::new();
         loop {
             for (op, future) in self.take_started_ops() {
                 in_flight.push(async move { (op, future.await) });
             }
-            match self.poll(realm, call)? {
-                Outcome::Done(value) => return Ok(value),
-                Outcome::Pending(_) => {}
+            if let Outcome::Done(value) = self.poll(realm, call)? {
+                return Ok(value);
             }
             if in_flight.is_empty() {
-                self.forget(call);
                 return Err(EngineError::NeverSettles);
             }
             match tokio::time::timeout_at(give_up, in_flight.next()).await {
                 Ok(Some((op, result))) => self.settle_op(realm, op, result, timeout)?,
                 Ok(None) => {}
-                Err(_) => {
-                    self.forget(call);
-                    return Err(EngineError::PromiseTimeout(promise_timeout));
-                }
+                Err(_) => return Err(EngineError::PromiseTimeout(promise_timeout)),
             }
         }
     }

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::ffi;
 
@@ -25,7 +25,13 @@ unsafe impl Send for Target {}
 #[derive(Default)]
 struct Targets {
     targets: BTreeMap<(Instant, u64), Target>,
+    /// When the sleeping watchdog wakes by itself: arming a later deadline need not wake it (a
+    /// wake-up per call would cost a context switch per call).
+    wakes_at: Option<Instant>,
 }
+
+/// How long the watchdog sleeps with nothing armed.
+const IDLE_NAP: Duration = Duration::from_secs(1);
 
 struct Watchdog {
     state: Mutex<Targets>,
@@ -66,14 +72,16 @@ impl Watchdog {
                     }
                     state
                 }
-                Some(key) => match self.wake.wait_timeout(state, key.0 - now) {
-                    Ok((guard, _)) => guard,
-                    Err(poisoned) => poisoned.into_inner().0,
-                },
-                None => match self.wake.wait(state) {
-                    Ok(guard) => guard,
-                    Err(poisoned) => poisoned.into_inner(),
-                },
+                other => {
+                    let until = other.map_or(now + IDLE_NAP, |key| key.0);
+                    state.wakes_at = Some(until);
+                    let mut state = match self.wake.wait_timeout(state, until - now) {
+                        Ok((guard, _)) => guard,
+                        Err(poisoned) => poisoned.into_inner().0,
+                    };
+                    state.wakes_at = None;
+                    state
+                }
             };
         }
     }
@@ -91,8 +99,12 @@ pub fn arm(iso: *mut ffi::Iso, deadline: Instant) -> Armed {
     let dog = watchdog();
     let key = (deadline, dog.next.fetch_add(1, Ordering::Relaxed));
     let fired = Arc::new(AtomicBool::new(false));
-    dog.lock().targets.insert(key, Target { iso, fired: fired.clone() });
-    dog.wake.notify_one();
+    let mut state = dog.lock();
+    state.targets.insert(key, Target { iso, fired: fired.clone() });
+    if state.wakes_at.is_none_or(|at| deadline < at) {
+        dog.wake.notify_one();
+    }
+    drop(state);
     Armed { key, fired, done: false }
 }
 
