@@ -57,6 +57,78 @@ fn rss_bytes() -> u64 {
     kib * 1024
 }
 
+/// CPU time of the whole process (every thread: V8's GC helpers, tokio, the JS thread), from
+/// /proc/self/stat. On a shared machine calls per CPU-second compare engines better than calls/s.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    // utime and stime are fields 14 and 15 of stat(5); `fields` starts at field 3.
+    let ticks: f64 = [11, 12].iter().filter_map(|&i| fields.get(i)?.parse::<f64>().ok()).sum();
+    ticks / 100.0
+}
+
+fn report(name: &str, calls: usize, wall: Duration, cpu: f64) {
+    println!(
+        "  {name:<16} {:>9.0} calls/s wall   {:>9.0} calls per CPU-second ({:.0}% of a core)",
+        calls as f64 / wall.as_secs_f64(),
+        calls as f64 / cpu.max(0.01),
+        cpu / wall.as_secs_f64() * 100.0
+    );
+}
+
+/// QuickJS through the pool (one thread), as `vm_worker` measures it, in the same process and
+/// minute as the V8 figures.
+fn quickjs(seconds: f64) {
+    use std::sync::Arc;
+
+    use async_trait::async_trait;
+    use futures::stream::{FuturesUnordered, StreamExt};
+    use plugin_server::plugins::runtime::{CallKind, MetaBindings, MetaError, PluginVmSpec, PoolOptions, WorkerPool};
+
+    struct NoMeta;
+    #[async_trait]
+    impl MetaBindings for NoMeta {
+        async fn call(&self, _name: &str, _args: Vec<Value>) -> Result<Value, MetaError> {
+            Ok(Value::Null)
+        }
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    runtime.block_on(async {
+        for (name, code) in [("quickjs simple", SIMPLE), ("quickjs for2k", FOR2K)] {
+            let options = PoolOptions { threads: 1, tasks_per_worker: 100, test_env: true, ..PoolOptions::default() };
+            let pool = WorkerPool::new(options).expect("pool");
+            pool.load(PluginVmSpec { plugin_config_id: 1, code: code.to_string(), meta: Arc::new(NoMeta) })
+                .await
+                .expect("load");
+            let run = |count: usize| {
+                let pool = &pool;
+                async move {
+                    let mut in_flight = FuturesUnordered::new();
+                    for i in 0..count {
+                        if in_flight.len() >= 1000 {
+                            in_flight.next().await;
+                        }
+                        in_flight.push(async move {
+                            pool.call(1, "processEvent", vec![event(i)], CallKind::Method).await.expect("processEvent");
+                        });
+                    }
+                    while in_flight.next().await.is_some() {}
+                }
+            };
+            run(2000).await;
+            let (started, cpu) = (Instant::now(), cpu_seconds());
+            let mut calls = 0;
+            while started.elapsed().as_secs_f64() < seconds {
+                run(1000).await;
+                calls += 1000;
+            }
+            report(name, calls, started.elapsed(), cpu_seconds() - cpu);
+            pool.shutdown(Duration::from_secs(5)).await;
+        }
+    });
+}
+
 fn process(isolate: &mut V8Isolate, realm: RealmId, i: usize) {
     match isolate.call_in(realm, "processEvent", &[event(i)], TIMEOUT) {
         Ok(Outcome::Done(out)) => assert!(out.is_object()),
@@ -67,7 +139,7 @@ fn process(isolate: &mut V8Isolate, realm: RealmId, i: usize) {
 fn throughput() {
     let seconds: f64 = std::env::var("BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3.0);
     println!(
-        "V8 {} throughput, one thread, direct calls (JSON in and out):",
+        "V8 {} throughput, one thread, direct calls (JSON in and out); QuickJS through a one-thread pool:",
         plugin_server::plugins::runtime::v8::version()
     );
     for (name, code) in [("simple", SIMPLE), ("for2k", FOR2K)] {
@@ -76,7 +148,7 @@ fn throughput() {
         for i in 0..2000 {
             process(&mut isolate, RealmId::MAIN, i);
         }
-        let started = Instant::now();
+        let (started, cpu) = (Instant::now(), cpu_seconds());
         let mut calls = 0;
         while started.elapsed().as_secs_f64() < seconds {
             for _ in 0..100 {
@@ -84,15 +156,15 @@ fn throughput() {
                 calls += 1;
             }
         }
-        let rate = calls as f64 / started.elapsed().as_secs_f64();
-        println!("  {name:<7} {rate:>10.0} calls/s");
+        report(&format!("v8 {name}"), calls, started.elapsed(), cpu_seconds() - cpu);
     }
+    quickjs(seconds);
 }
 
 /// In a child process: `units` plugin configs as isolates or realms; prints one line of figures.
 fn measure(kind: &str, units: usize) {
     let rss_start = rss_bytes();
-    let started = Instant::now();
+    let (started, cpu) = (Instant::now(), cpu_seconds());
     let mut isolates = Vec::new();
     let mut realms = Vec::new();
     if kind == "isolate" {
@@ -115,6 +187,7 @@ fn measure(kind: &str, units: usize) {
         }
     }
     let create = started.elapsed();
+    let create_cpu = cpu_seconds() - cpu;
     let rss_loaded = rss_bytes();
     for i in 0..units {
         let (isolate, realm) =
@@ -126,8 +199,9 @@ fn measure(kind: &str, units: usize) {
     let rss_used = rss_bytes();
     let heap: usize = isolates.iter().map(|i| i.heap().used).sum();
     println!(
-        "  {kind:<7} x{units:<5} create+load {:>7.0} µs each | RSS per unit: {:>7.0} KiB loaded, {:>7.0} KiB after 100 events | total RSS {:>6.0} MiB | V8 heap used per unit {:>6.0} KiB",
+        "  {kind:<7} x{units:<5} create+load {:>7.0} µs each ({:>6.0} µs of CPU) | RSS per unit: {:>7.0} KiB loaded, {:>7.0} KiB after 100 events | total RSS {:>6.0} MiB | V8 heap used per unit {:>6.0} KiB",
         create.as_secs_f64() * 1e6 / units as f64,
+        create_cpu * 1e6 / units as f64,
         (rss_loaded.saturating_sub(rss_start)) as f64 / units as f64 / 1024.0,
         (rss_used.saturating_sub(rss_start)) as f64 / units as f64 / 1024.0,
         rss_used as f64 / 1048576.0,
