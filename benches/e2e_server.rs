@@ -24,10 +24,11 @@ use std::time::{Duration, Instant};
 
 use e2e_support::*;
 use plugin_server::config::Config;
-use plugin_server::ingestion::queues::celery::{encode_task_message, PROCESS_EVENT_TASK};
-use plugin_server::ingestion::queues::messages::raw_event_record;
-use plugin_server::ingestion::queues::topics::{ALL_TOPICS, KAFKA_EVENTS};
-use plugin_server::ingestion::queues::KafkaProducerWrapper;
+use plugin_server::sinks::celery_producer::encode_task_message;
+use plugin_server::sinks::messages::raw_event_record;
+use plugin_server::sinks::topics::{ALL_TOPICS, KAFKA_EVENTS};
+use plugin_server::sinks::KafkaProducerWrapper;
+use plugin_server::sources::celery::PROCESS_EVENT_TASK;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -121,7 +122,7 @@ async fn fill_kafka(config: &Config, topic: &str, events: usize, users: usize) {
     producer.flush().await.expect("produce");
     let group: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &hosts)
-        .set("group.id", plugin_server::ingestion::queues::kafka_consumer::CONSUMER_GROUP)
+        .set("group.id", plugin_server::sources::kafka_consumer::CONSUMER_GROUP)
         .create()
         .expect("group client");
     let mut offsets = TopicPartitionList::new();
@@ -217,7 +218,7 @@ async fn main() {
         Some(
             ClientConfig::new()
                 .set("bootstrap.servers", &kafka_hosts)
-                .set("group.id", plugin_server::ingestion::queues::kafka_consumer::CONSUMER_GROUP)
+                .set("group.id", plugin_server::sources::kafka_consumer::CONSUMER_GROUP)
                 .create()
                 .expect("offsets client"),
         )
