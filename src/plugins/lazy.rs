@@ -21,9 +21,9 @@ use super::extensions::{PluginContext, PluginServices};
 use super::historical_export::{self, HistoricalExport};
 use super::loader::PluginCode;
 use super::log_entries::LogType;
-use super::rows::{self, disable_plugin_config};
 use super::run::{teardown, ConfigEntry};
 use super::vm_boundary::{JsError, Method, PluginVm, VmFactory};
+use crate::db::plugins::{self as plugin_rows, disable_plugin_config};
 
 /// Set-up attempts before a config is disabled.
 pub const MAX_SETUP_ATTEMPTS: u32 = 10;
@@ -39,9 +39,8 @@ pub struct LoadOptions {
 
 impl LoadOptions {
     /// The reference's timing, with the test-environment default of `NODE_ENV`.
-    pub fn from_env() -> LoadOptions {
-        let test_env = crate::config::NodeEnv::detect(&|key| std::env::var(key).ok()) == crate::config::NodeEnv::Test;
-        LoadOptions { test_env, ..LoadOptions::default() }
+    pub fn from_config(config: &crate::config::Config) -> LoadOptions {
+        LoadOptions { test_env: config.is_test(), ..LoadOptions::default() }
     }
 }
 
@@ -100,7 +99,7 @@ fn retry_delay(options: &LoadOptions, attempt: u32) -> Duration {
 }
 
 fn seconds_text(delay: Duration) -> String {
-    super::js::number_string(delay.as_millis() as f64 / 1000.0)
+    crate::js::number_to_string(delay.as_millis() as f64 / 1000.0)
 }
 
 impl LazyVm {
@@ -290,7 +289,8 @@ async fn infer_capabilities(services: &PluginServices, loaded: &LoadedVm) {
         _ => false,
     };
     if changed {
-        if let Err(err) = rows::set_plugin_capabilities(&services.hub.postgres, plugin.id(), &capabilities).await {
+        if let Err(err) = plugin_rows::set_plugin_capabilities(&services.hub.postgres, plugin.id(), &capabilities).await
+        {
             warn!(plugin_id = plugin.id(), error = %err, "could not store plugin capabilities");
         }
     }

@@ -17,9 +17,9 @@ use super::messages::{
     dead_letter_record, event_record, group_record, person_distinct_id_added_record, person_distinct_id_moved_record,
     person_record, session_recording_record, ClickHouseEvent, INGEST_EVENT_ERROR_LOCATION,
 };
+use crate::db::persons::{Person, PersonDistinctId};
 use crate::event::PluginEvent;
 use crate::ingestion::elements::elements_to_chain;
-use crate::ingestion::persons::{Person, PersonDistinctId};
 use crate::sinks::writer::{EventPayload, EventWriter, GroupPayload, SessionRecordingPayload, WriteError};
 
 /// Writes for ClickHouse through Kafka.
@@ -33,7 +33,7 @@ impl KafkaEventWriter {
     }
 
     async fn queue(&self, record: KafkaRecord) -> Result<(), WriteError> {
-        self.producer.queue_message(record).await.map_err(|error| WriteError::Sink(error.to_string()))
+        self.producer.queue_message(record).await.map_err(WriteError::from)
     }
 
     fn person(person: &Person, is_deleted: bool) -> KafkaRecord {

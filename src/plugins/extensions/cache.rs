@@ -17,8 +17,8 @@ use redis::AsyncCommands;
 use serde_json::Value;
 use tokio::sync::OnceCell;
 
-use super::super::js::{as_integer, number_string, string_of, truthy};
 use super::super::vm_boundary::JsError;
+use crate::js::{as_integer, is_truthy, number_to_string, string_of};
 
 /// How long a `GET` may take before it is sent once more.
 const GET_RETRY_AFTER: Duration = Duration::from_secs(5);
@@ -65,12 +65,12 @@ fn redis_error(err: impl std::fmt::Display) -> JsError {
 
 /// A Redis argument for a JS number (`String(n)` as ioredis sends it).
 fn number_arg(value: &Value) -> String {
-    as_integer(value).map(|n| n.to_string()).unwrap_or_else(|| value.as_f64().map(number_string).unwrap_or_default())
+    as_integer(value).map(|n| n.to_string()).unwrap_or_else(|| value.as_f64().map(number_to_string).unwrap_or_default())
 }
 
 /// `options.jsonSerialize`, default true.
 fn json_serialize(options: Option<&Value>) -> bool {
-    options.and_then(|options| options.get("jsonSerialize")).map(truthy).unwrap_or(true)
+    options.and_then(|options| options.get("jsonSerialize")).map(is_truthy).unwrap_or(true)
 }
 
 impl Cache {
@@ -98,7 +98,7 @@ impl Cache {
         let serialized = if json_serialize(options) { value.to_string() } else { string_of(value) };
         let mut command = redis::cmd("SET");
         command.arg(self.key(key)).arg(serialized);
-        if let Some(ttl) = ttl_seconds.filter(|ttl| truthy(ttl)) {
+        if let Some(ttl) = ttl_seconds.filter(|ttl| is_truthy(ttl)) {
             command.arg("EX").arg(number_arg(ttl));
         }
         let mut connection = self.connection().await?;

@@ -21,11 +21,11 @@ use async_trait::async_trait;
 use serde_json::{Map, Value};
 use thiserror::Error;
 
-use super::js::string_of;
 use super::log_entries::{LogSource, LogType, PluginLogEntry, PluginLogSink};
 use super::rows::PluginConfig;
 use super::vm_boundary::JsError;
 use crate::hub::Hub;
+use crate::js::string_of;
 
 pub use cache::{Cache, CacheRedis};
 pub use jobs::{duration_to_ms, EnqueuedJob, RunAt};
@@ -151,6 +151,7 @@ impl PluginServices {
         geoip: Option<Arc<dyn GeoIpLocator>>,
     ) -> PluginServices {
         let cache_redis = CacheRedis::new(crate::hub::redis_url(&hub.config));
+        let echo_console = hub.config.is_dev();
         PluginServices {
             hub,
             logs,
@@ -160,8 +161,7 @@ impl PluginServices {
             metrics: PluginMetrics::default(),
             api_keys: ApiKeyManager::default(),
             cache_redis,
-            echo_console: crate::config::NodeEnv::detect(&|key| std::env::var(key).ok())
-                == crate::config::NodeEnv::Development,
+            echo_console,
             observer: Arc::new(NoObserver),
         }
     }

@@ -5,8 +5,9 @@
 use serde_json::Value;
 use sqlx::PgPool;
 
-use super::super::js::truthy;
 use super::super::vm_boundary::JsError;
+use crate::db;
+use crate::js::{self, is_truthy};
 
 fn db_error(err: sqlx::Error) -> JsError {
     JsError::new("Error", err.to_string())
@@ -26,17 +27,10 @@ impl Storage {
 
     /// The stored value, or `default` when there is no row (a stored `null` reads as `null`).
     pub async fn get(&self, key: &str, default: Value) -> Result<Value, JsError> {
-        let row: Option<(Option<String>,)> =
-            sqlx::query_as("SELECT value FROM posthog_pluginstorage WHERE plugin_config_id = $1 AND key = $2 LIMIT 1")
-                .bind(self.config_id)
-                .bind(key)
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(db_error)?;
-        match row {
+        match db::plugins::storage_get(&self.pool, self.config_id, key).await.map_err(db_error)? {
             None => Ok(default),
-            Some((None,)) => Ok(Value::Null),
-            Some((Some(text),)) => serde_json::from_str(&text)
+            Some(None) => Ok(Value::Null),
+            Some(Some(text)) => serde_json::from_str(&text)
                 .map_err(|err| JsError::new("SyntaxError", format!("Unexpected token in JSON: {err}"))),
         }
     }
@@ -46,72 +40,42 @@ impl Storage {
         let Some(value) = value else {
             return self.del(key).await;
         };
-        sqlx::query(
-            "INSERT INTO posthog_pluginstorage (plugin_config_id, key, value) VALUES ($1, $2, $3) \
-             ON CONFLICT (plugin_config_id, key) DO UPDATE SET value = $3",
-        )
-        .bind(self.config_id)
-        .bind(key)
-        .bind(value.to_string())
-        .execute(&self.pool)
-        .await
-        .map_err(db_error)?;
+        db::plugins::storage_set(&self.pool, self.config_id, key, &value.to_string()).await.map_err(db_error)?;
         Ok(Value::Null)
     }
 
     pub async fn del(&self, key: &str) -> Result<Value, JsError> {
-        sqlx::query("DELETE FROM posthog_pluginstorage WHERE plugin_config_id = $1 AND key = $2")
-            .bind(self.config_id)
-            .bind(key)
-            .execute(&self.pool)
-            .await
-            .map_err(db_error)?;
+        db::plugins::storage_delete(&self.pool, self.config_id, key).await.map_err(db_error)?;
         Ok(Value::Null)
     }
 
     /// `cursor.init(key, initial = 0)`: sets the cursor unless it exists.
     pub async fn cursor_init(&self, key: &str, initial: Option<&Value>) -> Result<Value, JsError> {
-        let initial = match initial.filter(|value| truthy(value)) {
+        let initial = match initial.filter(|value| is_truthy(value)) {
             None => 0.0,
             Some(value) => {
                 value.as_f64().ok_or_else(|| JsError::new("Error", "The cursor's initial value must be a number!"))?
             }
         };
-        sqlx::query(
-            "INSERT INTO posthog_pluginstorage (plugin_config_id, key, value) VALUES ($1, $2, $3) \
-             ON CONFLICT (plugin_config_id, key) DO NOTHING",
-        )
-        .bind(self.config_id)
-        .bind(key)
-        .bind(super::super::js::number_string(initial))
-        .execute(&self.pool)
-        .await
-        .map_err(db_error)?;
+        db::plugins::storage_insert_absent(&self.pool, self.config_id, key, &js::number_to_string(initial))
+            .await
+            .map_err(db_error)?;
         Ok(Value::Null)
     }
 
     /// `cursor.increment(key, by = 1)`: atomically adds and returns the new value.
     pub async fn cursor_increment(&self, key: &str, by: Option<&Value>) -> Result<Value, JsError> {
-        let by = match by.filter(|value| truthy(value)) {
+        let by = match by.filter(|value| is_truthy(value)) {
             None => 1.0,
             Some(value) => {
                 value.as_f64().ok_or_else(|| JsError::new("Error", "The incrementBy value must be a number!"))?
             }
         };
-        let by_text = super::super::js::number_string(by);
-        let (value,): (Option<String>,) = sqlx::query_as(
-            "INSERT INTO posthog_pluginstorage (plugin_config_id, key, value) VALUES ($1, $2, $3) \
-             ON CONFLICT (plugin_config_id, key) \
-             DO UPDATE SET value = (posthog_pluginstorage.value::numeric + $3::numeric)::text RETURNING value",
-        )
-        .bind(self.config_id)
-        .bind(key)
-        .bind(by_text)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(db_error)?;
+        let value = db::plugins::storage_increment(&self.pool, self.config_id, key, &js::number_to_string(by))
+            .await
+            .map_err(db_error)?;
         // `Number(value)`: anything unparsable is NaN, which JSON can only carry as null.
         let number = value.as_deref().and_then(|text| text.trim().parse::<f64>().ok());
-        Ok(number.map(super::super::js::number_value).unwrap_or(Value::Null))
+        Ok(number.map(js::number_to_json).unwrap_or(Value::Null))
     }
 }
