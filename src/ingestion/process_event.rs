@@ -3,10 +3,10 @@
 //! `$set`/`$set_once`, groups, definitions, session recordings, writing the event, and storing
 //! action matches.
 //!
-//! Owns the *order and rules* of those steps. SQL for persons lives in `persons`, teams and
-//! definitions in `teams`, group types in `groups`, sinks behind `writer::EventWriter`; elements
-//! come from `elements` and action matching / hooks from whatever implements [`ActionHandler`]
-//! (the `actions` room).
+//! Owns the *order and rules* of those steps. The statements live in `db` (`db::persons`; teams
+//! and definitions behind `teams`, group types behind `groups`), the sinks behind
+//! `sinks::EventWriter`; elements come from `elements` and action matching / hooks from whatever
+//! implements [`ActionHandler`] (the `actions` room).
 
 use std::sync::Arc;
 use std::time::Duration;

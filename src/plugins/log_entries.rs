@@ -1,8 +1,8 @@
 //! Plugin log entries (`posthog_pluginlogentry` rows, or `plugin_log_entries` Kafka messages):
 //! their shape, the [`PluginLogSink`] they are queued into, and the Postgres sink, which batches
 //! inserts like the reference's `PostgresLogsWrapper` (one multi-row insert per second, or
-//! immediately in the test environment). The Kafka sink belongs to the queues module; it only
-//! needs [`PluginLogEntry::to_kafka_json`].
+//! immediately in the test environment). The Kafka sink is `sinks::capture::KafkaLogSink`; it
+//! only needs [`PluginLogEntry::to_kafka_json`]. The insert statement is `db::logs`'.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -1,7 +1,7 @@
 //! The ClickHouse pipeline's [`EventWriter`] (`KAFKA_ENABLED=true`): every write of event
 //! processing becomes the reference's Kafka message(s), queued on the batching producer in the
 //! order the reference queues them. Postgres rows (persons, distinct ids) are written by
-//! `persons` in both pipelines; this writer only announces them to ClickHouse.
+//! `db::persons` in both pipelines; this writer only announces them to ClickHouse.
 //!
 //! Delivery: `queue_message` may return before the broker acknowledged (the buffer flushes by the
 //! reference's rules); the Kafka consumer flushes the producer before committing offsets, so a

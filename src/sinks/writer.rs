@@ -3,10 +3,10 @@
 //! ([`PostgresEventWriter`], `KAFKA_ENABLED=false`).
 //!
 //! Processing (`process_event`) decides *what* happens and *when*; a writer only stores or
-//! encodes. Person and distinct-id rows are written to Postgres by `persons` in both pipelines;
-//! the writer is told afterwards so the ClickHouse implementation (in `queues`) can produce its
+//! encodes. Person and distinct-id rows are written to Postgres by `db::persons` in both pipelines;
+//! the writer is told afterwards so the ClickHouse implementation (`kafka_writer`) can produce its
 //! `clickhouse_person` / `clickhouse_person_unique_id` messages. Timestamps are handed over as
-//! values; each writer formats them for its sink (`timestamp::format_*`).
+//! values; each writer formats them for its sink (`js::iso`, `timestamp::format_clickhouse*`).
 
 use std::num::NonZeroUsize;
 use std::sync::Mutex;

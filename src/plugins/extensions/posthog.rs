@@ -1,5 +1,5 @@
 //! The sandbox's `posthog` global: `posthog.capture` (the event a plugin sends back into the
-//! pipeline; delivering it is the queues module's job behind [`CaptureSink`](super::CaptureSink))
+//! pipeline; delivering it is the sinks' job (`sinks::capture`) behind [`CaptureSink`](super::CaptureSink))
 //! and `posthog.api.*` (the request to PostHog's API, including the auto-provisioned personal API
 //! key of the organization's bot user). The runtime performs the actual `fetch`.
 //!
