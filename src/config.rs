@@ -234,6 +234,9 @@ macro_rules! define_config {
         #[derive(Debug, Clone, PartialEq)]
         pub struct Config {
             $( #[doc = $description] pub $name: $ty, )*
+            /// The environment kind (`NODE_ENV`, as the reference's `determineNodeEnv` reads it):
+            /// the one place the server learns it, so test and development defaults follow it.
+            pub node_env: NodeEnv,
         }
 
         /// Every variable, in the reference's `--help` order, then the ones it leaves out of help.
@@ -249,6 +252,7 @@ macro_rules! define_config {
                     cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
                 };
                 Ok(Config {
+                    node_env: context.node_env,
                     $( $name: match lookup(stringify!($name)) {
                         Some(raw) => <$ty as ConfigValue>::parse_env(stringify!($name), &raw)?,
                         None => {
@@ -356,6 +360,16 @@ define_config! {
 }
 
 impl Config {
+    /// `NODE_ENV` starts with `test`.
+    pub fn is_test(&self) -> bool {
+        self.node_env == NodeEnv::Test
+    }
+
+    /// `NODE_ENV` starts with `dev`.
+    pub fn is_dev(&self) -> bool {
+        self.node_env == NodeEnv::Development
+    }
+
     /// Reads the process environment.
     pub fn from_env() -> Result<Config, ConfigError> {
         Config::from_lookup(&|key| std::env::var(key).ok())

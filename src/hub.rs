@@ -148,7 +148,7 @@ pub async fn connect_postgres_with(options: PgConnectOptions, max_connections: u
         .acquire_timeout(CONNECT_TIMEOUT)
         .idle_timeout(Duration::from_secs(60))
         .connect_lazy_with(options);
-    let check = tokio::time::timeout(CONNECT_TIMEOUT, sqlx::query("SELECT 1").execute(&pool)).await;
+    let check = tokio::time::timeout(CONNECT_TIMEOUT, crate::db::ping(&pool)).await;
     match check {
         Ok(Ok(_)) => Ok(pool),
         Ok(Err(source)) => Err(HubError::PostgresUnreachable { target, source }),

@@ -38,13 +38,6 @@ impl PersonManager {
                 }
             }
         }
-        let count: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) AS pdicount FROM posthog_persondistinctid WHERE team_id = $1 AND distinct_id = $2",
-        )
-        .bind(team_id)
-        .bind(distinct_id)
-        .fetch_one(pool)
-        .await?;
-        Ok(count == 0)
+        Ok(crate::db::persons::count_distinct_id(pool, team_id, distinct_id).await? == 0)
     }
 }

@@ -54,17 +54,7 @@ impl InternalMetrics {
 
     async fn team_id(&self, postgres: &PgPool) -> Result<Option<i64>, sqlx::Error> {
         self.team_id
-            .get_or_try_init(|| async {
-                let row: Option<i64> = sqlx::query_scalar(
-                    "SELECT posthog_team.id::bigint AS team_id
-                     FROM posthog_team
-                     INNER JOIN posthog_organization ON posthog_organization.id = posthog_team.organization_id
-                     WHERE for_internal_metrics",
-                )
-                .fetch_optional(postgres)
-                .await?;
-                Ok(row)
-            })
+            .get_or_try_init(|| async { crate::db::teams::fetch_internal_metrics_team(postgres).await })
             .await
             .copied()
     }
@@ -98,7 +88,7 @@ pub fn internal_metric_event(team_id: i64, name: String, value: i64) -> PluginEv
         ip: None,
         site_url: String::new(),
         team_id,
-        now: crate::health::iso_now(),
+        now: crate::js::iso_now(),
         event: name,
         sent_at: None,
         properties: Some(properties),

@@ -255,7 +255,7 @@ fn read_events(path: &Path, team_id: i64) -> Result<Vec<PluginEvent>, DevError> 
         Value::Array(items) => items,
         other => vec![other],
     };
-    let now = super::js::iso_now();
+    let now = crate::js::iso_now();
     items
         .into_iter()
         .enumerate()
@@ -589,7 +589,7 @@ async fn run_command(args: RunArgs) -> Result<i32, DevError> {
                 run::run_on_event(&services, &entries, output, method).await;
             }
             stores.calls.set_heap(mark.calls, heap_bytes(&pool).await);
-            let label = input.get("event").map(super::js::string_of).unwrap_or_default();
+            let label = input.get("event").map(crate::js::string_of).unwrap_or_default();
             let mut step = stores.step(format!("event {}: {label}", index + 1), mark);
             step.input = Some(input);
             step.output =
@@ -662,14 +662,14 @@ fn kib(bytes: &Value) -> String {
 fn render_report(report: &Value) -> String {
     let mut out = String::new();
     let plugin = &report["plugin"];
-    emit!(out, "Plugin {} ({})", super::js::string_of(&plugin["name"]), super::js::string_of(&plugin["path"]));
+    emit!(out, "Plugin {} ({})", crate::js::string_of(&plugin["name"]), crate::js::string_of(&plugin["path"]));
     emit!(out, "  config: {}", plugin["config"]);
     if !plugin["capabilities"].is_null() {
         emit!(out, "  capabilities: {}", plugin["capabilities"]);
     }
     for step in report["steps"].as_array().into_iter().flatten() {
         out.push('\n');
-        emit!(out, "== {}", super::js::string_of(&step["step"]));
+        emit!(out, "== {}", crate::js::string_of(&step["step"]));
         if let Some(input) = step.get("input") {
             emit!(out, "  in:  {input}");
         }
@@ -679,7 +679,7 @@ fn render_report(report: &Value) -> String {
             emit!(
                 out,
                 "  {mark} {:<16} {:>9.1} ms   {}",
-                super::js::string_of(&call["function"]),
+                crate::js::string_of(&call["function"]),
                 ms,
                 kib(&call["heap_bytes"])
             );
@@ -688,14 +688,14 @@ fn render_report(report: &Value) -> String {
             emit!(
                 out,
                 "  log   {} {:<5} {}",
-                super::js::string_of(&log["source"]),
-                super::js::string_of(&log["type"]),
-                super::js::string_of(&log["message"])
+                crate::js::string_of(&log["source"]),
+                crate::js::string_of(&log["type"]),
+                crate::js::string_of(&log["message"])
             );
         }
         for error in step["errors"].as_array().into_iter().flatten() {
             let text =
-                error.get("stack").or_else(|| error.get("message")).map(super::js::string_of).unwrap_or_default();
+                error.get("stack").or_else(|| error.get("message")).map(crate::js::string_of).unwrap_or_default();
             for (index, line) in text.lines().enumerate() {
                 emit!(out, "  {} {line}", if index == 0 { "error" } else { "     " });
             }
@@ -706,8 +706,8 @@ fn render_report(report: &Value) -> String {
                 emit!(
                     out,
                     "  {label:<7} {} {}{value}",
-                    super::js::string_of(&write["operation"]),
-                    super::js::string_of(&write["key"])
+                    crate::js::string_of(&write["operation"]),
+                    crate::js::string_of(&write["key"])
                 );
             }
         }
@@ -843,9 +843,9 @@ fn check_command(args: &CheckArgs) -> i32 {
         emit!(
             out,
             "OK: plugin {} ({}), main {}, imports {imports}",
-            found.get("name").map(super::js::string_of).unwrap_or_default(),
+            found.get("name").map(crate::js::string_of).unwrap_or_default(),
             args.path.display(),
-            found.get("main").map(super::js::string_of).unwrap_or_default(),
+            found.get("main").map(crate::js::string_of).unwrap_or_default(),
         );
     } else {
         emit!(out, "{}: {} problem{}", args.path.display(), problems.len(), if problems.len() == 1 { "" } else { "s" });

@@ -9,10 +9,10 @@ use thiserror::Error;
 use tracing::warn;
 
 use super::extensions::PluginServices;
-use super::js::iso;
 use super::log_entries::{LogSource, LogType, PluginLogEntry};
 use super::rows::PluginConfig;
 use super::vm_boundary::{JsError, Thrown};
+use crate::js::iso;
 
 /// Errors of the plugin orchestration itself (not of plugin code).
 #[derive(Debug, Error)]
@@ -60,7 +60,7 @@ impl From<JsError> for PluginFailure {
 pub fn error_json(failure: &PluginFailure, time: DateTime<Utc>, event: Option<&Value>) -> Value {
     let mut json = Map::new();
     json.insert("message".into(), Value::String(failure.message().to_string()));
-    json.insert("time".into(), Value::String(iso(time)));
+    json.insert("time".into(), Value::String(iso(&time)));
     if let PluginFailure::Error(error) = failure {
         if error.thrown == Thrown::String {
             return Value::Object(json);

@@ -38,9 +38,8 @@ pub struct LoadOptions {
 
 impl LoadOptions {
     /// The reference's timing, with the test-environment default of `NODE_ENV`.
-    pub fn from_env() -> LoadOptions {
-        let test_env = crate::config::NodeEnv::detect(&|key| std::env::var(key).ok()) == crate::config::NodeEnv::Test;
-        LoadOptions { test_env, ..LoadOptions::default() }
+    pub fn from_config(config: &crate::config::Config) -> LoadOptions {
+        LoadOptions { test_env: config.is_test(), ..LoadOptions::default() }
     }
 }
 
@@ -99,7 +98,7 @@ fn retry_delay(options: &LoadOptions, attempt: u32) -> Duration {
 }
 
 fn seconds_text(delay: Duration) -> String {
-    super::js::number_string(delay.as_millis() as f64 / 1000.0)
+    crate::js::number_to_string(delay.as_millis() as f64 / 1000.0)
 }
 
 impl LazyVm {

@@ -17,10 +17,11 @@ use super::extensions::{EnqueuedJob, PluginContext, PluginServices};
 use super::lazy::{LazyVm, LoadOptions};
 use super::loader::{apply_schema_defaults, load_code, schema_is_empty, PluginCode};
 use super::pooled_vm::RuntimeVmFactory;
-use super::rows::{fetch_in_force, Attachment, Plugin, PluginConfig, PluginConfigRow};
+use super::rows::{Attachment, Plugin, PluginConfig, PluginConfigRow};
 use super::run::{self, ConfigEntry};
 use super::runtime::WorkerPool;
 use super::vm_boundary::{Method, TaskKind, VmFactory};
+use crate::db::plugins::fetch_in_force;
 use crate::event::PluginEvent;
 use crate::schedule::{PluginSchedule, ScheduledTask};
 
@@ -58,7 +59,8 @@ impl Plugins {
 
     /// The production wiring: VMs on the QuickJS worker pool, the reference's timing.
     pub fn on_runtime(services: Arc<PluginServices>, pool: Arc<WorkerPool>) -> Plugins {
-        Plugins::new(services, Arc::new(RuntimeVmFactory::new(pool)), LoadOptions::from_env())
+        let options = LoadOptions::from_config(&services.hub.config);
+        Plugins::new(services, Arc::new(RuntimeVmFactory::new(pool)), options)
     }
 
     pub fn services(&self) -> &Arc<PluginServices> {
@@ -219,7 +221,7 @@ impl Plugins {
     /// A job from the job queue.
     pub async fn run_job(&self, job: EnqueuedJob) -> Option<Value> {
         let loaded = self.snapshot();
-        let payload = Some(job.payload).filter(super::js::truthy);
+        let payload = Some(job.payload).filter(crate::js::is_truthy);
         // A config id that does not fit the table's int column names no loaded config.
         let entry = i32::try_from(job.plugin_config_id).ok().and_then(|id| loaded.by_id.get(&id));
         run::run_plugin_task(&self.services, entry, TaskKind::Job, &job.job_type, payload).await

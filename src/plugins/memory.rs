@@ -20,10 +20,10 @@ use super::extensions::{
     CacheBackend, CaptureSink, CapturedEvent, EnqueuedJob, JobEnqueuer, SinkError, StorageBackend,
 };
 use super::historical_export::TimestampBoundaries;
-use super::js::number_string;
 use super::log_entries::{PluginLogEntry, PluginLogSink};
 use super::rows::PluginRecords;
 use super::vm_boundary::JsError;
+use crate::js::number_to_string as number_string;
 
 /// One write to a store, as the dev loop prints it.
 #[derive(Debug, Clone, PartialEq)]

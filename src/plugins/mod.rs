@@ -21,7 +21,6 @@ pub mod errors;
 pub mod export_events;
 pub mod extensions;
 pub mod historical_export;
-pub mod js;
 pub mod lazy;
 pub mod loader;
 pub mod log_entries;

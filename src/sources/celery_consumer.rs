@@ -55,7 +55,7 @@ use super::retry::{Outcome, RetryPolicy};
 use super::{EventHandler, QueueStats};
 use crate::config::Config;
 use crate::infra::pipelined_redis::PipelinedRedis;
-use crate::ingestion::timestamp::format_iso;
+use crate::js::iso;
 
 /// How many messages one round trip may move when the queue is busy.
 const MAX_PREFETCH: usize = 64;
@@ -812,7 +812,7 @@ impl Shared {
                 let entry = json!({
                     "queue": self.options.queue,
                     "reason": reason,
-                    "failed_at": format_iso(&Utc::now()),
+                    "failed_at": iso(&Utc::now()),
                     "consumer": self.options.consumer_id,
                     "message": raw,
                 });

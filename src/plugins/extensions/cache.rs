@@ -20,8 +20,8 @@ use redis::AsyncCommands;
 use serde_json::Value;
 use tokio::sync::OnceCell;
 
-use super::super::js::{as_integer, number_string, string_of, truthy};
 use super::super::vm_boundary::JsError;
+use crate::js::{as_integer, is_truthy, number_to_string, string_of};
 
 /// How long a `GET` may take before it is sent once more.
 const GET_RETRY_AFTER: Duration = Duration::from_secs(5);
@@ -149,12 +149,12 @@ fn redis_error(err: impl std::fmt::Display) -> JsError {
 
 /// A Redis argument for a JS number (`String(n)` as ioredis sends it).
 fn number_arg(value: &Value) -> String {
-    as_integer(value).map(|n| n.to_string()).unwrap_or_else(|| value.as_f64().map(number_string).unwrap_or_default())
+    as_integer(value).map(|n| n.to_string()).unwrap_or_else(|| value.as_f64().map(number_to_string).unwrap_or_default())
 }
 
 /// `options.jsonSerialize`, default true.
 fn json_serialize(options: Option<&Value>) -> bool {
-    options.and_then(|options| options.get("jsonSerialize")).map(truthy).unwrap_or(true)
+    options.and_then(|options| options.get("jsonSerialize")).map(is_truthy).unwrap_or(true)
 }
 
 impl Cache {
@@ -176,7 +176,7 @@ impl Cache {
         options: Option<&Value>,
     ) -> Result<Value, JsError> {
         let serialized = if json_serialize(options) { value.to_string() } else { string_of(value) };
-        let ttl = ttl_seconds.filter(|ttl| truthy(ttl)).map(number_arg);
+        let ttl = ttl_seconds.filter(|ttl| is_truthy(ttl)).map(number_arg);
         self.backend.set(&self.key(key), serialized, ttl).await?;
         Ok(Value::Null)
     }

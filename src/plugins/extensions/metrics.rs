@@ -8,11 +8,11 @@ use std::sync::{Arc, Mutex};
 use serde_json::{Map, Value};
 use tracing::warn;
 
-use super::super::js::number_value;
 use super::super::rows::{PluginConfig, PluginRecords};
 use super::super::vm_boundary::JsError;
 use super::posthog::build_capture;
 use super::CaptureSink;
+use crate::js::number_to_json;
 
 /// The metrics every plugin with `exportEvents` gets.
 pub const EXPORT_EVENTS_METRICS: [&str; 5] =
@@ -109,7 +109,7 @@ impl PluginMetrics {
         let Ok(per_config) = self.per_config.lock() else { return Map::new() };
         per_config
             .get(&config_id)
-            .map(|entry| entry.values.iter().map(|(name, value)| (name.clone(), number_value(*value))).collect())
+            .map(|entry| entry.values.iter().map(|(name, value)| (name.clone(), number_to_json(*value))).collect())
             .unwrap_or_default()
     }
 
@@ -122,7 +122,7 @@ impl PluginMetrics {
         for entry in drained {
             let plugin = &entry.config.plugin;
             let mut properties: Map<String, Value> =
-                entry.values.iter().map(|(name, value)| (name.clone(), number_value(*value))).collect();
+                entry.values.iter().map(|(name, value)| (name.clone(), number_to_json(*value))).collect();
             properties.insert("plugin_name".into(), plugin.row.name.clone().map(Value::String).unwrap_or(Value::Null));
             properties.insert("plugin_id".into(), Value::from(plugin.id()));
             properties.insert("plugin_tag".into(), plugin.row.tag.clone().map(Value::String).unwrap_or(Value::Null));

@@ -21,11 +21,11 @@ use async_trait::async_trait;
 use serde_json::{Map, Value};
 use thiserror::Error;
 
-use super::js::string_of;
 use super::log_entries::{LogSource, LogType, PluginLogEntry, PluginLogSink};
 use super::rows::{PluginConfig, PluginRecords};
 use super::vm_boundary::JsError;
 use crate::hub::Hub;
+use crate::js::string_of;
 
 pub use cache::{Cache, CacheBackend, CacheRedis};
 pub use jobs::{duration_to_ms, EnqueuedJob, RunAt};
@@ -159,6 +159,7 @@ impl PluginServices {
         let cache = Arc::new(CacheRedis::new(crate::hub::redis_url(&hub.config)));
         let storage = Arc::new(hub.postgres.clone());
         let records = Arc::new(hub.postgres.clone());
+        let echo_console = hub.config.is_dev();
         PluginServices {
             hub,
             logs,
@@ -170,8 +171,7 @@ impl PluginServices {
             cache,
             storage,
             records,
-            echo_console: crate::config::NodeEnv::detect(&|key| std::env::var(key).ok())
-                == crate::config::NodeEnv::Development,
+            echo_console,
             observer: Arc::new(NoObserver),
         }
     }

@@ -10,8 +10,9 @@ use async_trait::async_trait;
 use serde_json::Value;
 use sqlx::PgPool;
 
-use super::super::js::truthy;
 use super::super::vm_boundary::JsError;
+use crate::db;
+use crate::js::{self, is_truthy};
 
 fn db_error(err: sqlx::Error) -> JsError {
     JsError::new("Error", err.to_string())
@@ -35,67 +36,23 @@ pub trait StorageBackend: Send + Sync {
 #[async_trait]
 impl StorageBackend for PgPool {
     async fn get(&self, config_id: i32, key: &str) -> Result<Option<Option<String>>, JsError> {
-        let row: Option<(Option<String>,)> =
-            sqlx::query_as("SELECT value FROM posthog_pluginstorage WHERE plugin_config_id = $1 AND key = $2 LIMIT 1")
-                .bind(config_id)
-                .bind(key)
-                .fetch_optional(self)
-                .await
-                .map_err(db_error)?;
-        Ok(row.map(|(value,)| value))
+        db::plugins::storage_get(self, config_id, key).await.map_err(db_error)
     }
 
     async fn set(&self, config_id: i32, key: &str, value: String) -> Result<(), JsError> {
-        sqlx::query(
-            "INSERT INTO posthog_pluginstorage (plugin_config_id, key, value) VALUES ($1, $2, $3) \
-             ON CONFLICT (plugin_config_id, key) DO UPDATE SET value = $3",
-        )
-        .bind(config_id)
-        .bind(key)
-        .bind(value)
-        .execute(self)
-        .await
-        .map_err(db_error)?;
-        Ok(())
+        db::plugins::storage_set(self, config_id, key, &value).await.map_err(db_error)
     }
 
     async fn del(&self, config_id: i32, key: &str) -> Result<(), JsError> {
-        sqlx::query("DELETE FROM posthog_pluginstorage WHERE plugin_config_id = $1 AND key = $2")
-            .bind(config_id)
-            .bind(key)
-            .execute(self)
-            .await
-            .map_err(db_error)?;
-        Ok(())
+        db::plugins::storage_delete(self, config_id, key).await.map_err(db_error)
     }
 
     async fn set_if_absent(&self, config_id: i32, key: &str, value: String) -> Result<(), JsError> {
-        sqlx::query(
-            "INSERT INTO posthog_pluginstorage (plugin_config_id, key, value) VALUES ($1, $2, $3) \
-             ON CONFLICT (plugin_config_id, key) DO NOTHING",
-        )
-        .bind(config_id)
-        .bind(key)
-        .bind(value)
-        .execute(self)
-        .await
-        .map_err(db_error)?;
-        Ok(())
+        db::plugins::storage_insert_absent(self, config_id, key, &value).await.map_err(db_error)
     }
 
     async fn add(&self, config_id: i32, key: &str, by: String) -> Result<Option<String>, JsError> {
-        let (value,): (Option<String>,) = sqlx::query_as(
-            "INSERT INTO posthog_pluginstorage (plugin_config_id, key, value) VALUES ($1, $2, $3) \
-             ON CONFLICT (plugin_config_id, key) \
-             DO UPDATE SET value = (posthog_pluginstorage.value::numeric + $3::numeric)::text RETURNING value",
-        )
-        .bind(config_id)
-        .bind(key)
-        .bind(by)
-        .fetch_one(self)
-        .await
-        .map_err(db_error)?;
-        Ok(value)
+        db::plugins::storage_increment(self, config_id, key, &by).await.map_err(db_error)
     }
 }
 
@@ -137,27 +94,27 @@ impl Storage {
 
     /// `cursor.init(key, initial = 0)`: sets the cursor unless it exists.
     pub async fn cursor_init(&self, key: &str, initial: Option<&Value>) -> Result<Value, JsError> {
-        let initial = match initial.filter(|value| truthy(value)) {
+        let initial = match initial.filter(|value| is_truthy(value)) {
             None => 0.0,
             Some(value) => {
                 value.as_f64().ok_or_else(|| JsError::new("Error", "The cursor's initial value must be a number!"))?
             }
         };
-        self.backend.set_if_absent(self.config_id, key, super::super::js::number_string(initial)).await?;
+        self.backend.set_if_absent(self.config_id, key, js::number_to_string(initial)).await?;
         Ok(Value::Null)
     }
 
     /// `cursor.increment(key, by = 1)`: atomically adds and returns the new value.
     pub async fn cursor_increment(&self, key: &str, by: Option<&Value>) -> Result<Value, JsError> {
-        let by = match by.filter(|value| truthy(value)) {
+        let by = match by.filter(|value| is_truthy(value)) {
             None => 1.0,
             Some(value) => {
                 value.as_f64().ok_or_else(|| JsError::new("Error", "The incrementBy value must be a number!"))?
             }
         };
-        let value = self.backend.add(self.config_id, key, super::super::js::number_string(by)).await?;
+        let value = self.backend.add(self.config_id, key, js::number_to_string(by)).await?;
         // `Number(value)`: anything unparsable is NaN, which JSON can only carry as null.
         let number = value.as_deref().and_then(|text| text.trim().parse::<f64>().ok());
-        Ok(number.map(super::super::js::number_value).unwrap_or(Value::Null))
+        Ok(number.map(js::number_to_json).unwrap_or(Value::Null))
     }
 }

@@ -157,6 +157,17 @@ pub struct JsError {
     pub thrown: Thrown,
 }
 
+impl JsError {
+    pub fn new(name: &str, message: impl Into<String>) -> JsError {
+        JsError { name: name.to_string(), message: message.into(), ..JsError::default() }
+    }
+
+    /// A `RetryError` thrown by plugin code.
+    pub fn retry(message: impl Into<String>) -> JsError {
+        JsError { retry: true, ..JsError::new("Error", message) }
+    }
+}
+
 /// The kind of value plugin code threw.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Thrown {
@@ -274,7 +285,7 @@ pub struct PoolOptions {
 
 impl PoolOptions {
     pub fn from_config(config: &crate::config::Config) -> PoolOptions {
-        let test_env = crate::config::NodeEnv::detect(&|key| std::env::var(key).ok()) == crate::config::NodeEnv::Test;
+        let test_env = config.is_test();
         PoolOptions {
             threads: config.worker_threads(),
             tasks_per_worker: config.tasks_per_worker(),
