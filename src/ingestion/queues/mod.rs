@@ -34,6 +34,7 @@ pub mod messages;
 pub mod pipelined_redis;
 pub mod retry;
 pub mod topics;
+pub mod window;
 
 pub use celery::{CeleryProducer, CeleryTask, DecodeError};
 pub use celery_consumer::{CeleryConsumer, CeleryConsumerOptions};
@@ -59,7 +60,7 @@ pub enum HandleError {
 }
 
 /// Where the consumers deliver what they receive. Implemented by the ingestion pipeline; the
-/// consumers call it concurrently (up to `WORKER_CONCURRENCY × TASKS_PER_WORKER` at once).
+/// consumers call it concurrently (up to their window's `in_flight` at once, see [`window`]).
 #[async_trait]
 pub trait EventHandler: Send + Sync {
     /// An event from Celery (`process_event_with_plugins`) or Kafka, already merged the reference's
@@ -87,6 +88,11 @@ pub struct QueueStats {
     pub retries: AtomicU64,
     /// Messages put back on the queue at shutdown before they were handled.
     pub requeued: AtomicU64,
+    /// Events held back because their team had its share of the window in flight
+    /// ([`window`]).
+    pub held_back: AtomicU64,
+    /// Times the consumer stopped taking messages because the held-back events filled their bound.
+    pub intake_stalled: AtomicU64,
 }
 
 /// A point-in-time copy of [`QueueStats`].
@@ -97,6 +103,8 @@ pub struct QueueStatsSnapshot {
     pub dead_lettered: u64,
     pub retries: u64,
     pub requeued: u64,
+    pub held_back: u64,
+    pub intake_stalled: u64,
 }
 
 impl QueueStats {
@@ -107,6 +115,8 @@ impl QueueStats {
             dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
             retries: self.retries.load(Ordering::Relaxed),
             requeued: self.requeued.load(Ordering::Relaxed),
+            held_back: self.held_back.load(Ordering::Relaxed),
+            intake_stalled: self.intake_stalled.load(Ordering::Relaxed),
         }
     }
 
@@ -125,9 +135,16 @@ impl QueueStats {
 /// overlap its deliveries) while memory stays bounded by this small, fixed number.
 pub const EVENTS_IN_FLIGHT_PER_TASK: usize = 20;
 
-/// How many events the consumers handle at once: `WORKER_CONCURRENCY × TASKS_PER_WORKER ×`
-/// [`EVENTS_IN_FLIGHT_PER_TASK`], never zero (the reference loops forever on
-/// `WORKER_CONCURRENCY=0`; here 0 means one per core).
+/// How many events of one team the consumers handle at once: `WORKER_CONCURRENCY ×
+/// TASKS_PER_WORKER ×` [`EVENTS_IN_FLIGHT_PER_TASK`], never zero (the reference loops forever on
+/// `WORKER_CONCURRENCY=0`; here 0 means one per core). All teams together: twice that, see
+/// [`consumer_window`].
 pub fn consumer_concurrency(config: &crate::config::Config) -> usize {
     (config.worker_threads() * config.tasks_per_worker() * EVENTS_IN_FLIGHT_PER_TASK).max(1)
+}
+
+/// The consumers' window: a team's share is [`consumer_concurrency`] (what all teams shared
+/// before the fair share), see [`window::WindowLimits::from_team_share`].
+pub fn consumer_window(config: &crate::config::Config) -> window::WindowLimits {
+    window::WindowLimits::from_team_share(consumer_concurrency(config))
 }
