@@ -3,9 +3,10 @@
 //! `TASK_TIMEOUT` on every event and team B's is the reference benchmark's simple plugin.
 //! Target: team B keeps at least 70% of its unloaded rate.
 //!
-//! Two runs, each on a fresh database and queue with the server in process: first team B's
-//! events alone, then the same number of team B's events with team A's events interleaved (one in
-//! every `BENCH_A_EVERY`, from the front of the queue). Team B's rate is measured from its first
+//! Four runs, each in a process of its own, on a fresh database and queue with the server in
+//! process: team B's events
+//! alone, then twice the same number of team B's events with team A's events interleaved (one in
+//! every `BENCH_A_EVERY`, from the front of the queue), then alone again; the means are compared. Team B's rate is measured from its first
 //! event landed to its last (start-up excluded, as in `e2e_server`).
 //!
 //! Run: `cargo bench --bench e2e_fairness` (env: BENCH_EVENTS, team B's events, default 10000;
@@ -124,31 +125,69 @@ async fn run(b_events: usize, a_every: Option<usize>) -> (f64, i64) {
         _ => 0.0,
     };
     println!(
-        "  ({landed} of team B's {b_events} events in {:.1}s, first at {:.1}s; {a_landed} of team A's landed)",
+        "  ({landed} of team B's {b_events} events in {:.1}s, first at {:.1}s; {a_landed} of team A's landed; peak RSS \
+         {:.1} MiB)",
         (finished - started).as_secs_f64(),
-        first.map_or(0.0, |(at, _)| (at - started).as_secs_f64())
+        first.map_or(0.0, |(at, _)| (at - started).as_secs_f64()),
+        peak_rss_mib()
     );
-    // Team A's events still in hand wait for the JS threads: do not wait for a graceful stop.
+    // Team A's events still in hand wait for the JS threads: no graceful stop (the process ends).
     shutdown.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
     rows.close().await;
     drop_database(&name).await;
     delete_key(&redis_url, &queue).await;
     (rate, a_landed)
 }
 
-#[tokio::main]
-async fn main() {
+/// Runs one phase in a process of its own (`BENCH_PHASE` set), so that no thread of a previous
+/// server (team A's calls still queued on the JS threads) competes with the next run.
+fn run_phase(loaded: bool) -> f64 {
+    let exe = std::env::current_exe().expect("bench binary");
+    let output = std::process::Command::new(exe)
+        .env("BENCH_PHASE", if loaded { "loaded" } else { "alone" })
+        .stderr(std::process::Stdio::null())
+        .output()
+        .expect("run a phase");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let mut rate = 0.0;
+    for line in stdout.lines() {
+        match line.strip_prefix("RATE ") {
+            Some(value) => rate = value.trim().parse().unwrap_or(0.0),
+            None if line.starts_with("  (") => println!("{line}"),
+            None => {}
+        }
+    }
+    rate
+}
+
+fn main() {
     let b_events = env_number("BENCH_EVENTS", 10_000);
     let a_every = env_number("BENCH_A_EVERY", 10);
-    println!("Team B alone, {b_events} events:");
-    let (alone, _) = run(b_events, None).await;
-    println!("Team B with team A's spinning events (one in every {a_every}):");
-    let (loaded, _) = run(b_events, Some(a_every)).await;
+    if let Ok(phase) = std::env::var("BENCH_PHASE") {
+        let runtime = tokio::runtime::Runtime::new().expect("runtime");
+        let (rate, _) = runtime.block_on(run(b_events, (phase == "loaded").then_some(a_every)));
+        println!("RATE {rate}");
+        // Team A's calls may still be queued on the JS threads: exit without waiting for them.
+        std::process::exit(0);
+    }
+    // Alone, loaded, loaded, alone: a machine whose load drifts during the runs biases neither.
+    let (mut alone, mut loaded) = (Vec::new(), Vec::new());
+    for a_load in [false, true, true, false] {
+        if a_load {
+            println!("Team B with team A's spinning events (one in every {a_every}), {b_events} of team B's events:");
+            loaded.push(run_phase(true));
+        } else {
+            println!("Team B alone, {b_events} events:");
+            alone.push(run_phase(false));
+        }
+    }
+    let mean = |rates: &[f64]| rates.iter().sum::<f64>() / rates.len().max(1) as f64;
+    println!("(team B's events/s: alone {alone:.0?}, with team A's load {loaded:.0?})");
+    let (alone, loaded) = (mean(&alone), mean(&loaded));
     println!(
         "[Fair window, Celery + Postgres] team B: {alone:.0} events/s alone, {loaded:.0} events/s with team A's load \
-         ({:.0}%; target at least 70%); peak RSS {:.1} MiB",
+         ({:.0}%; target at least 70%; means of two runs each)",
         loaded * 100.0 / alone.max(f64::MIN_POSITIVE),
-        peak_rss_mib()
     );
 }

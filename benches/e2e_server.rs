@@ -54,7 +54,8 @@ fn event_data(index: usize, users: usize) -> Map<String, Value> {
 
 /// Queues `events` Celery tasks on `queue`, as PostHog's Django app does.
 async fn fill_celery(redis_url: &str, queue: &str, events: usize, users: usize) {
-    let messages: Vec<String> = (0..events).map(|index| celery_event_task(queue, event_data(index, users), 2)).collect();
+    let messages: Vec<String> =
+        (0..events).map(|index| celery_event_task(queue, event_data(index, users), 2)).collect();
     push_celery(redis_url, queue, &messages).await;
 }
 

@@ -40,7 +40,11 @@ fn redis() -> redis::Connection {
 }
 
 async fn events_of(pool: &sqlx::PgPool, team: i32) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM posthog_event WHERE team_id = $1").bind(team).fetch_one(pool).await.unwrap()
+    sqlx::query_scalar("SELECT count(*) FROM posthog_event WHERE team_id = $1")
+        .bind(team)
+        .fetch_one(pool)
+        .await
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
