@@ -30,7 +30,7 @@
 //! and once the message's team is known it is admitted ([`Slot::admit`]), waiting its turn if its
 //! team is at its share. Dropping a slot (done, failed, abandoned) frees its place.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -44,6 +44,16 @@ pub const HELD_PER_EVENT_IN_FLIGHT: usize = 4;
 
 /// How often a team's being held back is logged, at most.
 pub const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// A team at its share none of whose events finished for this long is *slow*: the consumer takes
+/// further messages past its held events (up to the `held` bound). While a team at its share is
+/// still moving, at most [`HELD_WHILE_MOVING`] of its events are held and the consumer waits for
+/// them as it did before the fair share (no messages taken early for nothing).
+pub const SLOW_AFTER: Duration = Duration::from_millis(500);
+
+/// Messages held for, or possibly of, teams at their share that are not slow, beyond which the
+/// consumer takes no more messages.
+pub const HELD_WHILE_MOVING: usize = 8;
 
 /// The bounds of a consumer's window (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,9 +81,43 @@ impl WindowLimits {
 
 #[derive(Default)]
 struct TeamState {
-    running: usize,
+    /// Events running, by id, with when they started; and the same ordered by start.
+    running: HashMap<u64, Instant>,
+    by_start: BTreeSet<(Instant, u64)>,
     /// Events waiting for this team's share, oldest first: their id and how to wake them.
     held: VecDeque<(u64, oneshot::Sender<()>)>,
+    /// When one of its events last finished.
+    last_progress: Option<Instant>,
+}
+
+impl TeamState {
+    fn start(&mut self, id: u64, now: Instant) {
+        self.running.insert(id, now);
+        self.by_start.insert((now, id));
+    }
+
+    fn finish(&mut self, id: u64) {
+        if let Some(started) = self.running.remove(&id) {
+            self.by_start.remove(&(started, id));
+            self.last_progress = Some(Instant::now());
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.running.len()
+    }
+
+    /// Whether none of its events finished for [`SLOW_AFTER`] (and one did before: the first
+    /// calls of a team also load its plugins): its held events may wait long, so the consumer
+    /// looks past them. (Not the age of its oldest event: with a full share on a busy machine a
+    /// healthy team's events take over a second too, but they keep finishing.)
+    fn is_slow(&self, now: Instant) -> bool {
+        self.last_progress.is_some_and(|last| now.duration_since(last) >= SLOW_AFTER)
+    }
+
+    fn is_idle(&self) -> bool {
+        self.running.is_empty() && self.held.is_empty()
+    }
 }
 
 #[derive(Default)]
@@ -128,7 +172,20 @@ impl FairWindow {
     /// events below their bound.
     pub fn try_reserve(self: &Arc<Self>) -> Option<Slot> {
         let mut state = self.state();
-        if state.held >= self.limits.held && self.limits.held > 0 {
+        let now = Instant::now();
+        // A team at its share that keeps finishing: its next events will start soon, so take
+        // only a few messages past them (as before the fair share), counting those not yet
+        // admitted, which may be its too.
+        let share = self.limits.team_share;
+        let running: usize = state.teams.values().map(TeamState::in_flight).sum();
+        let unadmitted = state.taken.saturating_sub(running);
+        let crowded = state.teams.values().any(|entry| {
+            !entry.is_slow(now) && entry.in_flight() + entry.held.len() + unadmitted >= share + HELD_WHILE_MOVING
+        });
+        if crowded {
+            return None;
+        }
+        if state.held >= self.limits.held.max(1) {
             if !state.stalled {
                 state.stalled = true;
                 QueueStats::bump(&self.stats.intake_stalled);
@@ -149,7 +206,8 @@ impl FairWindow {
         Some(Slot { window: Arc::clone(self), place: Place::Reserved })
     }
 
-    /// Waits for a slot (cancel-safe: nothing is reserved unless it returns).
+    /// Waits for a slot (cancel-safe: nothing is reserved unless it returns). Re-checks every
+    /// quarter of [`SLOW_AFTER`] too: a team turning slow makes room without any event ending.
     pub async fn reserve(self: &Arc<Self>) -> Slot {
         loop {
             let changed = self.changed.notified();
@@ -158,7 +216,7 @@ impl FairWindow {
             if let Some(slot) = self.try_reserve() {
                 return slot;
             }
-            changed.await;
+            let _ = tokio::time::timeout(SLOW_AFTER / 4, changed).await;
         }
     }
 
@@ -177,30 +235,31 @@ impl FairWindow {
 
     /// Frees a place in flight (of `team`, if it ran for one) and starts held events that now fit,
     /// oldest team first in no particular order across teams, in arrival order within a team.
-    fn release(&self, team: Option<i64>) {
+    fn release(&self, running: Option<(i64, u64)>) {
         let mut state = self.state();
         state.taken = state.taken.saturating_sub(1);
-        if let Some(team) = team {
+        if let Some((team, id)) = running {
             if let Some(entry) = state.teams.get_mut(&team) {
-                entry.running = entry.running.saturating_sub(1);
+                entry.finish(id);
             }
         }
         self.start_held(&mut state);
-        state.teams.retain(|_, entry| entry.running > 0 || !entry.held.is_empty());
+        state.teams.retain(|_, entry| !entry.is_idle());
         drop(state);
         self.changed.notify_waiters();
     }
 
     fn start_held(&self, state: &mut State) {
         let State { taken, held, teams, .. } = state;
+        let now = Instant::now();
         for entry in teams.values_mut() {
-            while *taken < self.limits.in_flight && entry.running < self.limits.team_share {
-                let Some((_, waker)) = entry.held.pop_front() else { break };
+            while *taken < self.limits.in_flight && entry.in_flight() < self.limits.team_share {
+                let Some((id, waker)) = entry.held.pop_front() else { break };
                 *held -= 1;
                 // Counted as running even if its waiter is gone: its slot, when dropped, releases
                 // a running place (it is no longer among the held).
                 let _ = waker.send(());
-                entry.running += 1;
+                entry.start(id, now);
                 *taken += 1;
             }
         }
@@ -213,7 +272,7 @@ impl FairWindow {
         let Some(position) = entry.held.iter().position(|(held, _)| *held == id) else { return false };
         entry.held.remove(position);
         state.held -= 1;
-        state.teams.retain(|_, entry| entry.running > 0 || !entry.held.is_empty());
+        state.teams.retain(|_, entry| !entry.is_idle());
         drop(state);
         self.changed.notify_waiters();
         true
@@ -223,8 +282,8 @@ impl FairWindow {
 enum Place {
     /// Taken from the queue, team not known yet: holds a place in flight.
     Reserved,
-    /// Handled for this team.
-    Running(i64),
+    /// Handled for this team (id of its admission).
+    Running(i64, u64),
     /// Waiting for this team's share (id of the wait).
     Held(i64, u64),
     /// Already given back.
@@ -249,14 +308,14 @@ impl Slot {
             let id = state.next_id;
             state.next_id += 1;
             let entry = state.teams.entry(team).or_default();
-            if entry.running < limits.team_share && entry.held.is_empty() {
-                entry.running += 1;
-                self.place = Place::Running(team);
+            if entry.in_flight() < limits.team_share && entry.held.is_empty() {
+                entry.start(id, Instant::now());
+                self.place = Place::Running(team, id);
                 None
             } else {
                 let (waker, wait) = oneshot::channel();
                 entry.held.push_back((id, waker));
-                let running = entry.running;
+                let running = entry.in_flight();
                 state.held += 1;
                 state.taken = state.taken.saturating_sub(1);
                 // The place given up may start another team's held event.
@@ -286,8 +345,8 @@ impl Slot {
             window.changed.notify_waiters();
             // The sender is dropped only if the window itself goes away: then just run.
             let _ = wait.await;
-            if let Place::Held(team, _) = self.place {
-                self.place = Place::Running(team);
+            if let Place::Held(team, id) = self.place {
+                self.place = Place::Running(team, id);
             }
         }
         self
@@ -299,11 +358,11 @@ impl Drop for Slot {
         match std::mem::replace(&mut self.place, Place::Released) {
             Place::Released => {}
             Place::Reserved => self.window.release(None),
-            Place::Running(team) => self.window.release(Some(team)),
+            Place::Running(team, id) => self.window.release(Some((team, id))),
             Place::Held(team, id) => {
                 // Started meanwhile (the wake raced with the drop): it holds a running place.
                 if !self.window.withdraw(team, id) {
-                    self.window.release(Some(team));
+                    self.window.release(Some((team, id)));
                 }
             }
         }
@@ -334,7 +393,7 @@ mod tests {
         drop(a1);
         let a3 = tokio::time::timeout(Duration::from_secs(1), a3).await.unwrap().unwrap();
         assert_eq!(window.held(), 0);
-        assert!(matches!(a3.place, Place::Running(1)));
+        assert!(matches!(a3.place, Place::Running(1, _)));
         assert_eq!(window.in_hand(), 4);
     }
 
