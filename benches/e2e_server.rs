@@ -24,9 +24,9 @@ use std::time::{Duration, Instant};
 
 use e2e_support::*;
 use plugin_server::config::Config;
-use plugin_server::ingestion::queues::messages::raw_event_record;
-use plugin_server::ingestion::queues::topics::{ALL_TOPICS, KAFKA_EVENTS};
-use plugin_server::ingestion::queues::KafkaProducerWrapper;
+use plugin_server::sinks::messages::raw_event_record;
+use plugin_server::sinks::topics::{ALL_TOPICS, KAFKA_EVENTS};
+use plugin_server::sinks::KafkaProducerWrapper;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -75,7 +75,7 @@ async fn fill_kafka(config: &Config, topic: &str, events: usize, users: usize) {
     producer.flush().await.expect("produce");
     let group: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &hosts)
-        .set("group.id", plugin_server::ingestion::queues::kafka_consumer::CONSUMER_GROUP)
+        .set("group.id", plugin_server::sources::kafka_consumer::CONSUMER_GROUP)
         .create()
         .expect("group client");
     let mut offsets = TopicPartitionList::new();
@@ -171,7 +171,7 @@ async fn main() {
         Some(
             ClientConfig::new()
                 .set("bootstrap.servers", &kafka_hosts)
-                .set("group.id", plugin_server::ingestion::queues::kafka_consumer::CONSUMER_GROUP)
+                .set("group.id", plugin_server::sources::kafka_consumer::CONSUMER_GROUP)
                 .create()
                 .expect("offsets client"),
         )

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use common::server_process::Server;
 use common::TestDb;
-use plugin_server::ingestion::queues::celery::{encode_task_message, PROCESS_EVENT_TASK};
+use plugin_server::sinks::celery_producer::encode_task_message;
+use plugin_server::sources::celery::PROCESS_EVENT_TASK;
 use serde_json::{json, Map};
 
 /// Team A (the fixture's team 2, plugin 60): every event spins until `TASK_TIMEOUT`.
@@ -95,7 +96,7 @@ async fn team_b_lands_while_team_a_holds_its_whole_share_of_the_window() {
     assert!(output.contains("team 2 has 40 events in flight, its share of the window (40)"), "{output}");
     let left: i64 = redis::cmd("LLEN").arg(&queue).query(&mut redis()).unwrap();
     assert_eq!(left, 0, "everything was taken from the queue");
-    let processing = plugin_server::ingestion::queues::celery_consumer::processing_key(&queue, &consumer);
+    let processing = plugin_server::sources::celery_consumer::processing_key(&queue, &consumer);
     let unfinished: i64 = redis::cmd("LLEN").arg(&processing).query(&mut redis()).unwrap();
     assert_eq!(unfinished as usize, A_EVENTS - events_of(&db.pool, common::TEAM_ID).await as usize);
     // A stop puts team A's held-back events back on the queue (the ones in flight wait for their
@@ -152,7 +153,7 @@ async fn an_event_whose_plugin_thread_stalls_is_retried_then_dead_lettered_never
         ("PLUGINS_CELERY_CONSUMER_ID", consumer.as_str()),
     ];
     let mut server = Server::start(&[], &env);
-    let dead_letters = plugin_server::ingestion::queues::celery_consumer::dead_letter_key(&queue);
+    let dead_letters = plugin_server::sources::celery_consumer::dead_letter_key(&queue);
     let deadline = Instant::now() + Duration::from_secs(60);
     let dead: Vec<String> = loop {
         let dead: Vec<String> = redis::cmd("LRANGE").arg(&dead_letters).arg(0).arg(-1).query(&mut redis()).unwrap();

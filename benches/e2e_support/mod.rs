@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use plugin_server::event::PluginEvent;
-use plugin_server::ingestion::queues::{EventHandler, HandleError};
+use plugin_server::sources::{EventHandler, HandleError};
 
 /// `BENCH_EVENTS` (default 3000, the reference benchmark's count).
 pub fn event_count() -> usize {
@@ -120,7 +120,8 @@ pub async fn drop_database(name: &str) {
 
 /// A `process_event_with_plugins` task for `team` carrying `data`, as PostHog's Django app sends it.
 pub fn celery_event_task(queue: &str, data: serde_json::Map<String, serde_json::Value>, team: i64) -> String {
-    use plugin_server::ingestion::queues::celery::{encode_task_message, PROCESS_EVENT_TASK};
+    use plugin_server::sinks::celery_producer::encode_task_message;
+    use plugin_server::sources::celery::PROCESS_EVENT_TASK;
     use serde_json::{json, Value};
     let now = data.get("timestamp").cloned().unwrap_or(Value::Null);
     let args = [
