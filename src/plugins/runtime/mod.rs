@@ -292,6 +292,8 @@ impl PoolOptions {
             task_timeout: config.task_timeout(),
             test_env,
             test_console_file: test_env.then(|| std::path::Path::new("tmp").join("test-console.txt")),
+            stall_after: (config.PLUGIN_WORKER_STALL_MS > 0)
+                .then(|| std::time::Duration::from_millis(config.PLUGIN_WORKER_STALL_MS)),
             ..PoolOptions::default()
         }
     }
