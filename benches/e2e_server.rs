@@ -26,16 +26,13 @@ use std::time::{Duration, Instant};
 
 use e2e_support::*;
 use plugin_server::config::Config;
-use plugin_server::sinks::celery_producer::encode_task_message;
 use plugin_server::sinks::messages::raw_event_record;
 use plugin_server::sinks::topics::{ALL_TOPICS, KAFKA_EVENTS};
 use plugin_server::sinks::KafkaProducerWrapper;
-use plugin_server::sources::celery::PROCESS_EVENT_TASK;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::{json, Map, Value};
-use sqlx::{Connection, Executor, PgConnection};
 use tokio_util::sync::CancellationToken;
 
 /// The reference benchmark's plugin.
@@ -43,31 +40,6 @@ const PLUGIN: &str = "export function processEvent(event) { event.properties.pro
 
 fn env_number(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|value| value.parse().ok()).unwrap_or(default)
-}
-
-async fn fresh_database(name: &str) -> String {
-    let server = "postgres://postgres@127.0.0.1:5432";
-    let mut admin = PgConnection::connect(&format!("{server}/postgres")).await.expect("postgres");
-    admin.execute(format!("CREATE DATABASE {name}").as_str()).await.expect("create database");
-    let url = format!("{server}/{name}");
-    let mut connection = PgConnection::connect(&url).await.expect("bench database");
-    let root = env!("CARGO_MANIFEST_DIR");
-    let mut files: Vec<_> = std::fs::read_dir(format!("{root}/migrations/posthog"))
-        .expect("migrations")
-        .filter_map(|entry| entry.ok().map(|entry| entry.path()))
-        .collect();
-    files.sort();
-    files.push(format!("{root}/scripts/demo-data/seed.sql").into());
-    for file in files {
-        let sql = std::fs::read_to_string(&file).expect("read sql");
-        sqlx::raw_sql(&sql).execute(&mut connection).await.expect("apply sql");
-    }
-    sqlx::query("UPDATE posthog_plugin SET source = $1 WHERE id = 1")
-        .bind(PLUGIN)
-        .execute(&mut connection)
-        .await
-        .unwrap();
-    url
 }
 
 /// The `index`th event's payload: one of `users` distinct ids, a fresh uuid.
@@ -84,28 +56,9 @@ fn event_data(index: usize, users: usize) -> Map<String, Value> {
 
 /// Queues `events` Celery tasks on `queue`, as PostHog's Django app does.
 async fn fill_celery(redis_url: &str, queue: &str, events: usize, users: usize) {
-    let pool = deadpool_redis::Config::from_url(redis_url).create_pool(Some(deadpool_redis::Runtime::Tokio1)).unwrap();
-    let mut connection = pool.get().await.expect("redis");
-    for chunk in (0..events).collect::<Vec<_>>().chunks(1000) {
-        let mut pipe = redis::pipe();
-        for index in chunk {
-            let data = event_data(*index, users);
-            let now = data["timestamp"].clone();
-            let args = [
-                data["distinct_id"].clone(),
-                json!("127.0.0.1"),
-                json!("http://localhost"),
-                Value::Object(data),
-                json!(2),
-                now.clone(),
-                now,
-            ];
-            let message =
-                encode_task_message(queue, PROCESS_EVENT_TASK, &uuid::Uuid::new_v4().to_string(), &args, &Map::new());
-            pipe.cmd("LPUSH").arg(queue).arg(message).ignore();
-        }
-        pipe.query_async::<()>(&mut connection).await.expect("push");
-    }
+    let messages: Vec<String> =
+        (0..events).map(|index| celery_event_task(queue, event_data(index, users), 2)).collect();
+    push_celery(redis_url, queue, &messages).await;
 }
 
 /// Produces `events` raw event messages to the fresh topic `topic` and commits offset 0 for the
@@ -183,7 +136,7 @@ async fn main() {
     let users = env_number("BENCH_USERS", 1000);
     let limit = Duration::from_secs(env_number("BENCH_SECONDS", 900) as u64);
     let name = format!("pst_bench_{}", uuid::Uuid::new_v4().simple());
-    let database = fresh_database(&name).await;
+    let database = fresh_database(&name, PLUGIN).await;
     let queue = format!("bench-e2e-{}", uuid::Uuid::new_v4().simple());
     let redis_url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let kafka_hosts = std::env::var("KAFKA_HOSTS").unwrap_or_else(|_| "127.0.0.1:9092".into());
@@ -343,14 +296,9 @@ async fn main() {
         elapsed,
     );
     rows.close().await;
-    let mut admin = PgConnection::connect("postgres://postgres@127.0.0.1:5432/postgres").await.unwrap();
-    let _ = admin.execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str()).await;
+    drop_database(&name).await;
     if !kafka {
-        let pool =
-            deadpool_redis::Config::from_url(&redis_url).create_pool(Some(deadpool_redis::Runtime::Tokio1)).unwrap();
-        if let Ok(mut connection) = pool.get().await {
-            let _: Result<(), _> = redis::cmd("DEL").arg(&queue).query_async(&mut connection).await;
-        }
+        delete_key(&redis_url, &queue).await;
     }
 }
 

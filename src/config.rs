@@ -234,6 +234,9 @@ macro_rules! define_config {
         #[derive(Debug, Clone, PartialEq)]
         pub struct Config {
             $( #[doc = $description] pub $name: $ty, )*
+            /// The environment kind (`NODE_ENV`, as the reference's `determineNodeEnv` reads it):
+            /// the one place the server learns it, so test and development defaults follow it.
+            pub node_env: NodeEnv,
         }
 
         /// Every variable, in the reference's `--help` order, then the ones it leaves out of help.
@@ -249,6 +252,7 @@ macro_rules! define_config {
                     cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
                 };
                 Ok(Config {
+                    node_env: context.node_env,
                     $( $name: match lookup(stringify!($name)) {
                         Some(raw) => <$ty as ConfigValue>::parse_env(stringify!($name), &raw)?,
                         None => {
@@ -354,9 +358,22 @@ define_config! {
     PLUGIN_FETCH_MAX_RESPONSE_BYTES: usize = |_| 32 * 1024 * 1024, false, "largest response body a plugin's fetch or posthog.api may receive (bytes); a bigger body is a FetchError";
     PLUGIN_FETCH_BUFFER_MAX_BYTES: usize = |_| 256 * 1024 * 1024, false, "response bytes all plugin fetches together may hold while reading bodies; a body that would pass it is a FetchError";
     PLUGIN_MAX_HOST_CALLS_IN_FLIGHT: usize = |_| 500, false, "host calls (fetch, posthog.api, meta calls) one plugin VM may have in flight at once; more are refused with an error";
+    INGESTION_RETRY_ATTEMPTS: u32 = |_| 10, false, "attempts at an event or job that fails for a passing reason (Postgres, Redis or Kafka unavailable, a plugin's JS worker thread lost) before it is dead-lettered";
+    INGESTION_RETRY_BACKOFF_MS: u64 = |_| 500, false, "wait before the second attempt at an event or job (milliseconds); doubles after each attempt, up to 30 s";
+    PLUGIN_WORKER_STALL_MS: u64 = |_| 0, false, "a JS worker thread silent this long (milliseconds) is stalled: it is replaced and its calls are retried; 0 means 2 × TASK_TIMEOUT + 5 s";
 }
 
 impl Config {
+    /// `NODE_ENV` starts with `test`.
+    pub fn is_test(&self) -> bool {
+        self.node_env == NodeEnv::Test
+    }
+
+    /// `NODE_ENV` starts with `dev`.
+    pub fn is_dev(&self) -> bool {
+        self.node_env == NodeEnv::Development
+    }
+
     /// Reads the process environment.
     pub fn from_env() -> Result<Config, ConfigError> {
         Config::from_lookup(&|key| std::env::var(key).ok())

@@ -12,7 +12,7 @@
 //! | Field | string | number | null / absent | object | array |
 //! |---|---|---|---|---|---|
 //! | `distinct_id` | kept | `String(n)` (`42.0` → `"42"`) | `String(undefined)`: stored under `"undefined"` | `"[object Object]"` | `String(array)` (`"1,2"`) |
-//! | `ip` | `$ip` when truthy | `$ip` as the number when non-zero | no `$ip` | `$ip` as sent | `$ip` as sent |
+//! | `ip` | `$ip` when is_truthy | `$ip` as the number when non-zero | no `$ip` | `$ip` as sent | `$ip` as sent |
 //! | `site_url` | kept (hook links) | `String(n)` | empty (*the reference renders `null`*) | `"[object Object]"` | `String(array)` |
 //! | `team_id` | digits → that team (*the reference then runs no plugins*) | integer (`2.0` is 2); else refused: no such team | refused: no team | refused | refused |
 //! | `now` | `DateTime.fromISO` | `String(n)`, unparseable → server time | unparseable → server time | `"[object Object]"` → server time | `String(array)` |
@@ -22,7 +22,7 @@
 //! | `properties` | spread by index (`{"0": "a"}`) | `{}` | `{}` (`?? {}`) | kept | spread by index |
 //! | `timestamp` | `new Date(text)` with `sent_at`, ISO without (`ingestion::timestamp`) | epoch ms (`new Date(n)`); 0 falls to `offset` | falls to `offset` | invalid → `now` | `new Date(String(array))` |
 //! | `offset` | `Number(text)` ms (`"2000"`); not numeric → `now` | ms before `now`; 0 ignored | ignored | `now` (*luxon throws*) | `Number(String(array))` |
-//! | `$set`, `$set_once` | spread by index | truthy → `{}`; 0 ignored | ignored | merged into `properties` | spread by index |
+//! | `$set`, `$set_once` | spread by index | is_truthy → `{}`; 0 ignored | ignored | merged into `properties` | spread by index |
 //!
 //! Where the reference produces an invalid time and then fails the insert (a number timestamp
 //! without `sent_at`, an unparseable timestamp, a non-numeric offset) the event is kept with the
@@ -33,7 +33,7 @@
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
 
-use crate::plugins::js::{string_of, truthy};
+use crate::js::{is_truthy, string_of};
 
 /// JSON object of properties.
 pub type Properties = Map<String, Value>;
@@ -45,7 +45,7 @@ pub struct PluginEvent {
     /// `"undefined"` (the reference stores such events under that id; so do we).
     #[serde(default = "undefined_text", deserialize_with = "js_string")]
     pub distinct_id: String,
-    /// Kept as sent: only a truthy value becomes `$ip` (any JSON type, as the reference).
+    /// Kept as sent: only a is_truthy value becomes `$ip` (any JSON type, as the reference).
     #[serde(default)]
     pub ip: Option<Value>,
     /// `String(site_url)` for non-strings (the reference's template strings); null is empty.
@@ -163,7 +163,7 @@ fn spread_object<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Pr
 
 fn truthy_spread_object<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Properties>, D::Error> {
     let value = Value::deserialize(deserializer)?;
-    Ok(truthy(&value).then(|| js_spread(value)))
+    Ok(is_truthy(&value).then(|| js_spread(value)))
 }
 
 #[cfg(test)]

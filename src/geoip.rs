@@ -347,14 +347,7 @@ impl Attachment {
 
 impl Source {
     async fn load_attachment(&self) -> Result<Option<Attachment>, GeoIpError> {
-        let row: Option<(i64, String, Option<Vec<u8>>)> = sqlx::query_as(
-            "SELECT id::bigint, file_name, contents FROM posthog_pluginattachment
-             WHERE key = $1 AND plugin_config_id IS NULL AND team_id IS NULL
-             ORDER BY file_name ASC LIMIT 1",
-        )
-        .bind(MMDB_ATTACHMENT_KEY)
-        .fetch_optional(&self.postgres)
-        .await?;
+        let row = crate::db::plugins::fetch_global_attachment(&self.postgres, MMDB_ATTACHMENT_KEY).await?;
         Ok(row.map(|(id, file_name, contents)| Attachment { id, file_name, contents }))
     }
 
@@ -393,21 +386,13 @@ impl Source {
             .ok_or_else(|| GeoIpError::Download("the response names no file (content-disposition)".into()))?;
         let contents = response.bytes().await.map_err(download_error)?.to_vec();
         info!("✅ Downloaded {file_name} of {} bytes", contents.len());
-        sqlx::query(
-            "WITH inserted AS (
-                INSERT INTO posthog_pluginattachment
-                    (key, content_type, file_name, file_size, contents, plugin_config_id, team_id)
-                VALUES ($1, $2, $3, $4, $5, NULL, NULL) RETURNING id
-             )
-             DELETE FROM posthog_pluginattachment
-             WHERE key = $1 AND id NOT IN (SELECT id FROM inserted)",
+        crate::db::plugins::replace_global_attachment(
+            &self.postgres,
+            MMDB_ATTACHMENT_KEY,
+            &content_type,
+            &format!("{file_name}.br"),
+            &contents,
         )
-        .bind(MMDB_ATTACHMENT_KEY)
-        .bind(&content_type)
-        .bind(format!("{file_name}.br"))
-        .bind(contents.len() as i32)
-        .bind(&contents)
-        .execute(&self.postgres)
         .await?;
         info!("💾 Saved {file_name} into the database");
         open_brotli(contents, &file_name).await

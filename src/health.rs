@@ -12,7 +12,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{SecondsFormat, Utc};
 use deadpool_redis::Pool as RedisPool;
 use redis::AsyncCommands;
 use tokio_util::sync::CancellationToken;
@@ -64,17 +63,12 @@ pub async fn healthcheck(config: &Config) -> HealthStatus {
     }
 }
 
-/// The reference's `new Date().toISOString()`: UTC, milliseconds, `Z`.
-pub fn iso_now() -> String {
-    Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true)
-}
-
 /// Writes the ping and version keys once.
 pub async fn write_ping(redis: &RedisPool) -> Result<(), String> {
     crate::metrics::catalog::instrument_query(crate::metrics::catalog::statsd::REDIS_SET, None, async {
         let mut connection = redis.get().await.map_err(|error| error.to_string())?;
         redis::pipe()
-            .set_ex(PING_KEY, iso_now(), PING_TTL_SECONDS)
+            .set_ex(PING_KEY, crate::js::iso_now(), PING_TTL_SECONDS)
             .ignore()
             .set(VERSION_KEY, crate::VERSION)
             .ignore()

@@ -5,6 +5,7 @@
 
 pub mod clickhouse;
 pub mod config;
+pub mod db;
 pub mod event;
 pub mod geoip;
 pub mod health;
@@ -12,6 +13,7 @@ pub mod hub;
 pub mod infra;
 pub mod ingestion;
 pub mod jobs;
+pub mod js;
 pub mod lifecycle;
 pub mod logging;
 pub mod metrics;

@@ -92,10 +92,6 @@ pub struct Pipeline {
     pub processor: Arc<EventsProcessor>,
     pub jobs: Arc<JobQueueManager>,
     pub activity: Arc<ActivityTracker>,
-    /// The Kafka pipeline's writer already produced a dead-letter record for an event whose
-    /// ingestion failed (with the event as ingestion left it, as the reference does); the consumer
-    /// must then not dead-letter it a second time.
-    pub writer_dead_letters: bool,
 }
 
 impl Pipeline {
@@ -154,12 +150,15 @@ impl Pipeline {
             ingested
         };
         let (ingested, ()) = tokio::join!(ingestion, after_ingestion);
-        match ingested.map(|_| ()).map_err(classify) {
-            Err(HandleError::Rejected(reason)) if self.writer_dead_letters => {
+        match ingested {
+            Ok(_) => Ok(()),
+            // The writer produced the dead-letter record (with the event as ingestion left it, as
+            // the reference does): the consumer must not dead-letter it a second time.
+            Err(IngestError::DeadLettered(reason)) => {
                 warn!("🔔 Event {} went to the dead-letter queue: {reason}", event.event);
                 Ok(())
             }
-            other => other,
+            Err(error) => Err(classify(error)),
         }
     }
 }

@@ -12,6 +12,7 @@ use tracing::{error, info, warn};
 use crate::config::Config;
 use crate::health;
 use crate::hub::{Hub, HubError};
+use crate::infra::BoxError;
 use crate::lifecycle::{Lifecycle, DEFAULT_SHUTDOWN_BUDGET};
 
 /// Redis key announcing this server's job queue types, JSON-encoded as the reference writes it.
@@ -22,13 +23,21 @@ pub enum ServerError {
     #[error(transparent)]
     Hub(#[from] HubError),
     #[error("Redis error during start-up: {0}")]
-    Redis(String),
-    #[error("{0}")]
-    Start(String),
+    Redis(#[source] BoxError),
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
+    /// A component could not start (`what`: which one, in the reference's words where it has them).
+    #[error("{what}: {source}")]
+    Start { what: &'static str, source: BoxError },
     #[error("component {0} stopped unexpectedly")]
     ComponentFailed(String),
     #[error("component {0} panicked: {1}")]
     ComponentPanicked(String, String),
+}
+
+/// The error of a component that could not start, keeping its cause.
+fn start_error<E: Into<BoxError>>(what: &'static str) -> impl FnOnce(E) -> ServerError {
+    move |error| ServerError::Start { what, source: error.into() }
 }
 
 /// Runs the server until `shutdown` is cancelled: connects, starts every component, waits, and
@@ -38,11 +47,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
     info!("{} workers, {} tasks per worker", config.worker_threads(), config.tasks_per_worker());
     // Sentry reports until this guard drops at the end of the run; statsd is process-wide.
     let _sentry = crate::metrics::sentry::init(&config);
-    let metrics =
-        crate::metrics::Metrics::from_config(&config).map_err(|error| ServerError::Start(error.to_string()))?;
+    let metrics = crate::metrics::Metrics::from_config(&config)?;
     crate::metrics::install(metrics);
     if config.HTTP_SERVER_PORT != 0 {
-        crate::metrics::prometheus::install().map_err(|error| ServerError::Start(error.to_string()))?;
+        crate::metrics::prometheus::install().map_err(start_error("Prometheus exporter"))?;
     }
     let hub = Hub::connect(config).await?;
     let mut lifecycle = Lifecycle::new(shutdown);
@@ -95,7 +103,6 @@ async fn start_components(hub: &Hub, lifecycle: &mut Lifecycle) -> Result<(), Se
     use crate::sources::{CeleryConsumer, CeleryConsumerOptions, KafkaConsumerOptions, KafkaQueue};
 
     let config = &hub.config;
-    let fail = |what: &str, error: &dyn std::fmt::Display| ServerError::Start(format!("{what}: {error}"));
 
     // The health ping goes first so that it is stopped (and deleted) last.
     let (redis, liveness) = (hub.redis.clone(), lifecycle.liveness());
@@ -105,7 +112,7 @@ async fn start_components(hub: &Hub, lifecycle: &mut Lifecycle) -> Result<(), Se
 
     // 1. Managers: actions (loaded now, reloaded every 5 minutes), job queues (graphile migrations).
     let actions = Arc::new(ActionManager::new(hub.postgres.clone()));
-    actions.prepare().await.map_err(|error| fail("Could not load actions", &error))?;
+    actions.prepare().await.map_err(start_error("Could not load actions"))?;
     {
         let actions = Arc::clone(&actions);
         lifecycle.spawn("actions reload", DEFAULT_SHUTDOWN_BUDGET, move |token| async move {
@@ -113,16 +120,16 @@ async fn start_components(hub: &Hub, lifecycle: &mut Lifecycle) -> Result<(), Se
         });
     }
     let jobs = Arc::new(
-        JobQueueManager::new(config, JobQueueOptions::from_env()).map_err(|error| fail("Job queues", &error))?,
+        JobQueueManager::new(config, JobQueueOptions::from_config(config)).map_err(start_error("Job queues"))?,
     );
-    jobs.connect_producer().await.map_err(|error| fail("No persistent job queue", &error))?;
+    jobs.connect_producer().await.map_err(start_error("No persistent job queue"))?;
     announce_job_queues(hub, &jobs.job_queue_types_as_string()).await?;
 
     // 2. GeoIP, unless disabled.
     let geoip = if config.DISABLE_MMDB {
         None
     } else {
-        let geoip = GeoIp::start(hub).await.map_err(|error| fail("GeoIP", &error))?;
+        let geoip = GeoIp::start(hub).await.map_err(start_error("GeoIP"))?;
         let refresher = geoip.clone();
         lifecycle.spawn("geoip refresh", DEFAULT_SHUTDOWN_BUDGET, move |token| refresher.run_refresh(token));
         Some(Arc::new(geoip))
@@ -133,8 +140,7 @@ async fn start_components(hub: &Hub, lifecycle: &mut Lifecycle) -> Result<(), Se
     let (kafka, clickhouse) = if config.KAFKA_ENABLED {
         let clickhouse = connect_clickhouse(config).await?;
         let client_id = crate::infra::kafka_settings::client_id(&hub.instance_id);
-        let producer =
-            KafkaProducerWrapper::connect(config, &client_id).map_err(|error| fail("Kafka producer", &error))?;
+        let producer = KafkaProducerWrapper::connect(config, &client_id).map_err(start_error("Kafka producer"))?;
         (Some(producer), Some(clickhouse))
     } else {
         (None, None)
@@ -143,8 +149,7 @@ async fn start_components(hub: &Hub, lifecycle: &mut Lifecycle) -> Result<(), Se
     // 3. The plugin worker threads, and every enabled plugin config loaded on them (their
     // network reach first: ALLOW_INTERNAL_IPS, SITE_URL, the fetch limits).
     crate::plugins::runtime::configure_network(crate::plugins::runtime::NetworkSettings::from_config(config));
-    let pool =
-        Arc::new(WorkerPool::new(PoolOptions::from_config(config)).map_err(|error| fail("Worker pool", &error))?);
+    let pool = Arc::new(WorkerPool::new(PoolOptions::from_config(config)).map_err(start_error("Worker pool"))?);
     let (logs, capture): (Arc<dyn PluginLogSink>, Arc<dyn CaptureSink>) = match &kafka {
         Some(producer) => (
             Arc::new(KafkaLogSink(Arc::clone(producer))),
@@ -154,7 +159,7 @@ async fn start_components(hub: &Hub, lifecycle: &mut Lifecycle) -> Result<(), Se
             }),
         ),
         None => (
-            Arc::new(PostgresLogSink::for_env(hub.postgres.clone())),
+            Arc::new(PostgresLogSink::for_config(hub.postgres.clone(), config)),
             Arc::new(CeleryCapture(Arc::new(CeleryProducer::new(
                 hub.redis.clone(),
                 config.PLUGINS_CELERY_QUEUE.clone(),
@@ -176,7 +181,7 @@ async fn start_components(hub: &Hub, lifecycle: &mut Lifecycle) -> Result<(), Se
     ));
     let services = Arc::new(services);
     let plugins = Arc::new(Plugins::on_runtime(services, Arc::clone(&pool)));
-    plugins.reload().await.map_err(|error| fail("Could not load plugins", &error))?;
+    plugins.reload().await.map_err(start_error("Could not load plugins"))?;
     {
         let plugins = Arc::clone(&plugins);
         let pool = Arc::clone(&pool);
@@ -191,7 +196,7 @@ async fn start_components(hub: &Hub, lifecycle: &mut Lifecycle) -> Result<(), Se
 
     // 4. The schedule (one server of the cluster runs it): loaded once the plugins are.
     let scheduler = Scheduler::new(tasks.clone(), ScheduleSettings::from_config(config));
-    scheduler.reload().await.map_err(|error| fail("Plugin schedule", &error))?;
+    scheduler.reload().await.map_err(start_error("Plugin schedule"))?;
     {
         let scheduler = Arc::clone(&scheduler);
         let client = crate::hub::redis_client(config)?;
@@ -236,14 +241,13 @@ async fn start_components(hub: &Hub, lifecycle: &mut Lifecycle) -> Result<(), Se
         processor,
         jobs: Arc::clone(&jobs),
         activity: Arc::clone(&activity),
-        writer_dead_letters: kafka.is_some(),
     });
     let pipeline_for_metrics = Arc::clone(&pipeline);
     let celery_queue = celery_options.queue.clone();
     let celery =
         CeleryConsumer::start(&crate::hub::redis_url(config), hub.redis.clone(), pipeline.clone(), celery_options)
             .await
-            .map_err(|error| fail("Celery consumer", &error))?;
+            .map_err(start_error("Celery consumer"))?;
     let mut consumer_stats = vec![("celery", celery.stats())];
     lifecycle.spawn("celery consumer", Duration::from_secs(30), move |token| async move {
         celery.run_until(token).await;
@@ -256,7 +260,7 @@ async fn start_components(hub: &Hub, lifecycle: &mut Lifecycle) -> Result<(), Se
             Arc::clone(producer),
         )
         .await
-        .map_err(|error| fail("Kafka consumer", &error))?;
+        .map_err(start_error("Kafka consumer"))?;
         consumer_stats.push(("kafka", consumer.stats()));
         let producer = Arc::clone(producer);
         lifecycle.spawn("kafka consumer", Duration::from_secs(30), move |token| async move {
@@ -293,7 +297,7 @@ async fn start_components(hub: &Hub, lifecycle: &mut Lifecycle) -> Result<(), Se
     let http =
         crate::metrics::http::HttpServer::bind(config.HTTP_SERVER_PORT, lifecycle.liveness(), Some(Arc::new(gauges)))
             .await
-            .map_err(|error| fail("HTTP server", &error))?;
+            .map_err(start_error("HTTP server"))?;
     if let Some(http) = http {
         lifecycle.spawn("http server", DEFAULT_SHUTDOWN_BUDGET, move |token| http.serve(token));
     }
@@ -329,8 +333,7 @@ fn spawn_injected_fault(lifecycle: &mut Lifecycle) {
 async fn connect_clickhouse(config: &Config) -> Result<crate::clickhouse::ClickHouse, ServerError> {
     use crate::clickhouse::{ClickHouse, STARTUP_CHECK_TIMEOUT};
 
-    let clickhouse =
-        ClickHouse::from_config(config).map_err(|error| ServerError::Start(format!("ClickHouse: {error}")))?;
+    let clickhouse = ClickHouse::from_config(config).map_err(start_error("ClickHouse"))?;
     match clickhouse.check_connection(STARTUP_CHECK_TIMEOUT).await {
         Ok(()) => info!("✅ Connected to ClickHouse at {}", clickhouse.url()),
         Err(error) => error!(
@@ -387,8 +390,8 @@ fn start_observability(
         });
     }
     {
-        let node_env = crate::config::NodeEnv::detect(&|key| std::env::var(key).ok());
-        let telemetry: Arc<dyn TelemetryClient> = Arc::new(PostHogCloud::new(node_env, hub.instance_id.to_string()));
+        let telemetry: Arc<dyn TelemetryClient> =
+            Arc::new(PostHogCloud::new(hub.config.node_env, hub.instance_id.to_string()));
         lifecycle
             .spawn("status report", DEFAULT_SHUTDOWN_BUDGET, move |token| run_status_report(report, telemetry, token));
     }
@@ -418,13 +421,13 @@ fn start_observability(
 /// Writes the enabled job queue types, JSON-encoded (`"graphile"`), as the reference does.
 async fn announce_job_queues(hub: &Hub, types: &str) -> Result<(), ServerError> {
     let value = serde_json::Value::String(types.to_string()).to_string();
-    let mut connection = hub.redis.get().await.map_err(|error| ServerError::Redis(error.to_string()))?;
+    let mut connection = hub.redis.get().await.map_err(|error| ServerError::Redis(error.into()))?;
     redis::cmd("SET")
         .arg(ENABLED_JOB_QUEUES_KEY)
         .arg(value)
         .query_async::<()>(&mut connection)
         .await
-        .map_err(|error| ServerError::Redis(error.to_string()))
+        .map_err(|error| ServerError::Redis(error.into()))
 }
 
 /// `PLUGIN_SERVER_IDLE` / `--idle`: stays up doing nothing, saying so every 30 s, until a signal.

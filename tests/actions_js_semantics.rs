@@ -6,8 +6,8 @@
 //! `VALUES` (row-major: operator, then a, then b; then operator × a with b = undefined), with `b`
 //! always a fresh copy: a property value and a filter value are never the same JavaScript object.
 
-use plugin_server::ingestion::actions::js::number_to_string;
 use plugin_server::ingestion::actions::{casting_compare, CastingOperator};
+use plugin_server::js::number_to_string;
 use serde_json::Value;
 
 const VALUES: &str = r#"[0, 1, -1, 2, 5, 1.5, "0", "1", "2", "true", "false", "yes", "off", "", " ", "abc", "1e3", "0x10", null, true, false, [], [1], ["a"], {}, "Infinity", "-0", " 12 ", "1,2", [1,2]]"#;

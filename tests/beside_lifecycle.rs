@@ -94,7 +94,7 @@ async fn components_start_work_and_stop_within_their_budgets() {
     let geoip = GeoIp::start(&hub).await.unwrap();
     assert!(!geoip.is_available(), "DISABLE_MMDB defaults to true in tests");
 
-    let jobs = Arc::new(JobQueueManager::new(&hub.config, JobQueueOptions::from_env()).unwrap());
+    let jobs = Arc::new(JobQueueManager::new(&hub.config, JobQueueOptions::from_config(&hub.config)).unwrap());
     jobs.connect_producer().await.unwrap();
 
     let mut schedule_settings = ScheduleSettings::from_config(&hub.config);

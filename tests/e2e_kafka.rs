@@ -4,7 +4,6 @@
 //! plugin log entries go to `plugin_log_entries` (the reference's tests/clickhouse/e2e.test.ts).
 
 mod common;
-#[allow(dead_code)]
 mod queues_support;
 
 use std::time::{Duration, Instant};

@@ -162,7 +162,7 @@ async fn is_new_person_uses_the_lru() {
     let harness_person = |ids: &'static [&'static str]| {
         let pool = db.pool.clone();
         async move {
-            plugin_server::ingestion::persons::create_person(
+            plugin_server::db::persons::create_person(
                 &pool,
                 chrono::Utc::now(),
                 &Map::new(),
@@ -194,7 +194,7 @@ async fn is_new_person_uses_the_lru() {
 
 #[tokio::test]
 async fn persons_are_looked_up_many_at_once_in_input_order() {
-    use plugin_server::ingestion::persons::{create_person, fetch_person, fetch_persons_by_distinct_id};
+    use plugin_server::db::persons::{create_person, fetch_person, fetch_persons_by_distinct_id};
     let db = TestDb::with_fixture(None).await;
     let create = |ids: &'static [&'static str], properties: Value| {
         let pool = db.pool.clone();

@@ -7,7 +7,7 @@ mod ingest_support;
 
 use chrono::{DateTime, Duration, Utc};
 use ingest_support::{EventRow, Harness};
-use plugin_server::ingestion::persons::{self, PersonUpdate};
+use plugin_server::db::persons::{self, PersonUpdate};
 use plugin_server::ingestion::uuidt::new_uuidt;
 use serde_json::{json, Value};
 

@@ -1,7 +1,8 @@
 //! The Kafka consumer against a real broker (Tansu on loopback, started by scripts/kafka): raw
 //! events reach the handler merged the reference's way, malformed messages and rejected events go
 //! to events_dead_letter_queue (the dead-letter-queue.test.ts case) without stopping consumption,
-//! pause/resume, and a consumer killed mid-batch loses nothing.
+//! pause/resume, a consumer killed mid-batch loses nothing, and a team whose events do not finish
+//! takes only its share of the window (issue 14).
 
 mod queues_support;
 
@@ -16,8 +17,12 @@ use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 
 fn raw_event(distinct_id: &str, event: &str) -> Vec<u8> {
+    raw_event_of(2, distinct_id, event)
+}
+
+fn raw_event_of(team: i64, distinct_id: &str, event: &str) -> Vec<u8> {
     let data = json!({"event": event, "properties": {"key": "value"}, "distinct_id": distinct_id, "timestamp": "2021-10-28T11:59:57.792Z"});
-    json!({"distinct_id": distinct_id, "ip": "127.0.0.1", "site_url": "", "team_id": 2, "uuid": uuid::Uuid::new_v4().to_string(),
+    json!({"distinct_id": distinct_id, "ip": "127.0.0.1", "site_url": "", "team_id": team, "uuid": uuid::Uuid::new_v4().to_string(),
         "data": data.to_string(), "now": "2021-10-28T12:00:00Z", "sent_at": "2021-10-28T11:59:59Z"})
     .to_string()
     .into_bytes()
@@ -297,4 +302,59 @@ async fn offsets_wait_for_the_producer() {
     }
     assert_eq!(last, Offset::Offset(3));
     queue.stop().await;
+}
+
+/// Team `slow`'s events wait for the gate; the others go straight to the recorder.
+struct SlowTeam {
+    inner: Arc<RecordingHandler>,
+    slow: i64,
+    gate: Arc<Semaphore>,
+}
+
+#[async_trait::async_trait]
+impl plugin_server::sources::EventHandler for SlowTeam {
+    async fn handle_event(&self, event: plugin_server::event::PluginEvent) -> Result<(), HandleError> {
+        if event.team_id == self.slow {
+            self.gate.acquire().await.map_err(|error| HandleError::Retryable(error.to_string()))?.forget();
+        }
+        self.inner.handle_event(event).await
+    }
+    async fn handle_plugin_job(&self, job: Value) -> Result<(), HandleError> {
+        self.inner.handle_plugin_job(job).await
+    }
+}
+
+#[tokio::test]
+async fn a_team_whose_events_do_not_finish_takes_only_its_share_of_the_window() {
+    // Window: 4 events in flight, 2 of one team, 20 held back. Team 1's 8 events come first and
+    // never finish until the gate opens: 2 run, 6 are held back, and team 2's events behind them
+    // are taken and handled (with one window of 4 for everyone they were not even taken).
+    let mut setup = setup("fair-window", 4).await;
+    setup.options.team_share = 2;
+    setup.options.held = 20;
+    let mut messages: Vec<Vec<u8>> = (0..8).map(|index| raw_event_of(1, &format!("a-{index}"), "slow")).collect();
+    messages.extend((0..3).map(|index| raw_event_of(2, &format!("b-{index}"), "fast")));
+    produce(&setup.topic, &messages).await;
+    let recorder = RecordingHandler::new();
+    let gate = Arc::new(Semaphore::new(0));
+    let handler = Arc::new(SlowTeam { inner: recorder.clone(), slow: 1, gate: gate.clone() });
+    let queue = KafkaQueue::start(&setup.config, setup.options.clone(), handler, setup.producer.clone()).await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(30), || async { recorder.event_count() == 3 }).await,
+        "team 2's events were handled while team 1's were stuck: {:?}",
+        queue.stats().snapshot()
+    );
+    assert!(recorder.events().iter().all(|event| event.team_id == 2));
+    assert_eq!(queue.stats().snapshot().held_back, 6);
+    // Once team 1's events move, its held ones run too; nothing lost.
+    gate.add_permits(8);
+    assert!(eventually(Duration::from_secs(30), || async { recorder.event_count() == 11 }).await);
+    let mut slow: Vec<String> =
+        recorder.events().iter().filter(|event| event.team_id == 1).map(|event| event.distinct_id.clone()).collect();
+    slow.sort();
+    assert_eq!(slow, (0..8).map(|index| format!("a-{index}")).collect::<Vec<_>>());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    shutdown.cancel();
+    assert_eq!(queue.run_until(shutdown).await, Ok(()));
+    assert_eq!(queue.finished().await, Ok(()));
 }

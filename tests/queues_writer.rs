@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use plugin_server::db::persons::{Person, PersonDistinctId};
 use plugin_server::ingestion::elements::Element;
-use plugin_server::ingestion::persons::{Person, PersonDistinctId};
 use plugin_server::sinks::kafka_producer::{BatchSender, FlushSettings};
 use plugin_server::sinks::messages::EventProto;
 use plugin_server::sinks::writer::{EventPayload, EventWriter, GroupPayload, SessionRecordingPayload};

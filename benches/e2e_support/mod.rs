@@ -82,3 +82,76 @@ pub fn report(label: &str, events: usize, elapsed: Duration) {
         peak_rss_mib()
     );
 }
+
+/// A fresh database `name` on the local PostgreSQL: PostHog's schema and the demo seed (team 2,
+/// plugin 1 with `plugin_source`, its config 1). Returns its URL.
+pub async fn fresh_database(name: &str, plugin_source: &str) -> String {
+    use sqlx::{Connection, Executor, PgConnection};
+    let server = "postgres://postgres@127.0.0.1:5432";
+    let mut admin = PgConnection::connect(&format!("{server}/postgres")).await.expect("postgres");
+    admin.execute(format!("CREATE DATABASE {name}").as_str()).await.expect("create database");
+    let url = format!("{server}/{name}");
+    let mut connection = PgConnection::connect(&url).await.expect("bench database");
+    let root = env!("CARGO_MANIFEST_DIR");
+    let mut files: Vec<_> = std::fs::read_dir(format!("{root}/migrations/posthog"))
+        .expect("migrations")
+        .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+        .collect();
+    files.sort();
+    files.push(format!("{root}/scripts/demo-data/seed.sql").into());
+    for file in files {
+        let sql = std::fs::read_to_string(&file).expect("read sql");
+        sqlx::raw_sql(&sql).execute(&mut connection).await.expect("apply sql");
+    }
+    sqlx::query("UPDATE posthog_plugin SET source = $1 WHERE id = 1")
+        .bind(plugin_source)
+        .execute(&mut connection)
+        .await
+        .expect("set the plugin source");
+    url
+}
+
+pub async fn drop_database(name: &str) {
+    use sqlx::{Connection, Executor, PgConnection};
+    if let Ok(mut admin) = PgConnection::connect("postgres://postgres@127.0.0.1:5432/postgres").await {
+        let _ = admin.execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str()).await;
+    }
+}
+
+/// A `process_event_with_plugins` task for `team` carrying `data`, as PostHog's Django app sends it.
+pub fn celery_event_task(queue: &str, data: serde_json::Map<String, serde_json::Value>, team: i64) -> String {
+    use plugin_server::sinks::celery_producer::encode_task_message;
+    use plugin_server::sources::celery::PROCESS_EVENT_TASK;
+    use serde_json::{json, Value};
+    let now = data.get("timestamp").cloned().unwrap_or(Value::Null);
+    let args = [
+        data.get("distinct_id").cloned().unwrap_or(Value::Null),
+        json!("127.0.0.1"),
+        json!("http://localhost"),
+        Value::Object(data),
+        json!(team),
+        now.clone(),
+        now,
+    ];
+    encode_task_message(queue, PROCESS_EVENT_TASK, &uuid::Uuid::new_v4().to_string(), &args, &serde_json::Map::new())
+}
+
+/// Pushes Celery messages on `queue` (the first is popped first).
+pub async fn push_celery(redis_url: &str, queue: &str, messages: &[String]) {
+    let pool = deadpool_redis::Config::from_url(redis_url).create_pool(Some(deadpool_redis::Runtime::Tokio1)).unwrap();
+    let mut connection = pool.get().await.expect("redis");
+    for chunk in messages.chunks(1000) {
+        let mut pipe = redis::pipe();
+        for message in chunk {
+            pipe.cmd("LPUSH").arg(queue).arg(message).ignore();
+        }
+        pipe.query_async::<()>(&mut connection).await.expect("push");
+    }
+}
+
+pub async fn delete_key(redis_url: &str, key: &str) {
+    let pool = deadpool_redis::Config::from_url(redis_url).create_pool(Some(deadpool_redis::Runtime::Tokio1)).unwrap();
+    if let Ok(mut connection) = pool.get().await {
+        let _: Result<(), _> = redis::cmd("DEL").arg(key).query_async(&mut connection).await;
+    }
+}

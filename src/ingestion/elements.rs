@@ -16,7 +16,7 @@ use regex::Regex;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::ingestion::actions::js;
+use crate::js;
 
 /// `$el_text` is cut to this many UTF-16 code units.
 pub const MAX_TEXT_LENGTH: usize = 400;

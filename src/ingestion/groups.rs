@@ -67,14 +67,10 @@ impl GroupTypeManager {
 
 /// The team's mapping straight from Postgres.
 pub async fn fetch_group_types(pool: &PgPool, team_id: i32) -> Result<GroupTypes, sqlx::Error> {
-    let rows: Vec<(String, i32)> = crate::metrics::catalog::postgres(
-        "fetchGroupTypes",
-        sqlx::query_as("SELECT group_type, group_type_index::int4 FROM posthog_grouptypemapping WHERE team_id = $1")
-            .bind(team_id)
-            .fetch_all(pool),
-    )
-    .await?;
-    Ok(rows.into_iter().collect())
+    Ok(crate::metrics::catalog::postgres("fetchGroupTypes", crate::db::teams::fetch_group_types(pool, team_id))
+        .await?
+        .into_iter()
+        .collect())
 }
 
 /// Inserts `group_type` at `index`, or returns its existing index; when `index` is taken by another
@@ -87,20 +83,9 @@ pub async fn insert_group_type(
 ) -> Result<Option<i32>, sqlx::Error> {
     let mut index = index;
     while index < MAX_GROUP_TYPES_PER_TEAM {
-        let found: Option<i32> = crate::metrics::catalog::postgres(
+        let found = crate::metrics::catalog::postgres(
             "insertGroupType",
-            sqlx::query_scalar(
-                "WITH insert_result AS ( \
-                INSERT INTO posthog_grouptypemapping (team_id, group_type, group_type_index) VALUES ($1, $2, $3) \
-                ON CONFLICT DO NOTHING RETURNING group_type_index \
-             ) \
-             SELECT group_type_index::int4 FROM insert_result \
-             UNION SELECT group_type_index::int4 FROM posthog_grouptypemapping WHERE team_id = $1 AND group_type = $2",
-            )
-            .bind(team_id)
-            .bind(group_type)
-            .bind(index)
-            .fetch_optional(pool),
+            crate::db::teams::insert_group_type_at(pool, team_id, group_type, index),
         )
         .await?;
         if found.is_some() {

@@ -8,7 +8,6 @@ pub mod elements;
 pub mod action_handler;
 pub mod groups;
 pub mod person_manager;
-pub mod persons;
 pub mod process_event;
 pub mod properties;
 pub mod teams;

@@ -38,16 +38,11 @@ impl PersonManager {
                 }
             }
         }
-        let count: i64 = crate::metrics::catalog::postgres(
+        Ok(crate::metrics::catalog::postgres(
             "pdicount",
-            sqlx::query_scalar(
-                "SELECT COUNT(*) AS pdicount FROM posthog_persondistinctid WHERE team_id = $1 AND distinct_id = $2",
-            )
-            .bind(team_id)
-            .bind(distinct_id)
-            .fetch_one(pool),
+            crate::db::persons::count_distinct_id(pool, team_id, distinct_id),
         )
-        .await?;
-        Ok(count == 0)
+        .await?
+            == 0)
     }
 }

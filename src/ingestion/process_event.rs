@@ -3,10 +3,10 @@
 //! `$set`/`$set_once`, groups, definitions, session recordings, writing the event, and storing
 //! action matches.
 //!
-//! Owns the *order and rules* of those steps. SQL for persons lives in `persons`, teams and
-//! definitions in `teams`, group types in `groups`, sinks behind `writer::EventWriter`; elements
-//! come from `elements` and action matching / hooks from whatever implements [`ActionHandler`]
-//! (the `actions` room).
+//! Owns the *order and rules* of those steps. The statements live in `db` (`db::persons`; teams
+//! and definitions behind `teams`, group types behind `groups`), the sinks behind
+//! `sinks::EventWriter`; elements come from `elements` and action matching / hooks from whatever
+//! implements [`ActionHandler`] (the `actions` room).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,12 +21,10 @@ use thiserror::Error;
 use uuid::Uuid;
 
 use super::action_handler::MatchActionsAndFireHooks;
-use super::actions::js::is_truthy;
 use super::actions::{ActionMatcher, HookCommander};
 use super::elements::{extract_elements, Element};
 use super::groups::GroupTypeManager;
 use super::person_manager::PersonManager;
-use super::persons::{self, is_unique_violation, MergeError, Person, PersonUpdate, PropertyUpdate};
 use super::properties::{
     apply_person_property_updates, is_distinct_id_illegal, merge_objects, object_or_empty, parameter_text,
     person_initial_and_utm_properties, sanitize_event_name,
@@ -34,9 +32,12 @@ use super::properties::{
 use super::teams::{FirstEventTelemetry, TeamManager};
 use super::timestamp::{handle_timestamp, now_ms, parse_timestamp};
 use super::uuidt::new_uuidt;
+use crate::db::is_unique_violation;
+use crate::db::persons::{self, MergeError, Person, PersonUpdate, PropertyUpdate};
 use crate::event::{PluginEvent, Properties};
 use crate::hub::Hub;
 use crate::infra::batch::Batcher;
+use crate::js::is_truthy;
 use crate::sinks::writer::{
     EventPayload, EventWriter, GroupPayload, PostgresEventWriter, SessionRecordingPayload, WriteError,
 };
@@ -71,8 +72,12 @@ pub enum IngestError {
     #[error(transparent)]
     Merge(#[from] MergeError),
     /// A sink other than Postgres failed (database failures are `Database`).
-    #[error("{0}")]
-    Sink(String),
+    #[error(transparent)]
+    Sink(crate::sinks::ProduceError),
+    /// Ingestion failed for good and the writer stored the event in its dead-letter queue
+    /// (`EventWriter::dead_letter` returned `true`): the consumer must not dead-letter it again.
+    #[error(transparent)]
+    DeadLettered(Box<IngestError>),
     #[error("Action matching failed: {0}")]
     Actions(String),
 }
@@ -251,7 +256,10 @@ impl EventsProcessor {
                 return result;
             }
             match self.writer.dead_letter(&event, &error.to_string()).await {
-                Ok(true) => crate::metrics::catalog::event_dead_lettered(),
+                Ok(true) => {
+                    crate::metrics::catalog::event_dead_lettered();
+                    return result.map_err(|error| IngestError::DeadLettered(Box::new(error)));
+                }
                 Ok(false) => {}
                 Err(dead_letter_error) => tracing::info!(
                     event = %event.event,
@@ -360,7 +368,7 @@ impl EventsProcessor {
             self.teams.fetch_team(capture.team_id).await?.ok_or(IngestError::TeamNotFound(capture.team_id.into()))?;
 
         // `if (ip && …)`: any truthy value, stored as sent.
-        if let Some(ip) = capture.ip.filter(|ip| crate::plugins::js::truthy(ip)) {
+        if let Some(ip) = capture.ip.filter(|ip| is_truthy(ip)) {
             if !team.anonymize_ips && !properties.contains_key("$ip") {
                 properties.insert("$ip".to_string(), ip.clone());
             }

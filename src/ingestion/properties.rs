@@ -5,8 +5,8 @@
 use serde_json::{Map, Value};
 
 use crate::event::Properties;
-use crate::ingestion::actions::js::to_js_string;
 use crate::ingestion::elements::truncate_utf16;
+use crate::js::to_js_string;
 
 /// Longest event name kept, in UTF-16 code units (JavaScript `substr(0, 200)`).
 pub const MAX_EVENT_NAME_LENGTH: usize = 200;

@@ -1,8 +1,9 @@
 //! Teams and organizations as ingestion sees them, cached with the reference's 30 s rule, plus
 //! the event / property definitions and the team's first-event flag (spec 20 §8.4, §12).
 //!
-//! Owns `posthog_team` reads, the `ingested_event` write, `posthog_organization` reads and the
-//! `posthog_eventdefinition` / `posthog_propertydefinition` inserts. Sending the "first team event
+//! Owns the caches and when `posthog_team` / `posthog_organization` are read, the `ingested_event`
+//! write and the `posthog_eventdefinition` / `posthog_propertydefinition` inserts happen (the
+//! statements are `db::teams`' and `db::events`'). Sending the "first team event
 //! ingested" telemetry is delegated to a [`FirstEventTelemetry`] (the metrics room owns the client).
 
 use std::collections::{HashMap, HashSet};
@@ -13,6 +14,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::uuidt::new_uuidt;
+use crate::db;
 use crate::event::Properties;
 use crate::infra::ttl_cache::{TtlCache, DEFAULT_MAX_AGE};
 pub use crate::model::{Organization, Team};
@@ -61,12 +63,7 @@ impl TeamManager {
         if let Some(team) = self.teams.get(&team_id) {
             return Ok(Some(team));
         }
-        let sql = format!("SELECT {} FROM posthog_team WHERE id = $1", Team::COLUMNS);
-        let team: Option<Team> = crate::metrics::catalog::postgres(
-            "fetchTeam",
-            sqlx::query_as(&sql).bind(team_id).fetch_optional(&self.pool),
-        )
-        .await?;
+        let team = crate::metrics::catalog::postgres("fetchTeam", db::teams::fetch_team(&self.pool, team_id)).await?;
         self.teams.insert(team_id, team.clone());
         Ok(team)
     }
@@ -76,10 +73,9 @@ impl TeamManager {
         if let Some(organization) = self.organizations.get(&organization_id) {
             return Ok(Some(organization));
         }
-        let sql = format!("SELECT {} FROM posthog_organization WHERE id = $1", Organization::COLUMNS);
-        let organization: Option<Organization> = crate::metrics::catalog::postgres(
+        let organization = crate::metrics::catalog::postgres(
             "fetchOrganization",
-            sqlx::query_as(&sql).bind(organization_id).fetch_optional(&self.pool),
+            db::teams::fetch_organization(&self.pool, organization_id),
         )
         .await?;
         self.organizations.insert(organization_id, organization.clone());
@@ -90,20 +86,7 @@ impl TeamManager {
         if let Some(known) = self.definitions.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).get(&team_id) {
             return Ok(known.clone());
         }
-        let event_names: Vec<String> = crate::metrics::catalog::postgres(
-            "fetchEventDefinitions",
-            sqlx::query_scalar("SELECT name FROM posthog_eventdefinition WHERE team_id = $1")
-                .bind(team_id)
-                .fetch_all(&self.pool),
-        )
-        .await?;
-        let property_names: Vec<String> = crate::metrics::catalog::postgres(
-            "fetchPropertyDefinitions",
-            sqlx::query_scalar("SELECT name FROM posthog_propertydefinition WHERE team_id = $1")
-                .bind(team_id)
-                .fetch_all(&self.pool),
-        )
-        .await?;
+        let (event_names, property_names) = db::events::fetch_definition_names(&self.pool, team_id).await?;
         let loaded = KnownDefinitions {
             event_names: event_names.into_iter().collect(),
             property_names: property_names.into_iter().collect(),
@@ -138,14 +121,7 @@ impl TeamManager {
         if new_event {
             crate::metrics::catalog::postgres(
                 "insertEventDefinition",
-                sqlx::query(
-                    "INSERT INTO posthog_eventdefinition (id, name, volume_30_day, query_usage_30_day, team_id) \
-                 VALUES ($1, $2, NULL, NULL, $3) ON CONFLICT DO NOTHING",
-                )
-                .bind(new_uuidt())
-                .bind(event)
-                .bind(team.id)
-                .execute(&self.pool),
+                db::events::insert_event_definition(&self.pool, new_uuidt(), event, team.id),
             )
             .await?;
             known.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).event_names.insert(event.to_string());
@@ -156,18 +132,11 @@ impl TeamManager {
             let ids: Vec<Uuid> = new_properties.iter().map(|_| new_uuidt()).collect();
             let names: Vec<&str> = new_properties.iter().map(|(name, _)| name.as_str()).collect();
             let numerical: Vec<bool> = new_properties.iter().map(|(_, numerical)| *numerical).collect();
-            crate::metrics::catalog::postgres("insertPropertyDefinition", sqlx::query(
-                "INSERT INTO posthog_propertydefinition (id, name, is_numerical, volume_30_day, query_usage_30_day, team_id) \
-                 SELECT id, name, is_numerical, NULL, NULL, $4 FROM UNNEST($1::uuid[], $2::text[], $3::bool[]) \
-                 WITH ORDINALITY AS new_definition(id, name, is_numerical, position) ORDER BY position \
-                 ON CONFLICT DO NOTHING",
+            crate::metrics::catalog::postgres(
+                "insertPropertyDefinition",
+                db::events::insert_property_definitions(&self.pool, &ids, &names, &numerical, team.id),
             )
-            .bind(&ids)
-            .bind(&names)
-            .bind(&numerical)
-            .bind(team.id)
-            .execute(&self.pool)
-            ).await?;
+            .await?;
             let mut known = known.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             known.property_names.extend(names.iter().map(|name| name.to_string()));
         }
@@ -178,26 +147,15 @@ impl TeamManager {
     }
 
     async fn mark_first_event_ingested(&self, team: &Team, properties: &Properties) -> Result<(), sqlx::Error> {
-        crate::metrics::catalog::postgres(
-            "setTeamIngestedEvent",
-            sqlx::query("UPDATE posthog_team SET ingested_event = $1 WHERE id = $2")
-                .bind(true)
-                .bind(team.id)
-                .execute(&self.pool),
-        )
-        .await?;
+        crate::metrics::catalog::postgres("setTeamIngestedEvent", db::teams::set_ingested_event(&self.pool, team.id))
+            .await?;
         self.teams.update(&team.id, |cached| cached.ingested_event = true);
         let Some(telemetry) = self.telemetry.get() else {
             return Ok(());
         };
-        let members: Vec<Option<String>> = crate::metrics::catalog::postgres(
+        let members = crate::metrics::catalog::postgres(
             "posthog_organizationmembership",
-            sqlx::query_scalar(
-                "SELECT distinct_id FROM posthog_user JOIN posthog_organizationmembership \
-             ON posthog_user.id = posthog_organizationmembership.user_id WHERE organization_id = $1",
-            )
-            .bind(team.organization_id)
-            .fetch_all(&self.pool),
+            db::teams::fetch_member_distinct_ids(&self.pool, team.organization_id),
         )
         .await?;
         // Absent keys are left out, as JSON serialization of `undefined` does.

@@ -7,7 +7,7 @@
 use chrono::{DateTime, Duration, NaiveDate, NaiveDateTime, SubsecRound, Utc};
 use serde_json::Value;
 
-use crate::plugins::js::{string_of, to_number, truthy};
+use crate::js::{self, is_truthy, string_of};
 
 /// Parses a timestamp the way JavaScript's `Date` accepts ISO-like text: with or without an offset
 /// (`Z`, `+02:00`, `+0200`), `T` or a space between date and time, optional seconds and fraction,
@@ -86,7 +86,7 @@ fn parse_date_text(text: &str) -> Option<DateTime<Utc>> {
     DateTime::parse_from_rfc2822(text).ok().map(|parsed| truncate(parsed.with_timezone(&Utc)))
 }
 
-/// The event's time (spec 20 §3), from the event's `timestamp` and `offset` as sent. A truthy
+/// The event's time (spec 20 §3), from the event's `timestamp` and `offset` as sent. A is_truthy
 /// `timestamp` is read as `new Date(timestamp)` (so epoch milliseconds work); `offset` as
 /// `Number(offset)` milliseconds (so `"2000"` works). Where the reference produces an invalid
 /// date (an unparseable timestamp, a number timestamp without `sent_at`: luxon's `fromISO` of a
@@ -98,7 +98,7 @@ pub fn handle_timestamp(
     now: DateTime<Utc>,
     sent_at: Option<DateTime<Utc>>,
 ) -> DateTime<Utc> {
-    if let Some(value) = timestamp.filter(|value| truthy(value)) {
+    if let Some(value) = timestamp.filter(|value| is_truthy(value)) {
         let Some(parsed) = js_date(value) else {
             tracing::warn!(timestamp = %value, "⚠️ Unparseable event timestamp, using now");
             return now;
@@ -109,13 +109,13 @@ pub fn handle_timestamp(
             None => parsed,
         };
     }
-    let Some(value) = offset.filter(|value| truthy(value)) else {
+    let Some(value) = offset.filter(|value| is_truthy(value)) else {
         return now;
     };
     let offset = match value {
         // luxon's `Duration.fromMillis` refuses booleans and whatever `Number()` makes NaN of.
         Value::Bool(_) | Value::Object(_) | Value::Null => f64::NAN,
-        other => to_number(other),
+        other => js::to_number(Some(other)),
     };
     if !offset.is_finite() {
         tracing::warn!(offset = %value, "⚠️ Invalid event offset, using now");
@@ -126,11 +126,6 @@ pub fn handle_timestamp(
         return now;
     }
     truncate(now.checked_sub_signed(Duration::microseconds(micros as i64)).unwrap_or(now))
-}
-
-/// `2020-01-01T12:00:05.050Z`: Postgres event rows, session recordings, Kafka `created_at`.
-pub fn format_iso(time: &DateTime<Utc>) -> String {
-    time.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
 }
 
 /// `2020-01-01 12:00:05.050`: ClickHouse event and session recording timestamps.
@@ -153,12 +148,12 @@ mod tests {
 
     #[test]
     fn parses_the_shapes_clients_send() {
-        assert_eq!(format_iso(&at("2020-01-01T12:00:05.2Z")), "2020-01-01T12:00:05.200Z");
-        assert_eq!(format_iso(&at("2020-01-01T14:00:05.200+02:00")), "2020-01-01T12:00:05.200Z");
-        assert_eq!(format_iso(&at("2020-01-01T14:00:05+0200")), "2020-01-01T12:00:05.000Z");
-        assert_eq!(format_iso(&at("2020-01-01T12:00:05.123456")), "2020-01-01T12:00:05.123Z");
-        assert_eq!(format_iso(&at("2020-01-01 12:00:05")), "2020-01-01T12:00:05.000Z");
-        assert_eq!(format_iso(&at("2020-01-01")), "2020-01-01T00:00:00.000Z");
+        assert_eq!(js::iso(&at("2020-01-01T12:00:05.2Z")), "2020-01-01T12:00:05.200Z");
+        assert_eq!(js::iso(&at("2020-01-01T14:00:05.200+02:00")), "2020-01-01T12:00:05.200Z");
+        assert_eq!(js::iso(&at("2020-01-01T14:00:05+0200")), "2020-01-01T12:00:05.000Z");
+        assert_eq!(js::iso(&at("2020-01-01T12:00:05.123456")), "2020-01-01T12:00:05.123Z");
+        assert_eq!(js::iso(&at("2020-01-01 12:00:05")), "2020-01-01T12:00:05.000Z");
+        assert_eq!(js::iso(&at("2020-01-01")), "2020-01-01T00:00:00.000Z");
         assert!(parse_timestamp("not a date").is_none());
         assert!(parse_timestamp("").is_none());
     }
@@ -169,13 +164,13 @@ mod tests {
         let ms = |n: f64| Value::from(n);
         let text = |t: &str| Value::from(t);
         let with_offset = handle_timestamp(None, Some(&ms(150.0)), now, None);
-        assert_eq!(format_iso(&with_offset), "2020-01-01T12:00:05.050Z");
+        assert_eq!(js::iso(&with_offset), "2020-01-01T12:00:05.050Z");
         assert_eq!(handle_timestamp(None, Some(&ms(150.0)), now, Some(now)), with_offset);
         let skewed =
             handle_timestamp(Some(&text("2020-01-02T14:00:05.200Z")), None, now, Some(at("2020-01-02T14:10:05.200Z")));
-        assert_eq!(format_iso(&skewed), "2020-01-01T11:50:05.200Z");
+        assert_eq!(js::iso(&skewed), "2020-01-01T11:50:05.200Z");
         assert_eq!(
-            format_iso(&handle_timestamp(Some(&text("2020-01-02T14:00:05.200Z")), None, now, None)),
+            js::iso(&handle_timestamp(Some(&text("2020-01-02T14:00:05.200Z")), None, now, None)),
             "2020-01-02T14:00:05.200Z"
         );
         assert_eq!(handle_timestamp(Some(&text("garbage")), Some(&ms(5.0)), now, None), now);
@@ -189,7 +184,7 @@ mod tests {
     fn timestamp_and_offset_read_as_javascript_does() {
         let now = at("2021-11-01T10:00:00.000Z");
         let iso = |timestamp: Option<Value>, offset: Option<Value>, sent_at: Option<DateTime<Utc>>| {
-            format_iso(&handle_timestamp(timestamp.as_ref(), offset.as_ref(), now, sent_at))
+            js::iso(&handle_timestamp(timestamp.as_ref(), offset.as_ref(), now, sent_at))
         };
         use serde_json::json;
         // `new Date(1635760798000)`, skew-corrected against sent_at.

@@ -24,7 +24,7 @@ use crate::jobs::job::EnqueuedJob;
 use crate::jobs::queue::{Dispatcher, JobQueue, JobQueueError, JobRunner};
 use crate::metrics::sentry::capture_error_message;
 
-/// Construction knobs tests and development set; [`JobQueueOptions::from_env`] is production.
+/// Construction knobs tests and development set; [`JobQueueOptions::from_config`] is production.
 #[derive(Debug, Clone)]
 pub struct JobQueueOptions {
     pub node_env: NodeEnv,
@@ -34,12 +34,8 @@ pub struct JobQueueOptions {
 }
 
 impl JobQueueOptions {
-    pub fn from_env() -> JobQueueOptions {
-        JobQueueOptions {
-            node_env: NodeEnv::detect(&|key| std::env::var(key).ok()),
-            fs_queue_path: None,
-            fs_poll_interval: DEFAULT_POLL_INTERVAL,
-        }
+    pub fn from_config(config: &crate::config::Config) -> JobQueueOptions {
+        JobQueueOptions { node_env: config.node_env, fs_queue_path: None, fs_poll_interval: DEFAULT_POLL_INTERVAL }
     }
 }
 

@@ -55,18 +55,11 @@ impl InternalMetrics {
     async fn team_id(&self, postgres: &PgPool) -> Result<Option<i64>, sqlx::Error> {
         self.team_id
             .get_or_try_init(|| async {
-                let row: Option<i64> = crate::metrics::catalog::postgres(
+                crate::metrics::catalog::postgres(
                     "fetchInternalMetricsTeam",
-                    sqlx::query_scalar(
-                        "SELECT posthog_team.id::bigint AS team_id
-                     FROM posthog_team
-                     INNER JOIN posthog_organization ON posthog_organization.id = posthog_team.organization_id
-                     WHERE for_internal_metrics",
-                    )
-                    .fetch_optional(postgres),
+                    crate::db::teams::fetch_internal_metrics_team(postgres),
                 )
-                .await?;
-                Ok(row)
+                .await
             })
             .await
             .copied()
@@ -101,7 +94,7 @@ pub fn internal_metric_event(team_id: i64, name: String, value: i64) -> PluginEv
         ip: None,
         site_url: String::new(),
         team_id,
-        now: crate::health::iso_now(),
+        now: crate::js::iso_now(),
         event: name,
         sent_at: None,
         properties: Some(properties),

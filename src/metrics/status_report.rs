@@ -162,7 +162,7 @@ impl TelemetryClient for PostHogCloud {
             "event": event,
             "distinct_id": self.distinct_id,
             "properties": properties,
-            "timestamp": crate::health::iso_now(),
+            "timestamp": crate::js::iso_now(),
         });
         let sent = self.http.post(format!("{}/capture/", self.host)).json(&body).send().await;
         if let Err(error) = sent.and_then(|response| response.error_for_status()) {

@@ -9,10 +9,10 @@ use thiserror::Error;
 use tracing::warn;
 
 use super::extensions::PluginServices;
-use super::js::iso;
 use super::log_entries::{LogSource, LogType, PluginLogEntry};
-use super::rows::{self, PluginConfig};
+use super::rows::PluginConfig;
 use super::vm_boundary::{JsError, Thrown};
+use crate::js::iso;
 
 /// Errors of the plugin orchestration itself (not of plugin code).
 #[derive(Debug, Error)]
@@ -60,7 +60,7 @@ impl From<JsError> for PluginFailure {
 pub fn error_json(failure: &PluginFailure, time: DateTime<Utc>, event: Option<&Value>) -> Value {
     let mut json = Map::new();
     json.insert("message".into(), Value::String(failure.message().to_string()));
-    json.insert("time".into(), Value::String(iso(time)));
+    json.insert("time".into(), Value::String(iso(&time)));
     if let PluginFailure::Error(error) = failure {
         if error.thrown == Thrown::String {
             return Value::Object(json);
@@ -102,7 +102,7 @@ pub async fn process_error(
 ) {
     let time = Utc::now();
     let json = error_json(failure, time, event);
-    if let Err(err) = rows::set_config_error(&services.hub.postgres, config.id, Some(&json)).await {
+    if let Err(err) = services.records.set_config_error(config.id, Some(&json)).await {
         warn!(plugin_config_id = config.id, error = %err, "could not store plugin config error");
     }
     services
@@ -122,7 +122,7 @@ pub async fn process_error(
 /// had when it was read; the conditional update also clears one recorded since (an earlier
 /// attempt, or the previous VM's teardown) and writes nothing when there is none.
 pub async fn clear_error(services: &PluginServices, config: &PluginConfig) {
-    if let Err(err) = rows::clear_config_error(&services.hub.postgres, config.id).await {
+    if let Err(err) = services.records.clear_config_error(config.id).await {
         warn!(plugin_config_id = config.id, error = %err, "could not clear plugin config error");
     }
 }

@@ -15,8 +15,8 @@ use tracing::info;
 
 use super::errors::{process_error, PluginFailure};
 use super::extensions::{MetricOperation, PluginContext, RunAt};
-use super::js::string_of;
 use super::vm_boundary::{CallError, JsError, Method, PluginVm};
+use crate::js::string_of;
 
 pub const EXPORT_EVENTS_RETRY_JOB: &str = "exportEventsWithRetry";
 pub const MAXIMUM_RETRIES: u64 = 15;
@@ -74,7 +74,7 @@ impl ExportSettings {
             BUFFER_SECONDS_MIN,
             BUFFER_SECONDS_MAX,
         );
-        let ignore = match config.get("exportEventsToIgnore").filter(|value| super::js::truthy(value)) {
+        let ignore = match config.get("exportEventsToIgnore").filter(|value| crate::js::is_truthy(value)) {
             Some(value) => string_of(value).split(',').map(|name| name.trim().to_string()).collect(),
             None => HashSet::new(),
         };

@@ -15,9 +15,10 @@ use sqlx::PgPool;
 use tracing::warn;
 
 use super::extensions::{MetricOperation, PluginContext, RunAt};
-use super::js::{iso, iso_now, truthy};
 use super::log_entries::LogType;
 use super::vm_boundary::{CallError, JsError, Method, PluginVm};
+use crate::db;
+use crate::js::{is_truthy, iso, iso_now};
 
 pub const INTERFACE_JOB: &str = "Export historical events";
 pub const CHUNK_JOB: &str = "exportEventsFromTheBeginning";
@@ -37,11 +38,9 @@ pub struct TimestampBoundaries {
 }
 
 pub async fn fetch_timestamp_boundaries(pool: &PgPool, team_id: i64) -> Result<TimestampBoundaries, sqlx::Error> {
-    let (min, max): (Option<DateTime<Utc>>, Option<DateTime<Utc>>) = crate::metrics::catalog::postgres(
+    let (min, max) = crate::metrics::catalog::postgres(
         "fetchTimestampBoundariesForTeam",
-        sqlx::query_as("SELECT min(timestamp), max(timestamp) FROM posthog_event WHERE team_id = $1")
-            .bind(team_id as i32)
-            .fetch_one(pool),
+        db::events::fetch_timestamp_range(pool, team_id as i32),
     )
     .await?;
     Ok(TimestampBoundaries { min, max })
@@ -49,19 +48,12 @@ pub async fn fetch_timestamp_boundaries(pool: &PgPool, team_id: i64) -> Result<T
 
 /// Makes the job visible in PostHog's interface (once per plugin).
 pub async fn add_public_job(pool: &PgPool, plugin_id: i32) {
-    let result = crate::metrics::catalog::postgres(
+    if let Err(err) = crate::metrics::catalog::postgres(
         "addPublicJobIfNotExists",
-        sqlx::query(
-            "UPDATE posthog_plugin SET public_jobs = COALESCE(public_jobs, '{}'::jsonb) || $1::jsonb \
-         WHERE id = $2 AND (public_jobs -> $3) IS NULL",
-        )
-        .bind(json!({ INTERFACE_JOB: {} }))
-        .bind(plugin_id)
-        .bind(INTERFACE_JOB)
-        .execute(pool),
+        db::plugins::add_public_job(pool, plugin_id, INTERFACE_JOB),
     )
-    .await;
-    if let Err(err) = result {
+    .await
+    {
         warn!(plugin_id, error = %err, "could not add the historical export public job");
     }
 }
@@ -95,7 +87,7 @@ fn date_ms(value: &Value) -> Option<i64> {
 }
 
 fn iso_ms(ms: i64) -> String {
-    Utc.timestamp_millis_opt(ms).single().map(iso).unwrap_or_default()
+    Utc.timestamp_millis_opt(ms).single().map(|time| iso(&time)).unwrap_or_default()
 }
 
 impl HistoricalExport {
@@ -129,7 +121,7 @@ impl HistoricalExport {
             .into());
         }
         let storage = self.context.storage();
-        if truthy(&storage.get(EXPORT_RUNNING_KEY, Value::Bool(false)).await?) {
+        if is_truthy(&storage.get(EXPORT_RUNNING_KEY, Value::Bool(false)).await?) {
             return Ok(Value::Null);
         }
         storage.set(EXPORT_RUNNING_KEY, Some(&Value::Bool(true))).await?;
@@ -168,7 +160,7 @@ impl HistoricalExport {
         which: &str,
         fallback: Option<DateTime<Utc>>,
     ) -> Result<i64, CallError> {
-        match payload.and_then(|payload| payload.get(field)).filter(|value| truthy(value)) {
+        match payload.and_then(|payload| payload.get(field)).filter(|value| is_truthy(value)) {
             Some(value) => match date_ms(value) {
                 Some(ms) => Ok(ms),
                 None => {
@@ -216,7 +208,7 @@ impl HistoricalExport {
         let mut cursor = payload.get("timestampCursor").and_then(Value::as_f64).filter(|c| *c != 0.0);
         let mut offset = payload.get("intraIntervalOffset").and_then(Value::as_i64).unwrap_or(0);
         let (min, max) = self.limits().await?;
-        if payload.get("incrementTimestampCursor").is_some_and(truthy) || cursor.is_none() {
+        if payload.get("incrementTimestampCursor").is_some_and(is_truthy) || cursor.is_none() {
             offset = 0;
             let incremented = self
                 .context
@@ -283,36 +275,33 @@ impl HistoricalExport {
     async fn fetch_events(&self, cursor: i64, offset: i64) -> Result<Vec<Value>, sqlx::Error> {
         let lower = Utc.timestamp_millis_opt(cursor).single().unwrap_or_default();
         let upper = Utc.timestamp_millis_opt(cursor + EVENTS_TIME_INTERVAL_MS).single().unwrap_or_default();
-        type Row = (Option<String>, Value, DateTime<Utc>, i32, String, Option<DateTime<Utc>>);
-        let rows: Vec<Row> = crate::metrics::catalog::postgres(
+        let rows = crate::metrics::catalog::postgres(
             "fetchEventsForInterval",
-            sqlx::query_as(
-                "SELECT event, properties, timestamp, team_id, distinct_id, created_at FROM posthog_event \
-             WHERE team_id = $1 AND timestamp >= $2 AND timestamp < $3 ORDER BY id LIMIT $4 OFFSET $5",
-            )
-            .bind(self.context.config.team() as i32)
-            .bind(lower)
-            .bind(upper)
-            .bind(EVENTS_PER_RUN)
-            .bind(offset)
-            .fetch_all(&self.context.services.hub.postgres),
+            db::events::fetch_events_between(
+                &self.context.services.hub.postgres,
+                self.context.config.team() as i32,
+                lower,
+                upper,
+                EVENTS_PER_RUN,
+                offset,
+            ),
         )
         .await?;
         Ok(rows
             .into_iter()
             .map(|(event, properties, timestamp, team_id, distinct_id, created_at)| {
-                let ip = properties.get("$ip").filter(|ip| truthy(ip)).cloned().unwrap_or_else(|| json!(""));
+                let ip = properties.get("$ip").filter(|ip| is_truthy(ip)).cloned().unwrap_or_else(|| json!(""));
                 let mut plugin_event = Map::new();
                 plugin_event.insert("team_id".into(), Value::from(team_id));
                 plugin_event.insert("distinct_id".into(), Value::String(distinct_id));
                 plugin_event.insert("properties".into(), properties);
-                plugin_event.insert("timestamp".into(), Value::String(iso(timestamp)));
+                plugin_event.insert("timestamp".into(), Value::String(iso(&timestamp)));
                 plugin_event.insert("now".into(), Value::String(iso_now()));
                 plugin_event.insert("event".into(), Value::String(event.unwrap_or_default()));
                 plugin_event.insert("ip".into(), ip);
                 plugin_event.insert("site_url".into(), Value::String(String::new()));
                 plugin_event
-                    .insert("sent_at".into(), created_at.map(|time| Value::String(iso(time))).unwrap_or(Value::Null));
+                    .insert("sent_at".into(), created_at.map(|time| Value::String(iso(&time))).unwrap_or(Value::Null));
                 Value::Object(plugin_event)
             })
             .collect())

@@ -1,8 +1,8 @@
 //! Plugin log entries (`posthog_pluginlogentry` rows, or `plugin_log_entries` Kafka messages):
 //! their shape, the [`PluginLogSink`] they are queued into, and the Postgres sink, which batches
 //! inserts like the reference's `PostgresLogsWrapper` (one multi-row insert per second, or
-//! immediately in the test environment). The Kafka sink belongs to the queues module; it only
-//! needs [`PluginLogEntry::to_kafka_json`].
+//! immediately in the test environment). The Kafka sink is `sinks::capture::KafkaLogSink`; it
+//! only needs [`PluginLogEntry::to_kafka_json`]. The insert statement is `db::logs`'.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -159,9 +159,8 @@ impl PostgresLogSink {
     }
 
     /// Immediate in the test environment (`NODE_ENV=test`), batched otherwise.
-    pub fn for_env(pool: PgPool) -> PostgresLogSink {
-        let test_env = crate::config::NodeEnv::detect(&|key| std::env::var(key).ok()) == crate::config::NodeEnv::Test;
-        PostgresLogSink::new(pool, test_env)
+    pub fn for_config(pool: PgPool, config: &crate::config::Config) -> PostgresLogSink {
+        PostgresLogSink::new(pool, config.is_test())
     }
 
     fn take(state: &Mutex<SinkState>) -> Vec<PluginLogEntry> {
@@ -179,44 +178,9 @@ impl PostgresLogSink {
             return;
         }
         let count = entries.len();
-        let mut ids = Vec::with_capacity(count);
-        let mut teams = Vec::with_capacity(count);
-        let mut plugins = Vec::with_capacity(count);
-        let mut configs = Vec::with_capacity(count);
-        let mut timestamps = Vec::with_capacity(count);
-        let mut sources = Vec::with_capacity(count);
-        let mut types = Vec::with_capacity(count);
-        let mut messages = Vec::with_capacity(count);
-        let mut instances = Vec::with_capacity(count);
-        for entry in entries {
-            ids.push(entry.id);
-            teams.push(entry.team_id);
-            plugins.push(entry.plugin_id);
-            configs.push(entry.plugin_config_id);
-            timestamps.push(entry.timestamp);
-            sources.push(entry.source.as_str().to_string());
-            types.push(entry.log_type.as_str().to_string());
-            messages.push(entry.message);
-            instances.push(entry.instance_id);
-        }
         let result = crate::metrics::catalog::postgres(
             "insertPluginLogEntries",
-            sqlx::query(
-                "INSERT INTO posthog_pluginlogentry \
-             (id, team_id, plugin_id, plugin_config_id, timestamp, source, type, message, instance_id) \
-             SELECT * FROM UNNEST($1::uuid[], $2::int[], $3::int[], $4::int[], $5::timestamptz[], $6::text[], \
-             $7::text[], $8::text[], $9::uuid[])",
-            )
-            .bind(ids)
-            .bind(teams)
-            .bind(plugins)
-            .bind(configs)
-            .bind(timestamps)
-            .bind(sources)
-            .bind(types)
-            .bind(messages)
-            .bind(instances)
-            .execute(pool),
+            crate::db::logs::insert_plugin_log_entries(pool, entries),
         )
         .await;
         if let Err(err) = result {

@@ -12,15 +12,16 @@ use futures::future::join_all;
 use serde_json::Value;
 use tracing::{error, info};
 
-use super::errors::PluginsError;
+use super::errors::{PluginFailure, PluginsError};
 use super::extensions::{EnqueuedJob, PluginContext, PluginServices};
 use super::lazy::{LazyVm, LoadOptions};
-use super::loader::{apply_schema_defaults, load_code, schema_is_empty};
+use super::loader::{apply_schema_defaults, load_code, schema_is_empty, PluginCode};
 use super::pooled_vm::RuntimeVmFactory;
-use super::rows::{fetch_in_force, Plugin, PluginConfig};
+use super::rows::{Attachment, Plugin, PluginConfig, PluginConfigRow};
 use super::run::{self, ConfigEntry};
 use super::runtime::WorkerPool;
 use super::vm_boundary::{Method, TaskKind, VmFactory};
+use crate::db::plugins::fetch_in_force;
 use crate::event::PluginEvent;
 use crate::schedule::{PluginSchedule, ScheduledTask};
 
@@ -58,7 +59,8 @@ impl Plugins {
 
     /// The production wiring: VMs on the QuickJS worker pool, the reference's timing.
     pub fn on_runtime(services: Arc<PluginServices>, pool: Arc<WorkerPool>) -> Plugins {
-        Plugins::new(services, Arc::new(RuntimeVmFactory::new(pool)), LoadOptions::from_env())
+        let options = LoadOptions::from_config(&services.hub.config);
+        Plugins::new(services, Arc::new(RuntimeVmFactory::new(pool)), options)
     }
 
     pub fn services(&self) -> &Arc<PluginServices> {
@@ -117,29 +119,12 @@ impl Plugins {
             let entry = match reused {
                 Some(prev) => prev.clone(),
                 None => {
-                    let code = load_code(&self.services.hub.config.BASE_DIR, plugin);
-                    let mut config_map = match &row.config {
-                        Value::Object(map) => map.clone(),
-                        _ => Default::default(),
-                    };
-                    apply_schema_defaults(&mut config_map, &plugin.row.config_schema);
-                    if schema_is_empty(&plugin.row.config_schema) {
-                        if let Some(schema) = code.as_ref().ok().and_then(|code| code.json_config_schema.as_ref()) {
-                            apply_schema_defaults(&mut config_map, schema);
-                        }
-                    }
-                    let config = Arc::new(PluginConfig {
-                        id: row.id,
-                        team_id: row.team_id,
-                        plugin_id: row.plugin_id,
-                        order: row.order.unwrap_or(0),
-                        config: config_map,
-                        error: row.error.clone(),
-                        created_at: row.created_at,
-                        updated_at: row.updated_at,
-                        plugin: plugin.clone(),
-                        attachments: attachments.remove(&row.id).unwrap_or_default(),
-                    });
+                    let (config, code) = config_in_force(
+                        &self.services.hub.config.BASE_DIR,
+                        plugin,
+                        &row,
+                        attachments.remove(&row.id).unwrap_or_default(),
+                    );
                     let context = Arc::new(PluginContext::new(self.services.clone(), config.clone()));
                     let vm = LazyVm::start(
                         self.services.clone(),
@@ -241,7 +226,7 @@ impl Plugins {
     /// A job from the job queue.
     pub async fn run_job(&self, job: EnqueuedJob) -> Option<Value> {
         let loaded = self.snapshot();
-        let payload = Some(job.payload).filter(super::js::truthy);
+        let payload = Some(job.payload).filter(crate::js::is_truthy);
         // A config id that does not fit the table's int column names no loaded config.
         let entry = i32::try_from(job.plugin_config_id).ok().and_then(|id| loaded.by_id.get(&id));
         run::run_plugin_task(&self.services, entry, TaskKind::Job, &job.job_type, payload).await
@@ -258,6 +243,40 @@ impl Plugins {
     pub async fn send_plugin_metrics(&self) {
         self.services.metrics.send(self.services.capture.as_ref(), crate::VERSION).await;
     }
+}
+
+/// A config row in force as the server runs it: its plugin's code found (`loader`), and
+/// `meta.config` with the schema defaults filled in (the plugin row's schema, else plugin.json's).
+pub fn config_in_force(
+    base_dir: &str,
+    plugin: &Arc<Plugin>,
+    row: &PluginConfigRow,
+    attachments: Vec<(String, Attachment)>,
+) -> (Arc<PluginConfig>, Result<PluginCode, PluginFailure>) {
+    let code = load_code(base_dir, plugin);
+    let mut config_map = match &row.config {
+        Value::Object(map) => map.clone(),
+        _ => Default::default(),
+    };
+    apply_schema_defaults(&mut config_map, &plugin.row.config_schema);
+    if schema_is_empty(&plugin.row.config_schema) {
+        if let Some(schema) = code.as_ref().ok().and_then(|code| code.json_config_schema.as_ref()) {
+            apply_schema_defaults(&mut config_map, schema);
+        }
+    }
+    let config = Arc::new(PluginConfig {
+        id: row.id,
+        team_id: row.team_id,
+        plugin_id: row.plugin_id,
+        order: row.order.unwrap_or(0),
+        config: config_map,
+        error: row.error.clone(),
+        created_at: row.created_at,
+        updated_at: row.updated_at,
+        plugin: plugin.clone(),
+        attachments,
+    });
+    (config, code)
 }
 
 async fn compute_schedule(loaded: &Loaded) -> PluginSchedule {

@@ -43,18 +43,11 @@ impl RuntimeVmFactory {
     }
 }
 
-fn js_error(error: runtime::JsError) -> JsError {
+fn js_error(mut error: JsError) -> JsError {
     // `RetryError` extends `Error` without renaming itself, as in `@posthog/plugin-scaffold`; the
     // runtime reports it by class name.
-    let retry = error.retry || error.name == "RetryError";
-    JsError {
-        name: error.name,
-        message: error.message,
-        stack: error.stack,
-        retry,
-        caller: error.caller,
-        thrown: error.thrown,
-    }
+    error.retry = error.retry || error.name == "RetryError";
+    error
 }
 
 fn call_error(error: PluginError) -> CallError {
@@ -234,7 +227,7 @@ impl MetaBindings for ContextBindings {
 
     /// A rejection nobody handled is the plugin's error (reference 30 §8.3), recorded for its
     /// config.
-    fn unhandled_rejection(&self, error: runtime::JsError) {
+    fn unhandled_rejection(&self, error: JsError) {
         let context = self.context.clone();
         self.main.spawn(async move {
             let failure = PluginFailure::Error(js_error(error));

@@ -1,15 +1,14 @@
 //! The plugin tables as this server sees them: which plugin configs are "in force" (enabled, the
 //! organization has plugin access, the plugin belongs to the organization or is global), their
-//! plugins and attachments, and the few writes the server makes (capabilities, metrics, public
-//! jobs, config error, disabling a config). The SQL mirrors the reference's `sql.ts` so the same
-//! rows load. What is done with the rows is up to `loader` and `manager`.
+//! plugins and attachments. The statements that read them and the few writes the server makes
+//! (capabilities, metrics, public jobs, config error, disabling a config) are `db::plugins`'.
+//! What is done with the rows is up to `loader` and `manager`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
-use sqlx::PgPool;
 use uuid::Uuid;
 
 /// A `posthog_plugin` row (the columns the server uses).
@@ -169,112 +168,75 @@ impl InForceRows {
     }
 }
 
-/// The in-force condition, selecting `column` of `posthog_pluginconfig`.
-fn in_force(column: &str) -> String {
-    format!(
-        "SELECT posthog_pluginconfig.{column} FROM posthog_pluginconfig \
-         LEFT JOIN posthog_team ON posthog_team.id = posthog_pluginconfig.team_id \
-         LEFT JOIN posthog_organization ON posthog_organization.id = posthog_team.organization_id \
-         LEFT JOIN posthog_plugin ON posthog_plugin.id = posthog_pluginconfig.plugin_id \
-         WHERE (posthog_pluginconfig.enabled = 't' AND posthog_organization.plugins_access_level > 0 \
-         AND (posthog_plugin.organization_id = posthog_organization.id OR posthog_plugin.is_global))"
-    )
+/// What the plugin orchestration records about plugins beside loading them: capabilities, declared
+/// metrics, a config's error, disabling a config, the historical export's public job, and the one
+/// read it makes of events (a team's first and last event time, for the historical export). The
+/// server's is Postgres (`impl for PgPool`, through `db::plugins`); the plugin dev loop keeps them in
+/// memory (`plugins::memory::MemoryRecords`) and prints them.
+#[async_trait::async_trait]
+pub trait PluginRecords: Send + Sync {
+    async fn set_plugin_capabilities(&self, plugin_id: i32, capabilities: &Value) -> Result<(), sqlx::Error>;
+    async fn set_plugin_metrics(&self, plugin_id: i32, metrics: &Value) -> Result<(), sqlx::Error>;
+    /// Writes (or clears, with `None`) the config's error.
+    async fn set_config_error(&self, config_id: i32, error: Option<&Value>) -> Result<(), sqlx::Error>;
+    /// Clears the config's error when set.
+    async fn clear_config_error(&self, config_id: i32) -> Result<(), sqlx::Error>;
+    async fn disable_plugin_config(&self, config_id: i32) -> Result<(), sqlx::Error>;
+    /// Makes the historical export job visible in PostHog's interface (once per plugin).
+    async fn add_public_job(&self, plugin_id: i32);
+    async fn timestamp_boundaries(
+        &self,
+        team_id: i64,
+    ) -> Result<super::historical_export::TimestampBoundaries, sqlx::Error>;
 }
 
-/// Reads the in-force plugins, attachments and configs (the reference's three queries).
-pub async fn fetch_in_force(pool: &PgPool) -> Result<InForceRows, sqlx::Error> {
-    let plugins = crate::metrics::catalog::postgres("getPluginRows", sqlx::query_as::<_, PluginRow>(&format!(
-        "SELECT id, organization_id, plugin_type, is_global, name, url, config_schema, tag, archive, source, \
-         capabilities, metrics, updated_at FROM posthog_plugin WHERE id IN ({} GROUP BY posthog_pluginconfig.plugin_id)",
-        in_force("plugin_id")
-    ))
-    .fetch_all(pool)
-    ).await?;
-    let attachments = crate::metrics::catalog::postgres(
-        "getPluginAttachmentRows",
-        sqlx::query_as::<_, PluginAttachmentRow>(&format!(
-            "SELECT id, plugin_config_id, key, content_type, file_name, contents FROM posthog_pluginattachment \
-         WHERE plugin_config_id IN ({})",
-            in_force("id")
-        ))
-        .fetch_all(pool),
-    )
-    .await?;
-    let configs = crate::metrics::catalog::postgres(
-        "getPluginConfigRows",
-        sqlx::query_as::<_, PluginConfigRow>(&format!(
-            "SELECT id, team_id, plugin_id, enabled, \"order\", config, error, created_at, updated_at \
-         FROM posthog_pluginconfig WHERE id IN ({}) ORDER BY id",
-            in_force("id")
-        ))
-        .fetch_all(pool),
-    )
-    .await?;
-    Ok(InForceRows { plugins, configs, attachments })
-}
-
-/// Runs `UPDATE … SET <json column> = $1 WHERE id = $2`.
-async fn set_json(
-    pool: &PgPool,
-    tag: &'static str,
-    sql: &str,
-    value: Option<&Value>,
-    id: i32,
-) -> Result<(), sqlx::Error> {
-    crate::metrics::catalog::postgres(tag, sqlx::query(sql).bind(value).bind(id).execute(pool)).await.map(|_| ())
-}
-
-pub async fn set_plugin_capabilities(pool: &PgPool, plugin_id: i32, capabilities: &Value) -> Result<(), sqlx::Error> {
-    set_json(
-        pool,
-        "setPluginCapabilities",
-        "UPDATE posthog_plugin SET capabilities = $1 WHERE id = $2",
-        Some(capabilities),
-        plugin_id,
-    )
-    .await
-}
-
-pub async fn set_plugin_metrics(pool: &PgPool, plugin_id: i32, metrics: &Value) -> Result<(), sqlx::Error> {
-    set_json(pool, "setPluginMetrics", "UPDATE posthog_plugin SET metrics = $1 WHERE id = $2", Some(metrics), plugin_id)
+#[async_trait::async_trait]
+impl PluginRecords for sqlx::PgPool {
+    async fn set_plugin_capabilities(&self, plugin_id: i32, capabilities: &Value) -> Result<(), sqlx::Error> {
+        crate::metrics::catalog::postgres(
+            "setPluginCapabilities",
+            crate::db::plugins::set_plugin_capabilities(self, plugin_id, capabilities),
+        )
         .await
-}
+    }
 
-/// Writes (or clears, with `None`) `posthog_pluginconfig.error`.
-pub async fn set_config_error(pool: &PgPool, config_id: i32, error: Option<&Value>) -> Result<(), sqlx::Error> {
-    set_json(
-        pool,
-        "updatePluginConfigError",
-        "UPDATE posthog_pluginconfig SET error = $1 WHERE id = $2",
-        error,
-        config_id,
-    )
-    .await
-}
+    async fn set_plugin_metrics(&self, plugin_id: i32, metrics: &Value) -> Result<(), sqlx::Error> {
+        crate::metrics::catalog::postgres(
+            "setPluginMetrics",
+            crate::db::plugins::set_plugin_metrics(self, plugin_id, metrics),
+        )
+        .await
+    }
 
-/// Runs an update whose only parameter is the row id.
-async fn update_by_id(pool: &PgPool, tag: &'static str, sql: &str, id: i32) -> Result<(), sqlx::Error> {
-    crate::metrics::catalog::postgres(tag, sqlx::query(sql).bind(id).execute(pool)).await.map(|_| ())
-}
+    async fn set_config_error(&self, config_id: i32, error: Option<&Value>) -> Result<(), sqlx::Error> {
+        crate::metrics::catalog::postgres(
+            "updatePluginConfigError",
+            crate::db::plugins::set_config_error(self, config_id, error),
+        )
+        .await
+    }
 
-/// Clears `posthog_pluginconfig.error` when set.
-pub async fn clear_config_error(pool: &PgPool, config_id: i32) -> Result<(), sqlx::Error> {
-    update_by_id(
-        pool,
-        "updatePluginConfigError",
-        "UPDATE posthog_pluginconfig SET error = NULL WHERE id = $1 AND error IS NOT NULL",
-        config_id,
-    )
-    .await
-}
+    async fn clear_config_error(&self, config_id: i32) -> Result<(), sqlx::Error> {
+        crate::metrics::catalog::postgres(
+            "updatePluginConfigError",
+            crate::db::plugins::clear_config_error(self, config_id),
+        )
+        .await
+    }
 
-/// Disables a config after too many failed set-up attempts.
-pub async fn disable_plugin_config(pool: &PgPool, config_id: i32) -> Result<(), sqlx::Error> {
-    update_by_id(
-        pool,
-        "disablePlugin",
-        "UPDATE posthog_pluginconfig SET enabled = 'f' WHERE id = $1 AND enabled = 't'",
-        config_id,
-    )
-    .await
+    async fn disable_plugin_config(&self, config_id: i32) -> Result<(), sqlx::Error> {
+        crate::metrics::catalog::postgres("disablePlugin", crate::db::plugins::disable_plugin_config(self, config_id))
+            .await
+    }
+
+    async fn add_public_job(&self, plugin_id: i32) {
+        super::historical_export::add_public_job(self, plugin_id).await
+    }
+
+    async fn timestamp_boundaries(
+        &self,
+        team_id: i64,
+    ) -> Result<super::historical_export::TimestampBoundaries, sqlx::Error> {
+        super::historical_export::fetch_timestamp_boundaries(self, team_id).await
+    }
 }

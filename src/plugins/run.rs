@@ -64,7 +64,7 @@ pub struct PluginUnavailable {
 async fn process_one(loaded: &LoadedVm, event: &PluginEvent) -> Step {
     let team_id = event.team_id;
     match loaded.vm.call_process_event(event_value(event)).await {
-        Ok((value, _)) if !super::js::truthy(&value) => Step::Dropped,
+        Ok((value, _)) if !crate::js::is_truthy(&value) => Step::Dropped,
         Ok((mut value, same)) => {
             let team_changed = value.get("team_id").and_then(Value::as_i64) != Some(team_id);
             if team_changed {

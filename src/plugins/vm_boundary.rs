@@ -20,46 +20,9 @@ use async_trait::async_trait;
 use serde_json::{Map, Value};
 
 use super::extensions::PluginContext;
-pub use super::runtime::Thrown;
-
-/// A JavaScript error as the orchestration needs to see it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct JsError {
-    /// `error.name` (`Error`, `TypeError`, `TimeoutError`, `IllegalOperationError`, …).
-    pub name: String,
-    pub message: String,
-    pub stack: Option<String>,
-    /// `error instanceof RetryError` (whose `name` is plain `Error` in the reference).
-    pub retry: bool,
-    /// `TimeoutError.caller` (the method name for method-level timeouts).
-    pub caller: Option<String>,
-    /// What kind of value was thrown (`processError` stores a thrown string as `{message, time}`).
-    pub thrown: Thrown,
-}
-
-impl JsError {
-    pub fn new(name: &str, message: impl Into<String>) -> JsError {
-        JsError {
-            name: name.to_string(),
-            message: message.into(),
-            stack: None,
-            retry: false,
-            caller: None,
-            thrown: Thrown::Object,
-        }
-    }
-
-    /// A `RetryError` thrown by plugin code.
-    pub fn retry(message: impl Into<String>) -> JsError {
-        JsError { retry: true, ..JsError::new("Error", message) }
-    }
-}
-
-impl std::fmt::Display for JsError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.name, self.message)
-    }
-}
+/// The one JavaScript error type, shared by the runtime (which builds it from what plugin code
+/// threw) and the orchestration.
+pub use super::runtime::{JsError, Thrown};
 
 /// The plugin methods the server calls, in the reference's capability order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -1,7 +1,7 @@
 //! The ClickHouse pipeline's [`EventWriter`] (`KAFKA_ENABLED=true`): every write of event
 //! processing becomes the reference's Kafka message(s), queued on the batching producer in the
 //! order the reference queues them. Postgres rows (persons, distinct ids) are written by
-//! `persons` in both pipelines; this writer only announces them to ClickHouse.
+//! `db::persons` in both pipelines; this writer only announces them to ClickHouse.
 //!
 //! Delivery: `queue_message` may return before the broker acknowledged (the buffer flushes by the
 //! reference's rules); the Kafka consumer flushes the producer before committing offsets, so a
@@ -17,9 +17,9 @@ use super::messages::{
     dead_letter_record, event_record, group_record, person_distinct_id_added_record, person_distinct_id_moved_record,
     person_record, session_recording_record, ClickHouseEvent, INGEST_EVENT_ERROR_LOCATION,
 };
+use crate::db::persons::{Person, PersonDistinctId};
 use crate::event::PluginEvent;
 use crate::ingestion::elements::elements_to_chain;
-use crate::ingestion::persons::{Person, PersonDistinctId};
 use crate::sinks::writer::{EventPayload, EventWriter, GroupPayload, SessionRecordingPayload, WriteError};
 
 /// Writes for ClickHouse through Kafka.
@@ -33,7 +33,7 @@ impl KafkaEventWriter {
     }
 
     async fn queue(&self, record: KafkaRecord) -> Result<(), WriteError> {
-        self.producer.queue_message(record).await.map_err(|error| WriteError::Sink(error.to_string()))
+        self.producer.queue_message(record).await.map_err(WriteError::from)
     }
 
     fn person(person: &Person, is_deleted: bool) -> KafkaRecord {

@@ -14,8 +14,9 @@ use serde_json::{json, Map, Value};
 use super::kafka_producer::{KafkaMessage, KafkaRecord};
 use super::topics;
 use crate::event::{PluginEvent, Properties};
-use crate::ingestion::timestamp::{format_clickhouse, format_clickhouse_seconds, format_iso, parse_timestamp};
+use crate::ingestion::timestamp::{format_clickhouse, format_clickhouse_seconds, parse_timestamp};
 use crate::ingestion::uuidt::new_uuidt;
+use crate::js::iso;
 
 /// `google.protobuf.Timestamp` (never set by the reference; declared so the schema matches).
 #[derive(Clone, PartialEq, Message)]
@@ -78,7 +79,7 @@ impl ClickHouseEvent {
             timestamp: Some(format_clickhouse(&self.timestamp)),
             team_id: Some(self.team_id.max(0) as u64),
             distinct_id: Some(self.distinct_id.clone()),
-            created_at: Some(format_iso(&self.created_at)),
+            created_at: Some(iso(&self.created_at)),
             elements_chain: Some(self.elements_chain.clone()),
             proto_created_at: None,
             proto_timestamp: None,
@@ -245,7 +246,7 @@ impl PluginLogEntryMessage {
         message: &str,
         instance_id: &uuid::Uuid,
     ) -> PluginLogEntryMessage {
-        let iso = timestamp.map_or_else(|| format_iso(&Utc::now()), str::to_string);
+        let iso = timestamp.map_or_else(|| iso(&Utc::now()), str::to_string);
         PluginLogEntryMessage {
             id: new_uuidt().to_string(),
             team_id,

@@ -3,10 +3,10 @@
 //! ([`PostgresEventWriter`], `KAFKA_ENABLED=false`).
 //!
 //! Processing (`process_event`) decides *what* happens and *when*; a writer only stores or
-//! encodes. Person and distinct-id rows are written to Postgres by `persons` in both pipelines;
-//! the writer is told afterwards so the ClickHouse implementation (in `queues`) can produce its
+//! encodes. Person and distinct-id rows are written to Postgres by `db::persons` in both pipelines;
+//! the writer is told afterwards so the ClickHouse implementation (`kafka_writer`) can produce its
 //! `clickhouse_person` / `clickhouse_person_unique_id` messages. Timestamps are handed over as
-//! values; each writer formats them for its sink (`timestamp::format_*`).
+//! values; each writer formats them for its sink (`js::iso`, `timestamp::format_clickhouse*`).
 
 use std::num::NonZeroUsize;
 use std::sync::Mutex;
@@ -15,22 +15,24 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use lru::LruCache;
 use serde_json::Value;
-use sqlx::{PgPool, Postgres, QueryBuilder};
+use sqlx::PgPool;
 use thiserror::Error;
 use uuid::Uuid;
 
+use crate::db::events::EventRow;
+use crate::db::persons::{Person, PersonDistinctId};
+use crate::db::{self, is_unique_violation};
 use crate::event::{PluginEvent, Properties};
 use crate::infra::batch::Batcher;
 use crate::ingestion::elements::{elements_hash, Element};
-use crate::ingestion::persons::{is_unique_violation, Person, PersonDistinctId};
 
 #[derive(Debug, Error)]
 pub enum WriteError {
     #[error(transparent)]
     Database(#[from] sqlx::Error),
-    /// A sink other than Postgres failed (Kafka producer, encoder); the text says why.
-    #[error("{0}")]
-    Sink(String),
+    /// A sink other than Postgres failed (the Kafka producer).
+    #[error(transparent)]
+    Sink(#[from] crate::sinks::ProduceError),
 }
 
 /// A standard event ready to be written (the reference's `IEvent` before formatting).
@@ -156,19 +158,6 @@ pub struct PostgresEventWriter {
     known_element_groups: Mutex<LruCache<(i32, String), ()>>,
 }
 
-/// Column values of one `posthog_event` row.
-#[derive(Debug, Clone)]
-struct EventRow {
-    created_at: DateTime<Utc>,
-    event: String,
-    distinct_id: String,
-    properties: Value,
-    team_id: i32,
-    timestamp: DateTime<Utc>,
-    elements: Value,
-    elements_hash: String,
-}
-
 impl PostgresEventWriter {
     pub fn new(pool: PgPool) -> Self {
         let capacity = NonZeroUsize::new(KNOWN_ELEMENT_GROUPS).unwrap_or(NonZeroUsize::MIN);
@@ -202,40 +191,15 @@ impl PostgresEventWriter {
     async fn insert_event(&self, row: EventRow) -> Result<i64, sqlx::Error> {
         match self.events.submit(row.clone()).await {
             Some(result) => result,
-            None => insert_event_row(&self.pool, &row).await,
+            None => {
+                crate::metrics::catalog::postgres("createEventInsert", db::events::insert_event_row(&self.pool, &row))
+                    .await
+            }
         }
     }
 
     async fn insert_element_group(&self, elements: &[Element], team_id: i32, hash: &str) -> Result<(), sqlx::Error> {
-        let mut transaction = self.pool.begin().await?;
-        let group_id: Option<i32> = sqlx::query_scalar(
-            "INSERT INTO posthog_elementgroup (hash, team_id) VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING id",
-        )
-        .bind(hash)
-        .bind(team_id)
-        .fetch_optional(&mut *transaction)
-        .await?;
-        if let Some(group_id) = group_id {
-            let mut insert: QueryBuilder<Postgres> = QueryBuilder::new(
-                "INSERT INTO posthog_element (text, tag_name, href, attr_id, nth_child, nth_of_type, attributes, \
-                 \"order\", event_id, attr_class, group_id) ",
-            );
-            insert.push_values(elements.iter().enumerate(), |mut row, (order, element)| {
-                row.push_bind(element.text.clone())
-                    .push_bind(element.tag_name.clone())
-                    .push_bind(element.href.clone())
-                    .push_bind(element.attr_id.clone())
-                    .push_bind(element.nth_child.and_then(|value| i32::try_from(value).ok()))
-                    .push_bind(element.nth_of_type.and_then(|value| i32::try_from(value).ok()))
-                    .push_bind(Value::Object(element.attributes.clone().unwrap_or_default()))
-                    .push_bind(order as i32)
-                    .push_bind(element.event_id.and_then(|value| i32::try_from(value).ok()))
-                    .push_bind(element.attr_class.clone())
-                    .push_bind(group_id);
-            });
-            insert.build().execute(&mut *transaction).await?;
-        }
-        transaction.commit().await
+        db::events::insert_element_group(&self.pool, elements, team_id, hash).await
     }
 }
 
@@ -267,17 +231,14 @@ impl EventWriter for PostgresEventWriter {
     async fn write_session_recording(&self, recording: &SessionRecordingPayload) -> Result<(), WriteError> {
         crate::metrics::catalog::postgres(
             "insertSessionRecording",
-            sqlx::query(
-                "INSERT INTO posthog_sessionrecordingevent (created_at, team_id, distinct_id, session_id, timestamp, \
-             snapshot_data) VALUES ($1, $2, $3, $4, $5, $6)",
-            )
-            .bind(recording.timestamp)
-            .bind(recording.team_id)
-            .bind(&recording.distinct_id)
-            .bind(&recording.session_id)
-            .bind(recording.timestamp)
-            .bind(&recording.snapshot_data)
-            .execute(&self.pool),
+            db::events::insert_session_recording_event(
+                &self.pool,
+                recording.team_id,
+                &recording.distinct_id,
+                recording.session_id.as_deref(),
+                recording.timestamp,
+                recording.snapshot_data.as_ref(),
+            ),
         )
         .await?;
         Ok(())
@@ -287,14 +248,11 @@ impl EventWriter for PostgresEventWriter {
         if action_ids.is_empty() {
             return Ok(());
         }
-        crate::metrics::catalog::postgres("registerActionMatch", sqlx::query(
-            "INSERT INTO posthog_action_events (event_id, action_id) \
-             SELECT $1, action_id FROM UNNEST($2::int4[]) WITH ORDINALITY AS matched(action_id, position) ORDER BY position",
+        crate::metrics::catalog::postgres(
+            "registerActionMatch",
+            db::events::insert_action_matches(&self.pool, event_id, action_ids),
         )
-        .bind(event_id)
-        .bind(action_ids)
-        .execute(&self.pool)
-        ).await?;
+        .await?;
         Ok(())
     }
 }
@@ -304,7 +262,10 @@ impl EventWriter for PostgresEventWriter {
 async fn write_event_batch(pool: PgPool, rows: Vec<EventRow>) -> Vec<Result<i64, sqlx::Error>> {
     if rows.len() > 1 {
         let references: Vec<&EventRow> = rows.iter().collect();
-        if let Ok(ids) = insert_event_rows(&pool, &references).await {
+        if let Ok(ids) =
+            crate::metrics::catalog::postgres("createEventInsert", db::events::insert_event_rows(&pool, &references))
+                .await
+        {
             if ids.len() == rows.len() {
                 return ids.into_iter().map(Ok).collect();
             }
@@ -312,68 +273,9 @@ async fn write_event_batch(pool: PgPool, rows: Vec<EventRow>) -> Vec<Result<i64,
     }
     let mut results = Vec::with_capacity(rows.len());
     for row in &rows {
-        results.push(insert_event_row(&pool, row).await);
+        results.push(
+            crate::metrics::catalog::postgres("createEventInsert", db::events::insert_event_row(&pool, row)).await,
+        );
     }
     results
-}
-
-async fn insert_event_row(pool: &PgPool, row: &EventRow) -> Result<i64, sqlx::Error> {
-    crate::metrics::catalog::postgres(
-        "createEventInsert",
-        sqlx::query_scalar(
-            "INSERT INTO posthog_event (created_at, event, distinct_id, properties, team_id, timestamp, elements, \
-         elements_hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id::int8",
-        )
-        .bind(row.created_at)
-        .bind(&row.event)
-        .bind(&row.distinct_id)
-        .bind(&row.properties)
-        .bind(row.team_id)
-        .bind(row.timestamp)
-        .bind(&row.elements)
-        .bind(&row.elements_hash)
-        .fetch_one(pool),
-    )
-    .await
-}
-
-/// Inserts the rows in one statement; returns their ids in input order (ids are drawn from the
-/// table's sequence first, so the mapping does not depend on RETURNING order).
-async fn insert_event_rows(pool: &PgPool, rows: &[&EventRow]) -> Result<Vec<i64>, sqlx::Error> {
-    let created_at: Vec<DateTime<Utc>> = rows.iter().map(|row| row.created_at).collect();
-    let event: Vec<&str> = rows.iter().map(|row| row.event.as_str()).collect();
-    let distinct_id: Vec<&str> = rows.iter().map(|row| row.distinct_id.as_str()).collect();
-    let properties: Vec<&Value> = rows.iter().map(|row| &row.properties).collect();
-    let team_id: Vec<i32> = rows.iter().map(|row| row.team_id).collect();
-    let timestamp: Vec<DateTime<Utc>> = rows.iter().map(|row| row.timestamp).collect();
-    let elements: Vec<&Value> = rows.iter().map(|row| &row.elements).collect();
-    let elements_hash: Vec<&str> = rows.iter().map(|row| row.elements_hash.as_str()).collect();
-    let ids: Vec<(i64, i64)> = crate::metrics::catalog::postgres("createEventInsert", sqlx::query_as(
-        "WITH input AS ( \
-            SELECT * FROM UNNEST($1::timestamptz[], $2::text[], $3::text[], $4::jsonb[], $5::int4[], $6::timestamptz[], \
-                $7::jsonb[], $8::text[]) WITH ORDINALITY \
-                AS row(created_at, event, distinct_id, properties, team_id, timestamp, elements, elements_hash, position) \
-         ), numbered AS MATERIALIZED ( \
-            SELECT position, nextval(pg_get_serial_sequence('posthog_event', 'id')) AS id FROM input ORDER BY position \
-         ), inserted AS ( \
-            INSERT INTO posthog_event (id, created_at, event, distinct_id, properties, team_id, timestamp, elements, \
-                elements_hash) \
-            SELECT numbered.id, input.created_at, input.event, input.distinct_id, input.properties, input.team_id, \
-                input.timestamp, input.elements, input.elements_hash \
-            FROM input JOIN numbered USING (position) ORDER BY position \
-            RETURNING id \
-         ) \
-         SELECT position::int8, id::int8 FROM numbered ORDER BY position",
-    )
-    .bind(&created_at)
-    .bind(&event)
-    .bind(&distinct_id)
-    .bind(&properties)
-    .bind(&team_id)
-    .bind(&timestamp)
-    .bind(&elements)
-    .bind(&elements_hash)
-    .fetch_all(pool)
-    ).await?;
-    Ok(ids.into_iter().map(|(_, id)| id).collect())
 }

@@ -27,8 +27,10 @@
 //!   derived from the message id ([`super::celery_dedupe::message_event_uuid`]), so every copy
 //!   of a redelivered message carries the same uuid; a redelivered event whose write marker
 //!   ([`super::celery_dedupe`]) is present was already written and is skipped.
-//! * **Back-pressure.** At most `concurrency` ([`super::consumer_concurrency`]) messages
-//!   are in flight; the consumer takes no more until one finishes.
+//! * **Back-pressure, and a fair share of it.** At most `concurrency` messages are handled at
+//!   once, at most `team_share` of them for one team ([`super::window`]); a message whose team is
+//!   at its share is held back (still in the processing list) and gives its place to other teams.
+//!   The consumer takes no more until a place is free, nor while `held` messages are held back.
 //! * **Bad messages are set aside**, with their reason, in the list `<queue>:dead_letter` (capped
 //!   at [`CeleryConsumerOptions::dead_letter_max_len`] entries), and consumption goes on. The
 //!   same happens to a message the handler rejects (the reference only reports it to Sentry).
@@ -44,7 +46,7 @@ use deadpool_redis::Pool;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde_json::{json, Value};
 use thiserror::Error;
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -52,10 +54,11 @@ use tracing::{error, info, warn};
 use super::celery::{decode_envelope, CeleryTask, TaskSet};
 use super::celery_dedupe::{message_event_uuid, message_key, written_marker_key};
 use super::retry::{Outcome, RetryPolicy};
+use super::window::{FairWindow, Slot, WindowLimits};
 use super::{EventHandler, QueueStats};
 use crate::config::Config;
 use crate::infra::pipelined_redis::PipelinedRedis;
-use crate::ingestion::timestamp::format_iso;
+use crate::js::iso;
 use crate::metrics::catalog::{self, Stage};
 
 /// How many messages one round trip may move when the queue is busy.
@@ -80,8 +83,12 @@ pub struct CeleryConsumerOptions {
     pub queue: String,
     /// Which tasks it runs (`process_event_with_plugins` only when Kafka is off).
     pub tasks: TaskSet,
-    /// Messages handled at once.
+    /// Messages handled at once, all teams together.
     pub concurrency: usize,
+    /// Messages of one team handled at once (fair share, [`super::window`]).
+    pub team_share: usize,
+    /// Messages held back for their team's share, at most (then the consumer takes no more).
+    pub held: usize,
     /// Names this consumer's processing list and heartbeat: stable across restarts of the same
     /// server (`PLUGINS_CELERY_CONSUMER_ID`, default the host name).
     pub consumer_id: String,
@@ -101,13 +108,16 @@ pub struct CeleryConsumerOptions {
 }
 
 impl CeleryConsumerOptions {
-    /// The server's settings: `PLUGINS_CELERY_QUEUE`, events only without Kafka, concurrency
-    /// [`super::consumer_concurrency`].
+    /// The server's settings: `PLUGINS_CELERY_QUEUE`, events only without Kafka, the window
+    /// [`super::consumer_window`].
     pub fn from_config(config: &Config) -> CeleryConsumerOptions {
+        let window = super::consumer_window(config);
         CeleryConsumerOptions {
             queue: config.PLUGINS_CELERY_QUEUE.clone(),
             tasks: TaskSet { process_events: !config.KAFKA_ENABLED },
-            concurrency: super::consumer_concurrency(config),
+            concurrency: window.in_flight,
+            team_share: window.team_share,
+            held: window.held,
             consumer_id: config
                 .PLUGINS_CELERY_CONSUMER_ID
                 .clone()
@@ -117,13 +127,17 @@ impl CeleryConsumerOptions {
             poll_timeout: Duration::from_secs(1),
             response_timeout: Duration::from_secs(5),
             max_deliveries: config.PLUGINS_CELERY_MAX_DELIVERIES.max(1),
-            retry: RetryPolicy::default(),
+            retry: RetryPolicy::from_config(config),
             dead_letter_max_len: 10_000,
         }
     }
 
     pub fn processing_key(&self) -> String {
         processing_key(&self.queue, &self.consumer_id)
+    }
+
+    pub fn window(&self) -> WindowLimits {
+        WindowLimits::new(self.concurrency, self.team_share, self.held)
     }
 
     pub fn heartbeat_key(&self) -> String {
@@ -219,7 +233,7 @@ struct Shared {
     options: CeleryConsumerOptions,
     pool: Pool,
     handler: Arc<dyn EventHandler>,
-    permits: Arc<Semaphore>,
+    window: Arc<FairWindow>,
     paused: watch::Sender<bool>,
     /// True while the polling loop is not inside a pop (what `pause` waits for).
     parked: watch::Sender<bool>,
@@ -263,18 +277,19 @@ impl CeleryConsumer {
         let beat = Beat { nonce: uuid::Uuid::new_v4().to_string(), host: host_name(), pid: std::process::id() };
         let beat_text = serde_json::to_string(&beat).unwrap_or_default();
         let predecessor = claim_identity(&pool, &mut options).await.map_err(CeleryError::Redis)?;
-        let concurrency = options.concurrency.max(1);
         let redis = PipelinedRedis::new(client.clone(), options.response_timeout);
+        let stats = Arc::new(QueueStats::default());
+        let window = FairWindow::new(options.window(), Arc::clone(&stats), "Celery");
         let shared = Arc::new(Shared {
             options,
             pool,
             handler,
-            permits: Arc::new(Semaphore::new(concurrency)),
+            window,
             paused: watch::Sender::new(false),
             parked: watch::Sender::new(true),
             stop_polling: CancellationToken::new(),
             shutdown: CancellationToken::new(),
-            stats: Arc::new(QueueStats::default()),
+            stats,
             beat: beat_text,
             in_hand: Mutex::new(HashMap::new()),
             suspects: Mutex::new(HashSet::new()),
@@ -310,9 +325,14 @@ impl CeleryConsumer {
         &self.shared.options
     }
 
-    /// Messages being handled right now.
+    /// Messages taken and not yet done: being handled or held back for their team's share.
     pub fn in_flight(&self) -> usize {
-        self.shared.options.concurrency.max(1) - self.shared.permits.available_permits()
+        self.shared.window.in_hand()
+    }
+
+    /// Messages held back right now, waiting for their team's share of the window.
+    pub fn held_back(&self) -> usize {
+        self.shared.window.held()
     }
 
     /// Stops taking messages and waits until no pop is under way (at most `poll_timeout`); messages
@@ -373,8 +393,7 @@ impl CeleryConsumer {
         if let Some(polling) = self.polling.lock().await.take() {
             let _ = polling.await;
         }
-        let all = shared.options.concurrency.max(1) as u32;
-        let _ = shared.permits.acquire_many(all).await;
+        shared.window.drained().await;
         self.heartbeat.abort();
         if let Ok(mut connection) = shared.pool.get().await {
             let _: Result<i64, _> =
@@ -604,19 +623,16 @@ impl Shared {
             let first = tokio::select! {
                 _ = self.stop_polling.cancelled() => return,
                 _ = paused.changed() => continue,
-                permit = Arc::clone(&self.permits).acquire_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => return,
-                },
+                slot = self.window.reserve() => slot,
             };
             self.parked.send_replace(false);
             let mut permits = vec![first];
-            self.take_free_permits(&mut permits);
+            self.take_free_slots(&mut permits);
             if permits.len() < self.options.concurrency.min(MAX_PREFETCH) / 4 {
                 // Only a few slots free: let the handlers finishing right now free theirs, so one
                 // round trip moves a batch instead of a message per finished handler.
                 tokio::time::sleep(Duration::from_millis(1)).await;
-                self.take_free_permits(&mut permits);
+                self.take_free_slots(&mut permits);
             }
             let deadline = self.options.poll_timeout + self.options.response_timeout * 2;
             // The reference's `query.redisBRPop` (it pops one message per call; this moves a batch).
@@ -656,11 +672,11 @@ impl Shared {
         }
     }
 
-    fn take_free_permits(&self, permits: &mut Vec<OwnedSemaphorePermit>) {
-        while permits.len() < MAX_PREFETCH {
-            match Arc::clone(&self.permits).try_acquire_owned() {
-                Ok(permit) => permits.push(permit),
-                Err(_) => break,
+    fn take_free_slots(&self, slots: &mut Vec<Slot>) {
+        while slots.len() < MAX_PREFETCH {
+            match self.window.try_reserve() {
+                Some(slot) => slots.push(slot),
+                None => break,
             }
         }
     }
@@ -709,10 +725,10 @@ impl Shared {
         }
     }
 
-    async fn handle(self: Arc<Self>, raw: Arc<str>, permit: OwnedSemaphorePermit) {
+    async fn handle(self: Arc<Self>, raw: Arc<str>, slot: Slot) {
         // Released whatever happens, a panic included: the message, if still listed, becomes an
         // orphan and is requeued (its delivery count then ends a panic loop).
-        let _held = Held { shared: Arc::clone(&self), raw: Arc::clone(&raw), _permit: permit };
+        let _held = Held { shared: Arc::clone(&self), raw: Arc::clone(&raw) };
         let message = match decode_envelope(&self.options.queue, &raw) {
             Ok(message) => message,
             Err(error) => {
@@ -722,6 +738,26 @@ impl Shared {
         };
         let id = message_key(&message, &raw);
         let ids = MessageIds { deliveries: self.options.deliveries_key(&id), uuid: message_event_uuid(&id) };
+        let data_has_uuid =
+            message.args.get(3).and_then(Value::as_object).is_some_and(|data| data.contains_key("uuid"));
+        let task = match message.into_task(self.options.tasks) {
+            Ok(task) => task,
+            Err(error) => {
+                warn!("⚠️ Setting aside Celery message: {error}");
+                return self.finish(&raw, Some(&ids), Finish::DeadLetter("invalid_task", error.to_string())).await;
+            }
+        };
+        // Its team's share of the window (held back meanwhile: still in the processing list, not
+        // yet counted as delivered). At shutdown a held message goes back to the queue.
+        let _slot = match task_team(&task) {
+            Some(team) => tokio::select! {
+                slot = slot.admit(team) => slot,
+                _ = self.shutdown.cancelled() => {
+                    return self.finish(&raw, Some(&ids), Finish::Requeue).await;
+                }
+            },
+            None => slot,
+        };
         // A message delivered twice already may be what kills the server: it runs alone, and
         // messages wait for it before being counted, so a crash then counts only against it (not
         // against the innocent messages that happened to be in flight).
@@ -742,15 +778,6 @@ impl Shared {
             error!("☠️ Setting aside Celery message {id}: {reason}");
             return self.finish(&raw, Some(&ids), Finish::DeadLetter("out_of_deliveries", reason)).await;
         }
-        let data_has_uuid =
-            message.args.get(3).and_then(Value::as_object).is_some_and(|data| data.contains_key("uuid"));
-        let task = match message.into_task(self.options.tasks) {
-            Ok(task) => task,
-            Err(error) => {
-                warn!("⚠️ Setting aside Celery message: {error}");
-                return self.finish(&raw, Some(&ids), Finish::DeadLetter("invalid_task", error.to_string())).await;
-            }
-        };
         let task = match task {
             // The reference gives a fresh UUIDT; ours is the same for every copy of this message.
             CeleryTask::ProcessEvent(mut event) if !data_has_uuid => {
@@ -817,7 +844,7 @@ impl Shared {
                 let entry = json!({
                     "queue": self.options.queue,
                     "reason": reason,
-                    "failed_at": format_iso(&Utc::now()),
+                    "failed_at": iso(&Utc::now()),
                     "consumer": self.options.consumer_id,
                     "message": raw,
                 });
@@ -867,11 +894,10 @@ impl Shared {
     }
 }
 
-/// A message in the hands of a handler: its permit and its place in [`Shared::in_hand`].
+/// A message in the hands of a handler: its place in [`Shared::in_hand`].
 struct Held {
     shared: Arc<Shared>,
     raw: Arc<str>,
-    _permit: OwnedSemaphorePermit,
 }
 
 impl Drop for Held {
@@ -897,6 +923,14 @@ enum Finish {
     /// A short reason for the counters (`undecodable`, ...) and the message for the record.
     DeadLetter(&'static str, String),
     Requeue,
+}
+
+/// The team whose share of the window a task takes (`None`: a job without a valid team).
+fn task_team(task: &CeleryTask) -> Option<i64> {
+    match task {
+        CeleryTask::ProcessEvent(event) => Some(event.team_id),
+        CeleryTask::PluginJob(job) => job.get("pluginConfigTeam").and_then(Value::as_i64),
+    }
 }
 
 fn task_description(task: &CeleryTask) -> String {

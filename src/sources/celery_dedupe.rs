@@ -23,9 +23,9 @@ use sha2::Digest;
 use uuid::Uuid;
 
 use super::celery::TaskMessage;
+use crate::db::persons::{Person, PersonDistinctId};
 use crate::event::PluginEvent;
 use crate::infra::pipelined_redis::PipelinedRedis;
-use crate::ingestion::persons::{Person, PersonDistinctId};
 use crate::sinks::writer::{EventPayload, EventWriter, GroupPayload, SessionRecordingPayload, WriteError};
 use sqlx::PgPool;
 
@@ -143,16 +143,15 @@ impl MarkingWriter {
 
     /// The id of a stored row identical to `event`, if there is one.
     async fn stored_copy(&self, event: &EventPayload) -> Option<i64> {
-        let found = sqlx::query_scalar::<_, i64>(
-            "SELECT id::int8 FROM posthog_event WHERE team_id = $1 AND timestamp = $2 AND distinct_id = $3 \
-             AND event = $4 AND properties = $5 LIMIT 1",
+        let properties = Value::Object(event.properties.clone());
+        let found = crate::db::events::find_stored_copy(
+            &self.postgres,
+            event.team_id,
+            event.timestamp,
+            &event.distinct_id,
+            &event.event,
+            &properties,
         )
-        .bind(event.team_id)
-        .bind(event.timestamp)
-        .bind(&event.distinct_id)
-        .bind(&event.event)
-        .bind(Value::Object(event.properties.clone()))
-        .fetch_optional(&self.postgres)
         .await;
         match found {
             Ok(found) => found,

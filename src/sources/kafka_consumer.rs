@@ -1,10 +1,13 @@
 //! The Kafka consumer (`KAFKA_ENABLED=true`): a consumer group on `KAFKA_CONSUMPTION_TOPIC` that
 //! decodes raw event messages and hands each event to the [`EventHandler`].
 //!
-//! Delivery is at least once. Up to [`super::consumer_concurrency`] events (the reference's
-//! `WORKER_CONCURRENCY × TASKS_PER_WORKER`, times [`super::EVENTS_IN_FLIGHT_PER_TASK`]) are
-//! handled at once, a new message taken as soon as any finishes (a sliding window: the
-//! reference's batches wait for their slowest event). Per partition, the offset stored is the end
+//! Delivery is at least once. Up to [`super::consumer_concurrency`] events of one team (the
+//! reference's `WORKER_CONCURRENCY × TASKS_PER_WORKER`, times [`super::EVENTS_IN_FLIGHT_PER_TASK`])
+//! and twice that in all are handled at once, a new message taken as soon as any finishes (a
+//! sliding window: the reference's batches wait for their slowest event). An event whose team
+//! is at its share is held back in memory (its offset in hand: the commit point waits for it) and
+//! gives its place to other teams' events ([`super::window`]); while the held events fill their
+//! bound, no more messages are taken. Per partition, the offset stored is the end
 //! of the prefix of events that are done, and only after a producer flush that covers everything
 //! those events queued (so their own writes are in Kafka); it is committed by the auto-commit
 //! (every 1000 ms, as the reference) and at shutdown. A crash loses no event: what was not stored
@@ -47,6 +50,7 @@ use tracing::{debug, error, info, warn};
 use super::decode::decode_raw_event;
 use super::kafka_deliveries::{Admission, DeliveryCounter};
 use super::retry::{Outcome, RetryPolicy};
+use super::window::{FairWindow, Slot, WindowLimits};
 use super::{EventHandler, QueueStats};
 use crate::config::Config;
 use crate::infra::kafka_settings::{self, KafkaSetupError};
@@ -73,8 +77,12 @@ pub struct KafkaConsumerOptions {
     /// `KAFKA_CONSUMPTION_TOPIC`.
     pub topic: String,
     pub group_id: String,
-    /// Events handled at once (the sliding window).
+    /// Events handled at once, all teams together (the sliding window).
     pub concurrency: usize,
+    /// Events of one team handled at once (fair share, [`super::window`]).
+    pub team_share: usize,
+    /// Events held back for their team's share, at most (then no more messages are taken).
+    pub held: usize,
     /// Where a group without committed offsets starts: `latest` (the reference) or `earliest`.
     pub offset_reset: String,
     pub session_timeout: Duration,
@@ -92,17 +100,20 @@ pub struct KafkaConsumerOptions {
 
 impl KafkaConsumerOptions {
     pub fn from_config(config: &Config, instance_id: &uuid::Uuid) -> KafkaConsumerOptions {
+        let window = super::consumer_window(config);
         KafkaConsumerOptions {
             topic: config
                 .KAFKA_CONSUMPTION_TOPIC
                 .clone()
                 .unwrap_or_else(|| crate::sinks::topics::KAFKA_EVENTS_PLUGIN_INGESTION.to_string()),
             group_id: CONSUMER_GROUP.to_string(),
-            concurrency: super::consumer_concurrency(config),
+            concurrency: window.in_flight,
+            team_share: window.team_share,
+            held: window.held,
             offset_reset: "latest".into(),
             session_timeout: Duration::from_secs(30),
             join_timeout: Duration::from_secs(60),
-            retry: RetryPolicy::default(),
+            retry: RetryPolicy::from_config(config),
             client_id: kafka_settings::client_id(instance_id),
             redis_url: Some(crate::hub::redis_url(config)),
             max_delivery_attempts: config.KAFKA_MAX_DELIVERY_ATTEMPTS,
@@ -197,6 +208,7 @@ struct Shared {
     producer: Arc<KafkaProducerWrapper>,
     deliveries: Arc<DeliveryCounter>,
     paused: Arc<AtomicBool>,
+    window: Arc<FairWindow>,
     stop: CancellationToken,
     /// Tells the polling thread to end.
     polling: Arc<AtomicBool>,
@@ -390,8 +402,12 @@ impl KafkaQueue {
             &options.group_id,
             options.max_delivery_attempts,
         ));
+        let stats = Arc::new(QueueStats::default());
+        let limits = WindowLimits::new(options.concurrency, options.team_share, options.held);
+        let window = FairWindow::new(limits, Arc::clone(&stats), "Kafka");
         let shared = Arc::new(Shared {
             consumer: Arc::new(consumer),
+            window,
             options,
             handler,
             producer,
@@ -399,7 +415,7 @@ impl KafkaQueue {
             paused,
             stop: CancellationToken::new(),
             polling,
-            stats: Arc::new(QueueStats::default()),
+            stats,
         });
         let messages = shared.spawn_poller().map_err(|error| KafkaSetupError::Client(error.to_string()))?;
         let (finished_sender, finished) = watch::channel(None);
@@ -548,8 +564,8 @@ impl Shared {
         Ok(messages)
     }
 
-    /// Keeps up to `concurrency` events in hand: a new message is taken as soon as any event
-    /// finishes (no batch waits for its slowest event). Offsets advance per partition over the
+    /// Keeps the window full: a new message is taken as soon as the window has room (an event
+    /// finished, or one was held back for its team's share; no batch waits for its slowest event). Offsets advance per partition over the
     /// completed prefix only; they are stored after a producer flush that covers every write the
     /// completed events queued, while the next events are already being handled.
     async fn consume_loop(
@@ -557,8 +573,9 @@ impl Shared {
         mut messages: mpsc::Receiver<OwnedMessage>,
         mut control: mpsc::UnboundedReceiver<Control>,
     ) -> Result<(), String> {
-        let window = self.options.concurrency.max(1);
         let mut in_hand = InHand::new();
+        // A place in the window reserved for the next message.
+        let mut slot: Option<Slot> = None;
         let mut offsets = OffsetTracker::default();
         let mut storing: Storing = None;
         // Messages polled before a revoke, of partitions still ours.
@@ -581,9 +598,10 @@ impl Shared {
             if interrupted || (self.stop.is_cancelled() && in_hand.is_empty()) {
                 break;
             }
-            while in_hand.len() < window && !self.stop.is_cancelled() {
+            while !backlog.is_empty() && !self.stop.is_cancelled() {
+                let Some(reserved) = slot.take().or_else(|| self.window.try_reserve()) else { break };
                 let Some(message) = backlog.pop_front() else { break };
-                self.take(message, &mut in_hand, &mut offsets);
+                self.take(message, reserved, &mut in_hand, &mut offsets);
             }
             tokio::select! {
                 biased;
@@ -615,9 +633,13 @@ impl Shared {
                     batch_started = std::time::Instant::now();
                 }
                 _ = self.stop.cancelled(), if !self.stop.is_cancelled() => {}
-                message = messages.recv(), if in_hand.len() < window && !self.stop.is_cancelled() => match message {
-                    Some(message) => self.take(message, &mut in_hand, &mut offsets),
-                    None => return Err("the Kafka polling thread ended".into()),
+                reserved = self.window.reserve(), if slot.is_none() && !self.stop.is_cancelled() => {
+                    slot = Some(reserved);
+                }
+                message = messages.recv(), if slot.is_some() && !self.stop.is_cancelled() => match (message, slot.take()) {
+                    (Some(message), Some(reserved)) => self.take(message, reserved, &mut in_hand, &mut offsets),
+                    (Some(message), None) => backlog.push_back(message),
+                    (None, _) => return Err("the Kafka polling thread ended".into()),
                 },
             }
         }
@@ -637,12 +659,12 @@ impl Shared {
         Ok(())
     }
 
-    fn take(self: &Arc<Self>, message: OwnedMessage, in_hand: &mut InHand, offsets: &mut OffsetTracker) {
+    fn take(self: &Arc<Self>, message: OwnedMessage, slot: Slot, in_hand: &mut InHand, offsets: &mut OffsetTracker) {
         let key = (message.topic().to_string(), message.partition());
         let offset = message.offset();
         offsets.start(key.clone(), offset);
         let shared = Arc::clone(self);
-        in_hand.push(key, offset, async move { shared.process_message(&message).await }.boxed());
+        in_hand.push(key, offset, async move { shared.process_message(&message, slot).await }.boxed());
     }
 
     /// Flushes the producer and stores the handled prefix of every partition that moved.
@@ -733,7 +755,8 @@ impl Shared {
         debug!("🧩 Kafka offsets stored: {progress:?}");
     }
 
-    async fn process_message(self: &Arc<Self>, message: &OwnedMessage) -> MessageOutcome {
+    /// Handles one message in its place of the window (`slot`, released when done).
+    async fn process_message(self: &Arc<Self>, message: &OwnedMessage, slot: Slot) -> MessageOutcome {
         QueueStats::bump(&self.stats.received);
         catalog::received(Stage::Consumer, "kafka", 1);
         let event = match decode_raw_event(message.payload()) {
@@ -752,6 +775,12 @@ impl Shared {
                 );
                 return self.dead_letter(record, None, "undecodable").await;
             }
+        };
+        // Its team's share of the window; held back meanwhile (not yet counted as a delivery). At
+        // shutdown a held event is left uncommitted: it comes again.
+        let _slot = tokio::select! {
+            slot = slot.admit(event.team_id) => slot,
+            _ = self.stop.cancelled() => return MessageOutcome::Interrupted,
         };
         let counted = self
             .deliveries

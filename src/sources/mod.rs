@@ -30,6 +30,7 @@ pub mod decode;
 pub mod kafka_consumer;
 pub mod kafka_deliveries;
 pub mod retry;
+pub mod window;
 
 pub use celery::{CeleryTask, DecodeError};
 pub use celery_consumer::{CeleryConsumer, CeleryConsumerOptions};
@@ -53,7 +54,7 @@ pub enum HandleError {
 }
 
 /// Where the consumers deliver what they receive. Implemented by the ingestion pipeline; the
-/// consumers call it concurrently (up to `WORKER_CONCURRENCY × TASKS_PER_WORKER` at once).
+/// consumers call it concurrently (up to their window's `in_flight` at once, see [`window`]).
 #[async_trait]
 pub trait EventHandler: Send + Sync {
     /// An event from Celery (`process_event_with_plugins`) or Kafka, already merged the reference's
@@ -81,6 +82,11 @@ pub struct QueueStats {
     pub retries: AtomicU64,
     /// Messages put back on the queue at shutdown before they were handled.
     pub requeued: AtomicU64,
+    /// Events held back because their team had its share of the window in flight
+    /// ([`window`]).
+    pub held_back: AtomicU64,
+    /// Times the consumer stopped taking messages because the held-back events filled their bound.
+    pub intake_stalled: AtomicU64,
 }
 
 /// A point-in-time copy of [`QueueStats`].
@@ -91,6 +97,8 @@ pub struct QueueStatsSnapshot {
     pub dead_lettered: u64,
     pub retries: u64,
     pub requeued: u64,
+    pub held_back: u64,
+    pub intake_stalled: u64,
 }
 
 impl QueueStats {
@@ -101,6 +109,8 @@ impl QueueStats {
             dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
             retries: self.retries.load(Ordering::Relaxed),
             requeued: self.requeued.load(Ordering::Relaxed),
+            held_back: self.held_back.load(Ordering::Relaxed),
+            intake_stalled: self.intake_stalled.load(Ordering::Relaxed),
         }
     }
 
@@ -119,9 +129,16 @@ impl QueueStats {
 /// overlap its deliveries) while memory stays bounded by this small, fixed number.
 pub const EVENTS_IN_FLIGHT_PER_TASK: usize = 20;
 
-/// How many events the consumers handle at once: `WORKER_CONCURRENCY × TASKS_PER_WORKER ×`
-/// [`EVENTS_IN_FLIGHT_PER_TASK`], never zero (the reference loops forever on
-/// `WORKER_CONCURRENCY=0`; here 0 means one per core).
+/// How many events of one team the consumers handle at once: `WORKER_CONCURRENCY ×
+/// TASKS_PER_WORKER ×` [`EVENTS_IN_FLIGHT_PER_TASK`], never zero (the reference loops forever on
+/// `WORKER_CONCURRENCY=0`; here 0 means one per core). All teams together: twice that, see
+/// [`consumer_window`].
 pub fn consumer_concurrency(config: &crate::config::Config) -> usize {
     (config.worker_threads() * config.tasks_per_worker() * EVENTS_IN_FLIGHT_PER_TASK).max(1)
+}
+
+/// The consumers' window: a team's share is [`consumer_concurrency`] (what all teams shared
+/// before the fair share), see [`window::WindowLimits::from_team_share`].
+pub fn consumer_window(config: &crate::config::Config) -> window::WindowLimits {
+    window::WindowLimits::from_team_share(consumer_concurrency(config))
 }

@@ -44,6 +44,17 @@ pub enum Outcome {
 }
 
 impl RetryPolicy {
+    /// `INGESTION_RETRY_ATTEMPTS` attempts, the first wait `INGESTION_RETRY_BACKOFF_MS`, at most
+    /// 30 s between two.
+    pub fn from_config(config: &crate::config::Config) -> RetryPolicy {
+        let default = RetryPolicy::default();
+        RetryPolicy {
+            max_attempts: config.INGESTION_RETRY_ATTEMPTS.max(1),
+            initial_backoff: Duration::from_millis(config.INGESTION_RETRY_BACKOFF_MS),
+            ..default
+        }
+    }
+
     /// Runs `attempt` until it succeeds, is rejected, runs out of attempts or `stop` is cancelled.
     pub async fn run<F, Fut>(&self, what: &str, stop: &CancellationToken, stats: &QueueStats, mut attempt: F) -> Outcome
     where

@@ -317,6 +317,11 @@ pub async fn create_user_team_and_organization(
     .execute(pool)
     .await
     .expect("insert membership");
+    create_team(pool, team_id, organization_id).await;
+}
+
+/// A team (project) of an existing organization, as the reference's fixture creates them.
+pub async fn create_team(pool: &PgPool, team_id: i32, organization_id: &str) {
     sqlx::query(
         "INSERT INTO posthog_team (id, organization_id, app_urls, name, event_names, event_names_with_usage,
             event_properties, event_properties_with_usage, event_properties_numerical, anonymize_ips,
@@ -353,4 +358,35 @@ where
         assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Adds plugin `plugin_id` (a zip of `code`) and its enabled config `config_id` for `team_id`,
+/// at `order` in the team's chain.
+pub async fn add_plugin_config(pool: &PgPool, plugin_id: i32, config_id: i32, team_id: i32, order: i32, code: &str) {
+    let name = format!("plugin-{plugin_id}");
+    let plugin_json = serde_json::json!({"name": name, "description": "test", "url": "http://example.com/plugin", "config": {}, "main": "index.js"});
+    sqlx::query(
+        "INSERT INTO posthog_plugin (id, organization_id, plugin_type, name, description, url, config_schema, tag,
+            archive, error, from_json, from_web, is_global, is_preinstalled, capabilities, metrics)
+         VALUES ($1, $2::uuid, 'custom', $3, 'test', 'http://example.com/plugin', '{}', '0.0.1', $4,
+            NULL, false, false, false, false, '{}', '{}')",
+    )
+    .bind(plugin_id)
+    .bind(COMMON_ORGANIZATION_ID)
+    .bind(&name)
+    .bind(plugin_zip(Some(code), &plugin_json))
+    .execute(pool)
+    .await
+    .expect("insert plugin");
+    sqlx::query(
+        "INSERT INTO posthog_pluginconfig (id, team_id, plugin_id, enabled, \"order\", config, error, created_at, updated_at)
+         VALUES ($1, $2, $3, true, $4, '{}', NULL, now(), now())",
+    )
+    .bind(config_id)
+    .bind(team_id)
+    .bind(plugin_id)
+    .bind(order)
+    .execute(pool)
+    .await
+    .expect("insert plugin config");
 }

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
+use plugin_server::db::persons::{self, Person};
 use plugin_server::event::PluginEvent;
-use plugin_server::ingestion::persons::{self, Person};
 use plugin_server::ingestion::process_event::ProcessedEvent;
 use plugin_server::ingestion::uuidt::new_uuidt;
 use plugin_server::ingestion::{EventsProcessor, IngestError};

@@ -10,12 +10,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Map, Value};
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
-use super::{js, Action};
+use super::Action;
 use crate::event::PluginEvent;
+use crate::js;
 use crate::model::{Organization, Person, Team};
 
 /// How long one webhook or REST hook request may take.
@@ -482,27 +483,11 @@ impl HookCommander {
         event: &str,
         resource_id: i64,
     ) -> Result<Vec<Hook>, sqlx::Error> {
-        let rows = crate::metrics::catalog::postgres("fetchRelevantRestHooks", sqlx::query(
-            "SELECT id, team_id::bigint AS team_id, user_id::bigint AS user_id, resource_id::bigint AS resource_id, \
-             event, target FROM ee_hook WHERE team_id = $1 AND event = $2 AND resource_id = $3",
+        crate::metrics::catalog::postgres(
+            "fetchRelevantRestHooks",
+            crate::db::actions::fetch_rest_hooks(&self.postgres, team_id, event, resource_id),
         )
-        .bind(team_id)
-        .bind(event)
-        .bind(resource_id)
-        .fetch_all(&self.postgres)
-        ).await?;
-        rows.iter()
-            .map(|row| {
-                Ok(Hook {
-                    id: row.try_get("id")?,
-                    team_id: row.try_get("team_id")?,
-                    user_id: row.try_get("user_id")?,
-                    resource_id: row.try_get("resource_id")?,
-                    event: row.try_get("event")?,
-                    target: row.try_get("target")?,
-                })
-            })
-            .collect()
+        .await
     }
 
     async fn post_rest_hook(&self, hook: &Hook, event: &PluginEvent, person: Option<&Person>) {
@@ -512,7 +497,7 @@ impl HookCommander {
                 // The subscriber is gone on Zapier's side: forget the hook on ours.
                 if let Err(error) = crate::metrics::catalog::postgres(
                     "deleteRestHook",
-                    sqlx::query("DELETE FROM ee_hook WHERE id = $1").bind(&hook.id).execute(&self.postgres),
+                    crate::db::actions::delete_rest_hook(&self.postgres, &hook.id),
                 )
                 .await
                 {

@@ -8,26 +8,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use sqlx::postgres::PgRow;
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{Action, ActionError, ActionStep};
+use super::{Action, ActionError};
+use crate::db;
 
 /// How often the whole cache is reloaded (the reference's 5-minute broadcast).
 pub const ACTIONS_RELOAD_INTERVAL: Duration = Duration::from_secs(5 * 60);
 
 /// Actions of one team, ascending by id (the order the reference iterates them in).
 type TeamActions = BTreeMap<i64, Arc<Action>>;
-
-const ACTION_COLUMNS: &str = "id::bigint AS id, team_id::bigint AS team_id, name, created_at, \
-    created_by_id::bigint AS created_by_id, deleted, post_to_slack, slack_message_format, is_calculating, \
-    updated_at, last_calculated_at";
-const STEP_COLUMNS: &str = "posthog_actionstep.id::bigint AS id, posthog_actionstep.action_id::bigint AS action_id, \
-    posthog_actionstep.tag_name, posthog_actionstep.text, posthog_actionstep.href, posthog_actionstep.selector, \
-    posthog_actionstep.url, posthog_actionstep.url_matching, posthog_actionstep.name, posthog_actionstep.event, \
-    posthog_actionstep.properties";
 
 pub struct ActionManager {
     postgres: PgPool,
@@ -71,46 +63,31 @@ impl ActionManager {
 
     /// Replaces the cache with every non-deleted action and its steps.
     pub async fn reload_all(&self) -> Result<(), ActionError> {
-        let actions = crate::metrics::catalog::postgres(
-            "fetchActions",
-            sqlx::query(&format!("SELECT {ACTION_COLUMNS} FROM posthog_action WHERE deleted = FALSE"))
-                .fetch_all(&self.postgres),
-        )
-        .await
-        .map_err(|source| ActionError::Database { context: "fetching actions", source })?;
-        let steps = crate::metrics::catalog::postgres(
-            "fetchActionSteps",
-            sqlx::query(&format!(
-                "SELECT {STEP_COLUMNS}, posthog_action.team_id::bigint AS step_team_id FROM posthog_actionstep \
-             JOIN posthog_action ON (posthog_action.id = posthog_actionstep.action_id) \
-             WHERE posthog_action.deleted = FALSE ORDER BY posthog_actionstep.id"
-            ))
-            .fetch_all(&self.postgres),
-        )
-        .await
-        .map_err(|source| ActionError::Database { context: "fetching action steps", source })?;
+        let actions = crate::metrics::catalog::postgres("fetchActions", db::actions::fetch_all_actions(&self.postgres))
+            .await
+            .map_err(|source| ActionError::Database { context: "fetching actions", source })?;
+        let steps = crate::metrics::catalog::postgres("fetchActionSteps", db::actions::fetch_all_steps(&self.postgres))
+            .await
+            .map_err(|source| ActionError::Database { context: "fetching action steps", source })?;
 
         let mut by_team: HashMap<i64, BTreeMap<i64, Action>> = HashMap::new();
-        for row in &actions {
-            match action_from_row(row) {
+        for row in actions {
+            match row {
                 Ok(action) => {
                     by_team.entry(action.team_id).or_default().insert(action.id, action);
                 }
                 Err(error) => warn!(%error, "🍿 skipping an action row that cannot be read"),
             }
         }
-        for row in &steps {
-            let team_id: Result<i64, _> = row.try_get("step_team_id");
-            match (team_id, step_from_row(row)) {
-                (Ok(team_id), Ok(step)) => {
+        for row in steps {
+            match row {
+                Ok((team_id, step)) => {
                     if let Some(action) = by_team.get_mut(&team_id).and_then(|actions| actions.get_mut(&step.action_id))
                     {
                         action.steps.push(step);
                     }
                 }
-                (Err(error), _) | (_, Err(error)) => {
-                    warn!(%error, "🍿 skipping an action step row that cannot be read")
-                }
+                Err(error) => warn!(%error, "🍿 skipping an action step row that cannot be read"),
             }
         }
         let fresh: HashMap<i64, TeamActions> = by_team
@@ -176,68 +153,26 @@ impl ActionManager {
     }
 
     async fn fetch_action(&self, action_id: i64) -> Result<Option<Action>, ActionError> {
-        let row = crate::metrics::catalog::postgres(
-            "fetchActions",
-            sqlx::query(&format!("SELECT {ACTION_COLUMNS} FROM posthog_action WHERE id = $1 AND deleted = FALSE"))
-                .bind(action_id)
-                .fetch_optional(&self.postgres),
-        )
-        .await
-        .map_err(|source| ActionError::Database { context: "fetching an action", source })?;
+        let row =
+            crate::metrics::catalog::postgres("fetchActions", db::actions::fetch_action(&self.postgres, action_id))
+                .await
+                .map_err(|source| ActionError::Database { context: "fetching an action", source })?;
         let Some(row) = row else {
             return Ok(None);
         };
-        let mut action =
-            action_from_row(&row).map_err(|source| ActionError::Database { context: "reading an action", source })?;
+        let mut action = row.map_err(|source| ActionError::Database { context: "reading an action", source })?;
         let steps = crate::metrics::catalog::postgres(
             "fetchActionSteps",
-            sqlx::query(&format!(
-                "SELECT {STEP_COLUMNS} FROM posthog_actionstep WHERE action_id = $1 ORDER BY posthog_actionstep.id"
-            ))
-            .bind(action_id)
-            .fetch_all(&self.postgres),
+            db::actions::fetch_action_steps(&self.postgres, action_id),
         )
         .await
         .map_err(|source| ActionError::Database { context: "fetching action steps", source })?;
-        for row in &steps {
-            match step_from_row(row) {
+        for row in steps {
+            match row {
                 Ok(step) => action.steps.push(step),
                 Err(error) => warn!(%error, action_id, "🍿 skipping an action step row that cannot be read"),
             }
         }
         Ok(Some(action))
     }
-}
-
-fn action_from_row(row: &PgRow) -> Result<Action, sqlx::Error> {
-    Ok(Action {
-        id: row.try_get("id")?,
-        team_id: row.try_get("team_id")?,
-        name: row.try_get("name")?,
-        created_at: row.try_get("created_at")?,
-        created_by_id: row.try_get("created_by_id")?,
-        deleted: row.try_get("deleted")?,
-        post_to_slack: row.try_get("post_to_slack")?,
-        slack_message_format: row.try_get("slack_message_format")?,
-        is_calculating: row.try_get("is_calculating")?,
-        updated_at: row.try_get("updated_at")?,
-        last_calculated_at: row.try_get("last_calculated_at")?,
-        steps: Vec::new(),
-    })
-}
-
-fn step_from_row(row: &PgRow) -> Result<ActionStep, sqlx::Error> {
-    Ok(ActionStep {
-        id: row.try_get("id")?,
-        action_id: row.try_get("action_id")?,
-        tag_name: row.try_get("tag_name")?,
-        text: row.try_get("text")?,
-        href: row.try_get("href")?,
-        selector: row.try_get("selector")?,
-        url: row.try_get("url")?,
-        url_matching: row.try_get("url_matching")?,
-        name: row.try_get("name")?,
-        event: row.try_get("event")?,
-        properties: row.try_get("properties")?,
-    })
 }

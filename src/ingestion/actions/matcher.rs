@@ -20,9 +20,10 @@ use tracing::{debug, warn};
 use uuid::Uuid;
 
 use super::selector::Selector;
-use super::{js, Action, ActionError, ActionManager, ActionStep};
+use super::{Action, ActionError, ActionManager, ActionStep};
 use crate::event::PluginEvent;
 use crate::ingestion::elements::Element;
+use crate::js;
 use crate::model::Person;
 
 /// Looks a person up in ClickHouse's `person_static_cohort` (ClickHouse pipeline only).
@@ -404,17 +405,11 @@ impl ActionMatcher {
                 return Ok(true);
             }
         }
-        let exists: bool = crate::metrics::catalog::postgres(
+        Ok(crate::metrics::catalog::postgres(
             "doesPersonBelongToCohort",
-            sqlx::query_scalar(
-                "SELECT EXISTS (SELECT 1 FROM posthog_cohortpeople WHERE cohort_id = $1 AND person_id = $2)",
-            )
-            .bind(cohort_id)
-            .bind(i64::from(person.id))
-            .fetch_one(&self.postgres),
+            crate::db::actions::is_in_cohort(&self.postgres, cohort_id, i64::from(person.id)),
         )
-        .await?;
-        Ok(exists)
+        .await?)
     }
 
     /// The property test of one filter against one set of properties (`None`: no properties).

@@ -10,7 +10,6 @@
 //! pipeline does both), and element parsing (`ingestion::elements`).
 
 mod hooks;
-pub mod js;
 mod manager;
 mod matcher;
 pub mod selector;

@@ -2,8 +2,8 @@
 //! (the reference's `EnqueuedJob`) and its run time. Enqueuing is the job queue's business, behind
 //! the [`JobEnqueuer`](super::JobEnqueuer) trait.
 
-use super::super::js::now_ms;
 use super::super::vm_boundary::JsError;
+use crate::js::now_ms;
 
 /// A plugin job as queued: the job queue's own type (one shape for every queue and producer).
 pub use crate::jobs::job::EnqueuedJob;

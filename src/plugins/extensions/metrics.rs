@@ -8,11 +8,11 @@ use std::sync::{Arc, Mutex};
 use serde_json::{Map, Value};
 use tracing::warn;
 
-use super::super::js::number_value;
-use super::super::rows::{self, PluginConfig};
+use super::super::rows::{PluginConfig, PluginRecords};
 use super::super::vm_boundary::JsError;
 use super::posthog::build_capture;
 use super::CaptureSink;
+use crate::js::number_to_json;
 
 /// The metrics every plugin with `exportEvents` gets.
 pub const EXPORT_EVENTS_METRICS: [&str; 5] =
@@ -109,7 +109,7 @@ impl PluginMetrics {
         let Ok(per_config) = self.per_config.lock() else { return Map::new() };
         per_config
             .get(&config_id)
-            .map(|entry| entry.values.iter().map(|(name, value)| (name.clone(), number_value(*value))).collect())
+            .map(|entry| entry.values.iter().map(|(name, value)| (name.clone(), number_to_json(*value))).collect())
             .unwrap_or_default()
     }
 
@@ -122,7 +122,7 @@ impl PluginMetrics {
         for entry in drained {
             let plugin = &entry.config.plugin;
             let mut properties: Map<String, Value> =
-                entry.values.iter().map(|(name, value)| (name.clone(), number_value(*value))).collect();
+                entry.values.iter().map(|(name, value)| (name.clone(), number_to_json(*value))).collect();
             properties.insert("plugin_name".into(), plugin.row.name.clone().map(Value::String).unwrap_or(Value::Null));
             properties.insert("plugin_id".into(), Value::from(plugin.id()));
             properties.insert("plugin_tag".into(), plugin.row.tag.clone().map(Value::String).unwrap_or(Value::Null));
@@ -138,7 +138,7 @@ impl PluginMetrics {
 /// Validates the exported metric declarations, adds the exportEvents defaults and stores the
 /// result in `posthog_plugin.metrics` (and in memory) when it changed.
 pub async fn setup_metrics(
-    pool: &sqlx::PgPool,
+    records: &dyn PluginRecords,
     config: &PluginConfig,
     exported: Option<&Map<String, Value>>,
     export_events: bool,
@@ -171,7 +171,7 @@ pub async fn setup_metrics(
     let stored = Value::Object(config.plugin.declared_metrics());
     let new = Value::Object(metrics.clone());
     if stored != new {
-        if let Err(err) = rows::set_plugin_metrics(pool, config.plugin_id, &new).await {
+        if let Err(err) = records.set_plugin_metrics(config.plugin_id, &new).await {
             warn!(plugin_id = config.plugin_id, error = %err, "could not store plugin metrics");
         }
         if let Ok(mut in_memory) = config.plugin.metrics.lock() {

@@ -1,5 +1,5 @@
 //! The sandbox's `posthog` global: `posthog.capture` (the event a plugin sends back into the
-//! pipeline; delivering it is the queues module's job behind [`CaptureSink`](super::CaptureSink))
+//! pipeline; delivering it is the sinks' job (`sinks::capture`) behind [`CaptureSink`](super::CaptureSink))
 //! and `posthog.api.*` (the request to PostHog's API, including the auto-provisioned personal API
 //! key of the organization's bot user). The runtime performs the actual `fetch`.
 //!
@@ -14,16 +14,16 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
 use rand::Rng;
 use serde_json::{json, Map, Value};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::super::js::{form_urlencode, iso_now, random_token, string_of, truthy};
 use super::super::rows::PluginConfig;
 use super::super::runtime::{network_settings, FetchError, FetchRequest, MetaError};
 use super::super::vm_boundary::JsError;
+use crate::db;
+use crate::js::{form_urlencode, is_truthy, iso_now, random_token, string_of};
 
 /// The Celery task a captured event is sent as in the Postgres pipeline.
 pub const CAPTURE_CELERY_TASK: &str = "posthog.tasks.process_event.process_event_with_plugins";
@@ -127,8 +127,8 @@ pub async fn api_request(
 ) -> Result<ApiRequest, JsError> {
     let method = method.to_uppercase();
     let option = |name: &str| options.and_then(|options| options.get(name)).filter(|value| !value.is_null());
-    let personal = option("personalApiKey").filter(|value| truthy(value));
-    let project = option("projectApiKey").filter(|value| truthy(value));
+    let personal = option("personalApiKey").filter(|value| is_truthy(value));
+    let project = option("projectApiKey").filter(|value| is_truthy(value));
     if personal.is_some() != project.is_some() {
         return Err(JsError::new(
             "Error",
@@ -156,12 +156,9 @@ pub async fn api_request(
                     ),
                 ));
             }
-            let team: Option<(Option<String>, Uuid)> =
-                sqlx::query_as("SELECT api_token, organization_id FROM posthog_team WHERE id = $1")
-                    .bind(team_id.unwrap_or(0))
-                    .fetch_optional(pool)
-                    .await
-                    .map_err(|err| JsError::new("Error", err.to_string()))?;
+            let team = crate::db::teams::fetch_api_token_and_organization(pool, team_id.unwrap_or(0))
+                .await
+                .map_err(|err| JsError::new("Error", err.to_string()))?;
             let (token, organization) = team.ok_or_else(|| JsError::new("Error", "Unable to determine project"))?;
             // A team without a token gives `token=undefined`, as the reference's template does.
             let key = keys.fetch_or_create(pool, organization).await?;
@@ -183,7 +180,7 @@ pub async fn api_request(
     let headers = vec![("Authorization".to_string(), format!("Bearer {api_key}"))];
     let body = match method.as_str() {
         "GET" | "DELETE" => None,
-        _ => Some(option("data").filter(|data| truthy(data)).cloned().unwrap_or_else(|| json!({})).to_string()),
+        _ => Some(option("data").filter(|data| is_truthy(data)).cloned().unwrap_or_else(|| json!({})).to_string()),
     };
     Ok(ApiRequest { url, method, headers, body })
 }
@@ -256,24 +253,18 @@ impl ApiKeyManager {
     }
 
     async fn provision(&self, pool: &PgPool, organization: Uuid) -> Result<String, sqlx::Error> {
-        let user: Option<(i32,)> = crate::metrics::catalog::postgres(
+        let user = crate::metrics::catalog::postgres(
             "fetchPluginsUser",
-            sqlx::query_as("SELECT id FROM posthog_user WHERE email LIKE $1")
-                .bind(format!("%@{BOT_USER_EMAIL_DOMAIN}"))
-                .fetch_optional(pool),
+            db::users::fetch_user_id_by_email_like(pool, &format!("%@{BOT_USER_EMAIL_DOMAIN}")),
         )
         .await?;
         let user_id = match user {
-            Some((id,)) => {
-                let existing: Option<(Option<String>,)> = crate::metrics::catalog::postgres(
+            Some(id) => {
+                if let Some(value) = crate::metrics::catalog::postgres(
                     "fetchOrCreatePersonalApiKey",
-                    sqlx::query_as("SELECT value FROM posthog_personalapikey WHERE user_id = $1")
-                        .bind(id)
-                        .fetch_optional(pool),
+                    db::users::fetch_personal_api_key(pool, id),
                 )
-                .await?;
-                if let Some((Some(value),)) =
-                    existing.filter(|(value,)| value.as_deref().is_some_and(|v| !v.is_empty()))
+                .await?
                 {
                     return Ok(value);
                 }
@@ -281,52 +272,27 @@ impl ApiKeyManager {
             }
             None => {
                 let email_id: u32 = rand::rng().random_range(0..=100_000_000);
-                let now = Utc::now();
-                let mut transaction = pool.begin().await?;
-                let (id,): (i32,) = sqlx::query_as(
-                    "INSERT INTO posthog_user (uuid, password, first_name, last_name, email, distinct_id, is_staff, \
-                     is_active, date_joined, events_column_config) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
-                     RETURNING id",
-                )
-                .bind(Uuid::now_v7())
-                .bind(random_token())
-                .bind("Plugins API User [Bot]")
-                .bind("")
-                .bind(format!("{email_id}@{BOT_USER_EMAIL_DOMAIN}"))
-                .bind(random_token())
-                .bind(false)
-                .bind(true)
-                .bind(now)
-                .bind(json!({"active": "DEFAULT"}))
-                .fetch_one(&mut *transaction)
-                .await?;
-                sqlx::query(
-                    "INSERT INTO posthog_organizationmembership (id, organization_id, user_id, level, joined_at, \
-                     updated_at) VALUES ($1, $2, $3, $4, $5, $6)",
-                )
-                .bind(Uuid::now_v7())
-                .bind(organization)
-                .bind(id)
-                .bind(1_i16)
-                .bind(now)
-                .bind(now)
-                .execute(&mut *transaction)
-                .await?;
-                transaction.commit().await?;
-                id
+                let member = db::users::NewMember {
+                    password: &random_token(),
+                    first_name: "Plugins API User [Bot]",
+                    email: &format!("{email_id}@{BOT_USER_EMAIL_DOMAIN}"),
+                    distinct_id: &random_token(),
+                    organization,
+                };
+                db::users::create_member(pool, &member).await?
             }
         };
-        let (value,): (String,) = crate::metrics::catalog::postgres("createPersonalApiKey", sqlx::query_as(
-            "INSERT INTO posthog_personalapikey (id, user_id, label, value, created_at) VALUES ($1, $2, $3, $4, $5) \
-             RETURNING value",
+        let value = crate::metrics::catalog::postgres(
+            "createPersonalApiKey",
+            db::users::insert_personal_api_key(
+                pool,
+                &random_token(),
+                user_id,
+                "autogen",
+                &format!("phx_{}", random_token()),
+            ),
         )
-        .bind(random_token())
-        .bind(user_id)
-        .bind("autogen")
-        .bind(format!("phx_{}", random_token()))
-        .bind(Utc::now())
-        .fetch_one(pool)
-        ).await?;
+        .await?;
         Ok(value)
     }
 }

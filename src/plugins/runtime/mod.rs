@@ -17,6 +17,7 @@ mod convert;
 mod host;
 mod pool;
 mod quickjs;
+pub mod v8;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -156,6 +157,17 @@ pub struct JsError {
     pub thrown: Thrown,
 }
 
+impl JsError {
+    pub fn new(name: &str, message: impl Into<String>) -> JsError {
+        JsError { name: name.to_string(), message: message.into(), ..JsError::default() }
+    }
+
+    /// A `RetryError` thrown by plugin code.
+    pub fn retry(message: impl Into<String>) -> JsError {
+        JsError { retry: true, ..JsError::new("Error", message) }
+    }
+}
+
 /// The kind of value plugin code threw.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Thrown {
@@ -273,13 +285,15 @@ pub struct PoolOptions {
 
 impl PoolOptions {
     pub fn from_config(config: &crate::config::Config) -> PoolOptions {
-        let test_env = crate::config::NodeEnv::detect(&|key| std::env::var(key).ok()) == crate::config::NodeEnv::Test;
+        let test_env = config.is_test();
         PoolOptions {
             threads: config.worker_threads(),
             tasks_per_worker: config.tasks_per_worker(),
             task_timeout: config.task_timeout(),
             test_env,
             test_console_file: test_env.then(|| std::path::Path::new("tmp").join("test-console.txt")),
+            stall_after: (config.PLUGIN_WORKER_STALL_MS > 0)
+                .then(|| std::time::Duration::from_millis(config.PLUGIN_WORKER_STALL_MS)),
             ..PoolOptions::default()
         }
     }

@@ -130,12 +130,21 @@ pub fn configure(settings: NetworkSettings) {
     }
 }
 
-/// The settings in force: the configured ones, else the defaults of this process's `NODE_ENV`.
+/// The settings in force: the configured ones, else those of this process's configuration
+/// (`Config::from_env`, read once; production defaults if it does not parse).
 pub fn settings() -> Arc<NetworkSettings> {
     if let Some(settings) = settings_cell().read().ok().and_then(|cell| cell.clone()) {
         return settings;
     }
-    Arc::new(NetworkSettings::defaults(NodeEnv::detect(&|key| std::env::var(key).ok())))
+    static UNCONFIGURED: OnceLock<Arc<NetworkSettings>> = OnceLock::new();
+    UNCONFIGURED
+        .get_or_init(|| {
+            Arc::new(match Config::from_env() {
+                Ok(config) => NetworkSettings::from_config(&config),
+                Err(_) => NetworkSettings::defaults(NodeEnv::Production),
+            })
+        })
+        .clone()
 }
 
 /// A request as the plugin made it.

@@ -1,14 +1,19 @@
-//! JavaScript value semantics the reference relies on when it compares, prints and serializes
-//! JSON values: `String(x)`, `Number(x)`, loose equality `==`, relational `<`/`>`,
-//! `JSON.stringify` (number formatting and key order included) and the reference's `stringify`
-//! helper. Action matching, hook messages and element hashing must give byte-for-byte the same
+//! JavaScript value semantics over JSON values, the one place the server renders, compares and
+//! converts values the way Node did: `String(x)`, `Number(x)` (and `Number.prototype.toString`),
+//! truthiness, loose equality `==`, relational `<`/`>`, `JSON.stringify` (number formatting and
+//! key order included), the reference's `stringify` helper, `Date.prototype.toISOString`,
+//! `Date.now()`, `URLSearchParams` encoding and the reference's random tokens. Action matching,
+//! hook messages, element hashing, timestamps and the plugin API must give byte-for-byte the same
 //! strings and the same comparison results as Node did, so they all go through here.
 //!
-//! This module owns only value semantics over `serde_json::Value`; it knows nothing of events.
-//! `None` stands for JavaScript `undefined` (a key that is absent).
+//! This module owns only value semantics over `serde_json::Value`; it knows nothing of events, and
+//! anything needing a live JS object belongs to the runtime. `None` stands for JavaScript
+//! `undefined` (a key that is absent).
 
 use std::cmp::Ordering;
 
+use chrono::{DateTime, Utc};
+use rand::Rng;
 use serde_json::{Map, Value};
 
 /// The JavaScript `typeof` of a JSON value (`None` is `undefined`).
@@ -95,6 +100,11 @@ pub fn to_js_string(value: Option<&Value>) -> String {
             .join(","),
         Some(Value::Object(_)) => "[object Object]".into(),
     }
+}
+
+/// `String(x)` of a present value.
+pub fn string_of(value: &Value) -> String {
+    to_js_string(Some(value))
 }
 
 /// JavaScript truthiness (`if (x)`).
@@ -380,6 +390,64 @@ fn array_index(key: &str) -> Option<u32> {
     key.parse::<u32>().ok().filter(|index| *index != u32::MAX)
 }
 
+/// `Date.prototype.toISOString` of a UTC time: `2020-01-01T12:00:05.050Z` (Postgres event rows,
+/// session recordings, Kafka `created_at`, the health ping, plugin events).
+pub fn iso(time: &DateTime<Utc>) -> String {
+    time.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
+}
+
+/// `new Date().toISOString()`.
+pub fn iso_now() -> String {
+    iso(&Utc::now())
+}
+
+/// Epoch milliseconds now (`Date.now()`).
+pub fn now_ms() -> i64 {
+    Utc::now().timestamp_millis()
+}
+
+/// A JS number as JSON: whole numbers as integers (so `3` stays `3`), NaN/Infinity as `null`
+/// (what `JSON.stringify` gives).
+pub fn number_to_json(number: f64) -> Value {
+    if number.fract() == 0.0 && number.abs() < 9.007_199_254_740_992e15 {
+        Value::from(number as i64)
+    } else {
+        serde_json::Number::from_f64(number).map(Value::Number).unwrap_or(Value::Null)
+    }
+}
+
+/// A JSON number as an integer when it is one (Redis and SQL arguments).
+pub fn as_integer(value: &Value) -> Option<i64> {
+    let number = value.as_f64()?;
+    (number.fract() == 0.0 && number.abs() < 9.007_199_254_740_992e15).then_some(number as i64)
+}
+
+const BASE62: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
+
+/// The reference's `generateRandomToken(32)`: a random base-62 string (32 random bytes give 43
+/// base-62 digits).
+pub fn random_token() -> String {
+    let mut rng = rand::rng();
+    (0..43).map(|_| BASE62[rng.random_range(0..BASE62.len())] as char).collect()
+}
+
+/// `application/x-www-form-urlencoded` encoding as `URLSearchParams.toString()` does it
+/// (space → `+`; `*-._` and alphanumerics kept).
+pub fn form_urlencode(pairs: &[(String, String)]) -> String {
+    fn encode(text: &str) -> String {
+        let mut out = String::with_capacity(text.len());
+        for byte in text.bytes() {
+            match byte {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'*' | b'-' | b'.' | b'_' => out.push(byte as char),
+                b' ' => out.push('+'),
+                _ => out.push_str(&format!("%{byte:02X}")),
+            }
+        }
+        out
+    }
+    pairs.iter().map(|(key, value)| format!("{}={}", encode(key), encode(value))).collect::<Vec<_>>().join("&")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -439,5 +507,23 @@ mod tests {
             json_stringify(&value, Some(4)),
             "{\n    \"text\": \"x\",\n    \"blocks\": [\n        {\n            \"a\": []\n        }\n    ]\n}"
         );
+    }
+
+    #[test]
+    fn plugin_api_renderings() {
+        assert_eq!(to_js_string(Some(&json!(987))), "987");
+        assert_eq!(to_js_string(Some(&json!(1.5))), "1.5");
+        assert_eq!(to_js_string(Some(&json!([1, null, "a"]))), "1,,a");
+        assert_eq!(to_js_string(Some(&json!({"a": 1}))), "[object Object]");
+        assert_eq!(number_to_string(100.0), "100");
+        assert_eq!(number_to_string(1.5e-7), "1.5e-7");
+        let pairs = vec![("token".to_string(), "THIS IS NOT A TOKEN FOR TEAM 2".to_string())];
+        assert_eq!(form_urlencode(&pairs), "token=THIS+IS+NOT+A+TOKEN+FOR+TEAM+2");
+        assert_eq!(form_urlencode(&[("a/b".into(), "é&".into())]), "a%2Fb=%C3%A9%26");
+        let token = random_token();
+        assert_eq!(token.len(), 43);
+        assert!(token.bytes().all(|b| b.is_ascii_alphanumeric()));
+        let time = DateTime::parse_from_rfc3339("2020-01-01T12:00:05.05Z").map(|time| time.with_timezone(&Utc));
+        assert_eq!(time.as_ref().map(iso).ok().as_deref(), Some("2020-01-01T12:00:05.050Z"));
     }
 }

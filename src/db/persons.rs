@@ -1,8 +1,9 @@
 //! Person rows in Postgres (written in both pipelines): fetch by distinct id, create with distinct
 //! ids, partial updates, adding distinct ids, and the merge transaction (spec 20 §5.3, §8).
 //!
-//! Owns the SQL only. When to call what (identify/alias rules, retries) is `process_event`'s;
-//! announcing changes to ClickHouse is the `EventWriter`'s.
+//! Also the `posthog_persondistinctid` count behind "is this a new person?" (spec 20 §8.1).
+//! When to call what (identify/alias rules, retries) is `ingestion::process_event`'s; announcing
+//! changes to ClickHouse is the `EventWriter`'s.
 
 use std::sync::LazyLock;
 
@@ -312,9 +313,15 @@ fn is_distinct_id_foreign_key_violation(error: &sqlx::Error) -> bool {
     })
 }
 
-/// Whether a database error is a unique violation (SQLSTATE 23505).
-pub fn is_unique_violation(error: &sqlx::Error) -> bool {
-    error.as_database_error().is_some_and(|database_error| database_error.is_unique_violation())
+/// How many rows the team has for `distinct_id` (0 or 1).
+pub async fn count_distinct_id(pool: &PgPool, team_id: i32, distinct_id: &str) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT COUNT(*) AS pdicount FROM posthog_persondistinctid WHERE team_id = $1 AND distinct_id = $2",
+    )
+    .bind(team_id)
+    .bind(distinct_id)
+    .fetch_one(pool)
+    .await
 }
 
 /// Every person (tests and benchmarks), in id order.
