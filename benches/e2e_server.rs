@@ -141,7 +141,10 @@ async fn warm_up(hosts: &str, topic: &str, partitions: i32, output: &OutputCount
             let record = raw_event_record(topic, &data, 2);
             let value = record.messages.into_iter().next().and_then(|message| message.value).unwrap_or_default();
             let sent = producer
-                .send(FutureRecord::<(), [u8]>::to(topic).partition(*partition).payload(&value), Duration::from_secs(10))
+                .send(
+                    FutureRecord::<(), [u8]>::to(topic).partition(*partition).payload(&value),
+                    Duration::from_secs(10),
+                )
                 .await;
             sent.map_err(|(error, _)| error).expect("produce a warm-up event");
             offered.push((*partition, uuid));
@@ -198,7 +201,8 @@ impl OutputCounter {
         let partitions = metadata.topics().first().map_or(0, |topic| topic.partitions().len()) as i32;
         let mut assignment = TopicPartitionList::new();
         for partition in 0..partitions {
-            let (_, end) = reader.fetch_watermarks(KAFKA_EVENTS, partition, Duration::from_secs(10)).expect("watermarks");
+            let (_, end) =
+                reader.fetch_watermarks(KAFKA_EVENTS, partition, Duration::from_secs(10)).expect("watermarks");
             assignment.add_partition_offset(KAFKA_EVENTS, partition, Offset::Offset(end)).expect("offset");
         }
         reader.assign(&assignment).expect("assign");
@@ -307,7 +311,10 @@ fn rss_mib() -> f64 {
 
 /// The servers under test: in this process, or `BENCH_SERVERS` processes of the binary.
 enum Servers {
-    InProcess { shutdown: CancellationToken, server: tokio::task::JoinHandle<Result<(), plugin_server::server::ServerError>> },
+    InProcess {
+        shutdown: CancellationToken,
+        server: tokio::task::JoinHandle<Result<(), plugin_server::server::ServerError>>,
+    },
     Processes(Vec<std::process::Child>),
 }
 
@@ -347,7 +354,10 @@ impl Servers {
             }
             Servers::Processes(mut children) => {
                 for child in &children {
-                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(child.id() as i32),
+                        nix::sys::signal::Signal::SIGTERM,
+                    );
                 }
                 for child in &mut children {
                     let _ = child.wait();
@@ -425,7 +435,10 @@ async fn main() {
         // Kafka: the servers join first (they start at the latest offset), then the events are
         // produced, the clock started as the first goes out.
         warm_up(&kafka_hosts, &queue, partitions, output).await;
-        println!("(servers up and consuming all {partitions} partitions after {:.1}s)", started.elapsed().as_secs_f64());
+        println!(
+            "(servers up and consuming all {partitions} partitions after {:.1}s)",
+            started.elapsed().as_secs_f64()
+        );
         started = Instant::now();
         produce_events(&producer_config, &queue, events, users, output).await;
         println!("(produced {events} events in {:.1}s, the clock running)", started.elapsed().as_secs_f64());
@@ -458,11 +471,7 @@ async fn main() {
     let machine_after = machine_jiffies();
     let broker_cpu = broker_cpu_before.zip(broker.and_then(cpu_seconds)).map(|(before, after)| after - before);
     if let Some(output) = &output {
-        println!(
-            "({} of {events} events on {KAFKA_EVENTS}, {} duplicates)",
-            output.landed(),
-            output.duplicates()
-        );
+        println!("({} of {events} events on {KAFKA_EVENTS}, {} duplicates)", output.landed(), output.duplicates());
     }
     if let Some((at, count)) = first_landed.filter(|(at, _)| (finished - *at).as_secs_f64() > 0.5) {
         let seconds = (finished - at).as_secs_f64();

@@ -15,7 +15,7 @@ use common::http_stub::{http_stub, https_stub, next_request, HttpRequest};
 use common::server_process::{run, stdout, Server};
 use common::TestDb;
 use plugin_server::clickhouse::{ClickHouse, ClickHouseError, ClickHouseSettings};
-use queues_support::{create_topics, ensure_kafka, produce, unique, kafka_hosts};
+use queues_support::{create_topics, ensure_kafka, kafka_hosts, produce, unique};
 use serde_json::json;
 
 /// Answers like ClickHouse: `SELECT 1` → one UInt8 row; anything else → no rows.

@@ -10,7 +10,7 @@ mod queues_support;
 use std::time::{Duration, Instant};
 
 use common::TestDb;
-use queues_support::{consume_topic_from, create_topics, ensure_kafka, produce, topic_end, unique, kafka_hosts};
+use queues_support::{consume_topic_from, create_topics, ensure_kafka, kafka_hosts, produce, topic_end, unique};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 

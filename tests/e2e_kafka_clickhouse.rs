@@ -159,7 +159,8 @@ fn structure(table: &Table) -> String {
 /// Runs SQL in ClickHouse's engine (scripts/chdb), returns the JSONEachRow rows.
 fn clickhouse(sql: &str) -> Vec<Map<String, Value>> {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/chdb");
-    let output = std::process::Command::new("bash").arg(script).arg("query").arg(sql).output().expect("run scripts/chdb");
+    let output =
+        std::process::Command::new("bash").arg(script).arg("query").arg(sql).output().expect("run scripts/chdb");
     assert!(
         output.status.success(),
         "ClickHouse refused to read it:\n{sql}\n{}",
@@ -389,7 +390,10 @@ async fn clickhouse_parses_every_topic_the_server_writes() {
         assert_eq!(datetime(row["timestamp"].as_str().unwrap()), datetime(CORRECTED_TIMESTAMP));
         let created_at = datetime(row["created_at"].as_str().unwrap());
         let age = chrono::Utc::now().naive_utc() - created_at;
-        assert!(age >= chrono::Duration::zero() && age < chrono::Duration::minutes(5), "created_at is now: {created_at}");
+        assert!(
+            age >= chrono::Duration::zero() && age < chrono::Duration::minutes(5),
+            "created_at is now: {created_at}"
+        );
         let stored: Map<String, Value> = serde_json::from_str(row["properties"].as_str().unwrap()).expect("JSON");
         for (key, value) in properties.as_object().unwrap() {
             if key != "$elements" {
@@ -430,7 +434,9 @@ async fn clickhouse_parses_every_topic_the_server_writes() {
                 })
                 .await
             }
-            "clickhouse_groups" => messages_with(table.topic, start_of(table.topic), &markers, |found| !found.is_empty()).await,
+            "clickhouse_groups" => {
+                messages_with(table.topic, start_of(table.topic), &markers, |found| !found.is_empty()).await
+            }
             "plugin_log_entries" => {
                 let logged = format!("processed $autocapture for {user}");
                 messages_with(table.topic, start_of(table.topic), &markers, all_of(&[logged])).await
@@ -464,11 +470,17 @@ async fn clickhouse_parses_every_topic_the_server_writes() {
                 assert_eq!(person_ids.len(), 2, "two persons: {rows:?}");
                 let distinct_ids: BTreeSet<&str> = rows.iter().filter_map(|row| row["distinct_id"].as_str()).collect();
                 assert_eq!(distinct_ids, BTreeSet::from([user.as_str(), anonymous.as_str()]));
-                assert!(rows.iter().any(|row| row["is_deleted"] == json!(1)), "the merge moved a distinct id: {rows:?}");
+                assert!(
+                    rows.iter().any(|row| row["is_deleted"] == json!(1)),
+                    "the merge moved a distinct id: {rows:?}"
+                );
             }
             "clickhouse_person" => {
                 assert!(rows.iter().all(|row| row["team_id"] == json!(common::TEAM_ID)));
-                assert!(rows.iter().any(|row| row["is_deleted"] == json!(true)), "the merged person is deleted: {rows:?}");
+                assert!(
+                    rows.iter().any(|row| row["is_deleted"] == json!(true)),
+                    "the merged person is deleted: {rows:?}"
+                );
             }
             "clickhouse_groups" => {
                 let row = &rows[0];

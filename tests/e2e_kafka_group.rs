@@ -104,7 +104,8 @@ async fn stream_events(topic: String, marker: String, sent: Arc<AtomicUsize>) ->
             })
             .collect();
         let sends = batch.iter().map(|(uuid, value)| {
-            producer.send(FutureRecord::to(&topic).key(uuid.as_str()).payload(value.as_slice()), Duration::from_secs(30))
+            producer
+                .send(FutureRecord::to(&topic).key(uuid.as_str()).payload(value.as_slice()), Duration::from_secs(30))
         });
         for result in futures::future::join_all(sends).await {
             result.map_err(|(error, _)| error).expect("produce");
@@ -130,7 +131,8 @@ async fn output_counts(start: rdkafka::Offset, uuids: &[String]) -> BTreeMap<Str
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let mut counts: BTreeMap<String, usize> = BTreeMap::new();
-        for (_, value) in consume_topic_from("clickhouse_events_proto", start, usize::MAX, Duration::from_secs(5)).await {
+        for (_, value) in consume_topic_from("clickhouse_events_proto", start, usize::MAX, Duration::from_secs(5)).await
+        {
             let Some(value) = value else { continue };
             let Ok(event) = <EventUuid as prost::Message>::decode_length_delimited(value.as_slice()) else { continue };
             if let Some(uuid) = event.uuid.filter(|uuid| wanted.contains(uuid.as_str())) {
@@ -184,7 +186,10 @@ async fn a_clean_rebalance_loses_and_duplicates_nothing() {
 
     let counts = output_counts(start, &uuids).await;
     let Tally { lost, duplicates } = tally(&uuids, &counts);
-    println!("clean rebalance (A+B, C joins, B leaves): {} events in, {lost} lost, {duplicates} duplicates", uuids.len());
+    println!(
+        "clean rebalance (A+B, C joins, B leaves): {} events in, {lost} lost, {duplicates} duplicates",
+        uuids.len()
+    );
     assert_eq!(lost, 0, "every event came out");
     assert_eq!(duplicates, 0, "a clean rebalance hands partitions over without reprocessing");
     drop((a, c));

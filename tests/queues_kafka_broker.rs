@@ -53,7 +53,11 @@ async fn every_acknowledged_message_is_counted_and_read_back_by_a_fresh_group() 
     assert!(acknowledged.len() > 1, "the keys spread over several partitions: {:?}", acknowledged.keys());
     for (partition, offsets) in &acknowledged {
         let expected: Vec<i64> = (0..offsets.len() as i64).collect();
-        assert_eq!(offsets.keys().copied().collect::<Vec<_>>(), expected, "partition {partition}: offsets 0..n, no gap");
+        assert_eq!(
+            offsets.keys().copied().collect::<Vec<_>>(),
+            expected,
+            "partition {partition}: offsets 0..n, no gap"
+        );
     }
 
     // Watermarks, asked right after the acknowledgements.
@@ -88,7 +92,13 @@ async fn every_acknowledged_message_is_counted_and_read_back_by_a_fresh_group() 
             Ok(Ok(message)) => {
                 let payload = String::from_utf8_lossy(message.payload().unwrap_or_default()).into_owned();
                 let previous = read.insert((message.partition(), message.offset()), payload);
-                assert_eq!(previous, None, "offset {} of partition {} read twice", message.offset(), message.partition());
+                assert_eq!(
+                    previous,
+                    None,
+                    "offset {} of partition {} read twice",
+                    message.offset(),
+                    message.partition()
+                );
             }
             Ok(Err(error)) => panic!("reading {topic}: {error}"),
             Err(_) => panic!("read {} of {MESSAGES} messages in 90 s", read.len()),

@@ -163,7 +163,10 @@ pub fn ensure_kafka() {
             return;
         }
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/kafka");
-        let status = std::process::Command::new("bash").arg(script).arg("start").env("KAFKA_PORT", kafka_port().to_string())
+        let status = std::process::Command::new("bash")
+            .arg(script)
+            .arg("start")
+            .env("KAFKA_PORT", kafka_port().to_string())
             .status()
             .expect("run scripts/kafka");
         assert!(status.success(), "scripts/kafka start failed");
