@@ -11,8 +11,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use e2e_support::*;
-use plugin_server::ingestion::queues::celery::{encode_task_message, PROCESS_EVENT_TASK};
-use plugin_server::ingestion::queues::{CeleryConsumer, CeleryConsumerOptions};
+use plugin_server::sinks::celery_producer::encode_task_message;
+use plugin_server::sources::celery::PROCESS_EVENT_TASK;
+use plugin_server::sources::{CeleryConsumer, CeleryConsumerOptions};
 use serde_json::{json, Map};
 
 #[tokio::main]

@@ -12,8 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use e2e_support::*;
-use plugin_server::ingestion::queues::messages::raw_event_record;
-use plugin_server::ingestion::queues::{KafkaConsumerOptions, KafkaProducerWrapper, KafkaQueue};
+use plugin_server::sinks::messages::raw_event_record;
+use plugin_server::sinks::KafkaProducerWrapper;
+use plugin_server::sources::{KafkaConsumerOptions, KafkaQueue};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use serde_json::json;

@@ -33,10 +33,11 @@ use std::time::{Duration, Instant};
 
 use e2e_support::*;
 use plugin_server::config::Config;
-use plugin_server::ingestion::queues::celery::{encode_task_message, PROCESS_EVENT_TASK};
-use plugin_server::ingestion::queues::messages::raw_event_record;
-use plugin_server::ingestion::queues::topics::{ALL_TOPICS, KAFKA_EVENTS};
-use plugin_server::ingestion::queues::KafkaProducerWrapper;
+use plugin_server::sinks::celery_producer::encode_task_message;
+use plugin_server::sinks::messages::raw_event_record;
+use plugin_server::sinks::topics::{ALL_TOPICS, KAFKA_EVENTS};
+use plugin_server::sinks::KafkaProducerWrapper;
+use plugin_server::sources::celery::PROCESS_EVENT_TASK;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};

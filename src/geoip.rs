@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::hub::Hub;
-use crate::schedule::cron;
+use crate::infra::cron;
 
 pub const MMDB_ENDPOINT: &str = "https://mmdb.posthog.net/";
 pub const MMDB_ATTACHMENT_KEY: &str = "@posthog/mmdb";

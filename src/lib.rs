@@ -9,8 +9,10 @@ pub mod event;
 pub mod geoip;
 pub mod health;
 pub mod hub;
+pub mod infra;
 pub mod ingestion;
 pub mod jobs;
+pub mod lifecycle;
 pub mod logging;
 pub mod metrics;
 pub mod migrate;
@@ -20,6 +22,8 @@ pub mod plugins;
 pub mod pubsub;
 pub mod schedule;
 pub mod server;
+pub mod sinks;
+pub mod sources;
 
 /// The reference version this server is compatible with, reported by `--version`, written to
 /// `@posthog-plugin-server/version` and used in client ids.

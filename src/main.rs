@@ -6,7 +6,7 @@ use clap::Parser;
 use plugin_server::config::{format_help, Config, NodeEnv};
 use plugin_server::health::{healthcheck, HealthStatus, PING_KEY};
 use plugin_server::migrate::MigrateOutcome;
-use plugin_server::{logging, server, VERSION};
+use plugin_server::{lifecycle, logging, server, VERSION};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
@@ -114,13 +114,13 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             Mode::Migrate => Ok(run_migrate(&config).await),
             Mode::Idle => {
                 let shutdown = CancellationToken::new();
-                server::handle_signals(shutdown.clone())?;
+                lifecycle::handle_signals(shutdown.clone())?;
                 server::run_idle(shutdown).await;
                 Ok(0)
             }
             Mode::Serve => {
                 let shutdown = CancellationToken::new();
-                server::handle_signals(shutdown.clone())?;
+                lifecycle::handle_signals(shutdown.clone())?;
                 match server::run(config, shutdown).await {
                     Ok(()) => Ok(0),
                     Err(error) => {

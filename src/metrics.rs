@@ -243,7 +243,7 @@ pub async fn run_pool_stats(metrics: Metrics, stats: PoolStats, shutdown: Cancel
 
 /// [`run_pool_stats`] with another period (tests).
 pub async fn run_pool_stats_every(metrics: Metrics, stats: PoolStats, period: Duration, shutdown: CancellationToken) {
-    crate::schedule::cron::run_on_boundaries(period, shutdown, || {
+    crate::infra::cron::run_on_boundaries(period, shutdown, || {
         for (name, value) in stats() {
             metrics.gauge(&format!("piscina.{name}"), value, &[]);
         }

@@ -15,16 +15,17 @@ use serde_json::Value;
 use tracing::warn;
 
 use crate::event::PluginEvent;
+use crate::infra::BoxError;
 use crate::ingestion::actions::ActionManager;
 use crate::ingestion::process_event::{EventsProcessor, IngestError};
-use crate::ingestion::queues::{EventHandler, HandleError};
 use crate::jobs::job::EnqueuedJob;
 use crate::jobs::manager::JobQueueManager;
 use crate::jobs::queue::JobRunner;
 use crate::metrics::staleness::ActivityTracker;
 use crate::plugins::Plugins;
 use crate::pubsub::ReloadHandler;
-use crate::schedule::{BoxError, PluginSchedule, ScheduledTask, ScheduledTaskRunner};
+use crate::schedule::{PluginSchedule, ScheduledTask, ScheduledTaskRunner};
+use crate::sources::{EventHandler, HandleError};
 
 /// How many locks the distinct ids of concurrent events are spread over.
 const DISTINCT_ID_STRIPES: usize = 1024;
@@ -222,61 +223,10 @@ pub mod bridges {
     use serde_json::Value;
 
     use crate::geoip::GeoIp;
-    use crate::ingestion::queues::topics::KAFKA_PLUGIN_LOG_ENTRIES;
-    use crate::ingestion::queues::{CeleryProducer, KafkaProducerWrapper, KafkaRecord};
     use crate::jobs::job::EnqueuedJob;
     use crate::jobs::manager::JobQueueManager;
-    use crate::plugins::extensions::posthog::CapturedEvent;
-    use crate::plugins::extensions::{CaptureSink, GeoIpLocator, JobEnqueuer, SinkError};
-    use crate::plugins::log_entries::{PluginLogEntry, PluginLogSink};
-    use crate::plugins::vm::JsError;
-
-    /// `posthog.capture` in the Postgres pipeline: a Celery task on `PLUGINS_CELERY_QUEUE`.
-    pub struct CeleryCapture(pub Arc<CeleryProducer>);
-
-    #[async_trait]
-    impl CaptureSink for CeleryCapture {
-        async fn capture(&self, event: CapturedEvent) -> Result<(), SinkError> {
-            let data = event.data.as_object().cloned().unwrap_or_default();
-            self.0.send_capture(&data, event.team_id).await.map(|_| ()).map_err(|error| SinkError(error.to_string()))
-        }
-    }
-
-    /// `posthog.capture` in the Kafka pipeline: the raw event on `KAFKA_CONSUMPTION_TOPIC`, keyed
-    /// by its uuid, as the reference produces it.
-    pub struct KafkaCapture {
-        pub producer: Arc<KafkaProducerWrapper>,
-        pub topic: String,
-    }
-
-    #[async_trait]
-    impl CaptureSink for KafkaCapture {
-        async fn capture(&self, event: CapturedEvent) -> Result<(), SinkError> {
-            let value = event.raw_event_message().to_string().into_bytes();
-            let record = KafkaRecord::single(&self.topic, Some(event.uuid().to_string()), value);
-            self.producer.queue_message(record).await.map_err(|error| SinkError(error.to_string()))
-        }
-    }
-
-    /// Plugin log entries in the Kafka pipeline: the `plugin_log_entries` topic.
-    pub struct KafkaLogSink(pub Arc<KafkaProducerWrapper>);
-
-    #[async_trait]
-    impl PluginLogSink for KafkaLogSink {
-        async fn queue(&self, entry: PluginLogEntry) {
-            let value = entry.to_kafka_json().to_string().into_bytes();
-            let record = KafkaRecord::single(KAFKA_PLUGIN_LOG_ENTRIES, Some(entry.id.to_string()), value);
-            if let Err(error) = self.0.queue_message(record).await {
-                tracing::warn!("🔴 Could not produce a plugin log entry: {error}");
-            }
-        }
-
-        async fn flush(&self) {
-            if let Err(error) = self.0.flush().await {
-                tracing::warn!("🔴 Could not flush plugin log entries: {error}");
-            }
-        }
-    }
+    use crate::plugins::extensions::{GeoIpLocator, JobEnqueuer, SinkError};
+    use crate::plugins::vm_boundary::JsError;
 
     /// `meta.jobs` and export retries into the job queue manager.
     pub struct JobQueueEnqueuer(pub Arc<JobQueueManager>);

@@ -21,8 +21,9 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::infra::BoxError;
 use crate::metrics::sentry::capture_error_message;
-use crate::schedule::{BoxError, Scheduler};
+use crate::schedule::Scheduler;
 
 pub const RELOAD_ACTION_CHANNEL: &str = "reload-action";
 pub const DROP_ACTION_CHANNEL: &str = "drop-action";

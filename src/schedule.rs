@@ -6,11 +6,8 @@
 //! [`ScheduledTaskRunner`], implemented over the plugin pool. A slow or failing task never delays
 //! another: each run is its own tokio task.
 //!
-//! `cron` holds the boundary arithmetic and `redlock` the lock (also used by the job queue
-//! consumer).
-
-pub mod cron;
-pub mod redlock;
+//! `infra::cron` holds the boundary arithmetic and `infra::redlock` the lock (also used by the job
+//! queue consumer).
 
 use std::collections::HashSet;
 use std::fmt;
@@ -25,10 +22,9 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::Config;
-use redlock::{LockState, Redlock, SCHEDULE_LOCK};
-
-/// Errors a runner or the plugins behind it report; logged here, recorded by the runner.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+use crate::infra::cron;
+use crate::infra::redlock::{LockState, Redlock, SCHEDULE_LOCK};
+use crate::infra::BoxError;
 
 /// The three scheduled plugin methods.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

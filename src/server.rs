@@ -1,38 +1,21 @@
-//! The server's lifecycle: start-up order, the components that run until shutdown, signal
-//! handling and graceful shutdown.
-//!
-//! Every long-running part of the server is a *component*: a named task that receives a
-//! cancellation token and gets a shutdown budget. Components are stopped in reverse order of
-//! start (consumers first, the health ping last). A component that ends on its own before shutdown
-//! was asked for (it returns, `Ok` or `Err` alike, or it panics) is a failure: the health ping
-//! stops at once (its key is deleted, so `--healthcheck` fails), the failure is logged and the
-//! server shuts down with exit code 1 rather than limping on with a dead part.
-//!
-//! Signals (SIGINT, SIGTERM, SIGHUP): the first starts a graceful shutdown; the next one forces an
-//! immediate exit. (The reference needs a third signal to force; a second is what operators expect.)
+//! The server's wiring: connects the hub, then starts every component in the reference's start-up
+//! order (`startPluginsServer`) on the [`Lifecycle`], and the idle mode. How components run and
+//! stop (budgets, signals, a component that dies) is `lifecycle`'s.
 //! What each component does lives in its own module; this one only orders them.
 
-use std::future::Future;
-use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
-use futures::FutureExt;
-
 use thiserror::Error;
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::health;
 use crate::hub::{Hub, HubError};
+use crate::lifecycle::{Lifecycle, DEFAULT_SHUTDOWN_BUDGET};
 
 /// Redis key announcing this server's job queue types, JSON-encoded as the reference writes it.
 pub const ENABLED_JOB_QUEUES_KEY: &str = "@posthog-plugin-server/enabled-job-queues";
-
-/// How long a component gets to stop unless it registers another budget.
-pub const DEFAULT_SHUTDOWN_BUDGET: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Error)]
 pub enum ServerError {
@@ -46,146 +29,6 @@ pub enum ServerError {
     ComponentFailed(String),
     #[error("component {0} panicked: {1}")]
     ComponentPanicked(String, String),
-}
-
-/// How a component ended on its own.
-#[derive(Debug)]
-struct Ended {
-    name: String,
-    /// The panic message, when it panicked.
-    panic: Option<String>,
-}
-
-struct Component {
-    name: String,
-    budget: Duration,
-    token: CancellationToken,
-    handle: JoinHandle<()>,
-}
-
-/// The running components and the token that asks them all to stop.
-pub struct Lifecycle {
-    shutdown: CancellationToken,
-    components: Vec<Component>,
-    ended_sender: mpsc::UnboundedSender<Ended>,
-    ended: mpsc::UnboundedReceiver<Ended>,
-    health: health::Liveness,
-}
-
-impl Default for Lifecycle {
-    fn default() -> Self {
-        Self::new(CancellationToken::new())
-    }
-}
-
-impl Lifecycle {
-    /// `shutdown` is cancelled by the signal handler (or a test) to start the graceful shutdown.
-    pub fn new(shutdown: CancellationToken) -> Self {
-        let (ended_sender, ended) = mpsc::unbounded_channel();
-        Lifecycle { shutdown, components: Vec::new(), ended_sender, ended, health: health::Liveness::default() }
-    }
-
-    pub fn shutdown_token(&self) -> CancellationToken {
-        self.shutdown.clone()
-    }
-
-    /// Whether every component is alive: the health ping writes only while it is.
-    pub fn liveness(&self) -> health::Liveness {
-        self.health.clone()
-    }
-
-    /// Starts a component. `run` gets a token cancelled when the component must stop; it should
-    /// then finish its in-flight work and return within `budget`.
-    pub fn spawn<F, Fut>(&mut self, name: &str, budget: Duration, run: F)
-    where
-        F: FnOnce(CancellationToken) -> Fut,
-        Fut: Future<Output = ()> + Send + 'static,
-    {
-        let token = CancellationToken::new();
-        let future = run(token.clone());
-        let ended_sender = self.ended_sender.clone();
-        let component_name = name.to_string();
-        let (health, own_token) = (self.health.clone(), token.clone());
-        let handle = tokio::spawn(async move {
-            // A panic is caught here (not in a detached task) so that it is noticed like a return.
-            let panic = AssertUnwindSafe(future).catch_unwind().await.err().map(|payload| panic_message(&*payload));
-            if !own_token.is_cancelled() {
-                // Dead before it was asked to stop: the ping stops now, not after the shutdown.
-                health.mark_dead(&component_name);
-                let _ = ended_sender.send(Ended { name: component_name, panic });
-            }
-        });
-        self.components.push(Component { name: name.to_string(), budget, token, handle });
-    }
-
-    /// Waits until shutdown is requested (`Ok`) or a component ends on its own (`Err`): returning
-    /// (`Ok` or `Err` alike) or panicking before its token was cancelled.
-    pub async fn wait(&mut self) -> Result<(), ServerError> {
-        tokio::select! {
-            _ = self.shutdown.cancelled() => Ok(()),
-            Some(ended) = self.ended.recv() => Err(match ended.panic {
-                Some(message) => ServerError::ComponentPanicked(ended.name, message),
-                None => ServerError::ComponentFailed(ended.name),
-            }),
-        }
-    }
-
-    /// Stops every component, last started first, each within its budget; one that overruns is
-    /// aborted and reported.
-    pub async fn stop(self) {
-        self.shutdown.cancel();
-        for component in self.components.into_iter().rev() {
-            component.token.cancel();
-            let mut handle = component.handle;
-            match tokio::time::timeout(component.budget, &mut handle).await {
-                Ok(Ok(())) => {}
-                Ok(Err(join_error)) => error!("💥 Component {} failed while stopping: {join_error}", component.name),
-                Err(_) => {
-                    warn!("⌛ Component {} did not stop within {:?}; aborting it", component.name, component.budget);
-                    handle.abort();
-                }
-            }
-        }
-    }
-}
-
-/// The text of a panic payload (`panic!("…")` gives a `&str` or a `String`).
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    if let Some(text) = payload.downcast_ref::<&str>() {
-        text.to_string()
-    } else if let Some(text) = payload.downcast_ref::<String>() {
-        text.clone()
-    } else {
-        "non-text panic payload".to_string()
-    }
-}
-
-/// Installs the SIGINT/SIGTERM/SIGHUP handler: the first signal cancels `shutdown`, the next one
-/// exits the process at once.
-pub fn handle_signals(shutdown: CancellationToken) -> std::io::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut hangup = signal(SignalKind::hangup())?;
-    tokio::spawn(async move {
-        let mut received = 0;
-        loop {
-            let name = tokio::select! {
-                _ = interrupt.recv() => "SIGINT",
-                _ = terminate.recv() => "SIGTERM",
-                _ = hangup.recv() => "SIGHUP",
-            };
-            received += 1;
-            if received == 1 {
-                info!("💤 Received {name}, shutting down gracefully (send another signal to force)");
-                shutdown.cancel();
-            } else {
-                warn!("❗️ Received {name} again: shutting down forcibly!");
-                std::process::exit(0);
-            }
-        }
-    });
-    Ok(())
 }
 
 /// Runs the server until `shutdown` is cancelled: connects, starts every component, waits, and
@@ -221,21 +64,14 @@ async fn start_components(hub: &Hub, lifecycle: &mut Lifecycle) -> Result<(), Se
     use std::sync::Arc;
 
     use crate::geoip::GeoIp;
+    use crate::infra::pipelined_redis::PipelinedRedis;
     use crate::ingestion::actions::{ActionManager, ActionMatcher, ClickHouseStaticCohorts, HookCommander};
     use crate::ingestion::process_event::EventsProcessor;
-    use crate::ingestion::queues::celery_dedupe::MarkingWriter;
-    use crate::ingestion::queues::kafka_writer::KafkaEventWriter;
-    use crate::ingestion::queues::pipelined_redis::PipelinedRedis;
-    use crate::ingestion::queues::topics::KAFKA_EVENTS_PLUGIN_INGESTION;
-    use crate::ingestion::queues::{
-        CeleryConsumer, CeleryConsumerOptions, CeleryProducer, KafkaConsumerOptions, KafkaProducerWrapper, KafkaQueue,
-    };
-    use crate::ingestion::writer::{EventWriter, PostgresEventWriter};
     use crate::jobs::consumer::{run_job_queue_consumer, JobConsumerSettings};
     use crate::jobs::manager::{JobQueueManager, JobQueueOptions};
     use crate::jobs::queue::JobRunner;
     use crate::metrics::staleness::ActivityTracker;
-    use crate::pipeline::bridges::{CeleryCapture, GeoIpLookup, JobQueueEnqueuer, KafkaCapture, KafkaLogSink};
+    use crate::pipeline::bridges::{GeoIpLookup, JobQueueEnqueuer};
     use crate::pipeline::{Pipeline, PluginTasks};
     use crate::plugins::extensions::CaptureSink;
     use crate::plugins::extensions::PluginServices;
@@ -245,6 +81,13 @@ async fn start_components(hub: &Hub, lifecycle: &mut Lifecycle) -> Result<(), Se
     use crate::plugins::Plugins;
     use crate::pubsub::PubSub;
     use crate::schedule::{ScheduleSettings, Scheduler};
+    use crate::sinks::capture::{CeleryCapture, KafkaCapture, KafkaLogSink};
+    use crate::sinks::kafka_writer::KafkaEventWriter;
+    use crate::sinks::topics::KAFKA_EVENTS_PLUGIN_INGESTION;
+    use crate::sinks::writer::{EventWriter, PostgresEventWriter};
+    use crate::sinks::{CeleryProducer, KafkaProducerWrapper};
+    use crate::sources::celery_dedupe::MarkingWriter;
+    use crate::sources::{CeleryConsumer, CeleryConsumerOptions, KafkaConsumerOptions, KafkaQueue};
 
     let config = &hub.config;
     let fail = |what: &str, error: &dyn std::fmt::Display| ServerError::Start(format!("{what}: {error}"));
@@ -284,7 +127,7 @@ async fn start_components(hub: &Hub, lifecycle: &mut Lifecycle) -> Result<(), Se
     // persons, log entries and plugin captures.
     let (kafka, clickhouse) = if config.KAFKA_ENABLED {
         let clickhouse = connect_clickhouse(config).await?;
-        let client_id = crate::ingestion::queues::kafka_settings::client_id(&hub.instance_id);
+        let client_id = crate::infra::kafka_settings::client_id(&hub.instance_id);
         let producer =
             KafkaProducerWrapper::connect(config, &client_id).map_err(|error| fail("Kafka producer", &error))?;
         (Some(producer), Some(clickhouse))

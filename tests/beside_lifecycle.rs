@@ -14,8 +14,10 @@ use plugin_server::config::NodeEnv;
 use plugin_server::event::PluginEvent;
 use plugin_server::geoip::GeoIp;
 use plugin_server::hub::{redis_client, Hub};
+use plugin_server::infra::BoxError;
 use plugin_server::jobs::consumer::{run_job_queue_consumer, JobConsumerSettings};
 use plugin_server::jobs::{EnqueuedJob, JobQueueManager, JobQueueOptions, JobRunner};
+use plugin_server::lifecycle::Lifecycle;
 use plugin_server::metrics::internal::{run_internal_metrics, EventIngester, InternalMetrics};
 use plugin_server::metrics::plugin_metrics::{run_plugin_metrics, PluginMetricsSender};
 use plugin_server::metrics::staleness::{ActivityTracker, StalenessCheck};
@@ -23,10 +25,7 @@ use plugin_server::metrics::status_report::{
     run_status_report, PluginFunction, PostHogCloud, StatusReport, TelemetryClient,
 };
 use plugin_server::pubsub::{PubSub, ReloadHandler};
-use plugin_server::schedule::{
-    BoxError, PluginSchedule, ScheduleSettings, ScheduledTask, ScheduledTaskRunner, Scheduler,
-};
-use plugin_server::server::Lifecycle;
+use plugin_server::schedule::{PluginSchedule, ScheduleSettings, ScheduledTask, ScheduledTaskRunner, Scheduler};
 use tokio_util::sync::CancellationToken;
 
 /// Stands in for the plugin pool.

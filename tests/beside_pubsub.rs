@@ -7,10 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use plugin_server::infra::BoxError;
 use plugin_server::pubsub::{PubSub, ReloadHandler, DROP_ACTION_CHANNEL, RELOAD_ACTION_CHANNEL};
-use plugin_server::schedule::{
-    BoxError, PluginSchedule, ScheduleSettings, ScheduledTask, ScheduledTaskRunner, Scheduler,
-};
+use plugin_server::schedule::{PluginSchedule, ScheduleSettings, ScheduledTask, ScheduledTaskRunner, Scheduler};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Default)]

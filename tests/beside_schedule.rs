@@ -8,10 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use plugin_server::schedule::redlock::Redlock;
-use plugin_server::schedule::{
-    BoxError, PluginSchedule, ScheduleSettings, ScheduledTask, ScheduledTaskRunner, Scheduler,
-};
+use plugin_server::infra::redlock::Redlock;
+use plugin_server::infra::BoxError;
+use plugin_server::schedule::{PluginSchedule, ScheduleSettings, ScheduledTask, ScheduledTaskRunner, Scheduler};
 use tokio_util::sync::CancellationToken;
 
 fn redis_client() -> redis::Client {

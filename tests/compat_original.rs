@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use common::{wait_for, TestDb};
 use plugin_server::config::Config;
-use plugin_server::ingestion::queues::celery::PROCESS_EVENT_TASK;
-use plugin_server::ingestion::queues::CeleryProducer;
+use plugin_server::sinks::CeleryProducer;
+use plugin_server::sources::celery::PROCESS_EVENT_TASK;
 use serde_json::{json, Map, Value};
 use tokio_util::sync::CancellationToken;
 

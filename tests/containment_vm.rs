@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::server_process::Server;
 use common::TestDb;
-use plugin_server::ingestion::queues::CeleryProducer;
+use plugin_server::sinks::CeleryProducer;
 use serde_json::{json, Value};
 
 /// Peak resident set of the whole server process allowed over the run (every attack included).

@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 
 use common::server_process::Server;
 use common::TestDb;
-use plugin_server::ingestion::queues::celery::{decode_task, encode_task_message, TaskSet, PROCESS_EVENT_TASK};
-use plugin_server::ingestion::queues::celery_consumer::{dead_letter_key, processing_key};
-use plugin_server::ingestion::queues::CeleryTask;
+use plugin_server::sinks::celery_producer::encode_task_message;
+use plugin_server::sources::celery::{decode_task, TaskSet, PROCESS_EVENT_TASK};
+use plugin_server::sources::celery_consumer::{dead_letter_key, processing_key};
+use plugin_server::sources::CeleryTask;
 use serde_json::{json, Map, Value};
 
 /// Copies the uuid the plugin sees into the stored properties (`posthog_event` has no uuid

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::{wait_for, TestDb};
 use plugin_server::config::Config;
-use plugin_server::ingestion::queues::CeleryProducer;
+use plugin_server::sinks::CeleryProducer;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 

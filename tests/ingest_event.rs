@@ -16,10 +16,9 @@ use plugin_server::event::PluginEvent;
 use plugin_server::ingestion::elements::Element;
 use plugin_server::ingestion::persons::{Person, PersonDistinctId};
 use plugin_server::ingestion::uuidt::new_uuidt;
-use plugin_server::ingestion::writer::{EventPayload, GroupPayload, SessionRecordingPayload, WriteError};
-use plugin_server::ingestion::{
-    ActionHandler, EventWriter, EventsProcessor, IngestError, IngestOutcome, PostgresEventWriter,
-};
+use plugin_server::ingestion::{ActionHandler, EventsProcessor, IngestError, IngestOutcome};
+use plugin_server::sinks::writer::{EventPayload, GroupPayload, SessionRecordingPayload, WriteError};
+use plugin_server::sinks::{EventWriter, PostgresEventWriter};
 use serde_json::{json, Value};
 
 const TEAM: i64 = TEAM_ID as i64;

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use plugin_server::event::PluginEvent;
 use plugin_server::plugins::export_events::json_length;
-use plugin_server::plugins::vm::{JsError, Method, VmExports};
+use plugin_server::plugins::vm_boundary::{JsError, Method, VmExports};
 use plugins_support::*;
 use serde_json::{json, Value};
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use plugin_server::plugins::extensions::PluginContext;
 use plugin_server::plugins::runtime::FetchRequest;
-use plugin_server::plugins::vm::Method;
+use plugin_server::plugins::vm_boundary::Method;
 use plugins_support::*;
 use serde_json::{json, Value};
 use uuid::Uuid;

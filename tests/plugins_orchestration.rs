@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use plugin_server::plugins::extensions::EnqueuedJob;
 use plugin_server::plugins::lazy::LoadOptions;
-use plugin_server::plugins::vm::{CallError, JsError, Method, VmExports};
+use plugin_server::plugins::vm_boundary::{CallError, JsError, Method, VmExports};
 use plugin_server::schedule::ScheduledTask;
 use plugins_support::*;
 use serde_json::{json, Value};

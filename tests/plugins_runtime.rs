@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use plugin_server::plugins::extensions::EnqueuedJob;
 use plugin_server::plugins::lazy::LoadOptions;
+use plugin_server::plugins::pooled_vm::RuntimeVmFactory;
 use plugin_server::plugins::runtime::{PoolOptions, WorkerPool};
-use plugin_server::plugins::runtime_vm::RuntimeVmFactory;
 use plugin_server::schedule::ScheduledTask;
 use plugins_support::*;
 use serde_json::{json, Value};

@@ -7,13 +7,11 @@ mod queues_support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use plugin_server::ingestion::queues::celery::{
-    decode_envelope, decode_task, encode_task_message, TaskSet, PLUGIN_JOB_TASK, PROCESS_EVENT_TASK,
-};
-use plugin_server::ingestion::queues::retry::RetryPolicy;
-use plugin_server::ingestion::queues::{
-    CeleryConsumer, CeleryConsumerOptions, CeleryProducer, CeleryTask, DecodeError, HandleError,
-};
+use plugin_server::sinks::celery_producer::encode_task_message;
+use plugin_server::sinks::CeleryProducer;
+use plugin_server::sources::celery::{decode_envelope, decode_task, TaskSet, PLUGIN_JOB_TASK, PROCESS_EVENT_TASK};
+use plugin_server::sources::retry::RetryPolicy;
+use plugin_server::sources::{CeleryConsumer, CeleryConsumerOptions, CeleryTask, DecodeError, HandleError};
 use queues_support::*;
 use serde_json::{json, Map, Value};
 use tokio::sync::Semaphore;
@@ -356,7 +354,7 @@ async fn bad_and_rejected_messages_are_set_aside_and_the_next_is_processed() {
 }
 
 fn dead_letter_key_of(queue: &str) -> String {
-    plugin_server::ingestion::queues::celery_consumer::dead_letter_key(queue)
+    plugin_server::sources::celery_consumer::dead_letter_key(queue)
 }
 
 #[tokio::test]
@@ -517,7 +515,7 @@ struct RetryOne {
 }
 
 #[async_trait::async_trait]
-impl plugin_server::ingestion::queues::EventHandler for RetryOne {
+impl plugin_server::sources::EventHandler for RetryOne {
     async fn handle_event(&self, event: plugin_server::event::PluginEvent) -> Result<(), HandleError> {
         if event.distinct_id == self.failing {
             return Err(HandleError::Retryable("database restarting".into()));
@@ -679,7 +677,7 @@ async fn a_restarted_consumer_takes_back_its_list_at_once() {
     // What a killed predecessor with this identity leaves: a live heartbeat naming a process that
     // is gone (no process has pid 0x7ffffffe) and two messages in its processing list.
     let mut connection = redis_conn(&pool).await;
-    let host = plugin_server::ingestion::queues::celery_consumer::host_name();
+    let host = plugin_server::sources::celery_consumer::host_name();
     let beat = json!({"nonce": "old", "host": host, "pid": 0x7fff_fffe_u32}).to_string();
     let _: () = redis::cmd("SET")
         .arg(opts.heartbeat_key())
@@ -761,7 +759,7 @@ async fn a_message_delivered_too_often_is_dead_lettered_and_uuids_are_stable() {
         .unwrap();
     assert_eq!(left, 0);
     // The event's uuid is derived from the task id: the same on every delivery.
-    let expected = plugin_server::ingestion::queues::celery_dedupe::message_event_uuid("fine-task").to_string();
+    let expected = plugin_server::sources::celery_dedupe::message_event_uuid("fine-task").to_string();
     assert_eq!(handler.events()[0].uuid.as_deref(), Some(expected.as_str()));
     consumer.stop().await;
     cleanup_queue(&pool, &queue).await;
@@ -775,8 +773,8 @@ async fn a_redelivered_message_already_written_is_skipped() {
     let opts = options(&queue, 2);
     let raw =
         encode_task_message(&queue, PROCESS_EVENT_TASK, "written-task", &process_event_args("written"), &Map::new());
-    let uuid = plugin_server::ingestion::queues::celery_dedupe::message_event_uuid("written-task").to_string();
-    let marker = plugin_server::ingestion::queues::celery_dedupe::written_marker_key(&queue, &uuid);
+    let uuid = plugin_server::sources::celery_dedupe::message_event_uuid("written-task").to_string();
+    let marker = plugin_server::sources::celery_dedupe::written_marker_key(&queue, &uuid);
     let mut connection = redis_conn(&pool).await;
     let _: () =
         redis::cmd("SET").arg(opts.deliveries_key("written-task")).arg(1).query_async(&mut connection).await.unwrap();
@@ -785,9 +783,9 @@ async fn a_redelivered_message_already_written_is_skipped() {
     // A first delivery is never skipped, marker or not.
     let first =
         encode_task_message(&queue, PROCESS_EVENT_TASK, "first-task", &process_event_args("first"), &Map::new());
-    let first_marker = plugin_server::ingestion::queues::celery_dedupe::written_marker_key(
+    let first_marker = plugin_server::sources::celery_dedupe::written_marker_key(
         &queue,
-        &plugin_server::ingestion::queues::celery_dedupe::message_event_uuid("first-task").to_string(),
+        &plugin_server::sources::celery_dedupe::message_event_uuid("first-task").to_string(),
     );
     let _: () = redis::cmd("SET").arg(&first_marker).arg("written").query_async(&mut connection).await.unwrap();
     lpush(&pool, &queue, &first).await;

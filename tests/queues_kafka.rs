@@ -8,8 +8,9 @@ mod queues_support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use plugin_server::ingestion::queues::retry::RetryPolicy;
-use plugin_server::ingestion::queues::{HandleError, KafkaConsumerOptions, KafkaProducerWrapper, KafkaQueue};
+use plugin_server::sinks::KafkaProducerWrapper;
+use plugin_server::sources::retry::RetryPolicy;
+use plugin_server::sources::{HandleError, KafkaConsumerOptions, KafkaQueue};
 use queues_support::*;
 use serde_json::{json, Value};
 use tokio::sync::Semaphore;
@@ -127,7 +128,7 @@ struct RejectOne {
 }
 
 #[async_trait::async_trait]
-impl plugin_server::ingestion::queues::EventHandler for RejectOne {
+impl plugin_server::sources::EventHandler for RejectOne {
     async fn handle_event(&self, event: plugin_server::event::PluginEvent) -> Result<(), HandleError> {
         if event.distinct_id == self.distinct_id {
             return Err(HandleError::Rejected("database unavailable".into()));
@@ -234,8 +235,8 @@ async fn kill_mid_batch_and_restart_loses_nothing() {
 /// send is held back, the group's committed offset does not move; once it completes, it does.
 #[tokio::test]
 async fn offsets_wait_for_the_producer() {
-    use plugin_server::ingestion::queues::kafka_producer::{BatchSender, FlushSettings};
-    use plugin_server::ingestion::queues::{KafkaRecord, ProduceError};
+    use plugin_server::sinks::kafka_producer::{BatchSender, FlushSettings};
+    use plugin_server::sinks::{KafkaRecord, ProduceError};
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::{Offset, TopicPartitionList};
 
@@ -250,7 +251,7 @@ async fn offsets_wait_for_the_producer() {
     /// Queues one record per event, as the ClickHouse writer does.
     struct Writing(Arc<KafkaProducerWrapper>);
     #[async_trait::async_trait]
-    impl plugin_server::ingestion::queues::EventHandler for Writing {
+    impl plugin_server::sources::EventHandler for Writing {
         async fn handle_event(&self, event: plugin_server::event::PluginEvent) -> Result<(), HandleError> {
             let record = KafkaRecord::single("elsewhere", None, event.distinct_id.into_bytes());
             self.0.queue_message(record).await.map_err(|error| HandleError::Retryable(error.to_string()))

@@ -10,10 +10,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use plugin_server::ingestion::queues::retry::RetryPolicy;
-use plugin_server::ingestion::queues::{
-    EventHandler, HandleError, KafkaConsumerOptions, KafkaProducerWrapper, KafkaQueue,
-};
+use plugin_server::sinks::KafkaProducerWrapper;
+use plugin_server::sources::retry::RetryPolicy;
+use plugin_server::sources::{EventHandler, HandleError, KafkaConsumerOptions, KafkaQueue};
 use queues_support::*;
 use serde_json::{json, Value};
 

@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use plugin_server::config::Config;
-use plugin_server::ingestion::queues::{KafkaConsumerOptions, KafkaProducerWrapper, KafkaQueue, KafkaRecord};
+use plugin_server::sinks::{KafkaProducerWrapper, KafkaRecord};
+use plugin_server::sources::{KafkaConsumerOptions, KafkaQueue};
 use queues_support::{ensure_kafka, eventually, unique, RecordingHandler};
 use serde_json::json;
 

@@ -3,8 +3,9 @@
 
 use chrono::{DateTime, Utc};
 use plugin_server::event::PluginEvent;
-use plugin_server::ingestion::queues::messages::*;
-use plugin_server::ingestion::queues::topics;
+use plugin_server::sinks::messages::*;
+use plugin_server::sinks::topics;
+use plugin_server::sources::decode::{decode_raw_event, RawEventError};
 use prost::Message;
 use serde_json::{json, Map, Value};
 
@@ -16,7 +17,7 @@ fn properties(value: Value) -> Map<String, Value> {
     value.as_object().unwrap().clone()
 }
 
-fn value_text(record: &plugin_server::ingestion::queues::KafkaRecord, index: usize) -> String {
+fn value_text(record: &plugin_server::sinks::KafkaRecord, index: usize) -> String {
     String::from_utf8(record.messages[index].value.clone().unwrap()).unwrap()
 }
 

@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use plugin_server::ingestion::queues::kafka_producer::{BatchSender, FlushSettings};
-use plugin_server::ingestion::queues::{KafkaMessage, KafkaProducerWrapper, KafkaRecord, ProduceError};
+use plugin_server::sinks::kafka_producer::{BatchSender, FlushSettings};
+use plugin_server::sinks::{KafkaMessage, KafkaProducerWrapper, KafkaRecord, ProduceError};
 use queues_support::*;
 
 #[derive(Default)]
@@ -199,13 +199,13 @@ impl BatchSender for RefusingSender {
     async fn send_batch_reporting(
         &self,
         records: Vec<KafkaRecord>,
-    ) -> Result<Vec<plugin_server::ingestion::queues::kafka_producer::RejectedMessage>, ProduceError> {
+    ) -> Result<Vec<plugin_server::sinks::kafka_producer::RejectedMessage>, ProduceError> {
         let mut rejected = Vec::new();
         let mut delivered = Vec::new();
         for record in records {
             for message in record.messages {
                 if message.value.as_deref().is_some_and(|value| value.starts_with(b"refuse")) {
-                    rejected.push(plugin_server::ingestion::queues::kafka_producer::RejectedMessage {
+                    rejected.push(plugin_server::sinks::kafka_producer::RejectedMessage {
                         topic: record.topic.clone(),
                         message,
                         reason: "Broker: Message size too large".into(),
@@ -297,8 +297,8 @@ async fn a_message_refused_for_good_is_dead_lettered_not_a_failed_flush() {
 /// too. The small messages beside it are delivered and the flushes succeed.
 #[tokio::test]
 async fn oversized_messages_to_a_real_broker_go_to_the_dead_letter_queue() {
-    use plugin_server::ingestion::queues::kafka_producer::RdKafkaSender;
-    use plugin_server::ingestion::queues::kafka_settings::producer_config;
+    use plugin_server::infra::kafka_settings::producer_config;
+    use plugin_server::sinks::kafka_producer::RdKafkaSender;
     let topic = unique("producer-big");
     create_topics(&[&topic, "events_dead_letter_queue"], 1).await;
     let dead_letters_start = topic_end("events_dead_letter_queue");

@@ -8,10 +8,10 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use plugin_server::ingestion::elements::Element;
 use plugin_server::ingestion::persons::{Person, PersonDistinctId};
-use plugin_server::ingestion::queues::kafka_producer::{BatchSender, FlushSettings};
-use plugin_server::ingestion::queues::messages::EventProto;
-use plugin_server::ingestion::queues::{KafkaEventWriter, KafkaProducerWrapper, KafkaRecord, ProduceError};
-use plugin_server::ingestion::writer::{EventPayload, EventWriter, GroupPayload, SessionRecordingPayload};
+use plugin_server::sinks::kafka_producer::{BatchSender, FlushSettings};
+use plugin_server::sinks::messages::EventProto;
+use plugin_server::sinks::writer::{EventPayload, EventWriter, GroupPayload, SessionRecordingPayload};
+use plugin_server::sinks::{KafkaEventWriter, KafkaProducerWrapper, KafkaRecord, ProduceError};
 use prost::Message;
 use serde_json::{json, Value};
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use plugin_server::event::PluginEvent;
-use plugin_server::ingestion::queues::{EventHandler, HandleError};
+use plugin_server::sources::{EventHandler, HandleError};
 
 /// `BENCH_EVENTS` (default 3000, the reference benchmark's count).
 pub fn event_count() -> usize {

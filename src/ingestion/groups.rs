@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use serde_json::Value;
 use sqlx::PgPool;
 
-use super::ttl_cache::{TtlCache, DEFAULT_MAX_AGE};
 use crate::event::Properties;
+use crate::infra::ttl_cache::{TtlCache, DEFAULT_MAX_AGE};
 
 /// `MAX_GROUP_TYPES_PER_TEAM` of the reference.
 pub const MAX_GROUP_TYPES_PER_TEAM: i32 = 5;

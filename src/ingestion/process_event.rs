@@ -23,7 +23,6 @@ use uuid::Uuid;
 use super::action_handler::MatchActionsAndFireHooks;
 use super::actions::js::is_truthy;
 use super::actions::{ActionMatcher, HookCommander};
-use super::batch::Batcher;
 use super::elements::{extract_elements, Element};
 use super::groups::GroupTypeManager;
 use super::person_manager::PersonManager;
@@ -35,11 +34,12 @@ use super::properties::{
 use super::teams::{FirstEventTelemetry, TeamManager};
 use super::timestamp::{handle_timestamp, now_ms, parse_timestamp};
 use super::uuidt::new_uuidt;
-use super::writer::{
-    EventPayload, EventWriter, GroupPayload, PostgresEventWriter, SessionRecordingPayload, WriteError,
-};
 use crate::event::{PluginEvent, Properties};
 use crate::hub::Hub;
+use crate::infra::batch::Batcher;
+use crate::sinks::writer::{
+    EventPayload, EventWriter, GroupPayload, PostgresEventWriter, SessionRecordingPayload, WriteError,
+};
 
 /// A merge is retried (re-fetching both persons) until this many attempts failed.
 pub const MAX_FAILED_PERSON_MERGE_ATTEMPTS: u32 = 3;

@@ -12,9 +12,9 @@ use serde_json::{Map, Value};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::ttl_cache::{TtlCache, DEFAULT_MAX_AGE};
 use super::uuidt::new_uuidt;
 use crate::event::Properties;
+use crate::infra::ttl_cache::{TtlCache, DEFAULT_MAX_AGE};
 pub use crate::model::{Organization, Team};
 
 /// Receives the "first team event ingested" telemetry (PostHog Cloud client, off in tests).

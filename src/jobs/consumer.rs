@@ -13,10 +13,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
 use crate::config::Config;
+use crate::infra::redlock::{Redlock, JOB_QUEUE_CONSUMER_LOCK};
 use crate::jobs::manager::JobQueueManager;
 use crate::jobs::queue::JobRunner;
 use crate::metrics::sentry::capture_error_message;
-use crate::schedule::redlock::{Redlock, JOB_QUEUE_CONSUMER_LOCK};
 
 /// The consumer's lock and failure policy; [`JobConsumerSettings::from_config`] is production.
 #[derive(Debug, Clone)]

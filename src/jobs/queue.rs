@@ -15,9 +15,9 @@ use tokio_util::task::TaskTracker;
 use tracing::warn;
 
 use crate::hub::HubError;
+use crate::infra::BoxError;
 use crate::jobs::job::EnqueuedJob;
 use crate::jobs::migrations::MigrationError;
-use crate::schedule::BoxError;
 
 #[derive(Debug, Error)]
 pub enum JobQueueError {

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::event::PluginEvent;
-use crate::schedule::{cron, BoxError};
+use crate::infra::{cron, BoxError};
 
 /// The counter the main pipeline increments per event handled.
 pub const EVENTS_PROCESSED: &str = "$$plugin_server_events_processed";

@@ -11,7 +11,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
-use crate::schedule::cron;
+use crate::infra::cron;
 
 /// `*/30 * * * *`.
 pub const PLUGIN_METRICS_PERIOD: Duration = Duration::from_secs(30 * 60);

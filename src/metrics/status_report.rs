@@ -15,8 +15,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::config::NodeEnv;
+use crate::infra::cron;
 use crate::metrics::js_number;
-use crate::schedule::cron;
 
 /// The plugin functions whose time is reported.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -12,7 +12,7 @@ use super::extensions::PluginServices;
 use super::js::iso;
 use super::log_entries::{LogSource, LogType, PluginLogEntry};
 use super::rows::{self, PluginConfig};
-use super::vm::{JsError, Thrown};
+use super::vm_boundary::{JsError, Thrown};
 
 /// Errors of the plugin orchestration itself (not of plugin code).
 #[derive(Debug, Error)]

@@ -16,7 +16,7 @@ use tracing::info;
 use super::errors::{process_error, PluginFailure};
 use super::extensions::{MetricOperation, PluginContext, RunAt};
 use super::js::string_of;
-use super::vm::{CallError, JsError, Method, PluginVm};
+use super::vm_boundary::{CallError, JsError, Method, PluginVm};
 
 pub const EXPORT_EVENTS_RETRY_JOB: &str = "exportEventsWithRetry";
 pub const MAXIMUM_RETRIES: u64 = 15;

@@ -17,7 +17,7 @@ use tracing::warn;
 use super::extensions::{MetricOperation, PluginContext, RunAt};
 use super::js::{iso, iso_now, truthy};
 use super::log_entries::LogType;
-use super::vm::{CallError, JsError, Method, PluginVm};
+use super::vm_boundary::{CallError, JsError, Method, PluginVm};
 
 pub const INTERFACE_JOB: &str = "Export historical events";
 pub const CHUNK_JOB: &str = "exportEventsFromTheBeginning";

@@ -23,7 +23,7 @@ use super::loader::PluginCode;
 use super::log_entries::LogType;
 use super::rows::{self, disable_plugin_config};
 use super::run::{teardown, ConfigEntry};
-use super::vm::{JsError, Method, PluginVm, VmFactory};
+use super::vm_boundary::{JsError, Method, PluginVm, VmFactory};
 
 /// Set-up attempts before a config is disabled.
 pub const MAX_SETUP_ATTEMPTS: u32 = 10;

@@ -16,11 +16,11 @@ use super::errors::PluginsError;
 use super::extensions::{EnqueuedJob, PluginContext, PluginServices};
 use super::lazy::{LazyVm, LoadOptions};
 use super::loader::{apply_schema_defaults, load_code, schema_is_empty};
+use super::pooled_vm::RuntimeVmFactory;
 use super::rows::{fetch_in_force, Plugin, PluginConfig};
 use super::run::{self, ConfigEntry};
 use super::runtime::WorkerPool;
-use super::runtime_vm::RuntimeVmFactory;
-use super::vm::{Method, TaskKind, VmFactory};
+use super::vm_boundary::{Method, TaskKind, VmFactory};
 use crate::event::PluginEvent;
 use crate::schedule::{PluginSchedule, ScheduledTask};
 

@@ -7,7 +7,7 @@
 //! which configs are in force ([`rows`]), where their code comes from ([`loader`], [`archive`]),
 //! the meta API behind `meta.*`, `console` and `posthog` ([`extensions`]), plugin log entries
 //! ([`log_entries`]), error recording ([`errors`]), the VM lifecycle with set-up retries ([`lazy`]),
-//! the exportEvents buffer and historical export ([`export_events`], [`historical_export`]), the bridge to the runtime ([`runtime_vm`]) and the
+//! the exportEvents buffer and historical export ([`export_events`], [`historical_export`]), the boundary with the JavaScript runtime ([`vm_boundary`]: what a VM offers) and its implementation over the runtime's worker pool ([`pooled_vm`]) and the
 //! [`Plugins`](manager::Plugins) facade the queues, scheduler and job consumer call.
 
 pub mod runtime;
@@ -23,9 +23,9 @@ pub mod lazy;
 pub mod loader;
 pub mod log_entries;
 pub mod manager;
+pub mod pooled_vm;
 pub mod rows;
 pub mod run;
-pub mod runtime_vm;
-pub mod vm;
+pub mod vm_boundary;
 
 pub use manager::Plugins;

@@ -21,7 +21,7 @@ use super::historical_export;
 use super::lazy::{LazyVm, LoadedVm};
 use super::log_entries::LogType;
 use super::rows::PluginConfig;
-use super::vm::{JsError, Method, TaskKind};
+use super::vm_boundary::{JsError, Method, TaskKind};
 use crate::event::PluginEvent;
 
 /// A config in force and its VM.

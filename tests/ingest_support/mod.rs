@@ -10,7 +10,8 @@ use plugin_server::event::PluginEvent;
 use plugin_server::ingestion::persons::{self, Person};
 use plugin_server::ingestion::process_event::ProcessedEvent;
 use plugin_server::ingestion::uuidt::new_uuidt;
-use plugin_server::ingestion::{EventsProcessor, IngestError, PostgresEventWriter};
+use plugin_server::ingestion::{EventsProcessor, IngestError};
+use plugin_server::sinks::PostgresEventWriter;
 use serde_json::{json, Map, Value};
 use sqlx::{PgPool, Row};
 

@@ -18,7 +18,7 @@ use plugin_server::plugins::extensions::{
 };
 use plugin_server::plugins::lazy::LoadOptions;
 use plugin_server::plugins::log_entries::PostgresLogSink;
-use plugin_server::plugins::vm::{CallError, JsError, Method, PluginVm, TaskKind, VmExports, VmFactory};
+use plugin_server::plugins::vm_boundary::{CallError, JsError, Method, PluginVm, TaskKind, VmExports, VmFactory};
 use plugin_server::plugins::Plugins;
 use serde_json::{json, Value};
 

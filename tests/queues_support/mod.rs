@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use plugin_server::event::PluginEvent;
-use plugin_server::ingestion::queues::{EventHandler, HandleError};
+use plugin_server::sources::{EventHandler, HandleError};
 use serde_json::Value;
 use tokio::sync::Semaphore;
 

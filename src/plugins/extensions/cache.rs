@@ -18,7 +18,7 @@ use serde_json::Value;
 use tokio::sync::OnceCell;
 
 use super::super::js::{as_integer, number_string, string_of, truthy};
-use super::super::vm::JsError;
+use super::super::vm_boundary::JsError;
 
 /// How long a `GET` may take before it is sent once more.
 const GET_RETRY_AFTER: Duration = Duration::from_secs(5);

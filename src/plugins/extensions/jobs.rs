@@ -3,7 +3,7 @@
 //! the [`JobEnqueuer`](super::JobEnqueuer) trait.
 
 use super::super::js::now_ms;
-use super::super::vm::JsError;
+use super::super::vm_boundary::JsError;
 
 /// A plugin job as queued: the job queue's own type (one shape for every queue and producer).
 pub use crate::jobs::job::EnqueuedJob;

@@ -10,7 +10,7 @@ use tracing::warn;
 
 use super::super::js::number_value;
 use super::super::rows::{self, PluginConfig};
-use super::super::vm::JsError;
+use super::super::vm_boundary::JsError;
 use super::posthog::build_capture;
 use super::CaptureSink;
 

@@ -24,7 +24,7 @@ use thiserror::Error;
 use super::js::string_of;
 use super::log_entries::{LogSource, LogType, PluginLogEntry, PluginLogSink};
 use super::rows::PluginConfig;
-use super::vm::JsError;
+use super::vm_boundary::JsError;
 use crate::hub::Hub;
 
 pub use cache::{Cache, CacheRedis};

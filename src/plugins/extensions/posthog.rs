@@ -23,7 +23,7 @@ use uuid::Uuid;
 use super::super::js::{form_urlencode, iso_now, random_token, string_of, truthy};
 use super::super::rows::PluginConfig;
 use super::super::runtime::{network_settings, FetchError, FetchRequest, MetaError};
-use super::super::vm::JsError;
+use super::super::vm_boundary::JsError;
 
 /// The Celery task a captured event is sent as in the Postgres pipeline.
 pub const CAPTURE_CELERY_TASK: &str = "posthog.tasks.process_event.process_event_with_plugins";

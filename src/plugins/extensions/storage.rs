@@ -6,7 +6,7 @@ use serde_json::Value;
 use sqlx::PgPool;
 
 use super::super::js::truthy;
-use super::super::vm::JsError;
+use super::super::vm_boundary::JsError;
 
 fn db_error(err: sqlx::Error) -> JsError {
     JsError::new("Error", err.to_string())

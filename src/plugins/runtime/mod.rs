@@ -16,7 +16,7 @@
 mod convert;
 mod host;
 mod pool;
-mod vm;
+mod quickjs;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,7 +31,7 @@ pub use host::fetch::{
 pub use host::memory_headroom;
 pub use host::read_test_console;
 pub use pool::{PoolStats, WorkerPool, CALL_ATTEMPTS};
-pub use vm::{ALLOWED_IMPORTS, META_GLOBAL_GET, META_GLOBAL_SET, PROCESS_EVENT_TRACKED};
+pub use quickjs::{ALLOWED_IMPORTS, META_GLOBAL_GET, META_GLOBAL_SET, PROCESS_EVENT_TRACKED};
 
 /// Identifies one plugin config (`posthog_pluginconfig.id`); one VM per id per worker thread.
 pub type PluginConfigId = i64;

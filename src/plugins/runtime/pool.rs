@@ -36,7 +36,7 @@
 //! a heavy config: it may use every thread. Building a VM (code and `setupPlugin`) does not
 //! count as a long stretch.
 //!
-//! Not here: the VM internals (`vm.rs`), what plugins are loaded when (the orchestration).
+//! Not here: the VM internals (`quickjs.rs`), what plugins are loaded when (the orchestration).
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -52,7 +52,7 @@ use serde_json::Value;
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 
-use super::vm::{is_allowed_import, Vm, VmInner, TEST_CONSOLE_MODULE};
+use super::quickjs::{is_allowed_import, Vm, VmInner, TEST_CONSOLE_MODULE};
 use super::{CallKind, MetaBindings, PluginConfigId, PluginError, PluginExports, PluginVmSpec, PoolOptions};
 use crate::plugins::transform::{transform_code, TransformedCode};
 

@@ -6,7 +6,7 @@
 //! flight) and V8's `JSON.parse` message for `res.json()`'s node-fetch error (`jsonError`).
 //!
 //! Not here: functions that need the VM's async machinery (meta calls, fetch, timers), which
-//! live in `vm.rs`; the HTTP client itself is `fetch.rs`.
+//! live in `quickjs.rs`; the HTTP client itself is `fetch.rs`.
 //!
 //! Host-made memory counts against the VM's limit: every buffer handed to JS is allocated in the
 //! VM's own heap ([`buffer`] copies into it, so QuickJS' memory limit applies and an allocation

@@ -1,6 +1,7 @@
-//! The queues events arrive on and leave by: Celery over Redis (consumer and producer), the Kafka
-//! consumer, the batching Kafka producer and the exact message formats it writes (protobuf events,
-//! persons, distinct ids, groups, session recordings, plugin log entries, raw events, dead letters).
+//! Where events come from: the Celery consumer over Redis and the Kafka consumer, the decoding of
+//! what they receive (`celery`, `decode`), redelivery and poison detection (`celery_dedupe`,
+//! `kafka_deliveries`), retries, and the dead-lettering of what cannot be handled on the way in.
+//! Where events go (the writers, the Kafka producer and the message formats) is `sinks`'.
 //!
 //! What happens to an event once it has been received is not decided here: the consumers hand every
 //! event and plugin job to an [`EventHandler`] (the pipeline that runs plugins and ingests), and
@@ -25,21 +26,14 @@ use crate::event::PluginEvent;
 pub mod celery;
 pub mod celery_consumer;
 pub mod celery_dedupe;
+pub mod decode;
 pub mod kafka_consumer;
 pub mod kafka_deliveries;
-pub mod kafka_producer;
-pub mod kafka_settings;
-pub mod kafka_writer;
-pub mod messages;
-pub mod pipelined_redis;
 pub mod retry;
-pub mod topics;
 
-pub use celery::{CeleryProducer, CeleryTask, DecodeError};
+pub use celery::{CeleryTask, DecodeError};
 pub use celery_consumer::{CeleryConsumer, CeleryConsumerOptions};
 pub use kafka_consumer::{KafkaConsumerOptions, KafkaQueue};
-pub use kafka_producer::{KafkaMessage, KafkaProducerWrapper, KafkaRecord, ProduceError};
-pub use kafka_writer::KafkaEventWriter;
 
 /// Why the handler could not handle an event or a job.
 #[derive(Debug, Clone, Error, PartialEq)]

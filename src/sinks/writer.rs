@@ -19,10 +19,10 @@ use sqlx::{PgPool, Postgres, QueryBuilder};
 use thiserror::Error;
 use uuid::Uuid;
 
-use super::batch::Batcher;
-use super::elements::{elements_hash, Element};
-use super::persons::{is_unique_violation, Person, PersonDistinctId};
 use crate::event::{PluginEvent, Properties};
+use crate::infra::batch::Batcher;
+use crate::ingestion::elements::{elements_hash, Element};
+use crate::ingestion::persons::{is_unique_violation, Person, PersonDistinctId};
 
 #[derive(Debug, Error)]
 pub enum WriteError {

@@ -51,10 +51,10 @@ use tracing::{error, info, warn};
 
 use super::celery::{decode_envelope, CeleryTask, TaskSet};
 use super::celery_dedupe::{message_event_uuid, message_key, written_marker_key};
-use super::pipelined_redis::PipelinedRedis;
 use super::retry::{Outcome, RetryPolicy};
 use super::{EventHandler, QueueStats};
 use crate::config::Config;
+use crate::infra::pipelined_redis::PipelinedRedis;
 use crate::ingestion::timestamp::format_iso;
 
 /// How many messages one round trip may move when the queue is busy.

@@ -37,9 +37,9 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{error, warn};
 
-use super::kafka_settings::{self, KafkaSetupError};
 use super::messages::undeliverable_dead_letter_record;
 use crate::config::Config;
+use crate::infra::kafka_settings::{self, KafkaSetupError};
 
 /// One message of a record. A `None` value is a tombstone (counted as 4 bytes, as the reference).
 #[derive(Debug, Clone, PartialEq)]

@@ -20,7 +20,7 @@ use super::messages::{
 use crate::event::PluginEvent;
 use crate::ingestion::elements::elements_to_chain;
 use crate::ingestion::persons::{Person, PersonDistinctId};
-use crate::ingestion::writer::{EventPayload, EventWriter, GroupPayload, SessionRecordingPayload, WriteError};
+use crate::sinks::writer::{EventPayload, EventWriter, GroupPayload, SessionRecordingPayload, WriteError};
 
 /// Writes for ClickHouse through Kafka.
 pub struct KafkaEventWriter {

@@ -15,7 +15,7 @@ use super::runtime::{
     self, Attachment, CallKind, FetchRequest, FetchResponse, MetaBindings, MetaError, PluginError, PluginExports,
     PluginVmSpec, WorkerPool,
 };
-use super::vm::{CallError, JsError, Method, PluginVm, TaskKind, VmExports, VmFactory};
+use super::vm_boundary::{CallError, JsError, Method, PluginVm, TaskKind, VmExports, VmFactory};
 
 /// Performs the plugins' `fetch` (the global and the `node-fetch` import). The server's is the
 /// network ([`runtime::http_fetch`]); tests put their own in its place, as the reference's tests

@@ -44,16 +44,17 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use super::decode::decode_raw_event;
 use super::kafka_deliveries::{Admission, DeliveryCounter};
-use super::kafka_producer::{KafkaProducerWrapper, ProduceError};
-use super::kafka_settings::{self, KafkaSetupError};
-use super::messages::{
-    dead_letter_record, decode_raw_event, malformed_message_dead_letter_record, INGEST_EVENT_ERROR_LOCATION,
-    KAFKA_CONSUMER_ERROR_LOCATION,
-};
 use super::retry::{Outcome, RetryPolicy};
 use super::{EventHandler, QueueStats};
 use crate::config::Config;
+use crate::infra::kafka_settings::{self, KafkaSetupError};
+use crate::sinks::kafka_producer::{KafkaProducerWrapper, ProduceError};
+use crate::sinks::messages::{
+    dead_letter_record, malformed_message_dead_letter_record, INGEST_EVENT_ERROR_LOCATION,
+    KAFKA_CONSUMER_ERROR_LOCATION,
+};
 
 /// The reference's consumer group.
 pub const CONSUMER_GROUP: &str = "clickhouse-ingestion";
@@ -94,7 +95,7 @@ impl KafkaConsumerOptions {
             topic: config
                 .KAFKA_CONSUMPTION_TOPIC
                 .clone()
-                .unwrap_or_else(|| super::topics::KAFKA_EVENTS_PLUGIN_INGESTION.to_string()),
+                .unwrap_or_else(|| crate::sinks::topics::KAFKA_EVENTS_PLUGIN_INGESTION.to_string()),
             group_id: CONSUMER_GROUP.to_string(),
             concurrency: super::consumer_concurrency(config),
             offset_reset: "latest".into(),
@@ -803,7 +804,7 @@ impl Shared {
         }
     }
 
-    async fn dead_letter(&self, record: super::KafkaRecord, counted: Option<String>) -> MessageOutcome {
+    async fn dead_letter(&self, record: crate::sinks::KafkaRecord, counted: Option<String>) -> MessageOutcome {
         // A failed send is remembered by the producer and fails the batch's flush: not committed.
         if self.producer.queue_message(record).await.is_ok() {
             QueueStats::bump(&self.stats.dead_lettered);

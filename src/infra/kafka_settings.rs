@@ -70,7 +70,7 @@ pub fn producer_config(config: &Config, client_id: &str) -> Result<ClientConfig,
         .set("acks", "all")
         .set("enable.idempotence", "true")
         .set("linger.ms", "5")
-        .set("message.max.bytes", super::kafka_producer::KAFKA_MESSAGE_MAX_BYTES.to_string())
+        .set("message.max.bytes", crate::sinks::kafka_producer::KAFKA_MESSAGE_MAX_BYTES.to_string())
         .set("message.timeout.ms", "120000");
     Ok(client)
 }

@@ -23,10 +23,10 @@ use sha2::Digest;
 use uuid::Uuid;
 
 use super::celery::TaskMessage;
-use super::pipelined_redis::PipelinedRedis;
 use crate::event::PluginEvent;
+use crate::infra::pipelined_redis::PipelinedRedis;
 use crate::ingestion::persons::{Person, PersonDistinctId};
-use crate::ingestion::writer::{EventPayload, EventWriter, GroupPayload, SessionRecordingPayload, WriteError};
+use crate::sinks::writer::{EventPayload, EventWriter, GroupPayload, SessionRecordingPayload, WriteError};
 use sqlx::PgPool;
 
 /// The UUID v5 namespace of event uuids derived from Celery message ids.
