@@ -54,6 +54,20 @@ impl Hub {
         Ok(Hub { config: Arc::new(config), postgres, redis, instance_id: Uuid::now_v7() })
     }
 
+    /// A hub whose pools never connect, for the plugin dev loop (`plugin-server plugin run`), where
+    /// storage, cache and records live in memory: a query that still reaches Postgres (`posthog.api`
+    /// looking up the project's key) fails at once instead of waiting for a database.
+    pub fn offline(config: Config) -> Result<Hub, HubError> {
+        let options = PgConnectOptions::new().socket("/nonexistent/plugin-server-dev-loop-has-no-database");
+        let postgres =
+            PgPoolOptions::new().max_connections(1).acquire_timeout(Duration::from_secs(1)).connect_lazy_with(options);
+        let target = describe_redis(&config);
+        let redis = deadpool_redis::Config::from_url(redis_url(&config))
+            .create_pool(Some(Runtime::Tokio1))
+            .map_err(|error| HubError::InvalidRedisConfig { target, reason: error.to_string() })?;
+        Ok(Hub { config: Arc::new(config), postgres, redis, instance_id: Uuid::now_v7() })
+    }
+
     /// Closes the pools (waits for checked-out Postgres connections to be returned).
     pub async fn close(&self) {
         self.redis.close();

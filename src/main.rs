@@ -1,6 +1,7 @@
 //! The `plugin-server` binary: picks the mode from the command line (the reference's precedence:
-//! help, version, healthcheck, migrate, idle, serve), builds the configuration from the
-//! environment and runs the mode. This is the only place that turns errors into exit codes.
+//! help, version, healthcheck, migrate, idle, serve; or `plugin run|check`, the plugin dev loop in
+//! `plugins::dev`, which turns its own errors into exit codes), builds the configuration from the
+//! environment and runs the mode. This is the only other place that turns errors into exit codes.
 
 use clap::Parser;
 use plugin_server::config::{format_help, Config, NodeEnv};
@@ -64,6 +65,10 @@ impl Mode {
 }
 
 fn main() {
+    // `plugin-server plugin run|check …`: the plugin dev loop, with arguments of its own.
+    if std::env::args().nth(1).as_deref() == Some("plugin") {
+        std::process::exit(plugin_server::plugins::dev::main(std::env::args().skip(2).collect()));
+    }
     // The reference looks for its flags anywhere (`argv.includes`) and ignores everything else:
     // hand clap only the arguments it knows, so a stray argument never hides a later flag.
     const KNOWN: &[&str] =

@@ -11,7 +11,7 @@ use tracing::warn;
 use super::extensions::PluginServices;
 use super::js::iso;
 use super::log_entries::{LogSource, LogType, PluginLogEntry};
-use super::rows::{self, PluginConfig};
+use super::rows::PluginConfig;
 use super::vm_boundary::{JsError, Thrown};
 
 /// Errors of the plugin orchestration itself (not of plugin code).
@@ -102,7 +102,7 @@ pub async fn process_error(
 ) {
     let time = Utc::now();
     let json = error_json(failure, time, event);
-    if let Err(err) = rows::set_config_error(&services.hub.postgres, config.id, Some(&json)).await {
+    if let Err(err) = services.records.set_config_error(config.id, Some(&json)).await {
         warn!(plugin_config_id = config.id, error = %err, "could not store plugin config error");
     }
     services
@@ -122,7 +122,7 @@ pub async fn process_error(
 /// had when it was read; the conditional update also clears one recorded since (an earlier
 /// attempt, or the previous VM's teardown) and writes nothing when there is none.
 pub async fn clear_error(services: &PluginServices, config: &PluginConfig) {
-    if let Err(err) = rows::clear_config_error(&services.hub.postgres, config.id).await {
+    if let Err(err) = services.records.clear_config_error(config.id).await {
         warn!(plugin_config_id = config.id, error = %err, "could not clear plugin config error");
     }
 }

@@ -21,7 +21,6 @@ use super::extensions::{PluginContext, PluginServices};
 use super::historical_export::{self, HistoricalExport};
 use super::loader::PluginCode;
 use super::log_entries::LogType;
-use super::rows::{self, disable_plugin_config};
 use super::run::{teardown, ConfigEntry};
 use super::vm_boundary::{JsError, Method, PluginVm, VmFactory};
 
@@ -201,7 +200,7 @@ impl LazyVm {
                         warn!("⚠️ Failed to load {}. {context_message}", code.log_info);
                         let message = format!("Plugin failed to load (instance ID {instance}). {context_message}");
                         system_log(&services, &config, LogType::Error, message).await;
-                        if let Err(err) = disable_plugin_config(&services.hub.postgres, config.id).await {
+                        if let Err(err) = services.records.disable_plugin_config(config.id).await {
                             warn!(plugin_config_id = config.id, error = %err, "could not disable plugin config");
                         }
                         self.state.send_replace(VmState::Failed);
@@ -243,25 +242,24 @@ async fn initialize(
         None
     };
     let historical = if export_events {
-        let pool = services.hub.postgres.clone();
+        let records = services.records.clone();
         let plugin_id = context.config.plugin_id;
-        tokio::spawn(async move { historical_export::add_public_job(&pool, plugin_id).await });
+        tokio::spawn(async move { records.add_public_job(plugin_id).await });
         // Events from here on reach exportEvents through onEvent: the historical export stops at
         // the last event stored before this set-up.
-        let boundaries =
-            match historical_export::fetch_timestamp_boundaries(&services.hub.postgres, context.config.team()).await {
-                Ok(boundaries) => boundaries,
-                Err(err) => {
-                    vm.dispose().await;
-                    return Err(JsError::new("Error", err.to_string()));
-                }
-            };
+        let boundaries = match services.records.timestamp_boundaries(context.config.team()).await {
+            Ok(boundaries) => boundaries,
+            Err(err) => {
+                vm.dispose().await;
+                return Err(JsError::new("Error", err.to_string()));
+            }
+        };
         Some(Arc::new(HistoricalExport::new(vm.clone(), context.clone(), boundaries)))
     } else {
         None
     };
     if let Err(error) =
-        setup_metrics(&services.hub.postgres, &context.config, exports.metrics.as_ref(), export_events).await
+        setup_metrics(services.records.as_ref(), &context.config, exports.metrics.as_ref(), export_events).await
     {
         vm.dispose().await;
         return Err(error);
@@ -290,7 +288,7 @@ async fn infer_capabilities(services: &PluginServices, loaded: &LoadedVm) {
         _ => false,
     };
     if changed {
-        if let Err(err) = rows::set_plugin_capabilities(&services.hub.postgres, plugin.id(), &capabilities).await {
+        if let Err(err) = services.records.set_plugin_capabilities(plugin.id(), &capabilities).await {
             warn!(plugin_id = plugin.id(), error = %err, "could not store plugin capabilities");
         }
     }

@@ -12,12 +12,12 @@ use futures::future::join_all;
 use serde_json::Value;
 use tracing::{error, info};
 
-use super::errors::PluginsError;
+use super::errors::{PluginFailure, PluginsError};
 use super::extensions::{EnqueuedJob, PluginContext, PluginServices};
 use super::lazy::{LazyVm, LoadOptions};
-use super::loader::{apply_schema_defaults, load_code, schema_is_empty};
+use super::loader::{apply_schema_defaults, load_code, schema_is_empty, PluginCode};
 use super::pooled_vm::RuntimeVmFactory;
-use super::rows::{fetch_in_force, Plugin, PluginConfig};
+use super::rows::{fetch_in_force, Attachment, Plugin, PluginConfig, PluginConfigRow};
 use super::run::{self, ConfigEntry};
 use super::runtime::WorkerPool;
 use super::vm_boundary::{Method, TaskKind, VmFactory};
@@ -112,29 +112,12 @@ impl Plugins {
             let entry = match reused {
                 Some(prev) => prev.clone(),
                 None => {
-                    let code = load_code(&self.services.hub.config.BASE_DIR, plugin);
-                    let mut config_map = match &row.config {
-                        Value::Object(map) => map.clone(),
-                        _ => Default::default(),
-                    };
-                    apply_schema_defaults(&mut config_map, &plugin.row.config_schema);
-                    if schema_is_empty(&plugin.row.config_schema) {
-                        if let Some(schema) = code.as_ref().ok().and_then(|code| code.json_config_schema.as_ref()) {
-                            apply_schema_defaults(&mut config_map, schema);
-                        }
-                    }
-                    let config = Arc::new(PluginConfig {
-                        id: row.id,
-                        team_id: row.team_id,
-                        plugin_id: row.plugin_id,
-                        order: row.order.unwrap_or(0),
-                        config: config_map,
-                        error: row.error.clone(),
-                        created_at: row.created_at,
-                        updated_at: row.updated_at,
-                        plugin: plugin.clone(),
-                        attachments: attachments.remove(&row.id).unwrap_or_default(),
-                    });
+                    let (config, code) = config_in_force(
+                        &self.services.hub.config.BASE_DIR,
+                        plugin,
+                        &row,
+                        attachments.remove(&row.id).unwrap_or_default(),
+                    );
                     let context = Arc::new(PluginContext::new(self.services.clone(), config.clone()));
                     let vm = LazyVm::start(
                         self.services.clone(),
@@ -253,6 +236,40 @@ impl Plugins {
     pub async fn send_plugin_metrics(&self) {
         self.services.metrics.send(self.services.capture.as_ref(), crate::VERSION).await;
     }
+}
+
+/// A config row in force as the server runs it: its plugin's code found (`loader`), and
+/// `meta.config` with the schema defaults filled in (the plugin row's schema, else plugin.json's).
+pub fn config_in_force(
+    base_dir: &str,
+    plugin: &Arc<Plugin>,
+    row: &PluginConfigRow,
+    attachments: Vec<(String, Attachment)>,
+) -> (Arc<PluginConfig>, Result<PluginCode, PluginFailure>) {
+    let code = load_code(base_dir, plugin);
+    let mut config_map = match &row.config {
+        Value::Object(map) => map.clone(),
+        _ => Default::default(),
+    };
+    apply_schema_defaults(&mut config_map, &plugin.row.config_schema);
+    if schema_is_empty(&plugin.row.config_schema) {
+        if let Some(schema) = code.as_ref().ok().and_then(|code| code.json_config_schema.as_ref()) {
+            apply_schema_defaults(&mut config_map, schema);
+        }
+    }
+    let config = Arc::new(PluginConfig {
+        id: row.id,
+        team_id: row.team_id,
+        plugin_id: row.plugin_id,
+        order: row.order.unwrap_or(0),
+        config: config_map,
+        error: row.error.clone(),
+        created_at: row.created_at,
+        updated_at: row.updated_at,
+        plugin: plugin.clone(),
+        attachments,
+    });
+    (config, code)
 }
 
 async fn compute_schedule(loaded: &Loaded) -> PluginSchedule {

@@ -8,12 +8,15 @@
 //! the meta API behind `meta.*`, `console` and `posthog` ([`extensions`]), plugin log entries
 //! ([`log_entries`]), error recording ([`errors`]), the VM lifecycle with set-up retries ([`lazy`]),
 //! the exportEvents buffer and historical export ([`export_events`], [`historical_export`]), the boundary with the JavaScript runtime ([`vm_boundary`]: what a VM offers) and its implementation over the runtime's worker pool ([`pooled_vm`]) and the
-//! [`Plugins`](manager::Plugins) facade the queues, scheduler and job consumer call.
+//! [`Plugins`](manager::Plugins) facade the queues, scheduler and job consumer call. [`memory`]
+//! holds in-memory stores behind the meta API's seams, on which [`dev`] runs the plugin dev loop
+//! (`plugin-server plugin run|check`).
 
 pub mod runtime;
 pub mod transform;
 
 pub mod archive;
+pub mod dev;
 pub mod errors;
 pub mod export_events;
 pub mod extensions;
@@ -23,6 +26,7 @@ pub mod lazy;
 pub mod loader;
 pub mod log_entries;
 pub mod manager;
+pub mod memory;
 pub mod pooled_vm;
 pub mod rows;
 pub mod run;

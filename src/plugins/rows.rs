@@ -240,3 +240,59 @@ pub async fn clear_config_error(pool: &PgPool, config_id: i32) -> Result<(), sql
 pub async fn disable_plugin_config(pool: &PgPool, config_id: i32) -> Result<(), sqlx::Error> {
     update_by_id(pool, "UPDATE posthog_pluginconfig SET enabled = 'f' WHERE id = $1 AND enabled = 't'", config_id).await
 }
+
+/// What the plugin orchestration records about plugins beside loading them: capabilities, declared
+/// metrics, a config's error, disabling a config, the historical export's public job, and the one
+/// read it makes of events (a team's first and last event time, for the historical export). The
+/// server's is Postgres (`impl for PgPool`, the functions above); the plugin dev loop keeps them in
+/// memory (`plugins::memory::MemoryRecords`) and prints them.
+#[async_trait::async_trait]
+pub trait PluginRecords: Send + Sync {
+    async fn set_plugin_capabilities(&self, plugin_id: i32, capabilities: &Value) -> Result<(), sqlx::Error>;
+    async fn set_plugin_metrics(&self, plugin_id: i32, metrics: &Value) -> Result<(), sqlx::Error>;
+    /// Writes (or clears, with `None`) the config's error.
+    async fn set_config_error(&self, config_id: i32, error: Option<&Value>) -> Result<(), sqlx::Error>;
+    /// Clears the config's error when set.
+    async fn clear_config_error(&self, config_id: i32) -> Result<(), sqlx::Error>;
+    async fn disable_plugin_config(&self, config_id: i32) -> Result<(), sqlx::Error>;
+    /// Makes the historical export job visible in PostHog's interface (once per plugin).
+    async fn add_public_job(&self, plugin_id: i32);
+    async fn timestamp_boundaries(
+        &self,
+        team_id: i64,
+    ) -> Result<super::historical_export::TimestampBoundaries, sqlx::Error>;
+}
+
+#[async_trait::async_trait]
+impl PluginRecords for PgPool {
+    async fn set_plugin_capabilities(&self, plugin_id: i32, capabilities: &Value) -> Result<(), sqlx::Error> {
+        set_plugin_capabilities(self, plugin_id, capabilities).await
+    }
+
+    async fn set_plugin_metrics(&self, plugin_id: i32, metrics: &Value) -> Result<(), sqlx::Error> {
+        set_plugin_metrics(self, plugin_id, metrics).await
+    }
+
+    async fn set_config_error(&self, config_id: i32, error: Option<&Value>) -> Result<(), sqlx::Error> {
+        set_config_error(self, config_id, error).await
+    }
+
+    async fn clear_config_error(&self, config_id: i32) -> Result<(), sqlx::Error> {
+        clear_config_error(self, config_id).await
+    }
+
+    async fn disable_plugin_config(&self, config_id: i32) -> Result<(), sqlx::Error> {
+        disable_plugin_config(self, config_id).await
+    }
+
+    async fn add_public_job(&self, plugin_id: i32) {
+        super::historical_export::add_public_job(self, plugin_id).await
+    }
+
+    async fn timestamp_boundaries(
+        &self,
+        team_id: i64,
+    ) -> Result<super::historical_export::TimestampBoundaries, sqlx::Error> {
+        super::historical_export::fetch_timestamp_boundaries(self, team_id).await
+    }
+}

@@ -1,6 +1,8 @@
-//! `meta.cache`: Redis under `@plugin/<plugin_id>/<team_id>/`, with the reference's argument
+//! `meta.cache`: keys under `@plugin/<plugin_id>/<team_id>/`, with the reference's argument
 //! checks, JSON (de)serialization and quirks (`get` returns `null` for a missing key whatever the
-//! default; invalid JSON reads as `null`; a slow `GET` is retried once after 5 s).
+//! default; invalid JSON reads as `null`; a slow `GET` is retried once after 5 s). [`Cache`] holds
+//! those rules; the commands go to a [`CacheBackend`]: Redis for the server ([`CacheRedis`]), memory
+//! for the plugin dev loop (`plugins::memory`).
 //!
 //! Commands reach Redis in the order plugins issue them: a plugin that does not await
 //! `cache.set('counter', n)` reads `n` with the next event's `get`, as with the reference, whose
@@ -12,6 +14,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::AsyncCommands;
 use serde_json::Value;
@@ -52,10 +55,91 @@ impl CacheRedis {
     }
 }
 
+/// The Redis commands `meta.cache` uses, on full keys. Numbers are passed as the text ioredis
+/// sends (`String(n)`); errors are what the plugin's promise rejects with.
+#[async_trait]
+pub trait CacheBackend: Send + Sync {
+    /// `SET key value [EX ttl]`.
+    async fn set(&self, key: &str, value: String, ttl_seconds: Option<String>) -> Result<(), JsError>;
+    async fn get(&self, key: &str) -> Result<Option<String>, JsError>;
+    async fn incr(&self, key: &str) -> Result<i64, JsError>;
+    /// Whether the key existed.
+    async fn expire(&self, key: &str, ttl_seconds: String) -> Result<bool, JsError>;
+    /// The list's new length.
+    async fn lpush(&self, key: &str, elements: Vec<String>) -> Result<i64, JsError>;
+    async fn lrange(&self, key: &str, start: String, end: String) -> Result<Vec<String>, JsError>;
+    async fn llen(&self, key: &str) -> Result<i64, JsError>;
+    async fn lrem(&self, key: &str, count: String, element: String) -> Result<i64, JsError>;
+    /// `None` when the key does not exist.
+    async fn lpop(&self, key: &str, count: String) -> Result<Option<Vec<String>>, JsError>;
+}
+
+#[async_trait]
+impl CacheBackend for CacheRedis {
+    async fn set(&self, key: &str, value: String, ttl_seconds: Option<String>) -> Result<(), JsError> {
+        let mut command = redis::cmd("SET");
+        command.arg(key).arg(value);
+        if let Some(ttl) = ttl_seconds {
+            command.arg("EX").arg(ttl);
+        }
+        let mut connection = self.connection().await?;
+        command.query_async::<()>(&mut connection).await.map_err(redis_error)
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<String>, JsError> {
+        let mut connection = self.connection().await?;
+        match tokio::time::timeout(GET_RETRY_AFTER, connection.get(key)).await {
+            Ok(result) => result.map_err(redis_error),
+            Err(_) => {
+                tracing::warn!(key = %key, "Waited 5 sec to get redis key, retrying once!");
+                let mut retry = self.connection().await?;
+                retry.get(key).await.map_err(redis_error)
+            }
+        }
+    }
+
+    async fn incr(&self, key: &str) -> Result<i64, JsError> {
+        let mut connection = self.connection().await?;
+        connection.incr(key, 1).await.map_err(redis_error)
+    }
+
+    async fn expire(&self, key: &str, ttl_seconds: String) -> Result<bool, JsError> {
+        let mut connection = self.connection().await?;
+        let result: i64 =
+            redis::cmd("EXPIRE").arg(key).arg(ttl_seconds).query_async(&mut connection).await.map_err(redis_error)?;
+        Ok(result == 1)
+    }
+
+    async fn lpush(&self, key: &str, elements: Vec<String>) -> Result<i64, JsError> {
+        let mut connection = self.connection().await?;
+        redis::cmd("LPUSH").arg(key).arg(elements).query_async(&mut connection).await.map_err(redis_error)
+    }
+
+    async fn lrange(&self, key: &str, start: String, end: String) -> Result<Vec<String>, JsError> {
+        let mut connection = self.connection().await?;
+        redis::cmd("LRANGE").arg(key).arg(start).arg(end).query_async(&mut connection).await.map_err(redis_error)
+    }
+
+    async fn llen(&self, key: &str) -> Result<i64, JsError> {
+        let mut connection = self.connection().await?;
+        connection.llen(key).await.map_err(redis_error)
+    }
+
+    async fn lrem(&self, key: &str, count: String, element: String) -> Result<i64, JsError> {
+        let mut connection = self.connection().await?;
+        redis::cmd("LREM").arg(key).arg(count).arg(element).query_async(&mut connection).await.map_err(redis_error)
+    }
+
+    async fn lpop(&self, key: &str, count: String) -> Result<Option<Vec<String>>, JsError> {
+        let mut connection = self.connection().await?;
+        redis::cmd("LPOP").arg(key).arg(count).query_async(&mut connection).await.map_err(redis_error)
+    }
+}
+
 /// One plugin config's cache.
 #[derive(Clone)]
 pub struct Cache {
-    redis: CacheRedis,
+    backend: Arc<dyn CacheBackend>,
     prefix: String,
 }
 
@@ -75,17 +159,13 @@ fn json_serialize(options: Option<&Value>) -> bool {
 
 impl Cache {
     /// `team_id` `None` gives the reference's `@all` key space.
-    pub fn new(redis: CacheRedis, plugin_id: i32, team_id: Option<i64>) -> Cache {
+    pub fn new(backend: Arc<dyn CacheBackend>, plugin_id: i32, team_id: Option<i64>) -> Cache {
         let team = team_id.map(|team| team.to_string()).unwrap_or_else(|| "@all".into());
-        Cache { redis, prefix: format!("@plugin/{plugin_id}/{team}/") }
+        Cache { backend, prefix: format!("@plugin/{plugin_id}/{team}/") }
     }
 
     pub fn key(&self, key: &str) -> String {
         format!("{}{key}", self.prefix)
-    }
-
-    async fn connection(&self) -> Result<ConnectionManager, JsError> {
-        self.redis.connection().await
     }
 
     pub async fn set(
@@ -96,28 +176,13 @@ impl Cache {
         options: Option<&Value>,
     ) -> Result<Value, JsError> {
         let serialized = if json_serialize(options) { value.to_string() } else { string_of(value) };
-        let mut command = redis::cmd("SET");
-        command.arg(self.key(key)).arg(serialized);
-        if let Some(ttl) = ttl_seconds.filter(|ttl| truthy(ttl)) {
-            command.arg("EX").arg(number_arg(ttl));
-        }
-        let mut connection = self.connection().await?;
-        command.query_async::<()>(&mut connection).await.map_err(redis_error)?;
+        let ttl = ttl_seconds.filter(|ttl| truthy(ttl)).map(number_arg);
+        self.backend.set(&self.key(key), serialized, ttl).await?;
         Ok(Value::Null)
     }
 
     pub async fn get(&self, key: &str, options: Option<&Value>) -> Result<Value, JsError> {
-        let full_key = self.key(key);
-        let mut connection = self.connection().await?;
-        let value: Option<String> = match tokio::time::timeout(GET_RETRY_AFTER, connection.get(&full_key)).await {
-            Ok(result) => result.map_err(redis_error)?,
-            Err(_) => {
-                tracing::warn!(key = %full_key, "Waited 5 sec to get redis key, retrying once!");
-                let mut retry = self.connection().await?;
-                retry.get(&full_key).await.map_err(redis_error)?
-            }
-        };
-        Ok(match value {
+        Ok(match self.backend.get(&self.key(key)).await? {
             None => Value::Null,
             Some(text) if text.is_empty() => Value::Null,
             Some(text) if json_serialize(options) => serde_json::from_str(&text).unwrap_or(Value::Null),
@@ -126,20 +191,11 @@ impl Cache {
     }
 
     pub async fn incr(&self, key: &str) -> Result<Value, JsError> {
-        let mut connection = self.connection().await?;
-        let value: i64 = connection.incr(self.key(key), 1).await.map_err(redis_error)?;
-        Ok(Value::from(value))
+        Ok(Value::from(self.backend.incr(&self.key(key)).await?))
     }
 
     pub async fn expire(&self, key: &str, ttl_seconds: &Value) -> Result<Value, JsError> {
-        let mut connection = self.connection().await?;
-        let result: i64 = redis::cmd("EXPIRE")
-            .arg(self.key(key))
-            .arg(number_arg(ttl_seconds))
-            .query_async(&mut connection)
-            .await
-            .map_err(redis_error)?;
-        Ok(Value::Bool(result == 1))
+        Ok(Value::Bool(self.backend.expire(&self.key(key), number_arg(ttl_seconds)).await?))
     }
 
     pub async fn lpush(&self, key: &str, element_or_array: &Value) -> Result<Value, JsError> {
@@ -156,63 +212,32 @@ impl Cache {
             }
             _ => return Err(JsError::new("Error", "cache.lpush expects a string value or an array of strings")),
         };
-        let mut connection = self.connection().await?;
-        let length: i64 = redis::cmd("LPUSH")
-            .arg(self.key(key))
-            .arg(elements)
-            .query_async(&mut connection)
-            .await
-            .map_err(redis_error)?;
-        Ok(Value::from(length))
+        Ok(Value::from(self.backend.lpush(&self.key(key), elements).await?))
     }
 
     pub async fn lrange(&self, key: &str, start: &Value, end: &Value) -> Result<Value, JsError> {
         if !start.is_number() || !end.is_number() {
             return Err(JsError::new("Error", "cache.lrange expects a number for the start and end indexes"));
         }
-        let mut connection = self.connection().await?;
-        let items: Vec<String> = redis::cmd("LRANGE")
-            .arg(self.key(key))
-            .arg(number_arg(start))
-            .arg(number_arg(end))
-            .query_async(&mut connection)
-            .await
-            .map_err(redis_error)?;
-        Ok(Value::from(items))
+        Ok(Value::from(self.backend.lrange(&self.key(key), number_arg(start), number_arg(end)).await?))
     }
 
     pub async fn llen(&self, key: &str) -> Result<Value, JsError> {
-        let mut connection = self.connection().await?;
-        let length: i64 = connection.llen(self.key(key)).await.map_err(redis_error)?;
-        Ok(Value::from(length))
+        Ok(Value::from(self.backend.llen(&self.key(key)).await?))
     }
 
     pub async fn lrem(&self, key: &str, count: &Value, element: &Value) -> Result<Value, JsError> {
         if !count.is_number() {
             return Err(JsError::new("Error", "cache.lrem expects a number for the \"count\" argument"));
         }
-        let mut connection = self.connection().await?;
-        let removed: i64 = redis::cmd("LREM")
-            .arg(self.key(key))
-            .arg(number_arg(count))
-            .arg(string_of(element))
-            .query_async(&mut connection)
-            .await
-            .map_err(redis_error)?;
-        Ok(Value::from(removed))
+        Ok(Value::from(self.backend.lrem(&self.key(key), number_arg(count), string_of(element)).await?))
     }
 
     pub async fn lpop(&self, key: &str, count: &Value) -> Result<Value, JsError> {
         if !count.is_number() {
             return Err(JsError::new("Error", "cache.lpop expects a number for the \"count\" argument"));
         }
-        let mut connection = self.connection().await?;
-        let popped: Option<Vec<String>> = redis::cmd("LPOP")
-            .arg(self.key(key))
-            .arg(number_arg(count))
-            .query_async(&mut connection)
-            .await
-            .map_err(redis_error)?;
+        let popped = self.backend.lpop(&self.key(key), number_arg(count)).await?;
         Ok(popped.map(Value::from).unwrap_or(Value::Null))
     }
 }

@@ -9,7 +9,7 @@ use serde_json::{Map, Value};
 use tracing::warn;
 
 use super::super::js::number_value;
-use super::super::rows::{self, PluginConfig};
+use super::super::rows::{PluginConfig, PluginRecords};
 use super::super::vm_boundary::JsError;
 use super::posthog::build_capture;
 use super::CaptureSink;
@@ -138,7 +138,7 @@ impl PluginMetrics {
 /// Validates the exported metric declarations, adds the exportEvents defaults and stores the
 /// result in `posthog_plugin.metrics` (and in memory) when it changed.
 pub async fn setup_metrics(
-    pool: &sqlx::PgPool,
+    records: &dyn PluginRecords,
     config: &PluginConfig,
     exported: Option<&Map<String, Value>>,
     export_events: bool,
@@ -171,7 +171,7 @@ pub async fn setup_metrics(
     let stored = Value::Object(config.plugin.declared_metrics());
     let new = Value::Object(metrics.clone());
     if stored != new {
-        if let Err(err) = rows::set_plugin_metrics(pool, config.plugin_id, &new).await {
+        if let Err(err) = records.set_plugin_metrics(config.plugin_id, &new).await {
             warn!(plugin_id = config.plugin_id, error = %err, "could not store plugin metrics");
         }
         if let Ok(mut in_memory) = config.plugin.metrics.lock() {

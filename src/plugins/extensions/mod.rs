@@ -23,15 +23,15 @@ use thiserror::Error;
 
 use super::js::string_of;
 use super::log_entries::{LogSource, LogType, PluginLogEntry, PluginLogSink};
-use super::rows::PluginConfig;
+use super::rows::{PluginConfig, PluginRecords};
 use super::vm_boundary::JsError;
 use crate::hub::Hub;
 
-pub use cache::{Cache, CacheRedis};
+pub use cache::{Cache, CacheBackend, CacheRedis};
 pub use jobs::{duration_to_ms, EnqueuedJob, RunAt};
 pub use metrics::{MetricOperation, PluginMetrics};
 pub use posthog::{api_request, build_capture, ApiKeyManager, ApiRequest, CapturedEvent, CAPTURE_CELERY_TASK};
-pub use storage::Storage;
+pub use storage::{Storage, StorageBackend};
 
 /// A delivery failure of a sink implemented elsewhere (Celery/Kafka producer, job queue).
 #[derive(Debug, Clone, Error, PartialEq)]
@@ -86,7 +86,9 @@ impl RunObserver for NoObserver {
     fn plugin_ran(&self, _run: &PluginRun<'_>) {}
 }
 
-/// What the extensions share across all plugin configs.
+/// What the extensions share across all plugin configs. [`PluginServices::new`] wires the server's
+/// Postgres and Redis behind `storage`, `cache` and `records`; the plugin dev loop puts in-memory
+/// ones in their place (`plugins::memory`).
 pub struct PluginServices {
     pub hub: Hub,
     pub logs: Arc<dyn PluginLogSink>,
@@ -96,8 +98,12 @@ pub struct PluginServices {
     pub geoip: Option<Arc<dyn GeoIpLocator>>,
     pub metrics: PluginMetrics,
     pub api_keys: ApiKeyManager,
-    /// The connection of every config's `meta.cache`.
-    pub cache_redis: CacheRedis,
+    /// Where every config's `meta.cache` lives (Redis: one shared multiplexed connection).
+    pub cache: Arc<dyn CacheBackend>,
+    /// Where every config's `meta.storage` and `meta.utils.cursor` live (`posthog_pluginstorage`).
+    pub storage: Arc<dyn StorageBackend>,
+    /// Capabilities, metrics, config errors and the rest the orchestration records (Postgres).
+    pub records: Arc<dyn PluginRecords>,
     /// Echo `console.*` calls to the server log (the reference does so in development; set
     /// from `NODE_ENV`/`DEBUG` by [`PluginServices::new`]).
     pub echo_console: bool,
@@ -150,7 +156,9 @@ impl PluginServices {
         jobs: Arc<dyn JobEnqueuer>,
         geoip: Option<Arc<dyn GeoIpLocator>>,
     ) -> PluginServices {
-        let cache_redis = CacheRedis::new(crate::hub::redis_url(&hub.config));
+        let cache = Arc::new(CacheRedis::new(crate::hub::redis_url(&hub.config)));
+        let storage = Arc::new(hub.postgres.clone());
+        let records = Arc::new(hub.postgres.clone());
         PluginServices {
             hub,
             logs,
@@ -159,7 +167,9 @@ impl PluginServices {
             geoip,
             metrics: PluginMetrics::default(),
             api_keys: ApiKeyManager::default(),
-            cache_redis,
+            cache,
+            storage,
+            records,
             echo_console: crate::config::NodeEnv::detect(&|key| std::env::var(key).ok())
                 == crate::config::NodeEnv::Development,
             observer: Arc::new(NoObserver),
@@ -198,8 +208,8 @@ fn string_arg(args: &[Value], index: usize) -> String {
 
 impl PluginContext {
     pub fn new(services: Arc<PluginServices>, config: Arc<PluginConfig>) -> PluginContext {
-        let cache = Cache::new(services.cache_redis.clone(), config.plugin_id, Some(config.team()));
-        let storage = Storage::new(services.hub.postgres.clone(), config.id);
+        let cache = Cache::new(services.cache.clone(), config.plugin_id, Some(config.team()));
+        let storage = Storage::new(services.storage.clone(), config.id);
         PluginContext { services, config, cache, storage }
     }
 

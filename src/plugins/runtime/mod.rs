@@ -17,6 +17,7 @@ mod convert;
 mod host;
 mod pool;
 mod quickjs;
+pub mod v8;
 
 use std::sync::Arc;
 use std::time::Duration;

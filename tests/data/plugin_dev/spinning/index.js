@@ -1,0 +1,3 @@
+export function processEvent(event) {
+    while (true) {}
+}
