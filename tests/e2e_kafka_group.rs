@@ -9,7 +9,6 @@
 //! Every input event is looked for on `clickhouse_events_proto` by its uuid.
 
 mod common;
-#[allow(dead_code)]
 mod queues_support;
 
 use std::collections::{BTreeMap, HashSet};

@@ -9,7 +9,6 @@
 //! check: its ListOffsets answered "base offset of the newest batch + 1", so 200 messages
 //! produced in one batch showed as 1.
 
-#[allow(dead_code)]
 mod queues_support;
 
 use std::collections::{BTreeMap, BTreeSet};
