@@ -368,7 +368,8 @@ async fn clickhouse_parses_every_topic_the_server_writes() {
     // Both persons exist: merge them.
     let merge = uuid::Uuid::now_v7().to_string();
     produce(&topic, &[raw_event(&user, &merge, "$identify", json!({"$anon_distinct_id": anonymous}))]).await;
-    let events = messages_with(EVENTS.topic, start_of(EVENTS.topic), &markers, all_of(std::slice::from_ref(&merge))).await;
+    let events =
+        messages_with(EVENTS.topic, start_of(EVENTS.topic), &markers, all_of(std::slice::from_ref(&merge))).await;
 
     // clickhouse_events_proto: Protobuf, length-delimited, as written.
     let dir = std::env::temp_dir().join(unique("clickhouse-samples"));
