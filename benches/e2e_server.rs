@@ -4,17 +4,23 @@
 //! event messages on a fresh `KAFKA_CONSUMPTION_TOPIC`, events out as protobuf on
 //! `clickhouse_events_proto`, persons in Postgres). The queue is filled first; then the server (in
 //! process, a real plugin on its JavaScript threads) is started and timed until every event has
-//! landed (a `posthog_event` row; for Kafka, committed by the consumer group, which happens once
-//! the event's messages, protobuf on `clickhouse_events_proto` among them, are delivered). Prints events/s and
-//! the peak RSS sampled while the server runs (the filling is not counted).
+//! landed: a `posthog_event` row, or for Kafka its message on `clickhouse_events_proto` (read back
+//! and matched by uuid, so other writers to that topic are not counted; duplicates are reported).
+//! Prints events/s and the peak RSS sampled while the server runs (the filling is not counted).
+//!
+//! Kafka mode with `BENCH_SERVERS=N`: N server processes (the `plugin-server` binary, as an
+//! operator runs them) share the consumer group on an input topic of `BENCH_PARTITIONS` partitions
+//! (default 6); prints events/s in total and per server, each server's peak RSS and CPU time, the
+//! broker's CPU time and how busy the machine's cores were (where the limit is).
 //!
 //! Run: `cargo bench --bench e2e_server` (env: BENCH_QUEUE; BENCH_EVENTS, default 10000; BENCH_USERS,
 //! distinct users, default 1000; BENCH_SECONDS, stop after this long and report what was ingested
-//! by then, e.g. with 1,000,000 events waiting; WORKER_CONCURRENCY / TASKS_PER_WORKER as for the
-//! server; BENCH_PROGRESS=1 prints the count every second; LOG_LEVEL, default warn, for the server's log;
+//! by then, e.g. with 1,000,000 events waiting; BENCH_SERVERS, BENCH_PARTITIONS; WORKER_CONCURRENCY /
+//! TASKS_PER_WORKER as for the server; BENCH_PROGRESS=1 prints the count every second; LOG_LEVEL,
+//! default warn, for the server's log;
 //! BENCH_METRICS=1 turns the metrics on: statsd to a local UDP socket drained by the bench, and
-//! `/metrics` on a free `HTTP_SERVER_PORT` scraped every 5 s; off by default, `HTTP_SERVER_PORT=0`). Needs PostgreSQL and Redis on 127.0.0.1 (`scripts/services`) and for Kafka a broker
-//! (`scripts/kafka`; KAFKA_HOSTS to override 127.0.0.1:9092).
+//! `/metrics` on a free `HTTP_SERVER_PORT` scraped every 5 s; off by default, `HTTP_SERVER_PORT=0`). Needs PostgreSQL and Redis on 127.0.0.1 (`scripts/services`)
+//! and for Kafka a broker (`scripts/kafka`; KAFKA_HOSTS to override 127.0.0.1:9092).
 
 mod e2e_support;
 
@@ -22,6 +28,9 @@ mod e2e_support;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use e2e_support::*;
@@ -31,6 +40,7 @@ use plugin_server::sinks::topics::{ALL_TOPICS, KAFKA_EVENTS};
 use plugin_server::sinks::KafkaProducerWrapper;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::{json, Map, Value};
 use tokio_util::sync::CancellationToken;
@@ -61,61 +71,187 @@ async fn fill_celery(redis_url: &str, queue: &str, events: usize, users: usize) 
     push_celery(redis_url, queue, &messages).await;
 }
 
-/// Produces `events` raw event messages to the fresh topic `topic` and commits offset 0 for the
-/// server's consumer group there (it starts from the latest offset otherwise, as the reference's).
-async fn fill_kafka(config: &Config, topic: &str, events: usize, users: usize) {
-    let hosts = config.KAFKA_HOSTS.clone().unwrap_or_default();
-    let admin: AdminClient<_> = ClientConfig::new().set("bootstrap.servers", &hosts).create().expect("admin");
+/// Creates the reference's topics and the fresh input topic `topic` of `partitions` partitions.
+async fn create_kafka_topics(hosts: &str, topic: &str, partitions: i32) {
+    let admin: AdminClient<_> = ClientConfig::new().set("bootstrap.servers", hosts).create().expect("admin");
     let mut topics: Vec<NewTopic> =
         ALL_TOPICS.iter().map(|name| NewTopic::new(name, 1, TopicReplication::Fixed(1))).collect();
-    topics.push(NewTopic::new(topic, 1, TopicReplication::Fixed(1)));
+    topics.push(NewTopic::new(topic, partitions, TopicReplication::Fixed(1)));
     let _ = admin.create_topics(&topics, &AdminOptions::new()).await.expect("create topics");
+}
+
+/// Waits until the servers consume every partition of `topic`: they start at the latest offset
+/// (as the reference's), so an event produced before a partition is assigned is never read. One
+/// event to each partition, again every 2 s, until one of each has come out.
+async fn warm_up(hosts: &str, topic: &str, partitions: i32, output: &OutputCounter) {
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", hosts).create().expect("producer");
+    let mut waiting: Vec<i32> = (0..partitions).collect();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let mut offered: Vec<(i32, String)> = Vec::new();
+    while !waiting.is_empty() {
+        assert!(Instant::now() < deadline, "partitions {waiting:?} of {topic} never consumed");
+        for partition in &waiting {
+            let data = event_data(0, 1);
+            let uuid = data["uuid"].as_str().unwrap_or_default().to_owned();
+            output.watch_warm_up(&uuid);
+            let record = raw_event_record(topic, &data, 2);
+            let value = record.messages.into_iter().next().and_then(|message| message.value).unwrap_or_default();
+            let sent = producer
+                .send(
+                    FutureRecord::<(), [u8]>::to(topic).partition(*partition).payload(&value),
+                    Duration::from_secs(10),
+                )
+                .await;
+            sent.map_err(|(error, _)| error).expect("produce a warm-up event");
+            offered.push((*partition, uuid));
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        waiting.retain(|partition| !offered.iter().any(|(p, uuid)| p == partition && output.has_seen(uuid)));
+    }
+}
+
+/// Produces `events` raw event messages to `topic`, each watched for on the output first.
+async fn produce_events(config: &Config, topic: &str, events: usize, users: usize, output: &OutputCounter) {
     let producer = KafkaProducerWrapper::connect(config, "bench").expect("producer");
     for index in 0..events {
-        producer.queue_message(raw_event_record(topic, &event_data(index, users), 2)).await.expect("queue");
+        let data = event_data(index, users);
+        output.watch(data["uuid"].as_str().unwrap_or_default());
+        producer.queue_message(raw_event_record(topic, &data, 2)).await.expect("queue");
     }
     producer.flush().await.expect("produce");
-    let group: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &hosts)
-        .set("group.id", plugin_server::sources::kafka_consumer::CONSUMER_GROUP)
-        .create()
-        .expect("group client");
-    let mut offsets = TopicPartitionList::new();
-    offsets.add_partition_offset(topic, 0, Offset::Offset(0)).expect("offset");
-    group.commit(&offsets, rdkafka::consumer::CommitMode::Sync).expect("commit offset 0");
 }
 
-/// Messages on `clickhouse_events_proto` (all partitions' high watermarks).
-fn produced_events(watcher: &BaseConsumer) -> i64 {
-    let metadata = watcher.fetch_metadata(Some(KAFKA_EVENTS), Duration::from_secs(5)).expect("metadata");
-    let partitions = metadata.topics().first().map(|topic| topic.partitions().len()).unwrap_or(0);
-    (0..partitions as i32)
-        .map(|partition| {
-            watcher.fetch_watermarks(KAFKA_EVENTS, partition, Duration::from_secs(5)).expect("watermarks").1
-        })
-        .sum()
+/// Only the uuid of an `Event` on `clickhouse_events_proto` (prost skips the other fields).
+#[derive(Clone, PartialEq, prost::Message)]
+struct EventUuid {
+    #[prost(string, optional, tag = "1")]
+    uuid: Option<String>,
 }
 
-/// Events of the input topic (one partition) the server's consumer group has committed: each one
-/// fully handled and its output delivered. This, not the output topic's growth, is what the Kafka
-/// bench counts, because the loopback broker (Tansu 0.6, in-memory storage) does not always show
-/// acknowledged messages in its watermarks and fetches at once: a large produce was seen showing
-/// half its messages for minutes, the rest appearing with a later write to the topic, or not at
-/// all (`examples/kafka_cli.rs` `end`/`dump` show it).
-fn committed_events(group: &BaseConsumer, topic: &str) -> i64 {
-    let mut partitions = TopicPartitionList::new();
-    partitions.add_partition(topic, 0);
-    match group.committed_offsets(partitions, Duration::from_secs(5)) {
-        Ok(committed) => committed
-            .elements()
-            .iter()
-            .filter_map(|element| match element.offset() {
-                Offset::Offset(offset) => Some(offset),
-                _ => None,
-            })
-            .sum(),
-        Err(_) => 0,
+/// What [`OutputCounter`] looks for and has found.
+#[derive(Default)]
+struct Watched {
+    events: HashSet<String>,
+    warm_ups: HashSet<String>,
+    seen: HashSet<String>,
+    landed: usize,
+    duplicates: usize,
+}
+
+/// Reads `clickhouse_events_proto` from its end at creation, on a thread of its own, and counts
+/// the messages of the bench's events (by uuid): what ClickHouse would ingest.
+struct OutputCounter {
+    watched: Arc<Mutex<Watched>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl OutputCounter {
+    fn start(hosts: &str) -> OutputCounter {
+        let reader: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", hosts)
+            .set("group.id", format!("bench-output-{}", uuid::Uuid::new_v4().simple()))
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("output reader");
+        let metadata = reader.fetch_metadata(Some(KAFKA_EVENTS), Duration::from_secs(10)).expect("metadata");
+        let partitions = metadata.topics().first().map_or(0, |topic| topic.partitions().len()) as i32;
+        let mut assignment = TopicPartitionList::new();
+        for partition in 0..partitions {
+            let (_, end) =
+                reader.fetch_watermarks(KAFKA_EVENTS, partition, Duration::from_secs(10)).expect("watermarks");
+            assignment.add_partition_offset(KAFKA_EVENTS, partition, Offset::Offset(end)).expect("offset");
+        }
+        reader.assign(&assignment).expect("assign");
+        let (watched, stop) = (Arc::new(Mutex::new(Watched::default())), Arc::new(AtomicBool::new(false)));
+        let counter = OutputCounter { watched: watched.clone(), stop: stop.clone() };
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let Some(Ok(message)) = reader.poll(Duration::from_millis(100)) else { continue };
+                let Some(value) = rdkafka::Message::payload(&message) else { continue };
+                let Ok(event) = <EventUuid as prost::Message>::decode_length_delimited(value) else { continue };
+                let Some(uuid) = event.uuid else { continue };
+                let Ok(mut watched) = watched.lock() else { return };
+                let is_event = watched.events.contains(&uuid);
+                if !is_event && !watched.warm_ups.contains(&uuid) {
+                    continue;
+                }
+                match (watched.seen.insert(uuid), is_event) {
+                    (true, true) => watched.landed += 1,
+                    (false, true) => watched.duplicates += 1,
+                    _ => {}
+                }
+            }
+        });
+        counter
     }
+
+    fn watch(&self, uuid: &str) {
+        if let Ok(mut watched) = self.watched.lock() {
+            watched.events.insert(uuid.to_owned());
+        }
+    }
+
+    fn watch_warm_up(&self, uuid: &str) {
+        if let Ok(mut watched) = self.watched.lock() {
+            watched.warm_ups.insert(uuid.to_owned());
+        }
+    }
+
+    fn has_seen(&self, uuid: &str) -> bool {
+        self.watched.lock().is_ok_and(|watched| watched.seen.contains(uuid))
+    }
+
+    fn landed(&self) -> i64 {
+        self.watched.lock().map_or(0, |watched| watched.landed as i64)
+    }
+
+    fn duplicates(&self) -> usize {
+        self.watched.lock().map_or(0, |watched| watched.duplicates)
+    }
+}
+
+impl Drop for OutputCounter {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A server process's peak RSS (`VmHWM`, MiB) and CPU time (user + system, seconds).
+fn process_usage(pid: u32) -> Option<(f64, f64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
+    let peak = line.split_whitespace().nth(1)?.parse::<f64>().ok()? / 1024.0;
+    Some((peak, cpu_seconds(pid)?))
+}
+
+/// User + system CPU seconds of a process (`/proc/<pid>/stat`, clock ticks of 1/100 s).
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which is in parentheses and may contain spaces).
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+/// Busy and total jiffies of all cores (`/proc/stat`).
+fn machine_jiffies() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let values: Vec<u64> = stat
+        .lines()
+        .next()
+        .map(|line| line.split_whitespace().skip(1).filter_map(|value| value.parse().ok()).collect())
+        .unwrap_or_default();
+    let total: u64 = values.iter().take(8).sum();
+    let idle = values.get(3).copied().unwrap_or(0) + values.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
+/// The loopback broker's process, from `scripts/kafka`'s pid file.
+fn broker_pid(hosts: &str) -> Option<u32> {
+    let port = hosts.rsplit(':').next()?;
+    let home = std::env::var("KAFKA_HOME")
+        .unwrap_or_else(|_| format!("{}/.cache/plugin-server/kafka", std::env::var("HOME").unwrap_or_default()));
+    std::fs::read_to_string(format!("{home}/tansu-{port}.pid")).ok()?.trim().parse().ok()
 }
 
 /// Current RSS of this process in MiB (`VmRSS`).
@@ -129,12 +265,72 @@ fn rss_mib() -> f64 {
         .map_or(0.0, |kib| kib / 1024.0)
 }
 
+/// The servers under test: in this process, or `BENCH_SERVERS` processes of the binary.
+enum Servers {
+    InProcess {
+        shutdown: CancellationToken,
+        server: tokio::task::JoinHandle<Result<(), plugin_server::server::ServerError>>,
+    },
+    Processes(Vec<std::process::Child>),
+}
+
+impl Servers {
+    fn start(config: Config, pairs: &[(String, String)], processes: usize) -> Servers {
+        if processes == 0 {
+            let shutdown = CancellationToken::new();
+            let server = tokio::spawn(plugin_server::server::run(config, shutdown.clone()));
+            return Servers::InProcess { shutdown, server };
+        }
+        let children = (0..processes)
+            .map(|_| {
+                std::process::Command::new(env!("CARGO_BIN_EXE_plugin-server"))
+                    .env_clear()
+                    .env("PATH", std::env::var("PATH").unwrap_or_default())
+                    .envs(pairs.iter().map(|(key, value)| (key.as_str(), value.as_str())))
+                    .stdout(std::process::Stdio::null())
+                    .spawn()
+                    .expect("start plugin-server")
+            })
+            .collect();
+        Servers::Processes(children)
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        match self {
+            Servers::InProcess { .. } => vec![std::process::id()],
+            Servers::Processes(children) => children.iter().map(std::process::Child::id).collect(),
+        }
+    }
+
+    async fn stop(self) {
+        match self {
+            Servers::InProcess { shutdown, server } => {
+                shutdown.cancel();
+                let _ = server.await;
+            }
+            Servers::Processes(mut children) => {
+                for child in &children {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(child.id() as i32),
+                        nix::sys::signal::Signal::SIGTERM,
+                    );
+                }
+                for child in &mut children {
+                    let _ = child.wait();
+                }
+            }
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() {
     let kafka = std::env::var("BENCH_QUEUE").is_ok_and(|queue| queue == "kafka");
     let events = env_number("BENCH_EVENTS", 10_000);
     let users = env_number("BENCH_USERS", 1000);
     let limit = Duration::from_secs(env_number("BENCH_SECONDS", 900) as u64);
+    let processes = if kafka { env_number("BENCH_SERVERS", 0) } else { 0 };
+    let partitions = env_number("BENCH_PARTITIONS", 6) as i32;
     let name = format!("pst_bench_{}", uuid::Uuid::new_v4().simple());
     let database = fresh_database(&name, PLUGIN).await;
     let queue = format!("bench-e2e-{}", uuid::Uuid::new_v4().simple());
@@ -179,34 +375,43 @@ async fn main() {
     let config = Config::from_lookup(&|key| pairs.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone())).unwrap();
     plugin_server::logging::init(config.LOG_LEVEL, "MAIN");
 
-    let filling = Instant::now();
-    let watcher: Option<BaseConsumer> = if kafka {
-        fill_kafka(&config, &queue, events, users).await;
-        Some(
-            ClientConfig::new()
-                .set("bootstrap.servers", &kafka_hosts)
-                .set("group.id", plugin_server::sources::kafka_consumer::CONSUMER_GROUP)
-                .create()
-                .expect("offsets client"),
-        )
+    let output = if kafka {
+        create_kafka_topics(&kafka_hosts, &queue, partitions).await;
+        Some(OutputCounter::start(&kafka_hosts))
     } else {
+        let filling = Instant::now();
         fill_celery(&redis_url, &queue, events, users).await;
+        println!("(queued {events} events in {:.1}s)", filling.elapsed().as_secs_f64());
         None
     };
-    println!("(queued {events} events in {:.1}s)", filling.elapsed().as_secs_f64());
     let rows = sqlx::PgPool::connect(&database).await.unwrap();
-    let before = watcher.as_ref().map_or(0, produced_events);
     let ingested_so_far = async || -> i64 {
-        match &watcher {
-            Some(watcher) => committed_events(watcher, &queue),
+        match &output {
+            Some(output) => output.landed(),
             None => sqlx::query_scalar("SELECT count(*) FROM posthog_event").fetch_one(&rows).await.unwrap(),
         }
     };
 
     let rss_before = rss_mib();
+    let broker = if kafka { broker_pid(&kafka_hosts) } else { None };
+    let broker_cpu_before = broker.and_then(cpu_seconds);
+    let machine_before = machine_jiffies();
+    let mut started = Instant::now();
+    let producer_config = config.clone();
+    let servers = Servers::start(config, &pairs, processes);
+    if let Some(output) = &output {
+        // Kafka: the servers join first (they start at the latest offset), then the events are
+        // produced, the clock started as the first goes out.
+        warm_up(&kafka_hosts, &queue, partitions, output).await;
+        println!(
+            "(servers up and consuming all {partitions} partitions after {:.1}s)",
+            started.elapsed().as_secs_f64()
+        );
+        started = Instant::now();
+        produce_events(&producer_config, &queue, events, users, output).await;
+        println!("(produced {events} events in {:.1}s, the clock running)", started.elapsed().as_secs_f64());
+    }
     let shutdown = CancellationToken::new();
-    let started = Instant::now();
-    let server = tokio::spawn(plugin_server::server::run(config, shutdown.clone()));
     let scrapes = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     if let Some(port) = http_port {
         let (scrapes, shutdown) = (scrapes.clone(), shutdown.clone());
@@ -233,25 +438,8 @@ async fn main() {
     // When the first events landed (the server is up and its consumer joined): the steady rate is
     // measured from there, as the reference's benchmark starts its clock on a running server.
     let mut first_landed: Option<(Instant, i64)> = None;
-    // The broker may keep fewer messages than were produced (see `committed_events`): for Kafka
-    // the run also ends when everything on the input topic is committed and stays so for 2 s.
-    let input_end = || {
-        watcher
-            .as_ref()
-            .map(|watcher| watcher.fetch_watermarks(&queue, 0, Duration::from_secs(5)).map_or(i64::MAX, |(_, end)| end))
-    };
-    let mut caught_up_since: Option<Instant> = None;
-    let mut finished: Option<Instant> = None;
+    let mut usage: Vec<(f64, f64)> = Vec::new();
     while ingested < events as i64 && Instant::now() < deadline {
-        if let Some(end) = input_end() {
-            let caught_up = ingested > 0 && ingested >= end;
-            caught_up_since = if caught_up { caught_up_since.or(Some(Instant::now())) } else { None };
-            if caught_up_since.is_some_and(|since| since.elapsed() >= Duration::from_secs(2)) {
-                println!("(the broker kept {end} of the {events} messages produced to the input topic)");
-                finished = caught_up_since;
-                break;
-            }
-        }
         tokio::time::sleep(Duration::from_millis(100)).await;
         peak_rss = peak_rss.max(rss_mib());
         ingested = ingested_so_far().await;
@@ -262,11 +450,16 @@ async fn main() {
             last_report = Instant::now();
             eprintln!("({:.1}s: {ingested} ingested, RSS {:.1} MiB)", started.elapsed().as_secs_f64(), rss_mib());
         }
+        if processes > 0 {
+            usage = servers.pids().into_iter().filter_map(process_usage).collect();
+        }
     }
-    let finished = finished.unwrap_or_else(Instant::now);
+    let finished = Instant::now();
     let elapsed = finished - started;
-    if let Some(watcher) = &watcher {
-        println!("({} messages went out on {KAFKA_EVENTS})", produced_events(watcher) - before);
+    let machine_after = machine_jiffies();
+    let broker_cpu = broker_cpu_before.zip(broker.and_then(cpu_seconds)).map(|(before, after)| after - before);
+    if let Some(output) = &output {
+        println!("({} of {events} events on {KAFKA_EVENTS}, {} duplicates)", output.landed(), output.duplicates());
     }
     if let Some((at, count)) = first_landed.filter(|(at, _)| (finished - *at).as_secs_f64() > 0.5) {
         let seconds = (finished - at).as_secs_f64();
@@ -277,7 +470,7 @@ async fn main() {
         );
     }
     shutdown.cancel();
-    let _ = server.await;
+    servers.stop().await;
     let pipeline = if kafka { "Kafka in + Kafka out, persons in Postgres" } else { "Celery + Postgres" };
     if metrics_on {
         println!(
@@ -288,13 +481,35 @@ async fn main() {
     } else {
         println!("(metrics off: no STATSD_HOST, HTTP_SERVER_PORT=0)");
     }
-    println!("(start-up included: loading the plugin and joining the queue)");
-    println!("(RSS {rss_before:.1} MiB before the server started, {peak_rss:.1} MiB at most while it ran)");
+    if !kafka {
+        println!("(start-up included: loading the plugin and joining the queue)");
+    }
+    if processes > 0 {
+        let seconds = elapsed.as_secs_f64();
+        for (index, (peak, cpu)) in usage.iter().enumerate() {
+            println!("(server {}: peak RSS {peak:.1} MiB, CPU {cpu:.1} s = {:.2} cores)", index + 1, cpu / seconds);
+        }
+        let cpu: f64 = usage.iter().map(|(_, cpu)| cpu).sum();
+        println!(
+            "({processes} servers, {partitions} partitions: {:.0} events/sec in total, {:.0} per server; {:.0} events per CPU-second of the servers)",
+            ingested as f64 / seconds,
+            ingested as f64 / seconds / processes as f64,
+            ingested as f64 / cpu.max(0.001)
+        );
+    } else {
+        println!("(RSS {rss_before:.1} MiB before the server started, {peak_rss:.1} MiB at most while it ran)");
+    }
+    if let Some(broker_cpu) = broker_cpu {
+        println!("(broker: CPU {broker_cpu:.1} s = {:.2} cores)", broker_cpu / elapsed.as_secs_f64());
+    }
+    let (busy, total) = (machine_after.0 - machine_before.0, machine_after.1 - machine_before.1);
+    println!("(machine: {:.0}% of its cores busy, every process counted)", 100.0 * busy as f64 / total.max(1) as f64);
     report(
         &format!("Server e2e, {pipeline}, {users} users, {ingested} of {events} events ingested"),
         ingested as usize,
         elapsed,
     );
+    drop(output);
     rows.close().await;
     drop_database(&name).await;
     if !kafka {

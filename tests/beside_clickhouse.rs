@@ -15,7 +15,7 @@ use common::http_stub::{http_stub, https_stub, next_request, HttpRequest};
 use common::server_process::{run, stdout, Server};
 use common::TestDb;
 use plugin_server::clickhouse::{ClickHouse, ClickHouseError, ClickHouseSettings};
-use queues_support::{create_topics, ensure_kafka, produce, unique, KAFKA_HOSTS};
+use queues_support::{create_topics, ensure_kafka, kafka_hosts, produce, unique};
 use serde_json::json;
 
 /// Answers like ClickHouse: `SELECT 1` → one UInt8 row; anything else → no rows.
@@ -168,7 +168,7 @@ fn kafka_server_env(
         ("REDIS_URL", format!("{}/{redis_db}", common::redis_url()).as_str()),
         ("LOG_LEVEL", "info"),
         ("KAFKA_ENABLED", "true"),
-        ("KAFKA_HOSTS", KAFKA_HOSTS),
+        ("KAFKA_HOSTS", kafka_hosts()),
         ("KAFKA_CONSUMPTION_TOPIC", topic),
         ("PLUGINS_CELERY_QUEUE", queue),
         ("WORKER_CONCURRENCY", "1"),

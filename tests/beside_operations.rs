@@ -322,7 +322,7 @@ async fn http_server_port_zero_turns_the_endpoints_off() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[serial_test::serial(kafka_mode_server)]
 async fn kafka_mode_sends_the_producer_batch_and_dead_letter_metrics() {
-    use queues_support::{create_topics, ensure_kafka, produce, unique, KAFKA_HOSTS};
+    use queues_support::{create_topics, ensure_kafka, kafka_hosts, produce, unique};
 
     ensure_kafka();
     let statsd = StatsdListener::start();
@@ -333,7 +333,7 @@ async fn kafka_mode_sends_the_producer_batch_and_dead_letter_metrics() {
     let statsd_port = statsd.port.to_string();
     let config = db.config(&[
         ("KAFKA_ENABLED", "true"),
-        ("KAFKA_HOSTS", KAFKA_HOSTS),
+        ("KAFKA_HOSTS", kafka_hosts()),
         ("KAFKA_CONSUMPTION_TOPIC", &topic),
         ("PLUGINS_CELERY_QUEUE", &queue),
         ("WORKER_CONCURRENCY", "2"),

@@ -9,7 +9,7 @@ mod queues_support;
 use std::time::{Duration, Instant};
 
 use common::TestDb;
-use queues_support::{consume_topic_from, create_topics, ensure_kafka, produce, topic_end, unique, KAFKA_HOSTS};
+use queues_support::{consume_topic_from, create_topics, ensure_kafka, kafka_hosts, produce, topic_end, unique};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -68,7 +68,7 @@ async fn raw_event_in_protobuf_event_out() {
     let queue = common::unique_prefix("e2e-kafka-celery");
     let config = db.config(&[
         ("KAFKA_ENABLED", "true"),
-        ("KAFKA_HOSTS", KAFKA_HOSTS),
+        ("KAFKA_HOSTS", kafka_hosts()),
         ("KAFKA_CONSUMPTION_TOPIC", &topic),
         ("PLUGINS_CELERY_QUEUE", &queue),
         ("WORKER_CONCURRENCY", "2"),
@@ -154,7 +154,7 @@ async fn oversized_records_are_dead_lettered_and_consumption_goes_on() {
     let queue = common::unique_prefix("e2e-kafka-big-celery");
     let config = db.config(&[
         ("KAFKA_ENABLED", "true"),
-        ("KAFKA_HOSTS", KAFKA_HOSTS),
+        ("KAFKA_HOSTS", kafka_hosts()),
         ("KAFKA_CONSUMPTION_TOPIC", &topic),
         ("PLUGINS_CELERY_QUEUE", &queue),
         ("WORKER_CONCURRENCY", "2"),

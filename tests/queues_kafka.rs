@@ -278,7 +278,7 @@ async fn offsets_wait_for_the_producer() {
             .unwrap();
 
     let observer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", KAFKA_HOSTS)
+        .set("bootstrap.servers", kafka_hosts())
         .set("group.id", &setup.options.group_id)
         .create()
         .unwrap();

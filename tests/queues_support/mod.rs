@@ -14,7 +14,16 @@ use serde_json::Value;
 use tokio::sync::Semaphore;
 
 pub const REDIS_URL: &str = "redis://127.0.0.1:6379";
-pub const KAFKA_HOSTS: &str = "127.0.0.1:9092";
+/// The test broker's port: `KAFKA_PORT` (as for `scripts/kafka`), default 9092.
+pub fn kafka_port() -> u16 {
+    std::env::var("KAFKA_PORT").ok().and_then(|port| port.parse().ok()).unwrap_or(9092)
+}
+
+/// The test broker: `127.0.0.1:<kafka_port()>`.
+pub fn kafka_hosts() -> &'static str {
+    static HOSTS: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    HOSTS.get_or_init(|| format!("127.0.0.1:{}", kafka_port()))
+}
 
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
@@ -146,15 +155,20 @@ impl EventHandler for RecordingHandler {
     }
 }
 
-/// Makes sure a broker listens on 127.0.0.1:9092, starting it with `scripts/kafka` if not.
+/// Makes sure a broker listens on [`kafka_hosts`], starting it with `scripts/kafka` if not.
 pub fn ensure_kafka() {
     static STARTED: std::sync::Once = std::sync::Once::new();
     STARTED.call_once(|| {
-        if std::net::TcpStream::connect("127.0.0.1:9092").is_ok() {
+        if std::net::TcpStream::connect(kafka_hosts()).is_ok() {
             return;
         }
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/kafka");
-        let status = std::process::Command::new("bash").arg(script).arg("start").status().expect("run scripts/kafka");
+        let status = std::process::Command::new("bash")
+            .arg(script)
+            .arg("start")
+            .env("KAFKA_PORT", kafka_port().to_string())
+            .status()
+            .expect("run scripts/kafka");
         assert!(status.success(), "scripts/kafka start failed");
     });
 }
@@ -166,7 +180,7 @@ pub async fn create_topics(topics: &[&str], partitions: i32) {
     use rdkafka::config::ClientConfig;
     ensure_kafka();
     let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", KAFKA_HOSTS).create().expect("admin client");
+        ClientConfig::new().set("bootstrap.servers", kafka_hosts()).create().expect("admin client");
     let new_topics: Vec<NewTopic> =
         topics.iter().map(|topic| NewTopic::new(topic, partitions, TopicReplication::Fixed(1))).collect();
     let results = admin.create_topics(&new_topics, &AdminOptions::new()).await.expect("create topics");
@@ -179,7 +193,7 @@ pub async fn create_topics(topics: &[&str], partitions: i32) {
 
 /// A config for tests: Kafka on the test broker, given extra pairs.
 pub fn test_config(pairs: &[(&str, &str)]) -> plugin_server::config::Config {
-    let mut all = vec![("KAFKA_HOSTS", KAFKA_HOSTS), ("KAFKA_ENABLED", "true")];
+    let mut all = vec![("KAFKA_HOSTS", kafka_hosts()), ("KAFKA_ENABLED", "true")];
     all.extend_from_slice(pairs);
     plugin_server::config::Config::from_pairs(&all).expect("config")
 }
@@ -197,7 +211,7 @@ pub fn topic_end(topic: &str) -> rdkafka::Offset {
     use rdkafka::config::ClientConfig;
     use rdkafka::consumer::{BaseConsumer, Consumer};
     let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", KAFKA_HOSTS)
+        .set("bootstrap.servers", kafka_hosts())
         .set("group.id", unique("watermarks"))
         .create()
         .expect("watermark reader");
@@ -219,7 +233,7 @@ pub async fn consume_topic_from(
     use rdkafka::consumer::{Consumer, StreamConsumer};
     use rdkafka::{Message, TopicPartitionList};
     let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", KAFKA_HOSTS)
+        .set("bootstrap.servers", kafka_hosts())
         .set("group.id", unique("reader"))
         .set("enable.auto.commit", "false")
         .create()
@@ -246,7 +260,7 @@ pub async fn produce(topic: &str, values: &[Vec<u8>]) {
     use rdkafka::config::ClientConfig;
     use rdkafka::producer::{FutureProducer, FutureRecord};
     let producer: FutureProducer =
-        ClientConfig::new().set("bootstrap.servers", KAFKA_HOSTS).create().expect("producer");
+        ClientConfig::new().set("bootstrap.servers", kafka_hosts()).create().expect("producer");
     for value in values {
         producer
             .send(FutureRecord::<(), [u8]>::to(topic).payload(value.as_slice()), Duration::from_secs(10))
