@@ -529,7 +529,7 @@ struct Options {
 }
 
 fn client() -> Result<&'static reqwest::Client, FetchError> {
-    static CLIENT: OnceLock<Result<reqwest::Client, String>> = OnceLock::new();
+    static CLIENT: OnceLock<Result<reqwest::Client, reqwest::Error>> = OnceLock::new();
     CLIENT
         .get_or_init(|| {
             reqwest::Client::builder()
@@ -539,7 +539,6 @@ fn client() -> Result<&'static reqwest::Client, FetchError> {
                 .dns_resolver(Arc::new(PolicyResolver))
                 .user_agent("node-fetch/1.0 (+https://github.com/bitinn/node-fetch)")
                 .build()
-                .map_err(|e| e.to_string())
         })
         .as_ref()
         .map_err(|e| FetchError::new(format!("could not build the HTTP client: {e}"), "system", Some("EPROTO")))
