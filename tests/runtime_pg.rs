@@ -355,3 +355,128 @@ async fn internal_hosts_are_refused_without_allow_internal_ips() {
     };
     assert_eq!(out, json!([refused("127.0.0.1"), refused("localhost (127.0.0.1)")]));
 }
+
+/// A PostgreSQL cluster of this test's own (Debian's binaries, run as the `postgres` user) that
+/// asks for passwords: SCRAM-SHA-256 for `postgres`, MD5 for `md5user`, cleartext for
+/// `clearuser`. Stopped when dropped.
+struct PasswordCluster {
+    dir: tempfile::TempDir,
+    bin: std::path::PathBuf,
+    port: u16,
+}
+
+impl PasswordCluster {
+    fn as_postgres(&self, program: &str, args: &[&str]) {
+        let status = std::process::Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join(program))
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "{program} {args:?}");
+    }
+
+    async fn start() -> PasswordCluster {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("Debian's PostgreSQL server binaries")
+            .flatten()
+            .map(|entry| entry.path().join("bin"))
+            .find(|bin| bin.join("initdb").exists())
+            .expect("initdb");
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let cluster = PasswordCluster { dir, bin, port };
+        let root = cluster.dir.path().to_str().unwrap().to_string();
+        std::fs::write(cluster.dir.path().join("pw"), "secret\n").unwrap();
+        let chown = std::process::Command::new("chown").args(["-R", "postgres:postgres", &root]).status().unwrap();
+        assert!(chown.success());
+        let data = format!("{root}/data");
+        cluster.as_postgres(
+            "initdb",
+            &["-D", &data, "-U", "postgres", "--auth=scram-sha-256", &format!("--pwfile={root}/pw")],
+        );
+        let hba = format!("{data}/pg_hba.conf");
+        let rules = std::fs::read_to_string(&hba).unwrap();
+        std::fs::write(
+            &hba,
+            format!("host all md5user 127.0.0.1/32 md5\nhost all clearuser 127.0.0.1/32 password\n{rules}"),
+        )
+        .unwrap();
+        let options = format!("-p {} -k {root} -c listen_addresses=127.0.0.1", cluster.port);
+        cluster.as_postgres("pg_ctl", &["-D", &data, "-o", &options, "-w", "start"]);
+        let admin = sqlx::postgres::PgConnectOptions::new()
+            .host("127.0.0.1")
+            .port(cluster.port)
+            .username("postgres")
+            .password("secret");
+        let pool = sqlx::PgPool::connect_with(admin).await.unwrap();
+        sqlx::raw_sql(
+            "SET password_encryption = 'md5'; CREATE ROLE md5user LOGIN PASSWORD 'md5secret';
+             SET password_encryption = 'scram-sha-256'; CREATE ROLE clearuser LOGIN PASSWORD 'clearsecret';",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+        cluster
+    }
+}
+
+impl Drop for PasswordCluster {
+    fn drop(&mut self) {
+        let data = format!("{}/data", self.dir.path().display());
+        self.as_postgres("pg_ctl", &["-D", &data, "-m", "immediate", "stop"]);
+    }
+}
+
+/// Authentication as node-postgres does it: SCRAM-SHA-256, MD5 and cleartext passwords; a wrong
+/// password is the server's `28P01`; none at all is node-postgres' SASL message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passwords_scram_md5_and_cleartext() {
+    let h = Harness::new().await;
+    let cluster = PasswordCluster::start().await;
+    let out = h
+        .run(
+            1,
+            &format!(
+                r#"
+        const {{ Client }} = require('pg')
+        const login = async (user, password) => {{
+            const client = new Client({{ host: '127.0.0.1', port: {port}, user, password, database: 'postgres' }})
+            try {{
+                await client.connect()
+                const who = (await client.query('SELECT current_user AS u')).rows[0].u
+                await client.end()
+                return who
+            }} catch (e) {{ return [e.message, e.code] }}
+        }}
+        async function runEveryMinute() {{
+            return [
+                await login('postgres', 'secret'),
+                await login('md5user', 'md5secret'),
+                await login('clearuser', 'clearsecret'),
+                await login('postgres', 'wrong'),
+                await login('postgres', undefined),
+                (await new Promise((resolve) => new Client(`postgres://md5user:md5secret@127.0.0.1:{port}/postgres`).connect((e) => resolve(e ? e.message : 'ok')))),
+            ]
+        }}
+    "#,
+                port = cluster.port
+            ),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        out,
+        json!([
+            "postgres",
+            "md5user",
+            "clearuser",
+            ["password authentication failed for user \"postgres\"", "28P01"],
+            ["SASL: SCRAM-SERVER-FIRST-MESSAGE: client password must be a string", null],
+            "ok"
+        ])
+    );
+}
