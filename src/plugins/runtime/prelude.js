@@ -825,7 +825,7 @@
               }),
           }
         : {};
-    const modules = freeze({
+    const modules = {
         ...testModules,
         'node-fetch': freeze(Object.assign(fetch, { default: fetch, Headers, Response, FetchError, AbortError })),
         '@posthog/plugin-scaffold': freeze({ RetryError }),
@@ -834,7 +834,13 @@
         url: freeze({ URL, URLSearchParams, parse: legacyUrlParse }),
         zlib: freeze(zlib),
         jsonwebtoken: freeze(jsonwebtoken),
-    });
+    };
+
+    // ---------------------------------------------------------------- facade modules (modules/mod.rs)
+    let facade;
+    const loadFacade = (name) => (facade || (facade = host.facade('@loader')({ host, hostCall, Buffer, namedError, quiet, RetryError, modules, forbidden: (n) => forbidden(n) })))(name);
+    for (const [name, importable] of host.facade()) if (importable) Object.defineProperty(modules, name, { get: () => loadFacade(name), enumerable: true });
+    freeze(modules);
     for (const cls of [Buffer, TextEncoder, TextDecoder, URL, URLSearchParams, Headers, Response, FetchError, AbortError, RetryError, JsonWebTokenError, Hash]) {
         freeze(cls);
         freeze(cls.prototype);
