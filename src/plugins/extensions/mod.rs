@@ -9,6 +9,7 @@
 //! [`PluginContext`] binds them to one plugin config; [`PluginContext::call`] dispatches by name so
 //! the runtime can bind the whole API through one host function.
 
+pub mod aws;
 pub mod cache;
 pub mod jobs;
 pub mod metrics;
@@ -183,6 +184,8 @@ pub struct PluginContext {
     pub config: Arc<PluginConfig>,
     cache: Cache,
     storage: Storage,
+    /// The `aws-sdk` facade's clients (requests in flight).
+    aws: aws::Aws,
 }
 
 /// How `console.*` renders its arguments: joined by spaces; arrays and objects as JSON, the rest
@@ -210,7 +213,7 @@ impl PluginContext {
     pub fn new(services: Arc<PluginServices>, config: Arc<PluginConfig>) -> PluginContext {
         let cache = Cache::new(services.cache.clone(), config.plugin_id, Some(config.team()));
         let storage = Storage::new(services.storage.clone(), config.id);
-        PluginContext { services, config, cache, storage }
+        PluginContext { services, config, cache, storage, aws: aws::Aws::default() }
     }
 
     /// `meta.config`.
@@ -348,6 +351,11 @@ impl PluginContext {
                 Ok(serde_json::json!({
                     "url": request.url, "method": request.method, "headers": headers, "body": request.body,
                 }))
+            }
+            "aws.s3" | "aws.kinesis" => {
+                // Within the host call's deadline (TASK_TIMEOUT), leaving a second for the answer.
+                let budget = self.services.hub.config.task_timeout().saturating_sub(std::time::Duration::from_secs(1));
+                self.aws.call(function, &args, budget).await
             }
             _ => {
                 if let Some(level) = function.strip_prefix("console.") {

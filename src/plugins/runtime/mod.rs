@@ -26,7 +26,9 @@ use async_trait::async_trait;
 use serde_json::Value;
 
 pub use host::fetch::{
-    configure as configure_network, fetch_with, http_fetch, internal_reason, settings as network_settings, FetchError,
+    configure as configure_network, fetch_undecoded,
+    OPTIONS_HEADER as FETCH_OPTIONS_HEADER, REQUEST_TIMEOUT, fetch_with, http_fetch, internal_reason, settings as network_settings,
+    FetchError,
     FetchRequest, FetchResponse, NetworkSettings, REFUSED_CODE as FETCH_REFUSED_CODE,
 };
 pub use host::memory_headroom;

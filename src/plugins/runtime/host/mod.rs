@@ -88,9 +88,76 @@ fn hmac_digest(algorithm: &str, key: &[u8], data: &[u8]) -> Option<Vec<u8>> {
     }
 }
 
+/// Node's brotli encoder parameters (`params` of `brotliCompress*` options, keyed by
+/// `zlib.constants.BROTLI_PARAM_*`): Node's defaults are quality 11, window 22, generic mode.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct BrotliParams {
+    quality: i32,
+    lgwin: i32,
+    mode: i32,
+}
+
+impl Default for BrotliParams {
+    fn default() -> BrotliParams {
+        BrotliParams { quality: 11, lgwin: 22, mode: 0 }
+    }
+}
+
+/// `zlib.constants.BROTLI_PARAM_MODE`, `…_QUALITY`, `…_LGWIN`.
+const BROTLI_PARAM_MODE: &str = "0";
+const BROTLI_PARAM_QUALITY: &str = "1";
+const BROTLI_PARAM_LGWIN: &str = "2";
+
+impl BrotliParams {
+    /// From the `params` object of the options (values out of range are Node's
+    /// `ERR_BROTLI_INVALID_PARAM`).
+    fn from_js(params: Option<Object<'_>>) -> std::result::Result<BrotliParams, String> {
+        let mut out = BrotliParams::default();
+        let Some(params) = params else { return Ok(out) };
+        for key in params.keys::<String>() {
+            let key = key.map_err(|e| e.to_string())?;
+            let value: f64 = params.get(key.as_str()).map_err(|e| e.to_string())?;
+            let invalid = || format!("{key} is not a valid Brotli parameter");
+            let value = if value.is_finite() && value.fract() == 0.0 { value as i32 } else { return Err(invalid()) };
+            match key.as_str() {
+                BROTLI_PARAM_QUALITY if (0..=11).contains(&value) => out.quality = value,
+                BROTLI_PARAM_LGWIN if (10..=24).contains(&value) => out.lgwin = value,
+                BROTLI_PARAM_MODE if (0..=2).contains(&value) => out.mode = value,
+                // Block size, size hint and the rest tune speed only.
+                "3" | "4" | "5" | "6" | "7" | "8" | "9" => {}
+                _ => return Err(invalid()),
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn brotli_compress(data: &[u8], params: BrotliParams) -> std::result::Result<Vec<u8>, String> {
+    let mut encoder = brotli::enc::BrotliEncoderParams {
+        quality: params.quality,
+        lgwin: params.lgwin,
+        mode: match params.mode {
+            1 => brotli::enc::backward_references::BrotliEncoderMode::BROTLI_MODE_TEXT,
+            2 => brotli::enc::backward_references::BrotliEncoderMode::BROTLI_MODE_FONT,
+            _ => brotli::enc::backward_references::BrotliEncoderMode::BROTLI_MODE_GENERIC,
+        },
+        ..Default::default()
+    };
+    encoder.size_hint = data.len();
+    let mut out = Vec::new();
+    brotli::BrotliCompress(&mut &data[..], &mut out, &encoder).map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
+/// Runs one zlib operation with the default brotli parameters.
+#[cfg(test)]
+fn zlib(op: &str, data: &[u8], limit: u64) -> std::result::Result<Vec<u8>, String> {
+    zlib_with(op, data, limit, BrotliParams::default())
+}
+
 /// Runs one zlib operation; inflated output stops at `limit` bytes (streaming: at most `limit + 1`
 /// bytes are ever produced).
-fn zlib(op: &str, data: &[u8], limit: u64) -> std::result::Result<Vec<u8>, String> {
+fn zlib_with(op: &str, data: &[u8], limit: u64, brotli: BrotliParams) -> std::result::Result<Vec<u8>, String> {
     use flate2::read::{DeflateDecoder, GzDecoder, MultiGzDecoder, ZlibDecoder};
     use flate2::write::{DeflateEncoder, GzEncoder, ZlibEncoder};
     use flate2::Compression;
@@ -121,6 +188,10 @@ fn zlib(op: &str, data: &[u8], limit: u64) -> std::result::Result<Vec<u8>, Strin
         "inflateRaw" => inflate(Box::new(DeflateDecoder::new(data))),
         "unzip" if data.starts_with(&[0x1f, 0x8b]) => inflate(Box::new(GzDecoder::new(data))),
         "unzip" => inflate(Box::new(ZlibDecoder::new(data))),
+        "brotliCompress" => brotli_compress(data, brotli),
+        // Node's message for a stream that is not brotli.
+        "brotliDecompress" => inflate(Box::new(brotli::Decompressor::new(data, 4096)))
+            .map_err(|e| if e.contains("exceeds") { e } else { "Decompression failed".to_string() }),
         _ => Err(format!("unknown zlib operation {op}")),
     }
     .map_err(|e| if e.contains("invalid") || e.contains("corrupt") { "incorrect header check".to_string() } else { e })
@@ -301,11 +372,15 @@ pub fn install<'js>(ctx: &Ctx<'js>, host: &Object<'js>) -> JsResult<()> {
     host.set("randomUUID", Function::new(ctx.clone(), || uuid::Uuid::new_v4().to_string())?)?;
     host.set(
         "zlib",
-        Function::new(ctx.clone(), |ctx: Ctx<'js>, op: String, data: Value<'js>| {
+        Function::new(ctx.clone(), |ctx: Ctx<'js>, op: String, data: Value<'js>, params: rquickjs::function::Opt<Object<'js>>| {
             let data = bytes_of(&ctx, &data)?;
             // The output is copied into the VM's heap: it must fit there (plus the input copy).
             let limit = (memory_headroom(&ctx) as u64).min(MAX_INFLATED_BYTES);
-            match zlib(&op, &data, limit) {
+            let brotli = match BrotliParams::from_js(params.0) {
+                Ok(brotli) => brotli,
+                Err(message) => return Err(Exception::throw_range(&ctx, &message)),
+            };
+            match zlib_with(&op, &data, limit, brotli) {
                 Ok(out) => buffer(&ctx, out),
                 Err(message) => Err(Exception::throw_message(&ctx, &message)),
             }
@@ -406,6 +481,15 @@ mod tests {
         let bomb = zlib("gzip", &vec![0u8; 8 << 20], MAX_INFLATED_BYTES).unwrap();
         let refused = zlib("gunzip", &bomb, 1 << 20).unwrap_err();
         assert!(refused.contains("exceeds 1048576 bytes"), "{refused}");
+        // Brotli both ways (Node's default quality 11), its bomb bound, Node's message for garbage.
+        let text = "hello brotli ".repeat(100);
+        let packed = zlib("brotliCompress", text.as_bytes(), MAX_INFLATED_BYTES).unwrap();
+        assert!(packed.len() < 40, "{}", packed.len());
+        assert_eq!(zlib("brotliDecompress", &packed, MAX_INFLATED_BYTES).unwrap(), text.as_bytes());
+        let fast = BrotliParams { quality: 1, ..BrotliParams::default() };
+        let bomb = zlib_with("brotliCompress", &vec![0u8; 8 << 20], MAX_INFLATED_BYTES, fast).unwrap();
+        assert!(zlib("brotliDecompress", &bomb, 1 << 20).unwrap_err().contains("exceeds 1048576 bytes"));
+        assert_eq!(zlib("brotliDecompress", b"not brotli at all", MAX_INFLATED_BYTES).unwrap_err(), "Decompression failed");
     }
 
     #[test]
