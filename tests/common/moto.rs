@@ -61,6 +61,11 @@ impl Moto {
     }
 
     async fn launch(port: u16, buckets: &[&str], authenticated: bool) -> Moto {
+        // The plugins' network policy of this test process: moto is on loopback (a server run
+        // in process configures the same from NODE_ENV=test).
+        plugin_server::plugins::runtime::configure_network(plugin_server::plugins::runtime::NetworkSettings::defaults(
+            plugin_server::config::NodeEnv::Test,
+        ));
         tokio::task::spawn_blocking(install).await.expect("install moto");
         let mut command = Command::new("bash");
         command.arg(script()).arg("serve").arg(port.to_string()).stdout(Stdio::null()).stderr(Stdio::null());
