@@ -773,9 +773,7 @@ fn check_plugin(path: &Path) -> (Vec<String>, Map<String, Value>) {
         Err(failure) => problems.push(failure.message().to_string()),
         Ok(code) => {
             found.insert("main".into(), json!(plugin_json.get("main").and_then(Value::as_str).unwrap_or("index.js")));
-            match super::transform::transform_code(&code.code, &|module: &str| {
-                runtime::ALLOWED_IMPORTS.contains(&module)
-            }) {
+            match super::transform::transform_code(&code.code, &|module: &str| runtime::is_allowed_import(module)) {
                 Ok(transformed) => {
                     found.insert("imports".into(), json!(transformed.imports));
                 }

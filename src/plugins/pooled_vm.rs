@@ -13,7 +13,7 @@ use super::extensions::PluginContext;
 use super::log_entries::{LogSource, LogType, PluginLogEntry};
 use super::runtime::{
     self, Attachment, CallKind, FetchRequest, FetchResponse, MetaBindings, MetaError, PluginError, PluginExports,
-    PluginVmSpec, WorkerPool,
+    PluginVmSpec, VmId, WorkerPool,
 };
 use super::vm_boundary::{CallError, JsError, Method, PluginVm, TaskKind, VmExports, VmFactory};
 
@@ -197,6 +197,19 @@ impl MetaBindings for ContextBindings {
 
     async fn call(&self, name: &str, args: Vec<Value>) -> Result<Value, MetaError> {
         self.context.call(name, args).await.map_err(|error| MetaError::named(error.name, error.message))
+    }
+
+    async fn call_from(&self, vm: VmId, name: &str, args: Vec<Value>) -> Result<Value, MetaError> {
+        self.context.call_from(vm, name, args).await.map_err(|error| MetaError::named(error.name, error.message))
+    }
+
+    /// The VM's facade connections are closed on the main runtime (this runs on its worker
+    /// thread, as it drops).
+    fn vm_closed(&self, vm: VmId) {
+        let left = self.context.left_open_by(vm);
+        if !left.is_empty() {
+            self.main.spawn(left.close());
+        }
     }
 
     /// The plugin's fetch: a sealed `posthog.api` key is unsealed (only for the PostHog host),

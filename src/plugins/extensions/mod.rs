@@ -7,12 +7,15 @@
 //! Redis, the log sink, and three small traits other modules implement: [`CaptureSink`] for
 //! `posthog.capture`, [`JobEnqueuer`] for `meta.jobs`, [`GeoIpLocator`] for `meta.geoip`).
 //! [`PluginContext`] binds them to one plugin config; [`PluginContext::call`] dispatches by name so
-//! the runtime can bind the whole API through one host function.
+//! the runtime can bind the whole API through one host function. The host side of the facade
+//! modules (`runtime/modules`) is here too, one file per facade (`pg.rs`), reached through
+//! [`PluginContext::call_from`], which knows the calling VM.
 
 pub mod aws;
 pub mod cache;
 pub mod jobs;
 pub mod metrics;
+pub mod pg;
 pub mod posthog;
 pub mod storage;
 
@@ -27,6 +30,7 @@ use super::rows::{PluginConfig, PluginRecords};
 use super::vm_boundary::JsError;
 use crate::hub::Hub;
 use crate::js::string_of;
+use crate::plugins::runtime::VmId;
 
 pub use cache::{Cache, CacheBackend, CacheRedis};
 pub use jobs::{duration_to_ms, EnqueuedJob, RunAt};
@@ -184,6 +188,8 @@ pub struct PluginContext {
     pub config: Arc<PluginConfig>,
     cache: Cache,
     storage: Storage,
+    /// The `pg` facade's connections, per VM of this config.
+    pub pg: pg::PgConnections,
     /// The `aws-sdk` facade's clients (requests in flight).
     aws: aws::Aws,
 }
@@ -213,7 +219,8 @@ impl PluginContext {
     pub fn new(services: Arc<PluginServices>, config: Arc<PluginConfig>) -> PluginContext {
         let cache = Cache::new(services.cache.clone(), config.plugin_id, Some(config.team()));
         let storage = Storage::new(services.storage.clone(), config.id);
-        PluginContext { services, config, cache, storage, aws: aws::Aws::default() }
+        let pg = pg::PgConnections::new(services.hub.config.task_timeout());
+        PluginContext { services, config, cache, storage, pg, aws: aws::Aws::default() }
     }
 
     /// `meta.config`.
@@ -315,6 +322,21 @@ impl PluginContext {
     /// `console.<debug|log|info|warn|error> [...]` (usually one already rendered message),
     /// `posthog.capture [event, properties?]`, `posthog.api [METHOD, path, options?]` (returns
     /// `{url, method, headers, body}` for the runtime's fetch).
+    /// [`PluginContext::call`] made by VM `vm`: the facades' operations (`pg.*`) keep state per
+    /// VM; everything else is the same for every VM.
+    pub async fn call_from(&self, vm: VmId, function: &str, args: Vec<Value>) -> Result<Value, JsError> {
+        match function.strip_prefix("pg.") {
+            Some(op) => self.pg.call(vm, op, args).await,
+            None => self.call(function, args).await,
+        }
+    }
+
+    /// VM `vm` is gone: what its facade calls left open, to be closed on the async runtime
+    /// ([`LeftOpen::close`]).
+    pub fn left_open_by(&self, vm: VmId) -> LeftOpen {
+        LeftOpen { pg: self.pg.close_vm(vm) }
+    }
+
     pub async fn call(&self, function: &str, args: Vec<Value>) -> Result<Value, JsError> {
         let key = string_arg(&args, 0);
         let unknown = || JsError::new("TypeError", format!("{function} is not a function"));
@@ -370,6 +392,22 @@ impl PluginContext {
                 Err(unknown())
             }
         }
+    }
+}
+
+/// What a gone VM left open ([`PluginContext::left_open_by`]).
+pub struct LeftOpen {
+    pg: Vec<Arc<tokio::sync::Mutex<pg::wire::Connection>>>,
+}
+
+impl LeftOpen {
+    pub fn is_empty(&self) -> bool {
+        self.pg.is_empty()
+    }
+
+    /// Closes it all (each connection once no query holds it).
+    pub async fn close(self) {
+        pg::close_all(self.pg).await;
     }
 }
 

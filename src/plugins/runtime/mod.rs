@@ -15,6 +15,7 @@
 
 mod convert;
 mod host;
+pub mod modules;
 mod pool;
 mod quickjs;
 pub mod v8;
@@ -26,18 +27,28 @@ use async_trait::async_trait;
 use serde_json::Value;
 
 pub use host::fetch::{
-    configure as configure_network, fetch_undecoded,
-    OPTIONS_HEADER as FETCH_OPTIONS_HEADER, REQUEST_TIMEOUT, fetch_with, http_fetch, internal_reason, settings as network_settings,
-    FetchError,
-    FetchRequest, FetchResponse, NetworkSettings, REFUSED_CODE as FETCH_REFUSED_CODE,
+    add_test_public_host, configure as configure_network, fetch_undecoded, fetch_with, http_fetch, internal_reason,
+    node_tls_error, resolve_for_plugin, settings as network_settings, FetchError, FetchRequest, FetchResponse,
+    NetworkSettings, OPTIONS_HEADER as FETCH_OPTIONS_HEADER, REFUSED_CODE as FETCH_REFUSED_CODE, REQUEST_TIMEOUT,
 };
 pub use host::memory_headroom;
 pub use host::read_test_console;
 pub use pool::{PoolStats, WorkerPool, CALL_ATTEMPTS};
-pub use quickjs::{ALLOWED_IMPORTS, META_GLOBAL_GET, META_GLOBAL_SET, PROCESS_EVENT_TRACKED};
+pub use quickjs::{is_allowed_import, ALLOWED_IMPORTS, META_GLOBAL_GET, META_GLOBAL_SET, PROCESS_EVENT_TRACKED};
 
 /// Identifies one plugin config (`posthog_pluginconfig.id`); one VM per id per worker thread.
 pub type PluginConfigId = i64;
+
+/// One VM as the host side of its calls knows it (unique in the process). What a call opens on a
+/// VM's behalf (a facade's database connections) belongs to that VM and is closed by
+/// [`MetaBindings::vm_closed`] when the VM goes (dropped, discarded, reloaded).
+pub type VmId = u64;
+
+/// A fresh [`VmId`]; every engine takes one per VM it builds.
+pub fn next_vm_id() -> VmId {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
 
 /// Everything needed to build a VM for one plugin config.
 #[derive(Clone)]
@@ -133,6 +144,15 @@ pub trait MetaBindings: Send + Sync + 'static {
     }
     /// Every other meta call, see the trait docs for names and arguments.
     async fn call(&self, name: &str, args: Vec<Value>) -> Result<Value, MetaError>;
+    /// [`MetaBindings::call`] made by VM `vm`: how every engine calls the host, so that the
+    /// facades' host operations (`pg.*`, see `runtime/modules`) can keep state per VM (open
+    /// connections, bounded per VM). Default: `call`.
+    async fn call_from(&self, _vm: VmId, name: &str, args: Vec<Value>) -> Result<Value, MetaError> {
+        self.call(name, args).await
+    }
+    /// VM `vm` is gone: close whatever its calls left open. Called on the VM's worker thread as
+    /// it drops; must not block. Default: nothing.
+    fn vm_closed(&self, _vm: VmId) {}
     /// The `fetch` global and `node-fetch` import. The default performs a real HTTP request
     /// (bounded body size and time); tests override it.
     async fn fetch(&self, request: FetchRequest) -> Result<FetchResponse, MetaError> {

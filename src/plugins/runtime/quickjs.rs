@@ -33,10 +33,10 @@ use tokio::sync::Notify;
 
 use super::convert::{array_items, from_js, from_js_checked, to_js, Budget, Refused};
 use super::host::{self, bytes_of};
+use super::{next_vm_id, PluginConfigId, PoolOptions, VmId};
 use super::{
     CallKind, FetchRequest, FetchResponse, JsError, MetaBindings, MetaError, PluginError, PluginExports, Thrown,
 };
-use super::{PluginConfigId, PoolOptions};
 use crate::plugins::transform::{TransformedCode, VIRTUAL_FILENAME};
 
 const PRELUDE: &str = include_str!("prelude.js");
@@ -48,16 +48,18 @@ pub const META_GLOBAL_SET: &str = "@meta.global.set";
 /// `$plugins_*` to the object it passed in, which shows only when a plugin returns that object).
 pub const PROCESS_EVENT_TRACKED: &str = "@processEvent.tracked";
 
-/// The modules plugin code may import (reference 30 §5.2, the subset this runtime provides).
+/// The modules plugin code may import that the prelude itself provides (reference 30 §5.2; the
+/// facades of `runtime/modules` come on top, see [`is_allowed_import`]).
 pub const ALLOWED_IMPORTS: &[&str] =
     &["node-fetch", "@posthog/plugin-scaffold", "@posthog/plugin-contrib", "crypto", "url", "zlib", "jsonwebtoken"];
 
 /// The test-only module (exists when `PoolOptions::test_console_file` is set).
 pub const TEST_CONSOLE_MODULE: &str = "test-utils/write-to-file";
 
-/// Whether `module` is importable from plugin code.
+/// Whether `module` is importable from plugin code: built into the prelude, or a facade
+/// (`runtime/modules`).
 pub fn is_allowed_import(module: &str) -> bool {
-    ALLOWED_IMPORTS.contains(&module)
+    ALLOWED_IMPORTS.contains(&module) || super::modules::is_importable(module)
 }
 
 fn base_instant() -> Instant {
@@ -259,6 +261,8 @@ type Rejections = Arc<Mutex<Vec<(u64, JsError)>>>;
 
 pub struct VmInner {
     pub plugin_config_id: PluginConfigId,
+    /// This VM to the host side of its calls (facades' connections are closed when it drops).
+    vm_id: VmId,
     // `state` holds JS values: it is declared (and so dropped) before the context and runtime.
     state: RefCell<State>,
     ctx: Context,
@@ -288,6 +292,7 @@ impl Drop for VmInner {
         // Persistent values must go before the runtime that owns them.
         let state = std::mem::take(self.state.get_mut());
         drop(state);
+        self.meta.vm_closed(self.vm_id);
     }
 }
 
@@ -392,6 +397,7 @@ impl VmInner {
         let ctx = Context::full(&rt).map_err(setup_error)?;
         let vm = Rc::new_cyclic(|weak| VmInner {
             plugin_config_id,
+            vm_id: next_vm_id(),
             state: RefCell::default(),
             ctx,
             rt,
@@ -964,6 +970,7 @@ fn install_async<'js>(ctx: &Ctx<'js>, host: &Object<'js>, weak: Weak<VmInner>) -
                     }
                 };
                 let meta = vm.meta.clone();
+                let vm_id = vm.vm_id;
                 // Logging and metrics are fire-and-forget in the reference; everything else is an
                 // awaited promise limited like the reference's guarded `await`.
                 let limit = if name.starts_with("console.") || name.starts_with("metrics.") {
@@ -971,7 +978,7 @@ fn install_async<'js>(ctx: &Ctx<'js>, host: &Object<'js>, weak: Weak<VmInner>) -
                 } else {
                     Some(vm.task_timeout)
                 };
-                vm.spawn_op(&ctx, limit, async move { meta.call(&name, args).await.map(HostOk::Json) })
+                vm.spawn_op(&ctx, limit, async move { meta.call_from(vm_id, &name, args).await.map(HostOk::Json) })
             },
         )?,
     )?;

@@ -114,7 +114,32 @@ impl NetworkSettings {
     }
 
     fn test_address(&self, host: &str) -> Option<IpAddr> {
-        self.test_public_hosts.iter().find(|(name, _)| name.eq_ignore_ascii_case(host)).map(|(_, ip)| *ip)
+        self.test_public_hosts
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case(host))
+            .map(|(_, ip)| *ip)
+            .or_else(|| added_test_host(host))
+    }
+}
+
+fn added_test_hosts() -> &'static RwLock<Vec<(String, IpAddr)>> {
+    static HOSTS: OnceLock<RwLock<Vec<(String, IpAddr)>>> = OnceLock::new();
+    HOSTS.get_or_init(RwLock::default)
+}
+
+fn added_test_host(host: &str) -> Option<IpAddr> {
+    let hosts = added_test_hosts().read().ok()?;
+    hosts.iter().find(|(name, _)| name.eq_ignore_ascii_case(host)).map(|(_, ip)| *ip)
+}
+
+/// TEST HOOK (never called by the server): like [`NetworkSettings::test_public_hosts`], but kept
+/// across [`configure`], for tests that run the whole server in process (which configures the
+/// network from its config) and need a name such as `x.redshift.amazonaws.com` to reach a local
+/// service.
+pub fn add_test_public_host(name: &str, ip: IpAddr) {
+    if let Ok(mut hosts) = added_test_hosts().write() {
+        hosts.retain(|(known, _)| !known.eq_ignore_ascii_case(name));
+        hosts.push((name.to_string(), ip));
     }
 }
 
@@ -325,6 +350,26 @@ async fn resolve_checked(
     Ok(addresses)
 }
 
+/// Resolves `host` for a plugin's connection that is not HTTP (the `pg` facade) under the same
+/// policy as `fetch`: the addresses with `port`, or Node's message for the failure or the
+/// refusal with its code (`ENOTFOUND`, [`REFUSED_CODE`]).
+pub async fn resolve_for_plugin(host: &str, port: u16) -> Result<Vec<SocketAddr>, (String, &'static str)> {
+    let settings = settings();
+    let host = host.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
+    match resolve_checked(&settings, &host).await {
+        Ok(addresses) => Ok(addresses.into_iter().map(|address| SocketAddr::new(address.ip(), port)).collect()),
+        Err(error) => {
+            if let Some(refused) = error.downcast_ref::<Refused>() {
+                return Err((refused.reason_text(), REFUSED_CODE));
+            }
+            if let Some(failed) = error.downcast_ref::<ResolveFailed>() {
+                return Err((failed.to_string(), failed.code));
+            }
+            Err((error.to_string(), "ENOTFOUND"))
+        }
+    }
+}
+
 /// The policy check of one hop whose host is an address literal (names are checked by the
 /// resolver when the connection is made).
 fn check_literal(settings: &NetworkSettings, url: &url::Url) -> Result<(), Refused> {
@@ -459,6 +504,12 @@ fn io_code(error: &std::io::Error) -> Option<&'static str> {
 
 /// Node's text and code for a certificate failure reported by OpenSSL (through native-tls).
 fn tls_error(text: &str, url: &url::Url) -> Option<(String, &'static str)> {
+    node_tls_error(text, url.host_str().unwrap_or_default())
+}
+
+/// Node's message and `code` for a TLS failure OpenSSL described as `text` (connecting to
+/// `host`), for the certificate failures plugins commonly meet; `None` for the others.
+pub fn node_tls_error(text: &str, host: &str) -> Option<(String, &'static str)> {
     let lower = text.to_ascii_lowercase();
     let has = |needle: &str| lower.contains(needle);
     Some(
@@ -475,8 +526,7 @@ fn tls_error(text: &str, url: &url::Url) -> Option<(String, &'static str)> {
         } else if has("hostname mismatch") || has("ip address mismatch") {
             (
                 format!(
-                    "Hostname/IP does not match certificate's altnames: Host: {}. is not in the cert's altnames",
-                    url.host_str().unwrap_or_default()
+                    "Hostname/IP does not match certificate's altnames: Host: {host}. is not in the cert's altnames"
                 ),
                 "ERR_TLS_CERT_ALTNAME_INVALID",
             )
