@@ -228,7 +228,8 @@ fn assert_key_shape(key: &str, prefix: &str, suffix: &str) {
     let rest = key.strip_prefix(prefix).unwrap_or_else(|| panic!("{key} under {prefix}"));
     let (day, file) = rest.split_once('/').unwrap_or_else(|| panic!("{key}: day folder"));
     assert_eq!(day.len(), 10, "{key}");
-    let file = file.strip_suffix(&format!(".jsonl{suffix}")).unwrap_or_else(|| panic!("{key} ends with .jsonl{suffix}"));
+    let file =
+        file.strip_suffix(&format!(".jsonl{suffix}")).unwrap_or_else(|| panic!("{key} ends with .jsonl{suffix}"));
     let hex = file.rsplit('-').next().unwrap();
     assert_eq!(hex.len(), 16, "{key}");
     assert!(hex.bytes().all(|b| b.is_ascii_hexdigit()), "{key}");
@@ -353,7 +354,8 @@ async fn a_plugin_uses_the_aws_sdk_surface_against_a_signature_checking_s3() {
         .replace("'SECRET'", &format!("'{}'", moto.secret_access_key))
         .replace("'ENDPOINT'", &format!("'{}'", moto.endpoint));
     let server = Server::with_code(&code).await;
-    let args = json!(["user-1", "127.0.0.1", "http://127.0.0.1:8000", {"event": "surface", "properties": {}}, TEAM, NOW, NOW]);
+    let args =
+        json!(["user-1", "127.0.0.1", "http://127.0.0.1:8000", {"event": "surface", "properties": {}}, TEAM, NOW, NOW]);
     server.producer.send_task(PROCESS_EVENT_TASK, args.as_array().unwrap(), &Map::new()).await.unwrap();
     let out = server.event_properties("surface").await["aws"].clone();
     assert_eq!(out["put"], json!({"ETag": "\"5d41402abc4b2a76b9719d911017c592\""}));
@@ -372,10 +374,22 @@ async fn a_plugin_uses_the_aws_sdk_surface_against_a_signature_checking_s3() {
         json!({"error": {"name": name, "code": code, "statusCode": status, "message": message, "retryable": retryable,
                          "text": text, "isError": true, "time": true}})
     };
-    assert_eq!(out["noKey"], error("NoSuchKey", "NoSuchKey", json!(404), json!("The specified key does not exist."), false));
+    assert_eq!(
+        out["noKey"],
+        error("NoSuchKey", "NoSuchKey", json!(404), json!("The specified key does not exist."), false)
+    );
     assert_eq!(out["head"], error("NotFound", "NotFound", json!(404), Value::Null, false));
-    assert_eq!(out["noBucket"], error("NoSuchBucket", "NoSuchBucket", json!(404), json!("The specified bucket does not exist"), false));
-    let missing = error("MissingRequiredParameter", "MissingRequiredParameter", Value::Null, json!("Missing required key 'Key' in params"), false);
+    assert_eq!(
+        out["noBucket"],
+        error("NoSuchBucket", "NoSuchBucket", json!(404), json!("The specified bucket does not exist"), false)
+    );
+    let missing = error(
+        "MissingRequiredParameter",
+        "MissingRequiredParameter",
+        Value::Null,
+        json!("Missing required key 'Key' in params"),
+        false,
+    );
     let mut missing_no_extra = missing.clone();
     missing_no_extra["error"].as_object_mut().unwrap().remove("statusCode");
     missing_no_extra["error"].as_object_mut().unwrap().remove("retryable");
@@ -428,14 +442,29 @@ async fn host_requests_are_signed_as_s3_checks_them() {
         async move { aws.call("aws.s3", &[config, json!(operation), params, body], Duration::from_secs(20)).await.unwrap() }
     };
     let key = "a dir/ünï cödé+(1)!*'~.txt";
-    let put = call(moto.client_config(), "putObject", json!({"Bucket": "signed", "Key": key, "Body": null, "ContentType": "text/plain", "Metadata": {"Run": "1"}}), Some(b"hello")).await;
+    let put = call(
+        moto.client_config(),
+        "putObject",
+        json!({"Bucket": "signed", "Key": key, "Body": null, "ContentType": "text/plain", "Metadata": {"Run": "1"}}),
+        Some(b"hello"),
+    )
+    .await;
     assert_eq!(put["data"], json!({"ETag": "\"5d41402abc4b2a76b9719d911017c592\""}), "{put}");
-    assert_eq!(put["url"], format!("{}/signed/a%20dir/%C3%BCn%C3%AF%20c%C3%B6d%C3%A9%2B%281%29%21%2A%27~.txt", moto.endpoint));
+    assert_eq!(
+        put["url"],
+        format!("{}/signed/a%20dir/%C3%BCn%C3%AF%20c%C3%B6d%C3%A9%2B%281%29%21%2A%27~.txt", moto.endpoint)
+    );
     let got = call(moto.client_config(), "getObject", json!({"Bucket": "signed", "Key": key}), None).await;
     assert_eq!(got["data"]["Body"], base64::engine::general_purpose::STANDARD.encode(b"hello"));
     assert_eq!(got["data"]["Metadata"], json!({"run": "1"}));
     assert_eq!(got["data"]["ContentType"], "text/plain");
-    let listed = call(moto.client_config(), "listObjectsV2", json!({"Bucket": "signed", "Prefix": "a dir/", "MaxKeys": 10}), None).await;
+    let listed = call(
+        moto.client_config(),
+        "listObjectsV2",
+        json!({"Bucket": "signed", "Prefix": "a dir/", "MaxKeys": 10}),
+        None,
+    )
+    .await;
     assert_eq!(listed["data"]["Contents"][0]["Key"], key);
     assert_eq!(listed["data"]["KeyCount"], 1);
     let mut wrong = moto.client_config();

@@ -17,7 +17,8 @@ use serde_json::{json, Value};
 /// Requests `start` makes before authentication starts: the IAM user, its policy, its key.
 const SETUP_REQUESTS: usize = 3;
 /// What the unauthenticated setup requests claim to be (moto routes them by this scope).
-const IAM_SCOPE: &str = "AWS4-HMAC-SHA256 Credential=setup/20200101/us-east-1/iam/aws4_request, SignedHeaders=host, Signature=0";
+const IAM_SCOPE: &str =
+    "AWS4-HMAC-SHA256 Credential=setup/20200101/us-east-1/iam/aws4_request, SignedHeaders=host, Signature=0";
 
 pub struct Moto {
     child: Child,
@@ -74,13 +75,8 @@ impl Moto {
         }
         let child = command.spawn().expect("start moto");
         let endpoint = format!("http://127.0.0.1:{port}");
-        let mut moto = Moto {
-            child,
-            port,
-            endpoint,
-            access_key_id: "AKIDLOCAL".into(),
-            secret_access_key: "local-secret".into(),
-        };
+        let mut moto =
+            Moto { child, port, endpoint, access_key_id: "AKIDLOCAL".into(), secret_access_key: "local-secret".into() };
         moto.wait_until_up().await;
         if authenticated {
             moto.set_up_iam().await;
@@ -126,10 +122,16 @@ impl Moto {
             ("Version", "2010-05-08"),
         ])
         .await;
-        let answer = self.iam(&[("Action", "CreateAccessKey"), ("UserName", "plugin"), ("Version", "2010-05-08")]).await;
+        let answer =
+            self.iam(&[("Action", "CreateAccessKey"), ("UserName", "plugin"), ("Version", "2010-05-08")]).await;
         let document = roxmltree::Document::parse(&answer).expect("CreateAccessKey XML");
         let text = |name: &str| {
-            document.descendants().find(|node| node.has_tag_name(name)).and_then(|node| node.text()).expect(name).to_string()
+            document
+                .descendants()
+                .find(|node| node.has_tag_name(name))
+                .and_then(|node| node.text())
+                .expect(name)
+                .to_string()
         };
         self.access_key_id = text("AccessKeyId");
         self.secret_access_key = text("SecretAccessKey");
@@ -138,11 +140,8 @@ impl Moto {
     /// Buckets made by unauthenticated requests (within the window, when signatures are checked).
     async fn create_buckets(&self, buckets: &[&str]) {
         for bucket in buckets {
-            let response = reqwest::Client::new()
-                .put(format!("{}/{bucket}", self.endpoint))
-                .send()
-                .await
-                .expect("create bucket");
+            let response =
+                reqwest::Client::new().put(format!("{}/{bucket}", self.endpoint)).send().await.expect("create bucket");
             assert!(response.status().is_success(), "create bucket {bucket}: {}", response.status());
         }
     }
@@ -182,7 +181,8 @@ impl Moto {
         for object in listed["Contents"].as_array().expect("Contents") {
             let key = object["Key"].as_str().expect("Key").to_string();
             let got = self.s3("getObject", json!({"Bucket": bucket, "Key": key})).await.expect("getObject");
-            let body = base64::engine::general_purpose::STANDARD.decode(got["Body"].as_str().expect("Body")).expect("base64");
+            let body =
+                base64::engine::general_purpose::STANDARD.decode(got["Body"].as_str().expect("Body")).expect("base64");
             out.push((key, body));
         }
         out

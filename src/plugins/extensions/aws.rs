@@ -117,10 +117,9 @@ impl Aws {
     async fn kinesis(&self, args: &[Value], deadline: Instant) -> Result<Value, AwsError> {
         let config = ClientConfig::from_json(args.first(), "")?;
         let operation = args.get(1).and_then(Value::as_str).unwrap_or_default();
-        let target = KINESIS_OPERATIONS
-            .iter()
-            .find(|name| lower_first(name) == operation)
-            .ok_or_else(|| AwsError::new("UnknownOperation", format!("The plugin server's Kinesis has no {operation}()")))?;
+        let target = KINESIS_OPERATIONS.iter().find(|name| lower_first(name) == operation).ok_or_else(|| {
+            AwsError::new("UnknownOperation", format!("The plugin server's Kinesis has no {operation}()"))
+        })?;
         let params = match args.get(2) {
             Some(Value::Object(params)) => Value::Object(params.clone()),
             None | Some(Value::Null) => json!({}),
@@ -278,7 +277,10 @@ fn network_error(config: &ClientConfig, request: &HttpRequest, error: &FetchErro
         return timeout_error(config, request, timeout);
     }
     if error.is_refusal() {
-        return AwsError::new("NetworkingError", reason).with("region", region).with("hostname", hostname).with("retryable", json!(false));
+        return AwsError::new("NetworkingError", reason)
+            .with("region", region)
+            .with("hostname", hostname)
+            .with("retryable", json!(false));
     }
     let code = error.code.as_deref().unwrap_or_default();
     // Node's system error as aws-sdk wrapped it: `message`, `errno`, `code` (now
@@ -343,7 +345,11 @@ fn retryable_service_error(code: &str, status: u16) -> bool {
         "EC2ThrottledException",
         "Throttling",
     ];
-    status >= 500 || status == 429 || THROTTLING.contains(&code) || code == "RequestTimeout" || code == "ExpiredTokenException"
+    status >= 500
+        || status == 429
+        || THROTTLING.contains(&code)
+        || code == "RequestTimeout"
+        || code == "ExpiredTokenException"
 }
 
 fn header<'a>(response: &'a FetchResponse, name: &str) -> Option<&'a str> {
@@ -364,14 +370,17 @@ fn s3_error(response: &FetchResponse) -> AwsError {
     };
     let region = header(response, "x-amz-bucket-region").map(str::to_string);
     let mut error = match (named, text.trim().is_empty()) {
-        (Some(code), true) => {
-            AwsError { fields: Map::new() }.with("message", Value::Null).with("code", json!(code))
-        }
+        (Some(code), true) => AwsError { fields: Map::new() }.with("message", Value::Null).with("code", json!(code)),
         _ => {
             let document = roxmltree::Document::parse(&text).ok();
             let field = |name: &str| {
                 document.as_ref().and_then(|document| {
-                    document.root_element().children().find(|node| node.has_tag_name(name)).and_then(|node| node.text()).map(str::to_string)
+                    document
+                        .root_element()
+                        .children()
+                        .find(|node| node.has_tag_name(name))
+                        .and_then(|node| node.text())
+                        .map(str::to_string)
                 })
             };
             let code = field("Code").unwrap_or_else(|| status.to_string());
@@ -531,7 +540,12 @@ enum Signing {
 }
 
 /// The request as it goes out: SigV4 headers added.
-fn sign(config: &ClientConfig, request: &HttpRequest, signing: Signing, time: SystemTime) -> Result<FetchRequest, AwsError> {
+fn sign(
+    config: &ClientConfig,
+    request: &HttpRequest,
+    signing: Signing,
+    time: SystemTime,
+) -> Result<FetchRequest, AwsError> {
     use aws_sigv4::http_request::{
         sign, PayloadChecksumKind, PercentEncodingMode, SignableBody, SignableRequest, SigningSettings,
         UriPathNormalizationMode,
@@ -586,11 +600,8 @@ fn sign(config: &ClientConfig, request: &HttpRequest, signing: Signing, time: Sy
 
 /// aws-sdk's `uriEscape`: RFC 3986, everything but unreserved characters escaped.
 fn uri_escape(text: &str) -> String {
-    const UNRESERVED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
-        .remove(b'-')
-        .remove(b'_')
-        .remove(b'.')
-        .remove(b'~');
+    const UNRESERVED: &percent_encoding::AsciiSet =
+        &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
     percent_encoding::utf8_percent_encode(text, UNRESERVED).to_string()
 }
 
@@ -1062,7 +1073,15 @@ const S3_OPERATIONS: &[S3Operation] = &[
             ("SSEKMSKeyId", Out::Header("x-amz-server-side-encryption-aws-kms-key-id", Shape::Str)),
             ("BucketKeyEnabled", Out::Header("x-amz-server-side-encryption-bucket-key-enabled", Shape::Bool)),
             ("RequestCharged", Out::Header("x-amz-request-charged", Shape::Str)),
-            ("", Out::Xml(&[("Location", Shape::Str), ("Bucket", Shape::Str), ("Key", Shape::Str), ("ETag", Shape::Str)])),
+            (
+                "",
+                Out::Xml(&[
+                    ("Location", Shape::Str),
+                    ("Bucket", Shape::Str),
+                    ("Key", Shape::Str),
+                    ("ETag", Shape::Str),
+                ]),
+            ),
         ],
     },
     S3Operation {
@@ -1097,9 +1116,9 @@ fn timestamp(value: &Value) -> Option<chrono::DateTime<chrono::Utc>> {
             .map(|time| time.with_timezone(&chrono::Utc))
             .or_else(|_| chrono::DateTime::parse_from_rfc2822(text).map(|time| time.with_timezone(&chrono::Utc)))
             .ok(),
-        Value::Number(number) => number
-            .as_f64()
-            .and_then(|seconds| chrono::DateTime::from_timestamp_millis((seconds * 1000.0) as i64)),
+        Value::Number(number) => {
+            number.as_f64().and_then(|seconds| chrono::DateTime::from_timestamp_millis((seconds * 1000.0) as i64))
+        }
         _ => None,
     }
 }
@@ -1112,11 +1131,12 @@ fn member_text(member: &Member, value: &Value, in_query: bool) -> Result<String,
         Int => value
             .as_f64()
             .filter(|n| n.is_finite())
-            .map(|n| crate::js::number_to_string(n))
+            .map(crate::js::number_to_string)
             .ok_or_else(|| AwsError::invalid_type(&path, "a number")),
         Bool => value.as_bool().map(|b| b.to_string()).ok_or_else(|| AwsError::invalid_type(&path, "a boolean")),
         Time | IsoTime => {
-            let time = timestamp(value).ok_or_else(|| AwsError::invalid_type(&path, "a Date object, ISO-8601 string, or a UNIX timestamp"))?;
+            let time = timestamp(value)
+                .ok_or_else(|| AwsError::invalid_type(&path, "a Date object, ISO-8601 string, or a UNIX timestamp"))?;
             Ok(if member.kind == IsoTime || in_query {
                 time.format("%Y-%m-%dT%H:%M:%SZ").to_string()
             } else {
@@ -1140,7 +1160,10 @@ fn xml_payload(config: &ClientConfig, op: &S3Operation, params: &Map<String, Val
                     Some(Value::String(location)) => Some(location.clone()),
                     None | Some(Value::Null) => None,
                     Some(_) => {
-                        return Err(AwsError::invalid_type("params.CreateBucketConfiguration.LocationConstraint", "a string"))
+                        return Err(AwsError::invalid_type(
+                            "params.CreateBucketConfiguration.LocationConstraint",
+                            "a string",
+                        ))
                     }
                 },
                 Some(Value::Null) | None if config.region != "us-east-1" => Some(config.region.clone()),
@@ -1171,7 +1194,10 @@ fn xml_payload(config: &ClientConfig, op: &S3Operation, params: &Map<String, Val
                 let etag = part.get("ETag").and_then(Value::as_str);
                 let number = part.get("PartNumber").and_then(Value::as_f64);
                 let (Some(etag), Some(number)) = (etag, number) else {
-                    return Err(AwsError::invalid_type(&format!("params.MultipartUpload.Parts[{index}]"), "a structure with ETag and PartNumber"));
+                    return Err(AwsError::invalid_type(
+                        &format!("params.MultipartUpload.Parts[{index}]"),
+                        "a structure with ETag and PartNumber",
+                    ));
                 };
                 xml.push_str(&format!(
                     "<Part><ETag>{}</ETag><PartNumber>{}</PartNumber></Part>",
@@ -1203,10 +1229,16 @@ fn build_s3_request(
     let bucket = if op.bucket { Some(required_text("Bucket")?) } else { None };
     let key = if op.object { Some(required_text("Key")?) } else { None };
     if bucket.as_deref() == Some("") {
-        return Err(AwsError::new("InvalidParameter", "Expected uri parameter to have length >= 1, but found \"\" for params.Bucket"));
+        return Err(AwsError::new(
+            "InvalidParameter",
+            "Expected uri parameter to have length >= 1, but found \"\" for params.Bucket",
+        ));
     }
     if key.as_deref() == Some("") {
-        return Err(AwsError::new("InvalidParameter", "Expected uri parameter to have length >= 1, but found \"\" for params.Key"));
+        return Err(AwsError::new(
+            "InvalidParameter",
+            "Expected uri parameter to have length >= 1, but found \"\" for params.Key",
+        ));
     }
     for name in required(op) {
         if matches!(params.get(*name), None | Some(Value::Null)) {
@@ -1263,7 +1295,8 @@ fn build_s3_request(
             path.push_str(&uri_escape(bucket));
         } else if !config.bucket_endpoint {
             let host = format!("{bucket}.{}", url.host_str().unwrap_or_default());
-            url.set_host(Some(&host)).map_err(|_| AwsError::new("InvalidEndpoint", format!("Invalid bucket host: {host}")))?;
+            url.set_host(Some(&host))
+                .map_err(|_| AwsError::new("InvalidEndpoint", format!("Invalid bucket host: {host}")))?;
         }
     }
     path.push('/');
@@ -1273,10 +1306,12 @@ fn build_s3_request(
     query.sort();
     let query_text = query
         .iter()
-        .map(|(name, value)| if value.is_empty() && op.subresource.iter().any(|(n, _)| n == name) {
-            uri_escape(name)
-        } else {
-            format!("{}={}", uri_escape(name), uri_escape(value))
+        .map(|(name, value)| {
+            if value.is_empty() && op.subresource.iter().any(|(n, _)| n == name) {
+                uri_escape(name)
+            } else {
+                format!("{}={}", uri_escape(name), uri_escape(value))
+            }
         })
         .collect::<Vec<_>>()
         .join("&");
@@ -1289,7 +1324,8 @@ fn build_s3_request(
         text.push('?');
         text.push_str(&query_text);
     }
-    let url = url::Url::parse(&text).map_err(|_| AwsError::new("InvalidEndpoint", format!("Invalid request URL: {text}")))?;
+    let url =
+        url::Url::parse(&text).map_err(|_| AwsError::new("InvalidEndpoint", format!("Invalid request URL: {text}")))?;
     let hostname = url.host_str().unwrap_or_default().to_string();
     Ok(HttpRequest { method: op.method, url, hostname, signed_headers, headers, body, service: "s3" })
 }
@@ -1316,9 +1352,9 @@ fn scalar(shape: Shape, text: &str) -> Value {
 fn xml_value(node: roxmltree::Node<'_, '_>, shape: Shape) -> Value {
     match shape {
         Shape::Struct(members) => Value::Object(xml_members(node, members)),
-        Shape::List(item) => {
-            Value::Array(node.children().filter(|child| child.is_element()).map(|child| xml_value(child, *item)).collect())
-        }
+        Shape::List(item) => Value::Array(
+            node.children().filter(|child| child.is_element()).map(|child| xml_value(child, *item)).collect(),
+        ),
         Shape::FlatList(item) => xml_value(node, *item),
         scalar_shape => scalar(scalar_shape, node.text().unwrap_or_default()),
     }
@@ -1435,7 +1471,10 @@ mod tests {
                 .url
                 .to_string()
         };
-        assert_eq!(put(json!({}), "my-bucket", "a/b c+d.txt"), "https://my-bucket.s3.us-west-1.amazonaws.com/a/b%20c%2Bd.txt");
+        assert_eq!(
+            put(json!({}), "my-bucket", "a/b c+d.txt"),
+            "https://my-bucket.s3.us-west-1.amazonaws.com/a/b%20c%2Bd.txt"
+        );
         assert_eq!(put(json!({"region": "us-east-1"}), "my-bucket", "k"), "https://my-bucket.s3.amazonaws.com/k");
         // A dot in the name under TLS, or a name that is not DNS-compatible: path style.
         assert_eq!(put(json!({}), "my.bucket", "k"), "https://s3.us-west-1.amazonaws.com/my.bucket/k");
@@ -1447,8 +1486,14 @@ mod tests {
         // s3BucketEndpoint: the endpoint is the bucket's own.
         let own = json!({"endpoint": "https://bucket.example.com", "s3BucketEndpoint": true});
         assert_eq!(put(own, "bucket", "k"), "https://bucket.example.com/k");
-        assert_eq!(put(json!({"endpoint": "minio.local:9000", "sslEnabled": false, "s3ForcePathStyle": true}), "b-1", "k"), "http://minio.local:9000/b-1/k");
-        assert_eq!(put(json!({"endpoint": "http://127.0.0.1:9000/prefix/", "s3ForcePathStyle": true}), "b-1", "k!'()*"), "http://127.0.0.1:9000/prefix/b-1/k%21%27%28%29%2A");
+        assert_eq!(
+            put(json!({"endpoint": "minio.local:9000", "sslEnabled": false, "s3ForcePathStyle": true}), "b-1", "k"),
+            "http://minio.local:9000/b-1/k"
+        );
+        assert_eq!(
+            put(json!({"endpoint": "http://127.0.0.1:9000/prefix/", "s3ForcePathStyle": true}), "b-1", "k!'()*"),
+            "http://127.0.0.1:9000/prefix/b-1/k%21%27%28%29%2A"
+        );
     }
 
     #[test]
@@ -1457,9 +1502,18 @@ mod tests {
         let error = |op_name: &str, p: Value| build_s3_request(&cfg, op(op_name), &params(p), None).unwrap_err().fields;
         assert_eq!(error("putObject", json!({"Bucket": "b"}))["message"], "Missing required key 'Key' in params");
         assert_eq!(error("putObject", json!({"Bucket": "b"}))["code"], "MissingRequiredParameter");
-        assert_eq!(error("putObject", json!({"Bucket": 1, "Key": "k"}))["message"], "Expected params.Bucket to be a string");
-        assert_eq!(error("putObject", json!({"Bucket": "b", "Key": "k", "Nope": 1}))["message"], "Unexpected key 'Nope' found in params");
-        assert_eq!(error("uploadPart", json!({"Bucket": "b", "Key": "k", "UploadId": "u"}))["message"], "Missing required key 'PartNumber' in params");
+        assert_eq!(
+            error("putObject", json!({"Bucket": 1, "Key": "k"}))["message"],
+            "Expected params.Bucket to be a string"
+        );
+        assert_eq!(
+            error("putObject", json!({"Bucket": "b", "Key": "k", "Nope": 1}))["message"],
+            "Unexpected key 'Nope' found in params"
+        );
+        assert_eq!(
+            error("uploadPart", json!({"Bucket": "b", "Key": "k", "UploadId": "u"}))["message"],
+            "Missing required key 'PartNumber' in params"
+        );
         let request = build_s3_request(
             &cfg,
             op("putObject"),
@@ -1477,10 +1531,18 @@ mod tests {
             ]
         );
         assert_eq!(request.headers, vec![("content-type".to_string(), "application/json".to_string())]);
-        let list = build_s3_request(&cfg, op("listObjectsV2"), &params(json!({"Bucket": "bkt", "Prefix": "2021/", "MaxKeys": 5})), None).unwrap();
+        let list = build_s3_request(
+            &cfg,
+            op("listObjectsV2"),
+            &params(json!({"Bucket": "bkt", "Prefix": "2021/", "MaxKeys": 5})),
+            None,
+        )
+        .unwrap();
         assert_eq!(list.url.as_str(), "https://bkt.s3.us-west-1.amazonaws.com/?list-type=2&max-keys=5&prefix=2021%2F");
         // A one-letter name is not DNS-compatible: path style.
-        let create = build_s3_request(&cfg, op("createMultipartUpload"), &params(json!({"Bucket": "b", "Key": "k"})), None).unwrap();
+        let create =
+            build_s3_request(&cfg, op("createMultipartUpload"), &params(json!({"Bucket": "b", "Key": "k"})), None)
+                .unwrap();
         assert_eq!(create.url.as_str(), "https://s3.us-west-1.amazonaws.com/b/k?uploads");
         let bucket = build_s3_request(&cfg, op("createBucket"), &params(json!({"Bucket": "b"})), None).unwrap();
         assert_eq!(
@@ -1498,8 +1560,13 @@ mod tests {
             "us-east-1",
         )
         .unwrap();
-        let mut request =
-            build_s3_request(&cfg, op("getObject"), &params(json!({"Bucket": "examplebucket", "Key": "test.txt"})), None).unwrap();
+        let mut request = build_s3_request(
+            &cfg,
+            op("getObject"),
+            &params(json!({"Bucket": "examplebucket", "Key": "test.txt"})),
+            None,
+        )
+        .unwrap();
         request.signed_headers.push(("range".into(), "bytes=0-9".into()));
         let time = chrono::DateTime::parse_from_rfc3339("2013-05-24T00:00:00Z").unwrap();
         let signed = sign(&cfg, &request, Signing::S3, SystemTime::from(time)).unwrap();
@@ -1537,8 +1604,13 @@ mod tests {
         );
         let get = response(
             200,
-            &[("accept-ranges", "bytes"), ("last-modified", "Sun, 06 Dec 2026 20:55:51 GMT"), ("content-length", "5"),
-              ("etag", "\"5d41402abc4b2a76b9719d911017c592\""), ("content-type", "application/octet-stream")],
+            &[
+                ("accept-ranges", "bytes"),
+                ("last-modified", "Sun, 06 Dec 2026 20:55:51 GMT"),
+                ("content-length", "5"),
+                ("etag", "\"5d41402abc4b2a76b9719d911017c592\""),
+                ("content-type", "application/octet-stream"),
+            ],
             "hello",
         );
         assert_eq!(
@@ -1555,14 +1627,18 @@ mod tests {
             r#"{"message":"The specified bucket does not exist","code":"NoSuchBucket","region":null,"requestId":"R1","statusCode":404,"retryable":false}"#
         );
         let head = s3_error(&response(404, &[], ""));
-        assert_eq!(Value::Object(head.fields).to_string(), r#"{"message":null,"code":"NotFound","region":null,"statusCode":404,"retryable":false}"#);
+        assert_eq!(
+            Value::Object(head.fields).to_string(),
+            r#"{"message":null,"code":"NotFound","region":null,"statusCode":404,"retryable":false}"#
+        );
         assert!(s3_error(&response(503, &[], "<Error><Code>SlowDown</Code></Error>")).retryable());
     }
 
     #[test]
     fn unreachable_hosts_read_as_aws_sdk_2927_on_node() {
         let cfg = config(json!({"endpoint": "http://127.0.0.1:9", "s3ForcePathStyle": true}));
-        let request = build_s3_request(&cfg, op("putObject"), &params(json!({"Bucket": "b", "Key": "k"})), None).unwrap();
+        let request =
+            build_s3_request(&cfg, op("putObject"), &params(json!({"Bucket": "b", "Key": "k"})), None).unwrap();
         let refused = FetchError {
             message: "request to http://127.0.0.1:9/b/k failed, reason: connect ECONNREFUSED 127.0.0.1:9".into(),
             kind: Some("system".into()),

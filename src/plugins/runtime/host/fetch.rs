@@ -612,10 +612,7 @@ pub async fn fetch_with(settings: &NetworkSettings, request: FetchRequest) -> Re
 /// Performs `request` under `settings` for a host-side SDK (`plugins/extensions/aws.rs`): the
 /// same policy, bounds and errors as [`fetch_with`], but the body is handed over as the server
 /// sent it (a `Content-Encoding: gzip` object stays compressed, as with aws-sdk).
-pub async fn fetch_undecoded(
-    settings: &NetworkSettings,
-    request: FetchRequest,
-) -> Result<FetchResponse, FetchError> {
+pub async fn fetch_undecoded(settings: &NetworkSettings, request: FetchRequest) -> Result<FetchResponse, FetchError> {
     fetch_inner(settings, request, false).await
 }
 

@@ -190,8 +190,13 @@ fn zlib_with(op: &str, data: &[u8], limit: u64, brotli: BrotliParams) -> std::re
         "unzip" => inflate(Box::new(ZlibDecoder::new(data))),
         "brotliCompress" => brotli_compress(data, brotli),
         // Node's message for a stream that is not brotli.
-        "brotliDecompress" => inflate(Box::new(brotli::Decompressor::new(data, 4096)))
-            .map_err(|e| if e.contains("exceeds") { e } else { "Decompression failed".to_string() }),
+        "brotliDecompress" => inflate(Box::new(brotli::Decompressor::new(data, 4096))).map_err(|e| {
+            if e.contains("exceeds") {
+                e
+            } else {
+                "Decompression failed".to_string()
+            }
+        }),
         _ => Err(format!("unknown zlib operation {op}")),
     }
     .map_err(|e| if e.contains("invalid") || e.contains("corrupt") { "incorrect header check".to_string() } else { e })
@@ -398,19 +403,22 @@ pub fn install<'js>(ctx: &Ctx<'js>, host: &Object<'js>) -> JsResult<()> {
     host.set("randomUUID", Function::new(ctx.clone(), || uuid::Uuid::new_v4().to_string())?)?;
     host.set(
         "zlib",
-        Function::new(ctx.clone(), |ctx: Ctx<'js>, op: String, data: Value<'js>, params: rquickjs::function::Opt<Object<'js>>| {
-            let data = bytes_of(&ctx, &data)?;
-            // The output is copied into the VM's heap: it must fit there (plus the input copy).
-            let limit = (memory_headroom(&ctx) as u64).min(MAX_INFLATED_BYTES);
-            let brotli = match BrotliParams::from_js(params.0) {
-                Ok(brotli) => brotli,
-                Err(message) => return Err(Exception::throw_range(&ctx, &message)),
-            };
-            match zlib_with(&op, &data, limit, brotli) {
-                Ok(out) => buffer(&ctx, out),
-                Err(message) => Err(Exception::throw_message(&ctx, &message)),
-            }
-        })?,
+        Function::new(
+            ctx.clone(),
+            |ctx: Ctx<'js>, op: String, data: Value<'js>, params: rquickjs::function::Opt<Object<'js>>| {
+                let data = bytes_of(&ctx, &data)?;
+                // The output is copied into the VM's heap: it must fit there (plus the input copy).
+                let limit = (memory_headroom(&ctx) as u64).min(MAX_INFLATED_BYTES);
+                let brotli = match BrotliParams::from_js(params.0) {
+                    Ok(brotli) => brotli,
+                    Err(message) => return Err(Exception::throw_range(&ctx, &message)),
+                };
+                match zlib_with(&op, &data, limit, brotli) {
+                    Ok(out) => buffer(&ctx, out),
+                    Err(message) => Err(Exception::throw_message(&ctx, &message)),
+                }
+            },
+        )?,
     )?;
     host.set(
         "urlParse",
@@ -515,7 +523,10 @@ mod tests {
         let fast = BrotliParams { quality: 1, ..BrotliParams::default() };
         let bomb = zlib_with("brotliCompress", &vec![0u8; 8 << 20], MAX_INFLATED_BYTES, fast).unwrap();
         assert!(zlib("brotliDecompress", &bomb, 1 << 20).unwrap_err().contains("exceeds 1048576 bytes"));
-        assert_eq!(zlib("brotliDecompress", b"not brotli at all", MAX_INFLATED_BYTES).unwrap_err(), "Decompression failed");
+        assert_eq!(
+            zlib("brotliDecompress", b"not brotli at all", MAX_INFLATED_BYTES).unwrap_err(),
+            "Decompression failed"
+        );
     }
 
     #[test]
