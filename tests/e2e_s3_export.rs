@@ -136,6 +136,19 @@ impl Server {
         .await
     }
 
+    /// [`Server::wait_for_log`] for up to `seconds`.
+    async fn wait_long_for_log(&self, config_id: i32, needle: &str, seconds: u64) -> Vec<String> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(seconds);
+        loop {
+            let log = self.log(config_id).await;
+            if log.iter().any(|line| line.contains(needle)) {
+                return log;
+            }
+            assert!(std::time::Instant::now() < deadline, "config {config_id} did not log {needle:?}: {log:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     async fn config_error(&self, config_id: i32) -> Option<Value> {
         sqlx::query_scalar("SELECT error FROM posthog_pluginconfig WHERE id = $1")
             .bind(config_id)
@@ -477,4 +490,45 @@ async fn host_requests_are_signed_as_s3_checks_them() {
     assert!(created.get("error").is_none(), "{created}");
     let deleted = call(moto.client_config(), "deleteObject", json!({"Bucket": "signed", "Key": key}), None).await;
     assert_eq!(deleted["data"], json!({}));
+}
+
+/// The 2021 plugin (0.0.3, what a 1.10 user ran): `onEvent` into `createBuffer`, flushed after
+/// `uploadMinutes` (at least one minute); the bucket in the host name (virtual-hosted style: it
+/// has no `s3ForcePathStyle`); an upload failure enqueues the plugin's own `uploadBatchToS3` job,
+/// which uploads the batch once the bucket exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_2021_plugin_retries_with_its_own_job_on_a_virtual_hosted_bucket() {
+    let moto = Moto::start(&[]).await;
+    // `exports03.localhost` stands for the bucket's own host name, as `bucket.s3.amazonaws.com`.
+    plugin_server::plugins::runtime::add_test_public_host("exports03.localhost", "127.0.0.1".parse().unwrap());
+    let config = json!({
+        "awsAccessKey": moto.access_key_id, "awsSecretAccessKey": moto.secret_access_key, "awsRegion": "us-east-1",
+        "s3BucketName": "exports03", "s3BucketEndpoint": format!("http://localhost:{}", moto.port), "prefix": "2021/",
+        "uploadMinutes": "1", "uploadMegabytes": "1", "eventsToIgnore": "event-3", "uploadFormat": "jsonl",
+        "compression": "gzip", "signatureVersion": "v4", "sse": "disabled", "sseKmsKeyId": "",
+    });
+    let server = Server::start("s3-export-plugin-0.0.3", &[config]).await;
+    server.send(0..20).await;
+    let log = server.wait_long_for_log(80, "Error uploading to S3: The specified bucket does not exist", 120).await;
+    moto.s3("createBucket", json!({"Bucket": "exports03"})).await.expect("createBucket");
+    let events = exported(&moto, "exports03", "2021/", 19).await;
+    let numbers: BTreeSet<u64> = events.iter().map(|(_, e)| e["properties"]["n"].as_u64().unwrap()).collect();
+    assert_eq!(numbers, (0..20).filter(|n| *n != 3).collect::<BTreeSet<_>>());
+    assert_eq!(events.len(), 19, "each event once");
+    // One buffer per VM (one VM per worker thread, as the original's per-thread VMs): each flushed
+    // its share; every failed upload enqueued a retry job (which flushes the batch again).
+    let log = server.log(80).await;
+    let count = |prefix: &str| log.iter().filter(|line| line.starts_with(prefix)).count();
+    assert!(count("Error uploading to S3: ") >= 1, "{log:?}");
+    assert_eq!(count("Enqueued batch "), count("Error uploading to S3: "), "{log:?}");
+    let flushed: usize = log
+        .iter()
+        .filter_map(|line| line.strip_prefix("Flushing ")?.strip_suffix(" events!")?.parse::<usize>().ok())
+        .sum();
+    assert!(flushed >= 19, "{log:?}");
+    for (key, _) in &events {
+        assert_key_shape(key, "2021/", ".gz");
+    }
+    assert_eq!(server.config_error(80).await, None);
+    server.stop().await;
 }
