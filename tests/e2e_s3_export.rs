@@ -532,3 +532,56 @@ async fn the_2021_plugin_retries_with_its_own_job_on_a_virtual_hosted_bucket() {
     assert_eq!(server.config_error(80).await, None);
     server.stop().await;
 }
+
+/// Kinesis as PostHog's Kinesis import plugin calls it (describeStream, getShardIterator and
+/// getRecords with callbacks; `err.name` of an expired iterator), against moto's Kinesis.
+const KINESIS: &str = r#"
+    import { Kinesis } from 'aws-sdk'
+    const call = (k, method, params) => new Promise((resolve) => k[method](params, (err, data) => resolve(err ? { error: { name: err.name, code: err.code, statusCode: err.statusCode, message: err.message } } : data)))
+    export async function processEvent(event) {
+        const kinesis = new Kinesis({ accessKeyId: 'KEY', secretAccessKey: 'SECRET', region: 'us-east-1', endpoint: 'ENDPOINT' })
+        await kinesis.createStream({ StreamName: 'events', ShardCount: 1 }).promise()
+        await kinesis.putRecord({ StreamName: 'events', PartitionKey: 'p', Data: JSON.stringify({ event: 'from kinesis', who: { id: 'u1' } }) }).promise()
+        await kinesis.putRecord({ StreamName: 'events', PartitionKey: 'p', Data: Buffer.from('second') }).promise()
+        const described = await call(kinesis, 'describeStream', { StreamName: 'events' })
+        const shard = described.StreamDescription.Shards[0]
+        const iterator = await call(kinesis, 'getShardIterator', { ShardId: shard.ShardId, ShardIteratorType: 'TRIM_HORIZON', StreamName: 'events' })
+        const records = await call(kinesis, 'getRecords', { ShardIterator: iterator.ShardIterator })
+        event.properties.kinesis = {
+            status: described.StreamDescription.StreamStatus,
+            created: described.StreamDescription.StreamCreationTimestamp instanceof Date,
+            shards: described.StreamDescription.Shards.length,
+            data: records.Records.map((r) => Buffer.from(r.Data).toString()),
+            buffers: records.Records.every((r) => Buffer.isBuffer(r.Data)),
+            arrival: records.Records.every((r) => r.ApproximateArrivalTimestamp instanceof Date),
+            next: typeof records.NextShardIterator,
+            missing: await call(kinesis, 'describeStream', { StreamName: 'nope' }),
+            noRegion: await call(new Kinesis({ accessKeyId: 'KEY', secretAccessKey: 'SECRET' }), 'listStreams', {}),
+        }
+        return event
+    }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_reads_a_kinesis_stream_as_the_kinesis_plugin_does() {
+    let moto = Moto::start(&[]).await;
+    let code = KINESIS
+        .replace("'KEY'", &format!("'{}'", moto.access_key_id))
+        .replace("'SECRET'", &format!("'{}'", moto.secret_access_key))
+        .replace("'ENDPOINT'", &format!("'{}'", moto.endpoint));
+    let server = Server::with_code(&code).await;
+    let args = json!(["user-1", "127.0.0.1", "http://127.0.0.1:8000", {"event": "kinesis", "properties": {}}, TEAM, NOW, NOW]);
+    server.producer.send_task(PROCESS_EVENT_TASK, args.as_array().unwrap(), &Map::new()).await.unwrap();
+    let out = server.event_properties("kinesis").await["kinesis"].clone();
+    assert_eq!(out["status"], "ACTIVE", "{out}");
+    assert_eq!(out["created"], true);
+    assert_eq!(out["shards"], 1);
+    assert_eq!(out["data"], json!([r#"{"event":"from kinesis","who":{"id":"u1"}}"#, "second"]));
+    assert_eq!(out["buffers"], true);
+    assert_eq!(out["arrival"], true);
+    assert_eq!(out["next"], "string");
+    assert_eq!(out["missing"]["error"]["name"], "ResourceNotFoundException", "{out}");
+    assert_eq!(out["missing"]["error"]["statusCode"], 400);
+    assert_eq!(out["noRegion"]["error"], json!({"name": "ConfigError", "code": "ConfigError", "message": "Missing region in config"}));
+    server.stop().await;
+}
