@@ -585,3 +585,70 @@ async fn a_plugin_reads_a_kinesis_stream_as_the_kinesis_plugin_does() {
     assert_eq!(out["noRegion"]["error"], json!({"name": "ConfigError", "code": "ConfigError", "message": "Missing region in config"}));
     server.stop().await;
 }
+
+/// One config's requests are bounded on the host: at most `MAX_REQUESTS_IN_FLIGHT` at once (the
+/// rest wait their turn and all succeed), and a request body over `PLUGIN_FETCH_MAX_RESPONSE_BYTES`
+/// is refused before anything is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_requests_of_one_config_are_bounded() {
+    use plugin_server::plugins::extensions::aws::{Aws, MAX_REQUESTS_IN_FLIGHT};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    plugin_server::plugins::runtime::configure_network(plugin_server::plugins::runtime::NetworkSettings::defaults(
+        plugin_server::config::NodeEnv::Test,
+    ));
+    // A slow S3 stand-in that counts the requests it holds at once.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (now, most, total) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let counters = (now.clone(), most.clone(), total.clone());
+    tokio::spawn(async move {
+        loop {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let (now, most, total) = (counters.0.clone(), counters.1.clone(), counters.2.clone());
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buffer = [0u8; 4096];
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match socket.read(&mut buffer).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buffer[..n]),
+                    }
+                }
+                let held = now.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(held, Ordering::SeqCst);
+                total.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                now.fetch_sub(1, Ordering::SeqCst);
+                let answer = "HTTP/1.1 200 OK\r\nETag: \"e\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+                let _ = socket.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    let config = json!({"accessKeyId": "AKID", "secretAccessKey": "secret", "region": "us-east-1",
+                        "endpoint": format!("http://127.0.0.1:{port}"), "s3ForcePathStyle": true});
+    let aws = Aws::default();
+    let calls = (0..30).map(|n| {
+        let (aws, config) = (&aws, config.clone());
+        async move {
+            aws.call("aws.s3", &[config, json!("putObject"), json!({"Bucket": "bkt", "Key": format!("k{n}")}), json!("aGk=")], Duration::from_secs(20))
+                .await
+                .unwrap()
+        }
+    });
+    let answers = futures::future::join_all(calls).await;
+    assert!(answers.iter().all(|answer| answer["data"]["ETag"] == "\"e\""), "{answers:?}");
+    assert_eq!(total.load(Ordering::SeqCst), 30);
+    assert_eq!(most.load(Ordering::SeqCst), MAX_REQUESTS_IN_FLIGHT, "requests held at once");
+    // Over the per-request body bound: refused here, nothing sent.
+    use base64::Engine as _;
+    let big = base64::engine::general_purpose::STANDARD.encode(vec![b'x'; 32 * 1024 * 1024 + 1]);
+    let refused = aws
+        .call("aws.s3", &[config, json!("putObject"), json!({"Bucket": "bkt", "Key": "big"}), json!(big)], Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert_eq!(refused["error"]["code"], "RequestEntityTooLarge", "{refused}");
+    assert!(refused["error"]["message"].as_str().unwrap().contains("at most 33554432 bytes per request (PLUGIN_FETCH_MAX_RESPONSE_BYTES)"));
+    assert_eq!(total.load(Ordering::SeqCst), 30);
+}
