@@ -320,6 +320,7 @@ async fn an_s3_server_that_is_down_is_retried_until_it_answers() {
 const SURFACE: &str = r#"
     import { S3 } from 'aws-sdk'
     import * as AWS from 'aws-sdk'
+    import { brotliCompressSync, brotliDecompressSync, brotliCompress, constants } from 'zlib'
     const shape = (e) => ({ name: e.name, code: e.code, statusCode: e.statusCode, message: e.message,
         retryable: e.retryable, text: String(e), isError: e instanceof Error, time: e.time instanceof Date })
     const attempt = async (f) => { try { return { ok: await f() } } catch (e) { return { error: shape(e) } } }
@@ -354,6 +355,17 @@ const SURFACE: &str = r#"
         out.global = await new AWS.S3({ endpoint: 'ENDPOINT', s3ForcePathStyle: true }).headObject({ Bucket: 'surface', Key: 'small.txt' }).promise().then((d) => d.ContentLength)
         out.deleted = await s3.deleteObject({ Bucket: 'surface', Key: 'small.txt' }).promise()
         out.other = await attempt(() => new AWS.DynamoDB())
+        // zlib's brotli, as the S3 plugin compresses with it (Node's values in the comments).
+        const text = 'abc'.repeat(1000)
+        const packed = brotliCompressSync(Buffer.from(text), { params: { [constants.BROTLI_PARAM_QUALITY]: 4 } })
+        out.brotli = {
+            small: packed.length < 40,
+            back: brotliDecompressSync(packed).toString() === text,
+            async: await new Promise((resolve) => brotliCompress('hi', (err, bytes) => resolve(err ? String(err) : brotliDecompressSync(bytes).toString()))),
+            garbage: await attempt(() => brotliDecompressSync(Buffer.from('nope'))),
+            key: await attempt(() => brotliCompressSync('x', { params: { 42: 1 } })),
+            clamped: brotliDecompressSync(brotliCompressSync('clamped', { params: { 1: 99, 2: 5 } })).toString(),
+        }
         event.properties.aws = out
         return event
     }
@@ -424,6 +436,13 @@ async fn a_plugin_uses_the_aws_sdk_surface_against_a_signature_checking_s3() {
     );
     assert_eq!(out["global"], 5);
     assert_eq!(out["deleted"], json!({}));
+    assert_eq!(out["brotli"]["small"], true, "{}", out["brotli"]);
+    assert_eq!(out["brotli"]["back"], true);
+    assert_eq!(out["brotli"]["async"], "hi");
+    assert_eq!(out["brotli"]["garbage"]["error"]["message"], "Decompression failed");
+    assert_eq!(out["brotli"]["key"]["error"]["name"], "RangeError");
+    assert_eq!(out["brotli"]["key"]["error"]["message"], "42 is not a valid Brotli parameter");
+    assert_eq!(out["brotli"]["clamped"], "clamped");
     assert_eq!(
         out["other"]["error"]["message"],
         "AWS.DynamoDB is not available in plugins (the plugin server's aws-sdk has S3 and Kinesis)"
@@ -570,7 +589,8 @@ async fn a_plugin_reads_a_kinesis_stream_as_the_kinesis_plugin_does() {
         .replace("'SECRET'", &format!("'{}'", moto.secret_access_key))
         .replace("'ENDPOINT'", &format!("'{}'", moto.endpoint));
     let server = Server::with_code(&code).await;
-    let args = json!(["user-1", "127.0.0.1", "http://127.0.0.1:8000", {"event": "kinesis", "properties": {}}, TEAM, NOW, NOW]);
+    let args =
+        json!(["user-1", "127.0.0.1", "http://127.0.0.1:8000", {"event": "kinesis", "properties": {}}, TEAM, NOW, NOW]);
     server.producer.send_task(PROCESS_EVENT_TASK, args.as_array().unwrap(), &Map::new()).await.unwrap();
     let out = server.event_properties("kinesis").await["kinesis"].clone();
     assert_eq!(out["status"], "ACTIVE", "{out}");
@@ -582,7 +602,10 @@ async fn a_plugin_reads_a_kinesis_stream_as_the_kinesis_plugin_does() {
     assert_eq!(out["next"], "string");
     assert_eq!(out["missing"]["error"]["name"], "ResourceNotFoundException", "{out}");
     assert_eq!(out["missing"]["error"]["statusCode"], 400);
-    assert_eq!(out["noRegion"]["error"], json!({"name": "ConfigError", "code": "ConfigError", "message": "Missing region in config"}));
+    assert_eq!(
+        out["noRegion"]["error"],
+        json!({"name": "ConfigError", "code": "ConfigError", "message": "Missing region in config"})
+    );
     server.stop().await;
 }
 
@@ -601,7 +624,8 @@ async fn host_requests_of_one_config_are_bounded() {
     // A slow S3 stand-in that counts the requests it holds at once.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    let (now, most, total) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (now, most, total) =
+        (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let counters = (now.clone(), most.clone(), total.clone());
     tokio::spawn(async move {
         loop {
@@ -632,9 +656,13 @@ async fn host_requests_of_one_config_are_bounded() {
     let calls = (0..30).map(|n| {
         let (aws, config) = (&aws, config.clone());
         async move {
-            aws.call("aws.s3", &[config, json!("putObject"), json!({"Bucket": "bkt", "Key": format!("k{n}")}), json!("aGk=")], Duration::from_secs(20))
-                .await
-                .unwrap()
+            aws.call(
+                "aws.s3",
+                &[config, json!("putObject"), json!({"Bucket": "bkt", "Key": format!("k{n}")}), json!("aGk=")],
+                Duration::from_secs(20),
+            )
+            .await
+            .unwrap()
         }
     });
     let answers = futures::future::join_all(calls).await;
@@ -645,10 +673,17 @@ async fn host_requests_of_one_config_are_bounded() {
     use base64::Engine as _;
     let big = base64::engine::general_purpose::STANDARD.encode(vec![b'x'; 32 * 1024 * 1024 + 1]);
     let refused = aws
-        .call("aws.s3", &[config, json!("putObject"), json!({"Bucket": "bkt", "Key": "big"}), json!(big)], Duration::from_secs(20))
+        .call(
+            "aws.s3",
+            &[config, json!("putObject"), json!({"Bucket": "bkt", "Key": "big"}), json!(big)],
+            Duration::from_secs(20),
+        )
         .await
         .unwrap();
     assert_eq!(refused["error"]["code"], "RequestEntityTooLarge", "{refused}");
-    assert!(refused["error"]["message"].as_str().unwrap().contains("at most 33554432 bytes per request (PLUGIN_FETCH_MAX_RESPONSE_BYTES)"));
+    assert!(refused["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("at most 33554432 bytes per request (PLUGIN_FETCH_MAX_RESPONSE_BYTES)"));
     assert_eq!(total.load(Ordering::SeqCst), 30);
 }

@@ -109,23 +109,35 @@ const BROTLI_PARAM_QUALITY: &str = "1";
 const BROTLI_PARAM_LGWIN: &str = "2";
 
 impl BrotliParams {
-    /// From the `params` object of the options (values out of range are Node's
-    /// `ERR_BROTLI_INVALID_PARAM`).
-    fn from_js(params: Option<Object<'_>>) -> std::result::Result<BrotliParams, String> {
+    /// From the `params` object of the options, as Node reads it: a key that is no
+    /// `BROTLI_PARAM_*` is a `RangeError` (`ERR_BROTLI_INVALID_PARAM`), a value that is no number
+    /// a `TypeError`; values out of range are clamped (quality, window) or ignored (mode), as the
+    /// brotli encoder does.
+    fn from_js(ctx: &Ctx<'_>, params: Option<Object<'_>>) -> JsResult<BrotliParams> {
         let mut out = BrotliParams::default();
         let Some(params) = params else { return Ok(out) };
         for key in params.keys::<String>() {
-            let key = key.map_err(|e| e.to_string())?;
-            let value: f64 = params.get(key.as_str()).map_err(|e| e.to_string())?;
-            let invalid = || format!("{key} is not a valid Brotli parameter");
-            let value = if value.is_finite() && value.fract() == 0.0 { value as i32 } else { return Err(invalid()) };
+            let key = key?;
+            if !matches!(key.as_str(), "0" | "1" | "2" | "3" | "4" | "5" | "6" | "7" | "8" | "9") {
+                return Err(Exception::throw_range(ctx, &format!("{key} is not a valid Brotli parameter")));
+            }
+            let value: Value = params.get(key.as_str())?;
+            let Some(number) = value.as_number() else {
+                return Err(Exception::throw_type(
+                    ctx,
+                    &format!(
+                        "The \"options.params[key]\" property must be of type number. Received type {}",
+                        value.type_name()
+                    ),
+                ));
+            };
+            let number = if number.is_finite() { number.trunc().clamp(-1e9, 1e9) as i32 } else { 0 };
             match key.as_str() {
-                BROTLI_PARAM_QUALITY if (0..=11).contains(&value) => out.quality = value,
-                BROTLI_PARAM_LGWIN if (10..=24).contains(&value) => out.lgwin = value,
-                BROTLI_PARAM_MODE if (0..=2).contains(&value) => out.mode = value,
+                BROTLI_PARAM_QUALITY => out.quality = number.clamp(0, 11),
+                BROTLI_PARAM_LGWIN => out.lgwin = number.clamp(10, 24),
+                BROTLI_PARAM_MODE if (0..=2).contains(&number) => out.mode = number,
                 // Block size, size hint and the rest tune speed only.
-                "3" | "4" | "5" | "6" | "7" | "8" | "9" => {}
-                _ => return Err(invalid()),
+                _ => {}
             }
         }
         Ok(out)
@@ -409,10 +421,7 @@ pub fn install<'js>(ctx: &Ctx<'js>, host: &Object<'js>) -> JsResult<()> {
                 let data = bytes_of(&ctx, &data)?;
                 // The output is copied into the VM's heap: it must fit there (plus the input copy).
                 let limit = (memory_headroom(&ctx) as u64).min(MAX_INFLATED_BYTES);
-                let brotli = match BrotliParams::from_js(params.0) {
-                    Ok(brotli) => brotli,
-                    Err(message) => return Err(Exception::throw_range(&ctx, &message)),
-                };
+                let brotli = BrotliParams::from_js(&ctx, params.0)?;
                 match zlib_with(&op, &data, limit, brotli) {
                     Ok(out) => buffer(&ctx, out),
                     Err(message) => Err(Exception::throw_message(&ctx, &message)),
