@@ -1,8 +1,8 @@
 //! Shared test support: a fresh Postgres database per test (PostHog schema + graphile schema),
 //! the reference's standard fixture (`resetTestDatabase`), a per-test Redis key prefix, and a
 //! configuration pointing at them. Every integration test file starts with `mod common;`.
-//! Submodules: `http_stub` (stand-ins for external HTTP services) and `server_process` (the binary
-//! run as a process).
+//! Submodules: `http_stub` (stand-ins for external HTTP services), `moto` (a local S3/Kinesis
+//! server) and `server_process` (the binary run as a process).
 //!
 //! Databases are cloned from a template built once per schema version (the template's name
 //! carries a hash of the SQL), so a test pays a `CREATE DATABASE … TEMPLATE` (tens of ms), not the
@@ -10,6 +10,7 @@
 #![allow(dead_code)]
 
 pub mod http_stub;
+pub mod moto;
 pub mod server_process;
 pub mod statsd;
 

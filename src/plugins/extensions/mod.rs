@@ -11,6 +11,7 @@
 //! modules (`runtime/modules`) is here too, one file per facade (`pg.rs`), reached through
 //! [`PluginContext::call_from`], which knows the calling VM.
 
+pub mod aws;
 pub mod cache;
 pub mod jobs;
 pub mod metrics;
@@ -190,6 +191,8 @@ pub struct PluginContext {
     storage: Storage,
     /// The `pg` facade's connections, per VM of this config.
     pub pg: pg::PgConnections,
+    /// The `aws-sdk` facade's clients (requests in flight).
+    aws: aws::Aws,
 }
 
 /// How `console.*` renders its arguments: joined by spaces; arrays and objects as JSON, the rest
@@ -218,7 +221,7 @@ impl PluginContext {
         let cache = Cache::new(services.cache.clone(), config.plugin_id, Some(config.team()));
         let storage = Storage::new(services.storage.clone(), config.id);
         let pg = pg::PgConnections::new(services.hub.config.task_timeout());
-        PluginContext { services, config, cache, storage, pg }
+        PluginContext { services, config, cache, storage, pg, aws: aws::Aws::default() }
     }
 
     /// `meta.config`.
@@ -371,6 +374,11 @@ impl PluginContext {
                 Ok(serde_json::json!({
                     "url": request.url, "method": request.method, "headers": headers, "body": request.body,
                 }))
+            }
+            "aws.s3" | "aws.kinesis" => {
+                // Within the host call's deadline (TASK_TIMEOUT), leaving a second for the answer.
+                let budget = self.services.hub.config.task_timeout().saturating_sub(std::time::Duration::from_secs(1));
+                self.aws.call(function, &args, budget).await
             }
             _ => {
                 if let Some(level) = function.strip_prefix("console.") {

@@ -27,9 +27,9 @@ use async_trait::async_trait;
 use serde_json::Value;
 
 pub use host::fetch::{
-    add_test_public_host, configure as configure_network, fetch_with, http_fetch, internal_reason, node_tls_error,
-    resolve_for_plugin, settings as network_settings, FetchError, FetchRequest, FetchResponse, NetworkSettings,
-    REFUSED_CODE as FETCH_REFUSED_CODE,
+    add_test_public_host, configure as configure_network, fetch_undecoded, fetch_with, http_fetch, internal_reason,
+    node_tls_error, resolve_for_plugin, settings as network_settings, FetchError, FetchRequest, FetchResponse,
+    NetworkSettings, OPTIONS_HEADER as FETCH_OPTIONS_HEADER, REFUSED_CODE as FETCH_REFUSED_CODE, REQUEST_TIMEOUT,
 };
 pub use host::memory_headroom;
 pub use host::read_test_console;

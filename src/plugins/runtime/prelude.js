@@ -606,13 +606,17 @@
             return diff === 0;
         },
     };
-    const zlibSync = (op) => (data) => Buffer.from(host.zlib(op, toBytes(data)));
+    // Brotli takes Node's `{ params: { [zlib.constants.BROTLI_PARAM_QUALITY]: 4, ... } }`.
+    const zlibSync = (op) => (data, options) => {
+        const params = options && typeof options === 'object' && options.params && typeof options.params === 'object' ? options.params : undefined;
+        return Buffer.from(params ? host.zlib(op, toBytes(data), params) : host.zlib(op, toBytes(data)));
+    };
     const zlibAsync = (op) => (data, optionsOrCallback, maybeCallback) => {
         const callback = typeof optionsOrCallback === 'function' ? optionsOrCallback : maybeCallback;
         Promise.resolve().then(() => {
             let result;
             try {
-                result = zlibSync(op)(data);
+                result = zlibSync(op)(data, typeof optionsOrCallback === 'function' ? undefined : optionsOrCallback);
             } catch (e) {
                 callback(e);
                 return;
@@ -620,8 +624,22 @@
             callback(null, result);
         });
     };
-    const zlib = {};
-    for (const [name, op] of [['gzip', 'gzip'], ['gunzip', 'gunzip'], ['deflate', 'deflate'], ['inflate', 'inflate'], ['deflateRaw', 'deflateRaw'], ['inflateRaw', 'inflateRaw'], ['unzip', 'unzip']]) {
+    // The constants plugins pass in options (Node's values).
+    const zlibConstants = Object.freeze({
+        Z_NO_FLUSH: 0, Z_PARTIAL_FLUSH: 1, Z_SYNC_FLUSH: 2, Z_FULL_FLUSH: 3, Z_FINISH: 4, Z_BLOCK: 5,
+        Z_OK: 0, Z_STREAM_END: 1, Z_NEED_DICT: 2, Z_ERRNO: -1, Z_STREAM_ERROR: -2, Z_DATA_ERROR: -3, Z_MEM_ERROR: -4, Z_BUF_ERROR: -5, Z_VERSION_ERROR: -6,
+        Z_NO_COMPRESSION: 0, Z_BEST_SPEED: 1, Z_BEST_COMPRESSION: 9, Z_DEFAULT_COMPRESSION: -1,
+        Z_FILTERED: 1, Z_HUFFMAN_ONLY: 2, Z_RLE: 3, Z_FIXED: 4, Z_DEFAULT_STRATEGY: 0,
+        BROTLI_OPERATION_PROCESS: 0, BROTLI_OPERATION_FLUSH: 1, BROTLI_OPERATION_FINISH: 2, BROTLI_OPERATION_EMIT_METADATA: 3,
+        BROTLI_PARAM_MODE: 0, BROTLI_MODE_GENERIC: 0, BROTLI_MODE_TEXT: 1, BROTLI_MODE_FONT: 2, BROTLI_DEFAULT_MODE: 0,
+        BROTLI_PARAM_QUALITY: 1, BROTLI_MIN_QUALITY: 0, BROTLI_MAX_QUALITY: 11, BROTLI_DEFAULT_QUALITY: 11,
+        BROTLI_PARAM_LGWIN: 2, BROTLI_MIN_WINDOW_BITS: 10, BROTLI_MAX_WINDOW_BITS: 24, BROTLI_LARGE_MAX_WINDOW_BITS: 30, BROTLI_DEFAULT_WINDOW: 22,
+        BROTLI_PARAM_LGBLOCK: 3, BROTLI_MIN_INPUT_BLOCK_BITS: 16, BROTLI_MAX_INPUT_BLOCK_BITS: 24,
+        BROTLI_PARAM_DISABLE_LITERAL_CONTEXT_MODELING: 4, BROTLI_PARAM_SIZE_HINT: 5, BROTLI_PARAM_LARGE_WINDOW: 6,
+        BROTLI_PARAM_NPOSTFIX: 7, BROTLI_PARAM_NDIRECT: 8,
+    });
+    const zlib = { constants: zlibConstants };
+    for (const [name, op] of [['gzip', 'gzip'], ['gunzip', 'gunzip'], ['deflate', 'deflate'], ['inflate', 'inflate'], ['deflateRaw', 'deflateRaw'], ['inflateRaw', 'inflateRaw'], ['unzip', 'unzip'], ['brotliCompress', 'brotliCompress'], ['brotliDecompress', 'brotliDecompress']]) {
         zlib[name + 'Sync'] = zlibSync(op);
         zlib[name] = zlibAsync(op);
     }

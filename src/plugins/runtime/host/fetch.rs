@@ -578,18 +578,21 @@ struct Options {
     size: Option<f64>,
 }
 
-fn client() -> Result<&'static reqwest::Client, FetchError> {
-    static CLIENT: OnceLock<Result<reqwest::Client, reqwest::Error>> = OnceLock::new();
-    CLIENT
-        .get_or_init(|| {
-            reqwest::Client::builder()
-                .redirect(reqwest::redirect::Policy::none())
-                // node-fetch ignores HTTP(S)_PROXY; a proxy would also resolve names past the policy.
-                .no_proxy()
-                .dns_resolver(Arc::new(PolicyResolver))
-                .user_agent("node-fetch/1.0 (+https://github.com/bitinn/node-fetch)")
-                .build()
-        })
+/// The plugins' HTTP client: node-fetch decompresses gzip bodies (`decompress`), SDK clients
+/// such as aws-sdk hand the bytes over as stored (the other client).
+fn client(decompress: bool) -> Result<&'static reqwest::Client, FetchError> {
+    static CLIENTS: OnceLock<[Result<reqwest::Client, reqwest::Error>; 2]> = OnceLock::new();
+    let build = |decompress: bool| {
+        reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            // node-fetch ignores HTTP(S)_PROXY; a proxy would also resolve names past the policy.
+            .no_proxy()
+            .dns_resolver(Arc::new(PolicyResolver))
+            .gzip(decompress)
+            .user_agent("node-fetch/1.0 (+https://github.com/bitinn/node-fetch)")
+            .build()
+    };
+    CLIENTS.get_or_init(|| [build(false), build(true)])[usize::from(decompress)]
         .as_ref()
         .map_err(|e| FetchError::new(format!("could not build the HTTP client: {e}"), "system", Some("EPROTO")))
 }
@@ -602,6 +605,21 @@ pub async fn http_fetch(request: FetchRequest) -> Result<FetchResponse, MetaErro
 
 /// Performs `request` under `settings`, following redirects as node-fetch v2 does.
 pub async fn fetch_with(settings: &NetworkSettings, request: FetchRequest) -> Result<FetchResponse, FetchError> {
+    fetch_inner(settings, request, true).await
+}
+
+/// Performs `request` under `settings` for a host-side SDK (`plugins/extensions/aws.rs`): the
+/// same policy, bounds and errors as [`fetch_with`], but the body is handed over as the server
+/// sent it (a `Content-Encoding: gzip` object stays compressed, as with aws-sdk).
+pub async fn fetch_undecoded(settings: &NetworkSettings, request: FetchRequest) -> Result<FetchResponse, FetchError> {
+    fetch_inner(settings, request, false).await
+}
+
+async fn fetch_inner(
+    settings: &NetworkSettings,
+    request: FetchRequest,
+    decompress: bool,
+) -> Result<FetchResponse, FetchError> {
     let started = std::time::Instant::now();
     let FetchRequest { url, method, headers, body } = request;
     let mut options = Options::default();
@@ -640,7 +658,7 @@ pub async fn fetch_with(settings: &NetworkSettings, request: FetchRequest) -> Re
         .map_err(|_| FetchError::type_error(&format!("{method} is not a valid HTTP method")))?;
     let mut body = body;
     let mut hops = 0u64;
-    let client = client()?;
+    let client = client(decompress)?;
     loop {
         check_literal(settings, &url).map_err(|refused| {
             FetchError::new(

@@ -88,9 +88,88 @@ fn hmac_digest(algorithm: &str, key: &[u8], data: &[u8]) -> Option<Vec<u8>> {
     }
 }
 
+/// Node's brotli encoder parameters (`params` of `brotliCompress*` options, keyed by
+/// `zlib.constants.BROTLI_PARAM_*`): Node's defaults are quality 11, window 22, generic mode.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct BrotliParams {
+    quality: i32,
+    lgwin: i32,
+    mode: i32,
+}
+
+impl Default for BrotliParams {
+    fn default() -> BrotliParams {
+        BrotliParams { quality: 11, lgwin: 22, mode: 0 }
+    }
+}
+
+/// `zlib.constants.BROTLI_PARAM_MODE`, `…_QUALITY`, `…_LGWIN`.
+const BROTLI_PARAM_MODE: &str = "0";
+const BROTLI_PARAM_QUALITY: &str = "1";
+const BROTLI_PARAM_LGWIN: &str = "2";
+
+impl BrotliParams {
+    /// From the `params` object of the options, as Node reads it: a key that is no
+    /// `BROTLI_PARAM_*` is a `RangeError` (`ERR_BROTLI_INVALID_PARAM`), a value that is no number
+    /// a `TypeError`; values out of range are clamped (quality, window) or ignored (mode), as the
+    /// brotli encoder does.
+    fn from_js(ctx: &Ctx<'_>, params: Option<Object<'_>>) -> JsResult<BrotliParams> {
+        let mut out = BrotliParams::default();
+        let Some(params) = params else { return Ok(out) };
+        for key in params.keys::<String>() {
+            let key = key?;
+            if !matches!(key.as_str(), "0" | "1" | "2" | "3" | "4" | "5" | "6" | "7" | "8" | "9") {
+                return Err(Exception::throw_range(ctx, &format!("{key} is not a valid Brotli parameter")));
+            }
+            let value: Value = params.get(key.as_str())?;
+            let Some(number) = value.as_number() else {
+                return Err(Exception::throw_type(
+                    ctx,
+                    &format!(
+                        "The \"options.params[key]\" property must be of type number. Received type {}",
+                        value.type_name()
+                    ),
+                ));
+            };
+            let number = if number.is_finite() { number.trunc().clamp(-1e9, 1e9) as i32 } else { 0 };
+            match key.as_str() {
+                BROTLI_PARAM_QUALITY => out.quality = number.clamp(0, 11),
+                BROTLI_PARAM_LGWIN => out.lgwin = number.clamp(10, 24),
+                BROTLI_PARAM_MODE if (0..=2).contains(&number) => out.mode = number,
+                // Block size, size hint and the rest tune speed only.
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn brotli_compress(data: &[u8], params: BrotliParams) -> std::result::Result<Vec<u8>, String> {
+    let mut encoder = brotli::enc::BrotliEncoderParams {
+        quality: params.quality,
+        lgwin: params.lgwin,
+        mode: match params.mode {
+            1 => brotli::enc::backward_references::BrotliEncoderMode::BROTLI_MODE_TEXT,
+            2 => brotli::enc::backward_references::BrotliEncoderMode::BROTLI_MODE_FONT,
+            _ => brotli::enc::backward_references::BrotliEncoderMode::BROTLI_MODE_GENERIC,
+        },
+        ..Default::default()
+    };
+    encoder.size_hint = data.len();
+    let mut out = Vec::new();
+    brotli::BrotliCompress(&mut &data[..], &mut out, &encoder).map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
+/// Runs one zlib operation with the default brotli parameters.
+#[cfg(test)]
+fn zlib(op: &str, data: &[u8], limit: u64) -> std::result::Result<Vec<u8>, String> {
+    zlib_with(op, data, limit, BrotliParams::default())
+}
+
 /// Runs one zlib operation; inflated output stops at `limit` bytes (streaming: at most `limit + 1`
 /// bytes are ever produced).
-fn zlib(op: &str, data: &[u8], limit: u64) -> std::result::Result<Vec<u8>, String> {
+fn zlib_with(op: &str, data: &[u8], limit: u64, brotli: BrotliParams) -> std::result::Result<Vec<u8>, String> {
     use flate2::read::{DeflateDecoder, GzDecoder, MultiGzDecoder, ZlibDecoder};
     use flate2::write::{DeflateEncoder, GzEncoder, ZlibEncoder};
     use flate2::Compression;
@@ -121,6 +200,15 @@ fn zlib(op: &str, data: &[u8], limit: u64) -> std::result::Result<Vec<u8>, Strin
         "inflateRaw" => inflate(Box::new(DeflateDecoder::new(data))),
         "unzip" if data.starts_with(&[0x1f, 0x8b]) => inflate(Box::new(GzDecoder::new(data))),
         "unzip" => inflate(Box::new(ZlibDecoder::new(data))),
+        "brotliCompress" => brotli_compress(data, brotli),
+        // Node's message for a stream that is not brotli.
+        "brotliDecompress" => inflate(Box::new(brotli::Decompressor::new(data, 4096))).map_err(|e| {
+            if e.contains("exceeds") {
+                e
+            } else {
+                "Decompression failed".to_string()
+            }
+        }),
         _ => Err(format!("unknown zlib operation {op}")),
     }
     .map_err(|e| if e.contains("invalid") || e.contains("corrupt") { "incorrect header check".to_string() } else { e })
@@ -324,15 +412,19 @@ pub fn install<'js>(ctx: &Ctx<'js>, host: &Object<'js>) -> JsResult<()> {
     host.set("randomUUID", Function::new(ctx.clone(), || uuid::Uuid::new_v4().to_string())?)?;
     host.set(
         "zlib",
-        Function::new(ctx.clone(), |ctx: Ctx<'js>, op: String, data: Value<'js>| {
-            let data = bytes_of(&ctx, &data)?;
-            // The output is copied into the VM's heap: it must fit there (plus the input copy).
-            let limit = (memory_headroom(&ctx) as u64).min(MAX_INFLATED_BYTES);
-            match zlib(&op, &data, limit) {
-                Ok(out) => buffer(&ctx, out),
-                Err(message) => Err(Exception::throw_message(&ctx, &message)),
-            }
-        })?,
+        Function::new(
+            ctx.clone(),
+            |ctx: Ctx<'js>, op: String, data: Value<'js>, params: rquickjs::function::Opt<Object<'js>>| {
+                let data = bytes_of(&ctx, &data)?;
+                // The output is copied into the VM's heap: it must fit there (plus the input copy).
+                let limit = (memory_headroom(&ctx) as u64).min(MAX_INFLATED_BYTES);
+                let brotli = BrotliParams::from_js(&ctx, params.0)?;
+                match zlib_with(&op, &data, limit, brotli) {
+                    Ok(out) => buffer(&ctx, out),
+                    Err(message) => Err(Exception::throw_message(&ctx, &message)),
+                }
+            },
+        )?,
     )?;
     host.set(
         "urlParse",
@@ -429,6 +521,18 @@ mod tests {
         let bomb = zlib("gzip", &vec![0u8; 8 << 20], MAX_INFLATED_BYTES).unwrap();
         let refused = zlib("gunzip", &bomb, 1 << 20).unwrap_err();
         assert!(refused.contains("exceeds 1048576 bytes"), "{refused}");
+        // Brotli both ways (Node's default quality 11), its bomb bound, Node's message for garbage.
+        let text = "hello brotli ".repeat(100);
+        let packed = zlib("brotliCompress", text.as_bytes(), MAX_INFLATED_BYTES).unwrap();
+        assert!(packed.len() < 40, "{}", packed.len());
+        assert_eq!(zlib("brotliDecompress", &packed, MAX_INFLATED_BYTES).unwrap(), text.as_bytes());
+        let fast = BrotliParams { quality: 1, ..BrotliParams::default() };
+        let bomb = zlib_with("brotliCompress", &vec![0u8; 8 << 20], MAX_INFLATED_BYTES, fast).unwrap();
+        assert!(zlib("brotliDecompress", &bomb, 1 << 20).unwrap_err().contains("exceeds 1048576 bytes"));
+        assert_eq!(
+            zlib("brotliDecompress", b"not brotli at all", MAX_INFLATED_BYTES).unwrap_err(),
+            "Decompression failed"
+        );
     }
 
     #[test]

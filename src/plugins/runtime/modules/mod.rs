@@ -37,6 +37,7 @@ pub const FACADES: &[Facade] = &[
     Facade { name: "stream", source: include_str!("stream.js"), importable: true },
     Facade { name: "generic-pool", source: include_str!("generic-pool.js"), importable: true },
     Facade { name: "pg", source: include_str!("pg.js"), importable: true },
+    Facade { name: "aws-sdk", source: include_str!("aws-sdk.js"), importable: true },
 ];
 
 /// The loader the prelude compiles on the first require of a facade (`modules/loader.js`): it
