@@ -361,8 +361,10 @@ impl Source {
     async fn status(&self) -> String {
         let read = async {
             let mut connection = self.redis.get().await.map_err(|error| GeoIpError::Redis(error.to_string()))?;
-            let value: Option<String> =
-                connection.get(&self.settings.status_key).await.map_err(|error| GeoIpError::Redis(error.to_string()))?;
+            let value: Option<String> = connection
+                .get(&self.settings.status_key)
+                .await
+                .map_err(|error| GeoIpError::Redis(error.to_string()))?;
             Ok::<_, GeoIpError>(value)
         };
         let value = catalog::instrument_query(catalog::statsd::REDIS_GET, None, read).await.ok().flatten();

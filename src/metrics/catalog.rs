@@ -293,9 +293,11 @@ pub fn task(task: &'static str, elapsed: Duration) {
     static HISTOGRAMS: Handles<&'static str, Histogram> = Handles::new();
     global().record(&["piscina_task.", task], &[], millis(elapsed));
     if prometheus_enabled() {
-        HISTOGRAMS.with(task, || metrics::histogram!(prom::TASK_DURATION, "task" => task), |histogram| {
-            histogram.record(elapsed.as_secs_f64())
-        });
+        HISTOGRAMS.with(
+            task,
+            || metrics::histogram!(prom::TASK_DURATION, "task" => task),
+            |histogram| histogram.record(elapsed.as_secs_f64()),
+        );
     }
 }
 

@@ -26,6 +26,12 @@ impl<K, T> Handles<K, T> {
     }
 }
 
+impl<K, T> Default for Handles<K, T> {
+    fn default() -> Handles<K, T> {
+        Handles::new()
+    }
+}
+
 impl<K: Hash + Eq, T> Handles<K, T> {
     /// Runs `use_it` on the handle of `key`, made by `make` the first time.
     pub fn with<R>(&self, key: K, make: impl FnOnce() -> T, use_it: impl FnOnce(&T) -> R) -> R {
