@@ -115,6 +115,20 @@ impl Metrics {
         }
     }
 
+    /// One metric whose key number `cache` keeps under `key` (see [`statsd::KeyCache`]).
+    pub fn record_cached<K: std::hash::Hash + Eq>(
+        &self,
+        cache: &statsd::KeyCache<K>,
+        key: K,
+        name: &[&str],
+        tags: &[(&str, &str)],
+        value: statsd::Value,
+    ) {
+        if let Some(statsd) = &self.inner {
+            statsd.record_cached(cache, key, name, tags, value);
+        }
+    }
+
     /// Sends the queued lines now.
     pub fn flush(&self) {
         if let Some(statsd) = &self.inner {

@@ -24,8 +24,24 @@ use metrics::{Counter, Histogram};
 
 use super::handles::Handles;
 use super::prometheus::enabled as prometheus_enabled;
-use super::statsd::Value;
+use super::statsd::{KeyCache, Value};
 use super::{global, millis, StatsdKey};
+
+/// A `&'static str`'s address and length: a cache key that costs no hashing of the text (two
+/// literals with one text may have two addresses: then two entries with the same key number).
+type Address = (usize, usize);
+
+fn address(text: &'static str) -> Address {
+    (text.as_ptr() as usize, text.len())
+}
+
+/// A name's hash, for caches keyed by a name that is not `'static` (a plugin's).
+fn name_hash(name: &str) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = rustc_hash::FxBuildHasher.build_hasher();
+    hasher.write(name.as_bytes());
+    hasher.finish()
+}
 
 /// The reference's statsd names (fixed ones; templated ones are built by the functions below).
 pub mod statsd {
@@ -151,7 +167,7 @@ enum Flow {
 }
 
 /// The stage counters, per (flow, stage, source or reason).
-static STAGE_COUNTERS: Handles<(Flow, Stage, &'static str), Counter> = Handles::new();
+static STAGE_COUNTERS: Handles<(Flow, Stage, Address), Counter> = Handles::new();
 
 fn stage_counter(flow: Flow, stage: Stage, label: &'static str, count: u64) {
     let make = || match flow {
@@ -159,7 +175,7 @@ fn stage_counter(flow: Flow, stage: Stage, label: &'static str, count: u64) {
         Flow::Handled => metrics::counter!(prom::EVENTS_HANDLED, "stage" => stage.as_str(), "source" => label),
         Flow::Dropped => metrics::counter!(prom::EVENTS_DROPPED, "stage" => stage.as_str(), "reason" => label),
     };
-    STAGE_COUNTERS.with((flow, stage, label), make, |counter| counter.increment(count));
+    STAGE_COUNTERS.with((flow, stage, address(label)), make, |counter| counter.increment(count));
 }
 
 /// `count` items entered `stage` (`source` says which queue or kind: `celery`, `kafka`, ...).
@@ -180,7 +196,10 @@ pub fn handled(stage: Stage, source: &'static str, count: u64) {
 /// given up on. `reason` is a short fixed word (`plugin_dropped`, `undecodable`, `rejected`,
 /// `out_of_retries`, `too_large`, ...), never an error message.
 pub fn dropped(stage: Stage, reason: &'static str, count: u64) {
-    global().record(
+    static KEYS: KeyCache<(Stage, Address)> = KeyCache::new();
+    global().record_cached(
+        &KEYS,
+        (stage, address(reason)),
         &[statsd::EVENTS_DROPPED],
         &[("stage", stage.as_str()), ("reason", reason)],
         Value::Count(count as i64),
@@ -290,11 +309,12 @@ pub fn each_batch(elapsed: Duration) {
 /// A worker task beside the event path ran (`piscina_task.<task>`: `runEveryMinute`, `runJob`,
 /// `reloadPlugins`, ...).
 pub fn task(task: &'static str, elapsed: Duration) {
-    static HISTOGRAMS: Handles<&'static str, Histogram> = Handles::new();
-    global().record(&["piscina_task.", task], &[], millis(elapsed));
+    static HISTOGRAMS: Handles<Address, Histogram> = Handles::new();
+    static KEYS: KeyCache<Address> = KeyCache::new();
+    global().record_cached(&KEYS, address(task), &["piscina_task.", task], &[], millis(elapsed));
     if prometheus_enabled() {
         HISTOGRAMS.with(
-            task,
+            address(task),
             || metrics::histogram!(prom::TASK_DURATION, "task" => task),
             |histogram| histogram.record(elapsed.as_secs_f64()),
         );
@@ -305,11 +325,14 @@ pub fn task(task: &'static str, elapsed: Duration) {
 /// its processing).
 pub fn single_save(snapshot: bool, team_id: i64, started: Instant) {
     static HISTOGRAMS: Handles<(bool, i64), Histogram> = Handles::new();
+    static KEYS: KeyCache<(bool, i64)> = KeyCache::new();
     let elapsed = started.elapsed();
     let client = global();
     if client.is_enabled() {
         let name = if snapshot { statsd::SINGLE_SAVE_SNAPSHOT } else { statsd::SINGLE_SAVE_STANDARD };
-        client.record(&[name], &[("team_id", itoa::Buffer::new().format(team_id))], millis(elapsed));
+        let mut team = itoa::Buffer::new();
+        let tags = [("team_id", team.format(team_id))];
+        client.record_cached(&KEYS, (snapshot, team_id), &[name], &tags, millis(elapsed));
     }
     if prometheus_enabled() {
         let make = || {
@@ -394,26 +417,32 @@ fn plugin_call_labels(call: &PluginCall<'_>, method: &str) -> [metrics::Label; 4
 /// Prometheus duration histogram and error counter per plugin config.
 pub fn plugin_call(client: &super::Metrics, call: &PluginCall<'_>) {
     if client.is_enabled() {
+        /// Per (team, plugin name's hash, which key): the keys of the calls that come per event.
+        static KEYS: KeyCache<(i64, u64, u8)> = KeyCache::new();
         let mut team_id = itoa::Buffer::new();
         let plugin_and_team = [("plugin", call.plugin_name), ("teamId", team_id.format(call.team_id))];
         let name = call.plugin_name;
+        let hash = name_hash(name);
         let error = Value::Count(1);
+        let elapsed = millis(call.elapsed);
         match call.function {
             "processEvent" => {
-                client.record(&[statsd::PLUGIN_PROCESS_EVENT], &plugin_and_team, millis(call.elapsed));
+                let key = (call.team_id, hash, 0);
+                client.record_cached(&KEYS, key, &[statsd::PLUGIN_PROCESS_EVENT], &plugin_and_team, elapsed);
                 if call.failed {
                     client.record(&["plugin.", name, ".process_event.ERROR"], &[], error);
                 }
             }
             // onSnapshot shares onEvent's keys in the reference.
             "onEvent" | "onSnapshot" => {
-                client.record(&["plugin.", name, ".on_event"], &[], millis(call.elapsed));
+                client.record_cached(&KEYS, (0, hash, 1), &["plugin.", name, ".on_event"], &[], elapsed);
                 if call.failed {
                     client.record(&["plugin.", name, ".on_event.ERROR"], &[], error);
                 }
             }
             "exportEvents" if !call.failed => {
-                client.record(&[statsd::EXPORT_EVENTS_SUCCESS], &plugin_and_team, millis(call.elapsed));
+                let key = (call.team_id, hash, 2);
+                client.record_cached(&KEYS, key, &[statsd::EXPORT_EVENTS_SUCCESS], &plugin_and_team, elapsed);
             }
             "pluginTask" => {
                 if let (true, Some((kind, task))) = (call.failed, call.task) {
@@ -480,19 +509,21 @@ pub fn export_retry(dropped_batch: bool, retry: u32, plugin: &str, team_id: i64,
 
 /// A plugin log entry was created (`logs.entries_created`).
 pub fn log_entry_created(source: &'static str, team_id: i64, plugin_id: i64) {
-    static COUNTERS: Handles<(&'static str, i64, i64), Counter> = Handles::new();
+    static COUNTERS: Handles<(Address, i64, i64), Counter> = Handles::new();
+    static KEYS: KeyCache<(Address, i64, i64)> = KeyCache::new();
     let client = global();
     if client.is_enabled() {
         let (mut team, mut plugin) = (itoa::Buffer::new(), itoa::Buffer::new());
         let tags = [("source", source), ("team_id", team.format(team_id)), ("plugin_id", plugin.format(plugin_id))];
-        client.record(&[statsd::LOG_ENTRIES_CREATED], &tags, Value::Count(1));
+        let key = (address(source), team_id, plugin_id);
+        client.record_cached(&KEYS, key, &[statsd::LOG_ENTRIES_CREATED], &tags, Value::Count(1));
     }
     if prometheus_enabled() {
         let make = || {
             metrics::counter!(prom::LOG_ENTRIES, "source" => source, "team_id" => team_id.to_string(),
                 "plugin_id" => plugin_id.to_string())
         };
-        COUNTERS.with((source, team_id, plugin_id), make, |counter| counter.increment(1));
+        COUNTERS.with((address(source), team_id, plugin_id), make, |counter| counter.increment(1));
     }
 }
 
@@ -536,7 +567,9 @@ pub async fn instrument_query<T, E, F>(name: &'static str, tag: Option<&'static 
 where
     F: std::future::Future<Output = Result<T, E>>,
 {
-    static DURATIONS: Handles<(&'static str, &'static str), Histogram> = Handles::new();
+    static DURATIONS: Handles<(Address, Address), Histogram> = Handles::new();
+    /// Per (name, tag, `.total` or the timing).
+    static KEYS: KeyCache<(Address, Address, bool)> = KeyCache::new();
     let client = global();
     let prometheus = prometheus_enabled();
     if !client.is_enabled() && !prometheus {
@@ -550,15 +583,16 @@ where
         }
         None => &[],
     };
-    client.record(&[name, ".total"], tags, Value::Count(1));
+    let key = |total| (address(name), tag.map_or((0, 0), address), total);
+    client.record_cached(&KEYS, key(true), &[name, ".total"], tags, Value::Count(1));
     let start = Instant::now();
     let result = query.await;
     let elapsed = start.elapsed();
-    client.record(&[name], tags, millis(elapsed));
+    client.record_cached(&KEYS, key(false), &[name], tags, millis(elapsed));
     if prometheus {
         let tag = tag.unwrap_or("");
         let make = || metrics::histogram!(prom::QUERY_DURATION, "query" => name, "tag" => tag);
-        DURATIONS.with((name, tag), make, |histogram| histogram.record(elapsed.as_secs_f64()));
+        DURATIONS.with((address(name), address(tag)), make, |histogram| histogram.record(elapsed.as_secs_f64()));
         if result.is_err() {
             metrics::counter!(prom::QUERY_FAILURES, "query" => name, "tag" => tag).increment(1);
         }

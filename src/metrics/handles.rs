@@ -1,8 +1,9 @@
-//! Prometheus handles kept once resolved, so that recording a metric on the event path neither
-//! builds a `metrics::Key` (label vectors, number-to-text labels) nor looks the key up in the
-//! recorder's registry: a fixed metric keeps its handle in a `OnceLock`, a metric labelled per
-//! team, plugin config or query keeps one handle per label values in a [`Handles`] map keyed by
-//! the raw values (integers and `&'static str`).
+//! Handles kept once resolved, so that recording a metric on the event path neither builds a
+//! `metrics::Key` (label vectors, number-to-text labels) nor looks the key up in the recorder's
+//! registry: a fixed metric keeps its handle in a `OnceLock`, a metric labelled per team, plugin
+//! config or query keeps one handle per label values in a [`Handles`] map keyed by the raw values
+//! (integers and `&'static str`). The statsd client keeps key numbers the same way
+//! (`statsd::KeyCache`).
 //!
 //! The recorder is installed at most once per process, before the first recording
 //! ([`super::prometheus::install`]; the catalog records nothing until then), so a handle resolved

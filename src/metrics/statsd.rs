@@ -2,9 +2,10 @@
 //!
 //! A call does no formatting and no allocation: the metric's key (prefix, name and sanitised
 //! tags, `prefix.name,tag=value`) is registered once per client and referred to by number; a
-//! [`StatsdKey`] (a fixed name and tags, in a `static`) remembers its number, other calls render
-//! their key into a per-thread buffer and look it up. The call then appends `(key, value)` to a
-//! queue. A thread of the client's own ([`FLUSH_EVERY`], or sooner once [`WAKE_AT`] samples wait)
+//! [`StatsdKey`] (a fixed name and tags, in a `static`) remembers its number, a [`KeyCache`] keeps
+//! the numbers of a templated family by integers (team id, plugin config, a static string's
+//! address), other calls render their key into a per-thread buffer and look it up. The call then
+//! appends `(key, value)` to a queue. A thread of the client's own ([`FLUSH_EVERY`], or sooner once [`WAKE_AT`] samples wait)
 //! takes the queue and writes the lines: counters of the same key summed into one line per flush
 //! (at the place of the first), timings and gauges one line each, exactly as called (the
 //! reference's hot-shots samples nothing). Lines are packed into datagrams of at most
@@ -13,6 +14,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::hash::Hash;
 use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
@@ -20,6 +22,11 @@ use std::time::Duration;
 
 use rustc_hash::FxBuildHasher;
 use tracing::warn;
+
+use super::handles::Handles;
+
+/// Key numbers of a family of metrics by a key of the caller's (`client id << 32 | number`).
+pub type KeyCache<K> = Handles<K, u64>;
 
 /// Largest datagram: lines are packed into one up to this size (Ethernet's MTU less the headers,
 /// statsd's advice for a local network).
@@ -89,6 +96,7 @@ struct FlushBuffers {
     batch: Vec<Sample>,
     sums: Vec<i64>,
     first: Vec<usize>,
+    /// A gauge's number as text.
     line: String,
     datagram: Vec<u8>,
 }
@@ -206,6 +214,30 @@ impl Statsd {
         self.push(resolved, value);
     }
 
+    /// Records a metric whose key number is kept in `cache` under `key` (integers, addresses of
+    /// `&'static str`s: hashed without rendering the name and tags), rendered the first time.
+    pub fn record_cached<K: Hash + Eq>(
+        &self,
+        cache: &KeyCache<K>,
+        key: K,
+        name: &[&str],
+        tags: &[(&str, &str)],
+        value: Value,
+    ) {
+        let id = self.id;
+        let ours = |packed: &u64| (*packed >> 32) as u32 == id;
+        let make = || match self.resolve(name, tags) {
+            KeyRef::Registered(number) => u64::from(id) << 32 | u64::from(number),
+            KeyRef::Unregistered(_) => 0,
+        };
+        let packed = cache.with_valid(key, ours, make, |packed| *packed);
+        if ours(&packed) {
+            self.push(KeyRef::Registered(packed as u32), value);
+        } else {
+            self.record(name, tags, value);
+        }
+    }
+
     fn resolve(&self, name: &[&str], tags: &[(&str, &str)]) -> KeyRef {
         SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
             Ok(mut text) => {
@@ -291,26 +323,34 @@ impl Statsd {
                 KeyRef::Registered(number) => &registry.keys[*number as usize],
                 KeyRef::Unregistered(text) => text,
             };
-            line.clear();
-            let _ = match (sample.value, &sample.key) {
+            let (mut integer, gauge) = (itoa::Buffer::new(), &mut *line);
+            let (value, suffix): (&str, &str) = match (sample.value, &sample.key) {
                 (Value::Count(_), KeyRef::Registered(number)) => {
                     let number = *number as usize;
                     if first[number] != place {
                         continue;
                     }
-                    write!(line, "{text}:{}|c", sums[number])
+                    (integer.format(sums[number]), "|c")
                 }
-                (Value::Count(count), KeyRef::Unregistered(_)) => write!(line, "{text}:{count}|c"),
-                (Value::Millis(millis), _) => write!(line, "{text}:{millis}|ms"),
-                (Value::Gauge(gauge), _) => write!(line, "{text}:{gauge}|g"),
+                (Value::Count(count), KeyRef::Unregistered(_)) => (integer.format(count), "|c"),
+                (Value::Millis(millis), _) => (integer.format(millis), "|ms"),
+                (Value::Gauge(value), _) => {
+                    gauge.clear();
+                    let _ = write!(gauge, "{value}");
+                    (gauge.as_str(), "|g")
+                }
             };
-            if !datagram.is_empty() && datagram.len() + 1 + line.len() > DATAGRAM_BYTES {
+            let length = text.len() + 1 + value.len() + suffix.len();
+            if !datagram.is_empty() && datagram.len() + 1 + length > DATAGRAM_BYTES {
                 self.send(datagram, &mut failure);
             }
             if !datagram.is_empty() {
                 datagram.push(b'\n');
             }
-            datagram.extend_from_slice(line.as_bytes());
+            datagram.extend_from_slice(text.as_bytes());
+            datagram.push(b':');
+            datagram.extend_from_slice(value.as_bytes());
+            datagram.extend_from_slice(suffix.as_bytes());
         }
         drop(registry);
         if !datagram.is_empty() {
