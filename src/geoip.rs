@@ -32,6 +32,7 @@ use tracing::{error, info, warn};
 
 use crate::hub::Hub;
 use crate::infra::cron;
+use crate::metrics::catalog;
 
 pub const MMDB_ENDPOINT: &str = "https://mmdb.posthog.net/";
 pub const MMDB_ATTACHMENT_KEY: &str = "@posthog/mmdb";
@@ -177,7 +178,7 @@ impl GeoIp {
                 Ok((Some(record), prefix_len)) => Some(city::city_model(record, ip.trim(), address, prefix_len)),
                 _ => None,
             });
-        crate::metrics::catalog::mmdb_request(start);
+        catalog::mmdb_request(start);
         Ok(result)
     }
 
@@ -347,27 +348,41 @@ impl Attachment {
 
 impl Source {
     async fn load_attachment(&self) -> Result<Option<Attachment>, GeoIpError> {
-        let row = crate::db::plugins::fetch_global_attachment(&self.postgres, MMDB_ATTACHMENT_KEY).await?;
+        let row = catalog::postgres(
+            "fetchGeoIpAttachment",
+            crate::db::plugins::fetch_global_attachment(&self.postgres, MMDB_ATTACHMENT_KEY),
+        )
+        .await?;
         Ok(row.map(|(id, file_name, contents)| Attachment { id, file_name, contents }))
     }
 
-    /// The JSON-encoded status (`"idle"` when absent or unreadable).
+    /// The JSON-encoded status (`"idle"` when absent or unreadable), read as the reference's
+    /// `redisGet` (`query.regisGet`).
     async fn status(&self) -> String {
-        let value: Option<String> = match self.redis.get().await {
-            Ok(mut connection) => connection.get(&self.settings.status_key).await.unwrap_or(None),
-            Err(_) => None,
+        let read = async {
+            let mut connection = self.redis.get().await.map_err(|error| GeoIpError::Redis(error.to_string()))?;
+            let value: Option<String> = connection
+                .get(&self.settings.status_key)
+                .await
+                .map_err(|error| GeoIpError::Redis(error.to_string()))?;
+            Ok::<_, GeoIpError>(value)
         };
+        let value = catalog::instrument_query(catalog::statsd::REDIS_GET, None, read).await.ok().flatten();
         value.and_then(|text| serde_json::from_str::<String>(&text).ok()).unwrap_or_else(|| "idle".into())
     }
 
+    /// Sets the status, as the reference's `redisSet` (`query.redisSet`).
     async fn set_status(&self, status: &str, ttl_seconds: Option<u64>) -> Result<(), GeoIpError> {
-        let mut connection = self.redis.get().await.map_err(|error| GeoIpError::Redis(error.to_string()))?;
-        let value = Value::String(status.into()).to_string();
-        let result: redis::RedisResult<()> = match ttl_seconds {
-            Some(ttl) => connection.set_ex(&self.settings.status_key, value, ttl).await,
-            None => connection.set(&self.settings.status_key, value).await,
+        let write = async {
+            let mut connection = self.redis.get().await.map_err(|error| GeoIpError::Redis(error.to_string()))?;
+            let value = Value::String(status.into()).to_string();
+            let result: redis::RedisResult<()> = match ttl_seconds {
+                Some(ttl) => connection.set_ex(&self.settings.status_key, value, ttl).await,
+                None => connection.set(&self.settings.status_key, value).await,
+            };
+            result.map_err(|error| GeoIpError::Redis(error.to_string()))
         };
-        result.map_err(|error| GeoIpError::Redis(error.to_string()))
+        catalog::instrument_query(catalog::statsd::REDIS_SET, None, write).await
     }
 
     /// Downloads the brotli database, stores it as the only `@posthog/mmdb` row, opens it.

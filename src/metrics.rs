@@ -1,22 +1,23 @@
 //! Observability: statsd metrics, Sentry, the status report, internal metrics, plugin metrics and
 //! the staleness restart.
 //!
-//! This file owns the statsd client: cadence over UDP to `STATSD_HOST:STATSD_PORT`, every name
-//! prefixed with `STATSD_PREFIX` exactly as hot-shots does (plain concatenation), tags in the
-//! telegraf format the reference uses (`prefix.name,tag=value:1|c`). Without `STATSD_HOST`
+//! This file owns the statsd client's face, [`Metrics`]: UDP to `STATSD_HOST:STATSD_PORT`, every
+//! name prefixed with `STATSD_PREFIX` exactly as hot-shots does (plain concatenation), tags in
+//! the telegraf format the reference uses (`prefix.name,tag=value:1|c`). Without `STATSD_HOST`
 //! every call is a no-op. Install one client with [`install`] at start-up; any module records
-//! through [`global`] without plumbing. Datagrams are buffered (several newline-separated lines
-//! per datagram, at most [`DATAGRAM_BYTES`], as statsd and telegraf accept them) and flushed at
-//! least every [`FLUSH_EVERY`]. The metric names live in `catalog` (the only module that names
-//! metrics; every call site calls one of its functions).
+//! through [`global`] without plumbing. A call only queues a sample; `statsd` (the wire) formats,
+//! packs and sends them from a thread of its own at least every [`FLUSH_EVERY`]. The metric names
+//! live in `catalog` (the only module that names metrics; every call site calls one of its
+//! functions).
 //!
-//! Submodules: `catalog` (every metric, statsd and Prometheus), `prometheus` (the `/metrics`
-//! recorder), `http` (`/_health`, `/_ready`, `/metrics` on `HTTP_SERVER_PORT`), `sentry` (init and
-//! capture helpers), `status_report` (`$plugin_running_duration`),
-//! `internal` (`CAPTURE_INTERNAL_METRICS`), `plugin_metrics` (`$$plugin_metrics`), `staleness`
-//! (`STALENESS_RESTART_SECONDS`).
+//! Submodules: `catalog` (every metric, statsd and Prometheus), `statsd` (keys, queue, datagrams),
+//! `handles` (Prometheus handles kept once resolved), `prometheus` (the `/metrics` recorder),
+//! `http` (`/_health`, `/_ready`, `/metrics` on `HTTP_SERVER_PORT`), `sentry` (init and capture
+//! helpers), `status_report` (`$plugin_running_duration`), `internal` (`CAPTURE_INTERNAL_METRICS`),
+//! `plugin_metrics` (`$$plugin_metrics`), `staleness` (`STALENESS_RESTART_SECONDS`).
 
 pub mod catalog;
+pub mod handles;
 pub mod http;
 pub mod internal;
 pub mod plugin_metrics;
@@ -24,27 +25,19 @@ pub mod plugin_runs;
 pub mod prometheus;
 pub mod sentry;
 pub mod staleness;
+pub mod statsd;
 pub mod status_report;
 
-use std::io;
-use std::net::UdpSocket;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use cadence::prelude::*;
-use cadence::{BufferedUdpMetricSink, Metric, MetricBuilder, MetricSink, StatsdClient};
 use serde_json::Value;
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::config::Config;
-
-/// Largest statsd datagram: several lines are packed into one up to this size.
-pub const DATAGRAM_BYTES: usize = 512;
-
-/// Buffered statsd lines wait at most this long.
-pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
+pub use statsd::{StatsdKey, DATAGRAM_BYTES, FLUSH_EVERY};
 
 #[derive(Debug, Error)]
 pub enum MetricsError {
@@ -55,12 +48,7 @@ pub enum MetricsError {
 /// The statsd client. Cheap to clone; a disabled one does nothing.
 #[derive(Clone, Default)]
 pub struct Metrics {
-    inner: Option<Arc<Statsd>>,
-}
-
-struct Statsd {
-    client: StatsdClient,
-    prefix: String,
+    inner: Option<Arc<statsd::Statsd>>,
 }
 
 impl Metrics {
@@ -76,45 +64,9 @@ impl Metrics {
 
     /// A client sending datagrams to `host:port`.
     pub fn udp(host: &str, port: u16, prefix: &str) -> Result<Metrics, MetricsError> {
-        let target = format!("{host}:{port}");
-        let setup_error = |reason: String| MetricsError::Setup { target: target.clone(), reason };
-        let socket = UdpSocket::bind("0.0.0.0:0").map_err(|error| setup_error(error.to_string()))?;
-        socket.set_nonblocking(true).map_err(|error| setup_error(error.to_string()))?;
-        let sink = BufferedUdpMetricSink::with_capacity((host, port), socket, DATAGRAM_BYTES)
-            .map_err(|error| setup_error(error.to_string()))?;
-        let metrics = Metrics::with_sink(TelegrafSink(sink), prefix);
-        metrics.spawn_flusher();
-        Ok(metrics)
-    }
-
-    /// Flushes the buffered lines every [`FLUSH_EVERY`] from a thread of its own, which ends once
-    /// the client is dropped.
-    fn spawn_flusher(&self) {
-        let Some(inner) = &self.inner else { return };
-        let weak = Arc::downgrade(inner);
-        let spawned = std::thread::Builder::new().name("statsd-flush".into()).spawn(move || loop {
-            std::thread::sleep(FLUSH_EVERY);
-            match weak.upgrade() {
-                Some(statsd) => {
-                    let _ = statsd.client.flush();
-                }
-                None => return,
-            }
-        });
-        if let Err(error) = spawned {
-            warn!("⚠️ No StatsD flush thread: {error}");
-        }
-    }
-
-    /// A client over any cadence sink (the sink receives telegraf-formatted lines when wrapped
-    /// in [`TelegrafSink`]).
-    pub fn with_sink<S: MetricSink + Send + Sync + std::panic::RefUnwindSafe + 'static>(
-        sink: S,
-        prefix: &str,
-    ) -> Metrics {
-        let client =
-            StatsdClient::builder("", sink).with_error_handler(|error| warn!("⚠️ StatsD error: {error}")).build();
-        Metrics { inner: Some(Arc::new(Statsd { client, prefix: prefix.to_string() })) }
+        let statsd = statsd::Statsd::udp(host, port, prefix)
+            .map_err(|reason| MetricsError::Setup { target: format!("{host}:{port}"), reason })?;
+        Ok(Metrics { inner: Some(statsd) })
     }
 
     pub fn disabled() -> Metrics {
@@ -132,13 +84,12 @@ impl Metrics {
 
     /// Counter + `value`.
     pub fn count(&self, name: &str, value: i64, tags: &[(&str, &str)]) {
-        self.emit(name, tags, |client, key| client.count_with_tags(key, value));
+        self.record(&[name], tags, statsd::Value::Count(value));
     }
 
     /// Timing in whole milliseconds.
     pub fn timing(&self, name: &str, elapsed: Duration, tags: &[(&str, &str)]) {
-        let millis = elapsed.as_millis() as u64;
-        self.emit(name, tags, |client, key| client.time_with_tags(key, millis));
+        self.record(&[name], tags, millis(elapsed));
     }
 
     /// Timing since `start` (hot-shots `timing(name, date)`).
@@ -147,88 +98,48 @@ impl Metrics {
     }
 
     pub fn gauge(&self, name: &str, value: f64, tags: &[(&str, &str)]) {
-        self.emit(name, tags, |client, key| client.gauge_with_tags(key, value));
+        self.record(&[name], tags, statsd::Value::Gauge(value));
     }
 
-    /// Prefixes the name, adds the sanitised tags and sends one metric.
-    fn emit<T>(
-        &self,
-        name: &str,
-        tags: &[(&str, &str)],
-        build: impl for<'a> FnOnce(&'a StatsdClient, &'a str) -> MetricBuilder<'a, 'a, T>,
-    ) where
-        T: Metric + From<String>,
-    {
-        let Some(statsd) = &self.inner else { return };
-        let key = statsd.key(name);
-        let tags = sanitize_tags(tags);
-        let mut builder = build(&statsd.client, &key);
-        for (tag, tag_value) in &tags {
-            builder = builder.with_tag(tag, tag_value);
+    /// One metric named by the concatenation of `name` (no `format!` for templated names).
+    pub fn record(&self, name: &[&str], tags: &[(&str, &str)], value: statsd::Value) {
+        if let Some(statsd) = &self.inner {
+            statsd.record(name, tags, value);
         }
-        builder.send();
     }
 
-    /// Sends the buffered lines now.
+    /// One metric of a fixed name and tags (its key looked up once).
+    pub fn record_key(&self, key: &StatsdKey, value: statsd::Value) {
+        if let Some(statsd) = &self.inner {
+            statsd.record_key(key, value);
+        }
+    }
+
+    /// One metric whose key number `cache` keeps under `key` (see [`statsd::KeyCache`]).
+    pub fn record_cached<K: std::hash::Hash + Eq>(
+        &self,
+        cache: &statsd::KeyCache<K>,
+        key: K,
+        name: &[&str],
+        tags: &[(&str, &str)],
+        value: statsd::Value,
+    ) {
+        if let Some(statsd) = &self.inner {
+            statsd.record_cached(cache, key, name, tags, value);
+        }
+    }
+
+    /// Sends the queued lines now.
     pub fn flush(&self) {
         if let Some(statsd) = &self.inner {
-            let _ = statsd.client.flush();
+            statsd.flush();
         }
     }
 }
 
-impl Statsd {
-    fn key(&self, name: &str) -> String {
-        format!("{}{}", self.prefix, name)
-    }
-}
-
-/// hot-shots' telegraf sanitising: `:` and `|` in tag keys and values become `_`. We also replace
-/// `,` (it would split the tag list).
-fn sanitize_tags(tags: &[(&str, &str)]) -> Vec<(String, String)> {
-    let clean = |text: &str| text.replace([':', '|', ','], "_");
-    tags.iter().map(|(key, value)| (clean(key), clean(value))).collect()
-}
-
-/// Rewrites cadence's DogStatsD tag suffix into telegraf's form:
-/// `name:1|c|#k:v,k2:v2` → `name,k=v,k2=v2:1|c`.
-pub struct TelegrafSink<S>(pub S);
-
-/// The telegraf form of one cadence line (see [`TelegrafSink`]).
-pub fn to_telegraf(line: &str) -> String {
-    let Some((body, tags)) = line.split_once("|#") else {
-        return line.to_string();
-    };
-    let Some((name, rest)) = body.split_once(':') else {
-        return line.to_string();
-    };
-    let tags: Vec<String> = tags
-        .split(',')
-        .filter(|tag| !tag.is_empty())
-        .map(|tag| match tag.split_once(':') {
-            Some((key, value)) => format!("{key}={value}"),
-            None => tag.to_string(),
-        })
-        .collect();
-    if tags.is_empty() {
-        format!("{name}:{rest}")
-    } else {
-        format!("{name},{}:{rest}", tags.join(","))
-    }
-}
-
-impl<S: MetricSink> MetricSink for TelegrafSink<S> {
-    fn emit(&self, metric: &str) -> io::Result<usize> {
-        if metric.contains("|#") {
-            self.0.emit(&to_telegraf(metric))
-        } else {
-            self.0.emit(metric)
-        }
-    }
-
-    fn flush(&self) -> io::Result<()> {
-        self.0.flush()
-    }
+/// A duration as statsd's whole milliseconds.
+pub fn millis(elapsed: Duration) -> statsd::Value {
+    statsd::Value::Millis(elapsed.as_millis() as u64)
 }
 
 static GLOBAL: OnceLock<Metrics> = OnceLock::new();
@@ -297,16 +208,6 @@ pub fn js_number(value: f64) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn telegraf_lines() {
-        assert_eq!(
-            to_telegraf("p.query.postgres:5|ms|#queryTag:fetchTeam"),
-            "p.query.postgres,queryTag=fetchTeam:5|ms"
-        );
-        assert_eq!(to_telegraf("p.a:1|c|#a:1,b:2"), "p.a,a=1,b=2:1|c");
-        assert_eq!(to_telegraf("p.a:1|c"), "p.a:1|c");
-    }
 
     #[test]
     fn js_numbers() {

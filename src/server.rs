@@ -123,7 +123,7 @@ async fn start_components(hub: &Hub, lifecycle: &mut Lifecycle) -> Result<(), Se
         JobQueueManager::new(config, JobQueueOptions::from_config(config)).map_err(start_error("Job queues"))?,
     );
     jobs.connect_producer().await.map_err(start_error("No persistent job queue"))?;
-    announce_job_queues(hub, &jobs.job_queue_types_as_string()).await?;
+    announce_job_queues(&hub.redis, &jobs.job_queue_types_as_string()).await?;
 
     // 2. GeoIP, unless disabled.
     let geoip = if config.DISABLE_MMDB {
@@ -418,16 +418,20 @@ fn start_observability(
     }
 }
 
-/// Writes the enabled job queue types, JSON-encoded (`"graphile"`), as the reference does.
-async fn announce_job_queues(hub: &Hub, types: &str) -> Result<(), ServerError> {
+/// Writes the enabled job queue types, JSON-encoded (`"graphile"`), as the reference does (its
+/// `redisSet`, timed as `query.redisSet`).
+pub async fn announce_job_queues(redis: &deadpool_redis::Pool, types: &str) -> Result<(), ServerError> {
     let value = serde_json::Value::String(types.to_string()).to_string();
-    let mut connection = hub.redis.get().await.map_err(|error| ServerError::Redis(error.into()))?;
-    redis::cmd("SET")
-        .arg(ENABLED_JOB_QUEUES_KEY)
-        .arg(value)
-        .query_async::<()>(&mut connection)
-        .await
-        .map_err(|error| ServerError::Redis(error.into()))
+    let announce = async {
+        let mut connection = redis.get().await.map_err(|error| ServerError::Redis(error.into()))?;
+        redis::cmd("SET")
+            .arg(ENABLED_JOB_QUEUES_KEY)
+            .arg(value)
+            .query_async::<()>(&mut connection)
+            .await
+            .map_err(|error| ServerError::Redis(error.into()))
+    };
+    crate::metrics::catalog::instrument_query(crate::metrics::catalog::statsd::REDIS_SET, None, announce).await
 }
 
 /// `PLUGIN_SERVER_IDLE` / `--idle`: stays up doing nothing, saying so every 30 s, until a signal.

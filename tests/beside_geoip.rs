@@ -223,3 +223,31 @@ async fn an_attachment_without_a_date_fails_start_up() {
         GeoIp::start_with(setup.db.pool.clone(), setup.redis.clone(), setup.settings.clone()).await.err().unwrap();
     assert!(error.to_string().contains("has an invalid filename!"), "{error}");
 }
+
+/// The reference's query timers around the database's queries (`fetchGeoIpAttachment`,
+/// `insertGeoIpAttachment`, `deleteGeoIpAttachment`; `query.regisGet` and `query.redisSet` for
+/// the status key) and `mmdb.internal_request` per lookup, read from real UDP datagrams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_databases_queries_and_lookups_are_timed_like_the_references() {
+    let statsd = common::statsd::StatsdListener::start();
+    statsd.install_global();
+    let server = mmdb_server(200).await;
+    let setup = setup(&server.url).await;
+    let geoip = setup.start().await;
+    assert_lookups_work(&geoip);
+
+    statsd.settle();
+    let lines = statsd.lines();
+    for tag in ["fetchGeoIpAttachment", "insertGeoIpAttachment", "deleteGeoIpAttachment"] {
+        // The stored row is read at start and again after the download.
+        let total = statsd.total(&format!("query.postgres.total,queryTag={tag}"));
+        assert!(if tag == "fetchGeoIpAttachment" { total >= 1 } else { total == 1 }, "{tag}: {lines:?}");
+        assert!(statsd.has_key(&format!("query.postgres,queryTag={tag}")), "{tag}: {lines:?}");
+    }
+    // The status: read once (idle), set to fetching, then back to idle.
+    assert_eq!(statsd.total("query.regisGet.total"), 1, "{lines:?}");
+    assert!(statsd.has_key("query.regisGet"), "{lines:?}");
+    assert_eq!(statsd.total("query.redisSet.total"), 2, "{lines:?}");
+    assert!(statsd.has_key("query.redisSet"), "{lines:?}");
+    assert!(statsd.has_key("mmdb.internal_request"), "{lines:?}");
+}

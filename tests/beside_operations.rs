@@ -231,8 +231,9 @@ async fn a_running_server_sends_the_reference_statsd_metrics_and_serves_health_r
     assert!(has(&format!("{PREFIX}kafka_queue.single_save.standard,team_id={TEAM_ID}:")), "{lines:?}");
     assert!(has(&format!("{PREFIX}illegal_distinct_ids.total,distinctId=anonymous:1|c")));
     assert!(has(&format!("{PREFIX}plugin.process_event,plugin={plugin_name},teamId={TEAM_ID}:")));
-    assert!(has(&format!("{PREFIX}query.postgres.total,queryTag=fetchTeam:1|c")));
-    assert!(has(&format!("{PREFIX}query.postgres.total,queryTag=storageGet:1|c")));
+    // Counters of one key are summed per flush (storageGet runs for several events).
+    assert!(statsd.total(&format!("{PREFIX}query.postgres.total,queryTag=fetchTeam")) >= 1, "{lines:?}");
+    assert!(statsd.total(&format!("{PREFIX}query.postgres.total,queryTag=storageGet")) >= 1, "{lines:?}");
     assert!(has(&format!("{PREFIX}logs.entries_created,source=CONSOLE,team_id={TEAM_ID},plugin_id=")));
     assert!(has(&format!("{PREFIX}events_dropped,stage=plugins,reason=plugin_dropped:1|c")));
     assert!(has(&format!("{PREFIX}action_matches_found:1|c")));

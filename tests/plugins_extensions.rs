@@ -226,6 +226,8 @@ fn unsealed(context: &PluginContext, request: &Value) -> String {
 
 #[tokio::test]
 async fn api_requests_and_personal_api_key_provisioning() {
+    let statsd = common::statsd::StatsdListener::start();
+    statsd.install_global();
     let (setup, context) = context().await;
     let request = call(&context, "posthog.api", vec![json!("GET"), json!("/api/event")]).await;
     assert_eq!(request["url"], "https://app.posthog.com/api/event?token=THIS+IS+NOT+A+TOKEN+FOR+TEAM+2");
@@ -241,6 +243,13 @@ async fn api_requests_and_personal_api_key_provisioning() {
             .unwrap();
     assert!(email.ends_with("@posthogbot.user"));
     assert_eq!(first_name, "Plugins API User [Bot]");
+    // Provisioning timed as the reference's queries (real UDP datagrams).
+    statsd.settle();
+    for tag in ["fetchPluginsUser", "createUser", "createOrganizationMembership", "createPersonalApiKey"] {
+        let total = statsd.total(&format!("query.postgres.total,queryTag={tag}"));
+        assert_eq!(total, 1, "{tag}: {:?}", statsd.lines());
+        assert!(statsd.has_key(&format!("query.postgres,queryTag={tag}")), "{tag}: {:?}", statsd.lines());
+    }
     let key: String = sqlx::query_scalar("SELECT value FROM posthog_personalapikey WHERE label = 'autogen'")
         .fetch_one(&setup.db.pool)
         .await

@@ -222,7 +222,8 @@ pub async fn add_distinct_id(
     let mut transaction = pool.begin().await?;
     let row = insert_distinct_id(&mut transaction, person, distinct_id).await?;
     let update = PersonUpdate { is_identified: Some(true), ..PersonUpdate::default() };
-    let identified = update_person(&mut transaction, person, &update).await?;
+    let identified =
+        crate::metrics::catalog::postgres("updatePerson", update_person(&mut transaction, person, &update)).await?;
     transaction.commit().await?;
     Ok((row, Some(identified)))
 }
@@ -266,8 +267,19 @@ pub async fn update_person(
 /// Merges `other` into `into` in ONE transaction (the reference moves the distinct ids on a
 /// separate connection, REF-BUG 9): update the target, repoint cohort memberships and distinct
 /// ids, delete the source. Foreign keys are deferred, so a distinct id added to the source
-/// concurrently surfaces as an error at commit and the whole merge rolls back.
+/// concurrently surfaces as an error at commit and the whole merge rolls back. Timed as the
+/// reference times it: the transaction (`query.postgres_transation`) and the distinct ids' move
+/// (`query.postgres`, `updateDistinctIdPerson`).
 pub async fn merge_people(
+    pool: &PgPool,
+    into: &Person,
+    other: &Person,
+    update: &PersonUpdate,
+) -> Result<MergeResult, MergeError> {
+    crate::metrics::catalog::postgres_transaction(merge_people_in_transaction(pool, into, other, update)).await
+}
+
+async fn merge_people_in_transaction(
     pool: &PgPool,
     into: &Person,
     other: &Person,
@@ -284,8 +296,11 @@ pub async fn merge_people(
         "UPDATE posthog_persondistinctid SET person_id = $1 WHERE person_id = $2 AND team_id = $3 \
          RETURNING {DISTINCT_ID_COLUMNS}"
     );
-    let moved_rows =
-        sqlx::query(&sql).bind(into.id).bind(other.id).bind(into.team_id).fetch_all(&mut *transaction).await;
+    let moved_rows = crate::metrics::catalog::postgres(
+        "updateDistinctIdPerson",
+        sqlx::query(&sql).bind(into.id).bind(other.id).bind(into.team_id).fetch_all(&mut *transaction),
+    )
+    .await;
     let moved_rows = match moved_rows {
         Ok(rows) => rows,
         Err(error) if is_distinct_id_foreign_key_violation(&error) => return Err(MergeError::TargetGone),

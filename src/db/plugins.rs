@@ -118,7 +118,9 @@ pub async fn fetch_global_attachment(
     .await
 }
 
-/// Stores a global attachment with `key` and deletes every other row with that key, in one statement.
+/// Stores a global attachment with `key` and deletes every other row with that key, in one
+/// transaction. The one global attachment is the MMDB: the statements are timed as the
+/// reference's `insertGeoIpAttachment` and `deleteGeoIpAttachment`.
 pub async fn replace_global_attachment(
     pool: &PgPool,
     key: &str,
@@ -126,23 +128,25 @@ pub async fn replace_global_attachment(
     file_name: &str,
     contents: &[u8],
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "WITH inserted AS (
-            INSERT INTO posthog_pluginattachment
-                (key, content_type, file_name, file_size, contents, plugin_config_id, team_id)
-            VALUES ($1, $2, $3, $4, $5, NULL, NULL) RETURNING id
-         )
-         DELETE FROM posthog_pluginattachment
-         WHERE key = $1 AND id NOT IN (SELECT id FROM inserted)",
+    let mut transaction = pool.begin().await?;
+    let insert = sqlx::query_scalar(
+        "INSERT INTO posthog_pluginattachment
+            (key, content_type, file_name, file_size, contents, plugin_config_id, team_id)
+         VALUES ($1, $2, $3, $4, $5, NULL, NULL) RETURNING id::bigint",
     )
     .bind(key)
     .bind(content_type)
     .bind(file_name)
     .bind(contents.len() as i32)
     .bind(contents)
-    .execute(pool)
-    .await
-    .map(drop)
+    .fetch_one(&mut *transaction);
+    let id: i64 = crate::metrics::catalog::postgres("insertGeoIpAttachment", insert).await?;
+    let delete = sqlx::query("DELETE FROM posthog_pluginattachment WHERE key = $1 AND id <> $2")
+        .bind(key)
+        .bind(id)
+        .execute(&mut *transaction);
+    crate::metrics::catalog::postgres("deleteGeoIpAttachment", delete).await?;
+    transaction.commit().await
 }
 
 /// A stored value: `None` when there is no row, `Some(None)` for a stored SQL null.

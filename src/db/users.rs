@@ -32,11 +32,12 @@ pub struct NewMember<'a> {
     pub organization: Uuid,
 }
 
-/// Creates the user and its membership; returns the user id.
+/// Creates the user and its membership (timed as the reference's `createUser` and
+/// `createOrganizationMembership`); returns the user id.
 pub async fn create_member(pool: &PgPool, member: &NewMember<'_>) -> Result<i32, sqlx::Error> {
     let now = Utc::now();
     let mut transaction = pool.begin().await?;
-    let (id,): (i32,) = sqlx::query_as(
+    let user = sqlx::query_as(
         "INSERT INTO posthog_user (uuid, password, first_name, last_name, email, distinct_id, is_staff, \
          is_active, date_joined, events_column_config) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
          RETURNING id",
@@ -51,9 +52,9 @@ pub async fn create_member(pool: &PgPool, member: &NewMember<'_>) -> Result<i32,
     .bind(true)
     .bind(now)
     .bind(json!({"active": "DEFAULT"}))
-    .fetch_one(&mut *transaction)
-    .await?;
-    sqlx::query(
+    .fetch_one(&mut *transaction);
+    let (id,): (i32,) = crate::metrics::catalog::postgres("createUser", user).await?;
+    let membership = sqlx::query(
         "INSERT INTO posthog_organizationmembership (id, organization_id, user_id, level, joined_at, \
          updated_at) VALUES ($1, $2, $3, $4, $5, $6)",
     )
@@ -63,8 +64,8 @@ pub async fn create_member(pool: &PgPool, member: &NewMember<'_>) -> Result<i32,
     .bind(1_i16)
     .bind(now)
     .bind(now)
-    .execute(&mut *transaction)
-    .await?;
+    .execute(&mut *transaction);
+    crate::metrics::catalog::postgres("createOrganizationMembership", membership).await?;
     transaction.commit().await?;
     Ok(id)
 }

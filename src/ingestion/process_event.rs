@@ -506,7 +506,9 @@ impl EventsProcessor {
 
     async fn update_person(&self, person: &Person, update: PersonUpdate) -> Result<(), IngestError> {
         let mut connection = self.pool.acquire().await?;
-        let updated = persons::update_person(&mut connection, person, &update).await?;
+        let updated =
+            crate::metrics::catalog::postgres("updatePerson", persons::update_person(&mut connection, person, &update))
+                .await?;
         drop(connection);
         self.writer.person_updated(&updated).await?;
         Ok(())

@@ -7,15 +7,41 @@
 //! [`super::prometheus::install`] ran (`HTTP_SERVER_PORT` ≠ 0), so with both off a call costs a
 //! couple of loads.
 //!
+//! Cheap on the event path, with both on: nothing is formatted or allocated per call. Statsd keys
+//! of fixed metrics are [`StatsdKey`] statics, the others are rendered into a per-thread buffer
+//! (numbers with `itoa`) and found in the client's registry (`super::statsd`); Prometheus handles
+//! are kept once resolved (`OnceLock`s, and [`Handles`] per team, plugin config or query).
+//!
 //! Instrumentation by rule: every stage ([`Stage`]) counts what it received, what it handled, and
 //! what it dropped or dead-lettered with the reason ([`received`], [`handled`], [`dropped`]).
 //! Drops also go to statsd (`events_dropped`, tagged `stage` and `reason`), so that nothing is
 //! dropped without a counter an operator sees on either side.
 
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use super::global;
+use metrics::{Counter, Histogram};
+
+use super::handles::Handles;
 use super::prometheus::enabled as prometheus_enabled;
+use super::statsd::{KeyCache, Value};
+use super::{global, millis, StatsdKey};
+
+/// A `&'static str`'s address and length: a cache key that costs no hashing of the text (two
+/// literals with one text may have two addresses: then two entries with the same key number).
+type Address = (usize, usize);
+
+fn address(text: &'static str) -> Address {
+    (text.as_ptr() as usize, text.len())
+}
+
+/// A name's hash, for caches keyed by a name that is not `'static` (a plugin's).
+fn name_hash(name: &str) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = rustc_hash::FxBuildHasher.build_hasher();
+    hasher.write(name.as_bytes());
+    hasher.finish()
+}
 
 /// The reference's statsd names (fixed ones; templated ones are built by the functions below).
 pub mod statsd {
@@ -60,6 +86,10 @@ pub mod statsd {
     pub const MMDB_REQUEST: &str = "mmdb.internal_request";
     /// Ours: one line per dropped or dead-lettered item, tagged `stage` and `reason`.
     pub const EVENTS_DROPPED: &str = "events_dropped";
+    /// Ours: an event held back for its team's share of the consumer's window.
+    pub const HELD_BACK: &str = "consumer.held_back";
+    /// Ours: the consumer took no more messages, its held-back events at their bound.
+    pub const INTAKE_STALLED: &str = "consumer.intake_stalled";
 }
 
 /// The Prometheus names (`/metrics`). Counters end in `_total`, durations are histograms in
@@ -96,7 +126,7 @@ pub const DURATION_BUCKETS: &[f64] =
     &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
 
 /// The stages an event (or a job, or a scheduled run) goes through.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Stage {
     /// The Celery or Kafka consumer: messages taken from the queue.
     Consumer,
@@ -128,17 +158,37 @@ impl Stage {
     }
 }
 
+/// Which count of a stage ([`received`], [`handled`], [`dropped`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Flow {
+    Received,
+    Handled,
+    Dropped,
+}
+
+/// The stage counters, per (flow, stage, source or reason).
+static STAGE_COUNTERS: Handles<(Flow, Stage, Address), Counter> = Handles::new();
+
+fn stage_counter(flow: Flow, stage: Stage, label: &'static str, count: u64) {
+    let make = || match flow {
+        Flow::Received => metrics::counter!(prom::EVENTS_RECEIVED, "stage" => stage.as_str(), "source" => label),
+        Flow::Handled => metrics::counter!(prom::EVENTS_HANDLED, "stage" => stage.as_str(), "source" => label),
+        Flow::Dropped => metrics::counter!(prom::EVENTS_DROPPED, "stage" => stage.as_str(), "reason" => label),
+    };
+    STAGE_COUNTERS.with((flow, stage, address(label)), make, |counter| counter.increment(count));
+}
+
 /// `count` items entered `stage` (`source` says which queue or kind: `celery`, `kafka`, ...).
 pub fn received(stage: Stage, source: &'static str, count: u64) {
     if prometheus_enabled() {
-        metrics::counter!(prom::EVENTS_RECEIVED, "stage" => stage.as_str(), "source" => source).increment(count);
+        stage_counter(Flow::Received, stage, source, count);
     }
 }
 
 /// `count` items left `stage` done.
 pub fn handled(stage: Stage, source: &'static str, count: u64) {
     if prometheus_enabled() {
-        metrics::counter!(prom::EVENTS_HANDLED, "stage" => stage.as_str(), "source" => source).increment(count);
+        stage_counter(Flow::Handled, stage, source, count);
     }
 }
 
@@ -146,19 +196,32 @@ pub fn handled(stage: Stage, source: &'static str, count: u64) {
 /// given up on. `reason` is a short fixed word (`plugin_dropped`, `undecodable`, `rejected`,
 /// `out_of_retries`, `too_large`, ...), never an error message.
 pub fn dropped(stage: Stage, reason: &'static str, count: u64) {
-    let client = global();
-    if client.is_enabled() {
-        client.count(statsd::EVENTS_DROPPED, count as i64, &[("stage", stage.as_str()), ("reason", reason)]);
-    }
+    static KEYS: KeyCache<(Stage, Address)> = KeyCache::new();
+    global().record_cached(
+        &KEYS,
+        (stage, address(reason)),
+        &[statsd::EVENTS_DROPPED],
+        &[("stage", stage.as_str()), ("reason", reason)],
+        Value::Count(count as i64),
+    );
     if prometheus_enabled() {
-        metrics::counter!(prom::EVENTS_DROPPED, "stage" => stage.as_str(), "reason" => reason).increment(count);
+        stage_counter(Flow::Dropped, stage, reason, count);
     }
 }
 
-fn histogram(name: &'static str, elapsed: Duration, labels: &[(&'static str, String)]) {
-    let labels: Vec<metrics::Label> =
-        labels.iter().map(|(key, value)| metrics::Label::new(*key, value.clone())).collect();
-    metrics::histogram!(name, labels).record(elapsed.as_secs_f64());
+/// An event of `consumer` was held back for its team's share of the window.
+pub fn held_back(consumer: &'static str) {
+    global().increment(statsd::HELD_BACK, &[("consumer", consumer), ("reason", "team_share")]);
+}
+
+/// `consumer` stopped taking messages: its held-back events are at their bound.
+pub fn intake_stalled(consumer: &'static str) {
+    global().increment(statsd::INTAKE_STALLED, &[("consumer", consumer)]);
+}
+
+/// A fixed histogram, resolved at its first use.
+fn record_fixed(histogram: &OnceLock<Histogram>, make: impl FnOnce() -> Histogram, elapsed: Duration) {
+    histogram.get_or_init(make).record(elapsed.as_secs_f64());
 }
 
 // --- The event path (the reference's main-thread `ingestEvent` and worker tasks) -------------
@@ -174,23 +237,39 @@ pub enum EventStep {
     OnSnapshot,
 }
 
-impl EventStep {
-    fn statsd_name(self) -> &'static str {
-        match self {
-            EventStep::ProcessEvent => statsd::SINGLE_EVENT,
-            EventStep::Ingestion => statsd::SINGLE_INGESTION,
-            EventStep::OnEvent => statsd::SINGLE_ON_EVENT,
-            EventStep::OnSnapshot => statsd::SINGLE_ON_SNAPSHOT,
+/// Per step: `kafka_queue.single_<step>`, `piscina_task.<task>`, and the Prometheus histogram.
+struct StepMetrics {
+    single: StatsdKey,
+    task: StatsdKey,
+    task_name: &'static str,
+    histogram: OnceLock<Histogram>,
+}
+
+impl StepMetrics {
+    const fn new(single: &'static str, task: &'static str, task_name: &'static str) -> StepMetrics {
+        StepMetrics {
+            single: StatsdKey::new(single),
+            task: StatsdKey::new(task),
+            task_name,
+            histogram: OnceLock::new(),
         }
     }
+}
 
-    /// The reference's worker task name (`piscina_task.<task>`).
-    fn task(self) -> &'static str {
+static STEPS: [StepMetrics; 4] = [
+    StepMetrics::new(statsd::SINGLE_EVENT, "piscina_task.processEvent", "processEvent"),
+    StepMetrics::new(statsd::SINGLE_INGESTION, "piscina_task.ingestEvent", "ingestEvent"),
+    StepMetrics::new(statsd::SINGLE_ON_EVENT, "piscina_task.onEvent", "onEvent"),
+    StepMetrics::new(statsd::SINGLE_ON_SNAPSHOT, "piscina_task.onSnapshot", "onSnapshot"),
+];
+
+impl EventStep {
+    fn metrics(self) -> &'static StepMetrics {
         match self {
-            EventStep::ProcessEvent => "processEvent",
-            EventStep::Ingestion => "ingestEvent",
-            EventStep::OnEvent => "onEvent",
-            EventStep::OnSnapshot => "onSnapshot",
+            EventStep::ProcessEvent => &STEPS[0],
+            EventStep::Ingestion => &STEPS[1],
+            EventStep::OnEvent => &STEPS[2],
+            EventStep::OnSnapshot => &STEPS[3],
         }
     }
 }
@@ -198,72 +277,75 @@ impl EventStep {
 /// One step of one event finished: `kafka_queue.single_<step>` and `piscina_task.<task>` (the
 /// reference times both, on the main thread and in the worker; here they are one call).
 pub fn event_step(step: EventStep, elapsed: Duration) {
+    let step = step.metrics();
     let client = global();
-    if client.is_enabled() {
-        client.timing(step.statsd_name(), elapsed, &[]);
-        client.timing(&format!("piscina_task.{}", step.task()), elapsed, &[]);
-    }
+    client.record_key(&step.single, millis(elapsed));
+    client.record_key(&step.task, millis(elapsed));
     if prometheus_enabled() {
-        metrics::histogram!(prom::STAGE_DURATION, "step" => step.task()).record(elapsed.as_secs_f64());
+        record_fixed(&step.histogram, || metrics::histogram!(prom::STAGE_DURATION, "step" => step.task_name), elapsed);
     }
 }
 
 /// One event went through the whole pipeline (`kafka_queue.each_event`).
 pub fn each_event(elapsed: Duration) {
-    let client = global();
-    if client.is_enabled() {
-        client.timing(statsd::EACH_EVENT, elapsed, &[]);
-    }
+    static KEY: StatsdKey = StatsdKey::new(statsd::EACH_EVENT);
+    static HISTOGRAM: OnceLock<Histogram> = OnceLock::new();
+    global().record_key(&KEY, millis(elapsed));
     if prometheus_enabled() {
-        metrics::histogram!(prom::STAGE_DURATION, "step" => "each_event").record(elapsed.as_secs_f64());
+        record_fixed(&HISTOGRAM, || metrics::histogram!(prom::STAGE_DURATION, "step" => "each_event"), elapsed);
     }
 }
 
 /// One batch of consumed messages was handled (`kafka_queue.each_batch`).
 pub fn each_batch(elapsed: Duration) {
-    let client = global();
-    if client.is_enabled() {
-        client.timing(statsd::EACH_BATCH, elapsed, &[]);
-    }
+    static KEY: StatsdKey = StatsdKey::new(statsd::EACH_BATCH);
+    static HISTOGRAM: OnceLock<Histogram> = OnceLock::new();
+    global().record_key(&KEY, millis(elapsed));
     if prometheus_enabled() {
-        metrics::histogram!(prom::STAGE_DURATION, "step" => "each_batch").record(elapsed.as_secs_f64());
+        record_fixed(&HISTOGRAM, || metrics::histogram!(prom::STAGE_DURATION, "step" => "each_batch"), elapsed);
     }
 }
 
 /// A worker task beside the event path ran (`piscina_task.<task>`: `runEveryMinute`, `runJob`,
 /// `reloadPlugins`, ...).
 pub fn task(task: &'static str, elapsed: Duration) {
-    let client = global();
-    if client.is_enabled() {
-        client.timing(&format!("piscina_task.{task}"), elapsed, &[]);
-    }
+    static HISTOGRAMS: Handles<Address, Histogram> = Handles::new();
+    static KEYS: KeyCache<Address> = KeyCache::new();
+    global().record_cached(&KEYS, address(task), &["piscina_task.", task], &[], millis(elapsed));
     if prometheus_enabled() {
-        metrics::histogram!(prom::TASK_DURATION, "task" => task).record(elapsed.as_secs_f64());
+        HISTOGRAMS.with(
+            address(task),
+            || metrics::histogram!(prom::TASK_DURATION, "task" => task),
+            |histogram| histogram.record(elapsed.as_secs_f64()),
+        );
     }
 }
 
 /// The event (standard or `$snapshot`) was saved (`kafka_queue.single_save.*`, from the start of
 /// its processing).
 pub fn single_save(snapshot: bool, team_id: i64, started: Instant) {
+    static HISTOGRAMS: Handles<(bool, i64), Histogram> = Handles::new();
+    static KEYS: KeyCache<(bool, i64)> = KeyCache::new();
     let elapsed = started.elapsed();
     let client = global();
-    let team = team_id.to_string();
     if client.is_enabled() {
         let name = if snapshot { statsd::SINGLE_SAVE_SNAPSHOT } else { statsd::SINGLE_SAVE_STANDARD };
-        client.timing(name, elapsed, &[("team_id", &team)]);
+        let mut team = itoa::Buffer::new();
+        let tags = [("team_id", team.format(team_id))];
+        client.record_cached(&KEYS, (snapshot, team_id), &[name], &tags, millis(elapsed));
     }
     if prometheus_enabled() {
-        let kind = if snapshot { "save_snapshot" } else { "save_standard" };
-        histogram(prom::STAGE_DURATION, elapsed, &[("step", kind.to_string()), ("team_id", team)]);
+        let make = || {
+            let kind = if snapshot { "save_snapshot" } else { "save_standard" };
+            metrics::histogram!(prom::STAGE_DURATION, "step" => kind, "team_id" => team_id.to_string())
+        };
+        HISTOGRAMS.with((snapshot, team_id), make, |histogram| histogram.record(elapsed.as_secs_f64()));
     }
 }
 
 /// `$identify` / `$create_alias` with an illegal distinct id was ignored.
 pub fn illegal_distinct_id(distinct_id: &str) {
-    let client = global();
-    if client.is_enabled() {
-        client.increment(statsd::ILLEGAL_DISTINCT_IDS, &[("distinctId", distinct_id)]);
-    }
+    global().increment(statsd::ILLEGAL_DISTINCT_IDS, &[("distinctId", distinct_id)]);
     if prometheus_enabled() {
         metrics::counter!(prom::ILLEGAL_DISTINCT_IDS).increment(1);
     }
@@ -271,10 +353,7 @@ pub fn illegal_distinct_id(distinct_id: &str) {
 
 /// An event whose ingestion failed went to `events_dead_letter_queue`.
 pub fn event_dead_lettered() {
-    let client = global();
-    if client.is_enabled() {
-        client.increment(statsd::DEAD_LETTER_QUEUE, &[]);
-    }
+    global().increment(statsd::DEAD_LETTER_QUEUE, &[]);
     dropped(Stage::DeadLetters, "ingestion_failed", 1);
 }
 
@@ -282,23 +361,22 @@ pub fn event_dead_lettered() {
 
 /// Action matching ran for one event and found `matches` actions.
 pub fn action_matching(elapsed: Duration, matches: usize) {
+    static MATCHING: StatsdKey = StatsdKey::new(statsd::ACTION_MATCHING);
+    static FOUND: StatsdKey = StatsdKey::new(statsd::ACTION_MATCHES_FOUND);
+    static HISTOGRAM: OnceLock<Histogram> = OnceLock::new();
+    static COUNTER: OnceLock<Counter> = OnceLock::new();
     let client = global();
-    if client.is_enabled() {
-        client.timing(statsd::ACTION_MATCHING, elapsed, &[]);
-        client.count(statsd::ACTION_MATCHES_FOUND, matches as i64, &[]);
-    }
+    client.record_key(&MATCHING, millis(elapsed));
+    client.record_key(&FOUND, Value::Count(matches as i64));
     if prometheus_enabled() {
-        metrics::histogram!(prom::ACTION_MATCHING_DURATION).record(elapsed.as_secs_f64());
-        metrics::counter!(prom::ACTION_MATCHES).increment(matches as u64);
+        record_fixed(&HISTOGRAM, || metrics::histogram!(prom::ACTION_MATCHING_DURATION), elapsed);
+        COUNTER.get_or_init(|| metrics::counter!(prom::ACTION_MATCHES)).increment(matches as u64);
     }
 }
 
 /// A Slack/Teams webhook was posted (`rest == false`) or a REST hook (Zapier) was.
 pub fn hook_fired(rest: bool) {
-    let client = global();
-    if client.is_enabled() {
-        client.increment(if rest { statsd::REST_HOOK_FIRINGS } else { statsd::WEBHOOK_FIRINGS }, &[]);
-    }
+    global().increment(if rest { statsd::REST_HOOK_FIRINGS } else { statsd::WEBHOOK_FIRINGS }, &[]);
     if prometheus_enabled() {
         metrics::counter!(prom::HOOK_FIRINGS, "kind" => if rest { "rest_hook" } else { "webhook" }).increment(1);
     }
@@ -317,56 +395,98 @@ pub struct PluginCall<'a> {
     pub task: Option<(&'static str, &'a str)>,
 }
 
+/// A plugin config's Prometheus handles for one method.
+struct PluginCallHandles {
+    plugin: Box<str>,
+    duration: Histogram,
+    errors: Counter,
+}
+
+/// The labels of a plugin call's Prometheus metrics.
+fn plugin_call_labels(call: &PluginCall<'_>, method: &str) -> [metrics::Label; 4] {
+    [
+        metrics::Label::new("team_id", call.team_id.to_string()),
+        metrics::Label::new("plugin_config_id", call.plugin_config_id.to_string()),
+        metrics::Label::new("plugin", call.plugin_name.to_string()),
+        metrics::Label::new("method", method.to_string()),
+    ]
+}
+
 /// The reference's keys for one plugin call (`plugin.process_event`, `plugin.<name>.on_event`,
 /// `….ERROR`, `plugin.export_events.success`, `plugin.task.<kind>.<task>.<id>.ERROR`), and the
 /// Prometheus duration histogram and error counter per plugin config.
 pub fn plugin_call(client: &super::Metrics, call: &PluginCall<'_>) {
     if client.is_enabled() {
-        let team_id = call.team_id.to_string();
-        let plugin_and_team = [("plugin", call.plugin_name), ("teamId", team_id.as_str())];
+        /// Per (team, plugin name's hash, which key): the keys of the calls that come per event.
+        static KEYS: KeyCache<(i64, u64, u8)> = KeyCache::new();
+        let mut team_id = itoa::Buffer::new();
+        let plugin_and_team = [("plugin", call.plugin_name), ("teamId", team_id.format(call.team_id))];
         let name = call.plugin_name;
+        let hash = name_hash(name);
+        let error = Value::Count(1);
+        let elapsed = millis(call.elapsed);
         match call.function {
             "processEvent" => {
-                client.timing(statsd::PLUGIN_PROCESS_EVENT, call.elapsed, &plugin_and_team);
+                let key = (call.team_id, hash, 0);
+                client.record_cached(&KEYS, key, &[statsd::PLUGIN_PROCESS_EVENT], &plugin_and_team, elapsed);
                 if call.failed {
-                    client.increment(&format!("plugin.{name}.process_event.ERROR"), &[]);
+                    client.record(&["plugin.", name, ".process_event.ERROR"], &[], error);
                 }
             }
             // onSnapshot shares onEvent's keys in the reference.
             "onEvent" | "onSnapshot" => {
-                client.timing(&format!("plugin.{name}.on_event"), call.elapsed, &[]);
+                client.record_cached(&KEYS, (0, hash, 1), &["plugin.", name, ".on_event"], &[], elapsed);
                 if call.failed {
-                    client.increment(&format!("plugin.{name}.on_event.ERROR"), &[]);
+                    client.record(&["plugin.", name, ".on_event.ERROR"], &[], error);
                 }
             }
             "exportEvents" if !call.failed => {
-                client.timing(statsd::EXPORT_EVENTS_SUCCESS, call.elapsed, &plugin_and_team);
+                let key = (call.team_id, hash, 2);
+                client.record_cached(&KEYS, key, &[statsd::EXPORT_EVENTS_SUCCESS], &plugin_and_team, elapsed);
             }
             "pluginTask" => {
                 if let (true, Some((kind, task))) = (call.failed, call.task) {
-                    let config_id = call.plugin_config_id;
-                    client.increment(&format!("plugin.task.{kind}.{task}.{config_id}.ERROR"), &[]);
+                    let mut config_id = itoa::Buffer::new();
+                    let config_id = config_id.format(call.plugin_config_id);
+                    client.record(&["plugin.task.", kind, ".", task, ".", config_id, ".ERROR"], &[], error);
                 }
             }
             _ => {}
         }
     }
     if prometheus_enabled() {
-        let method = match call.task {
-            Some((_, task)) => task.to_string(),
-            None => call.function.to_string(),
-        };
-        let labels = [
-            ("team_id", call.team_id.to_string()),
-            ("plugin_config_id", call.plugin_config_id.to_string()),
-            ("plugin", call.plugin_name.to_string()),
-            ("method", method),
-        ];
-        histogram(prom::PLUGIN_CALL_DURATION, call.elapsed, &labels);
-        if call.failed {
-            let labels: Vec<metrics::Label> =
-                labels.iter().map(|(key, value)| metrics::Label::new(*key, value.clone())).collect();
-            metrics::counter!(prom::PLUGIN_CALL_ERRORS, labels).increment(1);
+        static HANDLES: Handles<(i64, i32, &'static str), PluginCallHandles> = Handles::new();
+        let seconds = call.elapsed.as_secs_f64();
+        match call.task {
+            // Tasks are named by the plugin: not kept.
+            Some((_, task)) => {
+                let labels = plugin_call_labels(call, task);
+                metrics::histogram!(prom::PLUGIN_CALL_DURATION, labels.iter()).record(seconds);
+                if call.failed {
+                    metrics::counter!(prom::PLUGIN_CALL_ERRORS, labels.iter()).increment(1);
+                }
+            }
+            None => {
+                let make = || {
+                    let labels = plugin_call_labels(call, call.function);
+                    PluginCallHandles {
+                        plugin: call.plugin_name.into(),
+                        duration: metrics::histogram!(prom::PLUGIN_CALL_DURATION, labels.iter()),
+                        errors: metrics::counter!(prom::PLUGIN_CALL_ERRORS, labels.iter()),
+                    }
+                };
+                HANDLES.with_valid(
+                    (call.team_id, call.plugin_config_id, call.function),
+                    |handles| &*handles.plugin == call.plugin_name,
+                    make,
+                    |handles| {
+                        handles.duration.record(seconds);
+                        if call.failed {
+                            handles.errors.increment(1);
+                        }
+                    },
+                );
+            }
         }
     }
 }
@@ -374,13 +494,9 @@ pub fn plugin_call(client: &super::Metrics, call: &PluginCall<'_>) {
 /// An `exportEvents` batch failed with a RetryError: enqueued for retry number `retry`
 /// (`dropped == false`) or given up after `retry` retries.
 pub fn export_retry(dropped_batch: bool, retry: u32, plugin: &str, team_id: i64, batch_len: usize) {
-    let client = global();
     let (retry, team) = (retry.to_string(), team_id.to_string());
-    if client.is_enabled() {
-        let name =
-            if dropped_batch { statsd::EXPORT_EVENTS_RETRY_DROPPED } else { statsd::EXPORT_EVENTS_RETRY_ENQUEUED };
-        client.increment(name, &[("retry", &retry), ("plugin", plugin), ("teamId", &team)]);
-    }
+    let name = if dropped_batch { statsd::EXPORT_EVENTS_RETRY_DROPPED } else { statsd::EXPORT_EVENTS_RETRY_ENQUEUED };
+    global().increment(name, &[("retry", &retry), ("plugin", plugin), ("teamId", &team)]);
     if prometheus_enabled() {
         let outcome = if dropped_batch { "dropped" } else { "enqueued" };
         metrics::counter!(prom::EXPORT_RETRIES, "outcome" => outcome, "plugin" => plugin.to_string(), "team_id" => team)
@@ -392,16 +508,22 @@ pub fn export_retry(dropped_batch: bool, retry: u32, plugin: &str, team_id: i64,
 }
 
 /// A plugin log entry was created (`logs.entries_created`).
-pub fn log_entry_created(source: &str, team_id: i64, plugin_id: i64) {
+pub fn log_entry_created(source: &'static str, team_id: i64, plugin_id: i64) {
+    static COUNTERS: Handles<(Address, i64, i64), Counter> = Handles::new();
+    static KEYS: KeyCache<(Address, i64, i64)> = KeyCache::new();
     let client = global();
-    let (team, plugin) = (team_id.to_string(), plugin_id.to_string());
     if client.is_enabled() {
-        client
-            .increment(statsd::LOG_ENTRIES_CREATED, &[("source", source), ("team_id", &team), ("plugin_id", &plugin)]);
+        let (mut team, mut plugin) = (itoa::Buffer::new(), itoa::Buffer::new());
+        let tags = [("source", source), ("team_id", team.format(team_id)), ("plugin_id", plugin.format(plugin_id))];
+        let key = (address(source), team_id, plugin_id);
+        client.record_cached(&KEYS, key, &[statsd::LOG_ENTRIES_CREATED], &tags, Value::Count(1));
     }
     if prometheus_enabled() {
-        metrics::counter!(prom::LOG_ENTRIES, "source" => source.to_string(), "team_id" => team, "plugin_id" => plugin)
-            .increment(1);
+        let make = || {
+            metrics::counter!(prom::LOG_ENTRIES, "source" => source, "team_id" => team_id.to_string(),
+                "plugin_id" => plugin_id.to_string())
+        };
+        COUNTERS.with((address(source), team_id, plugin_id), make, |counter| counter.increment(1));
     }
 }
 
@@ -445,6 +567,9 @@ pub async fn instrument_query<T, E, F>(name: &'static str, tag: Option<&'static 
 where
     F: std::future::Future<Output = Result<T, E>>,
 {
+    static DURATIONS: Handles<(Address, Address), Histogram> = Handles::new();
+    /// Per (name, tag, `.total` or the timing).
+    static KEYS: KeyCache<(Address, Address, bool)> = KeyCache::new();
     let client = global();
     let prometheus = prometheus_enabled();
     if !client.is_enabled() && !prometheus {
@@ -458,17 +583,16 @@ where
         }
         None => &[],
     };
-    if client.is_enabled() {
-        client.increment(&format!("{name}.total"), tags);
-    }
+    let key = |total| (address(name), tag.map_or((0, 0), address), total);
+    client.record_cached(&KEYS, key(true), &[name, ".total"], tags, Value::Count(1));
     let start = Instant::now();
     let result = query.await;
-    if client.is_enabled() {
-        client.timing_since(name, start, tags);
-    }
+    let elapsed = start.elapsed();
+    client.record_cached(&KEYS, key(false), &[name], tags, millis(elapsed));
     if prometheus {
         let tag = tag.unwrap_or("");
-        metrics::histogram!(prom::QUERY_DURATION, "query" => name, "tag" => tag).record(start.elapsed().as_secs_f64());
+        let make = || metrics::histogram!(prom::QUERY_DURATION, "query" => name, "tag" => tag);
+        DURATIONS.with((address(name), address(tag)), make, |histogram| histogram.record(elapsed.as_secs_f64()));
         if result.is_err() {
             metrics::counter!(prom::QUERY_FAILURES, "query" => name, "tag" => tag).increment(1);
         }
@@ -478,19 +602,14 @@ where
 
 /// A Kafka batch send failed (`query.kafka_send.failure`).
 pub fn kafka_send_failed() {
-    let client = global();
-    if client.is_enabled() {
-        client.increment(statsd::KAFKA_SEND_FAILURE, &[]);
-    }
+    global().increment(statsd::KAFKA_SEND_FAILURE, &[]);
 }
 
 // --- Beside the stream ------------------------------------------------------------------------
 
 /// How late a freshly spawned task started (`event_loop_lag`).
 pub fn event_loop_lag(client: &super::Metrics, lag: Duration) {
-    if client.is_enabled() {
-        client.timing(statsd::EVENT_LOOP_LAG, lag, &[]);
-    }
+    client.timing(statsd::EVENT_LOOP_LAG, lag, &[]);
     if prometheus_enabled() {
         metrics::histogram!(prom::EVENT_LOOP_LAG).record(lag.as_secs_f64());
     }
@@ -498,13 +617,12 @@ pub fn event_loop_lag(client: &super::Metrics, lag: Duration) {
 
 /// One MMDB lookup (`mmdb.internal_request`).
 pub fn mmdb_request(started: Instant) {
+    static KEY: StatsdKey = StatsdKey::new(statsd::MMDB_REQUEST);
+    static HISTOGRAM: OnceLock<Histogram> = OnceLock::new();
     let elapsed = started.elapsed();
-    let client = global();
-    if client.is_enabled() {
-        client.timing(statsd::MMDB_REQUEST, elapsed, &[]);
-    }
+    global().record_key(&KEY, millis(elapsed));
     if prometheus_enabled() {
-        metrics::histogram!(prom::MMDB_REQUEST).record(elapsed.as_secs_f64());
+        record_fixed(&HISTOGRAM, || metrics::histogram!(prom::MMDB_REQUEST), elapsed);
     }
 }
 
@@ -518,7 +636,7 @@ pub fn stale_restart(client: &super::Metrics) {
 
 /// A worker pool statistic (`piscina.<name>`), also a Prometheus gauge labelled `stat`.
 pub fn pool_stat(client: &super::Metrics, name: &str, value: f64) {
-    client.gauge(&format!("piscina.{name}"), value, &[]);
+    client.record(&["piscina.", name], &[], Value::Gauge(value));
     if prometheus_enabled() {
         metrics::gauge!(prom::POOL, "stat" => name.to_string()).set(value);
     }

@@ -199,7 +199,11 @@ impl PostgresEventWriter {
     }
 
     async fn insert_element_group(&self, elements: &[Element], team_id: i32, hash: &str) -> Result<(), sqlx::Error> {
-        db::events::insert_element_group(&self.pool, elements, team_id, hash).await
+        // The reference's createElementGroup: one timed transaction.
+        crate::metrics::catalog::postgres_transaction(db::events::insert_element_group(
+            &self.pool, elements, team_id, hash,
+        ))
+        .await
     }
 }
 

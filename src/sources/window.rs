@@ -189,7 +189,7 @@ impl FairWindow {
             if !state.stalled {
                 state.stalled = true;
                 QueueStats::bump(&self.stats.intake_stalled);
-                crate::metrics::global().increment("consumer.intake_stalled", &[("consumer", self.consumer)]);
+                crate::metrics::catalog::intake_stalled(self.consumer);
                 warn!(
                     "⏳ {} consumer: {} events are held back waiting for their team's share of the window; taking no \
                      more messages until they move",
@@ -323,8 +323,7 @@ impl Slot {
                 self.place = Place::Held(team, id);
                 QueueStats::bump(&window.stats.held_back);
                 let consumer = window.consumer;
-                crate::metrics::global()
-                    .increment("consumer.held_back", &[("consumer", consumer), ("reason", "team_share")]);
+                crate::metrics::catalog::held_back(consumer);
                 let now = Instant::now();
                 let log = state.logged.get(&team).is_none_or(|last| now.duration_since(*last) >= LOG_EVERY);
                 if log {

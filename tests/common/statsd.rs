@@ -56,6 +56,37 @@ impl StatsdListener {
     }
 }
 
+impl StatsdListener {
+    /// Flushes the global client and waits until no more lines arrive (loopback delivers in
+    /// microseconds; 200 ms of quiet is plenty), so that counts read next are complete.
+    pub fn settle(&self) {
+        plugin_server::metrics::global().flush();
+        let mut seen = self.lines().len();
+        loop {
+            std::thread::sleep(Duration::from_millis(200));
+            let now = self.lines().len();
+            if now == seen {
+                return;
+            }
+            seen = now;
+        }
+    }
+
+    /// The sum of the counter lines of `key` (`key:N|c`; the client sums a key's increments per
+    /// flush, so one increment may be part of a larger line).
+    pub fn total(&self, key: &str) -> i64 {
+        self.lines()
+            .iter()
+            .filter_map(|line| line.strip_prefix(key)?.strip_prefix(':')?.strip_suffix("|c")?.parse::<i64>().ok())
+            .sum()
+    }
+
+    /// Whether a line of `key` (a timing, gauge or counter, with any value) arrived.
+    pub fn has_key(&self, key: &str) -> bool {
+        self.lines().iter().any(|line| line.strip_prefix(key).is_some_and(|rest| rest.starts_with(':')))
+    }
+}
+
 /// `prefix.name,tag=v:1|c` → `name`.
 pub fn metric_name(line: &str, prefix: &str) -> Option<String> {
     let body = line.strip_prefix(prefix)?;
