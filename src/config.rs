@@ -57,6 +57,12 @@ impl NodeEnv {
         }
         NodeEnv::Production
     }
+
+    /// [`NodeEnv::detect`] on the process environment: for `--help`, which must print even when a
+    /// config value is invalid (everything else reads it from [`Config`]).
+    pub fn from_process() -> NodeEnv {
+        NodeEnv::detect(&|key| std::env::var(key).ok())
+    }
 }
 
 /// The reference's lenient boolean rule (`stringToBoolean`), used where it is not a config value

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::hub::redis_client;
+use crate::infra::redis_call::RedisCallError;
 
 pub const PING_KEY: &str = "@posthog-plugin-server/ping";
 pub const VERSION_KEY: &str = "@posthog-plugin-server/version";
@@ -64,17 +65,17 @@ pub async fn healthcheck(config: &Config) -> HealthStatus {
 }
 
 /// Writes the ping and version keys once.
-pub async fn write_ping(redis: &RedisPool) -> Result<(), String> {
+pub async fn write_ping(redis: &RedisPool) -> Result<(), RedisCallError> {
     crate::metrics::catalog::instrument_query(crate::metrics::catalog::statsd::REDIS_SET, None, async {
-        let mut connection = redis.get().await.map_err(|error| error.to_string())?;
+        let mut connection = redis.get().await?;
         redis::pipe()
             .set_ex(PING_KEY, crate::js::iso_now(), PING_TTL_SECONDS)
             .ignore()
             .set(VERSION_KEY, crate::VERSION)
             .ignore()
             .query_async::<()>(&mut connection)
-            .await
-            .map_err(|error| error.to_string())
+            .await?;
+        Ok(())
     })
     .await
 }

@@ -86,7 +86,7 @@ fn main() {
 }
 
 fn run(cli: Cli) -> anyhow::Result<i32> {
-    let node_env = NodeEnv::detect(&|key| std::env::var(key).ok());
+    let node_env = NodeEnv::from_process();
     if cli.config_table {
         print!("{}", plugin_server::config::markdown_table());
         return Ok(0);

@@ -120,7 +120,7 @@ impl Pipeline {
                 // it, so it goes back to the consumer's retries, then to the dead-letter queue.
                 Err(unavailable) => {
                     catalog::dropped(Stage::Plugins, "plugin_unavailable", 1);
-                    return Err(HandleError::Retryable(unavailable.to_string()));
+                    return Err(HandleError::Retryable(unavailable.into()));
                 }
             }
         };
@@ -163,12 +163,17 @@ impl Pipeline {
     }
 }
 
+/// A plugin job message that is not a job.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid plugin job: {0}")]
+struct InvalidPluginJob(#[source] serde_json::Error);
+
 /// Transient failures are retried by the consumer; the rest go to the dead-letter queue.
 fn classify(error: IngestError) -> HandleError {
     if error.is_transient() {
-        HandleError::Retryable(error.to_string())
+        HandleError::Retryable(error.into())
     } else {
-        HandleError::Rejected(error.to_string())
+        HandleError::Rejected(error.into())
     }
 }
 
@@ -185,9 +190,9 @@ impl EventHandler for Pipeline {
     }
 
     async fn handle_plugin_job(&self, job: Value) -> Result<(), HandleError> {
-        let job: EnqueuedJob = serde_json::from_value(job)
-            .map_err(|error| HandleError::Rejected(format!("invalid plugin job: {error}")))?;
-        self.jobs.enqueue(job).await.map_err(|error| HandleError::Retryable(error.to_string()))
+        let job: EnqueuedJob =
+            serde_json::from_value(job).map_err(|error| HandleError::Rejected(InvalidPluginJob(error).into()))?;
+        self.jobs.enqueue(job).await.map_err(|error| HandleError::Retryable(error.into()))
     }
 }
 
@@ -288,7 +293,7 @@ pub mod bridges {
     #[async_trait]
     impl JobEnqueuer for JobQueueEnqueuer {
         async fn enqueue(&self, job: EnqueuedJob) -> Result<(), SinkError> {
-            self.0.enqueue(job).await.map_err(|error| SinkError(error.to_string()))
+            self.0.enqueue(job).await.map_err(|error| SinkError(error.into()))
         }
     }
 

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use plugin_server::clickhouse::{ClickHouse, ClickHouseSettings};
 use plugin_server::event::PluginEvent;
+use plugin_server::infra::BoxError;
 use plugin_server::ingestion::actions::selector::elements_match_selector;
 use plugin_server::ingestion::actions::{
     casting_compare, Action, ActionManager, ActionMatcher, CastingOperator, ClickHouseStaticCohorts, StaticCohortLookup,
@@ -400,7 +401,7 @@ struct ScriptedStaticCohorts(std::sync::Mutex<Vec<bool>>);
 
 #[async_trait]
 impl StaticCohortLookup for ScriptedStaticCohorts {
-    async fn is_in_static_cohort(&self, _team_id: i64, _cohort_id: i64, _person_uuid: Uuid) -> Result<bool, String> {
+    async fn is_in_static_cohort(&self, _team_id: i64, _cohort_id: i64, _person_uuid: Uuid) -> Result<bool, BoxError> {
         let mut answers = self.0.lock().map_err(|error| error.to_string())?;
         Ok(if answers.is_empty() { false } else { answers.remove(0) })
     }

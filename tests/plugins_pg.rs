@@ -23,10 +23,15 @@ struct RunningServer {
 }
 
 impl RunningServer {
-    async fn start(db: &TestDb) -> RunningServer {
+    /// A server on `db`, with a Redis database of its own (`redis_db`, 1–15): the job queue's
+    /// consumer lock is one key per Redis database, and other test servers running at the same
+    /// time on database 0 would hold it (their jobs live in other Postgres databases).
+    async fn start(db: &TestDb, redis_db: u8) -> RunningServer {
         let queue = common::unique_prefix("pg-plugins");
         let default_queue = format!("{queue}-default");
+        let redis = format!("{}/{redis_db}", common::redis_url().trim_end_matches('/'));
         let config: Config = db.config(&[
+            ("REDIS_URL", redis.as_str()),
             ("WORKER_CONCURRENCY", "2"),
             ("PLUGINS_CELERY_QUEUE", queue.as_str()),
             ("CELERY_DEFAULT_QUEUE", default_queue.as_str()),
@@ -45,7 +50,11 @@ impl RunningServer {
     /// `process_event_with_plugins` as PostHog's Django app sends it.
     async fn send(&self, event: &str, distinct_id: &str) {
         let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-        let data = json!({"event": event, "properties": {"kept": event, "$ip": "10.0.0.1"}, "uuid": uuid::Uuid::now_v7().to_string()});
+        // As posthog-js sends it: with the client's `timestamp` (the Redshift plugin reads it).
+        let data = json!({
+            "event": event, "properties": {"kept": event, "$ip": "10.0.0.1"}, "uuid": uuid::Uuid::now_v7().to_string(),
+            "timestamp": now,
+        });
         let args = json!([distinct_id, null, "http://127.0.0.1:8000", data, common::TEAM_ID, now, now]);
         self.producer.send_task(PROCESS_EVENT_TASK, args.as_array().unwrap(), &Map::new()).await.unwrap();
     }
@@ -118,11 +127,31 @@ async fn exported(db: &TestDb, table: &str) -> Vec<(String, String, String, i32,
 }
 
 async fn wait_for_rows(db: &TestDb, table: &str, count: usize) -> Vec<(String, String, String, i32, bool)> {
-    wait_for(&format!("{count} rows in {table}"), || async {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
         let rows = exported(db, table).await;
-        (rows.len() >= count).then_some(rows)
-    })
-    .await
+        if rows.len() >= count {
+            return rows;
+        }
+        if std::time::Instant::now() > deadline {
+            panic!(
+                "timed out waiting for {count} rows in {table} (have {rows:?}); plugin logs and errors: {:?}",
+                diagnosis(db).await
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The plugins' log lines and config errors, for a failing test's message.
+async fn diagnosis(db: &TestDb) -> (Vec<(i32, String)>, Vec<(i32, Option<Value>)>) {
+    let logs = sqlx::query_as("SELECT plugin_config_id, message FROM posthog_pluginlogentry ORDER BY timestamp")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap_or_default();
+    let errors =
+        sqlx::query_as("SELECT id, error FROM posthog_pluginconfig").fetch_all(&db.pool).await.unwrap_or_default();
+    (logs, errors)
 }
 
 async fn console_logs(db: &TestDb, config_id: i32) -> Vec<String> {
@@ -164,7 +193,7 @@ async fn postgres_plugin_exports_events_and_retries_with_its_own_job() {
         }),
     )
     .await;
-    let server = RunningServer::start(&db).await;
+    let server = RunningServer::start(&db, 11).await;
     for (event, distinct_id) in [("a-first", "u1"), ("ignored-event", "u1"), ("b-second", "u2"), ("c-third", "u3")] {
         server.send(event, distinct_id).await;
     }
@@ -218,7 +247,7 @@ async fn redshift_plugin_exports_events_and_retries_on_retry_error() {
         }),
     )
     .await;
-    let server = RunningServer::start(&db).await;
+    let server = RunningServer::start(&db, 12).await;
     for (event, distinct_id) in [("a-first", "u1"), ("ignored-event", "u1"), ("b-second", "u2")] {
         server.send(event, distinct_id).await;
     }
@@ -284,10 +313,10 @@ async fn postgres_import_plugin_imports_events_with_a_pool() {
         }),
     )
     .await;
-    let server = RunningServer::start(&db).await;
+    let server = RunningServer::start(&db, 13).await;
     let job = json!({
         "type": "Import events",
-        "payload": {"dateFrom": "2021-11-01T10:00:00.000Z", "dateTo": "2021-11-01T10:02:00.000Z"},
+        "payload": {"dateFrom": "2021-11-01T10:00:00.000Z", "dateTo": "2021-11-01T10:01:40.000Z"},
         "timestamp": chrono::Utc::now().timestamp_millis(),
         "pluginConfigId": 190,
         "pluginConfigTeam": common::TEAM_ID,

@@ -259,7 +259,7 @@ async fn offsets_wait_for_the_producer() {
     impl plugin_server::sources::EventHandler for Writing {
         async fn handle_event(&self, event: plugin_server::event::PluginEvent) -> Result<(), HandleError> {
             let record = KafkaRecord::single("elsewhere", None, event.distinct_id.into_bytes());
-            self.0.queue_message(record).await.map_err(|error| HandleError::Retryable(error.to_string()))
+            self.0.queue_message(record).await.map_err(|error| HandleError::Retryable(error.into()))
         }
         async fn handle_plugin_job(&self, _job: Value) -> Result<(), HandleError> {
             Ok(())
@@ -315,7 +315,7 @@ struct SlowTeam {
 impl plugin_server::sources::EventHandler for SlowTeam {
     async fn handle_event(&self, event: plugin_server::event::PluginEvent) -> Result<(), HandleError> {
         if event.team_id == self.slow {
-            self.gate.acquire().await.map_err(|error| HandleError::Retryable(error.to_string()))?.forget();
+            self.gate.acquire().await.map_err(|error| HandleError::Retryable(error.into()))?.forget();
         }
         self.inner.handle_event(event).await
     }

@@ -19,15 +19,20 @@ use base64::Engine;
 use plugin_server::config::Config;
 use plugin_server::sinks::{KafkaProducerWrapper, KafkaRecord};
 use plugin_server::sources::{KafkaConsumerOptions, KafkaQueue};
-use queues_support::{ensure_kafka, eventually, unique, RecordingHandler};
+use queues_support::{eventually, unique, RecordingHandler};
 use serde_json::json;
 
-/// The Tansu binary scripts/kafka installs (`KAFKA_HOME`, default ~/.cache/plugin-server/kafka).
+/// The Tansu binary scripts/kafka installs (and caches), as that script reports it.
 fn tansu_binary() -> PathBuf {
-    let home = std::env::var("KAFKA_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cache/plugin-server/kafka"));
-    home.join("bin/tansu")
+    static BINARY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BINARY
+        .get_or_init(|| {
+            let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/kafka");
+            let output = Command::new("bash").arg(script).arg("bin").output().expect("run scripts/kafka bin");
+            assert!(output.status.success(), "scripts/kafka bin failed");
+            PathBuf::from(String::from_utf8_lossy(&output.stdout).trim())
+        })
+        .clone()
 }
 
 fn free_port() -> u16 {
@@ -110,7 +115,6 @@ struct TlsBroker {
 
 impl TlsBroker {
     fn start() -> TlsBroker {
-        ensure_kafka(); // installs Tansu if needed
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path();
         make_ca(path, "ca");
@@ -121,10 +125,13 @@ impl TlsBroker {
 
         let (plain_port, tls_port) = (free_port(), free_port());
         let mut processes = Vec::new();
+        // The SQLite engine scripts/kafka builds, on a file of this test's own (Tansu resolves it
+        // against its working directory).
         let tansu = Command::new(tansu_binary())
+            .current_dir(path)
             .args(["broker", "--listener-url", &format!("tcp://127.0.0.1:{plain_port}")])
             .args(["--advertised-listener-url", &format!("tcp://127.0.0.1:{tls_port}")])
-            .args(["--storage-engine", "memory://tansu/"])
+            .args(["--storage-engine", "sqlite://tansu.db"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

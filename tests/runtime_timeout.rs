@@ -112,9 +112,9 @@ async fn runaway_code_stops_only_its_call() {
         ),
         (
             "many small allocations",
-            // About 1 KB each: the limit is reached well within the 1 s deadline even on a
-            // loaded machine (20-byte strings could hit the deadline first under CI load).
-            "function processEvent(e) { const a = []; for (let i = 0; i < 1e8; i++) a.push(String(Math.random()).repeat(50)); return e }",
+            // About 10 KB each: the limit is reached well within the 1 s deadline even on a
+            // loaded machine (20-byte and 1 KB strings both hit the deadline first under load).
+            "function processEvent(e) { const a = []; for (let i = 0; i < 1e8; i++) a.push(String(Math.random()).repeat(500)); return e }",
             "memory",
         ),
         ("never settles", "function processEvent(e) { return new Promise(() => {}) }", "promise waited"),

@@ -12,19 +12,20 @@ use rdkafka::config::ClientConfig;
 use thiserror::Error;
 
 use crate::config::Config;
+use crate::infra::BoxError;
 
 #[derive(Debug, Error)]
 pub enum KafkaSetupError {
     #[error("You must set KAFKA_HOSTS to process events from Kafka!")]
     MissingHosts,
     #[error("Invalid value for {0}: not base64-encoded PEM ({1})")]
-    InvalidCertificate(&'static str, String),
+    InvalidCertificate(&'static str, #[source] BoxError),
     #[error("Cannot create Kafka client: {0}")]
-    Client(String),
+    Client(#[from] rdkafka::error::KafkaError),
+    #[error("Cannot start the Kafka polling thread: {0}")]
+    Poller(#[from] std::io::Error),
     #[error("Kafka consumer did not join its group within {0:?}")]
     JoinTimeout(std::time::Duration),
-    #[error("Kafka consumer error: {0}")]
-    Consumer(String),
 }
 
 /// The reference's client id: `plugin-server-v<version>-<instance id>`.
@@ -35,8 +36,8 @@ pub fn client_id(instance_id: &uuid::Uuid) -> String {
 fn decode_pem(name: &'static str, value: &str) -> Result<String, KafkaSetupError> {
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(value.trim())
-        .map_err(|error| KafkaSetupError::InvalidCertificate(name, error.to_string()))?;
-    String::from_utf8(bytes).map_err(|error| KafkaSetupError::InvalidCertificate(name, error.to_string()))
+        .map_err(|error| KafkaSetupError::InvalidCertificate(name, error.into()))?;
+    String::from_utf8(bytes).map_err(|error| KafkaSetupError::InvalidCertificate(name, error.into()))
 }
 
 /// Settings every client gets: brokers, client id, connection timeout and TLS.

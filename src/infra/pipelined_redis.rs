@@ -15,6 +15,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Value;
 use tokio::sync::Mutex;
 
+use super::redis_call::{within, RedisCallError};
+
 /// One multiplexed, self-replacing connection; see the module documentation.
 pub struct PipelinedRedis {
     client: redis::Client,
@@ -27,7 +29,7 @@ impl PipelinedRedis {
         PipelinedRedis { client, response_timeout, connection: Mutex::new(None) }
     }
 
-    async fn connection(&self) -> Result<ConnectionManager, String> {
+    async fn connection(&self) -> Result<ConnectionManager, RedisCallError> {
         let mut current = self.connection.lock().await;
         if let Some(connection) = current.as_ref() {
             return Ok(connection.clone());
@@ -36,43 +38,36 @@ impl PipelinedRedis {
             .set_connection_timeout(self.response_timeout)
             .set_response_timeout(self.response_timeout)
             .set_number_of_retries(1);
-        let connection = tokio::time::timeout(
-            self.response_timeout * 2,
-            ConnectionManager::new_with_config(self.client.clone(), config),
-        )
-        .await
-        .map_err(|_| format!("no connection to Redis within {:?}", self.response_timeout * 2))?
-        .map_err(|error| error.to_string())?;
+        let connection =
+            within(self.response_timeout * 2, ConnectionManager::new_with_config(self.client.clone(), config)).await?;
         *current = Some(connection.clone());
         Ok(connection)
     }
 
     /// Runs `commands` as one pipeline: one reply per command.
-    pub async fn query(&self, commands: Vec<redis::Cmd>) -> Result<Vec<Value>, String> {
+    pub async fn query(&self, commands: Vec<redis::Cmd>) -> Result<Vec<Value>, RedisCallError> {
         let mut pipe = redis::pipe();
         for command in commands {
             pipe.add_command(command);
         }
         let mut connection = self.connection().await?;
-        let reply = tokio::time::timeout(self.response_timeout, pipe.query_async::<Vec<Value>>(&mut connection)).await;
-        match reply {
-            Ok(Ok(values)) => Ok(values),
-            Ok(Err(error)) => {
-                if error.is_io_error() || error.is_connection_dropped() || error.is_timeout() {
-                    self.connection.lock().await.take();
-                }
-                Err(error.to_string())
+        let reply = within(self.response_timeout, pipe.query_async::<Vec<Value>>(&mut connection)).await;
+        let broken = match &reply {
+            Err(RedisCallError::Redis(error)) => {
+                error.is_io_error() || error.is_connection_dropped() || error.is_timeout()
             }
-            Err(_) => {
-                // Half-open: the next caller gets a fresh connection.
-                self.connection.lock().await.take();
-                Err(format!("no answer from Redis within {:?}", self.response_timeout))
-            }
+            // Half-open: the next caller gets a fresh connection.
+            Err(RedisCallError::Timeout(_)) => true,
+            _ => false,
+        };
+        if broken {
+            self.connection.lock().await.take();
         }
+        reply
     }
 
     /// Runs `commands`, discarding the replies.
-    pub async fn run(&self, commands: Vec<redis::Cmd>) -> Result<(), String> {
+    pub async fn run(&self, commands: Vec<redis::Cmd>) -> Result<(), RedisCallError> {
         self.query(commands).await.map(|_| ())
     }
 

@@ -355,6 +355,11 @@ impl Fetcher for RefuseFetch {
     }
 }
 
+/// How long no new console line must arrive for a step's lines to count as complete.
+const CONSOLE_QUIET: std::time::Duration = std::time::Duration::from_millis(25);
+/// The longest a step waits for its console lines.
+const CONSOLE_SETTLE_MAX: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// The in-memory stores and where each stood when a step began.
 struct Stores {
     storage: Arc<MemoryStorage>,
@@ -390,8 +395,26 @@ impl Stores {
         }
     }
 
-    /// What happened since `mark`, as one step of the report.
-    fn step(&self, name: String, mark: Mark) -> Step {
+    /// Waits until the plugin's console lines of the step just run have arrived: `console.*` is
+    /// an asynchronous host call that the plugin does not await, so its line may reach the log
+    /// sink just after the call returned. Settled once no new line came for [`CONSOLE_QUIET`],
+    /// and never longer than [`CONSOLE_SETTLE_MAX`].
+    async fn settle(&self) {
+        let started = std::time::Instant::now();
+        let mut seen = self.logs.entries().len();
+        while started.elapsed() < CONSOLE_SETTLE_MAX {
+            tokio::time::sleep(CONSOLE_QUIET).await;
+            let now = self.logs.entries().len();
+            if now == seen {
+                return;
+            }
+            seen = now;
+        }
+    }
+
+    /// What happened since `mark`, as one step of the report (after [`Self::settle`]).
+    async fn step(&self, name: String, mark: Mark) -> Step {
+        self.settle().await;
         fn after<T: Clone>(items: Vec<T>, start: usize) -> Vec<T> {
             items.get(start..).unwrap_or_default().to_vec()
         }
@@ -561,7 +584,7 @@ async fn run_command(args: RunArgs) -> Result<i32, DevError> {
         failed: loaded.is_none(),
         heap_bytes: heap,
     });
-    let mut setup = stores.step("load and setupPlugin".into(), mark);
+    let mut setup = stores.step("load and setupPlugin".into(), mark).await;
     setup.failed = loaded.is_none();
     steps.push(setup);
 
@@ -590,7 +613,7 @@ async fn run_command(args: RunArgs) -> Result<i32, DevError> {
             }
             stores.calls.set_heap(mark.calls, heap_bytes(&pool).await);
             let label = input.get("event").map(crate::js::string_of).unwrap_or_default();
-            let mut step = stores.step(format!("event {}: {label}", index + 1), mark);
+            let mut step = stores.step(format!("event {}: {label}", index + 1), mark).await;
             step.input = Some(input);
             step.output =
                 Some(output.map(|event| serde_json::to_value(event).unwrap_or(Value::Null)).unwrap_or(Value::Null));
@@ -604,14 +627,14 @@ async fn run_command(args: RunArgs) -> Result<i32, DevError> {
             let mark = stores.mark();
             let result = run::run_plugin_task(&services, Some(&entry), TaskKind::Schedule, task, None).await;
             stores.calls.set_heap(mark.calls, heap_bytes(&pool).await);
-            let mut step = stores.step(format!("task {task}"), mark);
+            let mut step = stores.step(format!("task {task}"), mark).await;
             step.failed = result.is_none();
             steps.push(step);
         }
         // Teardown: teardownPlugin, and the exportEvents buffer flushed.
         let mark = stores.mark();
         run::teardown(&services, &entry, true).await;
-        steps.push(stores.step("teardown".into(), mark));
+        steps.push(stores.step("teardown".into(), mark).await);
     }
     pool.shutdown(Duration::from_secs(2)).await;
 

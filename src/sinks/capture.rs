@@ -19,7 +19,7 @@ pub struct CeleryCapture(pub Arc<CeleryProducer>);
 impl CaptureSink for CeleryCapture {
     async fn capture(&self, event: CapturedEvent) -> Result<(), SinkError> {
         let data = event.data.as_object().cloned().unwrap_or_default();
-        self.0.send_capture(&data, event.team_id).await.map(|_| ()).map_err(|error| SinkError(error.to_string()))
+        self.0.send_capture(&data, event.team_id).await.map(|_| ()).map_err(|error| SinkError(error.into()))
     }
 }
 
@@ -35,7 +35,7 @@ impl CaptureSink for KafkaCapture {
     async fn capture(&self, event: CapturedEvent) -> Result<(), SinkError> {
         let value = event.raw_event_message().to_string().into_bytes();
         let record = KafkaRecord::single(&self.topic, Some(event.uuid().to_string()), value);
-        self.producer.queue_message(record).await.map_err(|error| SinkError(error.to_string()))
+        self.producer.queue_message(record).await.map_err(|error| SinkError(error.into()))
     }
 }
 

@@ -441,7 +441,7 @@ pub struct RdKafkaSender {
 
 impl RdKafkaSender {
     pub fn new(config: &ClientConfig) -> Result<RdKafkaSender, KafkaSetupError> {
-        let producer = config.create().map_err(|error| KafkaSetupError::Client(error.to_string()))?;
+        let producer = config.create()?;
         Ok(RdKafkaSender { producer })
     }
 }

@@ -239,7 +239,7 @@ fn process_event_task(args: Vec<Value>) -> Result<PluginEvent, DecodeError> {
     }
     fields.insert("uuid".into(), Value::String(new_uuidt().to_string()));
     fields.extend(data);
-    plugin_event_from_fields(fields).map_err(|reason| arguments_error(PROCESS_EVENT_TASK, reason))
+    plugin_event_from_fields(fields).map_err(|error| arguments_error(PROCESS_EVENT_TASK, error.to_string()))
 }
 
 /// `plugin_job(team_id, plugin_config_id, job_type, operation, payload)` → the reference's job

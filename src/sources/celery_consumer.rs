@@ -58,6 +58,7 @@ use super::window::{FairWindow, Slot, WindowLimits};
 use super::{EventHandler, QueueStats};
 use crate::config::Config;
 use crate::infra::pipelined_redis::PipelinedRedis;
+use crate::infra::redis_call::{within, RedisCallError};
 use crate::js::iso;
 use crate::metrics::catalog::{self, Stage};
 
@@ -73,7 +74,7 @@ const DELIVERY_COUNT_TTL_SECONDS: u64 = 24 * 3600;
 #[derive(Debug, Error)]
 pub enum CeleryError {
     #[error("Celery consumer cannot connect to Redis: {0}")]
-    Redis(String),
+    Redis(#[from] RedisCallError),
 }
 
 /// How a [`CeleryConsumer`] runs.
@@ -271,12 +272,12 @@ impl CeleryConsumer {
         handler: Arc<dyn EventHandler>,
         mut options: CeleryConsumerOptions,
     ) -> Result<CeleryConsumer, CeleryError> {
-        let client = redis::Client::open(redis_url).map_err(|error| CeleryError::Redis(error.to_string()))?;
-        let blocking = connect_blocking(&client, &options).await.map_err(CeleryError::Redis)?;
+        let client = redis::Client::open(redis_url).map_err(RedisCallError::from)?;
+        let blocking = connect_blocking(&client, &options).await?;
         info!("🍆 Starting Celery worker...");
         let beat = Beat { nonce: uuid::Uuid::new_v4().to_string(), host: host_name(), pid: std::process::id() };
         let beat_text = serde_json::to_string(&beat).unwrap_or_default();
-        let predecessor = claim_identity(&pool, &mut options).await.map_err(CeleryError::Redis)?;
+        let predecessor = claim_identity(&pool, &mut options).await?;
         let redis = PipelinedRedis::new(client.clone(), options.response_timeout);
         let stats = Arc::new(QueueStats::default());
         let window = FairWindow::new(options.window(), Arc::clone(&stats), "Celery");
@@ -296,7 +297,7 @@ impl CeleryConsumer {
             redis,
             gate: tokio::sync::RwLock::new(()),
         });
-        shared.beat(predecessor).await.map_err(CeleryError::Redis)?;
+        shared.beat(predecessor).await?;
         if predecessor {
             match shared.recover_list(&shared.options.processing_key(), &shared.options.heartbeat_key(), false).await {
                 Ok(moved) if moved > 0 => warn!(
@@ -407,27 +408,20 @@ impl CeleryConsumer {
 async fn connect_blocking(
     client: &redis::Client,
     options: &CeleryConsumerOptions,
-) -> Result<ConnectionManager, String> {
+) -> Result<ConnectionManager, RedisCallError> {
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(options.response_timeout)
         .set_response_timeout(options.poll_timeout + options.response_timeout)
         .set_number_of_retries(1);
-    tokio::time::timeout(options.response_timeout * 2, ConnectionManager::new_with_config(client.clone(), config))
-        .await
-        .map_err(|_| format!("no answer from Redis within {:?}", options.response_timeout * 2))?
-        .map_err(|error| error.to_string())
+    within(options.response_timeout * 2, ConnectionManager::new_with_config(client.clone(), config)).await
 }
 
 /// Claims the consumer identity. Returns whether a predecessor of this identity is known dead
 /// (its processing list is then ours to take back at once). When a live process holds the
 /// identity, falls back to a unique id.
-async fn claim_identity(pool: &Pool, options: &mut CeleryConsumerOptions) -> Result<bool, String> {
-    let mut connection = pool.get().await.map_err(|error| error.to_string())?;
-    let current: Option<String> = redis::cmd("GET")
-        .arg(options.heartbeat_key())
-        .query_async(&mut connection)
-        .await
-        .map_err(|error| error.to_string())?;
+async fn claim_identity(pool: &Pool, options: &mut CeleryConsumerOptions) -> Result<bool, RedisCallError> {
+    let mut connection = pool.get().await?;
+    let current: Option<String> = redis::cmd("GET").arg(options.heartbeat_key()).query_async(&mut connection).await?;
     let Some(current) = current else { return Ok(true) };
     match serde_json::from_str::<Beat>(&current) {
         Ok(holder) if !holder.writer_is_dead() => {
@@ -455,20 +449,18 @@ impl Shared {
     }
 
     /// Renews the heartbeat. `replacing`: the previous value is a dead predecessor's (not a twin).
-    async fn beat(&self, replacing: bool) -> Result<(), String> {
+    async fn beat(&self, replacing: bool) -> Result<(), RedisCallError> {
         let work = async {
-            let mut connection = self.pool.get().await.map_err(|error| error.to_string())?;
-            redis::Script::new(BEAT_SCRIPT)
+            let mut connection = self.pool.get().await?;
+            let replaced = redis::Script::new(BEAT_SCRIPT)
                 .key(self.options.heartbeat_key())
                 .arg(&self.beat)
                 .arg(self.options.heartbeat_ttl.as_millis().max(1) as u64)
                 .invoke_async::<Option<String>>(&mut connection)
-                .await
-                .map_err(|error| error.to_string())
+                .await?;
+            Ok::<_, RedisCallError>(replaced)
         };
-        let replaced = tokio::time::timeout(self.options.response_timeout, work)
-            .await
-            .map_err(|_| "no answer from Redis".to_string())??;
+        let replaced = within(self.options.response_timeout, work).await?;
         if let Some(other) = replaced.filter(|_| !replacing) {
             // Another process renewed our identity's heartbeat: it shares our processing list.
             error!(
@@ -502,34 +494,27 @@ impl Shared {
         }
     }
 
-    async fn recover_list(&self, list: &str, heartbeat: &str, only_if_dead: bool) -> Result<i64, String> {
-        let mut connection = self.pool.get().await.map_err(|error| error.to_string())?;
+    async fn recover_list(&self, list: &str, heartbeat: &str, only_if_dead: bool) -> Result<i64, RedisCallError> {
+        let mut connection = self.pool.get().await?;
         let script = redis::Script::new(RECOVER_SCRIPT);
         let mut invocation = script.prepare_invoke();
         invocation.key(list).key(heartbeat).key(&self.options.queue).arg(if only_if_dead { "1" } else { "0" });
-        let work = invocation.invoke_async::<i64>(&mut connection);
-        tokio::time::timeout(self.options.response_timeout, work)
-            .await
-            .map_err(|_| "no answer from Redis".to_string())?
-            .map_err(|error| error.to_string())
+        within(self.options.response_timeout, invocation.invoke_async::<i64>(&mut connection)).await
     }
 
-    async fn recover_dead_consumers(&self) -> Result<u64, String> {
+    async fn recover_dead_consumers(&self) -> Result<u64, RedisCallError> {
         let queue = &self.options.queue;
         let prefix = format!("{queue}:processing:");
         let pattern = format!("{}*", escape_glob(&prefix));
         let mut keys = Vec::new();
         {
-            let mut connection = self.pool.get().await.map_err(|error| error.to_string())?;
+            let mut connection = self.pool.get().await?;
             let mut cursor = 0u64;
             loop {
                 let mut command = redis::cmd("SCAN");
                 command.arg(cursor).arg("MATCH").arg(&pattern).arg("COUNT").arg(500);
                 let scan = command.query_async::<(u64, Vec<String>)>(&mut connection);
-                let (next, batch) = tokio::time::timeout(self.options.response_timeout, scan)
-                    .await
-                    .map_err(|_| "no answer from Redis".to_string())?
-                    .map_err(|error| error.to_string())?;
+                let (next, batch) = within(self.options.response_timeout, scan).await?;
                 keys.extend(batch);
                 cursor = next;
                 if cursor == 0 {
@@ -556,17 +541,13 @@ impl Shared {
     /// Puts back on the queue the items of this consumer's own processing list that no handler
     /// holds, once seen so at two checks in a row (a pop's reply still on its way is received or
     /// timed out long before the next check).
-    async fn requeue_orphans(&self) -> Result<u64, String> {
+    async fn requeue_orphans(&self) -> Result<u64, RedisCallError> {
         let processing = self.options.processing_key();
         let items: Vec<String> = {
-            let mut connection = self.pool.get().await.map_err(|error| error.to_string())?;
+            let mut connection = self.pool.get().await?;
             let mut command = redis::cmd("LRANGE");
             command.arg(&processing).arg(0).arg(-1);
-            let work = command.query_async(&mut connection);
-            tokio::time::timeout(self.options.response_timeout, work)
-                .await
-                .map_err(|_| "no answer from Redis".to_string())?
-                .map_err(|error| error.to_string())?
+            within(self.options.response_timeout, command.query_async(&mut connection)).await?
         };
         let orphans: HashSet<Arc<str>> = {
             let in_hand = self.in_hand.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -588,15 +569,11 @@ impl Shared {
         };
         let mut requeued = 0u64;
         for item in confirmed {
-            let mut connection = self.pool.get().await.map_err(|error| error.to_string())?;
+            let mut connection = self.pool.get().await?;
             let script = redis::Script::new(REQUEUE_ONE_SCRIPT);
             let mut invocation = script.prepare_invoke();
             invocation.key(&processing).key(&self.options.queue).arg(&*item);
-            let work = invocation.invoke_async::<i64>(&mut connection);
-            let moved = tokio::time::timeout(self.options.response_timeout, work)
-                .await
-                .map_err(|_| "no answer from Redis".to_string())?
-                .map_err(|error| error.to_string())?;
+            let moved = within(self.options.response_timeout, invocation.invoke_async::<i64>(&mut connection)).await?;
             requeued += moved.max(0) as u64;
         }
         if requeued > 0 {
@@ -636,13 +613,11 @@ impl Shared {
             }
             let deadline = self.options.poll_timeout + self.options.response_timeout * 2;
             // The reference's `query.redisBRPop` (it pops one message per call; this moves a batch).
-            let popped = catalog::instrument_query(catalog::statsd::REDIS_BRPOP, None, async {
-                match tokio::time::timeout(deadline, self.pop(&mut blocking, &queue, &processing, permits.len())).await
-                {
-                    Ok(result) => result,
-                    Err(_) => Err(format!("no answer from Redis within {deadline:?}")),
-                }
-            })
+            let popped = catalog::instrument_query(
+                catalog::statsd::REDIS_BRPOP,
+                None,
+                within(deadline, self.pop(&mut blocking, &queue, &processing, permits.len())),
+            )
             .await;
             match popped {
                 Ok(items) => {
@@ -689,24 +664,19 @@ impl Shared {
         queue: &str,
         processing: &str,
         wanted: usize,
-    ) -> Result<Vec<String>, String> {
+    ) -> Result<Vec<String>, redis::RedisError> {
         let mut pipe = redis::pipe();
         for _ in 0..wanted {
             pipe.cmd("RPOPLPUSH").arg(queue).arg(processing);
         }
-        let popped: Vec<Option<String>> = pipe.query_async(blocking).await.map_err(|error| error.to_string())?;
+        let popped: Vec<Option<String>> = pipe.query_async(blocking).await?;
         let items: Vec<String> = popped.into_iter().flatten().collect();
         if !items.is_empty() {
             return Ok(items);
         }
         let timeout_secs = self.options.poll_timeout.as_secs_f64().max(0.01);
-        let item: Option<String> = redis::cmd("BRPOPLPUSH")
-            .arg(queue)
-            .arg(processing)
-            .arg(timeout_secs)
-            .query_async(blocking)
-            .await
-            .map_err(|error| error.to_string())?;
+        let item: Option<String> =
+            redis::cmd("BRPOPLPUSH").arg(queue).arg(processing).arg(timeout_secs).query_async(blocking).await?;
         Ok(item.into_iter().collect())
     }
 

@@ -6,16 +6,20 @@ use serde_json::{Map, Value};
 use crate::event::PluginEvent;
 
 /// Why a consumed Kafka value is not an event.
-#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+#[derive(Debug, thiserror::Error)]
 pub enum RawEventError {
     #[error("message value is empty")]
     Empty,
     #[error("message value is not a JSON object: {0}")]
-    NotJson(String),
+    NotJson(#[source] serde_json::Error),
     #[error("`data` is not a JSON-encoded object: {0}")]
-    BadData(String),
+    BadData(#[source] serde_json::Error),
+    #[error("`data` is not a JSON-encoded object: expected a string, got {0}")]
+    DataNotString(Value),
+    #[error("`data` is not a JSON-encoded object: missing")]
+    NoData,
     #[error("not a valid event: {0}")]
-    BadEvent(String),
+    BadEvent(#[source] serde_json::Error),
 }
 
 /// Decodes a consumed raw event message the reference's way: every field but `data`, overlaid by
@@ -23,13 +27,13 @@ pub enum RawEventError {
 /// `distinct_id` a string.
 pub fn decode_raw_event(value: Option<&[u8]>) -> Result<PluginEvent, RawEventError> {
     let bytes = value.filter(|bytes| !bytes.is_empty()).ok_or(RawEventError::Empty)?;
-    let mut outer: Map<String, Value> =
-        serde_json::from_slice(bytes).map_err(|error| RawEventError::NotJson(error.to_string()))?;
+    let mut outer: Map<String, Value> = serde_json::from_slice(bytes).map_err(RawEventError::NotJson)?;
     let data = match outer.shift_remove("data") {
-        Some(Value::String(text)) => serde_json::from_str::<Map<String, Value>>(&text)
-            .map_err(|error| RawEventError::BadData(error.to_string()))?,
-        Some(other) => return Err(RawEventError::BadData(format!("expected a string, got {other}"))),
-        None => return Err(RawEventError::BadData("missing".into())),
+        Some(Value::String(text)) => {
+            serde_json::from_str::<Map<String, Value>>(&text).map_err(RawEventError::BadData)?
+        }
+        Some(other) => return Err(RawEventError::DataNotString(other)),
+        None => return Err(RawEventError::NoData),
     };
     outer.extend(data);
     for key in ["site_url", "ip"] {
@@ -52,7 +56,7 @@ fn is_js_falsy(value: &Value) -> bool {
 
 /// Builds a `PluginEvent` from merged fields. `PluginEvent.site_url` is a plain string, so a null
 /// `site_url` (the reference keeps `null`) becomes empty.
-pub(crate) fn plugin_event_from_fields(mut fields: Map<String, Value>) -> Result<PluginEvent, String> {
+pub(crate) fn plugin_event_from_fields(mut fields: Map<String, Value>) -> Result<PluginEvent, serde_json::Error> {
     if fields.get("site_url").is_some_and(Value::is_null) {
         fields.insert("site_url".into(), Value::String(String::new()));
     }
@@ -60,5 +64,5 @@ pub(crate) fn plugin_event_from_fields(mut fields: Map<String, Value>) -> Result
         // `sent_at` is only ever an ISO string; anything else is dropped rather than failing the event.
         fields.shift_remove("sent_at");
     }
-    serde_json::from_value(Value::Object(fields)).map_err(|error| error.to_string())
+    serde_json::from_value(Value::Object(fields))
 }

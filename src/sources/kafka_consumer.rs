@@ -43,6 +43,7 @@ use futures::FutureExt;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use thiserror::Error;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -199,6 +200,21 @@ impl ConsumerContext for QueueContext {
     }
 }
 
+/// Why the consumer stopped on its own (the server then shuts down; nothing unhandled was
+/// committed, so a restart consumes it again).
+#[derive(Debug, Clone, PartialEq, Error)]
+pub enum KafkaConsumerError {
+    /// A flush failed: the offsets covering those writes are not stored.
+    #[error("Kafka production failed, not committing: {0}")]
+    Production(#[source] ProduceError),
+    /// The thread polling the broker ended.
+    #[error("the Kafka polling thread ended")]
+    PollerEnded,
+    /// The consuming task ended without a result (it panicked).
+    #[error("Kafka consumer task ended")]
+    TaskEnded,
+}
+
 type QueueConsumer = BaseConsumer<QueueContext>;
 
 struct Shared {
@@ -218,7 +234,7 @@ struct Shared {
 /// A running Kafka ingestion consumer.
 pub struct KafkaQueue {
     shared: Arc<Shared>,
-    finished: watch::Receiver<Option<Result<(), String>>>,
+    finished: watch::Receiver<Option<Result<(), KafkaConsumerError>>>,
 }
 
 enum MessageOutcome {
@@ -393,9 +409,8 @@ impl KafkaQueue {
             revoke_timeout: options.revoke_drain_timeout,
         };
         info!("⏬ Connecting Kafka consumer to {}...", config.KAFKA_HOSTS.as_deref().unwrap_or_default());
-        let consumer: QueueConsumer =
-            client.create_with_context(context).map_err(|error| KafkaSetupError::Client(error.to_string()))?;
-        consumer.subscribe(&[options.topic.as_str()]).map_err(|error| KafkaSetupError::Client(error.to_string()))?;
+        let consumer: QueueConsumer = client.create_with_context(context)?;
+        consumer.subscribe(&[options.topic.as_str()])?;
         let join_timeout = options.join_timeout;
         let deliveries = Arc::new(DeliveryCounter::new(
             options.redis_url.as_deref(),
@@ -417,7 +432,7 @@ impl KafkaQueue {
             polling,
             stats,
         });
-        let messages = shared.spawn_poller().map_err(|error| KafkaSetupError::Client(error.to_string()))?;
+        let messages = shared.spawn_poller()?;
         let (finished_sender, finished) = watch::channel(None);
         let looping = Arc::clone(&shared);
         tokio::spawn(async move {
@@ -466,11 +481,11 @@ impl KafkaQueue {
 
     /// Resolves when the consumer stopped: `Ok` after [`Self::stop`], `Err` when it had to stop on
     /// its own (the server should then shut down; nothing unhandled was committed).
-    pub async fn finished(&self) -> Result<(), String> {
+    pub async fn finished(&self) -> Result<(), KafkaConsumerError> {
         let mut finished = self.finished.clone();
         let result = match finished.wait_for(Option::is_some).await {
             Ok(result) => result.clone().unwrap_or(Ok(())),
-            Err(_) => Err("Kafka consumer task ended".into()),
+            Err(_) => Err(KafkaConsumerError::TaskEnded),
         };
         result
     }
@@ -478,7 +493,7 @@ impl KafkaQueue {
     /// For a server component: consumes until `shutdown` is cancelled (then stops gracefully and
     /// returns `Ok`) or the consumer fails on its own (`Err`: the server should shut down; nothing
     /// unhandled was committed, so a restart re-consumes it).
-    pub async fn run_until(&self, shutdown: CancellationToken) -> Result<(), String> {
+    pub async fn run_until(&self, shutdown: CancellationToken) -> Result<(), KafkaConsumerError> {
         tokio::select! {
             _ = shutdown.cancelled() => {
                 self.stop().await;
@@ -572,7 +587,7 @@ impl Shared {
         self: &Arc<Self>,
         mut messages: mpsc::Receiver<OwnedMessage>,
         mut control: mpsc::UnboundedReceiver<Control>,
-    ) -> Result<(), String> {
+    ) -> Result<(), KafkaConsumerError> {
         let mut in_hand = InHand::new();
         // A place in the window reserved for the next message.
         let mut slot: Option<Slot> = None;
@@ -627,7 +642,7 @@ impl Shared {
                     }
                 }, if storing.is_some() => {
                     storing = None;
-                    flushed.map_err(|error| format!("Kafka production failed, not committing: {error}"))?;
+                    flushed.map_err(KafkaConsumerError::Production)?;
                     self.store_offsets(&progress);
                     catalog::each_batch(batch_started.elapsed());
                     batch_started = std::time::Instant::now();
@@ -639,7 +654,7 @@ impl Shared {
                 message = messages.recv(), if slot.is_some() && !self.stop.is_cancelled() => match (message, slot.take()) {
                     (Some(message), Some(reserved)) => self.take(message, reserved, &mut in_hand, &mut offsets),
                     (Some(message), None) => backlog.push_back(message),
-                    (None, _) => return Err("the Kafka polling thread ended".into()),
+                    (None, _) => return Err(KafkaConsumerError::PollerEnded),
                 },
             }
         }
@@ -651,7 +666,7 @@ impl Shared {
         // What completed before the stop is stored, after the flush that delivers its writes.
         if let Some(pending) = storing.take() {
             let (flushed, progress) = pending.await;
-            flushed.map_err(|error| format!("Kafka production failed, not committing: {error}"))?;
+            flushed.map_err(KafkaConsumerError::Production)?;
             self.store_offsets(&progress);
         }
         self.store_done(&mut offsets).await?;
@@ -668,10 +683,10 @@ impl Shared {
     }
 
     /// Flushes the producer and stores the handled prefix of every partition that moved.
-    async fn store_done(&self, offsets: &mut OffsetTracker) -> Result<(), String> {
+    async fn store_done(&self, offsets: &mut OffsetTracker) -> Result<(), KafkaConsumerError> {
         let progress = offsets.take_progress();
         if !progress.is_empty() {
-            self.producer.flush().await.map_err(|error| format!("Kafka production failed, not committing: {error}"))?;
+            self.producer.flush().await.map_err(KafkaConsumerError::Production)?;
             self.store_offsets(&progress);
         }
         Ok(())
@@ -699,7 +714,7 @@ impl Shared {
         offsets: &mut OffsetTracker,
         storing: &mut Storing,
         finished_keys: &mut Vec<String>,
-    ) -> Result<(), String> {
+    ) -> Result<(), KafkaConsumerError> {
         // The poller waits in the revoke: what it passed on so far is all there is.
         while let Ok(message) = messages.try_recv() {
             backlog.push_back(message);
@@ -731,7 +746,7 @@ impl Shared {
         info!("🔀 Revoke: {} polled events dropped, handled prefix stored", before - backlog.len());
         if let Some(pending) = storing.take() {
             let (flushed, progress) = pending.await;
-            flushed.map_err(|error| format!("Kafka production failed, not committing: {error}"))?;
+            flushed.map_err(KafkaConsumerError::Production)?;
             self.store_offsets(&progress);
         }
         self.store_done(offsets).await?;

@@ -19,6 +19,8 @@ use deadpool_redis::Pool;
 use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock};
 use tracing::warn;
 
+use crate::infra::redis_call::RedisCallError;
+
 /// How long a count survives: long enough for any restart loop, short enough that keys left by
 /// crashes go away on their own.
 pub const DELIVERY_KEY_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -115,9 +117,9 @@ impl DeliveryCounter {
     async fn incr(&self, pool: &Pool, key: &str) -> Option<u64> {
         let mut pipe = redis::pipe();
         pipe.atomic().incr(key, 1).expire(key, DELIVERY_KEY_TTL.as_secs() as i64).ignore();
-        let result: Result<(u64,), String> = async {
-            let mut connection = pool.get().await.map_err(|error| error.to_string())?;
-            pipe.query_async(&mut connection).await.map_err(|error| error.to_string())
+        let result: Result<(u64,), RedisCallError> = async {
+            let mut connection = pool.get().await?;
+            Ok(pipe.query_async(&mut connection).await?)
         }
         .await;
         match result {
@@ -130,9 +132,9 @@ impl DeliveryCounter {
     }
 
     async fn run(&self, pool: &Pool, command: &mut redis::Cmd) {
-        let result: Result<(), String> = async {
-            let mut connection = pool.get().await.map_err(|error| error.to_string())?;
-            command.query_async::<()>(&mut connection).await.map_err(|error| error.to_string())
+        let result: Result<(), RedisCallError> = async {
+            let mut connection = pool.get().await?;
+            Ok(command.query_async::<()>(&mut connection).await?)
         }
         .await;
         if let Err(error) = result {

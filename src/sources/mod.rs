@@ -22,6 +22,7 @@ use async_trait::async_trait;
 use thiserror::Error;
 
 use crate::event::PluginEvent;
+use crate::infra::BoxError;
 
 pub mod celery;
 pub mod celery_consumer;
@@ -37,7 +38,7 @@ pub use celery_consumer::{CeleryConsumer, CeleryConsumerOptions};
 pub use kafka_consumer::{KafkaConsumerOptions, KafkaQueue};
 
 /// Why the handler could not handle an event or a job.
-#[derive(Debug, Clone, Error, PartialEq)]
+#[derive(Debug, Error)]
 pub enum HandleError {
     /// It can never be handled (for example ingestion failed on this event's data). The consumer
     /// dead-letters it with this reason and goes on (Kafka: the reference's
@@ -46,11 +47,11 @@ pub enum HandleError {
     /// (`EventWriter::dead_letter` returned `true`), it should return `Ok` instead, or the event
     /// would be dead-lettered twice.
     #[error("{0}")]
-    Rejected(String),
+    Rejected(#[source] BoxError),
     /// It could not be handled now (Postgres or a broker unavailable): the consumer retries it with
     /// back-off and keeps the message meanwhile.
     #[error("{0}")]
-    Retryable(String),
+    Retryable(#[source] BoxError),
 }
 
 /// Where the consumers deliver what they receive. Implemented by the ingestion pipeline; the

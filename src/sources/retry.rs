@@ -67,7 +67,7 @@ impl RetryPolicy {
             attempts += 1;
             match attempt().await {
                 Ok(()) => return Outcome::Handled,
-                Err(HandleError::Rejected(reason)) => return Outcome::Failed(reason),
+                Err(HandleError::Rejected(reason)) => return Outcome::Failed(reason.to_string()),
                 Err(HandleError::Retryable(reason)) if attempts >= self.max_attempts.max(1) => {
                     return Outcome::Failed(format!("{reason} (gave up after {attempts} attempts)"))
                 }

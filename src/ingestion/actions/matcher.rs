@@ -22,6 +22,7 @@ use uuid::Uuid;
 use super::selector::Selector;
 use super::{Action, ActionError, ActionManager, ActionStep};
 use crate::event::PluginEvent;
+use crate::infra::BoxError;
 use crate::ingestion::elements::Element;
 use crate::js;
 use crate::model::Person;
@@ -29,7 +30,7 @@ use crate::model::Person;
 /// Looks a person up in ClickHouse's `person_static_cohort` (ClickHouse pipeline only).
 #[async_trait]
 pub trait StaticCohortLookup: Send + Sync {
-    async fn is_in_static_cohort(&self, team_id: i64, cohort_id: i64, person_uuid: Uuid) -> Result<bool, String>;
+    async fn is_in_static_cohort(&self, team_id: i64, cohort_id: i64, person_uuid: Uuid) -> Result<bool, BoxError>;
 }
 
 /// Why a step could not be evaluated; the step then counts as not matching (reference: Sentry).
@@ -42,7 +43,7 @@ enum StepError {
     #[error("cohort membership query failed: {0}")]
     Database(#[from] sqlx::Error),
     #[error("static cohort lookup failed: {0}")]
-    StaticCohort(String),
+    StaticCohort(#[source] BoxError),
 }
 
 /// The comparison operators [`casting_compare`] supports.

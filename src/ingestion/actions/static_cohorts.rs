@@ -7,7 +7,16 @@ use async_trait::async_trait;
 use uuid::Uuid;
 
 use super::StaticCohortLookup;
-use crate::clickhouse::ClickHouse;
+use crate::clickhouse::{ClickHouse, ClickHouseError};
+use crate::infra::BoxError;
+
+/// A failed lookup, with the ClickHouse it asked.
+#[derive(Debug, thiserror::Error)]
+#[error("ClickHouse at {url}: {source}")]
+struct StaticCohortError {
+    url: String,
+    source: ClickHouseError,
+}
 
 /// `StaticCohortLookup` against ClickHouse.
 pub struct ClickHouseStaticCohorts {
@@ -23,12 +32,12 @@ impl ClickHouseStaticCohorts {
 #[async_trait]
 impl StaticCohortLookup for ClickHouseStaticCohorts {
     /// A row means the person is in the static cohort; a failed query is an error (the reference throws).
-    async fn is_in_static_cohort(&self, team_id: i64, cohort_id: i64, person_uuid: Uuid) -> Result<bool, String> {
+    async fn is_in_static_cohort(&self, team_id: i64, cohort_id: i64, person_uuid: Uuid) -> Result<bool, BoxError> {
         let rows = self
             .clickhouse
             .fetch_all::<u8>(&crate::db::actions::static_cohort_query(team_id, cohort_id, person_uuid))
             .await
-            .map_err(|error| format!("ClickHouse at {}: {error}", self.clickhouse.url()))?;
+            .map_err(|source| StaticCohortError { url: self.clickhouse.url().to_string(), source })?;
         Ok(!rows.is_empty())
     }
 }

@@ -29,6 +29,7 @@ use super::log_entries::{LogSource, LogType, PluginLogEntry, PluginLogSink};
 use super::rows::{PluginConfig, PluginRecords};
 use super::vm_boundary::JsError;
 use crate::hub::Hub;
+use crate::infra::BoxError;
 use crate::js::string_of;
 use crate::plugins::runtime::VmId;
 
@@ -39,9 +40,9 @@ pub use posthog::{api_request, build_capture, ApiKeyManager, ApiRequest, Capture
 pub use storage::{Storage, StorageBackend};
 
 /// A delivery failure of a sink implemented elsewhere (Celery/Kafka producer, job queue).
-#[derive(Debug, Clone, Error, PartialEq)]
+#[derive(Debug, Error)]
 #[error("{0}")]
-pub struct SinkError(pub String);
+pub struct SinkError(#[source] pub BoxError);
 
 /// Sends `posthog.capture` events back into the pipeline (Celery task in the Postgres pipeline,
 /// `KAFKA_CONSUMPTION_TOPIC` in the Kafka one).
@@ -290,13 +291,13 @@ impl PluginContext {
             plugin_config_id: i64::from(self.config.id),
             plugin_config_team: self.config.team(),
         };
-        self.services.jobs.enqueue(job).await.map_err(|err| JsError::new("Error", err.0))
+        self.services.jobs.enqueue(job).await.map_err(|err| JsError::new("Error", err.to_string()))
     }
 
     /// `posthog.capture(event, properties)`.
     pub async fn capture(&self, event: &str, properties: Option<&Value>) -> Result<(), JsError> {
         let captured = build_capture(&self.config, event, properties, crate::VERSION);
-        self.services.capture.capture(captured).await.map_err(|err| JsError::new("Error", err.0))
+        self.services.capture.capture(captured).await.map_err(|err| JsError::new("Error", err.to_string()))
     }
 
     /// `posthog.api.<method>(path, options)`: the request to `fetch`.

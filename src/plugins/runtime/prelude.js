@@ -854,61 +854,11 @@
         jsonwebtoken: freeze(jsonwebtoken),
     };
 
-    // ---------------------------------------------------------------- facade modules
-    // Libraries in `runtime/modules/<name>.js` (pg, generic-pool, stream, ...): each is compiled
-    // and run the first time it is required, never before, and gets the internals below (never
-    // `host`). The importable ones appear in `modules` as getters; the others (events) only
-    // through `internals.require`.
-    const timer = (repeat) => (fn, ms, ...args) => {
-        const handle = { active: true, ref: () => handle, unref: () => handle, hasRef: () => false, refresh: () => handle };
-        const delay = Math.max(0, Number(ms) || 0);
-        const tick = () =>
-            host.sleep(delay).then(() => {
-                if (!handle.active) return;
-                if (!repeat) handle.active = false;
-                fn(...args);
-                if (repeat && handle.active) return tick();
-            });
-        tick();
-        return handle;
-    };
-    const clearTimer = (handle) => {
-        if (handle && typeof handle === 'object') handle.active = false;
-    };
-    const facadeExports = new Map();
-    const loadFacade = (name) => {
-        let exports = facadeExports.get(name);
-        if (exports === undefined) {
-            facadeExports.set(name, null); // a facade requiring itself while it loads gets null
-            exports = freeze(host.loadFacade(name)(internals));
-            facadeExports.set(name, exports);
-        }
-        return exports;
-    };
-    const facadeNames = new Set();
-    for (const [name, importable] of host.facades()) {
-        facadeNames.add(name);
-        if (importable) Object.defineProperty(modules, name, { get: () => loadFacade(name), enumerable: true, configurable: false });
-    }
+    // ---------------------------------------------------------------- facade modules (modules/mod.rs)
+    let facade;
+    const loadFacade = (name) => (facade || (facade = host.facade('@loader')({ host, hostCall, Buffer, namedError, quiet, RetryError, modules, forbidden: (n) => forbidden(n) })))(name);
+    for (const [name, importable] of host.facade()) if (importable) Object.defineProperty(modules, name, { get: () => loadFacade(name), enumerable: true });
     freeze(modules);
-    const internals = freeze({
-        hostCall,
-        Buffer,
-        namedError,
-        quiet,
-        RetryError,
-        setTimeout: timer(false),
-        setInterval: timer(true),
-        setImmediate: (fn, ...args) => timer(false)(fn, 0, ...args),
-        clearTimeout: clearTimer,
-        clearInterval: clearTimer,
-        clearImmediate: clearTimer,
-        require: (name) => {
-            if (facadeNames.has(name)) return loadFacade(name);
-            if (Object.prototype.hasOwnProperty.call(modules, name)) return modules[name];
-            throw forbidden(name);
-        },
-    });
     for (const cls of [Buffer, TextEncoder, TextDecoder, URL, URLSearchParams, Headers, Response, FetchError, AbortError, RetryError, JsonWebTokenError, Hash]) {
         freeze(cls);
         freeze(cls.prototype);

@@ -171,6 +171,41 @@ impl Connection {
     }
 
     async fn connect_now(options: &ConnectOptions, addresses: &[SocketAddr]) -> Result<Connection, WireError> {
+        let socket = match Self::open(options, addresses, true).await {
+            // OpenSSL names a wrong host name before a bad chain; Node checks the chain first. A
+            // second handshake that skips the name check tells which one the plugin must hear.
+            Err(WireError::Network { code: Some(code), message, syscall })
+                if code == "ERR_TLS_CERT_ALTNAME_INVALID" =>
+            {
+                match Self::open(options, addresses, false).await {
+                    Err(chain @ WireError::Network { code: Some(_), .. }) => return Err(chain),
+                    Ok(socket) => {
+                        drop(socket);
+                        return Err(WireError::Network { code: Some(code), message, syscall });
+                    }
+                    Err(_) => return Err(WireError::Network { code: Some(code), message, syscall }),
+                }
+            }
+            other => other?,
+        };
+        let mut connection = Connection {
+            socket,
+            read: BytesMut::with_capacity(8192),
+            write: BytesMut::new(),
+            busy: false,
+            process_id: 0,
+        };
+        connection.startup(options).await?;
+        Ok(connection)
+    }
+
+    /// A socket to the first address that answers, TLS negotiated when asked (`check_names`:
+    /// the certificate must also name the host, when it is verified at all).
+    async fn open(
+        options: &ConnectOptions,
+        addresses: &[SocketAddr],
+        check_names: bool,
+    ) -> Result<Pin<Box<dyn Socket>>, WireError> {
         let mut last = WireError::Other(format!("getaddrinfo ENOTFOUND {}", options.host));
         let mut tcp = None;
         for address in addresses {
@@ -184,40 +219,27 @@ impl Connection {
         }
         let Some(mut tcp) = tcp else { return Err(last) };
         let _ = tcp.set_nodelay(true);
-        let socket: Pin<Box<dyn Socket>> = match &options.tls {
-            None => Box::pin(tcp),
-            Some(tls) => {
-                let mut request = BytesMut::new();
-                frontend::ssl_request(&mut request);
-                tcp.write_all(&request).await.map_err(WireError::io)?;
-                let answer = tcp.read_u8().await.map_err(WireError::io)?;
-                if answer != b'S' {
-                    return Err(WireError::Other("The server does not support SSL connections".to_string()));
-                }
-                let mut builder = native_tls::TlsConnector::builder();
-                builder.danger_accept_invalid_certs(!tls.verify).danger_accept_invalid_hostnames(!tls.verify);
-                for pem in &tls.ca {
-                    let certificate = native_tls::Certificate::from_pem(pem.as_bytes())
-                        .map_err(|error| WireError::Other(format!("invalid ssl.ca certificate: {error}")))?;
-                    builder.add_root_certificate(certificate);
-                }
-                let connector = builder.build().map_err(|error| WireError::Other(error.to_string()))?;
-                let stream = tokio_native_tls::TlsConnector::from(connector)
-                    .connect(&options.host, tcp)
-                    .await
-                    .map_err(|error| tls_error(&error, &options.host))?;
-                Box::pin(stream)
-            }
-        };
-        let mut connection = Connection {
-            socket,
-            read: BytesMut::with_capacity(8192),
-            write: BytesMut::new(),
-            busy: false,
-            process_id: 0,
-        };
-        connection.startup(options).await?;
-        Ok(connection)
+        let Some(tls) = &options.tls else { return Ok(Box::pin(tcp)) };
+        let mut request = BytesMut::new();
+        frontend::ssl_request(&mut request);
+        tcp.write_all(&request).await.map_err(WireError::io)?;
+        let answer = tcp.read_u8().await.map_err(WireError::io)?;
+        if answer != b'S' {
+            return Err(WireError::Other("The server does not support SSL connections".to_string()));
+        }
+        let mut builder = native_tls::TlsConnector::builder();
+        builder.danger_accept_invalid_certs(!tls.verify).danger_accept_invalid_hostnames(!tls.verify || !check_names);
+        for pem in &tls.ca {
+            let certificate = native_tls::Certificate::from_pem(pem.as_bytes())
+                .map_err(|error| WireError::Other(format!("invalid ssl.ca certificate: {error}")))?;
+            builder.add_root_certificate(certificate);
+        }
+        let connector = builder.build().map_err(|error| WireError::Other(error.to_string()))?;
+        let stream = tokio_native_tls::TlsConnector::from(connector)
+            .connect(&options.host, tcp)
+            .await
+            .map_err(|error| tls_error(&error, &options.host))?;
+        Ok(Box::pin(stream))
     }
 
     async fn flush(&mut self) -> Result<(), WireError> {

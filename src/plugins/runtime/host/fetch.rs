@@ -581,7 +581,7 @@ struct Options {
 /// The plugins' HTTP client: node-fetch decompresses gzip bodies (`decompress`), SDK clients
 /// such as aws-sdk hand the bytes over as stored (the other client).
 fn client(decompress: bool) -> Result<&'static reqwest::Client, FetchError> {
-    static CLIENTS: OnceLock<[Result<reqwest::Client, String>; 2]> = OnceLock::new();
+    static CLIENTS: OnceLock<[Result<reqwest::Client, reqwest::Error>; 2]> = OnceLock::new();
     let build = |decompress: bool| {
         reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
@@ -591,7 +591,6 @@ fn client(decompress: bool) -> Result<&'static reqwest::Client, FetchError> {
             .gzip(decompress)
             .user_agent("node-fetch/1.0 (+https://github.com/bitinn/node-fetch)")
             .build()
-            .map_err(|e| e.to_string())
     };
     CLIENTS.get_or_init(|| [build(false), build(true)])[usize::from(decompress)]
         .as_ref()

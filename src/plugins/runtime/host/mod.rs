@@ -310,23 +310,20 @@ pub fn v8_json_error(text: &str) -> Option<String> {
 
 /// Adds the synchronous host functions to `host`.
 pub fn install<'js>(ctx: &Ctx<'js>, host: &Object<'js>) -> JsResult<()> {
-    // The facade modules (`runtime/modules`): their names, and each one compiled on demand.
+    // The facade modules (`runtime/modules`): their list, or one compiled (on demand).
     host.set(
-        "facades",
-        Function::new(ctx.clone(), |ctx: Ctx<'js>| -> JsResult<rquickjs::Array<'js>> {
-            let list = rquickjs::Array::new(ctx.clone())?;
-            for (index, facade) in super::modules::FACADES.iter().enumerate() {
-                let entry = rquickjs::Array::new(ctx.clone())?;
-                entry.set(0, facade.name)?;
-                entry.set(1, facade.importable)?;
-                list.set(index, entry)?;
-            }
-            Ok(list)
-        })?,
-    )?;
-    host.set(
-        "loadFacade",
-        Function::new(ctx.clone(), |ctx: Ctx<'js>, name: String| -> JsResult<Function<'js>> {
+        "facade",
+        Function::new(ctx.clone(), |ctx: Ctx<'js>, name: rquickjs::function::Opt<String>| -> JsResult<Value<'js>> {
+            let Some(name) = name.0 else {
+                let list = rquickjs::Array::new(ctx.clone())?;
+                for (index, facade) in super::modules::FACADES.iter().enumerate() {
+                    let entry = rquickjs::Array::new(ctx.clone())?;
+                    entry.set(0, facade.name)?;
+                    entry.set(1, facade.importable)?;
+                    list.set(index, entry)?;
+                }
+                return Ok(list.into_value());
+            };
             let Some(facade) = super::modules::find(&name) else {
                 return Err(Exception::throw_type(&ctx, &format!("no facade module {name}")));
             };

@@ -7,12 +7,14 @@
 //! directly) and the calling convention every engine follows. A facade file is one function
 //! expression `(function (internals) { ...; return exports })`: the engine compiles it under the
 //! file name `facade:<name>` (so its frames are never mistaken for plugin code) and hands the
-//! function to `prelude.js`, which calls it once with the prelude's internals (`hostCall`, the
-//! async host op counted against the VM's in-flight cap; `Buffer`; `require` for other modules
-//! and facades; timers over the host's sleep; error helpers) and caches the exports. Host work
-//! goes through `hostCall('<facade>.<op>', args)` → `MetaBindings::call_from` → the
-//! orchestration's extensions (`plugins/extensions/<facade>.rs`), so a facade serves every
-//! engine unchanged.
+//! function to the loader (`loader.js`, compiled on the first require of any facade), which calls
+//! it once with the internals (`hostCall`, the async host op counted against the VM's in-flight
+//! cap; `Buffer`; `require` for other modules and facades; timers over the host's sleep; error
+//! helpers) and caches the exports. An engine provides one host function to the prelude:
+//! `host.facade()` lists [`FACADES`] as `[[name, importable], ...]`, and `host.facade(name)` is the
+//! compiled function of [`find`]`(name)` (`@loader` included). A VM whose plugin imports no facade
+//! pays only for the prelude's few lines that define the importable names (measured with
+//! `cargo bench --profile dev --bench vm_worker`: see the README).
 //!
 //! Not here: the host side of the facades (extensions), the allow-list rule (`transform`).
 
@@ -38,8 +40,15 @@ pub const FACADES: &[Facade] = &[
     Facade { name: "aws-sdk", source: include_str!("aws-sdk.js"), importable: true },
 ];
 
-/// The facade called `name`.
+/// The loader the prelude compiles on the first require of a facade (`modules/loader.js`): it
+/// holds the prelude's private pieces and gives each facade its internals.
+pub const LOADER: Facade = Facade { name: "@loader", source: include_str!("loader.js"), importable: false };
+
+/// The facade called `name` (or the loader, `@loader`).
 pub fn find(name: &str) -> Option<&'static Facade> {
+    if name == LOADER.name {
+        return Some(&LOADER);
+    }
     FACADES.iter().find(|facade| facade.name == name)
 }
 
@@ -59,7 +68,7 @@ mod tests {
 
     #[test]
     fn every_facade_is_one_function_expression() {
-        for facade in FACADES {
+        for facade in FACADES.iter().chain([&LOADER]) {
             let code: String = facade
                 .source
                 .lines()

@@ -737,7 +737,9 @@
                 (error) => {
                     this.activeQuery = null;
                     const failure = fromHost(error);
-                    query.emit('error', failure);
+                    // node-postgres' Query emits 'error' only when it has no callback (it always
+                    // has one here), so a listener is told without an unhandled 'error' throwing.
+                    if (query.listenerCount('error') > 0) query.emit('error', failure);
                     query.callback(failure);
                     if (connectionLost(failure)) {
                         this._queryable = false;
