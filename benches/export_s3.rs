@@ -151,20 +151,24 @@ fn main() {
             if !token.is_null() {
                 params["ContinuationToken"] = token.clone();
             }
-            let listed = aws.call("aws.s3", &[client.clone(), json!("listObjectsV2"), params], Duration::from_secs(30)).await;
+            let listed =
+                aws.call("aws.s3", &[client.clone(), json!("listObjectsV2"), params], Duration::from_secs(30)).await;
             let listed = listed.expect("listObjectsV2")["data"].clone();
             for object in listed["Contents"].as_array().cloned().unwrap_or_default() {
                 let params = json!({"Bucket": "bench", "Key": object["Key"]});
-                let got = aws.call("aws.s3", &[client.clone(), json!("getObject"), params], Duration::from_secs(30)).await;
+                let got =
+                    aws.call("aws.s3", &[client.clone(), json!("getObject"), params], Duration::from_secs(30)).await;
                 let body = base64::engine::general_purpose::STANDARD
                     .decode(got.expect("getObject")["data"]["Body"].as_str().unwrap_or_default())
                     .expect("base64");
                 let mut text = String::new();
                 let key = object["Key"].as_str().unwrap_or_default();
                 if key.ends_with(".gz") {
-                    std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&body[..]), &mut text).expect("gzip");
+                    std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&body[..]), &mut text)
+                        .expect("gzip");
                 } else if key.ends_with(".br") {
-                    std::io::Read::read_to_string(&mut brotli::Decompressor::new(&body[..], 4096), &mut text).expect("br");
+                    std::io::Read::read_to_string(&mut brotli::Decompressor::new(&body[..], 4096), &mut text)
+                        .expect("br");
                 } else {
                     text = String::from_utf8_lossy(&body).into_owned();
                 }
