@@ -528,7 +528,7 @@ async fn the_2021_plugin_retries_with_its_own_job_on_a_virtual_hosted_bucket() {
     });
     let server = Server::start("s3-export-plugin-0.0.3", &[config]).await;
     server.send(0..20).await;
-    let log = server.wait_long_for_log(80, "Error uploading to S3: The specified bucket does not exist", 120).await;
+    server.wait_long_for_log(80, "Error uploading to S3: The specified bucket does not exist", 120).await;
     moto.s3("createBucket", json!({"Bucket": "exports03"})).await.expect("createBucket");
     let events = exported(&moto, "exports03", "2021/", 19).await;
     let numbers: BTreeSet<u64> = events.iter().map(|(_, e)| e["properties"]["n"].as_u64().unwrap()).collect();

@@ -376,8 +376,9 @@ impl PluginContext {
                 }))
             }
             "aws.s3" | "aws.kinesis" => {
-                // Within the host call's deadline (TASK_TIMEOUT), leaving a second for the answer.
-                let budget = self.services.hub.config.task_timeout().saturating_sub(std::time::Duration::from_secs(1));
+                // Within the host call's deadline (TASK_TIMEOUT), leaving time for the answer.
+                let timeout = self.services.hub.config.task_timeout();
+                let budget = timeout.saturating_sub((timeout / 10).min(std::time::Duration::from_secs(1)));
                 self.aws.call(function, &args, budget).await
             }
             _ => {

@@ -238,7 +238,7 @@
                     (error) => callback.call(this.response, error, null),
                 );
             }
-            return this;
+            return this.response;
         }
         promise() {
             return this._start().then((data) => {
@@ -364,7 +364,8 @@
             options = options || {};
             this.service = options.service || new S3();
             this.params = Object.assign({}, options.params || {});
-            this.partSize = Math.max(Number(options.partSize) || MIN_PART_SIZE, MIN_PART_SIZE);
+            this.partSize = Number(options.partSize) || MIN_PART_SIZE;
+            if (this.partSize < MIN_PART_SIZE) throw new Error('partSize must be greater than ' + MIN_PART_SIZE);
             this.queueSize = Math.max(1, Number(options.queueSize) || 4);
             this.leavePartsOnError = !!options.leavePartsOnError;
             this.tags = options.tags;
