@@ -33,10 +33,6 @@ const TEAM_B: i64 = 2;
 const SPIN: &str = "export function processEvent(event) { for (;;) {} }";
 const TEAM_A: i64 = 3;
 
-fn env_number(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|value| value.parse().ok()).unwrap_or(default)
-}
-
 fn event_data(index: usize) -> Map<String, Value> {
     let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     let data = json!({"event": "$pageview", "distinct_id": format!("user-{}", index % 1000), "timestamp": now,

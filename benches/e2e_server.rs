@@ -48,10 +48,6 @@ use tokio_util::sync::CancellationToken;
 /// The reference benchmark's plugin.
 const PLUGIN: &str = "export function processEvent(event) { event.properties.processed = 'yes'; return event }";
 
-fn env_number(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|value| value.parse().ok()).unwrap_or(default)
-}
-
 /// The `index`th event's payload: one of `users` distinct ids, a fresh uuid.
 fn event_data(index: usize, users: usize) -> Map<String, Value> {
     let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);

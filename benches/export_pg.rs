@@ -8,6 +8,8 @@
 //! Run: `cargo bench --profile dev --bench export_pg` (env: BENCH_EVENTS, default 20000;
 //! BENCH_BATCH, default 500; TEST_POSTGRES_HOST/PORT as the tests).
 
+mod e2e_support;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,6 +18,7 @@ use std::time::{Duration, Instant};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use async_trait::async_trait;
+use e2e_support::{env_number, peak_rss_mib};
 use plugin_server::plugins::extensions::pg::{close_all, PgConnections};
 use plugin_server::plugins::runtime::{
     configure_network, CallKind, MetaBindings, MetaError, NetworkSettings, PluginVmSpec, PoolOptions, VmId, WorkerPool,
@@ -51,21 +54,6 @@ impl MetaBindings for BenchMeta {
     fn vm_closed(&self, vm: VmId) {
         drop(close_all(self.pg.close_vm(vm)));
     }
-}
-
-fn env_number(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn peak_rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let kib: f64 = status
-        .lines()
-        .find(|line| line.starts_with("VmHWM:"))
-        .and_then(|line| line.split_whitespace().nth(1))
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(0.0);
-    kib / 1024.0
 }
 
 fn event(index: usize) -> Value {

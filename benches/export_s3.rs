@@ -8,6 +8,8 @@
 //! Run: `cargo bench --profile dev --bench export_s3` (env: BENCH_EVENTS, default 20000;
 //! BENCH_BATCH, default 500; BENCH_COMPRESSION, default gzip).
 
+mod e2e_support;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,6 +19,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use async_trait::async_trait;
 use base64::Engine as _;
+use e2e_support::{env_number, peak_rss_mib};
 use plugin_server::plugins::extensions::aws::Aws;
 use plugin_server::plugins::runtime::{
     configure_network, CallKind, MetaBindings, MetaError, NetworkSettings, PluginVmSpec, PoolOptions, WorkerPool,
@@ -44,21 +47,6 @@ impl MetaBindings for BenchMeta {
         }
         Ok(Value::Null)
     }
-}
-
-fn env_number(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn peak_rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let kib: f64 = status
-        .lines()
-        .find(|line| line.starts_with("VmHWM:"))
-        .and_then(|line| line.split_whitespace().nth(1))
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(0.0);
-    kib / 1024.0
 }
 
 fn event(index: usize) -> Value {

@@ -60,6 +60,11 @@ impl CountingHandler {
 }
 
 /// Peak resident set size of this process in MiB (`VmHWM`).
+/// A numeric benchmark setting from the environment, or its default.
+pub fn env_number(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|value| value.parse().ok()).unwrap_or(default)
+}
+
 pub fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
