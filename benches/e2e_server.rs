@@ -8,10 +8,11 @@
 //! and matched by uuid, so other writers to that topic are not counted; duplicates are reported).
 //! Prints events/s and the peak RSS sampled while the server runs (the filling is not counted).
 //!
-//! Kafka mode with `BENCH_SERVERS=N`: N server processes (the `plugin-server` binary, as an
-//! operator runs them) share the consumer group on an input topic of `BENCH_PARTITIONS` partitions
-//! (default 6); prints events/s in total and per server, each server's peak RSS and CPU time, the
-//! broker's CPU time and how busy the machine's cores were (where the limit is).
+//! With `BENCH_SERVERS=N`: N server processes (the `plugin-server` binary, as an operator runs
+//! them) share the Celery queue, or in Kafka mode the consumer group on an input topic of
+//! `BENCH_PARTITIONS` partitions (default 6); prints events/s in total and per server, each
+//! server's peak RSS and CPU time (CPU per event: the figure that compares runs on a busy machine),
+//! the broker's CPU time and how busy the machine's cores were (where the limit is).
 //!
 //! Run: `cargo bench --bench e2e_server` (env: BENCH_QUEUE; BENCH_EVENTS, default 10000; BENCH_USERS,
 //! distinct users, default 1000; BENCH_SECONDS, stop after this long and report what was ingested
@@ -325,7 +326,7 @@ async fn main() {
     let events = env_number("BENCH_EVENTS", 10_000);
     let users = env_number("BENCH_USERS", 1000);
     let limit = Duration::from_secs(env_number("BENCH_SECONDS", 900) as u64);
-    let processes = if kafka { env_number("BENCH_SERVERS", 0) } else { 0 };
+    let processes = env_number("BENCH_SERVERS", 0);
     let partitions = env_number("BENCH_PARTITIONS", 6) as i32;
     let name = format!("pst_bench_{}", uuid::Uuid::new_v4().simple());
     let database = fresh_database(&name, PLUGIN).await;
@@ -486,11 +487,17 @@ async fn main() {
             println!("(server {}: peak RSS {peak:.1} MiB, CPU {cpu:.1} s = {:.2} cores)", index + 1, cpu / seconds);
         }
         let cpu: f64 = usage.iter().map(|(_, cpu)| cpu).sum();
+        let shape = if kafka {
+            format!("{processes} servers, {partitions} partitions")
+        } else {
+            format!("{processes} servers")
+        };
         println!(
-            "({processes} servers, {partitions} partitions: {:.0} events/sec in total, {:.0} per server; {:.0} events per CPU-second of the servers)",
+            "({shape}: {:.0} events/sec in total, {:.0} per server; {:.0} events per CPU-second of the servers = {:.3} ms of CPU per event)",
             ingested as f64 / seconds,
             ingested as f64 / seconds / processes as f64,
-            ingested as f64 / cpu.max(0.001)
+            ingested as f64 / cpu.max(0.001),
+            1000.0 * cpu / (ingested.max(1) as f64)
         );
     } else {
         println!("(RSS {rss_before:.1} MiB before the server started, {peak_rss:.1} MiB at most while it ran)");

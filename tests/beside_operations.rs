@@ -6,6 +6,7 @@
 
 mod actions_support;
 mod common;
+mod kafka_mode_support;
 mod queues_support;
 
 use std::collections::BTreeSet;
@@ -323,28 +324,18 @@ async fn http_server_port_zero_turns_the_endpoints_off() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[serial_test::serial(kafka_mode_server)]
 async fn kafka_mode_sends_the_producer_batch_and_dead_letter_metrics() {
-    use queues_support::{create_topics, ensure_kafka, kafka_hosts, produce, unique};
+    use kafka_mode_support::KafkaModeServer;
+    use queues_support::produce;
 
-    ensure_kafka();
     let statsd = StatsdListener::start();
     let db = TestDb::with_fixture(None).await;
-    let topic = unique("ops-kafka-in");
-    create_topics(&[&topic], 1).await;
-    let queue = common::unique_prefix("ops-kafka-celery");
     let statsd_port = statsd.port.to_string();
-    let config = db.config(&[
-        ("KAFKA_ENABLED", "true"),
-        ("KAFKA_HOSTS", kafka_hosts()),
-        ("KAFKA_CONSUMPTION_TOPIC", &topic),
-        ("PLUGINS_CELERY_QUEUE", &queue),
-        ("WORKER_CONCURRENCY", "2"),
-        ("KAFKA_FLUSH_FREQUENCY_MS", "100"),
-        ("STATSD_HOST", "127.0.0.1"),
-        ("STATSD_PORT", &statsd_port),
-        ("STATSD_PREFIX", PREFIX),
-    ]);
-    let shutdown = CancellationToken::new();
-    let server = tokio::spawn(plugin_server::server::run(config, shutdown.clone()));
+    let server = KafkaModeServer::start(
+        &db,
+        "ops-kafka",
+        &[("STATSD_HOST", "127.0.0.1"), ("STATSD_PORT", &statsd_port), ("STATSD_PREFIX", PREFIX)],
+    )
+    .await;
 
     // A uuid that is not one: ingestion fails for good and the event is dead-lettered.
     let data =
@@ -364,7 +355,7 @@ async fn kafka_mode_sends_the_producer_batch_and_dead_letter_metrics() {
     // The consumer starts from the latest offset: keep offering until the metrics arrive.
     let deadline = std::time::Instant::now() + Duration::from_secs(90);
     loop {
-        produce(&topic, &[message.to_string().into_bytes()]).await;
+        produce(&server.topic, &[message.to_string().into_bytes()]).await;
         tokio::time::sleep(Duration::from_secs(2)).await;
         let missing: Vec<String> = expected.difference(&statsd.names(PREFIX)).cloned().collect();
         if missing.is_empty() {
@@ -372,7 +363,5 @@ async fn kafka_mode_sends_the_producer_batch_and_dead_letter_metrics() {
         }
         assert!(std::time::Instant::now() < deadline, "statsd metrics never sent: {missing:?}");
     }
-    shutdown.cancel();
-    let result = tokio::time::timeout(Duration::from_secs(40), server).await;
-    assert!(matches!(result, Ok(Ok(Ok(())))), "server stopped cleanly: {result:?}");
+    server.stop().await;
 }

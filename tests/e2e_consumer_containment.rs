@@ -12,9 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::server_process::Server;
 use common::TestDb;
-use plugin_server::sinks::celery_producer::encode_task_message;
-use plugin_server::sources::celery::PROCESS_EVENT_TASK;
-use serde_json::{json, Map};
+use serde_json::json;
 
 /// Team A (the fixture's team 2, plugin 60): every event spins until `TASK_TIMEOUT`.
 const SPIN: &str = "export function processEvent (event) { for (;;) {} }";
@@ -23,17 +21,7 @@ const SIMPLE: &str = "export function processEvent (event) { event.properties.si
 const TEAM_B: i32 = 3;
 
 fn task(queue: &str, index: usize, team: i32) -> String {
-    let now = chrono::Utc::now().to_rfc3339();
-    let args = [
-        json!(format!("user-{index}")),
-        json!("127.0.0.1"),
-        json!("http://localhost"),
-        json!({"event": format!("team {team} event"), "properties": {"index": index}}),
-        json!(team),
-        json!(now),
-        json!(now),
-    ];
-    encode_task_message(queue, PROCESS_EVENT_TASK, &format!("task-{team}-{index}"), &args, &Map::new())
+    common::process_event_task(queue, &format!("task-{team}-{index}"), index, team, &format!("team {team} event"))
 }
 
 fn redis() -> redis::Connection {
@@ -125,17 +113,7 @@ async fn an_event_whose_plugin_thread_stalls_is_retried_then_dead_lettered_never
     let consumer = format!("stall-{}", uuid::Uuid::new_v4().simple());
     let redis_url = common::redis_url();
     let task_of = |index: usize, event: &str| {
-        let now = chrono::Utc::now().to_rfc3339();
-        let args = [
-            json!(format!("user-{index}")),
-            json!("127.0.0.1"),
-            json!("http://localhost"),
-            json!({"event": event, "properties": {"index": index}}),
-            json!(common::TEAM_ID),
-            json!(now),
-            json!(now),
-        ];
-        encode_task_message(&queue, PROCESS_EVENT_TASK, &format!("task-{index}"), &args, &Map::new())
+        common::process_event_task(&queue, &format!("task-{index}"), index, common::TEAM_ID, event)
     };
     let stall = task_of(0, "stall");
     let _: i64 = redis::cmd("LPUSH").arg(&queue).arg(&stall).query(&mut redis()).unwrap();

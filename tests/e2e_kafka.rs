@@ -4,14 +4,15 @@
 //! plugin log entries go to `plugin_log_entries` (the reference's tests/clickhouse/e2e.test.ts).
 
 mod common;
+mod kafka_mode_support;
 mod queues_support;
 
 use std::time::{Duration, Instant};
 
 use common::TestDb;
-use queues_support::{consume_topic_from, create_topics, ensure_kafka, kafka_hosts, produce, topic_end, unique};
+use kafka_mode_support::{contains, raw_event, KafkaModeServer};
+use queues_support::{consume_topic_from, produce, topic_end, unique};
 use serde_json::json;
-use tokio_util::sync::CancellationToken;
 
 const PLUGIN: &str = r#"
     export function processEvent (event) {
@@ -20,19 +21,6 @@ const PLUGIN: &str = r#"
         return event
     }
 "#;
-
-fn contains(haystack: &[u8], needle: &str) -> bool {
-    haystack.windows(needle.len()).any(|window| window == needle.as_bytes())
-}
-
-fn raw_event(distinct_id: &str, uuid: &str, properties: serde_json::Value) -> Vec<u8> {
-    let data = json!({"event": "kafka event", "properties": properties, "distinct_id": distinct_id,
-        "timestamp": "2021-10-28T11:59:57.792Z"});
-    json!({"distinct_id": distinct_id, "ip": "127.0.0.1", "site_url": "", "team_id": common::TEAM_ID,
-        "uuid": uuid, "data": data.to_string(), "now": "2021-10-28T12:00:00Z", "sent_at": "2021-10-28T11:59:59Z"})
-    .to_string()
-    .into_bytes()
-}
 
 async fn wait_for_message(topic: &str, start: rdkafka::Offset, needle: &str) -> Vec<u8> {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -57,38 +45,22 @@ async fn raw_event_in_protobuf_event_out() {
         .with_env_filter(tracing_subscriber::EnvFilter::new("plugin_server=debug,info"))
         .with_test_writer()
         .try_init();
-    ensure_kafka();
     let db = TestDb::with_fixture(Some(PLUGIN)).await;
     // These output topics are shared with every other Kafka-mode test: read only what comes after now.
     let events_start = topic_end("clickhouse_events_proto");
     let persons_start = topic_end("clickhouse_person_unique_id");
     let logs_start = topic_end("plugin_log_entries");
-    let topic = unique("e2e-kafka-in");
-    create_topics(&[&topic], 1).await;
-    let queue = common::unique_prefix("e2e-kafka-celery");
-    let config = db.config(&[
-        ("KAFKA_ENABLED", "true"),
-        ("KAFKA_HOSTS", kafka_hosts()),
-        ("KAFKA_CONSUMPTION_TOPIC", &topic),
-        ("PLUGINS_CELERY_QUEUE", &queue),
-        ("WORKER_CONCURRENCY", "2"),
-        ("KAFKA_FLUSH_FREQUENCY_MS", "100"),
-    ]);
-    let shutdown = CancellationToken::new();
-    let server = tokio::spawn(plugin_server::server::run(config, shutdown.clone()));
+    let server = KafkaModeServer::start(&db, "e2e-kafka", &[]).await;
 
     let distinct_id = unique("kafka-person");
     let uuid = uuid::Uuid::now_v7().to_string();
-    let data = json!({"event": "kafka event", "properties": {"key": "value"}, "distinct_id": distinct_id,
-        "timestamp": "2021-10-28T11:59:57.792Z"});
-    let message = json!({"distinct_id": distinct_id, "ip": "127.0.0.1", "site_url": "", "team_id": common::TEAM_ID,
-        "uuid": uuid, "data": data.to_string(), "now": "2021-10-28T12:00:00Z", "sent_at": "2021-10-28T11:59:59Z"});
+    let message = raw_event(&distinct_id, &uuid, "kafka event", json!({"key": "value"}));
     // The consumer starts from the latest offset, as the reference's does: keep offering the event
     // (same uuid) until the server has joined its group and the event comes out.
     let event = {
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
-            produce(&topic, &[message.to_string().into_bytes()]).await;
+            produce(&server.topic, &[message.clone()]).await;
             let found = consume_topic_from("clickhouse_events_proto", events_start, usize::MAX, Duration::from_secs(3))
                 .await
                 .into_iter()
@@ -116,9 +88,7 @@ async fn raw_event_in_protobuf_event_out() {
     let events: i64 = sqlx::query_scalar("SELECT count(*) FROM posthog_event").fetch_one(&db.pool).await.unwrap();
     assert_eq!(events, 0, "events go to Kafka, not to posthog_event");
 
-    shutdown.cancel();
-    let result = tokio::time::timeout(Duration::from_secs(40), server).await;
-    assert!(matches!(result, Ok(Ok(Ok(())))), "server stopped cleanly: {result:?}");
+    server.stop().await;
 }
 
 const ENLARGING_PLUGIN: &str = r#"
@@ -145,37 +115,25 @@ async fn oversized_records_are_dead_lettered_and_consumption_goes_on() {
         .with_env_filter(tracing_subscriber::EnvFilter::new("plugin_server=info,warn"))
         .with_test_writer()
         .try_init();
-    ensure_kafka();
     let db = TestDb::with_fixture(Some(ENLARGING_PLUGIN)).await;
     let events_start = topic_end("clickhouse_events_proto");
     let dead_letters_start = topic_end("events_dead_letter_queue");
-    let topic = unique("e2e-kafka-big");
-    create_topics(&[&topic], 1).await;
-    let queue = common::unique_prefix("e2e-kafka-big-celery");
-    let config = db.config(&[
-        ("KAFKA_ENABLED", "true"),
-        ("KAFKA_HOSTS", kafka_hosts()),
-        ("KAFKA_CONSUMPTION_TOPIC", &topic),
-        ("PLUGINS_CELERY_QUEUE", &queue),
-        ("WORKER_CONCURRENCY", "2"),
-        ("KAFKA_FLUSH_FREQUENCY_MS", "100"),
-    ]);
-    let shutdown = CancellationToken::new();
-    let server = tokio::spawn(plugin_server::server::run(config, shutdown.clone()));
+    let server = KafkaModeServer::start(&db, "e2e-kafka-big", &[]).await;
+    let topic = &server.topic;
 
     let marker = unique("big");
     let (enlarged, shouting, after) =
         (uuid::Uuid::now_v7().to_string(), uuid::Uuid::now_v7().to_string(), uuid::Uuid::now_v7().to_string());
     let messages = [
-        raw_event(&format!("{marker}-enlarged"), &enlarged, json!({"enlarge": true})),
-        raw_event(&format!("{marker}-shouting"), &shouting, json!({"shout": true})),
-        raw_event(&format!("{marker}-after"), &after, json!({})),
+        raw_event(&format!("{marker}-enlarged"), &enlarged, "kafka event", json!({"enlarge": true})),
+        raw_event(&format!("{marker}-shouting"), &shouting, "kafka event", json!({"shout": true})),
+        raw_event(&format!("{marker}-after"), &after, "kafka event", json!({})),
     ];
     // Offered until the server joined its group (it starts at the latest offset) and the event
     // after the oversized ones comes out.
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
-        produce(&topic, &messages).await;
+        produce(topic, &messages).await;
         let found = consume_topic_from("clickhouse_events_proto", events_start, usize::MAX, Duration::from_secs(3))
             .await
             .into_iter()
@@ -217,11 +175,9 @@ async fn oversized_records_are_dead_lettered_and_consumption_goes_on() {
 
     // Still consuming: a later event lands too.
     let later = uuid::Uuid::now_v7().to_string();
-    produce(&topic, &[raw_event(&format!("{marker}-later"), &later, json!({}))]).await;
+    produce(topic, &[raw_event(&format!("{marker}-later"), &later, "kafka event", json!({}))]).await;
     wait_for_message("clickhouse_events_proto", events_start, &later).await;
-    assert!(!server.is_finished(), "the server is still running");
+    assert!(server.is_running(), "the server is still running");
 
-    shutdown.cancel();
-    let result = tokio::time::timeout(Duration::from_secs(40), server).await;
-    assert!(matches!(result, Ok(Ok(Ok(())))), "server stopped cleanly: {result:?}");
+    server.stop().await;
 }

@@ -11,6 +11,7 @@
 //! otherwise (`date_time_input_format = 'basic'`) and UTC, as PostHog's ClickHouse runs.
 
 mod common;
+mod kafka_mode_support;
 mod queues_support;
 
 use std::collections::BTreeSet;
@@ -19,9 +20,9 @@ use std::time::{Duration, Instant};
 
 use chrono::NaiveDateTime;
 use common::TestDb;
-use queues_support::{consume_topic_from, create_topics, ensure_kafka, kafka_hosts, produce, topic_end, unique};
+use kafka_mode_support::{contains, raw_event, KafkaModeServer};
+use queues_support::{consume_topic_from, ensure_kafka, produce, topic_end, unique};
 use serde_json::{json, Map, Value};
-use tokio_util::sync::CancellationToken;
 
 const PLUGIN: &str = r#"
     export function processEvent (event) {
@@ -239,19 +240,6 @@ fn check_rows(table: &Table, written: &[Map<String, Value>], decoded: &[Map<Stri
 /// The events' time: 11:59:57.792 as sent, moved by the clock skew `now - sent_at` (1 s).
 const CORRECTED_TIMESTAMP: &str = "2021-10-28 11:59:58.792";
 
-fn raw_event(distinct_id: &str, uuid: &str, event: &str, properties: Value) -> Vec<u8> {
-    let data = json!({"event": event, "properties": properties, "distinct_id": distinct_id,
-        "timestamp": "2021-10-28T11:59:57.792Z"});
-    json!({"distinct_id": distinct_id, "ip": "10.1.2.3", "site_url": "https://example.com", "team_id": common::TEAM_ID,
-        "uuid": uuid, "data": data.to_string(), "now": "2021-10-28T12:00:00Z", "sent_at": "2021-10-28T11:59:59Z"})
-    .to_string()
-    .into_bytes()
-}
-
-fn contains(value: &[u8], needle: &str) -> bool {
-    value.windows(needle.len()).any(|window| window == needle.as_bytes())
-}
-
 /// The messages on `topic` from `start` that contain one of `needles`, once `enough` holds for them.
 async fn messages_with(
     topic: &str,
@@ -310,18 +298,8 @@ async fn clickhouse_parses_every_topic_the_server_writes() {
         .map(|topic| (topic, topic_end(topic)))
         .collect();
     let start_of = |topic: &str| starts.iter().find(|(name, _)| *name == topic).map(|(_, start)| *start).unwrap();
-    let topic = unique("e2e-clickhouse-in");
-    create_topics(&[&topic], 1).await;
-    let config = db.config(&[
-        ("KAFKA_ENABLED", "true"),
-        ("KAFKA_HOSTS", kafka_hosts()),
-        ("KAFKA_CONSUMPTION_TOPIC", &topic),
-        ("PLUGINS_CELERY_QUEUE", &common::unique_prefix("e2e-clickhouse-celery")),
-        ("WORKER_CONCURRENCY", "2"),
-        ("KAFKA_FLUSH_FREQUENCY_MS", "100"),
-    ]);
-    let shutdown = CancellationToken::new();
-    let server = tokio::spawn(plugin_server::server::run(config, shutdown.clone()));
+    let server = KafkaModeServer::start(&db, "e2e-clickhouse", &[]).await;
+    let topic = &server.topic;
 
     let marker = uuid::Uuid::new_v4().simple().to_string();
     let (user, anonymous) = (format!("user-{marker}"), format!("anonymous-{marker}"));
@@ -329,7 +307,7 @@ async fn clickhouse_parses_every_topic_the_server_writes() {
     let first = uuid::Uuid::now_v7().to_string();
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
-        produce(&topic, &[raw_event(&anonymous, &first, "first", json!({}))]).await;
+        produce(topic, &[raw_event(&anonymous, &first, "first", json!({}))]).await;
         let out = consume_topic_from(EVENTS.topic, start_of(EVENTS.topic), usize::MAX, Duration::from_secs(3)).await;
         if out.iter().any(|(_, value)| value.as_ref().is_some_and(|value| contains(value, &first))) {
             break;
@@ -354,7 +332,7 @@ async fn clickhouse_parses_every_topic_the_server_writes() {
     let not_an_event = json!({"uuid": not_an_event_uuid, "distinct_id": user, "team_id": common::TEAM_ID,
         "ip": "10.1.2.3", "site_url": "", "now": "2021-10-28T12:00:00Z", "data": format!("not json {marker}")});
     produce(
-        &topic,
+        topic,
         &[
             raw_event(&user, &ids[0], "$autocapture", autocapture_properties.clone()),
             raw_event(&user, &ids[1], "$snapshot", snapshot_properties.clone()),
@@ -367,7 +345,7 @@ async fn clickhouse_parses_every_topic_the_server_writes() {
     messages_with(EVENTS.topic, start_of(EVENTS.topic), &markers, all_of(&[ids[0].clone(), ids[2].clone()])).await;
     // Both persons exist: merge them.
     let merge = uuid::Uuid::now_v7().to_string();
-    produce(&topic, &[raw_event(&user, &merge, "$identify", json!({"$anon_distinct_id": anonymous}))]).await;
+    produce(topic, &[raw_event(&user, &merge, "$identify", json!({"$anon_distinct_id": anonymous}))]).await;
     let events =
         messages_with(EVENTS.topic, start_of(EVENTS.topic), &markers, all_of(std::slice::from_ref(&merge))).await;
 
@@ -508,7 +486,5 @@ async fn clickhouse_parses_every_topic_the_server_writes() {
     println!("{}", report.join("\n"));
     let _ = std::fs::remove_dir_all(&dir);
 
-    shutdown.cancel();
-    let result = tokio::time::timeout(Duration::from_secs(40), server).await;
-    assert!(matches!(result, Ok(Ok(Ok(())))), "server stopped cleanly: {result:?}");
+    server.stop().await;
 }

@@ -391,3 +391,27 @@ pub async fn add_plugin_config(pool: &PgPool, plugin_id: i32, config_id: i32, te
     .await
     .expect("insert plugin config");
 }
+
+/// A `process_event_with_plugins` Celery task as PostHog's Django app queues it on `queue`: an
+/// event named `event` with `{"index": index}` from user-`index` of `team`, sent now from
+/// 127.0.0.1 on http://localhost, with the Celery task id `task_id`.
+pub fn process_event_task(queue: &str, task_id: &str, index: usize, team: i32, event: &str) -> String {
+    use serde_json::json;
+    let now = chrono::Utc::now().to_rfc3339();
+    let args = [
+        json!(format!("user-{index}")),
+        json!("127.0.0.1"),
+        json!("http://localhost"),
+        json!({"event": event, "properties": {"index": index}}),
+        json!(team),
+        json!(now),
+        json!(now),
+    ];
+    plugin_server::sinks::celery_producer::encode_task_message(
+        queue,
+        plugin_server::sources::celery::PROCESS_EVENT_TASK,
+        task_id,
+        &args,
+        &serde_json::Map::new(),
+    )
+}
