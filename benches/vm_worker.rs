@@ -3,7 +3,7 @@
 //! into and out of the VM and the hop to the worker thread) and benchmarks/vm/memory.benchmark.ts
 //! (memory per idle plugin VM).
 //!
-//! Run: `cargo bench --bench vm_worker` (optional env: BENCH_EVENTS, BENCH_VMS).
+//! Run: `cargo bench --bench vm_worker` (optional env: BENCH_EVENTS, BENCH_VMS; JS_ENGINE=v8 for V8).
 
 use std::sync::Arc;
 
@@ -91,6 +91,7 @@ async fn worker_benchmark() {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let threads: Vec<usize> = [1, 2, 4, 8, 12, 16].into_iter().filter(|t| *t <= cores.max(1)).collect();
     let events = env_number("BENCH_EVENTS", 50_000);
+    println!("engine: {} (JS_ENGINE)", plugin_server::config::JsEngine::from_process_env());
     println!("worker benchmark ({cores} cores): events/s through WorkerPool::call (serde_json values in and out, converted directly)");
     for (name, code, count) in
         [("simple", SIMPLE, events), ("for2k", FOR2K, events / 5), ("timeout100ms", TIMEOUT100MS, 5_000)]
@@ -145,7 +146,7 @@ async fn memory_benchmark() {
     let rss_used = rss_bytes().unwrap_or(0);
     let heap: i64 = pool.memory_usage(0).await.into_iter().sum();
     println!("memory benchmark: {vms} VMs (one thread)");
-    println!("  QuickJS heap of one idle VM (after GC): {:.1} KiB", heap as f64 / 1024.0);
+    println!("  JS heap of one idle VM (QuickJS: after GC; V8: heap used): {:.1} KiB", heap as f64 / 1024.0);
     println!(
         "  process RSS per VM after load:          {:.1} KiB",
         (rss_loaded - rss_start) as f64 / vms as f64 / 1024.0

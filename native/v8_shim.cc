@@ -12,6 +12,7 @@
 #include <libplatform/libplatform.h>
 #include <v8.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -77,7 +78,8 @@ struct PstLimits {
 
 namespace {
 
-std::unique_ptr<v8::Platform> g_platform;
+// Never freed: V8 threads may still use it while the process exits.
+v8::Platform* g_platform = nullptr;
 std::once_flag g_init_once;
 
 struct Realm {
@@ -121,6 +123,14 @@ struct Iso {
   // Promises rejected with no handler (yet): reported by pst_v8_take_rejection once the jobs ran,
   // unless a handler came later (as Node's `unhandledRejection`).
   std::vector<std::pair<Global<Promise>, Global<Value>>> rejections;
+  // The import resolver of the module being instantiated by `__pst_compile` (a JS function
+  // answering a module's source text), and the modules it made, by specifier.
+  Global<Function> resolver;
+  std::unordered_map<std::string, Global<Module>> modules;
+  // The CPU deadline: set by the watchdog (any thread), read by the interrupt that records where
+  // JS was (`term_stack`, `    at f (file:line:column)` lines) before it terminates.
+  std::atomic<bool> terminate_wanted{false};
+  std::string term_stack;
 };
 
 void forget_rejection(Iso* iso, Local<Promise> promise) {
@@ -598,7 +608,28 @@ void host_callback(const FunctionCallbackInfo<Value>& info) {
   json.swap(iso->out);
   iso->out.swap(saved);
   if (status == PST_REFUSED) {
-    std::string message = "The plugin server refused the arguments of " + binding->name + ": " + json;
+    // Worded as convert.rs's `Refused`, naming the meta call when the function is the host's `call`.
+    std::string name = binding->name.rfind("__pst_", 0) == 0 ? binding->name.substr(6) : binding->name;
+    if (name == "call" && info.Length() > 0 && info[0]->IsString()) name = utf8(isolate, info[0].As<String>());
+    int kind = 0;
+    double claimed = 0;
+    std::string reason = json;
+    if (sscanf(json.c_str(), "{\"kind\":%d,\"claimed\":%lf}", &kind, &claimed) == 2) {
+      char buf[256];
+      if (kind == REFUSED_ARRAY) {
+        snprintf(buf, sizeof buf, "an array claims a length of %.0f, more than the %zu values one value may hold",
+                 claimed, iso->limits.max_values);
+      } else if (kind == REFUSED_BYTES) {
+        snprintf(buf, sizeof buf, "its strings and keys take more than %zu bytes", iso->limits.max_bytes);
+      } else {
+        snprintf(buf, sizeof buf,
+                 "it holds more than %zu values (array elements and object members, shared ones counted each "
+                 "time they appear)",
+                 iso->limits.max_values);
+      }
+      reason = buf;
+    }
+    std::string message = "The plugin server refused the arguments of " + name + ": " + reason;
     isolate->ThrowException(Exception::RangeError(str(isolate, message)));
     return;
   }
@@ -681,6 +712,110 @@ bool install_console(Iso* iso, Local<Context> context) {
   return context->Global()->Set(context, str(isolate, "console"), console).FromMaybe(false);
 }
 
+// The watchdog's interrupt: records the stack where JS was, then terminates.
+void record_and_terminate(Isolate* isolate, void* data) {
+  Iso* iso = static_cast<Iso*>(data);
+  if (!iso->terminate_wanted.exchange(false)) return;
+  {
+    HandleScope hs(isolate);
+    Local<v8::StackTrace> trace = v8::StackTrace::CurrentStackTrace(isolate, 16);
+    std::string text;
+    for (int i = 0; i < trace->GetFrameCount(); i++) {
+      Local<v8::StackFrame> frame = trace->GetFrame(isolate, static_cast<uint32_t>(i));
+      std::string function, script;
+      Local<String> f = frame->GetFunctionName();
+      if (!f.IsEmpty()) function = utf8(isolate, f);
+      Local<String> name = frame->GetScriptName();
+      if (!name.IsEmpty()) script = utf8(isolate, name);
+      text += "    at " + (function.empty() ? std::string("<anonymous>") : function) + " (" + script + ":" +
+              std::to_string(frame->GetLineNumber()) + ":" + std::to_string(frame->GetColumn()) + ")\n";
+    }
+    iso->term_stack = text;
+  }
+  isolate->TerminateExecution();
+}
+
+// Serves an import of a module compiled by `__pst_compile`: the resolver's source text, compiled
+// once per specifier.
+MaybeLocal<Module> resolve_import(Local<Context> context, Local<String> specifier, Local<v8::FixedArray>,
+                                  Local<Module>) {
+  Isolate* isolate = context->GetIsolate();
+  Iso* iso = static_cast<Iso*>(isolate->GetData(0));
+  std::string name = utf8(isolate, specifier);
+  auto found = iso->modules.find(name);
+  if (found != iso->modules.end()) return found->second.Get(isolate);
+  if (iso->resolver.IsEmpty()) {
+    std::string message = "Cannot find module '" + name + "'";
+    isolate->ThrowException(Exception::Error(str(isolate, message)));
+    return MaybeLocal<Module>();
+  }
+  Local<Value> argv[1] = {specifier};
+  Local<Value> source;
+  if (!iso->resolver.Get(isolate)->Call(context, v8::Undefined(isolate), 1, argv).ToLocal(&source)) {
+    return MaybeLocal<Module>();
+  }
+  if (!source->IsString()) {
+    isolate->ThrowException(Exception::TypeError(str(isolate, "the import resolver gave no source")));
+    return MaybeLocal<Module>();
+  }
+  ScriptOrigin origin(isolate, specifier, 0, 0, false, -1, Local<Value>(), false, false, true);
+  ScriptCompiler::Source src(source.As<String>(), origin);
+  Local<Module> module;
+  if (!ScriptCompiler::CompileModule(isolate, &src).ToLocal(&module)) return MaybeLocal<Module>();
+  iso->modules.emplace(name, Global<Module>(isolate, module));
+  return module;
+}
+
+// `__pst_compile(kind, source, filename, lineOffset, resolve)`: kind "script" runs a classic
+// script and answers its completion value; "module" compiles an ES module (imports served by
+// `resolve(specifier)` → source text), evaluates it and answers `[namespace, evaluationPromise]`.
+// Taken (and deleted from the global object) by v8/bootstrap.js before plugin code runs.
+void compile_callback(const FunctionCallbackInfo<Value>& info) {
+  Isolate* isolate = info.GetIsolate();
+  Iso* iso = static_cast<Iso*>(isolate->GetData(0));
+  Local<Context> context = isolate->GetCurrentContext();
+  if (info.Length() < 3 || !info[0]->IsString() || !info[1]->IsString() || !info[2]->IsString()) {
+    isolate->ThrowException(Exception::TypeError(str(isolate, "compile(kind, source, filename)")));
+    return;
+  }
+  std::string kind = utf8(isolate, info[0].As<String>());
+  Local<String> source_text = info[1].As<String>();
+  Local<String> name = info[2].As<String>();
+  int line_offset = info.Length() > 3 && info[3]->IsInt32() ? info[3].As<v8::Int32>()->Value() : 0;
+  if (kind == "module") {
+    ScriptOrigin origin(isolate, name, line_offset, 0, false, -1, Local<Value>(), false, false, true);
+    ScriptCompiler::Source source(source_text, origin);
+    Local<Module> module;
+    if (!ScriptCompiler::CompileModule(isolate, &source).ToLocal(&module)) return;
+    if (info.Length() > 4 && info[4]->IsFunction()) iso->resolver.Reset(isolate, info[4].As<Function>());
+    bool instantiated = module->InstantiateModule(context, resolve_import).FromMaybe(false);
+    iso->resolver.Reset();
+    if (!instantiated) return;
+    Local<Value> completion;
+    if (!module->Evaluate(context).ToLocal(&completion)) return;
+    Local<Array> pair = Array::New(isolate, 2);
+    if (pair->Set(context, 0, module->GetModuleNamespace()).IsNothing()) return;
+    if (pair->Set(context, 1, completion).IsNothing()) return;
+    info.GetReturnValue().Set(pair);
+    return;
+  }
+  ScriptOrigin origin(isolate, name, line_offset, 0);
+  ScriptCompiler::Source source(source_text, origin);
+  Local<v8::Script> script;
+  if (!ScriptCompiler::Compile(context, &source).ToLocal(&script)) return;
+  Local<Value> completion;
+  if (!script->Run(context).ToLocal(&completion)) return;
+  info.GetReturnValue().Set(completion);
+}
+
+bool install_compile(Iso* iso, Local<Context> context) {
+  Isolate* isolate = iso->isolate;
+  Local<FunctionTemplate> tpl = FunctionTemplate::New(isolate, compile_callback);
+  Local<Function> f;
+  if (!tpl->GetFunction(context).ToLocal(&f)) return false;
+  return context->Global()->Set(context, str(isolate, "__pst_compile"), f).FromMaybe(false);
+}
+
 MaybeLocal<Module> refuse_import(Local<Context> context, Local<String> specifier, Local<v8::FixedArray>,
                                  Local<Module>) {
   Isolate* isolate = context->GetIsolate();
@@ -703,8 +838,8 @@ void pst_v8_init(const char* flags) {
   std::call_once(g_init_once, [flags]() {
     if (flags && *flags) v8::V8::SetFlagsFromString(flags);
     v8::V8::InitializeICU();
-    g_platform = v8::platform::NewDefaultPlatform();
-    v8::V8::InitializePlatform(g_platform.get());
+    g_platform = v8::platform::NewDefaultPlatform().release();
+    v8::V8::InitializePlatform(g_platform);
     v8::V8::Initialize();
   });
 }
@@ -751,6 +886,8 @@ void pst_v8_isolate_free(Iso* iso) {
     iso->realms.clear();
     iso->to_json_key.Reset();
     iso->rejections.clear();
+    iso->resolver.Reset();
+    iso->modules.clear();
   }
   iso->isolate->Dispose();
   delete iso->allocator;
@@ -760,8 +897,26 @@ void pst_v8_isolate_free(Iso* iso) {
 // May be called from any thread (the watchdog).
 void pst_v8_terminate(Iso* iso) { iso->isolate->TerminateExecution(); }
 
+// May be called from any thread (the watchdog): asks the running JS to record where it is
+// (pst_v8_term_stack) and terminate, at its next interrupt check.
+void pst_v8_interrupt(Iso* iso) {
+  iso->terminate_wanted.store(true);
+  iso->isolate->RequestInterrupt(record_and_terminate, iso);
+}
+
 // Withdraws a termination that arrived after the code it was meant for had finished.
-void pst_v8_cancel_terminate(Iso* iso) { iso->isolate->CancelTerminateExecution(); }
+void pst_v8_cancel_terminate(Iso* iso) {
+  iso->terminate_wanted.store(false);
+  iso->isolate->CancelTerminateExecution();
+}
+
+// Where JS was when the deadline interrupted it (then forgotten); empty when unknown.
+size_t pst_v8_term_stack(Iso* iso, const char** ptr) {
+  iso->out.swap(iso->term_stack);
+  iso->term_stack.clear();
+  *ptr = iso->out.data();
+  return iso->out.size();
+}
 
 int32_t pst_v8_oom(Iso* iso) { return iso->oom ? 1 : 0; }
 
@@ -804,6 +959,7 @@ int64_t pst_v8_realm_new(Iso* iso) {
   if (context.IsEmpty()) return -1;
   Context::Scope cs(context);
   if (!install_console(iso, context)) return -1;
+  if (!install_compile(iso, context)) return -1;
   for (auto& fn : iso->host_fns) {
     if (!install_host_fn(iso, context, fn)) return -1;
   }

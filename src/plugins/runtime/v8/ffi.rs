@@ -59,6 +59,8 @@ extern "C" {
     ) -> *mut Iso;
     pub fn pst_v8_isolate_free(iso: *mut Iso);
     pub fn pst_v8_terminate(iso: *mut Iso);
+    pub fn pst_v8_interrupt(iso: *mut Iso);
+    pub fn pst_v8_term_stack(iso: *mut Iso, ptr: *mut *const c_char) -> usize;
     pub fn pst_v8_cancel_terminate(iso: *mut Iso);
     pub fn pst_v8_oom(iso: *mut Iso) -> i32;
     pub fn pst_v8_heap(iso: *mut Iso, used: *mut usize, total: *mut usize, limit: *mut usize);

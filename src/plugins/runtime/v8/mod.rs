@@ -23,6 +23,7 @@
 //! one FFI call at a time, with a deadline armed; host callbacks never re-enter the isolate.
 
 mod ffi;
+pub mod vm;
 mod watchdog;
 
 use std::cell::{Cell, RefCell};
@@ -279,7 +280,32 @@ pub struct V8Isolate {
     host: Box<HostTable>,
     options: V8Options,
     dead: bool,
+    /// Dropped with the isolate: a [`HeapProbe`] reads nothing after that.
+    alive: Rc<()>,
     _not_send: PhantomData<*mut ()>,
+}
+
+/// Reads the heap of an isolate from where no `&V8Isolate` is at hand (a host function running
+/// inside a call, a host op finishing later); reads nothing once the isolate is gone.
+#[derive(Clone)]
+pub struct HeapProbe {
+    raw: NonNull<ffi::Iso>,
+    alive: std::rc::Weak<()>,
+    limit: usize,
+}
+
+impl HeapProbe {
+    /// Bytes the isolate's heap may still grow by before its limit (0 once it is gone).
+    pub fn headroom(&self) -> usize {
+        if self.alive.upgrade().is_none() {
+            return 0;
+        }
+        let (mut used, mut total, mut limit) = (0, 0, 0);
+        // SAFETY: the isolate is alive (its `alive` token is), and a probe, being `!Send`, is on
+        // the isolate's thread; GetHeapStatistics may run inside a host callback.
+        unsafe { ffi::pst_v8_heap(self.raw.as_ptr(), &mut used, &mut total, &mut limit) };
+        self.limit.min(limit).saturating_sub(used)
+    }
 }
 
 impl Drop for V8Isolate {
@@ -322,7 +348,7 @@ impl V8Isolate {
         let raw =
             unsafe { ffi::pst_v8_isolate_new(options.heap_limit_bytes, options.stack_bytes, limits, user, CALLBACKS) };
         let raw = NonNull::new(raw).ok_or(EngineError::Create)?;
-        let isolate = V8Isolate { raw, host, options, dead: false, _not_send: PhantomData };
+        let isolate = V8Isolate { raw, host, options, dead: false, alive: Rc::new(()), _not_send: PhantomData };
         isolate.new_realm()?;
         Ok(isolate)
     }
@@ -372,6 +398,21 @@ impl V8Isolate {
         } else {
             Err(EngineError::Create)
         }
+    }
+
+    /// A reader of this isolate's heap headroom (see [`HeapProbe`]).
+    pub fn heap_probe(&self) -> HeapProbe {
+        HeapProbe { raw: self.raw, alive: Rc::downgrade(&self.alive), limit: self.options.heap_limit_bytes }
+    }
+
+    /// Where JS was when the last deadline interrupted it (`    at f (file:line:column)` lines),
+    /// then forgotten; `None` when unknown (the watchdog had to terminate without it).
+    pub fn take_term_stack(&mut self) -> Option<String> {
+        let mut ptr: *const c_char = std::ptr::null();
+        // SAFETY: a live isolate; the text is copied out at once.
+        let len = unsafe { ffi::pst_v8_term_stack(self.iso(), &mut ptr) };
+        let text = String::from_utf8_lossy(bytes(ptr, len)).into_owned();
+        (!text.is_empty()).then_some(text)
     }
 
     /// Whether the isolate reached its heap limit (it runs nothing more; drop it).
