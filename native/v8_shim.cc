@@ -73,6 +73,12 @@ struct PstLimits {
   size_t max_values;
   size_t max_bytes;
   uint32_t max_depth;
+  // Read values as QuickJS's conversion does (convert.rs): a getter, proxy trap or `toJSON` that
+  // throws hides its member instead of failing the walk, and a BigInt becomes its decimal string.
+  uint32_t lenient;
+  // Nonzero: a full GC that leaves the heap 90% full ends the running call as out of memory and
+  // the isolate lives on (the call's garbage is freed by the next GC); see after_full_gc.
+  uint32_t gc_budget;
 };
 }
 
@@ -118,6 +124,10 @@ struct Iso {
   size_t stack_bytes = 0;
   size_t heap_limit = 0;
   bool oom = false;
+  // Set by after_full_gc (limits.gc_budget): the running call ends as out of memory, the isolate
+  // stays usable. Cleared when pst_v8_oom reports it.
+  bool over_budget = false;
+  bool collecting = false;
   std::string out;
   Global<String> to_json_key;
   // Promises rejected with no handler (yet): reported by pst_v8_take_rejection once the jobs ran,
@@ -169,6 +179,21 @@ size_t near_heap_limit(void* data, size_t current, size_t initial) {
   // Room for the running code to unwind; the isolate is disposed of afterwards.
   size_t extra = initial > (64u << 20) ? initial : (64u << 20);
   return current + extra;
+}
+
+// A full GC that leaves the heap 90% full ends the call as out of memory: V8 would otherwise
+// run ever slower last-resort GCs (for seconds) before the near-heap-limit callback fires.
+void after_full_gc(Isolate* isolate, v8::GCType, v8::GCCallbackFlags, void* data) {
+  Iso* iso = static_cast<Iso*>(data);
+  if (iso->oom || iso->over_budget || iso->collecting || !iso->limits.gc_budget) return;
+  v8::HeapStatistics stats;
+  isolate->GetHeapStatistics(&stats);
+  size_t limit = stats.heap_size_limit();
+  if (iso->heap_limit > 0 && iso->heap_limit < limit) limit = iso->heap_limit;
+  if (limit > 0 && stats.used_heap_size() > limit / 10 * 9) {
+    iso->over_budget = true;
+    isolate->TerminateExecution();
+  }
 }
 
 void set_stack_limit(Iso* iso) {
@@ -236,6 +261,18 @@ struct Walker {
   Refusal refused = REFUSED_NONE;
   double claimed = 0;
   std::vector<Local<Object>> stack;
+  bool lenient = false;
+
+  // After a failed step under `tc`: true when the failure is swallowed (lenient mode, a plain
+  // exception); false when it must propagate (strict mode, termination), rethrown to the caller.
+  bool swallow(TryCatch& tc) {
+    if (lenient && !tc.HasTerminated() && !isolate->IsExecutionTerminating()) {
+      tc.Reset();
+      return true;
+    }
+    if (tc.HasCaught() && !tc.HasTerminated()) tc.ReThrow();
+    return false;
+  }
 
   bool count_value() {
     if (values_left == 0) {
@@ -287,16 +324,21 @@ struct Walker {
   int write(Local<Value> value, Local<Value> key, uint32_t depth) {
     if (!count_value()) return -1;
     if (value->IsObject() || value->IsBigInt()) {
+      TryCatch tc(isolate);
       Local<Object> holder;
       if (value->ToObject(context).ToLocal(&holder)) {
         Local<Value> to_json;
-        if (!holder->Get(context, to_json_key).ToLocal(&to_json)) return -1;
+        // Lenient: a `toJSON` that cannot be read is no `toJSON` (the object is read as it is).
+        if (!holder->Get(context, to_json_key).ToLocal(&to_json)) {
+          if (!swallow(tc)) return -1;
+          to_json = v8::Undefined(isolate);
+        }
         if (to_json->IsFunction()) {
           Local<Value> argv[1] = {key};
-          if (!to_json.As<Function>()->Call(context, value, 1, argv).ToLocal(&value)) return -1;
+          if (!to_json.As<Function>()->Call(context, value, 1, argv).ToLocal(&value)) return swallow(tc) ? 0 : -1;
         }
       } else {
-        return -1;
+        return swallow(tc) ? 0 : -1;
       }
     }
     if (value->IsNumberObject()) value = v8::Number::New(isolate, value.As<v8::NumberObject>()->ValueOf());
@@ -321,6 +363,11 @@ struct Walker {
       return 1;
     }
     if (value->IsString()) return write_string(value.As<String>()) ? 1 : -1;
+    if (value->IsBigInt() && lenient) {
+      Local<String> text;
+      if (!value->ToString(context).ToLocal(&text)) return -1;
+      return write_string(text) ? 1 : -1;
+    }
     if (value->IsBigInt()) {
       isolate->ThrowException(Exception::TypeError(str(isolate, "Do not know how to serialize a BigInt")));
       return -1;
@@ -363,7 +410,13 @@ struct Walker {
       if (i > 0) out.push_back(',');
       HandleScope scope(isolate);
       Local<Value> item;
-      if (!array->Get(context, i).ToLocal(&item)) return -1;
+      {
+        TryCatch tc(isolate);
+        if (!array->Get(context, i).ToLocal(&item)) {
+          if (!swallow(tc)) return -1;
+          item = v8::Undefined(isolate);
+        }
+      }
       Local<String> key;
       if (!v8::Integer::NewFromUnsigned(isolate, i)->ToString(context).ToLocal(&key)) return -1;
       int r = write(item, key, depth + 1);
@@ -376,11 +429,15 @@ struct Walker {
 
   int write_object(Local<Object> object, uint32_t depth) {
     Local<Array> keys;
-    if (!object
-             ->GetOwnPropertyNames(context, static_cast<v8::PropertyFilter>(v8::ONLY_ENUMERABLE | v8::SKIP_SYMBOLS),
-                                   v8::KeyConversionMode::kConvertToString)
-             .ToLocal(&keys)) {
-      return -1;
+    {
+      TryCatch tc(isolate);
+      if (!object
+               ->GetOwnPropertyNames(context, static_cast<v8::PropertyFilter>(v8::ONLY_ENUMERABLE | v8::SKIP_SYMBOLS),
+                                     v8::KeyConversionMode::kConvertToString)
+               .ToLocal(&keys)) {
+        if (!swallow(tc)) return -1;
+        keys = Array::New(isolate, 0);
+      }
     }
     uint32_t count = keys->Length();
     if (count > values_left) {
@@ -394,7 +451,13 @@ struct Walker {
       Local<Value> key;
       if (!keys->Get(context, i).ToLocal(&key) || !key->IsString()) return -1;
       Local<Value> item;
-      if (!object->Get(context, key).ToLocal(&item)) return -1;
+      {
+        TryCatch tc(isolate);
+        if (!object->Get(context, key).ToLocal(&item)) {
+          if (!swallow(tc)) return -1;
+          continue;
+        }
+      }
       size_t mark = out.size();
       if (!first) out.push_back(',');
       if (!write_string(key.As<String>())) return -1;
@@ -416,7 +479,7 @@ struct Walker {
 int32_t write_value(Iso* iso, Local<Context> context, Local<Value> value, const PstLimits& limits) {
   iso->out.clear();
   Walker walker{iso->isolate, context, iso->out, limits.max_values, limits.max_values, limits.max_bytes, limits.max_depth,
-                iso->to_json_key.Get(iso->isolate), REFUSED_NONE, 0, {}};
+                iso->to_json_key.Get(iso->isolate), REFUSED_NONE, 0, {}, limits.lenient != 0};
   int r = walker.write(value, String::Empty(iso->isolate), 0);
   if (r == 0) {
     iso->out = "null";
@@ -466,7 +529,7 @@ void write_error(Iso* iso, Local<Context> context, Local<Value> exception, Local
     if (name.empty() && text.empty() && !exception->IsNativeError()) {
       thrown = "object";
       TryCatch inner(isolate);
-      PstLimits small{10000, 64 * 1024, 16};
+      PstLimits small{10000, 64 * 1024, 16, 1, 0};
       std::string saved;
       saved.swap(iso->out);
       if (write_value(iso, context, exception, small) == PST_OK) text = iso->out;
@@ -673,7 +736,7 @@ void console_callback(const FunctionCallbackInfo<Value>& info) {
     } else if (v->IsObject() && !v->IsFunction() && !v->IsNativeError()) {
       std::string saved;
       saved.swap(iso->out);
-      PstLimits small{100000, 1 << 20, 32};
+      PstLimits small{100000, 1 << 20, 32, 1, 0};
       int32_t status = write_value(iso, context, v, small);
       if (status == PST_OK) line += iso->out;
       iso->out.swap(saved);
@@ -868,6 +931,7 @@ Iso* pst_v8_isolate_new(size_t heap_limit, size_t stack_bytes, PstLimits limits,
   isolate->SetMicrotasksPolicy(v8::MicrotasksPolicy::kExplicit);
   isolate->SetAllowAtomicsWait(false);
   isolate->AddNearHeapLimitCallback(near_heap_limit, iso.get());
+  isolate->AddGCEpilogueCallback(after_full_gc, iso.get(), v8::kGCTypeMarkSweepCompact);
   isolate->SetPromiseRejectCallback(on_reject);
   {
     Isolate::Scope scope(isolate);
@@ -918,7 +982,25 @@ size_t pst_v8_term_stack(Iso* iso, const char** ptr) {
   return iso->out.size();
 }
 
-int32_t pst_v8_oom(Iso* iso) { return iso->oom ? 1 : 0; }
+// 1: the heap limit was reached (the isolate is dead); 2: a call went over the GC budget (the
+// mark is cleared by this read); 0: neither.
+int32_t pst_v8_oom(Iso* iso) {
+  if (iso->oom) return 1;
+  if (iso->over_budget) {
+    iso->over_budget = false;
+    return 2;
+  }
+  return 0;
+}
+
+// A full GC now (for heap figures), which never counts against the GC budget.
+void pst_v8_gc(Iso* iso) {
+  if (iso->oom) return;
+  Isolate::Scope scope(iso->isolate);
+  iso->collecting = true;
+  iso->isolate->LowMemoryNotification();
+  iso->collecting = false;
+}
 
 void pst_v8_heap(Iso* iso, size_t* used, size_t* total, size_t* limit) {
   v8::HeapStatistics stats;

@@ -22,6 +22,19 @@ const fromCharCode = String.fromCharCode;
 const U8 = Uint8Array;
 const AB = ArrayBuffer;
 
+// Node's and QuickJS's `queueMicrotask`, which a bare V8 context lacks.
+Object.defineProperty(G, 'queueMicrotask', {
+    value: function queueMicrotask(callback) {
+        if (typeof callback !== 'function') {
+            throw new TypeError('The "callback" argument must be of type function. Received ' + typeof callback);
+        }
+        then(P.resolve(), () => callback());
+    },
+    writable: true,
+    enumerable: true,
+    configurable: true,
+});
+
 // Bytes ↔ binary strings.
 const toBin = (bytes) => {
     const view = new U8(bytes.buffer, bytes.byteOffset, bytes.byteLength);

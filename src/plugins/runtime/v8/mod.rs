@@ -65,6 +65,14 @@ pub struct V8Options {
     pub max_values: usize,
     pub max_bytes: usize,
     pub max_depth: u32,
+    /// Read values as QuickJS's conversion does (`convert.rs`): a getter, proxy trap or `toJSON`
+    /// that throws hides its member instead of failing the read, a BigInt becomes its decimal
+    /// string. Off: `JSON.stringify`'s strictness.
+    pub lenient: bool,
+    /// End a call as out of memory (`HeapLimit`, the isolate still alive) when a full GC leaves
+    /// the heap 90% full, instead of letting V8 run ever slower last-resort GCs until the heap
+    /// limit kills the isolate.
+    pub gc_budget: bool,
 }
 
 impl Default for V8Options {
@@ -75,6 +83,8 @@ impl Default for V8Options {
             max_values: MAX_VALUES,
             max_bytes: MAX_BYTES,
             max_depth: MAX_DEPTH,
+            lenient: false,
+            gc_budget: false,
         }
     }
 }
@@ -342,7 +352,13 @@ impl V8Isolate {
         init();
         let host = Box::<HostTable>::default();
         let limits =
-            ffi::Limits { max_values: options.max_values, max_bytes: options.max_bytes, max_depth: options.max_depth };
+            ffi::Limits {
+            max_values: options.max_values,
+            max_bytes: options.max_bytes,
+            max_depth: options.max_depth,
+            lenient: u32::from(options.lenient),
+            gc_budget: u32::from(options.gc_budget),
+        };
         let user = &*host as *const HostTable as *mut c_void;
         // SAFETY: `user` outlives the isolate (freed after it, see Drop).
         let raw =
@@ -420,6 +436,14 @@ impl V8Isolate {
         self.dead
     }
 
+    /// Runs a full GC (for heap figures: what [`V8Isolate::heap`] then says is live data).
+    pub fn collect_garbage(&self) {
+        if !self.dead {
+            // SAFETY: a live isolate on its own thread, not running JS.
+            unsafe { ffi::pst_v8_gc(self.iso()) };
+        }
+    }
+
     pub fn heap(&self) -> HeapStats {
         let (mut used, mut total, mut limit) = (0, 0, 0);
         // SAFETY: a live isolate; out pointers to locals.
@@ -485,9 +509,13 @@ impl V8Isolate {
             unsafe { ffi::pst_v8_cancel_terminate(iso) };
         }
         // SAFETY: a live isolate.
-        if unsafe { ffi::pst_v8_oom(iso) } != 0 {
-            self.dead = true;
-            return Err(EngineError::HeapLimit(self.options.heap_limit_bytes));
+        match unsafe { ffi::pst_v8_oom(iso) } {
+            0 => {}
+            1 => {
+                self.dead = true;
+                return Err(EngineError::HeapLimit(self.options.heap_limit_bytes));
+            }
+            _ => return Err(EngineError::HeapLimit(self.options.heap_limit_bytes)),
         }
         match status {
             ffi::OK => serde_json::from_slice(self.out())

@@ -186,7 +186,10 @@ impl VmInner {
             args_after: None,
         };
         let timeout = options.task_timeout;
-        let v8_options = V8Options { heap_limit_bytes: options.memory_limit_bytes, ..V8Options::default() };
+        let v8_options = V8Options { heap_limit_bytes: options.memory_limit_bytes, lenient: true,
+            gc_budget: true,
+            ..V8Options::default()
+        };
         let mut iso = V8Isolate::new(v8_options).map_err(setup_error)?;
         let probe = iso.heap_probe();
         host::v8::install(&mut iso, Rc::new(move || probe.headroom()), options.test_console_file.clone())
@@ -285,7 +288,10 @@ impl VmInner {
                 let stack = self.iso.borrow_mut().take_term_stack();
                 self.discard(loop_timeout_error(self.task_timeout, &self.code, stack));
             }
-            Err(EngineError::HeapLimit(_)) => self.discard(out_of_memory()),
+            Err(EngineError::HeapLimit(_)) => {
+                // The jobs were cut short, as by a deadline.
+                self.discard(out_of_memory())
+            }
             Err(error) => {
                 tracing::debug!(plugin_config_id = self.plugin_config_id, %error, "settling a host promise failed")
             }
@@ -309,7 +315,12 @@ impl VmInner {
                 js(loop_timeout_error(self.task_timeout, &self.code, stack))
             }
             EngineError::HeapLimit(_) => {
-                self.discard(out_of_memory());
+                // Over the GC budget the isolate lives on (its garbage goes at the next GC); at
+                // the heap limit it is dead.
+                if self.iso.borrow().is_dead() {
+                    self.discard(out_of_memory());
+                }
+                self.args_after(id);
                 js(out_of_memory())
             }
             EngineError::Refused(refused) => {
@@ -496,6 +507,8 @@ impl VmInner {
 
     /// Heap used by this VM's isolate in bytes (for the memory benchmark and stats).
     pub fn memory_used(&self) -> i64 {
-        i64::try_from(self.iso.borrow().heap().used).unwrap_or(i64::MAX)
+        let iso = self.iso.borrow();
+        iso.collect_garbage();
+        i64::try_from(iso.heap().used).unwrap_or(i64::MAX)
     }
 }
