@@ -32,8 +32,8 @@ use tokio::runtime::Handle;
 use tokio::sync::Notify;
 
 use super::convert::{array_items, from_js, from_js_checked, to_js, Budget, Refused};
-use super::timeouts::{self, discarded_error, promise_timeout_error, refused_error};
 use super::host::{self, bytes_of};
+use super::timeouts::{self, discarded_error, promise_timeout_error, refused_error};
 use super::{next_vm_id, PluginConfigId, PoolOptions, VmId};
 use super::{
     CallKind, FetchRequest, FetchResponse, JsError, MetaBindings, MetaError, PluginError, PluginExports, Thrown,

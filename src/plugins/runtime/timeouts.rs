@@ -56,7 +56,8 @@ const PLUGIN_FRAMES: &[&str] = &["eval_script", VIRTUAL_FILENAME];
 /// `stack` is where it was (`    at f (file:line:column)` lines, 1-based).
 pub fn loop_timeout_error(timeout: Duration, code: &TransformedCode, stack: Option<String>) -> JsError {
     let position = stack.as_deref().and_then(first_position).map(|(line, column)| {
-        let (l, c) = crate::plugins::transform::enclosing_loop_start(&code.code, line, column).unwrap_or((line, column));
+        let (l, c) =
+            crate::plugins::transform::enclosing_loop_start(&code.code, line, column).unwrap_or((line, column));
         format!(" on line {l}:{c}")
     });
     JsError {

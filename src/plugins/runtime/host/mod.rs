@@ -339,8 +339,7 @@ pub fn test_console_write(path: &std::path::Path, text: &str, append: bool) -> s
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let mut file =
-        std::fs::OpenOptions::new().create(true).write(true).append(append).truncate(!append).open(path)?;
+    let mut file = std::fs::OpenOptions::new().create(true).write(true).append(append).truncate(!append).open(path)?;
     file.write_all(text.as_bytes())
 }
 

@@ -158,16 +158,12 @@ pub fn install<'js>(ctx: &Ctx<'js>, host: &Object<'js>) -> JsResult<()> {
     )?;
     host.set(
         "urlParse",
-        Function::new(
-            ctx.clone(),
-            |ctx: Ctx<'js>, href: String, base: rquickjs::function::Opt<String>| match super::url_parse(
-                &href,
-                base.0.as_deref(),
-            ) {
+        Function::new(ctx.clone(), |ctx: Ctx<'js>, href: String, base: rquickjs::function::Opt<String>| {
+            match super::url_parse(&href, base.0.as_deref()) {
                 Some(url) => url_record(&ctx, &url).map(|record| record.into_value()),
                 None => Ok(rquickjs::Value::new_null(ctx)),
-            },
-        )?,
+            }
+        })?,
     )?;
     host.set(
         "urlSet",

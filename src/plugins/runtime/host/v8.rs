@@ -57,7 +57,10 @@ pub fn install(
         "limits",
         Box::new(|_: Vec<Value>| Ok(json!({ "maxHostCallsInFlight": super::max_host_calls_in_flight() as f64 }))),
     )?;
-    define("jsonError", Box::new(|args: Vec<Value>| Ok(super::v8_json_error(&text(&args, 0)).map_or(Value::Null, Value::String))))?;
+    define(
+        "jsonError",
+        Box::new(|args: Vec<Value>| Ok(super::v8_json_error(&text(&args, 0)).map_or(Value::Null, Value::String))),
+    )?;
     define("utf8Encode", Box::new(|args: Vec<Value>| Ok(bin_string(text(&args, 0).as_bytes()))))?;
     define(
         "utf8Decode",
@@ -159,7 +162,9 @@ pub fn install(
     )?;
     define(
         "importMessage",
-        Box::new(|args: Vec<Value>| Ok(Value::String(crate::plugins::transform::forbidden_import_message(&text(&args, 0))))),
+        Box::new(|args: Vec<Value>| {
+            Ok(Value::String(crate::plugins::transform::forbidden_import_message(&text(&args, 0))))
+        }),
     )?;
     if let Some(path) = test_console {
         let write_path = path.clone();

@@ -351,8 +351,7 @@ impl V8Isolate {
     pub fn new(options: V8Options) -> Result<V8Isolate, EngineError> {
         init();
         let host = Box::<HostTable>::default();
-        let limits =
-            ffi::Limits {
+        let limits = ffi::Limits {
             max_values: options.max_values,
             max_bytes: options.max_bytes,
             max_depth: options.max_depth,

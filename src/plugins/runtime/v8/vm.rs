@@ -27,8 +27,8 @@ use super::{EngineError, HostFuture, Outcome, RealmId, V8Isolate, V8Options};
 use crate::plugins::runtime::host::{self, v8::bin_string};
 use crate::plugins::runtime::timeouts::{loop_timeout_error, promise_timeout_error, refused_error};
 use crate::plugins::runtime::{
-    next_vm_id, CallKind, FetchRequest, JsError, MetaBindings, MetaError, PluginConfigId, PluginError,
-    PluginExports, PoolOptions, VmId, META_GLOBAL_GET, PROCESS_EVENT_TRACKED,
+    next_vm_id, CallKind, FetchRequest, JsError, MetaBindings, MetaError, PluginConfigId, PluginError, PluginExports,
+    PoolOptions, VmId, META_GLOBAL_GET, PROCESS_EVENT_TRACKED,
 };
 use crate::plugins::transform::{TransformedCode, VIRTUAL_FILENAME};
 
@@ -186,7 +186,9 @@ impl VmInner {
             args_after: None,
         };
         let timeout = options.task_timeout;
-        let v8_options = V8Options { heap_limit_bytes: options.memory_limit_bytes, lenient: true,
+        let v8_options = V8Options {
+            heap_limit_bytes: options.memory_limit_bytes,
+            lenient: true,
             gc_budget: true,
             ..V8Options::default()
         };
@@ -391,9 +393,10 @@ impl VmInner {
 
     fn store_exports(&self, found: &Value) {
         let names = |key: &str| -> Vec<String> {
-            found.get(key).and_then(Value::as_array).map_or_else(Vec::new, |list| {
-                list.iter().filter_map(|n| n.as_str().map(str::to_string)).collect()
-            })
+            found
+                .get(key)
+                .and_then(Value::as_array)
+                .map_or_else(Vec::new, |list| list.iter().filter_map(|n| n.as_str().map(str::to_string)).collect())
         };
         let functions = names("functions");
         let jobs = names("jobs");
