@@ -3,7 +3,8 @@
 //! into and out of the VM and the hop to the worker thread) and benchmarks/vm/memory.benchmark.ts
 //! (memory per idle plugin VM).
 //!
-//! Run: `cargo bench --bench vm_worker` (optional env: BENCH_EVENTS, BENCH_VMS).
+//! Run: `cargo bench --bench vm_worker` (optional env: BENCH_EVENTS, BENCH_VMS,
+//! BENCH_ONLY=memory; JS_ENGINE=v8 for V8).
 
 use std::sync::Arc;
 
@@ -91,6 +92,7 @@ async fn worker_benchmark() {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let threads: Vec<usize> = [1, 2, 4, 8, 12, 16].into_iter().filter(|t| *t <= cores.max(1)).collect();
     let events = env_number("BENCH_EVENTS", 50_000);
+    println!("engine: {} (JS_ENGINE)", plugin_server::config::JsEngine::from_process_env());
     println!("worker benchmark ({cores} cores): events/s through WorkerPool::call (serde_json values in and out, converted directly)");
     for (name, code, count) in
         [("simple", SIMPLE, events), ("for2k", FOR2K, events / 5), ("timeout100ms", TIMEOUT100MS, 5_000)]
@@ -131,11 +133,13 @@ async fn memory_benchmark() {
     let options = PoolOptions { threads: 1, tasks_per_worker: 100, ..PoolOptions::default() };
     let pool = WorkerPool::new(options).expect("pool");
     let rss_start = rss_bytes().unwrap_or(0);
+    let loading = Instant::now();
     for id in 0..vms as i64 {
         pool.load(PluginVmSpec { plugin_config_id: id, code: code.to_string(), meta: Arc::new(NoMeta) })
             .await
             .expect("load");
     }
+    let load_time = loading.elapsed();
     let rss_loaded = rss_bytes().unwrap_or(0);
     for id in 0..vms as i64 {
         for i in 0..100 {
@@ -145,7 +149,12 @@ async fn memory_benchmark() {
     let rss_used = rss_bytes().unwrap_or(0);
     let heap: i64 = pool.memory_usage(0).await.into_iter().sum();
     println!("memory benchmark: {vms} VMs (one thread)");
-    println!("  QuickJS heap of one idle VM (after GC): {:.1} KiB", heap as f64 / 1024.0);
+    println!("  JS heap of one idle VM (QuickJS: after GC; V8: heap used): {:.1} KiB", heap as f64 / 1024.0);
+    println!("  creating one VM (code + setup, wall):   {:.2} ms", load_time.as_secs_f64() * 1000.0 / vms as f64);
+    println!(
+        "  process RSS, all VMs after 100 events:  {:.1} MiB",
+        rss_used.saturating_sub(rss_start) as f64 / 1024.0 / 1024.0
+    );
     println!(
         "  process RSS per VM after load:          {:.1} KiB",
         (rss_loaded - rss_start) as f64 / vms as f64 / 1024.0
@@ -160,7 +169,10 @@ async fn memory_benchmark() {
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     runtime.block_on(async {
-        worker_benchmark().await;
+        // BENCH_ONLY=memory skips the throughput part.
+        if std::env::var("BENCH_ONLY").ok().as_deref() != Some("memory") {
+            worker_benchmark().await;
+        }
         memory_benchmark().await;
     });
 }

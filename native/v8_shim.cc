@@ -12,6 +12,7 @@
 #include <libplatform/libplatform.h>
 #include <v8.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -72,12 +73,19 @@ struct PstLimits {
   size_t max_values;
   size_t max_bytes;
   uint32_t max_depth;
+  // Read values as QuickJS's conversion does (convert.rs): a getter, proxy trap or `toJSON` that
+  // throws hides its member instead of failing the walk, and a BigInt becomes its decimal string.
+  uint32_t lenient;
+  // Nonzero: a full GC that leaves the heap 90% full ends the running call as out of memory and
+  // the isolate lives on (the call's garbage is freed by the next GC); see after_full_gc.
+  uint32_t gc_budget;
 };
 }
 
 namespace {
 
-std::unique_ptr<v8::Platform> g_platform;
+// Never freed: V8 threads may still use it while the process exits.
+v8::Platform* g_platform = nullptr;
 std::once_flag g_init_once;
 
 struct Realm {
@@ -116,11 +124,23 @@ struct Iso {
   size_t stack_bytes = 0;
   size_t heap_limit = 0;
   bool oom = false;
+  // Set by after_full_gc (limits.gc_budget): the running call ends as out of memory, the isolate
+  // stays usable. Cleared when pst_v8_oom reports it.
+  bool over_budget = false;
+  bool collecting = false;
   std::string out;
   Global<String> to_json_key;
   // Promises rejected with no handler (yet): reported by pst_v8_take_rejection once the jobs ran,
   // unless a handler came later (as Node's `unhandledRejection`).
   std::vector<std::pair<Global<Promise>, Global<Value>>> rejections;
+  // The import resolver of the module being instantiated by `__pst_compile` (a JS function
+  // answering a module's source text), and the modules it made, by specifier.
+  Global<Function> resolver;
+  std::unordered_map<std::string, Global<Module>> modules;
+  // The CPU deadline: set by the watchdog (any thread), read by the interrupt that records where
+  // JS was (`term_stack`, `    at f (file:line:column)` lines) before it terminates.
+  std::atomic<bool> terminate_wanted{false};
+  std::string term_stack;
 };
 
 void forget_rejection(Iso* iso, Local<Promise> promise) {
@@ -159,6 +179,21 @@ size_t near_heap_limit(void* data, size_t current, size_t initial) {
   // Room for the running code to unwind; the isolate is disposed of afterwards.
   size_t extra = initial > (64u << 20) ? initial : (64u << 20);
   return current + extra;
+}
+
+// A full GC that leaves the heap 90% full ends the call as out of memory: V8 would otherwise
+// run ever slower last-resort GCs (for seconds) before the near-heap-limit callback fires.
+void after_full_gc(Isolate* isolate, v8::GCType, v8::GCCallbackFlags, void* data) {
+  Iso* iso = static_cast<Iso*>(data);
+  if (iso->oom || iso->over_budget || iso->collecting || !iso->limits.gc_budget) return;
+  v8::HeapStatistics stats;
+  isolate->GetHeapStatistics(&stats);
+  size_t limit = stats.heap_size_limit();
+  if (iso->heap_limit > 0 && iso->heap_limit < limit) limit = iso->heap_limit;
+  if (limit > 0 && stats.used_heap_size() > limit / 10 * 9) {
+    iso->over_budget = true;
+    isolate->TerminateExecution();
+  }
 }
 
 void set_stack_limit(Iso* iso) {
@@ -226,6 +261,18 @@ struct Walker {
   Refusal refused = REFUSED_NONE;
   double claimed = 0;
   std::vector<Local<Object>> stack;
+  bool lenient = false;
+
+  // After a failed step under `tc`: true when the failure is swallowed (lenient mode, a plain
+  // exception); false when it must propagate (strict mode, termination), rethrown to the caller.
+  bool swallow(TryCatch& tc) {
+    if (lenient && !tc.HasTerminated() && !isolate->IsExecutionTerminating()) {
+      tc.Reset();
+      return true;
+    }
+    if (tc.HasCaught() && !tc.HasTerminated()) tc.ReThrow();
+    return false;
+  }
 
   bool count_value() {
     if (values_left == 0) {
@@ -277,16 +324,21 @@ struct Walker {
   int write(Local<Value> value, Local<Value> key, uint32_t depth) {
     if (!count_value()) return -1;
     if (value->IsObject() || value->IsBigInt()) {
+      TryCatch tc(isolate);
       Local<Object> holder;
       if (value->ToObject(context).ToLocal(&holder)) {
         Local<Value> to_json;
-        if (!holder->Get(context, to_json_key).ToLocal(&to_json)) return -1;
+        // Lenient: a `toJSON` that cannot be read is no `toJSON` (the object is read as it is).
+        if (!holder->Get(context, to_json_key).ToLocal(&to_json)) {
+          if (!swallow(tc)) return -1;
+          to_json = v8::Undefined(isolate);
+        }
         if (to_json->IsFunction()) {
           Local<Value> argv[1] = {key};
-          if (!to_json.As<Function>()->Call(context, value, 1, argv).ToLocal(&value)) return -1;
+          if (!to_json.As<Function>()->Call(context, value, 1, argv).ToLocal(&value)) return swallow(tc) ? 0 : -1;
         }
       } else {
-        return -1;
+        return swallow(tc) ? 0 : -1;
       }
     }
     if (value->IsNumberObject()) value = v8::Number::New(isolate, value.As<v8::NumberObject>()->ValueOf());
@@ -311,6 +363,11 @@ struct Walker {
       return 1;
     }
     if (value->IsString()) return write_string(value.As<String>()) ? 1 : -1;
+    if (value->IsBigInt() && lenient) {
+      Local<String> text;
+      if (!value->ToString(context).ToLocal(&text)) return -1;
+      return write_string(text) ? 1 : -1;
+    }
     if (value->IsBigInt()) {
       isolate->ThrowException(Exception::TypeError(str(isolate, "Do not know how to serialize a BigInt")));
       return -1;
@@ -353,7 +410,13 @@ struct Walker {
       if (i > 0) out.push_back(',');
       HandleScope scope(isolate);
       Local<Value> item;
-      if (!array->Get(context, i).ToLocal(&item)) return -1;
+      {
+        TryCatch tc(isolate);
+        if (!array->Get(context, i).ToLocal(&item)) {
+          if (!swallow(tc)) return -1;
+          item = v8::Undefined(isolate);
+        }
+      }
       Local<String> key;
       if (!v8::Integer::NewFromUnsigned(isolate, i)->ToString(context).ToLocal(&key)) return -1;
       int r = write(item, key, depth + 1);
@@ -366,11 +429,15 @@ struct Walker {
 
   int write_object(Local<Object> object, uint32_t depth) {
     Local<Array> keys;
-    if (!object
-             ->GetOwnPropertyNames(context, static_cast<v8::PropertyFilter>(v8::ONLY_ENUMERABLE | v8::SKIP_SYMBOLS),
-                                   v8::KeyConversionMode::kConvertToString)
-             .ToLocal(&keys)) {
-      return -1;
+    {
+      TryCatch tc(isolate);
+      if (!object
+               ->GetOwnPropertyNames(context, static_cast<v8::PropertyFilter>(v8::ONLY_ENUMERABLE | v8::SKIP_SYMBOLS),
+                                     v8::KeyConversionMode::kConvertToString)
+               .ToLocal(&keys)) {
+        if (!swallow(tc)) return -1;
+        keys = Array::New(isolate, 0);
+      }
     }
     uint32_t count = keys->Length();
     if (count > values_left) {
@@ -384,7 +451,13 @@ struct Walker {
       Local<Value> key;
       if (!keys->Get(context, i).ToLocal(&key) || !key->IsString()) return -1;
       Local<Value> item;
-      if (!object->Get(context, key).ToLocal(&item)) return -1;
+      {
+        TryCatch tc(isolate);
+        if (!object->Get(context, key).ToLocal(&item)) {
+          if (!swallow(tc)) return -1;
+          continue;
+        }
+      }
       size_t mark = out.size();
       if (!first) out.push_back(',');
       if (!write_string(key.As<String>())) return -1;
@@ -406,7 +479,7 @@ struct Walker {
 int32_t write_value(Iso* iso, Local<Context> context, Local<Value> value, const PstLimits& limits) {
   iso->out.clear();
   Walker walker{iso->isolate, context, iso->out, limits.max_values, limits.max_values, limits.max_bytes, limits.max_depth,
-                iso->to_json_key.Get(iso->isolate), REFUSED_NONE, 0, {}};
+                iso->to_json_key.Get(iso->isolate), REFUSED_NONE, 0, {}, limits.lenient != 0};
   int r = walker.write(value, String::Empty(iso->isolate), 0);
   if (r == 0) {
     iso->out = "null";
@@ -456,7 +529,7 @@ void write_error(Iso* iso, Local<Context> context, Local<Value> exception, Local
     if (name.empty() && text.empty() && !exception->IsNativeError()) {
       thrown = "object";
       TryCatch inner(isolate);
-      PstLimits small{10000, 64 * 1024, 16};
+      PstLimits small{10000, 64 * 1024, 16, 1, 0};
       std::string saved;
       saved.swap(iso->out);
       if (write_value(iso, context, exception, small) == PST_OK) text = iso->out;
@@ -598,7 +671,28 @@ void host_callback(const FunctionCallbackInfo<Value>& info) {
   json.swap(iso->out);
   iso->out.swap(saved);
   if (status == PST_REFUSED) {
-    std::string message = "The plugin server refused the arguments of " + binding->name + ": " + json;
+    // Worded as convert.rs's `Refused`, naming the meta call when the function is the host's `call`.
+    std::string name = binding->name.rfind("__pst_", 0) == 0 ? binding->name.substr(6) : binding->name;
+    if (name == "call" && info.Length() > 0 && info[0]->IsString()) name = utf8(isolate, info[0].As<String>());
+    int kind = 0;
+    double claimed = 0;
+    std::string reason = json;
+    if (sscanf(json.c_str(), "{\"kind\":%d,\"claimed\":%lf}", &kind, &claimed) == 2) {
+      char buf[256];
+      if (kind == REFUSED_ARRAY) {
+        snprintf(buf, sizeof buf, "an array claims a length of %.0f, more than the %zu values one value may hold",
+                 claimed, iso->limits.max_values);
+      } else if (kind == REFUSED_BYTES) {
+        snprintf(buf, sizeof buf, "its strings and keys take more than %zu bytes", iso->limits.max_bytes);
+      } else {
+        snprintf(buf, sizeof buf,
+                 "it holds more than %zu values (array elements and object members, shared ones counted each "
+                 "time they appear)",
+                 iso->limits.max_values);
+      }
+      reason = buf;
+    }
+    std::string message = "The plugin server refused the arguments of " + name + ": " + reason;
     isolate->ThrowException(Exception::RangeError(str(isolate, message)));
     return;
   }
@@ -642,7 +736,7 @@ void console_callback(const FunctionCallbackInfo<Value>& info) {
     } else if (v->IsObject() && !v->IsFunction() && !v->IsNativeError()) {
       std::string saved;
       saved.swap(iso->out);
-      PstLimits small{100000, 1 << 20, 32};
+      PstLimits small{100000, 1 << 20, 32, 1, 0};
       int32_t status = write_value(iso, context, v, small);
       if (status == PST_OK) line += iso->out;
       iso->out.swap(saved);
@@ -681,6 +775,110 @@ bool install_console(Iso* iso, Local<Context> context) {
   return context->Global()->Set(context, str(isolate, "console"), console).FromMaybe(false);
 }
 
+// The watchdog's interrupt: records the stack where JS was, then terminates.
+void record_and_terminate(Isolate* isolate, void* data) {
+  Iso* iso = static_cast<Iso*>(data);
+  if (!iso->terminate_wanted.exchange(false)) return;
+  {
+    HandleScope hs(isolate);
+    Local<v8::StackTrace> trace = v8::StackTrace::CurrentStackTrace(isolate, 16);
+    std::string text;
+    for (int i = 0; i < trace->GetFrameCount(); i++) {
+      Local<v8::StackFrame> frame = trace->GetFrame(isolate, static_cast<uint32_t>(i));
+      std::string function, script;
+      Local<String> f = frame->GetFunctionName();
+      if (!f.IsEmpty()) function = utf8(isolate, f);
+      Local<String> name = frame->GetScriptName();
+      if (!name.IsEmpty()) script = utf8(isolate, name);
+      text += "    at " + (function.empty() ? std::string("<anonymous>") : function) + " (" + script + ":" +
+              std::to_string(frame->GetLineNumber()) + ":" + std::to_string(frame->GetColumn()) + ")\n";
+    }
+    iso->term_stack = text;
+  }
+  isolate->TerminateExecution();
+}
+
+// Serves an import of a module compiled by `__pst_compile`: the resolver's source text, compiled
+// once per specifier.
+MaybeLocal<Module> resolve_import(Local<Context> context, Local<String> specifier, Local<v8::FixedArray>,
+                                  Local<Module>) {
+  Isolate* isolate = context->GetIsolate();
+  Iso* iso = static_cast<Iso*>(isolate->GetData(0));
+  std::string name = utf8(isolate, specifier);
+  auto found = iso->modules.find(name);
+  if (found != iso->modules.end()) return found->second.Get(isolate);
+  if (iso->resolver.IsEmpty()) {
+    std::string message = "Cannot find module '" + name + "'";
+    isolate->ThrowException(Exception::Error(str(isolate, message)));
+    return MaybeLocal<Module>();
+  }
+  Local<Value> argv[1] = {specifier};
+  Local<Value> source;
+  if (!iso->resolver.Get(isolate)->Call(context, v8::Undefined(isolate), 1, argv).ToLocal(&source)) {
+    return MaybeLocal<Module>();
+  }
+  if (!source->IsString()) {
+    isolate->ThrowException(Exception::TypeError(str(isolate, "the import resolver gave no source")));
+    return MaybeLocal<Module>();
+  }
+  ScriptOrigin origin(isolate, specifier, 0, 0, false, -1, Local<Value>(), false, false, true);
+  ScriptCompiler::Source src(source.As<String>(), origin);
+  Local<Module> module;
+  if (!ScriptCompiler::CompileModule(isolate, &src).ToLocal(&module)) return MaybeLocal<Module>();
+  iso->modules.emplace(name, Global<Module>(isolate, module));
+  return module;
+}
+
+// `__pst_compile(kind, source, filename, lineOffset, resolve)`: kind "script" runs a classic
+// script and answers its completion value; "module" compiles an ES module (imports served by
+// `resolve(specifier)` → source text), evaluates it and answers `[namespace, evaluationPromise]`.
+// Taken (and deleted from the global object) by v8/bootstrap.js before plugin code runs.
+void compile_callback(const FunctionCallbackInfo<Value>& info) {
+  Isolate* isolate = info.GetIsolate();
+  Iso* iso = static_cast<Iso*>(isolate->GetData(0));
+  Local<Context> context = isolate->GetCurrentContext();
+  if (info.Length() < 3 || !info[0]->IsString() || !info[1]->IsString() || !info[2]->IsString()) {
+    isolate->ThrowException(Exception::TypeError(str(isolate, "compile(kind, source, filename)")));
+    return;
+  }
+  std::string kind = utf8(isolate, info[0].As<String>());
+  Local<String> source_text = info[1].As<String>();
+  Local<String> name = info[2].As<String>();
+  int line_offset = info.Length() > 3 && info[3]->IsInt32() ? info[3].As<v8::Int32>()->Value() : 0;
+  if (kind == "module") {
+    ScriptOrigin origin(isolate, name, line_offset, 0, false, -1, Local<Value>(), false, false, true);
+    ScriptCompiler::Source source(source_text, origin);
+    Local<Module> module;
+    if (!ScriptCompiler::CompileModule(isolate, &source).ToLocal(&module)) return;
+    if (info.Length() > 4 && info[4]->IsFunction()) iso->resolver.Reset(isolate, info[4].As<Function>());
+    bool instantiated = module->InstantiateModule(context, resolve_import).FromMaybe(false);
+    iso->resolver.Reset();
+    if (!instantiated) return;
+    Local<Value> completion;
+    if (!module->Evaluate(context).ToLocal(&completion)) return;
+    Local<Array> pair = Array::New(isolate, 2);
+    if (pair->Set(context, 0, module->GetModuleNamespace()).IsNothing()) return;
+    if (pair->Set(context, 1, completion).IsNothing()) return;
+    info.GetReturnValue().Set(pair);
+    return;
+  }
+  ScriptOrigin origin(isolate, name, line_offset, 0);
+  ScriptCompiler::Source source(source_text, origin);
+  Local<v8::Script> script;
+  if (!ScriptCompiler::Compile(context, &source).ToLocal(&script)) return;
+  Local<Value> completion;
+  if (!script->Run(context).ToLocal(&completion)) return;
+  info.GetReturnValue().Set(completion);
+}
+
+bool install_compile(Iso* iso, Local<Context> context) {
+  Isolate* isolate = iso->isolate;
+  Local<FunctionTemplate> tpl = FunctionTemplate::New(isolate, compile_callback);
+  Local<Function> f;
+  if (!tpl->GetFunction(context).ToLocal(&f)) return false;
+  return context->Global()->Set(context, str(isolate, "__pst_compile"), f).FromMaybe(false);
+}
+
 MaybeLocal<Module> refuse_import(Local<Context> context, Local<String> specifier, Local<v8::FixedArray>,
                                  Local<Module>) {
   Isolate* isolate = context->GetIsolate();
@@ -703,8 +901,8 @@ void pst_v8_init(const char* flags) {
   std::call_once(g_init_once, [flags]() {
     if (flags && *flags) v8::V8::SetFlagsFromString(flags);
     v8::V8::InitializeICU();
-    g_platform = v8::platform::NewDefaultPlatform();
-    v8::V8::InitializePlatform(g_platform.get());
+    g_platform = v8::platform::NewDefaultPlatform().release();
+    v8::V8::InitializePlatform(g_platform);
     v8::V8::Initialize();
   });
 }
@@ -733,6 +931,7 @@ Iso* pst_v8_isolate_new(size_t heap_limit, size_t stack_bytes, PstLimits limits,
   isolate->SetMicrotasksPolicy(v8::MicrotasksPolicy::kExplicit);
   isolate->SetAllowAtomicsWait(false);
   isolate->AddNearHeapLimitCallback(near_heap_limit, iso.get());
+  isolate->AddGCEpilogueCallback(after_full_gc, iso.get(), v8::kGCTypeMarkSweepCompact);
   isolate->SetPromiseRejectCallback(on_reject);
   {
     Isolate::Scope scope(isolate);
@@ -751,6 +950,8 @@ void pst_v8_isolate_free(Iso* iso) {
     iso->realms.clear();
     iso->to_json_key.Reset();
     iso->rejections.clear();
+    iso->resolver.Reset();
+    iso->modules.clear();
   }
   iso->isolate->Dispose();
   delete iso->allocator;
@@ -760,10 +961,46 @@ void pst_v8_isolate_free(Iso* iso) {
 // May be called from any thread (the watchdog).
 void pst_v8_terminate(Iso* iso) { iso->isolate->TerminateExecution(); }
 
-// Withdraws a termination that arrived after the code it was meant for had finished.
-void pst_v8_cancel_terminate(Iso* iso) { iso->isolate->CancelTerminateExecution(); }
+// May be called from any thread (the watchdog): asks the running JS to record where it is
+// (pst_v8_term_stack) and terminate, at its next interrupt check.
+void pst_v8_interrupt(Iso* iso) {
+  iso->terminate_wanted.store(true);
+  iso->isolate->RequestInterrupt(record_and_terminate, iso);
+}
 
-int32_t pst_v8_oom(Iso* iso) { return iso->oom ? 1 : 0; }
+// Withdraws a termination that arrived after the code it was meant for had finished.
+void pst_v8_cancel_terminate(Iso* iso) {
+  iso->terminate_wanted.store(false);
+  iso->isolate->CancelTerminateExecution();
+}
+
+// Where JS was when the deadline interrupted it (then forgotten); empty when unknown.
+size_t pst_v8_term_stack(Iso* iso, const char** ptr) {
+  iso->out.swap(iso->term_stack);
+  iso->term_stack.clear();
+  *ptr = iso->out.data();
+  return iso->out.size();
+}
+
+// 1: the heap limit was reached (the isolate is dead); 2: a call went over the GC budget (the
+// mark is cleared by this read); 0: neither.
+int32_t pst_v8_oom(Iso* iso) {
+  if (iso->oom) return 1;
+  if (iso->over_budget) {
+    iso->over_budget = false;
+    return 2;
+  }
+  return 0;
+}
+
+// A full GC now (for heap figures), which never counts against the GC budget.
+void pst_v8_gc(Iso* iso) {
+  if (iso->oom) return;
+  Isolate::Scope scope(iso->isolate);
+  iso->collecting = true;
+  iso->isolate->LowMemoryNotification();
+  iso->collecting = false;
+}
 
 void pst_v8_heap(Iso* iso, size_t* used, size_t* total, size_t* limit) {
   v8::HeapStatistics stats;
@@ -804,6 +1041,7 @@ int64_t pst_v8_realm_new(Iso* iso) {
   if (context.IsEmpty()) return -1;
   Context::Scope cs(context);
   if (!install_console(iso, context)) return -1;
+  if (!install_compile(iso, context)) return -1;
   for (auto& fn : iso->host_fns) {
     if (!install_host_fn(iso, context, fn)) return -1;
   }

@@ -101,6 +101,40 @@ impl fmt::Display for LogLevel {
     }
 }
 
+/// The JavaScript engine of the plugin VMs (`JS_ENGINE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum JsEngine {
+    /// QuickJS (rquickjs): the default.
+    #[default]
+    QuickJs,
+    /// V8 10.2 from Debian's libnode (`runtime/v8`).
+    V8,
+}
+
+impl JsEngine {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JsEngine::QuickJs => "quickjs",
+            JsEngine::V8 => "v8",
+        }
+    }
+
+    /// `JS_ENGINE` of the process environment, for code without a `Config` (tests, benches): a
+    /// missing or unknown value is QuickJS.
+    pub fn from_process_env() -> JsEngine {
+        std::env::var("JS_ENGINE")
+            .ok()
+            .and_then(|raw| <JsEngine as ConfigValue>::parse_env("JS_ENGINE", &raw).ok())
+            .unwrap_or_default()
+    }
+}
+
+impl fmt::Display for JsEngine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// What the defaults depend on: the environment kind and the machine's core count.
 pub struct DefaultsContext {
     pub node_env: NodeEnv,
@@ -218,6 +252,19 @@ impl ConfigValue for LogLevel {
                 value: raw.to_string(),
                 expected: "expected one of none, debug, info, log, warn, error",
             }),
+        }
+    }
+    fn show(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl ConfigValue for JsEngine {
+    fn parse_env(name: &'static str, raw: &str) -> Result<Self, ConfigError> {
+        match raw.trim().to_lowercase().as_str() {
+            "quickjs" => Ok(JsEngine::QuickJs),
+            "v8" => Ok(JsEngine::V8),
+            _ => Err(ConfigError { name, value: raw.to_string(), expected: "expected quickjs or v8" }),
         }
     }
     fn show(&self) -> String {
@@ -367,6 +414,7 @@ define_config! {
     INGESTION_RETRY_ATTEMPTS: u32 = |_| 10, false, "attempts at an event or job that fails for a passing reason (Postgres, Redis or Kafka unavailable, a plugin's JS worker thread lost) before it is dead-lettered";
     INGESTION_RETRY_BACKOFF_MS: u64 = |_| 500, false, "wait before the second attempt at an event or job (milliseconds); doubles after each attempt, up to 30 s";
     PLUGIN_WORKER_STALL_MS: u64 = |_| 0, false, "a JS worker thread silent this long (milliseconds) is stalled: it is replaced and its calls are retried; 0 means 2 × TASK_TIMEOUT + 5 s";
+    JS_ENGINE: JsEngine = |_| JsEngine::QuickJs, false, "JavaScript engine of the plugin VMs: quickjs or v8 (Debian's libnode, V8 10.2)";
 }
 
 impl Config {

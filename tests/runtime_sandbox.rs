@@ -159,3 +159,16 @@ async fn globals_are_private_per_config() {
     let out = pool.call(2, "processEvent", vec![json!({})], CallKind::Method).await.unwrap();
     assert_eq!(out["properties"], json!({"global": null, "shared": null, "config": {"apiKey": "b"}}));
 }
+
+#[tokio::test]
+async fn the_engine_is_the_one_js_engine_names() {
+    // `JS_ENGINE` picks the engine of every pool built without a config (scripts/test runs this
+    // file on both): V8 words its TypeErrors as Node does, QuickJS its own way.
+    let pool = WorkerPool::new(options(1, 2.0)).unwrap();
+    let message = run_task(&pool, 1, "try { undefined.plan } catch (e) { return e.message }").await;
+    let expected = match plugin_server::config::JsEngine::from_process_env() {
+        plugin_server::config::JsEngine::V8 => "Cannot read properties of undefined (reading 'plan')",
+        plugin_server::config::JsEngine::QuickJs => "cannot read property 'plan' of undefined",
+    };
+    assert_eq!(message, json!(expected));
+}

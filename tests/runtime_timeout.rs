@@ -108,14 +108,17 @@ async fn runaway_code_stops_only_its_call() {
         (
             "allocation bomb",
             "function processEvent(e) { const a = []; while (true) a.push('x'.repeat(1e6) + Math.random()); }",
-            "memory",
+            // V8's `repeat` builds a rope of ~20 small strings, not a 1 MB one: its heap fills
+            // about 100 times slower than QuickJS's, so the 1 s deadline may come first there.
+            if v8() { "memory|looping" } else { "memory" },
         ),
         (
             "many small allocations",
             // About 10 KB each: the limit is reached well within the 1 s deadline even on a
             // loaded machine (20-byte and 1 KB strings both hit the deadline first under load).
             "function processEvent(e) { const a = []; for (let i = 0; i < 1e8; i++) a.push(String(Math.random()).repeat(500)); return e }",
-            "memory",
+            // A rope again on V8 (see above).
+            if v8() { "memory|looping" } else { "memory" },
         ),
         ("never settles", "function processEvent(e) { return new Promise(() => {}) }", "promise waited"),
         // The reference has no answer to this one (a worker blocked for minutes): QuickJS-ng's
@@ -133,7 +136,8 @@ async fn runaway_code_stops_only_its_call() {
         let started = Instant::now();
         let err = pool.call(id, "processEvent", vec![event()], CallKind::Method).await.unwrap_err();
         let text = err.to_string();
-        assert!(text.to_lowercase().contains(expected), "{name}: {text}");
+        // Alternatives separated by `|`.
+        assert!(expected.split('|').any(|e| text.to_lowercase().contains(e)), "{name}: {text}");
         assert!(started.elapsed() < Duration::from_secs(5), "{name}: {:?}", started.elapsed());
         // The same thread still serves other plugins, and the VM itself still works.
         let out = pool.call(1, "processEvent", vec![event()], CallKind::Method).await.unwrap();
@@ -164,8 +168,18 @@ async fn top_level_code_is_limited_too() {
     assert_eq!(err.js_error().unwrap().message, format!("{LOOP_1S} 2:0"));
 }
 
+fn v8() -> bool {
+    plugin_server::config::JsEngine::from_process_env() == plugin_server::config::JsEngine::V8
+}
+
 #[tokio::test]
 async fn a_stalled_thread_is_detected_and_replaced() {
+    if v8() {
+        // V8 checks for interrupts inside BigInt's decimal conversion (and every other long
+        // native operation found so far): the CPU deadline stops it, no thread stalls.
+        eprintln!("skipped on V8: no native operation found that ignores the deadline");
+        return;
+    }
     // A few native operations do not poll the interrupt handler; one BigInt-to-decimal conversion
     // near the size limit takes seconds. The pool notices the silent heartbeat, starts a fresh
     // thread for everyone else (the stuck one is abandoned: it stops at its next interrupt check),

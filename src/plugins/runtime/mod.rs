@@ -1,5 +1,5 @@
-//! The JavaScript runtime: a fixed pool of worker threads, each owning one sandboxed QuickJS VM
-//! per plugin config.
+//! The JavaScript runtime: a fixed pool of worker threads, each owning one sandboxed VM per plugin
+//! config, on QuickJS or V8 (`JS_ENGINE`, behind `engine.rs`).
 //!
 //! Owns: the worker threads and their task channels (back-pressure), VM creation (transformed code,
 //! sandbox globals, allow-listed imports, export discovery), per-call CPU deadlines, the per-VM
@@ -10,14 +10,17 @@
 //! that is plain async Rust behind [`MetaBindings`], implemented by the plugin orchestration
 //! (`plugins::extensions`). Nor retries of `setupPlugin`, the exportEvents buffer, the
 //! processEvent chain or error recording: the orchestration drives those through [`WorkerPool`].
-//! The engine (QuickJS through rquickjs) stays behind this module's types, so another engine
-//! could replace it without touching the callers.
+//! The engine (QuickJS through rquickjs, or V8 through `v8/`) stays behind `engine::Vm`: the pool
+//! and the callers do not know which one runs. Both run the same `prelude.js`, the same host
+//! logic (`host/`) and give the same error texts (`timeouts.rs`).
 
 mod convert;
+mod engine;
 mod host;
 pub mod modules;
 mod pool;
 mod quickjs;
+mod timeouts;
 pub mod v8;
 
 use std::sync::Arc;
@@ -303,6 +306,8 @@ pub struct PoolOptions {
     /// A worker whose heartbeat is older than this is stalled and gets replaced (default
     /// `2 × TASK_TIMEOUT + 5 s`: longer than any stretch the CPU deadline allows).
     pub stall_after: Option<Duration>,
+    /// The JavaScript engine of the VMs (`JS_ENGINE`).
+    pub engine: crate::config::JsEngine,
 }
 
 impl PoolOptions {
@@ -316,6 +321,7 @@ impl PoolOptions {
             test_console_file: test_env.then(|| std::path::Path::new("tmp").join("test-console.txt")),
             stall_after: (config.PLUGIN_WORKER_STALL_MS > 0)
                 .then(|| std::time::Duration::from_millis(config.PLUGIN_WORKER_STALL_MS)),
+            engine: config.JS_ENGINE,
             ..PoolOptions::default()
         }
     }
@@ -332,6 +338,9 @@ impl Default for PoolOptions {
             test_env: false,
             test_console_file: None,
             stall_after: None,
+            // Without a config (tests, benches, the dev loop's defaults): `JS_ENGINE` of the
+            // process, so one test file exercises either engine.
+            engine: crate::config::JsEngine::from_process_env(),
         }
     }
 }

@@ -52,7 +52,8 @@ use serde_json::Value;
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 
-use super::quickjs::{is_allowed_import, Vm, VmInner, TEST_CONSOLE_MODULE};
+use super::engine::Vm;
+use super::quickjs::{is_allowed_import, TEST_CONSOLE_MODULE};
 use super::{CallKind, MetaBindings, PluginConfigId, PluginError, PluginExports, PluginVmSpec, PoolOptions};
 use crate::plugins::transform::{transform_code, TransformedCode};
 
@@ -1007,8 +1008,8 @@ impl Future for Tracked {
 fn forget_if_discarded(vms: &Rc<RefCell<Vms>>, vm: &Vm) {
     if vm.is_discarded() {
         let mut vms = vms.borrow_mut();
-        if vms.vms.get(&vm.plugin_config_id).is_some_and(|(_, held)| Rc::ptr_eq(held, vm)) {
-            vms.vms.remove(&vm.plugin_config_id);
+        if vms.vms.get(&vm.plugin_config_id()).is_some_and(|(_, held)| held.same(vm)) {
+            vms.vms.remove(&vm.plugin_config_id());
         }
     }
 }
@@ -1023,7 +1024,7 @@ async fn run_task(
     match task {
         Task::Load { recipe, reply } => {
             vms.borrow_mut().vms.remove(&recipe.plugin_config_id);
-            let result = vm_for(vms, &recipe, options, main, abandoned).await.map(|vm| vm.exports.borrow().clone());
+            let result = vm_for(vms, &recipe, options, main, abandoned).await.map(|vm| vm.exports());
             let _ = reply.send(result);
         }
         Task::Call { recipe, create, method, args, kind, reply, claim, .. } => {
@@ -1098,8 +1099,8 @@ async fn vm_for(
         }
     }
     let building = Building(Instant::now());
-    let vm = VmInner::create(id, &recipe.code, recipe.meta.clone(), options, main, abandoned).await?;
-    if vm.exports.borrow().has("setupPlugin") {
+    let vm = Vm::create(id, &recipe.code, recipe.meta.clone(), options, main, abandoned).await?;
+    if vm.exports().has("setupPlugin") {
         vm.call("setupPlugin", Vec::new(), CallKind::Method).await?;
     }
     drop(building);

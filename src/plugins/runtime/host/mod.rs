@@ -1,25 +1,30 @@
-//! Synchronous host functions behind the sandbox's `crypto`, `zlib`, `url`, `Buffer` and
-//! `TextEncoder`/`TextDecoder` (the JS side lives in `prelude.js`). They take and return plain
-//! bytes/strings, so plugin code never holds a host object.
+//! What the sandbox's synchronous host functions do, engine-neutral: the work behind `crypto`,
+//! `zlib`, `url`, `Buffer` and `TextEncoder`/`TextDecoder` (the JS side lives in `prelude.js`),
+//! on plain bytes and strings, so plugin code never holds a host object. Each engine binds them:
+//! `host/quickjs.rs` (QuickJS values, buffers allocated in the VM's heap) and `host/v8.rs` (V8,
+//! through the shim's JSON boundary; bytes travel as binary strings that `v8/bootstrap.js`
+//! converts).
 //!
 //! Also the host-op limits the prelude enforces per VM (`limits`: how many host calls may be in
 //! flight) and V8's `JSON.parse` message for `res.json()`'s node-fetch error (`jsonError`).
 //!
 //! Not here: functions that need the VM's async machinery (meta calls, fetch, timers), which
-//! live in `quickjs.rs`; the HTTP client itself is `fetch.rs`.
+//! live in each engine's VM (`quickjs.rs`, `v8/vm.rs`); the HTTP client itself is `fetch.rs`.
 //!
-//! Host-made memory counts against the VM's limit: every buffer handed to JS is allocated in the
-//! VM's own heap ([`buffer`] copies into it, so QuickJS' memory limit applies and an allocation
-//! over it is an ordinary `out of memory`), and zlib output is bounded while it streams by the
-//! VM's [`memory_headroom`], so an inflate bomb stops at the budget instead of after it.
+//! Host-made memory counts against the VM's limit: zlib output is bounded while it streams by the
+//! VM's headroom (QuickJS: [`memory_headroom`]; V8: its heap limit less its heap used), so an
+//! inflate bomb stops at the budget instead of after it.
 
 pub mod fetch;
+mod quickjs;
+pub mod v8;
+
+pub use quickjs::{buffer, bytes_of, install, install_test_console, memory_headroom};
 
 use std::io::{Read, Write};
 
 use base64::Engine as _;
 use hmac::{Hmac, Mac};
-use rquickjs::{ArrayBuffer, Ctx, Exception, Function, Object, Result as JsResult, TypedArray, Value};
 use sha2::Digest;
 
 /// Largest output a single zlib call may produce, whatever the VM's headroom (a decompression
@@ -27,39 +32,6 @@ use sha2::Digest;
 const MAX_INFLATED_BYTES: u64 = 64 * 1024 * 1024;
 /// Largest `crypto.randomBytes` request.
 const MAX_RANDOM_BYTES: usize = 1024 * 1024;
-
-/// The bytes of a `Uint8Array`/`Buffer` or `ArrayBuffer` argument.
-pub fn bytes_of(ctx: &Ctx<'_>, value: &Value<'_>) -> JsResult<Vec<u8>> {
-    if let Some(object) = value.as_object() {
-        if let Ok(array) = TypedArray::<u8>::from_object(object.clone()) {
-            return Ok(array.as_bytes().map(|b| b.to_vec()).unwrap_or_default());
-        }
-        if let Some(buffer) = ArrayBuffer::from_object(object.clone()) {
-            return Ok(buffer.as_bytes().map(|b| b.to_vec()).unwrap_or_default());
-        }
-    }
-    Err(Exception::throw_type(ctx, "expected a Buffer, Uint8Array or ArrayBuffer"))
-}
-
-/// Bytes the VM of `ctx` may still allocate before its memory limit (`usize::MAX` without one).
-/// The budget for host-made data (zlib output, fetch bodies) that is about to be handed to JS.
-pub fn memory_headroom(ctx: &Ctx<'_>) -> usize {
-    let mut usage = std::mem::MaybeUninit::<rquickjs::qjs::JSMemoryUsage>::zeroed();
-    // SAFETY: `ctx` is a live context on this thread; QuickJS only fills the struct.
-    let usage = unsafe {
-        rquickjs::qjs::JS_ComputeMemoryUsage(rquickjs::qjs::JS_GetRuntime(ctx.as_raw().as_ptr()), usage.as_mut_ptr());
-        usage.assume_init()
-    };
-    if usage.malloc_limit <= 0 {
-        return usize::MAX;
-    }
-    usize::try_from(usage.malloc_limit.saturating_sub(usage.malloc_size)).unwrap_or(0)
-}
-
-/// A JS `ArrayBuffer` of `bytes`, allocated in the VM's heap so it counts against its limit.
-pub fn buffer<'js>(ctx: &Ctx<'js>, bytes: Vec<u8>) -> JsResult<ArrayBuffer<'js>> {
-    ArrayBuffer::new_copy(ctx.clone(), bytes)
-}
 
 fn digest(algorithm: &str, data: &[u8]) -> Option<Vec<u8>> {
     Some(match algorithm.to_ascii_lowercase().as_str() {
@@ -91,7 +63,7 @@ fn hmac_digest(algorithm: &str, key: &[u8], data: &[u8]) -> Option<Vec<u8>> {
 /// Node's brotli encoder parameters (`params` of `brotliCompress*` options, keyed by
 /// `zlib.constants.BROTLI_PARAM_*`): Node's defaults are quality 11, window 22, generic mode.
 #[derive(Debug, Clone, Copy, PartialEq)]
-struct BrotliParams {
+pub struct BrotliParams {
     quality: i32,
     lgwin: i32,
     mode: i32,
@@ -107,42 +79,6 @@ impl Default for BrotliParams {
 const BROTLI_PARAM_MODE: &str = "0";
 const BROTLI_PARAM_QUALITY: &str = "1";
 const BROTLI_PARAM_LGWIN: &str = "2";
-
-impl BrotliParams {
-    /// From the `params` object of the options, as Node reads it: a key that is no
-    /// `BROTLI_PARAM_*` is a `RangeError` (`ERR_BROTLI_INVALID_PARAM`), a value that is no number
-    /// a `TypeError`; values out of range are clamped (quality, window) or ignored (mode), as the
-    /// brotli encoder does.
-    fn from_js(ctx: &Ctx<'_>, params: Option<Object<'_>>) -> JsResult<BrotliParams> {
-        let mut out = BrotliParams::default();
-        let Some(params) = params else { return Ok(out) };
-        for key in params.keys::<String>() {
-            let key = key?;
-            if !matches!(key.as_str(), "0" | "1" | "2" | "3" | "4" | "5" | "6" | "7" | "8" | "9") {
-                return Err(Exception::throw_range(ctx, &format!("{key} is not a valid Brotli parameter")));
-            }
-            let value: Value = params.get(key.as_str())?;
-            let Some(number) = value.as_number() else {
-                return Err(Exception::throw_type(
-                    ctx,
-                    &format!(
-                        "The \"options.params[key]\" property must be of type number. Received type {}",
-                        value.type_name()
-                    ),
-                ));
-            };
-            let number = if number.is_finite() { number.trunc().clamp(-1e9, 1e9) as i32 } else { 0 };
-            match key.as_str() {
-                BROTLI_PARAM_QUALITY => out.quality = number.clamp(0, 11),
-                BROTLI_PARAM_LGWIN => out.lgwin = number.clamp(10, 24),
-                BROTLI_PARAM_MODE if (0..=2).contains(&number) => out.mode = number,
-                // Block size, size hint and the rest tune speed only.
-                _ => {}
-            }
-        }
-        Ok(out)
-    }
-}
 
 fn brotli_compress(data: &[u8], params: BrotliParams) -> std::result::Result<Vec<u8>, String> {
     let mut encoder = brotli::enc::BrotliEncoderParams {
@@ -212,24 +148,6 @@ fn zlib_with(op: &str, data: &[u8], limit: u64, brotli: BrotliParams) -> std::re
         _ => Err(format!("unknown zlib operation {op}")),
     }
     .map_err(|e| if e.contains("invalid") || e.contains("corrupt") { "incorrect header check".to_string() } else { e })
-}
-
-/// The WHATWG URL API's getters (`url::quirks` implements them to the standard, as Node does).
-fn url_record<'js>(ctx: &Ctx<'js>, url: &url::Url) -> JsResult<Object<'js>> {
-    use url::quirks;
-    let record = Object::new(ctx.clone())?;
-    record.set("href", quirks::href(url))?;
-    record.set("protocol", quirks::protocol(url))?;
-    record.set("username", quirks::username(url))?;
-    record.set("password", quirks::password(url))?;
-    record.set("host", quirks::host(url))?;
-    record.set("hostname", quirks::hostname(url))?;
-    record.set("port", quirks::port(url))?;
-    record.set("pathname", quirks::pathname(url))?;
-    record.set("search", quirks::search(url))?;
-    record.set("hash", quirks::hash(url))?;
-    record.set("origin", quirks::origin(url))?;
-    Ok(record)
 }
 
 /// The URL parser (`new URL(input, base)`): `None` for an invalid input or base.
@@ -308,160 +226,149 @@ pub fn v8_json_error(text: &str) -> Option<String> {
     Some(format!("Unexpected token '{token}', {snippet} is not valid JSON"))
 }
 
-/// Adds the synchronous host functions to `host`.
-pub fn install<'js>(ctx: &Ctx<'js>, host: &Object<'js>) -> JsResult<()> {
-    // The facade modules (`runtime/modules`): their list, or one compiled (on demand).
-    host.set(
-        "facade",
-        Function::new(ctx.clone(), |ctx: Ctx<'js>, name: rquickjs::function::Opt<String>| -> JsResult<Value<'js>> {
-            let Some(name) = name.0 else {
-                let list = rquickjs::Array::new(ctx.clone())?;
-                for (index, facade) in super::modules::FACADES.iter().enumerate() {
-                    let entry = rquickjs::Array::new(ctx.clone())?;
-                    entry.set(0, facade.name)?;
-                    entry.set(1, facade.importable)?;
-                    list.set(index, entry)?;
-                }
-                return Ok(list.into_value());
-            };
-            let Some(facade) = super::modules::find(&name) else {
-                return Err(Exception::throw_type(&ctx, &format!("no facade module {name}")));
-            };
-            let source = format!("export default {}", facade.source);
-            let (module, _) =
-                rquickjs::Module::declare(ctx.clone(), super::modules::file_name(&name), source)?.eval()?;
-            module.namespace()?.get("default")
-        })?,
-    )?;
-    host.set(
-        "limits",
-        Function::new(ctx.clone(), |ctx: Ctx<'js>| -> JsResult<Object<'js>> {
-            let limits = Object::new(ctx)?;
-            limits.set("maxHostCallsInFlight", fetch::settings().max_host_calls_in_flight as f64)?;
-            Ok(limits)
-        })?,
-    )?;
-    host.set("jsonError", Function::new(ctx.clone(), |text: String| v8_json_error(&text))?)?;
-    host.set("utf8Encode", Function::new(ctx.clone(), |ctx: Ctx<'js>, s: String| buffer(&ctx, s.into_bytes()))?)?;
-    host.set(
-        "utf8Decode",
-        Function::new(ctx.clone(), |ctx: Ctx<'js>, v: Value<'js>| -> JsResult<String> {
-            Ok(String::from_utf8_lossy(&bytes_of(&ctx, &v)?).into_owned())
-        })?,
-    )?;
-    host.set(
-        "base64Encode",
-        Function::new(ctx.clone(), |ctx: Ctx<'js>, v: Value<'js>, url_safe: bool| -> JsResult<String> {
-            let bytes = bytes_of(&ctx, &v)?;
-            Ok(if url_safe {
-                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
-            } else {
-                base64::engine::general_purpose::STANDARD.encode(bytes)
-            })
-        })?,
-    )?;
-    host.set(
-        "base64Decode",
-        Function::new(ctx.clone(), |ctx: Ctx<'js>, s: String| {
-            // Node is lenient: url-safe alphabet, missing padding and whitespace are accepted.
-            let cleaned: String = s
-                .chars()
-                .filter(|c| !c.is_whitespace() && *c != '=')
-                .map(|c| match c {
-                    '-' => '+',
-                    '_' => '/',
-                    c => c,
-                })
-                .collect();
-            let bytes = base64::engine::general_purpose::STANDARD_NO_PAD.decode(cleaned.as_bytes()).unwrap_or_default();
-            buffer(&ctx, bytes)
-        })?,
-    )?;
-    host.set(
-        "hash",
-        Function::new(ctx.clone(), |ctx: Ctx<'js>, algorithm: String, data: Value<'js>| {
-            let data = bytes_of(&ctx, &data)?;
-            match digest(&algorithm, &data) {
-                Some(out) => buffer(&ctx, out),
-                None => Err(Exception::throw_message(&ctx, "Digest method not supported")),
-            }
-        })?,
-    )?;
-    host.set(
-        "hmac",
-        Function::new(ctx.clone(), |ctx: Ctx<'js>, algorithm: String, key: Value<'js>, data: Value<'js>| {
-            let key = bytes_of(&ctx, &key)?;
-            let data = bytes_of(&ctx, &data)?;
-            match hmac_digest(&algorithm, &key, &data) {
-                Some(out) => buffer(&ctx, out),
-                None => Err(Exception::throw_message(&ctx, &format!("Invalid digest: {algorithm}"))),
-            }
-        })?,
-    )?;
-    host.set(
-        "randomBytes",
-        Function::new(ctx.clone(), |ctx: Ctx<'js>, size: f64| {
-            if !(0.0..=MAX_RANDOM_BYTES as f64).contains(&size) {
-                return Err(Exception::throw_range(&ctx, "The value of \"size\" is out of range."));
-            }
-            let mut bytes = vec![0u8; size as usize];
-            rand::Rng::fill(&mut rand::rng(), bytes.as_mut_slice());
-            buffer(&ctx, bytes)
-        })?,
-    )?;
-    host.set("randomUUID", Function::new(ctx.clone(), || uuid::Uuid::new_v4().to_string())?)?;
-    host.set(
-        "zlib",
-        Function::new(
-            ctx.clone(),
-            |ctx: Ctx<'js>, op: String, data: Value<'js>, params: rquickjs::function::Opt<Object<'js>>| {
-                let data = bytes_of(&ctx, &data)?;
-                // The output is copied into the VM's heap: it must fit there (plus the input copy).
-                let limit = (memory_headroom(&ctx) as u64).min(MAX_INFLATED_BYTES);
-                let brotli = BrotliParams::from_js(&ctx, params.0)?;
-                match zlib_with(&op, &data, limit, brotli) {
-                    Ok(out) => buffer(&ctx, out),
-                    Err(message) => Err(Exception::throw_message(&ctx, &message)),
-                }
-            },
-        )?,
-    )?;
-    host.set(
-        "urlParse",
-        Function::new(
-            ctx.clone(),
-            |ctx: Ctx<'js>, href: String, base: rquickjs::function::Opt<String>| match parse_url(
-                &href,
-                base.0.as_deref(),
-            ) {
-                Some(url) => url_record(&ctx, &url).map(|record| record.into_value()),
-                None => Ok(rquickjs::Value::new_null(ctx)),
-            },
-        )?,
-    )?;
-    host.set(
-        "urlSet",
-        Function::new(ctx.clone(), |ctx: Ctx<'js>, href: String, field: String, value: String| {
-            let mut url = url::Url::parse(&href).map_err(|_| Exception::throw_type(&ctx, "Invalid URL"))?;
-            set_url_field(&mut url, &field, &value);
-            url_record(&ctx, &url)
-        })?,
-    )?;
-    // The application/x-www-form-urlencoded parser (`URLSearchParams`): `[[name, value], …]`.
-    host.set(
-        "formParse",
-        Function::new(ctx.clone(), |ctx: Ctx<'js>, text: String| -> JsResult<rquickjs::Array<'js>> {
-            let pairs = rquickjs::Array::new(ctx.clone())?;
-            for (index, (name, value)) in url::form_urlencoded::parse(text.as_bytes()).enumerate() {
-                let pair = rquickjs::Array::new(ctx.clone())?;
-                pair.set(0, name.as_ref())?;
-                pair.set(1, value.as_ref())?;
-                pairs.set(index, pair)?;
-            }
-            Ok(pairs)
-        })?,
-    )?;
-    Ok(())
+/// An error a host function throws into JS: its constructor and message.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Thrown {
+    Error(String),
+    Type(String),
+    Range(String),
+}
+
+impl Thrown {
+    /// As the meta error the V8 binding throws (name and message).
+    pub fn into_meta(self) -> super::MetaError {
+        match self {
+            Thrown::Error(m) => super::MetaError::new(m),
+            Thrown::Type(m) => super::MetaError::named("TypeError", m),
+            Thrown::Range(m) => super::MetaError::named("RangeError", m),
+        }
+    }
+}
+
+/// `crypto.createHash(algorithm).update(data).digest()`.
+pub fn hash(algorithm: &str, data: &[u8]) -> Result<Vec<u8>, Thrown> {
+    digest(algorithm, data).ok_or_else(|| Thrown::Error("Digest method not supported".into()))
+}
+
+/// `crypto.createHmac(algorithm, key).update(data).digest()`.
+pub fn hmac(algorithm: &str, key: &[u8], data: &[u8]) -> Result<Vec<u8>, Thrown> {
+    hmac_digest(algorithm, key, data).ok_or_else(|| Thrown::Error(format!("Invalid digest: {algorithm}")))
+}
+
+/// `crypto.randomBytes(size)`.
+pub fn random_bytes(size: f64) -> Result<Vec<u8>, Thrown> {
+    if !(0.0..=MAX_RANDOM_BYTES as f64).contains(&size) {
+        return Err(Thrown::Range("The value of \"size\" is out of range.".into()));
+    }
+    let mut bytes = vec![0u8; size as usize];
+    rand::Rng::fill(&mut rand::rng(), bytes.as_mut_slice());
+    Ok(bytes)
+}
+
+pub fn base64_encode(bytes: &[u8], url_safe: bool) -> String {
+    if url_safe {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    } else {
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    }
+}
+
+/// Node is lenient: url-safe alphabet, missing padding and whitespace are accepted.
+pub fn base64_decode(s: &str) -> Vec<u8> {
+    let cleaned: String = s
+        .chars()
+        .filter(|c| !c.is_whitespace() && *c != '=')
+        .map(|c| match c {
+            '-' => '+',
+            '_' => '/',
+            c => c,
+        })
+        .collect();
+    base64::engine::general_purpose::STANDARD_NO_PAD.decode(cleaned.as_bytes()).unwrap_or_default()
+}
+
+/// One zlib operation (`op`: `gzip`, `inflate`, `brotliCompress`, …) whose output must fit in
+/// `headroom` bytes of the VM's memory.
+pub fn zlib_op(op: &str, data: &[u8], headroom: usize, brotli: BrotliParams) -> Result<Vec<u8>, Thrown> {
+    let limit = (headroom as u64).min(MAX_INFLATED_BYTES);
+    zlib_with(op, data, limit, brotli).map_err(Thrown::Error)
+}
+
+/// The WHATWG URL API's getters (`url::quirks` implements them to the standard, as Node does).
+pub fn url_fields(url: &url::Url) -> [(&'static str, String); 11] {
+    use url::quirks;
+    [
+        ("href", quirks::href(url).to_string()),
+        ("protocol", quirks::protocol(url).to_string()),
+        ("username", quirks::username(url).to_string()),
+        ("password", quirks::password(url).to_string()),
+        ("host", quirks::host(url).to_string()),
+        ("hostname", quirks::hostname(url).to_string()),
+        ("port", quirks::port(url).to_string()),
+        ("pathname", quirks::pathname(url).to_string()),
+        ("search", quirks::search(url).to_string()),
+        ("hash", quirks::hash(url).to_string()),
+        ("origin", quirks::origin(url)),
+    ]
+}
+
+/// `new URL(href, base)`: `None` for an invalid input or base.
+pub fn url_parse(href: &str, base: Option<&str>) -> Option<url::Url> {
+    parse_url(href, base)
+}
+
+/// A WHATWG URL setter applied to `href` (`TypeError: Invalid URL` when `href` does not parse).
+pub fn url_set(href: &str, field: &str, value: &str) -> Result<url::Url, Thrown> {
+    let mut url = url::Url::parse(href).map_err(|_| Thrown::Type("Invalid URL".into()))?;
+    set_url_field(&mut url, field, value);
+    Ok(url)
+}
+
+/// The application/x-www-form-urlencoded parser (`URLSearchParams`).
+pub fn form_parse(text: &str) -> Vec<(String, String)> {
+    url::form_urlencoded::parse(text.as_bytes()).map(|(k, v)| (k.into_owned(), v.into_owned())).collect()
+}
+
+/// Host calls one VM may have in flight (`host.limits()` of the prelude).
+pub fn max_host_calls_in_flight() -> usize {
+    fetch::settings().max_host_calls_in_flight
+}
+
+/// `test-utils/write-to-file`: appends `text` to `path` (or replaces the file's contents).
+pub fn test_console_write(path: &std::path::Path, text: &str, append: bool) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut file = std::fs::OpenOptions::new().create(true).write(true).append(append).truncate(!append).open(path)?;
+    file.write_all(text.as_bytes())
+}
+
+/// Node's brotli encoder parameters from the `params` entries of the options (key, number or the
+/// JS type name of a value that is no number), as Node reads them: a key that is no
+/// `BROTLI_PARAM_*` is a `RangeError` (`ERR_BROTLI_INVALID_PARAM`), a value that is no number a
+/// `TypeError`; values out of range are clamped (quality, window) or ignored (mode), as the
+/// brotli encoder does.
+pub fn brotli_params(entries: impl IntoIterator<Item = (String, Result<f64, String>)>) -> Result<BrotliParams, Thrown> {
+    let mut out = BrotliParams::default();
+    for (key, value) in entries {
+        if !matches!(key.as_str(), "0" | "1" | "2" | "3" | "4" | "5" | "6" | "7" | "8" | "9") {
+            return Err(Thrown::Range(format!("{key} is not a valid Brotli parameter")));
+        }
+        let number = value.map_err(|type_name| {
+            Thrown::Type(format!(
+                "The \"options.params[key]\" property must be of type number. Received type {type_name}"
+            ))
+        })?;
+        let number = if number.is_finite() { number.trunc().clamp(-1e9, 1e9) as i32 } else { 0 };
+        match key.as_str() {
+            BROTLI_PARAM_QUALITY => out.quality = number.clamp(0, 11),
+            BROTLI_PARAM_LGWIN => out.lgwin = number.clamp(10, 24),
+            BROTLI_PARAM_MODE if (0..=2).contains(&number) => out.mode = number,
+            // Block size, size hint and the rest tune speed only.
+            _ => {}
+        }
+    }
+    Ok(out)
 }
 
 /// The lines `test-utils/write-to-file`'s `console.log(...args)` wrote to `path` (one JSON array
@@ -473,34 +380,6 @@ pub fn read_test_console(path: &std::path::Path) -> Vec<serde_json::Value> {
         .filter(|l| !l.is_empty())
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect()
-}
-
-/// Host side of the test-only module `test-utils/write-to-file`.
-pub fn install_test_console<'js>(ctx: &Ctx<'js>, host: &Object<'js>, path: std::path::PathBuf) -> JsResult<()> {
-    let write_path = path.clone();
-    host.set(
-        "testConsoleWrite",
-        Function::new(ctx.clone(), move |ctx: Ctx<'js>, text: String, append: bool| -> JsResult<()> {
-            let result = (|| -> std::io::Result<()> {
-                if let Some(dir) = write_path.parent() {
-                    std::fs::create_dir_all(dir)?;
-                }
-                let mut file = std::fs::OpenOptions::new()
-                    .create(true)
-                    .write(true)
-                    .append(append)
-                    .truncate(!append)
-                    .open(&write_path)?;
-                file.write_all(text.as_bytes())
-            })();
-            result.map_err(|e| Exception::throw_message(&ctx, &e.to_string()))
-        })?,
-    )?;
-    host.set(
-        "testConsoleRead",
-        Function::new(ctx.clone(), move || std::fs::read_to_string(&path).unwrap_or_default())?,
-    )?;
-    Ok(())
 }
 
 #[cfg(test)]

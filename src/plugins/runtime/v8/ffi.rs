@@ -45,6 +45,11 @@ pub struct Limits {
     pub max_values: usize,
     pub max_bytes: usize,
     pub max_depth: u32,
+    /// Nonzero: read values as QuickJS does (throwing members hidden, BigInt as its string).
+    pub lenient: u32,
+    /// Nonzero: a full GC leaving the heap 90% full ends the call as out of memory, and the
+    /// isolate lives on (`pst_v8_oom` answers 2 once).
+    pub gc_budget: u32,
 }
 
 extern "C" {
@@ -59,8 +64,11 @@ extern "C" {
     ) -> *mut Iso;
     pub fn pst_v8_isolate_free(iso: *mut Iso);
     pub fn pst_v8_terminate(iso: *mut Iso);
+    pub fn pst_v8_interrupt(iso: *mut Iso);
+    pub fn pst_v8_term_stack(iso: *mut Iso, ptr: *mut *const c_char) -> usize;
     pub fn pst_v8_cancel_terminate(iso: *mut Iso);
     pub fn pst_v8_oom(iso: *mut Iso) -> i32;
+    pub fn pst_v8_gc(iso: *mut Iso);
     pub fn pst_v8_heap(iso: *mut Iso, used: *mut usize, total: *mut usize, limit: *mut usize);
     pub fn pst_v8_out(iso: *mut Iso, ptr: *mut *const c_char) -> usize;
     pub fn pst_v8_define_host(iso: *mut Iso, name: *const c_char, name_len: usize, fn_id: u32, is_async: i32) -> i32;

@@ -23,6 +23,7 @@
 //! one FFI call at a time, with a deadline armed; host callbacks never re-enter the isolate.
 
 mod ffi;
+pub mod vm;
 mod watchdog;
 
 use std::cell::{Cell, RefCell};
@@ -64,6 +65,14 @@ pub struct V8Options {
     pub max_values: usize,
     pub max_bytes: usize,
     pub max_depth: u32,
+    /// Read values as QuickJS's conversion does (`convert.rs`): a getter, proxy trap or `toJSON`
+    /// that throws hides its member instead of failing the read, a BigInt becomes its decimal
+    /// string. Off: `JSON.stringify`'s strictness.
+    pub lenient: bool,
+    /// End a call as out of memory (`HeapLimit`, the isolate still alive) when a full GC leaves
+    /// the heap 90% full, instead of letting V8 run ever slower last-resort GCs until the heap
+    /// limit kills the isolate.
+    pub gc_budget: bool,
 }
 
 impl Default for V8Options {
@@ -74,6 +83,8 @@ impl Default for V8Options {
             max_values: MAX_VALUES,
             max_bytes: MAX_BYTES,
             max_depth: MAX_DEPTH,
+            lenient: false,
+            gc_budget: false,
         }
     }
 }
@@ -279,7 +290,32 @@ pub struct V8Isolate {
     host: Box<HostTable>,
     options: V8Options,
     dead: bool,
+    /// Dropped with the isolate: a [`HeapProbe`] reads nothing after that.
+    alive: Rc<()>,
     _not_send: PhantomData<*mut ()>,
+}
+
+/// Reads the heap of an isolate from where no `&V8Isolate` is at hand (a host function running
+/// inside a call, a host op finishing later); reads nothing once the isolate is gone.
+#[derive(Clone)]
+pub struct HeapProbe {
+    raw: NonNull<ffi::Iso>,
+    alive: std::rc::Weak<()>,
+    limit: usize,
+}
+
+impl HeapProbe {
+    /// Bytes the isolate's heap may still grow by before its limit (0 once it is gone).
+    pub fn headroom(&self) -> usize {
+        if self.alive.upgrade().is_none() {
+            return 0;
+        }
+        let (mut used, mut total, mut limit) = (0, 0, 0);
+        // SAFETY: the isolate is alive (its `alive` token is), and a probe, being `!Send`, is on
+        // the isolate's thread; GetHeapStatistics may run inside a host callback.
+        unsafe { ffi::pst_v8_heap(self.raw.as_ptr(), &mut used, &mut total, &mut limit) };
+        self.limit.min(limit).saturating_sub(used)
+    }
 }
 
 impl Drop for V8Isolate {
@@ -315,14 +351,19 @@ impl V8Isolate {
     pub fn new(options: V8Options) -> Result<V8Isolate, EngineError> {
         init();
         let host = Box::<HostTable>::default();
-        let limits =
-            ffi::Limits { max_values: options.max_values, max_bytes: options.max_bytes, max_depth: options.max_depth };
+        let limits = ffi::Limits {
+            max_values: options.max_values,
+            max_bytes: options.max_bytes,
+            max_depth: options.max_depth,
+            lenient: u32::from(options.lenient),
+            gc_budget: u32::from(options.gc_budget),
+        };
         let user = &*host as *const HostTable as *mut c_void;
         // SAFETY: `user` outlives the isolate (freed after it, see Drop).
         let raw =
             unsafe { ffi::pst_v8_isolate_new(options.heap_limit_bytes, options.stack_bytes, limits, user, CALLBACKS) };
         let raw = NonNull::new(raw).ok_or(EngineError::Create)?;
-        let isolate = V8Isolate { raw, host, options, dead: false, _not_send: PhantomData };
+        let isolate = V8Isolate { raw, host, options, dead: false, alive: Rc::new(()), _not_send: PhantomData };
         isolate.new_realm()?;
         Ok(isolate)
     }
@@ -374,9 +415,32 @@ impl V8Isolate {
         }
     }
 
+    /// A reader of this isolate's heap headroom (see [`HeapProbe`]).
+    pub fn heap_probe(&self) -> HeapProbe {
+        HeapProbe { raw: self.raw, alive: Rc::downgrade(&self.alive), limit: self.options.heap_limit_bytes }
+    }
+
+    /// Where JS was when the last deadline interrupted it (`    at f (file:line:column)` lines),
+    /// then forgotten; `None` when unknown (the watchdog had to terminate without it).
+    pub fn take_term_stack(&mut self) -> Option<String> {
+        let mut ptr: *const c_char = std::ptr::null();
+        // SAFETY: a live isolate; the text is copied out at once.
+        let len = unsafe { ffi::pst_v8_term_stack(self.iso(), &mut ptr) };
+        let text = String::from_utf8_lossy(bytes(ptr, len)).into_owned();
+        (!text.is_empty()).then_some(text)
+    }
+
     /// Whether the isolate reached its heap limit (it runs nothing more; drop it).
     pub fn is_dead(&self) -> bool {
         self.dead
+    }
+
+    /// Runs a full GC (for heap figures: what [`V8Isolate::heap`] then says is live data).
+    pub fn collect_garbage(&self) {
+        if !self.dead {
+            // SAFETY: a live isolate on its own thread, not running JS.
+            unsafe { ffi::pst_v8_gc(self.iso()) };
+        }
     }
 
     pub fn heap(&self) -> HeapStats {
@@ -444,9 +508,13 @@ impl V8Isolate {
             unsafe { ffi::pst_v8_cancel_terminate(iso) };
         }
         // SAFETY: a live isolate.
-        if unsafe { ffi::pst_v8_oom(iso) } != 0 {
-            self.dead = true;
-            return Err(EngineError::HeapLimit(self.options.heap_limit_bytes));
+        match unsafe { ffi::pst_v8_oom(iso) } {
+            0 => {}
+            1 => {
+                self.dead = true;
+                return Err(EngineError::HeapLimit(self.options.heap_limit_bytes));
+            }
+            _ => return Err(EngineError::HeapLimit(self.options.heap_limit_bytes)),
         }
         match status {
             ffi::OK => serde_json::from_slice(self.out())

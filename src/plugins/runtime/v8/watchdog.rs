@@ -1,5 +1,6 @@
-//! The CPU deadline of V8 calls: one process-wide thread that calls `TerminateExecution` on an
-//! isolate whose armed deadline passed (V8 checks for it at loop back-edges, function entries and
+//! The CPU deadline of V8 calls: one process-wide thread that interrupts an isolate whose armed
+//! deadline passed (the interrupt records where JS was, for the loop-timeout message, and calls
+//! `TerminateExecution`; if it is not served within `GRACE`, the watchdog terminates directly) (V8 checks for it at loop back-edges, function entries and
 //! inside the regexp engine's backtracking, so `for(;;){}` and a regex bomb both stop).
 //!
 //! Invariant: the watchdog touches an isolate only under its lock and only while the isolate's
@@ -16,7 +17,14 @@ use super::ffi;
 struct Target {
     iso: *mut ffi::Iso,
     fired: Arc<AtomicBool>,
+    /// The second stage: the interrupt asked for at the deadline was not served (a native
+    /// stretch that checks only for termination), so terminate outright.
+    hard: bool,
 }
+
+/// How long the interrupt at the deadline (which records where JS was) may take before the
+/// watchdog terminates without it.
+const GRACE: Duration = Duration::from_millis(250);
 
 // SAFETY: the pointer is only used for `pst_v8_terminate`, which V8 allows from any thread, and
 // only while the owner keeps the isolate alive (it disarms before freeing it, under the lock).
@@ -67,8 +75,15 @@ impl Watchdog {
                 Some(key) if key.0 <= now => {
                     if let Some(target) = state.targets.remove(&key) {
                         target.fired.store(true, Ordering::SeqCst);
-                        // SAFETY: armed targets are alive (see the module invariant).
-                        unsafe { ffi::pst_v8_terminate(target.iso) };
+                        if target.hard {
+                            // SAFETY: armed targets are alive (see the module invariant).
+                            unsafe { ffi::pst_v8_terminate(target.iso) };
+                        } else {
+                            // SAFETY: as above.
+                            unsafe { ffi::pst_v8_interrupt(target.iso) };
+                            let later = (key.0 + GRACE, key.1);
+                            state.targets.insert(later, Target { hard: true, ..target });
+                        }
                     }
                     state
                 }
@@ -100,7 +115,7 @@ pub fn arm(iso: *mut ffi::Iso, deadline: Instant) -> Armed {
     let key = (deadline, dog.next.fetch_add(1, Ordering::Relaxed));
     let fired = Arc::new(AtomicBool::new(false));
     let mut state = dog.lock();
-    state.targets.insert(key, Target { iso, fired: fired.clone() });
+    state.targets.insert(key, Target { iso, fired: fired.clone(), hard: false });
     if state.wakes_at.is_none_or(|at| deadline < at) {
         dog.wake.notify_one();
     }
@@ -117,7 +132,9 @@ impl Armed {
 
     fn remove(&mut self) {
         if !self.done {
-            watchdog().lock().targets.remove(&self.key);
+            let mut state = watchdog().lock();
+            state.targets.remove(&self.key);
+            state.targets.remove(&(self.key.0 + GRACE, self.key.1));
             self.done = true;
         }
     }
