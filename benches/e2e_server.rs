@@ -17,7 +17,7 @@
 //! Run: `cargo bench --bench e2e_server` (env: BENCH_QUEUE; BENCH_EVENTS, default 10000; BENCH_USERS,
 //! distinct users, default 1000; BENCH_SECONDS, stop after this long and report what was ingested
 //! by then, e.g. with 1,000,000 events waiting; BENCH_SERVERS, BENCH_PARTITIONS; WORKER_CONCURRENCY /
-//! TASKS_PER_WORKER as for the server; BENCH_PROGRESS=1 prints the count every second; LOG_LEVEL,
+//! TASKS_PER_WORKER / JS_ENGINE as for the server; BENCH_PROGRESS=1 prints the count every second; LOG_LEVEL,
 //! default warn, for the server's log;
 //! BENCH_METRICS=1 turns the metrics on: statsd to a local UDP socket drained by the bench, and
 //! `/metrics` on a free `HTTP_SERVER_PORT` scraped every 5 s; off by default, `HTTP_SERVER_PORT=0`). Needs PostgreSQL and Redis on 127.0.0.1 (`scripts/services`)
@@ -347,6 +347,7 @@ async fn main() {
         pairs.push(("PLUGINS_CELERY_QUEUE".to_string(), queue.clone()));
     }
     for key in [
+        "JS_ENGINE",
         "WORKER_CONCURRENCY",
         "TASKS_PER_WORKER",
         "KAFKA_PRODUCER_MAX_QUEUE_SIZE",
