@@ -1,7 +1,8 @@
 //! The host side of the Google Cloud facades (`runtime/modules/bigquery.js`): authenticated REST
 //! requests as the `@google-cloud/*` libraries make them, with a service account's credentials.
 //!
-//! Owns:
+//! Used by `@google-cloud/bigquery`, `@google-cloud/storage` and `@google-cloud/pubsub`
+//! (`modules/google-common.js`). Owns:
 //! * service-account auth as google-auth-library does it: an RS256-signed JWT (`iss` the
 //!   account's `client_email`, `scope`, `aud` the key's `token_uri`, one hour) exchanged at
 //!   `token_uri` for an OAuth access token (`grant_type=urn:ietf:params:oauth:grant-type:jwt-bearer`),
@@ -20,8 +21,9 @@
 //!
 //! Call (`hostCall` name; JSON arguments): `google.request [credentials, request]`, where
 //! `credentials` is the key file's `{client_email, private_key, private_key_id?, token_uri?}` and
-//! `request` is `{service, apiEndpoint?, method, path, query?, json?, scopes, maxRetries?}`. It
-//! answers `{"status", "body"}` for any HTTP answer of the API (the facade makes the library's
+//! `request` is `{service, apiEndpoint?, method, path, query?, json? | bodyBase64? + contentType?,
+//! scopes, maxRetries?, raw?}` (`service`: `bigquery`, `storage`, `pubsub`). It answers
+//! `{"status", "body", "bodyBase64"?}` for any HTTP answer of the API (the facade makes the library's
 //! errors from it) or `{"error": {"kind": "fetch" | "auth" | "config", "message", ...}}`.
 
 use std::collections::HashMap;
@@ -52,7 +54,7 @@ const REFRESH_MARGIN: Duration = Duration::from_secs(300);
 const DEFAULT_MAX_RETRIES: u32 = 3;
 const MAX_RETRIES_CAP: u32 = 5;
 const MIN_ATTEMPT_TIME: Duration = Duration::from_millis(100);
-const USER_AGENT: &str = "gcloud-node-bigquery/5.12.0 plugin-server";
+const USER_AGENT: &str = "gcloud-node plugin-server";
 
 /// A failure before or instead of an API answer.
 #[derive(Debug, Error)]
@@ -303,11 +305,18 @@ impl Google {
             return Err(JsError::new("TypeError", format!("{function} is not a function")));
         }
         let deadline = Instant::now() + budget;
+        // `raw`: the body's bytes too (a download).
+        let raw = args.get(1).and_then(|request| request.get("raw")).and_then(Value::as_bool).unwrap_or(false);
         Ok(match self.request(args, deadline).await {
             Ok(response) => {
                 let body = serde_json::from_slice::<Value>(&response.body)
                     .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&response.body).into_owned()));
-                json!({"status": response.status, "body": body})
+                let mut answer = json!({"status": response.status, "body": body});
+                if raw {
+                    answer["bodyBase64"] =
+                        Value::String(base64::engine::general_purpose::STANDARD.encode(&response.body));
+                }
+                answer
             }
             Err(error) => {
                 tracing::debug!(%error, "Google API request failed");
