@@ -488,3 +488,20 @@ async fn a_key_the_token_endpoint_refuses_fails_set_up_with_googles_message() {
     });
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_endpoint_that_is_down_is_the_fetch_error_the_plugin_checks_for() {
+    let key = key();
+    let stub = BigQueryStub::start(&key, None, 0).await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut key_json: Value = serde_json::from_slice(&stub.key_json(&key)).unwrap();
+    key_json["token_uri"] = json!(format!("http://127.0.0.1:{closed}/token"));
+    let server = Server::start(plugin_config(&stub), key_json.to_string().into_bytes()).await;
+    // node-fetch's FetchError (what google-auth-library's gaxios throws), which the plugin checks
+    // with `instanceof FetchError` and turns into RetryError.
+    let log = server.wait_for_log("Error encountered in setupPlugin:").await;
+    let line = log.iter().find(|line| line.contains("Error encountered in setupPlugin:")).unwrap();
+    assert!(line.contains(&format!("FetchError: request to http://127.0.0.1:{closed}/token failed")), "{line}");
+    stub.with(|state| assert!(state.calls.is_empty() && state.tokens.is_empty()));
+    server.stop().await;
+}
