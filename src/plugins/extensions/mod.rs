@@ -13,6 +13,7 @@
 
 pub mod aws;
 pub mod cache;
+pub mod google;
 pub mod jobs;
 pub mod metrics;
 pub mod pg;
@@ -193,6 +194,8 @@ pub struct PluginContext {
     pub pg: pg::PgConnections,
     /// The `aws-sdk` facade's clients (requests in flight).
     aws: aws::Aws,
+    /// The Google Cloud facades' client (tokens, requests in flight).
+    google: google::Google,
 }
 
 /// How `console.*` renders its arguments: joined by spaces; arrays and objects as JSON, the rest
@@ -221,7 +224,15 @@ impl PluginContext {
         let cache = Cache::new(services.cache.clone(), config.plugin_id, Some(config.team()));
         let storage = Storage::new(services.storage.clone(), config.id);
         let pg = pg::PgConnections::new(services.hub.config.task_timeout());
-        PluginContext { services, config, cache, storage, pg, aws: aws::Aws::default() }
+        PluginContext {
+            services,
+            config,
+            cache,
+            storage,
+            pg,
+            aws: aws::Aws::default(),
+            google: google::Google::default(),
+        }
     }
 
     /// `meta.config`.
@@ -380,6 +391,11 @@ impl PluginContext {
                 let timeout = self.services.hub.config.task_timeout();
                 let budget = timeout.saturating_sub((timeout / 10).min(std::time::Duration::from_secs(1)));
                 self.aws.call(function, &args, budget).await
+            }
+            "google.request" => {
+                let timeout = self.services.hub.config.task_timeout();
+                let budget = timeout.saturating_sub((timeout / 10).min(std::time::Duration::from_secs(1)));
+                self.google.call(function, &args, budget).await
             }
             _ => {
                 if let Some(level) = function.strip_prefix("console.") {

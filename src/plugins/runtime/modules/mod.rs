@@ -38,6 +38,10 @@ pub const FACADES: &[Facade] = &[
     Facade { name: "generic-pool", source: include_str!("generic-pool.js"), importable: true },
     Facade { name: "pg", source: include_str!("pg.js"), importable: true },
     Facade { name: "aws-sdk", source: include_str!("aws-sdk.js"), importable: true },
+    Facade { name: "@google-cloud/common", source: include_str!("google-common.js"), importable: false },
+    Facade { name: "@google-cloud/bigquery", source: include_str!("bigquery.js"), importable: true },
+    Facade { name: "@google-cloud/storage", source: include_str!("storage.js"), importable: true },
+    Facade { name: "@google-cloud/pubsub", source: include_str!("pubsub.js"), importable: true },
 ];
 
 /// The loader the prelude compiles on the first require of a facade (`modules/loader.js`): it
@@ -82,6 +86,10 @@ mod tests {
             is_importable("pg")
                 && is_importable("generic-pool")
                 && is_importable("stream")
+                && is_importable("@google-cloud/bigquery")
+                && is_importable("@google-cloud/storage")
+                && is_importable("@google-cloud/pubsub")
+                && !is_importable("@google-cloud/common")
                 && !is_importable("events")
                 && !is_importable("fs")
         );
