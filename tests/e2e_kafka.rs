@@ -60,7 +60,7 @@ async fn raw_event_in_protobuf_event_out() {
     let event = {
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
-            produce(&server.topic, &[message.clone()]).await;
+            produce(&server.topic, std::slice::from_ref(&message)).await;
             let found = consume_topic_from("clickhouse_events_proto", events_start, usize::MAX, Duration::from_secs(3))
                 .await
                 .into_iter()
