@@ -85,10 +85,16 @@ impl TestDb {
     }
 
     /// Configuration for a server/test against this database and the given Redis key space.
+    /// `JS_ENGINE` comes from the environment (as for the server processes tests start), so
+    /// `scripts/test`'s second pass runs in-process servers on V8 too.
     pub fn config(&self, extra: &[(&str, &str)]) -> Config {
         let redis = redis_url();
+        let engine = std::env::var("JS_ENGINE").unwrap_or_default();
         let mut pairs: Vec<(&str, &str)> =
             vec![("NODE_ENV", "test"), ("DATABASE_URL", self.url.as_str()), ("REDIS_URL", redis.as_str())];
+        if !engine.is_empty() {
+            pairs.push(("JS_ENGINE", engine.as_str()));
+        }
         pairs.extend_from_slice(extra);
         // Later pairs win: look up from the end.
         Config::from_lookup(&|key| pairs.iter().rev().find(|(name, _)| *name == key).map(|(_, v)| v.to_string()))
