@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use common::http_stub::{http_stub, HttpRequest};
-use common::{wait_for, TestDb};
+use common::{wait_for, wait_for_up_to, TestDb};
 use openssl::pkey::{PKey, Private};
 use plugin_server::sinks::CeleryProducer;
 use plugin_server::sources::celery::PROCESS_EVENT_TASK;
@@ -150,9 +150,10 @@ impl BigQueryStub {
         read(&self.state.lock().unwrap())
     }
 
-    /// The rows once there are `count`.
+    /// The rows once there are `count` (waiting up to 90 s: a retried batch comes back on the
+    /// export retry schedule, which a loaded machine stretches).
     async fn rows(&self, count: usize) -> Vec<Value> {
-        wait_for(&format!("{count} rows in BigQuery"), || async {
+        wait_for_up_to(&format!("{count} rows in BigQuery"), Duration::from_secs(90), || async {
             let rows = self.with(|state| state.rows.clone());
             (rows.len() >= count).then_some(rows)
         })

@@ -199,7 +199,9 @@ fn decode(key: &str, body: &[u8]) -> String {
     text
 }
 
-/// The events in the objects under `prefix`, decoded, once there are `count` of them.
+/// The events in the objects under `prefix`, decoded, once there are `count` of them (up to 3
+/// minutes: a batch whose upload failed comes back on the export retry schedule, 6, 12, 24, 48 and
+/// 96 s apart, and a loaded machine can make it miss one).
 async fn exported(moto: &Moto, bucket: &str, prefix: &str, count: usize) -> Vec<(String, Value)> {
     let mut waited = 0;
     loop {
@@ -216,7 +218,7 @@ async fn exported(moto: &Moto, bucket: &str, prefix: &str, count: usize) -> Vec<
             return events;
         }
         waited += 1;
-        assert!(waited < 600, "{} of {count} events under {prefix} in {bucket}", events.len());
+        assert!(waited < 1800, "{} of {count} events under {prefix} in {bucket}", events.len());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

@@ -352,12 +352,21 @@ pub fn unique_prefix(name: &str) -> String {
 }
 
 /// Polls `probe` every 100 ms until it answers `Some`, failing the test after 30 s.
-pub async fn wait_for<T, F, Fut>(what: &str, mut probe: F) -> T
+pub async fn wait_for<T, F, Fut>(what: &str, probe: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    wait_for_up_to(what, Duration::from_secs(30), probe).await
+}
+
+/// [`wait_for`] with a limit of its own (what waits on a retry schedule).
+pub async fn wait_for_up_to<T, F, Fut>(what: &str, limit: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + limit;
     loop {
         if let Some(found) = probe().await {
             return found;
