@@ -135,7 +135,7 @@ async fn start_components(hub: &Hub, lifecycle: &mut Lifecycle) -> Result<(), Se
         Some(Arc::new(geoip))
     };
 
-    // Kafka pipeline: ClickHouse (read for static cohorts), and one batching producer for events,
+    // Kafka pipeline: ClickHouse (read for static cohorts and the historical export), and one batching producer for events,
     // persons, log entries and plugin captures.
     let (kafka, clickhouse) = if config.KAFKA_ENABLED {
         let clickhouse = connect_clickhouse(config).await?;
@@ -179,6 +179,10 @@ async fn start_components(hub: &Hub, lifecycle: &mut Lifecycle) -> Result<(), Se
         crate::metrics::global().clone(),
         Arc::clone(&status_report),
     ));
+    if let Some(clickhouse) = &clickhouse {
+        // The historical export reads ClickHouse's `events` in the Kafka pipeline.
+        services.past_events = Arc::new(crate::plugins::past_events::ClickHousePastEvents(clickhouse.clone()));
+    }
     let services = Arc::new(services);
     let plugins = Arc::new(Plugins::on_runtime(services, Arc::clone(&pool)));
     plugins.reload().await.map_err(start_error("Could not load plugins"))?;
@@ -326,8 +330,9 @@ fn spawn_injected_fault(lifecycle: &mut Lifecycle) {
 /// The Kafka pipeline's ClickHouse client, after the reference's start-up `SELECT 1`.
 ///
 /// DELIBERATE DEVIATION: the reference does not start when ClickHouse does not answer. We log the
-/// error and go on: only static-cohort matching reads ClickHouse, so ingestion keeps flowing and
-/// those lookups fail one by one (the step does not match) until ClickHouse answers. The check is
+/// error and go on: only static-cohort matching and the historical export read ClickHouse, so
+/// ingestion keeps flowing and those reads fail one by one (the step does not match, the export
+/// chunk is retried) until ClickHouse answers. The check is
 /// bounded by [`STARTUP_CHECK_TIMEOUT`] so an absent ClickHouse barely delays start-up. An unreadable
 /// or invalid `CLICKHOUSE_CA` still stops start-up, as in the reference: that is a configuration error.
 async fn connect_clickhouse(config: &Config) -> Result<crate::clickhouse::ClickHouse, ServerError> {

@@ -14,25 +14,6 @@ use plugin_server::plugins::vm_boundary::{JsError, Method, VmExports};
 use plugins_support::*;
 use serde_json::{json, Value};
 
-/// A plugin whose exportEvents records each batch; `retry` makes it throw RetryError.
-fn exporter(batches: Arc<Mutex<Vec<Vec<Value>>>>, retry: bool) -> FakePlugin {
-    FakePlugin {
-        exports: VmExports { methods: vec![Method::ExportEvents], ..VmExports::default() },
-        handler: handler(move |call| {
-            let batches = batches.clone();
-            async move {
-                if call.name == "exportEvents" {
-                    batches.lock().unwrap().push(call.args[0].as_array().cloned().unwrap_or_default());
-                    if retry {
-                        return Err(JsError::retry("try again").into());
-                    }
-                }
-                Ok(Value::Null)
-            }
-        }),
-    }
-}
-
 async fn setup_with(plugin: FakePlugin, config: Value) -> Setup {
     setup_and_fakes(plugin, config).await.1
 }
@@ -196,24 +177,6 @@ async fn other_errors_are_recorded_and_teardown_flushes() {
     assert_eq!(values["undelivered_events"], 2);
 }
 
-/// Runs due jobs the way the job consumer would, until none are left (retries scheduled for
-/// later are left alone).
-async fn drain_jobs(setup: &Setup) -> usize {
-    let mut ran = 0;
-    loop {
-        let now = chrono::Utc::now().timestamp_millis() + 1000;
-        let due = {
-            let mut jobs = setup.jobs.jobs.lock().unwrap();
-            let index = jobs.iter().position(|job| job.timestamp <= now);
-            index.map(|index| jobs.remove(index))
-        };
-        let Some(job) = due else { return ran };
-        setup.plugins.run_job(job).await;
-        ran += 1;
-        assert!(ran < 200, "the export does not end");
-    }
-}
-
 #[tokio::test]
 async fn historical_export_walks_the_stored_events() {
     let batches = Arc::new(Mutex::new(Vec::new()));
@@ -240,7 +203,7 @@ async fn historical_export_walks_the_stored_events() {
     let exported = |batches: &Arc<Mutex<Vec<Vec<Value>>>>| batches.lock().unwrap().iter().map(Vec::len).sum::<usize>();
 
     setup.plugins.run_job(job(json!({}))).await;
-    drain_jobs(&setup).await;
+    setup.drain_jobs().await;
     assert_eq!(exported(&batches), 4);
     let first = batches.lock().unwrap().iter().find(|batch| !batch.is_empty()).unwrap()[0].clone();
     assert_eq!(first["event"], "historical");
@@ -255,12 +218,12 @@ async fn historical_export_walks_the_stored_events() {
     batches.lock().unwrap().clear();
     let now = chrono::Utc::now().to_rfc3339();
     setup.plugins.run_job(job(json!({"dateFrom": now, "dateTo": now}))).await;
-    drain_jobs(&setup).await;
+    setup.drain_jobs().await;
     assert_eq!(exported(&batches), 0);
 
     let hour_ago = (chrono::Utc::now() - chrono::Duration::hours(1)).to_rfc3339();
     setup.plugins.run_job(job(json!({"dateFrom": hour_ago}))).await;
-    drain_jobs(&setup).await;
+    setup.drain_jobs().await;
     assert_eq!(exported(&batches), 4);
     assert_eq!(setup.config_error(CONFIG).await, None);
 }

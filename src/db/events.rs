@@ -141,6 +141,46 @@ pub async fn fetch_events_between(
     .await
 }
 
+/// ClickHouse's `min`/`max` of the team's `_timestamp` (the Kafka message time), as text
+/// (`yyyy-MM-dd HH:mm:ss`), as the reference's `fetchTimestampBoundariesForTeam` reads them.
+pub fn clickhouse_timestamp_range_query(team_id: i64) -> String {
+    format!("SELECT toString(min(_timestamp)), toString(max(_timestamp)) FROM events WHERE team_id = {team_id}")
+}
+
+/// A ClickHouse `events` row as the historical export reads it. `timestamp` and `created_at` are
+/// the text ClickHouse prints for them (`2021-10-01 10:00:00.000000` for PostHog's
+/// `DateTime64(6, 'UTC')`), which the reference hands to the plugin as it is.
+#[derive(Debug, Clone, clickhouse::Row, serde::Deserialize)]
+pub struct ClickHouseStoredEvent {
+    pub event: String,
+    pub properties: String,
+    pub timestamp: String,
+    pub team_id: i64,
+    pub distinct_id: String,
+    pub created_at: String,
+}
+
+/// The reference's `fetchEventsForInterval` in the ClickHouse pipeline: the team's events with
+/// `lower <= _timestamp < upper` (second precision, UTC), in `_offset` order, `limit` from
+/// `offset`. Only the columns the plugin event is made of are read, in [`ClickHouseStoredEvent`]'s
+/// order (`RowBinary` is read by position; no alias shadows a column, which old servers refuse).
+pub fn clickhouse_events_between_query(
+    team_id: i64,
+    lower: DateTime<Utc>,
+    upper: DateTime<Utc>,
+    limit: i64,
+    offset: i64,
+) -> String {
+    let second = |time: DateTime<Utc>| time.format("%Y-%m-%d %H:%M:%S").to_string();
+    format!(
+        "SELECT event, properties, toString(timestamp), toInt64(team_id), distinct_id, toString(created_at) \
+         FROM events WHERE team_id = {team_id} AND _timestamp >= '{}' AND _timestamp < '{}' \
+         ORDER BY _offset LIMIT {limit} OFFSET {offset}",
+        second(lower),
+        second(upper)
+    )
+}
+
 /// `posthog_elementgroup` with `hash` and its `posthog_element` rows, in one transaction, when
 /// the team has no such group yet.
 pub async fn insert_element_group(

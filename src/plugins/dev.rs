@@ -538,6 +538,8 @@ async fn run_command(args: RunArgs) -> Result<i32, DevError> {
     services.storage = stores.storage.clone();
     services.cache = stores.cache.clone();
     services.records = stores.records.clone();
+    // No events are stored: a historical export has nothing to export.
+    services.past_events = Arc::new(crate::plugins::past_events::NoPastEvents);
     services.observer = Arc::new(Recorder(stores.calls.clone()));
     services.echo_console = false;
     let services = Arc::new(services);

@@ -4,21 +4,22 @@
 //! `exportEvents`, with progress in storage (`timestamp_cursor`, `min_timestamp`,
 //! `max_timestamp`, `is_export_running`) so every thread and server shares one export.
 //!
-//! Events are read from `posthog_event` (the Postgres pipeline). The ClickHouse pipeline's
-//! `events` table is not read here: in Kafka mode the job fails with a clear error instead.
+//! Events are read through `past_events`: `posthog_event` in the Postgres pipeline, ClickHouse's
+//! `events` table in the Kafka pipeline.
 
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, TimeZone, Utc};
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use sqlx::PgPool;
 use tracing::warn;
 
 use super::extensions::{MetricOperation, PluginContext, RunAt};
 use super::log_entries::LogType;
+use super::past_events::PastEventsError;
 use super::vm_boundary::{CallError, JsError, Method, PluginVm};
 use crate::db;
-use crate::js::{is_truthy, iso, iso_now};
+use crate::js::{is_truthy, iso};
 
 pub const INTERFACE_JOB: &str = "Export historical events";
 pub const CHUNK_JOB: &str = "exportEventsFromTheBeginning";
@@ -37,15 +38,6 @@ pub struct TimestampBoundaries {
     pub max: Option<DateTime<Utc>>,
 }
 
-pub async fn fetch_timestamp_boundaries(pool: &PgPool, team_id: i64) -> Result<TimestampBoundaries, sqlx::Error> {
-    let (min, max) = crate::metrics::catalog::postgres(
-        "fetchTimestampBoundariesForTeam",
-        db::events::fetch_timestamp_range(pool, team_id as i32),
-    )
-    .await?;
-    Ok(TimestampBoundaries { min, max })
-}
-
 /// Makes the job visible in PostHog's interface (once per plugin).
 pub async fn add_public_job(pool: &PgPool, plugin_id: i32) {
     if let Err(err) = crate::metrics::catalog::postgres(
@@ -62,7 +54,8 @@ pub async fn add_public_job(pool: &PgPool, plugin_id: i32) {
 pub struct HistoricalExport {
     vm: Arc<dyn PluginVm>,
     context: Arc<PluginContext>,
-    boundaries: TimestampBoundaries,
+    /// Read at set-up; `None` when that read failed (read again when an export starts).
+    boundaries: Option<TimestampBoundaries>,
     /// `min_timestamp` / `max_timestamp` as last read from storage.
     limits: Mutex<(Option<f64>, Option<f64>)>,
 }
@@ -94,7 +87,7 @@ impl HistoricalExport {
     pub fn new(
         vm: Arc<dyn PluginVm>,
         context: Arc<PluginContext>,
-        boundaries: TimestampBoundaries,
+        boundaries: Option<TimestampBoundaries>,
     ) -> HistoricalExport {
         HistoricalExport { vm, context, boundaries, limits: Mutex::new((None, None)) }
     }
@@ -112,14 +105,6 @@ impl HistoricalExport {
 
     /// The `Export historical events` job.
     pub async fn start(&self, payload: Option<Value>) -> Result<Value, CallError> {
-        if self.context.services.hub.config.KAFKA_ENABLED {
-            // Walking an empty posthog_event would look like a successful export of nothing.
-            return Err(JsError::new(
-                "Error",
-                "Exporting historical events reads ClickHouse in the Kafka pipeline, which this server does not support yet.",
-            )
-            .into());
-        }
         let storage = self.context.storage();
         if is_truthy(&storage.get(EXPORT_RUNNING_KEY, Value::Bool(false)).await?) {
             return Ok(Value::Null);
@@ -143,11 +128,20 @@ impl HistoricalExport {
 
     async fn init_timestamps_and_cursor(&self, payload: Option<&Value>) -> Result<(), CallError> {
         let storage = self.context.storage();
-        let date_from = self.bound(payload, "dateFrom", "lower", self.boundaries.min).await?;
+        let boundaries = match self.boundaries {
+            Some(boundaries) => boundaries,
+            None => {
+                let team_id = self.context.config.team();
+                self.context.services.past_events.timestamp_boundaries(team_id).await.map_err(|error| {
+                    CallError::from(JsError::new("Error", format!("Could not read the team's events: {error}")))
+                })?
+            }
+        };
+        let date_from = self.bound(payload, "dateFrom", "lower", boundaries.min).await?;
         let cursor_start = Value::from(date_from - EVENTS_TIME_INTERVAL_MS);
         storage.cursor_init(TIMESTAMP_CURSOR_KEY, Some(&cursor_start)).await?;
         storage.set(MIN_UNIX_TIMESTAMP_KEY, Some(&Value::from(date_from))).await?;
-        let date_to = self.bound(payload, "dateTo", "upper", self.boundaries.max).await?;
+        let date_to = self.bound(payload, "dateTo", "upper", boundaries.max).await?;
         storage.set(MAX_UNIX_TIMESTAMP_KEY, Some(&Value::from(date_to))).await?;
         Ok(())
     }
@@ -272,39 +266,11 @@ impl HistoricalExport {
         Ok(Value::Null)
     }
 
-    async fn fetch_events(&self, cursor: i64, offset: i64) -> Result<Vec<Value>, sqlx::Error> {
+    async fn fetch_events(&self, cursor: i64, offset: i64) -> Result<Vec<Value>, PastEventsError> {
         let lower = Utc.timestamp_millis_opt(cursor).single().unwrap_or_default();
         let upper = Utc.timestamp_millis_opt(cursor + EVENTS_TIME_INTERVAL_MS).single().unwrap_or_default();
-        let rows = crate::metrics::catalog::postgres(
-            "fetchEventsForInterval",
-            db::events::fetch_events_between(
-                &self.context.services.hub.postgres,
-                self.context.config.team() as i32,
-                lower,
-                upper,
-                EVENTS_PER_RUN,
-                offset,
-            ),
-        )
-        .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(event, properties, timestamp, team_id, distinct_id, created_at)| {
-                let ip = properties.get("$ip").filter(|ip| is_truthy(ip)).cloned().unwrap_or_else(|| json!(""));
-                let mut plugin_event = Map::new();
-                plugin_event.insert("team_id".into(), Value::from(team_id));
-                plugin_event.insert("distinct_id".into(), Value::String(distinct_id));
-                plugin_event.insert("properties".into(), properties);
-                plugin_event.insert("timestamp".into(), Value::String(iso(&timestamp)));
-                plugin_event.insert("now".into(), Value::String(iso_now()));
-                plugin_event.insert("event".into(), Value::String(event.unwrap_or_default()));
-                plugin_event.insert("ip".into(), ip);
-                plugin_event.insert("site_url".into(), Value::String(String::new()));
-                plugin_event
-                    .insert("sent_at".into(), created_at.map(|time| Value::String(iso(&time))).unwrap_or(Value::Null));
-                Value::Object(plugin_event)
-            })
-            .collect())
+        let team_id = self.context.config.team();
+        self.context.services.past_events.fetch_interval(team_id, lower, upper, EVENTS_PER_RUN, offset).await
     }
 }
 

@@ -19,7 +19,6 @@ use serde_json::{json, Value};
 use super::extensions::{
     CacheBackend, CaptureSink, CapturedEvent, EnqueuedJob, JobEnqueuer, SinkError, StorageBackend,
 };
-use super::historical_export::TimestampBoundaries;
 use super::log_entries::{PluginLogEntry, PluginLogSink};
 use super::rows::PluginRecords;
 use super::vm_boundary::JsError;
@@ -397,11 +396,6 @@ impl PluginRecords for MemoryRecords {
     }
 
     async fn add_public_job(&self, _plugin_id: i32) {}
-
-    /// No events are stored: a historical export has nothing to export.
-    async fn timestamp_boundaries(&self, _team_id: i64) -> Result<TimestampBoundaries, sqlx::Error> {
-        Ok(TimestampBoundaries::default())
-    }
 }
 
 /// Plugin log entries, kept in order.

@@ -26,6 +26,7 @@ pub mod loader;
 pub mod log_entries;
 pub mod manager;
 pub mod memory;
+pub mod past_events;
 pub mod pooled_vm;
 pub mod rows;
 pub mod run;

@@ -169,8 +169,7 @@ impl InForceRows {
 }
 
 /// What the plugin orchestration records about plugins beside loading them: capabilities, declared
-/// metrics, a config's error, disabling a config, the historical export's public job, and the one
-/// read it makes of events (a team's first and last event time, for the historical export). The
+/// metrics, a config's error, disabling a config and the historical export's public job. The
 /// server's is Postgres (`impl for PgPool`, through `db::plugins`); the plugin dev loop keeps them in
 /// memory (`plugins::memory::MemoryRecords`) and prints them.
 #[async_trait::async_trait]
@@ -184,10 +183,6 @@ pub trait PluginRecords: Send + Sync {
     async fn disable_plugin_config(&self, config_id: i32) -> Result<(), sqlx::Error>;
     /// Makes the historical export job visible in PostHog's interface (once per plugin).
     async fn add_public_job(&self, plugin_id: i32);
-    async fn timestamp_boundaries(
-        &self,
-        team_id: i64,
-    ) -> Result<super::historical_export::TimestampBoundaries, sqlx::Error>;
 }
 
 #[async_trait::async_trait]
@@ -231,12 +226,5 @@ impl PluginRecords for sqlx::PgPool {
 
     async fn add_public_job(&self, plugin_id: i32) {
         super::historical_export::add_public_job(self, plugin_id).await
-    }
-
-    async fn timestamp_boundaries(
-        &self,
-        team_id: i64,
-    ) -> Result<super::historical_export::TimestampBoundaries, sqlx::Error> {
-        super::historical_export::fetch_timestamp_boundaries(self, team_id).await
     }
 }

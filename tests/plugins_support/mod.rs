@@ -102,12 +102,40 @@ where
     }
 }
 
+/// A plugin whose exportEvents records each batch; `retry` makes it throw RetryError.
+pub fn exporter(batches: Arc<Mutex<Vec<Vec<Value>>>>, retry: bool) -> FakePlugin {
+    FakePlugin {
+        exports: VmExports { methods: vec![Method::ExportEvents], ..VmExports::default() },
+        handler: handler(move |call| {
+            let batches = batches.clone();
+            async move {
+                if call.name == "exportEvents" {
+                    batches.lock().unwrap().push(call.args[0].as_array().cloned().unwrap_or_default());
+                    if retry {
+                        return Err(JsError::retry("try again").into());
+                    }
+                }
+                Ok(Value::Null)
+            }
+        }),
+    }
+}
+
 /// A facade whose fixture plugin is the fake `plugin`, with set-up retries every `retry_base`.
 pub async fn fake_setup(plugin: FakePlugin, retry_base: Duration) -> (Arc<FakeFactory>, Setup) {
+    fake_setup_with(plugin, retry_base, |_| {}).await
+}
+
+/// As [`fake_setup`], with `edit` applied to the services before the plugins load.
+pub async fn fake_setup_with(
+    plugin: FakePlugin,
+    retry_base: Duration,
+    edit: impl FnOnce(&mut PluginServices),
+) -> (Arc<FakeFactory>, Setup) {
     let fakes = Arc::new(FakeFactory::default());
     fakes.register("fake", plugin);
     let options = LoadOptions { retry_base, test_env: true };
-    let setup = Setup::with_options("fake", Arc::new(SharedFakeFactory(fakes.clone())), options, &[]).await;
+    let setup = Setup::with_services("fake", Arc::new(SharedFakeFactory(fakes.clone())), options, &[], edit).await;
     (fakes, setup)
 }
 
@@ -208,6 +236,17 @@ impl Setup {
         options: LoadOptions,
         extra_config: &[(&str, &str)],
     ) -> Setup {
+        Self::with_services(code, factory, options, extra_config, |_| {}).await
+    }
+
+    /// As [`Setup::with_options`], with `edit` applied to the services before the plugins load.
+    pub async fn with_services(
+        code: &str,
+        factory: Arc<dyn VmFactory>,
+        options: LoadOptions,
+        extra_config: &[(&str, &str)],
+        edit: impl FnOnce(&mut PluginServices),
+    ) -> Setup {
         let db = TestDb::with_fixture(Some(code)).await;
         let hub = Hub::connect(db.config(extra_config)).await.expect("hub");
         let capture = Arc::new(RecordingCapture::default());
@@ -221,9 +260,28 @@ impl Setup {
             None,
         );
         services.observer = observer.clone();
+        edit(&mut services);
         let services = Arc::new(services);
         let plugins = Plugins::new(services.clone(), factory, options);
         Setup { db, hub, capture, jobs, observer, services, plugins }
+    }
+
+    /// Runs due jobs the way the job consumer would, until none are left (retries scheduled for
+    /// later are left alone); returns how many ran.
+    pub async fn drain_jobs(&self) -> usize {
+        let mut ran = 0;
+        loop {
+            let now = chrono::Utc::now().timestamp_millis() + 1000;
+            let due = {
+                let mut jobs = self.jobs.jobs.lock().unwrap();
+                let index = jobs.iter().position(|job| job.timestamp <= now);
+                index.map(|index| jobs.remove(index))
+            };
+            let Some(job) = due else { return ran };
+            self.plugins.run_job(job).await;
+            ran += 1;
+            assert!(ran < 200, "the export does not end");
+        }
     }
 
     pub async fn config_error(&self, config_id: i32) -> Option<Value> {

@@ -111,6 +111,9 @@ pub struct PluginServices {
     pub storage: Arc<dyn StorageBackend>,
     /// Capabilities, metrics, config errors and the rest the orchestration records (Postgres).
     pub records: Arc<dyn PluginRecords>,
+    /// The stored events the historical export reads: `posthog_event` by default, ClickHouse in
+    /// the Kafka pipeline (set by the server), none in the dev loop.
+    pub past_events: Arc<dyn crate::plugins::past_events::PastEvents>,
     /// Echo `console.*` calls to the server log (the reference does so in development; set
     /// from `NODE_ENV`/`DEBUG` by [`PluginServices::new`]).
     pub echo_console: bool,
@@ -166,6 +169,7 @@ impl PluginServices {
         let cache = Arc::new(CacheRedis::new(crate::hub::redis_url(&hub.config)));
         let storage = Arc::new(hub.postgres.clone());
         let records = Arc::new(hub.postgres.clone());
+        let past_events = Arc::new(crate::plugins::past_events::PostgresPastEvents(hub.postgres.clone()));
         let echo_console = hub.config.is_dev();
         PluginServices {
             hub,
@@ -178,6 +182,7 @@ impl PluginServices {
             cache,
             storage,
             records,
+            past_events,
             echo_console,
             observer: Arc::new(NoObserver),
         }
