@@ -21,12 +21,16 @@
         if (handle && typeof handle === 'object') handle.active = false;
     };
     const names = new Set(host.facade().map((entry) => entry[0]));
+    // Exports plugins are meant to change: faker's object is its state (`faker.locale = 'de'`,
+    // `faker.seed(n)` replaces `faker.random`), mutable in the reference too (and here one per VM).
+    const mutable = new Set(['faker']);
     const loaded = new Map();
     const load = (name) => {
         let exports = loaded.get(name);
         if (exports === undefined) {
             loaded.set(name, null); // a facade requiring itself while it loads gets null
-            exports = Object.freeze(host.facade(name)(internals));
+            exports = host.facade(name)(internals);
+            if (!mutable.has(name)) Object.freeze(exports);
             loaded.set(name, exports);
         }
         return exports;

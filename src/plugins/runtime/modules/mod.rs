@@ -1,7 +1,7 @@
 //! Facade modules: the libraries plugins import that are neither built into the sandbox's prelude
-//! nor pure data (`pg`, `generic-pool`, `stream`, ... and their helpers), each a JavaScript file
-//! of this folder evaluated *lazily* in a VM, the first time plugin code (or another facade)
-//! requires it, so VMs of plugins that do not import it pay nothing for it.
+//! nor pure data (`pg`, `generic-pool`, `stream`, `faker`, ... and their helpers), each a
+//! JavaScript file of this folder evaluated *lazily* in a VM, the first time plugin code (or
+//! another facade) requires it, so VMs of plugins that do not import it pay nothing for it.
 //!
 //! Owns: the table of facades ([`FACADES`]: name, source, whether plugin code may import it
 //! directly) and the calling convention every engine follows. A facade file is one function
@@ -10,7 +10,8 @@
 //! function to the loader (`loader.js`, compiled on the first require of any facade), which calls
 //! it once with the internals (`hostCall`, the async host op counted against the VM's in-flight
 //! cap; `Buffer`; `require` for other modules and facades; timers over the host's sleep; error
-//! helpers) and caches the exports. An engine provides one host function to the prelude:
+//! helpers) and caches the exports, frozen (except `faker`'s object, whose state plugins set:
+//! `faker.locale`, `faker.seed`). An engine provides one host function to the prelude:
 //! `host.facade()` lists [`FACADES`] as `[[name, importable], ...]`, and `host.facade(name)` is the
 //! compiled function of [`find`]`(name)` (`@loader` included). A VM whose plugin imports no facade
 //! pays only for the prelude's few lines that define the importable names (measured with
@@ -42,6 +43,7 @@ pub const FACADES: &[Facade] = &[
     Facade { name: "@google-cloud/bigquery", source: include_str!("bigquery.js"), importable: true },
     Facade { name: "@google-cloud/storage", source: include_str!("storage.js"), importable: true },
     Facade { name: "@google-cloud/pubsub", source: include_str!("pubsub.js"), importable: true },
+    Facade { name: "faker", source: include_str!("faker.js"), importable: true },
 ];
 
 /// The loader the prelude compiles on the first require of a facade (`modules/loader.js`): it
@@ -89,6 +91,7 @@ mod tests {
                 && is_importable("@google-cloud/bigquery")
                 && is_importable("@google-cloud/storage")
                 && is_importable("@google-cloud/pubsub")
+                && is_importable("faker")
                 && !is_importable("@google-cloud/common")
                 && !is_importable("events")
                 && !is_importable("fs")
