@@ -19,6 +19,8 @@
 //! by then, e.g. with 1,000,000 events waiting; BENCH_SERVERS, BENCH_PARTITIONS; WORKER_CONCURRENCY /
 //! TASKS_PER_WORKER / JS_ENGINE as for the server; BENCH_PROGRESS=1 prints the count every second; LOG_LEVEL,
 //! default warn, for the server's log;
+//! BENCH_LOG_STATEMENTS=1 has PostgreSQL log every statement on the bench's database (its name is
+//! printed). The bench prints the Redis commands and Postgres transactions, rows and scans per event.
 //! BENCH_METRICS=1 turns the metrics on: statsd to a local UDP socket drained by the bench, and
 //! `/metrics` on a free `HTTP_SERVER_PORT` scraped every 5 s; off by default, `HTTP_SERVER_PORT=0`). Needs PostgreSQL and Redis on 127.0.0.1 (`scripts/services`)
 //! and for Kafka a broker (`scripts/kafka`; KAFKA_HOSTS to override 127.0.0.1:9092).
@@ -330,6 +332,14 @@ async fn main() {
     let partitions = env_number("BENCH_PARTITIONS", 6) as i32;
     let name = format!("pst_bench_{}", uuid::Uuid::new_v4().simple());
     let database = fresh_database(&name, PLUGIN).await;
+    if std::env::var("BENCH_LOG_STATEMENTS").is_ok_and(|value| value == "1") {
+        // Every statement of the server's connections to this database goes to PostgreSQL's log
+        // (its lines carry the database name), to see which statements an event causes.
+        let admin = sqlx::PgPool::connect(&database).await.expect("bench database");
+        sqlx::query(&format!("ALTER DATABASE {name} SET log_statement = 'all'")).execute(&admin).await.expect("log");
+        admin.close().await;
+        println!("(statements of database {name} are logged by PostgreSQL)");
+    }
     let queue = format!("bench-e2e-{}", uuid::Uuid::new_v4().simple());
     let redis_url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let kafka_hosts = std::env::var("KAFKA_HOSTS").unwrap_or_else(|_| "127.0.0.1:9092".into());
@@ -383,12 +393,17 @@ async fn main() {
         None
     };
     let rows = sqlx::PgPool::connect(&database).await.unwrap();
+    let polls = std::sync::atomic::AtomicI64::new(0);
     let ingested_so_far = async || -> i64 {
         match &output {
             Some(output) => output.landed(),
-            None => sqlx::query_scalar("SELECT count(*) FROM posthog_event").fetch_one(&rows).await.unwrap(),
+            None => {
+                polls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                sqlx::query_scalar("SELECT count(*) FROM posthog_event").fetch_one(&rows).await.unwrap()
+            }
         }
     };
+    let work_before = WorkCounts::read(&redis_url, &database).await;
 
     let rss_before = rss_mib();
     let broker = if kafka { broker_pid(&kafka_hosts) } else { None };
@@ -469,6 +484,14 @@ async fn main() {
     }
     shutdown.cancel();
     servers.stop().await;
+    // Postgres publishes its counters up to a second late.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let work_after = WorkCounts::read(&redis_url, &database).await;
+    // The bench's own: each poll and the two snapshots' statements are transactions of their own.
+    let own = polls.load(std::sync::atomic::Ordering::Relaxed) + 3;
+    for line in work_after.per_event(&work_before, ingested.max(1) as usize, own) {
+        println!("({line})");
+    }
     let pipeline = if kafka { "Kafka in + Kafka out, persons in Postgres" } else { "Celery + Postgres" };
     if metrics_on {
         println!(

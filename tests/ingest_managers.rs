@@ -142,6 +142,44 @@ async fn first_team_event_sets_flag_and_sends_telemetry_once() {
     );
 }
 
+/// Many events in flight at once all see `ingested_event = false` in the cached team: one of
+/// them marks the team and sends the telemetry, not each.
+#[tokio::test]
+async fn concurrent_first_events_mark_the_team_once() {
+    let db = TestDb::with_fixture(None).await;
+    sqlx::query("UPDATE posthog_team SET ingested_event = false WHERE id = $1")
+        .bind(TEAM_ID)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let telemetry = Arc::new(RecordingTelemetry::default());
+    let manager = Arc::new(TeamManager::new(db.pool.clone(), Some(telemetry.clone())));
+    manager.fetch_team(TEAM_ID).await.unwrap();
+    let calls = (0..40).map(|index| {
+        let manager = manager.clone();
+        tokio::spawn(async move {
+            let event = format!("concurrent-{}", index % 4);
+            manager.update_event_names_and_properties(TEAM_ID, &event, &properties(json!({"k": index}))).await
+        })
+    });
+    for call in futures::future::join_all(calls).await {
+        call.unwrap().unwrap();
+    }
+    assert_eq!(telemetry.calls.lock().unwrap().len(), 1, "one telemetry call for 40 concurrent first events");
+    let ingested: bool = sqlx::query_scalar("SELECT ingested_event FROM posthog_team WHERE id = $1")
+        .bind(TEAM_ID)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(ingested);
+    let definitions: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM posthog_eventdefinition WHERE name LIKE 'concurrent-%'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(definitions, 4);
+}
+
 #[tokio::test]
 async fn first_team_event_through_the_processor() {
     let harness = ingest_support::Harness::new().await;

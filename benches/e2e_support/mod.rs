@@ -160,3 +160,117 @@ pub async fn delete_key(redis_url: &str, key: &str) {
         let _: Result<(), _> = redis::cmd("DEL").arg(key).query_async(&mut connection).await;
     }
 }
+
+/// What the databases did, read before and after a run to count the work each event causes
+/// there: Redis commands by name (`INFO commandstats`, the whole instance: run with a Redis of
+/// the bench's own for exact figures) and the bench database's Postgres transactions, rows read
+/// and written, and table scans (`pg_stat_database`, `pg_stat_user_tables`; Postgres publishes
+/// them up to a second late, so read the second snapshot after the server stopped and a pause).
+#[derive(Debug, Clone, Default)]
+pub struct WorkCounts {
+    pub redis: std::collections::BTreeMap<String, u64>,
+    /// (name, value) in a fixed order.
+    pub postgres: Vec<(&'static str, i64)>,
+    /// Per table: (sequential scans, rows they read, index scans, rows they fetched, inserts, updates).
+    pub tables: std::collections::BTreeMap<String, [i64; 6]>,
+}
+
+impl WorkCounts {
+    pub async fn read(redis_url: &str, database_url: &str) -> WorkCounts {
+        let mut counts = WorkCounts::default();
+        let pool =
+            deadpool_redis::Config::from_url(redis_url).create_pool(Some(deadpool_redis::Runtime::Tokio1)).unwrap();
+        if let Ok(mut connection) = pool.get().await {
+            let info: String =
+                redis::cmd("INFO").arg("commandstats").query_async(&mut connection).await.unwrap_or_default();
+            // cmdstat_lpush:calls=3,usec=...
+            for line in info.lines() {
+                let Some((name, stats)) = line.strip_prefix("cmdstat_").and_then(|line| line.split_once(':')) else {
+                    continue;
+                };
+                let calls =
+                    stats.split(',').find_map(|field| field.strip_prefix("calls=")).and_then(|n| n.parse().ok());
+                counts.redis.insert(name.to_string(), calls.unwrap_or(0));
+            }
+        }
+        if let Ok(pool) = sqlx::PgPool::connect(database_url).await {
+            let database: Option<(i64, i64, i64, i64, i64, i64)> = sqlx::query_as(
+                "SELECT xact_commit + xact_rollback, tup_returned, tup_fetched, tup_inserted, tup_updated, tup_deleted \
+                 FROM pg_stat_database WHERE datname = current_database()",
+            )
+            .fetch_optional(&pool)
+            .await
+            .ok()
+            .flatten();
+            let tables: Option<(Option<i64>, Option<i64>)> =
+                sqlx::query_as("SELECT sum(seq_scan)::int8, sum(idx_scan)::int8 FROM pg_stat_user_tables")
+                    .fetch_optional(&pool)
+                    .await
+                    .ok()
+                    .flatten();
+            let per_table: Vec<(String, i64, i64, i64, i64, i64, i64)> = sqlx::query_as(
+                "SELECT relname::text, seq_scan, seq_tup_read, coalesce(idx_scan, 0), coalesce(idx_tup_fetch, 0), \
+                 n_tup_ins, n_tup_upd FROM pg_stat_user_tables",
+            )
+            .fetch_all(&pool)
+            .await
+            .unwrap_or_default();
+            for (name, a, b, c, d, e, f) in per_table {
+                counts.tables.insert(name, [a, b, c, d, e, f]);
+            }
+            if let (Some(db), Some(tables)) = (database, tables) {
+                counts.postgres = vec![
+                    ("transactions", db.0),
+                    ("rows returned", db.1),
+                    ("rows fetched", db.2),
+                    ("rows inserted", db.3),
+                    ("rows updated", db.4),
+                    ("rows deleted", db.5),
+                    ("sequential scans", tables.0.unwrap_or(0)),
+                    ("index scans", tables.1.unwrap_or(0)),
+                ];
+            }
+            pool.close().await;
+        }
+        counts
+    }
+
+    /// Per-event differences from `before` to `self`, as lines; `own_transactions` are the
+    /// bench's own (its polling) and are left out.
+    pub fn per_event(&self, before: &WorkCounts, events: usize, own_transactions: i64) -> Vec<String> {
+        let events = events.max(1) as f64;
+        let mut redis: Vec<(String, u64)> = self
+            .redis
+            .iter()
+            .map(|(name, calls)| (name.clone(), calls.saturating_sub(before.redis.get(name).copied().unwrap_or(0))))
+            .filter(|(_, calls)| *calls > 0)
+            .collect();
+        redis.sort_by(|a, b| b.1.cmp(&a.1));
+        let total: u64 = redis.iter().map(|(_, calls)| calls).sum();
+        let by_name: Vec<String> =
+            redis.iter().map(|(name, calls)| format!("{name} {:.2}", *calls as f64 / events)).collect();
+        let mut lines =
+            vec![format!("Redis commands per event: {:.2} ({})", total as f64 / events, by_name.join(", "))];
+        let postgres: Vec<String> = self
+            .postgres
+            .iter()
+            .zip(&before.postgres)
+            .map(|((name, after), (_, before))| {
+                let own = if *name == "transactions" { own_transactions } else { 0 };
+                format!("{name} {:.2}", (after - before - own) as f64 / events)
+            })
+            .collect();
+        lines.push(format!("Postgres per event: {}", postgres.join(", ")));
+        for (table, after) in &self.tables {
+            let before = before.tables.get(table).copied().unwrap_or_default();
+            let delta: Vec<f64> = after.iter().zip(before).map(|(a, b)| (a - b) as f64 / events).collect();
+            if delta.iter().any(|value| *value >= 0.005) {
+                lines.push(format!(
+                    "  {table}: seq scans {:.2} reading {:.1} rows, index scans {:.2} fetching {:.1} rows, inserts {:.2}, updates {:.2}",
+                    delta[0], delta[1], delta[2], delta[3], delta[4], delta[5]
+                ));
+            }
+        }
+        lines
+    }
+}

@@ -21,22 +21,30 @@ impl PersonManager {
         PersonManager { seen: Mutex::new(LruCache::new(capacity)) }
     }
 
-    /// True when the team has no such distinct id. A key is remembered *before* the query, so
-    /// concurrent events for one new id issue one query and one creation attempt.
-    pub async fn is_new_person(&self, pool: &PgPool, team_id: i32, distinct_id: &str) -> Result<bool, sqlx::Error> {
+    /// True the first time the process sees the key (or when it was forgotten): the event may
+    /// create a person. The key is remembered at once, so concurrent events for one new id make
+    /// one creation attempt.
+    pub fn first_sighting(&self, team_id: i32, distinct_id: &str) -> bool {
         let key = format!("{team_id}::{distinct_id}");
-        {
-            let mut seen = self.seen.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            let now = Instant::now();
-            match seen.get_mut(&key) {
-                Some(seen_at) if now.duration_since(*seen_at) <= MAX_AGE => {
-                    *seen_at = now;
-                    return Ok(false);
-                }
-                _ => {
-                    seen.put(key, now);
-                }
+        let mut seen = self.seen.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let now = Instant::now();
+        match seen.get_mut(&key) {
+            Some(seen_at) if now.duration_since(*seen_at) <= MAX_AGE => {
+                *seen_at = now;
+                false
             }
+            _ => {
+                seen.put(key, now);
+                true
+            }
+        }
+    }
+
+    /// True when the team has no such distinct id: [`Self::first_sighting`], then the reference's
+    /// `pdicount` query. (Ingestion folds that query into the person's creation instead.)
+    pub async fn is_new_person(&self, pool: &PgPool, team_id: i32, distinct_id: &str) -> Result<bool, sqlx::Error> {
+        if !self.first_sighting(team_id, distinct_id) {
+            return Ok(false);
         }
         Ok(crate::metrics::catalog::postgres(
             "pdicount",

@@ -442,14 +442,22 @@ impl EventsProcessor {
         created_at: DateTime<Utc>,
         person_uuid: Uuid,
     ) -> Result<(), IngestError> {
-        if !self.persons.is_new_person(&self.pool, team_id, distinct_id).await? {
+        if !self.persons.first_sighting(team_id, distinct_id) {
             return Ok(());
         }
-        let created =
-            persons::create_person(&self.pool, created_at, &Map::new(), team_id, false, person_uuid, &[distinct_id])
-                .await;
+        let created = persons::create_person_unless_distinct_id_exists(
+            &self.pool,
+            created_at,
+            &Map::new(),
+            team_id,
+            false,
+            person_uuid,
+            distinct_id,
+        )
+        .await;
         match created {
-            Ok((person, distinct_ids)) => self.writer.person_created(&person, &distinct_ids).await?,
+            Ok(Some((person, distinct_id))) => self.writer.person_created(&person, &[distinct_id]).await?,
+            Ok(None) => {}
             // Someone created this distinct id between the check and the insert.
             Err(error) if is_unique_violation(&error) => {}
             Err(error) => {

@@ -38,7 +38,11 @@ pub struct TeamManager {
     pool: PgPool,
     teams: TtlCache<i32, Team>,
     organizations: TtlCache<Uuid, Organization>,
-    definitions: Mutex<HashMap<i32, Arc<Mutex<KnownDefinitions>>>>,
+    /// Loaded once per team: concurrent first events wait for the one load.
+    definitions: Mutex<HashMap<i32, Arc<tokio::sync::OnceCell<Arc<Mutex<KnownDefinitions>>>>>>,
+    /// Teams whose first event this process is marking (or has marked): the many events in flight
+    /// that all see `ingested_event = false` in the cached team make one write, not one each.
+    first_event_claims: Mutex<HashSet<i32>>,
     telemetry: OnceLock<Arc<dyn FirstEventTelemetry>>,
 }
 
@@ -49,6 +53,7 @@ impl TeamManager {
             teams: TtlCache::new(DEFAULT_MAX_AGE),
             organizations: TtlCache::new(DEFAULT_MAX_AGE),
             definitions: Mutex::new(HashMap::new()),
+            first_event_claims: Mutex::new(HashSet::new()),
             telemetry: telemetry.map(OnceLock::from).unwrap_or_default(),
         }
     }
@@ -83,21 +88,38 @@ impl TeamManager {
     }
 
     async fn known_definitions(&self, team_id: i32) -> Result<Arc<Mutex<KnownDefinitions>>, sqlx::Error> {
-        if let Some(known) = self.definitions.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).get(&team_id) {
-            return Ok(known.clone());
-        }
-        let (event_names, property_names) = db::events::fetch_definition_names(&self.pool, team_id).await?;
-        let loaded = KnownDefinitions {
-            event_names: event_names.into_iter().collect(),
-            property_names: property_names.into_iter().collect(),
-        };
-        let mut definitions = self.definitions.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        Ok(definitions.entry(team_id).or_insert_with(|| Arc::new(Mutex::new(loaded))).clone())
+        let cell = self
+            .definitions
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .entry(team_id)
+            .or_default()
+            .clone();
+        // A failed load leaves the cell empty: the next event tries again.
+        cell.get_or_try_init(|| async {
+            let (event_names, property_names) = db::events::fetch_definition_names(&self.pool, team_id).await?;
+            Ok(Arc::new(Mutex::new(KnownDefinitions {
+                event_names: event_names.into_iter().collect(),
+                property_names: property_names.into_iter().collect(),
+            })))
+        })
+        .await
+        .cloned()
+    }
+
+    /// True for the first caller for `team_id` (until [`Self::release_first_event`]).
+    fn claim_first_event(&self, team_id: i32) -> bool {
+        self.first_event_claims.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(team_id)
+    }
+
+    fn release_first_event(&self, team_id: i32) {
+        self.first_event_claims.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).remove(&team_id);
     }
 
     /// Records the event name and top-level property keys as definitions (spec 20 §8.4) and, on the
     /// team's first event, sets `ingested_event` and sends the telemetry. The cached team is
-    /// marked too, so this happens once rather than for 30 s (REF-BUG 10).
+    /// marked too and concurrent events leave it to the first, so this happens once rather than for
+    /// 30 s or for every event in flight (REF-BUG 10).
     pub async fn update_event_names_and_properties(
         &self,
         team_id: i32,
@@ -108,23 +130,29 @@ impl TeamManager {
             return Ok(());
         };
         let known = self.known_definitions(team.id).await?;
+        // New names are recorded as known before they are inserted, so the events in flight with
+        // the same new name leave the insert to this one; a failed insert forgets them again.
         let (new_event, new_properties) = {
-            let known = known.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            let new_event = !known.event_names.contains(event);
-            let new_properties: Vec<(&String, bool)> = properties
-                .iter()
-                .filter(|(key, _)| !known.property_names.contains(*key))
-                .map(|(key, value)| (key, value.is_number()))
-                .collect();
+            let mut known = known.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let new_event = known.event_names.insert(event.to_string());
+            let mut new_properties: Vec<(&String, bool)> = Vec::new();
+            for (key, value) in properties {
+                if known.property_names.insert(key.clone()) {
+                    new_properties.push((key, value.is_number()));
+                }
+            }
             (new_event, new_properties)
         };
         if new_event {
-            crate::metrics::catalog::postgres(
+            let inserted = crate::metrics::catalog::postgres(
                 "insertEventDefinition",
                 db::events::insert_event_definition(&self.pool, new_uuidt(), event, team.id),
             )
-            .await?;
-            known.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).event_names.insert(event.to_string());
+            .await;
+            if let Err(error) = inserted {
+                known.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).event_names.remove(event);
+                return Err(error);
+            }
         }
         if !new_properties.is_empty() {
             // One statement for all new keys (the reference sends one per key); rows keep the
@@ -132,16 +160,24 @@ impl TeamManager {
             let ids: Vec<Uuid> = new_properties.iter().map(|_| new_uuidt()).collect();
             let names: Vec<&str> = new_properties.iter().map(|(name, _)| name.as_str()).collect();
             let numerical: Vec<bool> = new_properties.iter().map(|(_, numerical)| *numerical).collect();
-            crate::metrics::catalog::postgres(
+            let inserted = crate::metrics::catalog::postgres(
                 "insertPropertyDefinition",
                 db::events::insert_property_definitions(&self.pool, &ids, &names, &numerical, team.id),
             )
-            .await?;
-            let mut known = known.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            known.property_names.extend(names.iter().map(|name| name.to_string()));
+            .await;
+            if let Err(error) = inserted {
+                let mut known = known.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                for name in names {
+                    known.property_names.remove(name);
+                }
+                return Err(error);
+            }
         }
-        if !team.ingested_event {
-            self.mark_first_event_ingested(&team, properties).await?;
+        if !team.ingested_event && self.claim_first_event(team.id) {
+            if let Err(error) = self.mark_first_event_ingested(&team, properties).await {
+                self.release_first_event(team.id);
+                return Err(error);
+            }
         }
         Ok(())
     }
