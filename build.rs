@@ -48,6 +48,9 @@ fn main() {
         .file("native/v8_shim.cc")
         .include(&include)
         .flag("-std=c++17")
+        // libnode is built without RTTI: a subclass of one of V8's classes (the shim's
+        // ArrayBuffer allocator) must be too, or it needs typeinfo libnode does not export.
+        .flag("-fno-rtti")
         .opt_level(2)
         .flag_if_supported("-Wno-unused-parameter")
         .compile("pst_v8_shim");

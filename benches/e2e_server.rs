@@ -16,7 +16,8 @@
 //!
 //! Run: `cargo bench --bench e2e_server` (env: BENCH_QUEUE; BENCH_EVENTS, default 10000; BENCH_USERS,
 //! distinct users, default 1000; BENCH_SECONDS, stop after this long and report what was ingested
-//! by then, e.g. with 1,000,000 events waiting; BENCH_SERVERS, BENCH_PARTITIONS; WORKER_CONCURRENCY /
+//! by then, e.g. with 1,000,000 events waiting; BENCH_SERVERS, BENCH_PARTITIONS; BENCH_PLUGIN=heavy,
+//! a regex-and-loops plugin instead of the reference's; WORKER_CONCURRENCY /
 //! TASKS_PER_WORKER / JS_ENGINE as for the server; BENCH_PROGRESS=1 prints the count every second; LOG_LEVEL,
 //! default warn, for the server's log;
 //! BENCH_LOG_STATEMENTS=1 has PostgreSQL log every statement on the bench's database (its name is
@@ -48,8 +49,30 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::{json, Map, Value};
 use tokio_util::sync::CancellationToken;
 
-/// The reference benchmark's plugin.
+/// The reference benchmark's plugin (`BENCH_PLUGIN=simple`, the default).
 const PLUGIN: &str = "export function processEvent(event) { event.properties.processed = 'yes'; return event }";
+
+/// `BENCH_PLUGIN=heavy`: regular expressions and loops over the event, a plugin that spends its
+/// time in the JS engine (URL parsing 200 times, a word count of the properties, a hash loop).
+const HEAVY_PLUGIN: &str = r#"
+const URL_PARTS = /^(https?):\/\/([^/:?#]+)(?::(\d+))?(\/[^?#]*)?(\?[^#]*)?(#.*)?$/
+export function processEvent(event) {
+    const url = event.properties.$current_url || ''
+    let score = 0
+    for (let i = 0; i < 200; i++) {
+        const m = URL_PARTS.exec(url + 'page/' + i + '?q=' + (i * 7) + '#top')
+        if (m) score = (score * 31 + m[2].length + m[4].length + m[5].length) % 1000003
+    }
+    const words = JSON.stringify(event.properties).split(/[^a-z0-9]+/i).filter((w) => /^[a-z]/i.test(w))
+    let hash = 0
+    for (const word of words) for (let i = 0; i < word.length; i++) hash = (hash * 33 + word.charCodeAt(i)) | 0
+    event.properties.processed = 'yes'
+    event.properties.score = score
+    event.properties.words = words.length
+    event.properties.hash = hash
+    return event
+}
+"#;
 
 /// The `index`th event's payload: one of `users` distinct ids, a fresh uuid.
 fn event_data(index: usize, users: usize) -> Map<String, Value> {
@@ -331,7 +354,8 @@ async fn main() {
     let processes = env_number("BENCH_SERVERS", 0);
     let partitions = env_number("BENCH_PARTITIONS", 6) as i32;
     let name = format!("pst_bench_{}", uuid::Uuid::new_v4().simple());
-    let database = fresh_database(&name, PLUGIN).await;
+    let heavy = std::env::var("BENCH_PLUGIN").is_ok_and(|plugin| plugin == "heavy");
+    let database = fresh_database(&name, if heavy { HEAVY_PLUGIN } else { PLUGIN }).await;
     if std::env::var("BENCH_LOG_STATEMENTS").is_ok_and(|value| value == "1") {
         // Every statement of the server's connections to this database goes to PostgreSQL's log
         // (its lines carry the database name), to see which statements an event causes.
@@ -406,6 +430,7 @@ async fn main() {
     let work_before = WorkCounts::read(&redis_url, &database).await;
 
     let rss_before = rss_mib();
+    let own_cpu_before = cpu_seconds(std::process::id());
     let broker = if kafka { broker_pid(&kafka_hosts) } else { None };
     let broker_cpu_before = broker.and_then(cpu_seconds);
     let machine_before = machine_jiffies();
@@ -525,14 +550,25 @@ async fn main() {
         );
     } else {
         println!("(RSS {rss_before:.1} MiB before the server started, {peak_rss:.1} MiB at most while it ran)");
+        // The in-process server's CPU (this process: the bench's own polling is a few queries a
+        // second), start-up included.
+        if let Some(cpu) = own_cpu_before.zip(cpu_seconds(std::process::id())).map(|(before, after)| after - before) {
+            println!(
+                "(CPU {cpu:.1} s = {:.2} cores; {:.3} ms of CPU per event)",
+                cpu / elapsed.as_secs_f64(),
+                1000.0 * cpu / (ingested.max(1) as f64)
+            );
+        }
     }
     if let Some(broker_cpu) = broker_cpu {
         println!("(broker: CPU {broker_cpu:.1} s = {:.2} cores)", broker_cpu / elapsed.as_secs_f64());
     }
     let (busy, total) = (machine_after.0 - machine_before.0, machine_after.1 - machine_before.1);
     println!("(machine: {:.0}% of its cores busy, every process counted)", 100.0 * busy as f64 / total.max(1) as f64);
+    let engine = pairs.iter().find(|(k, _)| k == "JS_ENGINE").map_or("quickjs", |(_, v)| v.as_str());
+    let plugin = if heavy { "heavy plugin" } else { "simple plugin" };
     report(
-        &format!("Server e2e, {pipeline}, {users} users, {ingested} of {events} events ingested"),
+        &format!("Server e2e, {pipeline}, {engine}, {plugin}, {users} users, {ingested} of {events} events ingested"),
         ingested as usize,
         elapsed,
     );

@@ -5,7 +5,9 @@
 //! and 1,000 configs (each loaded and given 100 events). Every memory figure comes from a fresh
 //! child process of this binary, so one measurement does not inherit another's heap.
 //!
-//! Run: `cargo bench --bench v8_engine` (optional env: BENCH_SECONDS, default 3).
+//! Run: `cargo bench --bench v8_engine` (optional env: BENCH_SECONDS, default 3; BENCH_UNITS,
+//! e.g. `vm-isolate,vm-context`: the isolation units to measure; BENCH_ONLY=units skips the
+//! throughput part).
 
 use std::time::{Duration, Instant};
 
@@ -13,7 +15,7 @@ use std::time::{Duration, Instant};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use plugin_server::plugins::runtime::v8::{Outcome, RealmId, SourceKind, V8Isolate, V8Options};
+use plugin_server::plugins::runtime::v8::{vm, Outcome, RealmId, SourceKind, V8Isolate, V8Options};
 use serde_json::{json, Value};
 
 const SIMPLE: &str = "
@@ -167,7 +169,40 @@ fn measure(kind: &str, units: usize) {
     let (started, cpu) = (Instant::now(), cpu_seconds());
     let mut isolates = Vec::new();
     let mut realms = Vec::new();
-    if kind == "isolate" {
+    // The plugin VM's own set-up (host functions, bootstrap.js, prelude.js, the plugin) per unit:
+    // an isolate per config as the server runs them, or realms of one isolate.
+    let full = kind.starts_with("vm-");
+    if kind == "vm-isolate" {
+        let mut parts = [Duration::ZERO; 3];
+        for _ in 0..units {
+            let t0 = Instant::now();
+            let mut isolate = vm::bench::isolate(V8Options::default(), TIMEOUT).expect("isolate");
+            let t1 = Instant::now();
+            vm::bench::load_plugin(&mut isolate, RealmId::MAIN, IDLE, TIMEOUT).expect("load");
+            parts[0] += t1 - t0;
+            parts[1] += t1.elapsed();
+            isolates.push(isolate);
+        }
+        parts[2] = parts[0] + parts[1];
+        println!(
+            "  vm-isolate x{units}: per unit {:.2} ms = isolate + host functions {:.2} ms, bootstrap + prelude + plugin {:.2} ms",
+            parts[2].as_secs_f64() * 1e3 / units as f64,
+            parts[0].as_secs_f64() * 1e3 / units as f64,
+            parts[1].as_secs_f64() * 1e3 / units as f64,
+        );
+    } else if kind == "vm-context" {
+        // One heap limit for all: V8 has no per-context budget.
+        let options = V8Options { heap_limit_bytes: 4096 << 20, array_buffer_limit_bytes: 0, ..V8Options::default() };
+        let mut shared = vm::bench::isolate(options, TIMEOUT).expect("isolate");
+        vm::bench::load_plugin(&mut shared, RealmId::MAIN, IDLE, TIMEOUT).expect("load");
+        realms.push(RealmId::MAIN);
+        for _ in 1..units {
+            let realm = shared.new_realm().expect("realm");
+            vm::bench::load_plugin(&mut shared, realm, IDLE, TIMEOUT).expect("load");
+            realms.push(realm);
+        }
+        isolates.push(shared);
+    } else if kind == "isolate" {
         for _ in 0..units {
             let mut isolate = V8Isolate::new(V8Options::default()).expect("isolate");
             isolate.load(SourceKind::Script, IDLE, "index.js", TIMEOUT).expect("load");
@@ -191,15 +226,22 @@ fn measure(kind: &str, units: usize) {
     let rss_loaded = rss_bytes();
     for i in 0..units {
         let (isolate, realm) =
-            if kind == "isolate" { (&mut isolates[i], RealmId::MAIN) } else { (&mut isolates[0], realms[i]) };
+            if kind.ends_with("isolate") { (&mut isolates[i], RealmId::MAIN) } else { (&mut isolates[0], realms[i]) };
         for e in 0..100 {
-            process(isolate, realm, e);
+            if full {
+                match vm::bench::call(isolate, realm, e as u64, "processEvent", vec![event(e)], TIMEOUT) {
+                    Ok(Outcome::Done(out)) => assert_eq!(out["event"], "changed event"),
+                    other => panic!("processEvent: {other:?}"),
+                }
+            } else {
+                process(isolate, realm, e);
+            }
         }
     }
     let rss_used = rss_bytes();
     let heap: usize = isolates.iter().map(|i| i.heap().used).sum();
     println!(
-        "  {kind:<7} x{units:<5} create+load {:>7.0} µs each ({:>6.0} µs of CPU) | RSS per unit: {:>7.0} KiB loaded, {:>7.0} KiB after 100 events | total RSS {:>6.0} MiB | V8 heap used per unit {:>6.0} KiB",
+        "  {kind:<10} x{units:<5} create+load {:>7.0} µs each ({:>6.0} µs of CPU) | RSS per unit: {:>7.0} KiB loaded, {:>7.0} KiB after 100 events | total RSS {:>6.0} MiB | V8 heap used per unit {:>6.0} KiB",
         create.as_secs_f64() * 1e6 / units as f64,
         create_cpu * 1e6 / units as f64,
         (rss_loaded.saturating_sub(rss_start)) as f64 / units as f64 / 1024.0,
@@ -216,10 +258,15 @@ fn main() {
         measure(kind, units.parse().expect("units"));
         return;
     }
-    throughput();
+    if std::env::var("BENCH_ONLY").ok().as_deref() != Some("units") {
+        throughput();
+    }
     println!("isolation units (a fresh process each; the V8 platform initialised before the baseline):");
     let me = std::env::current_exe().expect("own path");
-    for kind in ["isolate", "context"] {
+    // BENCH_UNITS: the kinds to measure (default all): bare units (the plugin code alone) and
+    // `vm-*` units (the plugin VM's bootstrap, prelude and plugin, as the server runs them).
+    let kinds = std::env::var("BENCH_UNITS").unwrap_or_else(|_| "isolate,context,vm-isolate,vm-context".into());
+    for kind in kinds.split(',') {
         for units in [1, 100, 1000] {
             let status = std::process::Command::new(&me)
                 .env("V8_BENCH_MEASURE", format!("{kind}:{units}"))

@@ -20,6 +20,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <string_view>
 #include <unordered_map>
 #include <vector>
 
@@ -58,7 +59,10 @@ enum PstStatus : int32_t {
 
 // What a sync host function answers (the Rust side owns the bytes until its next reply).
 struct PstReply {
-  int32_t status;  // 0: ptr/len is the result as JSON; 1: ptr/len is the error as JSON {name, message}
+  // 0: ptr/len is the result as JSON; 1: ptr/len is the error as JSON {name, message}; 2: ptr/len
+  // is the result, a string of chars below U+0100 (a binary string), one byte per char (no JSON:
+  // a byte would take up to 6 there).
+  int32_t status;
   const char* ptr;
   size_t len;
 };
@@ -88,6 +92,134 @@ namespace {
 v8::Platform* g_platform = nullptr;
 std::once_flag g_init_once;
 
+// The ArrayBuffer memory of one isolate (ArrayBuffers, typed arrays, Buffers: their bytes live
+// outside the V8 heap, so the heap limit does not cover them) under a budget: an allocation that
+// would take the live bytes over it answers nullptr, and V8 (after collecting garbage and trying
+// again) throws `RangeError: Array buffer allocation failed` in the allocating call only. `Free`
+// may run on V8's background threads (the array buffer sweeper): the count is atomic.
+class BudgetAllocator : public v8::ArrayBuffer::Allocator {
+ public:
+  explicit BudgetAllocator(size_t budget)
+      : budget_(budget), inner_(v8::ArrayBuffer::Allocator::NewDefaultAllocator()) {}
+  ~BudgetAllocator() override { delete inner_; }
+
+  void* Allocate(size_t length) override {
+    if (!reserve(length)) return nullptr;
+    void* data = inner_->Allocate(length);
+    if (!data) release(length);
+    return data;
+  }
+
+  void* AllocateUninitialized(size_t length) override {
+    if (!reserve(length)) return nullptr;
+    void* data = inner_->AllocateUninitialized(length);
+    if (!data) release(length);
+    return data;
+  }
+
+  void Free(void* data, size_t length) override {
+    inner_->Free(data, length);
+    release(length);
+  }
+
+  void* Reallocate(void* data, size_t old_length, size_t new_length) override {
+    size_t grow = new_length > old_length ? new_length - old_length : 0;
+    if (grow > 0 && !reserve(grow)) return nullptr;
+    void* moved = inner_->Reallocate(data, old_length, new_length);
+    if (!moved) {
+      if (grow > 0) release(grow);
+      return nullptr;
+    }
+    if (new_length < old_length) release(old_length - new_length);
+    return moved;
+  }
+
+  size_t used() const { return used_.load(std::memory_order_relaxed); }
+  size_t budget() const { return budget_; }
+  uint64_t refused() const { return refused_.load(std::memory_order_relaxed); }
+
+ private:
+  bool reserve(size_t length) {
+    size_t current = used_.load(std::memory_order_relaxed);
+    do {
+      if (budget_ > 0 && (length > budget_ || current > budget_ - length)) {
+        refused_.fetch_add(1, std::memory_order_relaxed);
+        return false;
+      }
+    } while (!used_.compare_exchange_weak(current, current + length, std::memory_order_relaxed));
+    return true;
+  }
+
+  void release(size_t length) { used_.fetch_sub(length, std::memory_order_relaxed); }
+
+  const size_t budget_;  // 0: no budget
+  v8::ArrayBuffer::Allocator* const inner_;
+  std::atomic<size_t> used_{0};
+  std::atomic<uint64_t> refused_{0};
+};
+
+// V8's code cache for the server's own scripts (bootstrap.js, prelude.js, the facade modules),
+// shared by every isolate of the process: each VM compiles the same ~50 KB, and consuming the
+// cache skips parsing and compiling what the first VM compiled (its top level and the functions
+// it ran). Keyed by file name and the source's hash and length; plugin code is never cached.
+// Entries are made once and never changed (a rejected one is dropped).
+struct CodeCache {
+  std::mutex mu;
+  std::unordered_map<std::string, std::shared_ptr<const std::vector<uint8_t>>> entries;
+};
+
+CodeCache& code_cache() {
+  static CodeCache* cache = new CodeCache();  // never freed (threads may use it at exit)
+  return *cache;
+}
+
+bool cacheable(const std::string& filename) {
+  return filename == "prelude" || filename == "bootstrap" || filename.rfind("facade:", 0) == 0;
+}
+
+std::string cache_key(Isolate* isolate, const std::string& filename, Local<String> source) {
+  String::Value chars(isolate, source);
+  std::string key = filename;
+  key.push_back('\0');
+  if (*chars) {
+    std::u16string_view view(reinterpret_cast<const char16_t*>(*chars), static_cast<size_t>(chars.length()));
+    key += std::to_string(std::hash<std::u16string_view>{}(view));
+  }
+  key.push_back(':');
+  key += std::to_string(source->Length());
+  return key;
+}
+
+std::shared_ptr<const std::vector<uint8_t>> cache_find(const std::string& key) {
+  CodeCache& cache = code_cache();
+  std::lock_guard<std::mutex> lock(cache.mu);
+  auto found = cache.entries.find(key);
+  return found == cache.entries.end() ? nullptr : found->second;
+}
+
+void cache_store(const std::string& key, v8::ScriptCompiler::CachedData* data) {
+  std::unique_ptr<v8::ScriptCompiler::CachedData> owned(data);
+  if (!owned || owned->length <= 0) return;
+  auto bytes = std::make_shared<const std::vector<uint8_t>>(owned->data, owned->data + owned->length);
+  CodeCache& cache = code_cache();
+  std::lock_guard<std::mutex> lock(cache.mu);
+  cache.entries.emplace(key, std::move(bytes));
+}
+
+void cache_drop(const std::string& key) {
+  CodeCache& cache = code_cache();
+  std::lock_guard<std::mutex> lock(cache.mu);
+  cache.entries.erase(key);
+}
+
+// A CachedData over a cache entry's bytes (not owned: the entry outlives the compile, held by
+// `hold`).
+v8::ScriptCompiler::CachedData* cached_data(const std::shared_ptr<const std::vector<uint8_t>>& bytes) {
+  if (!bytes) return nullptr;
+  return new v8::ScriptCompiler::CachedData(bytes->data(), static_cast<int>(bytes->size()),
+                                            v8::ScriptCompiler::CachedData::BufferNotOwned);
+}
+
 struct Realm {
   Global<Context> context;
   Global<Object> exports;
@@ -111,7 +243,7 @@ struct HostBinding {
 
 struct Iso {
   Isolate* isolate = nullptr;
-  v8::ArrayBuffer::Allocator* allocator = nullptr;
+  BudgetAllocator* allocator = nullptr;
   std::vector<std::unique_ptr<Realm>> realms;
   std::vector<HostFn> host_fns;
   std::vector<std::unique_ptr<HostBinding>> bindings;
@@ -708,7 +840,17 @@ void host_callback(const FunctionCallbackInfo<Value>& info) {
   }
   PstReply reply{1, nullptr, 0};
   iso->callbacks.host_call(iso->user, binding->fn_id, json.data(), json.size(), &reply);
-  if (reply.status == 0) {
+  if (reply.status == 2) {
+    Local<String> result;
+    if (reply.len > static_cast<size_t>(String::kMaxLength) ||
+        !String::NewFromOneByte(isolate, reinterpret_cast<const uint8_t*>(reply.ptr), v8::NewStringType::kNormal,
+                                static_cast<int>(reply.len))
+             .ToLocal(&result)) {
+      isolate->ThrowException(Exception::RangeError(str(isolate, "Invalid string length")));
+      return;
+    }
+    info.GetReturnValue().Set(result);
+  } else if (reply.status == 0) {
     Local<Value> result;
     if (reply.len == 0) {
       info.GetReturnValue().SetUndefined();
@@ -863,11 +1005,19 @@ void compile_callback(const FunctionCallbackInfo<Value>& info) {
     return;
   }
   ScriptOrigin origin(isolate, name, line_offset, 0);
-  ScriptCompiler::Source source(source_text, origin);
+  std::string filename = utf8(isolate, name);
+  bool use_cache = cacheable(filename);
+  std::string key = use_cache ? cache_key(isolate, filename, source_text) : std::string();
+  std::shared_ptr<const std::vector<uint8_t>> hold = use_cache ? cache_find(key) : nullptr;
+  ScriptCompiler::Source source(source_text, origin, cached_data(hold));
   Local<v8::Script> script;
-  if (!ScriptCompiler::Compile(context, &source).ToLocal(&script)) return;
+  auto options = hold ? ScriptCompiler::kConsumeCodeCache : ScriptCompiler::kNoCompileOptions;
+  if (!ScriptCompiler::Compile(context, &source, options).ToLocal(&script)) return;
+  if (hold && source.GetCachedData() && source.GetCachedData()->rejected) cache_drop(key);
   Local<Value> completion;
   if (!script->Run(context).ToLocal(&completion)) return;
+  // Made after the run, the cache holds the functions the run compiled too.
+  if (use_cache && !hold) cache_store(key, ScriptCompiler::CreateCodeCache(script->GetUnboundScript()));
   info.GetReturnValue().Set(completion);
 }
 
@@ -909,10 +1059,11 @@ void pst_v8_init(const char* flags) {
 
 const char* pst_v8_version() { return v8::V8::GetVersion(); }
 
-Iso* pst_v8_isolate_new(size_t heap_limit, size_t stack_bytes, PstLimits limits, void* user,
-                        PstCallbacks callbacks) {
+// `array_buffer_limit`: the budget of the isolate's ArrayBuffer memory (BudgetAllocator; 0: none).
+Iso* pst_v8_isolate_new(size_t heap_limit, size_t array_buffer_limit, size_t stack_bytes, PstLimits limits,
+                        void* user, PstCallbacks callbacks) {
   auto iso = std::make_unique<Iso>();
-  iso->allocator = v8::ArrayBuffer::Allocator::NewDefaultAllocator();
+  iso->allocator = new BudgetAllocator(array_buffer_limit);
   Isolate::CreateParams params;
   params.array_buffer_allocator = iso->allocator;
   if (heap_limit > 0) params.constraints.ConfigureDefaultsFromHeapSize(0, heap_limit);
@@ -1010,6 +1161,14 @@ void pst_v8_heap(Iso* iso, size_t* used, size_t* total, size_t* limit) {
   *limit = stats.heap_size_limit();
 }
 
+// The isolate's live ArrayBuffer bytes, its budget (0: none) and how many allocations it refused.
+// May be called from any thread.
+void pst_v8_array_buffers(Iso* iso, size_t* used, size_t* budget, uint64_t* refused) {
+  *used = iso->allocator->used();
+  *budget = iso->allocator->budget();
+  *refused = iso->allocator->refused();
+}
+
 // The text of the last result (valid until the next call on this isolate).
 size_t pst_v8_out(Iso* iso, const char** ptr) {
   *ptr = iso->out.data();
@@ -1080,16 +1239,23 @@ int32_t pst_v8_load(Iso* iso, uint32_t realm_index, int32_t kind, const char* co
     realm->exports.Reset(isolate, module->GetModuleNamespace().As<Object>());
   } else if (kind == 2) {
     ScriptOrigin origin(isolate, name);
-    ScriptCompiler::Source source(source_text, origin);
+    std::string file(filename, filename_len);
+    bool use_cache = cacheable(file);
+    std::string key = use_cache ? cache_key(isolate, file, source_text) : std::string();
+    std::shared_ptr<const std::vector<uint8_t>> hold = use_cache ? cache_find(key) : nullptr;
+    ScriptCompiler::Source source(source_text, origin, cached_data(hold));
     Local<String> params[1] = {str(isolate, "exports")};
     Local<Function> function;
-    if (!ScriptCompiler::CompileFunction(context, &source, 1, params).ToLocal(&function)) {
+    auto options = hold ? ScriptCompiler::kConsumeCodeCache : ScriptCompiler::kNoCompileOptions;
+    if (!ScriptCompiler::CompileFunction(context, &source, 1, params, 0, nullptr, options).ToLocal(&function)) {
       return failure(iso, context, tc);
     }
+    if (hold && source.GetCachedData() && source.GetCachedData()->rejected) cache_drop(key);
     Local<Object> exports = Object::New(isolate);
     Local<Value> argv[1] = {exports};
     Local<Value> returned;
     if (!function->Call(context, v8::Undefined(isolate), 1, argv).ToLocal(&returned)) return failure(iso, context, tc);
+    if (use_cache && !hold) cache_store(key, ScriptCompiler::CreateCodeCacheForFunction(function));
     realm->exports.Reset(isolate, returned->IsObject() && !returned->IsPromise() ? returned.As<Object>() : exports);
     completion = returned;
   } else {

@@ -2,7 +2,8 @@
 //! Celery tasks in Redis): a hostile plugin first in a team's chain, a simple one after it. For
 //! every attack the attacking event and the event after it land, the hostile plugin's change is
 //! dropped, the next plugin still runs, the plugin's log entries say what was refused, the process
-//! survives and its peak RSS (VmHWM) stays under [`RSS_BOUND_KB`].
+//! survives and its peak RSS (VmHWM) stays under [`RSS_BOUND_KB`]. Runs on either engine
+//! (`JS_ENGINE`).
 
 mod common;
 
@@ -38,6 +39,16 @@ const HOSTILE: &str = r#"
             const member = gzipSync(Buffer.alloc(1024 * 1024))
             const bomb = Buffer.concat(new Array(10000).fill(member))
             event.properties.big = gunzipSync(bomb).length
+        } else if (attack === 'arraybuffer' || attack === 'buffer' || attack === 'typed') {
+            // 64 × 16 MiB kept and written to: 1 GiB of ArrayBuffer memory (outside V8's heap).
+            const kept = []
+            for (let i = 0; i < 64; i++) {
+                const bytes = attack === 'arraybuffer' ? new Uint8Array(new ArrayBuffer(16 << 20))
+                    : attack === 'buffer' ? Buffer.alloc(16 << 20) : new Uint8Array(16 << 20)
+                bytes.fill(1)
+                kept.push(bytes)
+            }
+            event.properties.big = kept.length
         } else if (attack === 'storage') {
             await meta.storage.set('big', Object.assign([], { length: 2 ** 31 - 1 }))
             event.properties.big = 'stored'
@@ -126,7 +137,10 @@ async fn hostile_values_are_refused_and_the_chain_goes_on() {
     let queue = common::unique_prefix("containment-vm");
     let default_queue = format!("{queue}-default");
     let redis = common::redis_url();
+    // The server's environment is only what it is given: the engine of this run goes along.
+    let engine = std::env::var("JS_ENGINE").unwrap_or_else(|_| "quickjs".to_string());
     let env = [
+        ("JS_ENGINE", engine.as_str()),
         ("NODE_ENV", "test"),
         ("DATABASE_URL", db.url.as_str()),
         ("REDIS_URL", redis.as_str()),
@@ -156,6 +170,7 @@ async fn hostile_values_are_refused_and_the_chain_goes_on() {
             producer.send_capture(data.as_object().unwrap(), i64::from(common::TEAM_ID)).await.unwrap();
         }
     };
+    let buffer_refusal = if engine == "v8" { "Array buffer allocation failed" } else { "out of memory" };
     let attacks: &[(&str, &str)] = &[
         ("sparse", "refused the value processEvent returned: an array claims a length of 2147483647"),
         ("sparse32", "refused the value processEvent returned: an array claims a length of 4294967295"),
@@ -166,6 +181,11 @@ async fn hostile_values_are_refused_and_the_chain_goes_on() {
         // may first run past the call's deadline instead. Either way it is bounded and refused.
         ("bomb", "Cannot create a Buffer larger than the plugin's memory allows|Script execution timed out"),
         ("storage", "refused the arguments of storage.set: an array claims a length of 2147483647"),
+        // ArrayBuffer memory is budgeted like the heap: V8's allocator refuses past the VM's
+        // memory limit, QuickJS counts it inside its one limit.
+        ("arraybuffer", buffer_refusal),
+        ("buffer", buffer_refusal),
+        ("typed", buffer_refusal),
     ];
     for (attack, refusal) in attacks {
         // Only this attack's lines count (an earlier attack may have logged the same words).

@@ -145,6 +145,46 @@ fn heap_limit_ends_the_call_and_another_isolate_keeps_working() {
 }
 
 #[test]
+fn array_buffers_have_a_budget_and_the_isolate_lives_on() {
+    let options = V8Options { array_buffer_limit_bytes: 64 * 1024 * 1024, ..V8Options::default() };
+    let mut isolate = match V8Isolate::new(options) {
+        Ok(isolate) => isolate,
+        Err(error) => panic!("{error}"),
+    };
+    // 64 × 16 MiB, every buffer kept and written to: 1 GiB without the budget.
+    let code = "function hoard(kind) {
+                    const kept = [];
+                    for (let i = 0; i < 64; i++) {
+                        const bytes = kind === 'view' ? new Uint8Array(16 << 20) : new Uint8Array(new ArrayBuffer(16 << 20));
+                        bytes.fill(1);
+                        kept.push(bytes);
+                    }
+                    return kept.length;
+                }
+                function small() { return new Uint8Array(1 << 20).fill(2)[5] }";
+    assert!(isolate.load(SourceKind::Script, code, "plugin.js", SECOND).is_ok());
+    for kind in ["buffer", "view"] {
+        match call(&mut isolate, "hoard", &[json!(kind)]) {
+            Err(EngineError::Js(error)) => {
+                assert_eq!(
+                    (error.name.as_str(), error.message.as_str()),
+                    ("RangeError", "Array buffer allocation failed")
+                );
+            }
+            other => panic!("{kind}: {other:?}"),
+        }
+        assert!(!isolate.is_dead());
+        // The isolate lives on: the failed call's buffers are garbage, freed for the next ones.
+        assert_eq!(call(&mut isolate, "small", &[]).ok(), Some(json!(2)));
+    }
+    let stats = isolate.array_buffers();
+    assert!(stats.refused >= 2, "{stats:?}");
+    assert!(stats.used <= stats.budget, "{stats:?}");
+    isolate.collect_garbage();
+    assert!(isolate.array_buffers().used < 16 * 1024 * 1024, "{:?}", isolate.array_buffers());
+}
+
+#[test]
 fn deadline_stops_a_loop_and_a_regex_bomb() {
     let mut isolate = script(
         "function spin() { for (;;) {} }

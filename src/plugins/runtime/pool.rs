@@ -22,7 +22,7 @@
 //! * a call queued on a thread that another config blocks is taken back before it starts
 //!   (the thread and the pool race for its `claim`) and admitted again elsewhere;
 //! * a heavy config has at most [`HEAVY_DEPTH`] calls on one thread (a synchronous hog gains
-//!   nothing from more); while another config is active (calls in flight or waiting, or
+//!   nothing from more; while it is the only config, on the threads it blocks right now); while another config is active (calls in flight or waiting, or
 //!   admitted within [`HEAVY_FOR`]) it runs one call at a time, on at most `ceil(threads / 2)`
 //!   threads, with a duty cycle of [`HEAVY_DUTY`] (after a call that held its thread for `t`,
 //!   its next call waits `3 × t`); while a light config has calls waiting for a thread, heavy
@@ -33,7 +33,8 @@
 //!   the caller's window bounds how many calls wait.
 //!
 //! With one config active (the common case) none of this applies beyond the per-thread depth of
-//! a heavy config: it may use every thread. Building a VM (code and `setupPlugin`) does not
+//! a heavy config on the threads it blocks right now: it may use every thread, and a config that
+//! was heavy once (a single long stretch) runs at full depth again as soon as the stretch ended. Building a VM (code and `setupPlugin`) does not
 //! count as a long stretch.
 //!
 //! Not here: the VM internals (`quickjs.rs`), what plugins are loaded when (the orchestration).
@@ -660,8 +661,10 @@ impl WorkerPool {
         let now = self.now_ns();
         let heavy_poll = HEAVY_POLL.as_nanos() as u64;
         let mark_until = now + HEAVY_FOR.as_nanos() as u64;
-        // Threads another config blocks right now (a long synchronous stretch, seen live).
+        // Threads another config blocks right now (a long synchronous stretch, seen live), and
+        // those this config blocks.
         let mut reserved = vec![false; threads];
+        let mut blocked_by_me = vec![false; threads];
         for (index, worker) in self.inner.workers.iter().enumerate() {
             let since = worker.polling.since_ns.load(Ordering::Relaxed);
             if since != 0 && now.saturating_sub(since - 1) > heavy_poll {
@@ -673,6 +676,7 @@ impl WorkerPool {
                     }
                 }
                 reserved[index] = config != id;
+                blocked_by_me[index] = config == id;
             }
         }
         let me = fair.configs.entry(id).or_insert_with(|| ConfigShare {
@@ -705,7 +709,8 @@ impl WorkerPool {
         if heavy_me {
             // "Another config is active" lasts [`HEAVY_FOR`] past its last call, so a team
             // between two bursts keeps its threads.
-            if fair.others_active(id, mine, now) {
+            let others_active = fair.others_active(id, mine, now);
+            if others_active {
                 let starved = fair.configs.iter().any(|(c, s)| *c != id && s.waiting > 0 && !s.heavy(now));
                 if starved {
                     return Ok(None);
@@ -720,8 +725,14 @@ impl WorkerPool {
                 if my_depth.iter().sum::<usize>() > 0 || heavy_mark.resume_ns.load(Ordering::Relaxed) > now {
                     return Ok(None);
                 }
+                allowed.retain(|i| my_depth[*i] < HEAVY_DEPTH);
+            } else {
+                // Alone, the depth limit holds only on the threads it blocks right now: one long
+                // stretch (a GC pause, page faults, preemption on a loaded machine) must not
+                // leave a config that is the only one at two calls per thread for HEAVY_FOR
+                // (a simple plugin fell from ~11,000 to ~500 events/s on one thread).
+                allowed.retain(|i| my_depth[*i] < HEAVY_DEPTH || !blocked_by_me[*i]);
             }
-            allowed.retain(|i| my_depth[*i] < HEAVY_DEPTH);
         }
         let picked = self.pick_among(Some(id), &allowed);
         Ok(picked.map(|index| (index, heavy_mark)))

@@ -22,7 +22,7 @@ pub const NOT_FOUND: i32 = 5;
 pub const DEAD: i32 = 6;
 
 /// What a sync host function answers: status 0 with the result as JSON text, 1 with the error
-/// as JSON `{name, message}`. The bytes stay owned by Rust (copied by the shim at once).
+/// as JSON `{name, message}`, 2 with a string of chars below U+0100 as one byte per char. The bytes stay owned by Rust (copied by the shim at once).
 #[repr(C)]
 pub struct Reply {
     pub status: i32,
@@ -57,6 +57,7 @@ extern "C" {
     pub fn pst_v8_version() -> *const c_char;
     pub fn pst_v8_isolate_new(
         heap_limit: usize,
+        array_buffer_limit: usize,
         stack_bytes: usize,
         limits: Limits,
         user: *mut c_void,
@@ -70,6 +71,7 @@ extern "C" {
     pub fn pst_v8_oom(iso: *mut Iso) -> i32;
     pub fn pst_v8_gc(iso: *mut Iso);
     pub fn pst_v8_heap(iso: *mut Iso, used: *mut usize, total: *mut usize, limit: *mut usize);
+    pub fn pst_v8_array_buffers(iso: *mut Iso, used: *mut usize, budget: *mut usize, refused: *mut u64);
     pub fn pst_v8_out(iso: *mut Iso, ptr: *mut *const c_char) -> usize;
     pub fn pst_v8_define_host(iso: *mut Iso, name: *const c_char, name_len: usize, fn_id: u32, is_async: i32) -> i32;
     pub fn pst_v8_realm_new(iso: *mut Iso) -> i64;

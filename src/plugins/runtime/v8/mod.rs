@@ -59,6 +59,11 @@ pub struct V8Options {
     /// The V8 heap limit (`ResourceConstraints`); reaching it ends the running call and kills the
     /// isolate.
     pub heap_limit_bytes: usize,
+    /// The budget of the isolate's ArrayBuffer memory (ArrayBuffers, typed arrays, Buffers),
+    /// which lives outside the V8 heap and its limit: an allocation that would take the live
+    /// bytes over it throws `RangeError: Array buffer allocation failed` in the allocating call
+    /// (the isolate lives on). 0: no budget.
+    pub array_buffer_limit_bytes: usize,
     /// JS stack allowed below the point where a call enters V8.
     pub stack_bytes: usize,
     /// Budget of every value read out of JS (results, host function arguments).
@@ -79,6 +84,7 @@ impl Default for V8Options {
     fn default() -> Self {
         V8Options {
             heap_limit_bytes: 128 * 1024 * 1024,
+            array_buffer_limit_bytes: 128 * 1024 * 1024,
             stack_bytes: 768 * 1024,
             max_values: MAX_VALUES,
             max_bytes: MAX_BYTES,
@@ -139,6 +145,17 @@ pub enum ConsoleLevel {
 pub struct ConsoleLine {
     pub level: ConsoleLevel,
     pub text: String,
+}
+
+/// The ArrayBuffer memory of an isolate (see [`V8Options::array_buffer_limit_bytes`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ArrayBufferStats {
+    /// Live bytes of ArrayBuffer backing stores (freed once V8 collects their buffers).
+    pub used: usize,
+    /// The budget (0: none).
+    pub budget: usize,
+    /// Allocations refused for the budget so far.
+    pub refused: u64,
 }
 
 /// The heap of an isolate (V8's `GetHeapStatistics`).
@@ -235,6 +252,11 @@ extern "C" fn host_call(user: *mut c_void, fn_id: u32, args: *const c_char, len:
         None => Err(MetaError::new("unknown host function")),
     };
     let (status, text) = match result {
+        // A binary string (bytes from crypto, zlib, base64…) crosses as one byte per char: as
+        // JSON a byte would take up to six.
+        Ok(Value::String(text)) if text.chars().all(|c| u8::try_from(c).is_ok()) => {
+            (2, text.chars().map(|c| u8::try_from(c).unwrap_or(b'?')).collect())
+        }
         Ok(value) => (0, serde_json::to_vec(&value).unwrap_or_else(|_| b"null".to_vec())),
         Err(error) => (1, error_json(&error)),
     };
@@ -305,7 +327,8 @@ pub struct HeapProbe {
 }
 
 impl HeapProbe {
-    /// Bytes the isolate's heap may still grow by before its limit (0 once it is gone).
+    /// Bytes the isolate may still allocate: the smaller of its heap headroom and its
+    /// ArrayBuffer budget left (0 once it is gone).
     pub fn headroom(&self) -> usize {
         if self.alive.upgrade().is_none() {
             return 0;
@@ -314,7 +337,16 @@ impl HeapProbe {
         // SAFETY: the isolate is alive (its `alive` token is), and a probe, being `!Send`, is on
         // the isolate's thread; GetHeapStatistics may run inside a host callback.
         unsafe { ffi::pst_v8_heap(self.raw.as_ptr(), &mut used, &mut total, &mut limit) };
-        self.limit.min(limit).saturating_sub(used)
+        let heap = self.limit.min(limit).saturating_sub(used);
+        // Host-made bytes become an ArrayBuffer too: they must fit its budget as well.
+        let (mut buffers, mut budget, mut refused) = (0, 0, 0);
+        // SAFETY: as above.
+        unsafe { ffi::pst_v8_array_buffers(self.raw.as_ptr(), &mut buffers, &mut budget, &mut refused) };
+        if budget == 0 {
+            heap
+        } else {
+            heap.min(budget.saturating_sub(buffers))
+        }
     }
 }
 
@@ -360,8 +392,16 @@ impl V8Isolate {
         };
         let user = &*host as *const HostTable as *mut c_void;
         // SAFETY: `user` outlives the isolate (freed after it, see Drop).
-        let raw =
-            unsafe { ffi::pst_v8_isolate_new(options.heap_limit_bytes, options.stack_bytes, limits, user, CALLBACKS) };
+        let raw = unsafe {
+            ffi::pst_v8_isolate_new(
+                options.heap_limit_bytes,
+                options.array_buffer_limit_bytes,
+                options.stack_bytes,
+                limits,
+                user,
+                CALLBACKS,
+            )
+        };
         let raw = NonNull::new(raw).ok_or(EngineError::Create)?;
         let isolate = V8Isolate { raw, host, options, dead: false, alive: Rc::new(()), _not_send: PhantomData };
         isolate.new_realm()?;
@@ -448,6 +488,14 @@ impl V8Isolate {
         // SAFETY: a live isolate; out pointers to locals.
         unsafe { ffi::pst_v8_heap(self.iso(), &mut used, &mut total, &mut limit) };
         HeapStats { used, total, limit }
+    }
+
+    /// The isolate's ArrayBuffer memory and its budget.
+    pub fn array_buffers(&self) -> ArrayBufferStats {
+        let (mut used, mut budget, mut refused) = (0, 0, 0);
+        // SAFETY: a live isolate; out pointers to locals.
+        unsafe { ffi::pst_v8_array_buffers(self.iso(), &mut used, &mut budget, &mut refused) };
+        ArrayBufferStats { used, budget, refused }
     }
 
     /// Console lines since the last take, and how many were dropped over [`MAX_CONSOLE_LINES`].

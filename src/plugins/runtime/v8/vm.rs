@@ -188,6 +188,9 @@ impl VmInner {
         let timeout = options.task_timeout;
         let v8_options = V8Options {
             heap_limit_bytes: options.memory_limit_bytes,
+            // ArrayBuffers live outside the V8 heap: their bytes get a budget of the same size
+            // (QuickJS counts them inside its one limit).
+            array_buffer_limit_bytes: options.memory_limit_bytes,
             lenient: true,
             gc_budget: true,
             ..V8Options::default()
@@ -513,5 +516,55 @@ impl VmInner {
         let iso = self.iso.borrow();
         iso.collect_garbage();
         i64::try_from(iso.heap().used).unwrap_or(i64::MAX)
+    }
+}
+
+/// For `benches/v8_engine.rs` only: the other isolation unit, several plugin configs as realms
+/// (contexts) of one isolate, each run through the same bootstrap, prelude and plugin loading as
+/// a [`VmInner`] (sync plugin code only; no meta API behind `meta`).
+#[doc(hidden)]
+pub mod bench {
+    use super::*;
+
+    struct NoMeta;
+
+    #[async_trait::async_trait]
+    impl MetaBindings for NoMeta {
+        async fn call(&self, _name: &str, _args: Vec<Value>) -> Result<Value, MetaError> {
+            Ok(Value::Null)
+        }
+    }
+
+    /// An isolate with the VM's host functions (in every realm, now and later).
+    pub fn isolate(options: V8Options, timeout: Duration) -> Result<V8Isolate, EngineError> {
+        let mut iso = V8Isolate::new(options)?;
+        let probe = iso.heap_probe();
+        host::v8::install(&mut iso, Rc::new(move || probe.headroom()), None)?;
+        let meta: Arc<dyn MetaBindings> = Arc::new(NoMeta);
+        install_async(&mut iso, &meta, next_vm_id(), &None, timeout)?;
+        Ok(iso)
+    }
+
+    /// Runs the bootstrap, the prelude and `code` (a classic script) in `realm`, as
+    /// [`VmInner::create`] does in its isolate's main realm.
+    pub fn load_plugin(iso: &mut V8Isolate, realm: RealmId, code: &str, timeout: Duration) -> Result<(), EngineError> {
+        iso.load_in(realm, super::super::SourceKind::FunctionBody, BOOTSTRAP, "bootstrap", timeout)?;
+        let setup = [json!(PRELUDE), json!({}), json!([]), json!(false), json!(false)];
+        iso.call_in(realm, "setup", &setup, timeout)?;
+        iso.call_in(realm, "load", &[json!(code), json!(false), json!(VIRTUAL_FILENAME)], timeout)?;
+        iso.call_in(realm, "discover", &[], timeout)?;
+        Ok(())
+    }
+
+    /// Calls the plugin's `method` in `realm` through the bootstrap (`meta` appended).
+    pub fn call(
+        iso: &mut V8Isolate,
+        realm: RealmId,
+        id: u64,
+        method: &str,
+        args: Vec<Value>,
+        timeout: Duration,
+    ) -> Result<Outcome, EngineError> {
+        iso.call_in(realm, "call", &[json!(id), json!(method), Value::Array(args)], timeout)
     }
 }
