@@ -28,6 +28,24 @@ fn redis() -> redis::Connection {
     redis::Client::open(common::redis_url()).unwrap().get_connection().unwrap()
 }
 
+/// The properties of the event named `event` once it is written (within 30 s).
+async fn landed(pool: &sqlx::PgPool, event: &str, server: &mut Server) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let found: Option<serde_json::Value> =
+            sqlx::query_scalar("SELECT properties FROM posthog_event WHERE event = $1")
+                .bind(event)
+                .fetch_optional(pool)
+                .await
+                .unwrap();
+        if let Some(properties) = found {
+            return properties;
+        }
+        assert!(Instant::now() < deadline, "event {event} did not land: {}", server.output());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn events_of(pool: &sqlx::PgPool, team: i32) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM posthog_event WHERE team_id = $1")
         .bind(team)
@@ -131,6 +149,15 @@ async fn an_event_whose_plugin_thread_stalls_is_retried_then_dead_lettered_never
         ("PLUGINS_CELERY_CONSUMER_ID", consumer.as_str()),
     ];
     let mut server = Server::start(&[], &env);
+    if std::env::var("JS_ENGINE").is_ok_and(|engine| engine == "v8") {
+        // V8 converts the BigInt in well under a second (its conversion is interruptible too):
+        // nothing stalls, and the event lands with its plugin's work.
+        let properties = landed(&db.pool, "stall", &mut server).await;
+        assert_eq!((&properties["digits"], &properties["ran"]), (&json!(295785), &json!(true)));
+        server.signal(nix::sys::signal::Signal::SIGTERM);
+        assert_eq!(server.wait_exit(Duration::from_secs(30)), Some(0), "{}", server.output());
+        return;
+    }
     let dead_letters = plugin_server::sources::celery_consumer::dead_letter_key(&queue);
     let deadline = Instant::now() + Duration::from_secs(60);
     let dead: Vec<String> = loop {
@@ -157,19 +184,7 @@ async fn an_event_whose_plugin_thread_stalls_is_retried_then_dead_lettered_never
     assert_eq!(written, 0);
     // The server goes on: the next event runs through the plugin (on a fresh thread) and lands.
     let _: i64 = redis::cmd("LPUSH").arg(&queue).arg(task_of(1, "fine")).query(&mut redis()).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let properties: serde_json::Value = loop {
-        let found: Option<serde_json::Value> =
-            sqlx::query_scalar("SELECT properties FROM posthog_event WHERE event = 'fine'")
-                .fetch_optional(&db.pool)
-                .await
-                .unwrap();
-        if let Some(properties) = found {
-            break properties;
-        }
-        assert!(Instant::now() < deadline, "the next event did not land: {}", server.output());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let properties = landed(&db.pool, "fine", &mut server).await;
     assert_eq!(properties["ran"], json!(true));
     server.signal(nix::sys::signal::Signal::SIGTERM);
     assert_eq!(server.wait_exit(Duration::from_secs(30)), Some(0), "{}", server.output());

@@ -11,6 +11,10 @@ pub const BINARY: &str = env!("CARGO_BIN_EXE_plugin-server");
 pub fn command(env: &[(&str, &str)]) -> Command {
     let mut command = Command::new(BINARY);
     command.env_clear().env("PATH", std::env::var("PATH").unwrap_or_default());
+    // The engine of scripts/test's pass (`JS_ENGINE`), unless the test sets one.
+    if let Ok(engine) = std::env::var("JS_ENGINE") {
+        command.env("JS_ENGINE", engine);
+    }
     // Servers run side by side in the suite: no HTTP listener on the fixed default port (6738)
     // unless a test asks for one.
     if !env.iter().any(|(key, _)| *key == "HTTP_SERVER_PORT") {
