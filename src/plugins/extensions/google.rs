@@ -39,6 +39,7 @@ use super::super::runtime::{
     fetch_with, network_settings, FetchError, FetchRequest, FetchResponse, FETCH_OPTIONS_HEADER, REQUEST_TIMEOUT,
 };
 use super::super::vm_boundary::JsError;
+use super::retry::{with_retries, MIN_ATTEMPT_TIME};
 
 /// Requests one plugin config may have in flight at once; more wait for a turn.
 pub const MAX_REQUESTS_IN_FLIGHT: usize = 8;
@@ -53,7 +54,6 @@ const REFRESH_MARGIN: Duration = Duration::from_secs(300);
 /// retry-request's `maxRetries` default.
 const DEFAULT_MAX_RETRIES: u32 = 3;
 const MAX_RETRIES_CAP: u32 = 5;
-const MIN_ATTEMPT_TIME: Duration = Duration::from_millis(100);
 const USER_AGENT: &str = "gcloud-node plugin-server";
 
 /// A failure before or instead of an API answer.
@@ -341,27 +341,16 @@ impl Google {
             .acquire_owned()
             .await
             .map_err(|_| GoogleError::Config("the plugin's Google client is shut down".into()))?;
-        let mut attempt = 0u32;
-        loop {
-            let outcome = match self.token(&account, &request.scope, deadline).await {
-                Ok(token) => self.send(&request, &token, deadline).await,
-                Err(error) => Err(error),
-            };
-            let retry = match &outcome {
-                Ok(response) => retryable_status(response.status),
-                Err(GoogleError::Fetch(error)) => !error.is_refusal(),
-                Err(_) => false,
-            };
-            if retry && attempt < request.max_retries {
-                let pause = Duration::from_secs(1 << attempt) + Duration::from_millis(rand::random::<u64>() % 1000);
-                if Instant::now() + pause + MIN_ATTEMPT_TIME < deadline {
-                    attempt += 1;
-                    tokio::time::sleep(pause).await;
-                    continue;
-                }
-            }
-            return outcome;
-        }
+        let retryable = |outcome: &Result<FetchResponse, GoogleError>| match outcome {
+            Ok(response) => retryable_status(response.status),
+            Err(GoogleError::Fetch(error)) => !error.is_refusal(),
+            Err(_) => false,
+        };
+        with_retries(request.max_retries, deadline, retryable, || async {
+            let token = self.token(&account, &request.scope, deadline).await?;
+            self.send(&request, &token, deadline).await
+        })
+        .await
     }
 
     async fn send(&self, request: &ApiRequest, token: &str, deadline: Instant) -> Result<FetchResponse, GoogleError> {
