@@ -39,7 +39,7 @@ use super::super::runtime::{
     fetch_with, network_settings, FetchError, FetchRequest, FetchResponse, FETCH_OPTIONS_HEADER, REQUEST_TIMEOUT,
 };
 use super::super::vm_boundary::JsError;
-use super::retry::{with_retries, MIN_ATTEMPT_TIME};
+use super::retry::{append_query, with_retries, MIN_ATTEMPT_TIME};
 
 /// Requests one plugin config may have in flight at once; more wait for a turn.
 pub const MAX_REQUESTS_IN_FLIGHT: usize = 8;
@@ -248,18 +248,7 @@ impl ApiRequest {
             return Err(GoogleError::Config(format!("{path} leaves {root}")));
         }
         if let Some(Value::Object(query)) = request.get("query") {
-            let mut pairs = url.query_pairs_mut();
-            for (name, value) in query {
-                match value {
-                    Value::Null => {}
-                    Value::String(text) => {
-                        pairs.append_pair(name, text);
-                    }
-                    other => {
-                        pairs.append_pair(name, &other.to_string());
-                    }
-                }
-            }
+            append_query(&mut url, query);
         }
         let method = text("method").unwrap_or("GET").to_ascii_uppercase();
         if !matches!(method.as_str(), "GET" | "POST" | "PUT" | "PATCH" | "DELETE") {

@@ -1,9 +1,12 @@
-//! The retry schedule the SDK facades share (google.rs as retry-request retries, snowflake.rs as
-//! snowflake-sdk does): an attempt, then after `2^n` s plus up to 1 s of jitter another, while
-//! the outcome is retryable, retries are left and the next attempt still fits before the deadline.
+//! What the REST facades' host sides share (google.rs, snowflake.rs): the retry schedule
+//! (retry-request's and snowflake-sdk's: an attempt, then after `2^n` s plus up to 1 s of jitter
+//! another, while the outcome is retryable, retries are left and the next attempt still fits
+//! before the deadline), and a request's query parameters from the facade's JSON.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
+
+use serde_json::{Map, Value};
 
 /// An attempt is not started with less time than this left.
 pub const MIN_ATTEMPT_TIME: Duration = Duration::from_millis(100);
@@ -32,5 +35,22 @@ where
             }
         }
         return outcome;
+    }
+}
+
+/// Appends `query`'s parameters to `url`: strings as they are, `null`s left out, other values as
+/// their JSON text.
+pub fn append_query(url: &mut url::Url, query: &Map<String, Value>) {
+    let mut pairs = url.query_pairs_mut();
+    for (name, value) in query {
+        match value {
+            Value::Null => {}
+            Value::String(text) => {
+                pairs.append_pair(name, text);
+            }
+            other => {
+                pairs.append_pair(name, &other.to_string());
+            }
+        }
     }
 }

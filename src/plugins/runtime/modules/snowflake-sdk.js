@@ -295,10 +295,16 @@
             }
             if (body && body.data && body.data.queryId) this._statementId = body.data.queryId;
             if (error) throw error;
+            return this._read(body);
+        }
+
+        // The rows of a result body, read by its rowtype.
+        _read(body) {
             const data = (body && body.data) || {};
             this._result = data;
             this._columns = (Array.isArray(data.rowtype) ? data.rowtype : []).map((meta, index) => new Column(meta, index));
-            const asString = Array.isArray(options.fetchAsString) ? new Set(options.fetchAsString.map(String)) : null;
+            const fetchAsString = this._options.fetchAsString;
+            const asString = Array.isArray(fetchAsString) ? new Set(fetchAsString.map(String)) : null;
             const rowset = Array.isArray(data.rowset) ? data.rowset : [];
             this._rows = rowset.map((raw) => {
                 const row = {};
@@ -478,20 +484,12 @@
 
         fetchResult(options) {
             checkArgument(options && typeof options.queryId === 'string', 410003, true);
-            const statement = new Statement(this, { sqlText: '', complete: options.complete });
+            const statement = new Statement(this, { sqlText: '', complete: options.complete, fetchAsString: options.fetchAsString });
             statement._statementId = options.queryId;
             statement._run = async function () {
                 const { error, body } = await this._connection._sessionRequest({ method: 'GET', path: `/queries/${encodeURIComponent(options.queryId)}/result`, accept: 'application/snowflake' });
                 if (error) throw error;
-                const data = body.data || {};
-                this._result = data;
-                this._columns = (data.rowtype || []).map((meta, index) => new Column(meta, index));
-                this._rows = (data.rowset || []).map((raw) => {
-                    const row = {};
-                    this._columns.forEach((column, index) => (row[column.getName()] = column._convert(raw[index], null)));
-                    return row;
-                });
-                return this._rows;
+                return this._read(body);
             };
             statement._run().then(
                 (rows) => options.complete && options.complete(undefined, statement, rows),
