@@ -8,171 +8,38 @@
 //! `Date`s and `Buffer`s, errors with `code`/`statusCode`), from a plugin's `processEvent`.
 
 mod common;
+mod export_support;
 
 use std::collections::BTreeSet;
 use std::io::Read;
-use std::path::Path;
 use std::time::Duration;
 
 use common::moto::{free_port, Moto};
-use common::{wait_for, TestDb};
-use plugin_server::sinks::CeleryProducer;
+use common::TestDb;
+use export_support::{add_config, database_with_plugin, ExportServer, NOW, TEAM};
 use plugin_server::sources::celery::PROCESS_EVENT_TASK;
 use serde_json::{json, Map, Value};
-use tokio_util::sync::CancellationToken;
 
-const TEAM: i32 = common::TEAM_ID;
-const NOW: &str = "2021-11-01T10:00:00.000Z";
-
-fn fixture(name: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/plugins").join(name)
+/// A database with the standard team, `plugin_dir`'s plugin (id 70) and one enabled config per
+/// entry of `configs` (ids 80, 81, …), then the server.
+async fn start(plugin_dir: &str, configs: &[Value]) -> ExportServer {
+    let files = ["index.ts", "plugin.json", "package.json", "LICENSE"];
+    let db = database_with_plugin(plugin_dir, "s3-export-plugin", &files, "0.0.4").await;
+    for (index, config) in configs.iter().enumerate() {
+        add_config(&db, 80 + index as i32, config).await;
+    }
+    ExportServer::launch(db, "s3", &[])
 }
 
-/// The plugin folder as PostHog stores a plugin: a zip archive of its files.
-fn archive_of(folder: &Path) -> Vec<u8> {
-    use std::io::Write;
-    let mut buffer = std::io::Cursor::new(Vec::new());
-    {
-        let mut zip = zip::ZipWriter::new(&mut buffer);
-        let options = zip::write::SimpleFileOptions::default();
-        for name in ["index.ts", "plugin.json", "package.json", "LICENSE"] {
-            zip.start_file(format!("s3-export-plugin/{name}"), options).unwrap();
-            zip.write_all(&std::fs::read(folder.join(name)).unwrap()).unwrap();
-        }
-        zip.finish().unwrap();
-    }
-    buffer.into_inner()
+/// The reference's standard fixture with `code` as its plugin (config 39), then the server.
+async fn with_code(code: &str) -> ExportServer {
+    ExportServer::launch(TestDb::with_fixture(Some(code)).await, "s3", &[])
 }
 
-struct Server {
-    db: TestDb,
-    shutdown: CancellationToken,
-    handle: tokio::task::JoinHandle<Result<(), plugin_server::server::ServerError>>,
-    producer: CeleryProducer,
-}
-
-impl Server {
-    /// A database with the standard team, `plugin_dir`'s plugin (id 70) and one enabled config
-    /// per entry of `configs` (ids 80, 81, …), then the server.
-    async fn start(plugin_dir: &str, configs: &[Value]) -> Server {
-        let db = TestDb::empty().await;
-        common::reset_test_database(&db.pool, None, false).await;
-        let folder = fixture(plugin_dir);
-        let plugin_json: Value = serde_json::from_slice(&std::fs::read(folder.join("plugin.json")).unwrap()).unwrap();
-        sqlx::query(
-            "INSERT INTO posthog_plugin (id, organization_id, plugin_type, name, description, url, config_schema, tag,
-                archive, error, from_json, from_web, is_global, is_preinstalled, capabilities, metrics)
-             VALUES (70, $1::uuid, 'custom', $2, '', $3, $4, '0.0.4', $5, NULL, false, false, false, false, '{}', '{}')",
-        )
-        .bind(common::COMMON_ORGANIZATION_ID)
-        .bind(plugin_json["name"].as_str().unwrap())
-        .bind(plugin_json["url"].as_str().unwrap())
-        .bind(&plugin_json["config"])
-        .bind(archive_of(&folder))
-        .execute(&db.pool)
-        .await
-        .unwrap();
-        for (index, config) in configs.iter().enumerate() {
-            sqlx::query(
-                "INSERT INTO posthog_pluginconfig (id, team_id, plugin_id, enabled, \"order\", config, error, created_at, updated_at)
-                 VALUES ($1, $2, 70, true, $1, $3, NULL, now(), now())",
-            )
-            .bind(80 + index as i32)
-            .bind(TEAM)
-            .bind(config)
-            .execute(&db.pool)
-            .await
-            .unwrap();
-        }
-        Server::launch(db)
-    }
-
-    /// The reference's standard fixture with `code` as its plugin (config 39), then the server.
-    async fn with_code(code: &str) -> Server {
-        Server::launch(TestDb::with_fixture(Some(code)).await)
-    }
-
-    fn launch(db: TestDb) -> Server {
-        let queue = common::unique_prefix("s3");
-        let default_queue = format!("{queue}-default");
-        let config = db.config(&[
-            ("WORKER_CONCURRENCY", "2"),
-            ("PLUGINS_CELERY_QUEUE", queue.as_str()),
-            ("CELERY_DEFAULT_QUEUE", default_queue.as_str()),
-            ("LOG_LEVEL", "warn"),
-        ]);
-        let redis = deadpool_redis::Config::from_url(config.REDIS_URL.clone())
-            .create_pool(Some(deadpool_redis::Runtime::Tokio1))
-            .unwrap();
-        let producer = CeleryProducer::new(redis, config.PLUGINS_CELERY_QUEUE.clone());
-        let shutdown = CancellationToken::new();
-        let handle = tokio::spawn(plugin_server::server::run(config, shutdown.clone()));
-        Server { db, shutdown, handle, producer }
-    }
-
-    /// `process_event_with_plugins` for events `event-{from}` … `event-{to - 1}` (property `n`).
-    async fn send(&self, range: std::ops::Range<u32>) {
-        for n in range {
-            let data = json!({"event": format!("event-{n}"), "properties": {"n": n, "text": "zażółć 🦔"}});
-            let args = json!(["user-1", "127.0.0.1", "http://127.0.0.1:8000", data, TEAM, NOW, NOW]);
-            self.producer.send_task(PROCESS_EVENT_TASK, args.as_array().unwrap(), &Map::new()).await.unwrap();
-        }
-    }
-
-    /// The messages config `config_id` logged.
-    async fn log(&self, config_id: i32) -> Vec<String> {
-        sqlx::query_scalar("SELECT message FROM posthog_pluginlogentry WHERE plugin_config_id = $1 ORDER BY timestamp")
-            .bind(config_id)
-            .fetch_all(&self.db.pool)
-            .await
-            .unwrap()
-    }
-
-    async fn wait_for_log(&self, config_id: i32, needle: &str) -> Vec<String> {
-        wait_for(&format!("config {config_id} to log {needle:?}"), || async {
-            let log = self.log(config_id).await;
-            log.iter().any(|line| line.contains(needle)).then_some(log)
-        })
-        .await
-    }
-
-    /// [`Server::wait_for_log`] for up to `seconds`.
-    async fn wait_long_for_log(&self, config_id: i32, needle: &str, seconds: u64) -> Vec<String> {
-        let deadline = std::time::Instant::now() + Duration::from_secs(seconds);
-        loop {
-            let log = self.log(config_id).await;
-            if log.iter().any(|line| line.contains(needle)) {
-                return log;
-            }
-            assert!(std::time::Instant::now() < deadline, "config {config_id} did not log {needle:?}: {log:?}");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-
-    async fn config_error(&self, config_id: i32) -> Option<Value> {
-        sqlx::query_scalar("SELECT error FROM posthog_pluginconfig WHERE id = $1")
-            .bind(config_id)
-            .fetch_one(&self.db.pool)
-            .await
-            .unwrap()
-    }
-
-    /// The properties of the stored event called `name`.
-    async fn event_properties(&self, name: &str) -> Value {
-        wait_for(&format!("the {name} row"), || async {
-            sqlx::query_scalar::<_, Value>("SELECT properties FROM posthog_event WHERE event = $1")
-                .bind(name)
-                .fetch_optional(&self.db.pool)
-                .await
-                .unwrap()
-        })
-        .await
-    }
-
-    async fn stop(self) {
-        self.shutdown.cancel();
-        let result = tokio::time::timeout(Duration::from_secs(30), self.handle).await;
-        assert!(matches!(result, Ok(Ok(Ok(())))), "server stopped cleanly: {result:?}");
+/// `process_event_with_plugins` for events `event-{from}` … `event-{to - 1}` (property `n`).
+async fn send(server: &ExportServer, range: std::ops::Range<u32>) {
+    for n in range {
+        server.send_event(json!({"event": format!("event-{n}"), "properties": {"n": n, "text": "zażółć 🦔"}})).await;
     }
 }
 
@@ -259,8 +126,8 @@ async fn the_s3_plugin_exports_gzip_brotli_and_plain_objects() {
         s3_config(&moto, "exports", "brotli/", "brotli"),
         s3_config(&moto, "exports", "plain/", "no compression"),
     ];
-    let server = Server::start("s3-export-plugin", &configs).await;
-    server.send(0..40).await;
+    let server = start("s3-export-plugin", &configs).await;
+    send(&server, 0..40).await;
     for (prefix, suffix) in [("gzip/", ".gz"), ("brotli/", ".br"), ("plain/", "")] {
         let events = exported(&moto, "exports", prefix, 40).await;
         assert_all_once(&events, 40);
@@ -280,8 +147,8 @@ async fn the_s3_plugin_exports_gzip_brotli_and_plain_objects() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_bucket_is_retried_until_it_exists_and_no_event_is_lost() {
     let moto = Moto::start(&[]).await;
-    let server = Server::start("s3-export-plugin", &[s3_config(&moto, "later", "", "gzip")]).await;
-    server.send(0..25).await;
+    let server = start("s3-export-plugin", &[s3_config(&moto, "later", "", "gzip")]).await;
+    send(&server, 0..25).await;
     // aws-sdk's error, logged by the plugin, which then throws RetryError: the server's export
     // retry job runs exportEvents again in 6 s.
     server.wait_for_log(80, "Error uploading to S3: The specified bucket does not exist").await;
@@ -302,8 +169,8 @@ async fn an_s3_server_that_is_down_is_retried_until_it_answers() {
         "s3BucketName": "exports", "s3BucketEndpoint": format!("http://127.0.0.1:{port}"), "s3ForcePathStyle": "true",
         "compression": "brotli", "sse": "disabled", "exportEventsBufferSeconds": "1", "prefix": "",
     });
-    let server = Server::start("s3-export-plugin", &[config]).await;
-    server.send(0..30).await;
+    let server = start("s3-export-plugin", &[config]).await;
+    send(&server, 0..30).await;
     // aws-sdk 2.927 on Node reports a refused connection as UnknownEndpoint (after its 3 retries).
     server
         .wait_for_log(80, "Error uploading to S3: Inaccessible host: `127.0.0.1'. This service may not be available in the `us-east-1' region.")
@@ -380,7 +247,7 @@ async fn a_plugin_uses_the_aws_sdk_surface_against_a_signature_checking_s3() {
         .replace("'KEY'", &format!("'{}'", moto.access_key_id))
         .replace("'SECRET'", &format!("'{}'", moto.secret_access_key))
         .replace("'ENDPOINT'", &format!("'{}'", moto.endpoint));
-    let server = Server::with_code(&code).await;
+    let server = with_code(&code).await;
     let args =
         json!(["user-1", "127.0.0.1", "http://127.0.0.1:8000", {"event": "surface", "properties": {}}, TEAM, NOW, NOW]);
     server.producer.send_task(PROCESS_EVENT_TASK, args.as_array().unwrap(), &Map::new()).await.unwrap();
@@ -528,8 +395,8 @@ async fn the_2021_plugin_retries_with_its_own_job_on_a_virtual_hosted_bucket() {
         "uploadMinutes": "1", "uploadMegabytes": "1", "eventsToIgnore": "event-3", "uploadFormat": "jsonl",
         "compression": "gzip", "signatureVersion": "v4", "sse": "disabled", "sseKmsKeyId": "",
     });
-    let server = Server::start("s3-export-plugin-0.0.3", &[config]).await;
-    server.send(0..20).await;
+    let server = start("s3-export-plugin-0.0.3", &[config]).await;
+    send(&server, 0..20).await;
     server.wait_long_for_log(80, "Error uploading to S3: The specified bucket does not exist", 120).await;
     moto.s3("createBucket", json!({"Bucket": "exports03"})).await.expect("createBucket");
     let events = exported(&moto, "exports03", "2021/", 19).await;
@@ -590,7 +457,7 @@ async fn a_plugin_reads_a_kinesis_stream_as_the_kinesis_plugin_does() {
         .replace("'KEY'", &format!("'{}'", moto.access_key_id))
         .replace("'SECRET'", &format!("'{}'", moto.secret_access_key))
         .replace("'ENDPOINT'", &format!("'{}'", moto.endpoint));
-    let server = Server::with_code(&code).await;
+    let server = with_code(&code).await;
     let args =
         json!(["user-1", "127.0.0.1", "http://127.0.0.1:8000", {"event": "kinesis", "properties": {}}, TEAM, NOW, NOW]);
     server.producer.send_task(PROCESS_EVENT_TASK, args.as_array().unwrap(), &Map::new()).await.unwrap();

@@ -46,6 +46,61 @@ async fn crypto() {
     );
 }
 
+/// `crypto.createSign` / `createVerify` (and one-shot `sign` / `verify`) with RS256 as
+/// google-auth-library and jsonwebtoken use them: the signature verifies with the key's public
+/// half outside the VM.
+#[tokio::test]
+async fn crypto_sign_and_verify() {
+    use base64::Engine as _;
+    let key = openssl::pkey::PKey::from_rsa(openssl::rsa::Rsa::generate(2048).unwrap()).unwrap();
+    let private = String::from_utf8(key.private_key_to_pem_pkcs8().unwrap()).unwrap();
+    let public = String::from_utf8(key.public_key_to_pem().unwrap()).unwrap();
+    let code = "import { createSign, createVerify, sign, verify } from 'crypto'
+        const PRIVATE = __PRIVATE__
+        const PUBLIC = __PUBLIC__
+        export function runEveryMinute() {
+            const signature = createSign('RSA-SHA256').update('header.').update(Buffer.from('claims')).sign(PRIVATE, 'base64')
+            const raw = createSign('sha256').update('header.claims').sign({ key: PRIVATE })
+            return [
+                signature,
+                Buffer.isBuffer(raw) && raw.toString('base64') === signature,
+                createVerify('RSA-SHA256').update('header.claims').verify(PUBLIC, signature, 'base64'),
+                createVerify('sha256').update('header.claims').verify(Buffer.from(PUBLIC), raw),
+                createVerify('sha256').update('header.claims').verify(PRIVATE, raw),
+                createVerify('sha256').update('header.claimz').verify(PUBLIC, raw),
+                createVerify('sha256').update('header.claims').verify(PUBLIC, 'bm9wZQ==', 'base64'),
+                verify('sha256', Buffer.from('header.claims'), PUBLIC, sign('sha256', Buffer.from('header.claims'), PRIVATE)),
+                (() => { try { createSign('whirlpool') } catch (e) { return e.message } })(),
+                (() => { try { return createSign('sha256').update('x').sign('not a key') } catch (e) { return e.message } })(),
+                (() => { try { return createSign('sha256').update('x').sign(42) } catch (e) { return e.name } })(),
+            ]
+        }"
+    .replace("__PRIVATE__", &serde_json::to_string(&private).unwrap())
+    .replace("__PUBLIC__", &serde_json::to_string(&public).unwrap());
+    let out = eval_module(&code).await;
+    let signature = base64::engine::general_purpose::STANDARD.decode(out[0].as_str().unwrap()).unwrap();
+    let mut verifier = openssl::sign::Verifier::new(openssl::hash::MessageDigest::sha256(), &key).unwrap();
+    verifier.update(b"header.claims").unwrap();
+    assert!(verifier.verify(&signature).unwrap(), "the VM's signature verifies outside it");
+    assert_eq!(
+        out.as_array().unwrap()[1..],
+        json!([
+            true,
+            true,
+            true,
+            true,
+            false,
+            false,
+            true,
+            "Invalid digest",
+            "error:0909006C:PEM routines:get_name:no start line",
+            "TypeError"
+        ])
+        .as_array()
+        .unwrap()[..]
+    );
+}
+
 #[tokio::test]
 async fn zlib_and_buffer() {
     let out = eval_module(

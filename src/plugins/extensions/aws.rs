@@ -28,7 +28,7 @@
 //! and the `Error` object. `config` is `{accessKeyId, secretAccessKey, sessionToken?, region?,
 //! endpoint?, sslEnabled?, s3ForcePathStyle?, s3BucketEndpoint?, maxRetries?, retryBase?}`.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine as _;
@@ -447,6 +447,20 @@ struct ClientConfig {
     retry_base_ms: f64,
 }
 
+fn test_endpoint() -> &'static RwLock<Option<String>> {
+    static ENDPOINT: OnceLock<RwLock<Option<String>>> = OnceLock::new();
+    ENDPOINT.get_or_init(RwLock::default)
+}
+
+/// TEST HOOK (never called by the server): a client made without an `endpoint` sends its requests
+/// to `root` (such as moto's `http://127.0.0.1:5000`, path-style) instead of AWS's regional
+/// endpoint, for tests that run a plugin which names no endpoint against a local stand-in.
+pub fn set_test_endpoint(root: &str) {
+    if let Ok(mut cell) = test_endpoint().write() {
+        *cell = Some(root.trim_end_matches('/').to_string());
+    }
+}
+
 fn truthy(value: Option<&Value>) -> bool {
     value.is_some_and(crate::js::is_truthy)
 }
@@ -482,14 +496,22 @@ impl ClientConfig {
             .filter(|n| n.is_finite() && *n >= 0.0)
             .unwrap_or(DEFAULT_RETRY_BASE_MS)
             .min(MAX_RETRY_DELAY.as_millis() as f64);
+        let mut endpoint = text(config.get("endpoint"));
+        let mut force_path_style = truthy(config.get("s3ForcePathStyle"));
+        if endpoint.is_none() {
+            if let Some(root) = test_endpoint().read().ok().and_then(|root| root.clone()) {
+                endpoint = Some(root);
+                force_path_style = true;
+            }
+        }
         Ok(ClientConfig {
             access_key_id,
             secret_access_key,
             session_token: text(config.get("sessionToken")),
             region: text(config.get("region")).unwrap_or_else(|| default_region.to_string()),
-            endpoint: text(config.get("endpoint")),
+            endpoint,
             ssl_enabled: config.get("sslEnabled").map(crate::js::is_truthy).unwrap_or(true),
-            force_path_style: truthy(config.get("s3ForcePathStyle")),
+            force_path_style,
             bucket_endpoint: truthy(config.get("s3BucketEndpoint")),
             max_retries,
             retry_base_ms,

@@ -39,6 +39,7 @@ use super::super::runtime::{
     fetch_with, network_settings, FetchError, FetchRequest, FetchResponse, FETCH_OPTIONS_HEADER, REQUEST_TIMEOUT,
 };
 use super::super::vm_boundary::JsError;
+use super::retry::{append_query, with_retries, MIN_ATTEMPT_TIME};
 
 /// Requests one plugin config may have in flight at once; more wait for a turn.
 pub const MAX_REQUESTS_IN_FLIGHT: usize = 8;
@@ -53,7 +54,6 @@ const REFRESH_MARGIN: Duration = Duration::from_secs(300);
 /// retry-request's `maxRetries` default.
 const DEFAULT_MAX_RETRIES: u32 = 3;
 const MAX_RETRIES_CAP: u32 = 5;
-const MIN_ATTEMPT_TIME: Duration = Duration::from_millis(100);
 const USER_AGENT: &str = "gcloud-node plugin-server";
 
 /// A failure before or instead of an API answer.
@@ -248,18 +248,7 @@ impl ApiRequest {
             return Err(GoogleError::Config(format!("{path} leaves {root}")));
         }
         if let Some(Value::Object(query)) = request.get("query") {
-            let mut pairs = url.query_pairs_mut();
-            for (name, value) in query {
-                match value {
-                    Value::Null => {}
-                    Value::String(text) => {
-                        pairs.append_pair(name, text);
-                    }
-                    other => {
-                        pairs.append_pair(name, &other.to_string());
-                    }
-                }
-            }
+            append_query(&mut url, query);
         }
         let method = text("method").unwrap_or("GET").to_ascii_uppercase();
         if !matches!(method.as_str(), "GET" | "POST" | "PUT" | "PATCH" | "DELETE") {
@@ -341,27 +330,16 @@ impl Google {
             .acquire_owned()
             .await
             .map_err(|_| GoogleError::Config("the plugin's Google client is shut down".into()))?;
-        let mut attempt = 0u32;
-        loop {
-            let outcome = match self.token(&account, &request.scope, deadline).await {
-                Ok(token) => self.send(&request, &token, deadline).await,
-                Err(error) => Err(error),
-            };
-            let retry = match &outcome {
-                Ok(response) => retryable_status(response.status),
-                Err(GoogleError::Fetch(error)) => !error.is_refusal(),
-                Err(_) => false,
-            };
-            if retry && attempt < request.max_retries {
-                let pause = Duration::from_secs(1 << attempt) + Duration::from_millis(rand::random::<u64>() % 1000);
-                if Instant::now() + pause + MIN_ATTEMPT_TIME < deadline {
-                    attempt += 1;
-                    tokio::time::sleep(pause).await;
-                    continue;
-                }
-            }
-            return outcome;
-        }
+        let retryable = |outcome: &Result<FetchResponse, GoogleError>| match outcome {
+            Ok(response) => retryable_status(response.status),
+            Err(GoogleError::Fetch(error)) => !error.is_refusal(),
+            Err(_) => false,
+        };
+        with_retries(request.max_retries, deadline, retryable, || async {
+            let token = self.token(&account, &request.scope, deadline).await?;
+            self.send(&request, &token, deadline).await
+        })
+        .await
     }
 
     async fn send(&self, request: &ApiRequest, token: &str, deadline: Instant) -> Result<FetchResponse, GoogleError> {

@@ -18,6 +18,8 @@ pub mod jobs;
 pub mod metrics;
 pub mod pg;
 pub mod posthog;
+pub mod retry;
+pub mod snowflake;
 pub mod storage;
 
 use std::sync::Arc;
@@ -201,6 +203,8 @@ pub struct PluginContext {
     aws: aws::Aws,
     /// The Google Cloud facades' client (tokens, requests in flight).
     google: google::Google,
+    /// The `snowflake-sdk` facade's client (requests in flight).
+    snowflake: snowflake::Snowflake,
 }
 
 /// How `console.*` renders its arguments: joined by spaces; arrays and objects as JSON, the rest
@@ -237,6 +241,7 @@ impl PluginContext {
             pg,
             aws: aws::Aws::default(),
             google: google::Google::default(),
+            snowflake: snowflake::Snowflake::default(),
         }
     }
 
@@ -401,6 +406,11 @@ impl PluginContext {
                 let timeout = self.services.hub.config.task_timeout();
                 let budget = timeout.saturating_sub((timeout / 10).min(std::time::Duration::from_secs(1)));
                 self.google.call(function, &args, budget).await
+            }
+            "snowflake.request" => {
+                let timeout = self.services.hub.config.task_timeout();
+                let budget = timeout.saturating_sub((timeout / 10).min(std::time::Duration::from_secs(1)));
+                self.snowflake.call(function, &args, budget).await
             }
             _ => {
                 if let Some(level) = function.strip_prefix("console.") {

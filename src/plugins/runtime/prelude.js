@@ -587,11 +587,66 @@
             return encoding ? out.toString(encoding) : out;
         }
     }
+    // `createSign` / `createVerify` keys: a PEM string or Buffer, or `{ key, passphrase }`.
+    const keyOf = (key) => {
+        if (key && typeof key === 'object' && !(key instanceof Uint8Array) && key.key !== undefined) {
+            return [toBytes(key.key), key.passphrase === undefined ? '' : String(key.passphrase)];
+        }
+        if (typeof key !== 'string' && !(key instanceof Uint8Array)) {
+            throw new TypeError('The "key" argument must be of type string or an instance of Buffer, TypedArray, DataView, or KeyObject.');
+        }
+        return [toBytes(key), ''];
+    };
+    const signOf = (algorithm, data, key, outputEncoding) => {
+        const [pem, passphrase] = keyOf(key);
+        const out = Buffer.from(host.sign(String(algorithm), pem, passphrase, data));
+        return outputEncoding ? out.toString(outputEncoding) : out;
+    };
+    const verifyOf = (algorithm, data, key, signature, signatureEncoding) => {
+        const [pem, passphrase] = keyOf(key);
+        return host.verify(String(algorithm), pem, passphrase, data, toBytes(signature, signatureEncoding));
+    };
+    class Sign {
+        constructor(algorithm) {
+            this._algorithm = String(algorithm);
+            this._chunks = [];
+            // An unknown digest fails here, as in Node (the empty key fails after the digest check).
+            try {
+                host.sign(this._algorithm, new Uint8Array(0), '', new Uint8Array(0));
+            } catch (e) {
+                if (e && e.message === 'Invalid digest') throw e;
+            }
+        }
+        update(data, encoding) {
+            this._chunks.push(toBytes(data, encoding));
+            return this;
+        }
+        sign(key, outputEncoding) {
+            return signOf(this._algorithm, Buffer.concat(this._chunks), key, outputEncoding);
+        }
+    }
+    class Verify {
+        constructor(algorithm) {
+            this._algorithm = String(algorithm);
+            this._chunks = [];
+        }
+        update(data, encoding) {
+            this._chunks.push(toBytes(data, encoding));
+            return this;
+        }
+        verify(key, signature, signatureEncoding) {
+            return verifyOf(this._algorithm, Buffer.concat(this._chunks), key, signature, signatureEncoding);
+        }
+    }
     const hashOf = (algorithm, _key, data) => host.hash(String(algorithm), data);
     const hmacOf = (algorithm, key, data) => host.hmac(String(algorithm), key, data);
     const crypto = {
         createHash: (algorithm) => new Hash(hashOf, algorithm, null),
         createHmac: (algorithm, key) => new Hash(hmacOf, algorithm, toBytes(key)),
+        createSign: (algorithm) => new Sign(algorithm),
+        createVerify: (algorithm) => new Verify(algorithm),
+        sign: (algorithm, data, key) => signOf(algorithm || 'sha256', toBytes(data), key),
+        verify: (algorithm, data, key, signature) => verifyOf(algorithm || 'sha256', toBytes(data), key, signature),
         randomBytes: (size) => Buffer.from(host.randomBytes(size)),
         randomUUID: () => host.randomUUID(),
         getRandomValues: (array) => {

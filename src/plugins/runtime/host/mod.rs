@@ -255,6 +255,88 @@ pub fn hmac(algorithm: &str, key: &[u8], data: &[u8]) -> Result<Vec<u8>, Thrown>
     hmac_digest(algorithm, key, data).ok_or_else(|| Thrown::Error(format!("Invalid digest: {algorithm}")))
 }
 
+/// The largest PEM key `crypto.createSign` / `createVerify` accept.
+const MAX_KEY_BYTES: usize = 64 * 1024;
+
+/// The digest of a `createSign` algorithm name (`RSA-SHA256`, `sha256`, `SHA512`, …).
+fn sign_digest(algorithm: &str) -> Result<openssl::hash::MessageDigest, Thrown> {
+    use openssl::hash::MessageDigest;
+    let lower = algorithm.to_ascii_lowercase();
+    let name = lower.strip_prefix("rsa-").unwrap_or(&lower);
+    Ok(match name {
+        "md5" => MessageDigest::md5(),
+        "sha1" => MessageDigest::sha1(),
+        "sha224" => MessageDigest::sha224(),
+        "sha256" => MessageDigest::sha256(),
+        "sha384" => MessageDigest::sha384(),
+        "sha512" => MessageDigest::sha512(),
+        _ => return Err(Thrown::Error("Invalid digest".into())),
+    })
+}
+
+/// Node's message for a key that is no PEM it can read.
+const NO_PEM: &str = "error:0909006C:PEM routines:get_name:no start line";
+
+fn private_key(pem: &[u8], passphrase: &str) -> Result<openssl::pkey::PKey<openssl::pkey::Private>, Thrown> {
+    use openssl::pkey::PKey;
+    if pem.len() > MAX_KEY_BYTES {
+        return Err(Thrown::Error("The key is too large".into()));
+    }
+    let key = if passphrase.is_empty() {
+        PKey::private_key_from_pem(pem)
+    } else {
+        PKey::private_key_from_pem_passphrase(pem, passphrase.as_bytes())
+    };
+    key.map_err(|_| Thrown::Error(NO_PEM.into()))
+}
+
+fn public_key(pem: &[u8], passphrase: &str) -> Result<openssl::pkey::PKey<openssl::pkey::Public>, Thrown> {
+    use openssl::pkey::PKey;
+    if pem.len() > MAX_KEY_BYTES {
+        return Err(Thrown::Error("The key is too large".into()));
+    }
+    if let Ok(key) = PKey::public_key_from_pem(pem) {
+        return Ok(key);
+    }
+    if let Ok(rsa) = openssl::rsa::Rsa::public_key_from_pem_pkcs1(pem) {
+        return PKey::from_rsa(rsa).map_err(|_| Thrown::Error(NO_PEM.into()));
+    }
+    if let Ok(certificate) = openssl::x509::X509::from_pem(pem) {
+        return certificate.public_key().map_err(|_| Thrown::Error(NO_PEM.into()));
+    }
+    // A private key verifies with its public half, as in Node.
+    let private = private_key(pem, passphrase)?;
+    let der = private.public_key_to_der().map_err(|_| Thrown::Error(NO_PEM.into()))?;
+    PKey::public_key_from_der(&der).map_err(|_| Thrown::Error(NO_PEM.into()))
+}
+
+/// `crypto.createSign(algorithm).update(data).sign(key)`: RSA PKCS#1 v1.5 or ECDSA (DER), with a
+/// PEM private key (PKCS#8, PKCS#1 or SEC1; `passphrase` when it is encrypted, else empty).
+pub fn sign(algorithm: &str, key_pem: &[u8], passphrase: &str, data: &[u8]) -> Result<Vec<u8>, Thrown> {
+    let digest = sign_digest(algorithm)?;
+    let key = private_key(key_pem, passphrase)?;
+    let mut signer = openssl::sign::Signer::new(digest, &key).map_err(|error| Thrown::Error(error.to_string()))?;
+    signer.update(data).map_err(|error| Thrown::Error(error.to_string()))?;
+    signer.sign_to_vec().map_err(|error| Thrown::Error(error.to_string()))
+}
+
+/// `crypto.createVerify(algorithm).update(data).verify(key, signature)`, with a PEM public key,
+/// certificate or private key.
+pub fn verify(
+    algorithm: &str,
+    key_pem: &[u8],
+    passphrase: &str,
+    data: &[u8],
+    signature: &[u8],
+) -> Result<bool, Thrown> {
+    let digest = sign_digest(algorithm)?;
+    let key = public_key(key_pem, passphrase)?;
+    let mut verifier = openssl::sign::Verifier::new(digest, &key).map_err(|error| Thrown::Error(error.to_string()))?;
+    verifier.update(data).map_err(|error| Thrown::Error(error.to_string()))?;
+    // A malformed signature is `false`, as in Node.
+    Ok(verifier.verify(signature).unwrap_or(false))
+}
+
 /// `crypto.randomBytes(size)`.
 pub fn random_bytes(size: f64) -> Result<Vec<u8>, Thrown> {
     if !(0.0..=MAX_RANDOM_BYTES as f64).contains(&size) {
@@ -384,6 +466,26 @@ pub fn read_test_console(path: &std::path::Path) -> Vec<serde_json::Value> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn rs256_signatures_verify_with_the_public_half_only() {
+        let rsa = openssl::rsa::Rsa::generate(2048).unwrap();
+        let key = openssl::pkey::PKey::from_rsa(rsa).unwrap();
+        let private = key.private_key_to_pem_pkcs8().unwrap();
+        let public = key.public_key_to_pem().unwrap();
+        let signature = super::sign("RSA-SHA256", &private, "", b"payload").unwrap();
+        assert_eq!(signature.len(), 256);
+        assert!(super::verify("sha256", &public, "", b"payload", &signature).unwrap());
+        assert!(super::verify("SHA256", &private, "", b"payload", &signature).unwrap());
+        assert!(!super::verify("sha256", &public, "", b"other", &signature).unwrap());
+        assert!(!super::verify("sha256", &public, "", b"payload", b"junk").unwrap());
+        assert!(
+            matches!(super::sign("whirlpool", &private, "", b"x"), Err(super::Thrown::Error(m)) if m == "Invalid digest")
+        );
+        assert!(
+            matches!(super::sign("sha256", b"nope", "", b"x"), Err(super::Thrown::Error(m)) if m.contains("no start line"))
+        );
+    }
+
     use super::*;
 
     #[test]

@@ -136,6 +136,36 @@ pub fn install<'js>(ctx: &Ctx<'js>, host: &Object<'js>) -> JsResult<()> {
         })?,
     )?;
     host.set(
+        "sign",
+        Function::new(
+            ctx.clone(),
+            |ctx: Ctx<'js>, algorithm: String, key: Value<'js>, passphrase: String, data: Value<'js>| {
+                let key = bytes_of(&ctx, &key)?;
+                let data = bytes_of(&ctx, &data)?;
+                let out = super::sign(&algorithm, &key, &passphrase, &data).map_err(|t| throw(&ctx, t))?;
+                buffer(&ctx, out)
+            },
+        )?,
+    )?;
+    host.set(
+        "verify",
+        Function::new(
+            ctx.clone(),
+            |ctx: Ctx<'js>,
+             algorithm: String,
+             key: Value<'js>,
+             passphrase: String,
+             data: Value<'js>,
+             signature: Value<'js>|
+             -> JsResult<bool> {
+                let key = bytes_of(&ctx, &key)?;
+                let data = bytes_of(&ctx, &data)?;
+                let signature = bytes_of(&ctx, &signature)?;
+                super::verify(&algorithm, &key, &passphrase, &data, &signature).map_err(|t| throw(&ctx, t))
+            },
+        )?,
+    )?;
+    host.set(
         "randomBytes",
         Function::new(ctx.clone(), |ctx: Ctx<'js>, size: f64| {
             let out = super::random_bytes(size).map_err(|t| throw(&ctx, t))?;

@@ -90,6 +90,28 @@ pub fn install(
         }),
     )?;
     define(
+        "sign",
+        Box::new(|args: Vec<Value>| {
+            let out = super::sign(&text(&args, 0), &bin_bytes(args.get(1))?, &text(&args, 2), &bin_bytes(args.get(3))?)
+                .map_err(Thrown::into_meta)?;
+            Ok(bin_string(&out))
+        }),
+    )?;
+    define(
+        "verify",
+        Box::new(|args: Vec<Value>| {
+            let valid = super::verify(
+                &text(&args, 0),
+                &bin_bytes(args.get(1))?,
+                &text(&args, 2),
+                &bin_bytes(args.get(3))?,
+                &bin_bytes(args.get(4))?,
+            )
+            .map_err(Thrown::into_meta)?;
+            Ok(Value::Bool(valid))
+        }),
+    )?;
+    define(
         "randomBytes",
         Box::new(|args: Vec<Value>| {
             let size = args.first().and_then(Value::as_f64).unwrap_or(f64::NAN);

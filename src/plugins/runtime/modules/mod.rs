@@ -44,6 +44,7 @@ pub const FACADES: &[Facade] = &[
     Facade { name: "@google-cloud/storage", source: include_str!("storage.js"), importable: true },
     Facade { name: "@google-cloud/pubsub", source: include_str!("pubsub.js"), importable: true },
     Facade { name: "faker", source: include_str!("faker.js"), importable: true },
+    Facade { name: "snowflake-sdk", source: include_str!("snowflake-sdk.js"), importable: true },
 ];
 
 /// The loader the prelude compiles on the first require of a facade (`modules/loader.js`): it
@@ -92,6 +93,7 @@ mod tests {
                 && is_importable("@google-cloud/storage")
                 && is_importable("@google-cloud/pubsub")
                 && is_importable("faker")
+                && is_importable("snowflake-sdk")
                 && !is_importable("@google-cloud/common")
                 && !is_importable("events")
                 && !is_importable("fs")

@@ -64,6 +64,9 @@ const host = {
     base64Decode: (s) => fromBin(raw.base64Decode(String(s))),
     hash: (algorithm, data) => fromBin(raw.hash(String(algorithm), bytesOf(data))),
     hmac: (algorithm, key, data) => fromBin(raw.hmac(String(algorithm), bytesOf(key), bytesOf(data))),
+    sign: (algorithm, key, passphrase, data) => fromBin(raw.sign(String(algorithm), bytesOf(key), String(passphrase), bytesOf(data))),
+    verify: (algorithm, key, passphrase, data, signature) =>
+        raw.verify(String(algorithm), bytesOf(key), String(passphrase), bytesOf(data), bytesOf(signature)),
     randomBytes: (size) => fromBin(raw.randomBytes(size)),
     randomUUID: () => raw.randomUUID(),
     zlib: (op, data, params) => {

@@ -1,0 +1,56 @@
+//! What the REST facades' host sides share (google.rs, snowflake.rs): the retry schedule
+//! (retry-request's and snowflake-sdk's: an attempt, then after `2^n` s plus up to 1 s of jitter
+//! another, while the outcome is retryable, retries are left and the next attempt still fits
+//! before the deadline), and a request's query parameters from the facade's JSON.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use serde_json::{Map, Value};
+
+/// An attempt is not started with less time than this left.
+pub const MIN_ATTEMPT_TIME: Duration = Duration::from_millis(100);
+
+/// Runs `attempt` until its outcome is not `retryable`, `max_retries` retries are spent, or the
+/// next pause would leave less than [`MIN_ATTEMPT_TIME`] before `deadline`; the last outcome.
+pub async fn with_retries<T, E, F, Fut>(
+    max_retries: u32,
+    deadline: Instant,
+    retryable: impl Fn(&Result<T, E>) -> bool,
+    mut attempt: F,
+) -> Result<T, E>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let mut retries = 0u32;
+    loop {
+        let outcome = attempt().await;
+        if retryable(&outcome) && retries < max_retries {
+            let pause = Duration::from_secs(1 << retries.min(16)) + Duration::from_millis(rand::random::<u64>() % 1000);
+            if Instant::now() + pause + MIN_ATTEMPT_TIME < deadline {
+                retries += 1;
+                tokio::time::sleep(pause).await;
+                continue;
+            }
+        }
+        return outcome;
+    }
+}
+
+/// Appends `query`'s parameters to `url`: strings as they are, `null`s left out, other values as
+/// their JSON text.
+pub fn append_query(url: &mut url::Url, query: &Map<String, Value>) {
+    let mut pairs = url.query_pairs_mut();
+    for (name, value) in query {
+        match value {
+            Value::Null => {}
+            Value::String(text) => {
+                pairs.append_pair(name, text);
+            }
+            other => {
+                pairs.append_pair(name, &other.to_string());
+            }
+        }
+    }
+}
