@@ -138,7 +138,7 @@ async fn hostile_values_are_refused_and_the_chain_goes_on() {
     let default_queue = format!("{queue}-default");
     let redis = common::redis_url();
     // The server's environment is only what it is given: the engine of this run goes along.
-    let engine = std::env::var("JS_ENGINE").unwrap_or_else(|_| "quickjs".to_string());
+    let engine = std::env::var("JS_ENGINE").unwrap_or_else(|_| "v8".to_string());
     let env = [
         ("JS_ENGINE", engine.as_str()),
         ("NODE_ENV", "test"),

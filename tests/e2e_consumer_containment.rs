@@ -149,7 +149,7 @@ async fn an_event_whose_plugin_thread_stalls_is_retried_then_dead_lettered_never
         ("PLUGINS_CELERY_CONSUMER_ID", consumer.as_str()),
     ];
     let mut server = Server::start(&[], &env);
-    if std::env::var("JS_ENGINE").is_ok_and(|engine| engine == "v8") {
+    if plugin_server::config::JsEngine::from_process_env() == plugin_server::config::JsEngine::V8 {
         // V8 converts the BigInt in well under a second (its conversion is interruptible too):
         // nothing stalls, and the event lands with its plugin's work.
         let properties = landed(&db.pool, "stall", &mut server).await;

@@ -261,7 +261,7 @@ async fn faker_cost() {
     let plain_bytes: i64 = pool.memory_usage(1).await.into_iter().sum();
     let faker_bytes: i64 = pool.memory_usage(2).await.into_iter().sum();
     let added = faker_bytes - plain_bytes;
-    let engine = std::env::var("JS_ENGINE").unwrap_or_else(|_| "quickjs".into());
+    let engine = std::env::var("JS_ENGINE").unwrap_or_else(|_| "v8".into());
     eprintln!(
         "faker on {engine}: require {} ms, first call {} ms, VM {plain_bytes} -> {faker_bytes} bytes (+{added})",
         times[0], times[1]
