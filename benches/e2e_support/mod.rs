@@ -245,7 +245,7 @@ impl WorkCounts {
             .map(|(name, calls)| (name.clone(), calls.saturating_sub(before.redis.get(name).copied().unwrap_or(0))))
             .filter(|(_, calls)| *calls > 0)
             .collect();
-        redis.sort_by(|a, b| b.1.cmp(&a.1));
+        redis.sort_by_key(|(_, calls)| std::cmp::Reverse(*calls));
         let total: u64 = redis.iter().map(|(_, calls)| calls).sum();
         let by_name: Vec<String> =
             redis.iter().map(|(name, calls)| format!("{name} {:.2}", *calls as f64 / events)).collect();

@@ -34,12 +34,15 @@ struct KnownDefinitions {
     property_names: HashSet<String>,
 }
 
+/// One team's known definitions, shared by the events that consult and extend them.
+type SharedDefinitions = Arc<Mutex<KnownDefinitions>>;
+
 pub struct TeamManager {
     pool: PgPool,
     teams: TtlCache<i32, Team>,
     organizations: TtlCache<Uuid, Organization>,
     /// Loaded once per team: concurrent first events wait for the one load.
-    definitions: Mutex<HashMap<i32, Arc<tokio::sync::OnceCell<Arc<Mutex<KnownDefinitions>>>>>>,
+    definitions: Mutex<HashMap<i32, Arc<tokio::sync::OnceCell<SharedDefinitions>>>>,
     /// Teams whose first event this process is marking (or has marked): the many events in flight
     /// that all see `ingested_event = false` in the cached team make one write, not one each.
     first_event_claims: Mutex<HashSet<i32>>,
@@ -87,7 +90,7 @@ impl TeamManager {
         Ok(organization)
     }
 
-    async fn known_definitions(&self, team_id: i32) -> Result<Arc<Mutex<KnownDefinitions>>, sqlx::Error> {
+    async fn known_definitions(&self, team_id: i32) -> Result<SharedDefinitions, sqlx::Error> {
         let cell = self
             .definitions
             .lock()
