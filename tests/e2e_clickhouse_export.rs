@@ -177,6 +177,9 @@ async fn a_kafka_mode_server_exports_past_events_from_clickhouse() {
 
     let db = TestDb::with_fixture(Some(STORING_EXPORTER)).await;
     let celery_queue = common::unique_prefix("ch-export-jobs");
+    // A Redis database of its own: the export's chunks are jobs, run by the one server that holds
+    // the job queue consumer's lock, a single key that the other tests' servers take in turn.
+    let redis_url = format!("{}/11", common::redis_url().trim_end_matches('/'));
     let server = KafkaModeServer::start(
         &db,
         "ch-export",
@@ -184,6 +187,7 @@ async fn a_kafka_mode_server_exports_past_events_from_clickhouse() {
             ("CLICKHOUSE_HOST", &clickhouse.host),
             ("CLICKHOUSE_DATABASE", "served"),
             ("PLUGINS_CELERY_QUEUE", &celery_queue),
+            ("REDIS_URL", &redis_url),
         ],
     )
     .await;
@@ -198,9 +202,12 @@ async fn a_kafka_mode_server_exports_past_events_from_clickhouse() {
         count
     };
     // The job as PostHog's interface sends it, through Celery (which carries plugin jobs in Kafka mode).
-    let producer = CeleryProducer::new(queues_support::redis_pool(), celery_queue.clone());
-    // The server may still be loading the plugin: send until the export runs.
-    common::wait_for_up_to("the historical export from ClickHouse", Duration::from_secs(90), || async {
+    let redis = deadpool_redis::Config::from_url(redis_url.as_str())
+        .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+        .expect("redis pool");
+    let producer = CeleryProducer::new(redis, celery_queue.clone());
+    // The server may still be loading the plugin or joining Kafka: send until the export runs.
+    common::wait_for_up_to("the historical export from ClickHouse", Duration::from_secs(150), || async {
         if stored().await == 30 {
             return Some(());
         }
