@@ -39,7 +39,7 @@ use super::super::runtime::{
     fetch_with, network_settings, FetchError, FetchRequest, FetchResponse, FETCH_OPTIONS_HEADER, REQUEST_TIMEOUT,
 };
 use super::super::vm_boundary::JsError;
-use super::retry::{append_query, with_retries, MIN_ATTEMPT_TIME};
+use super::retry::{append_query, check_body_size, take_turn, with_retries, MIN_ATTEMPT_TIME};
 
 /// Requests one plugin config may have in flight at once; more wait for a turn.
 pub const MAX_REQUESTS_IN_FLIGHT: usize = 8;
@@ -317,19 +317,8 @@ impl Google {
     async fn request(&self, args: &[Value], deadline: Instant) -> Result<FetchResponse, GoogleError> {
         let account = ServiceAccount::from_json(args.first())?;
         let request = ApiRequest::from_json(args.get(1))?;
-        let settings = network_settings();
-        if request.body.as_ref().is_some_and(|body| body.len() > settings.max_response_bytes) {
-            return Err(GoogleError::Config(format!(
-                "The plugin server refused a request body over {} bytes (PLUGIN_FETCH_MAX_RESPONSE_BYTES)",
-                settings.max_response_bytes
-            )));
-        }
-        let _turn = self
-            .in_flight
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| GoogleError::Config("the plugin's Google client is shut down".into()))?;
+        check_body_size(request.body.as_deref()).map_err(GoogleError::Config)?;
+        let _turn = take_turn(&self.in_flight, "Google").await.map_err(GoogleError::Config)?;
         let retryable = |outcome: &Result<FetchResponse, GoogleError>| match outcome {
             Ok(response) => retryable_status(response.status),
             Err(GoogleError::Fetch(error)) => !error.is_refusal(),

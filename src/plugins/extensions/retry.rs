@@ -1,12 +1,35 @@
 //! What the REST facades' host sides share (google.rs, snowflake.rs): the retry schedule
 //! (retry-request's and snowflake-sdk's: an attempt, then after `2^n` s plus up to 1 s of jitter
 //! another, while the outcome is retryable, retries are left and the next attempt still fits
-//! before the deadline), and a request's query parameters from the facade's JSON.
+//! before the deadline), a request's query parameters from the facade's JSON, and the bounds
+//! every request meets before it is sent (body size, a turn among the config's requests).
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use super::super::runtime::network_settings;
+
+/// Refuses a request body over the plugins' fetch limit (`PLUGIN_FETCH_MAX_RESPONSE_BYTES`);
+/// the refusal's text.
+pub fn check_body_size(body: Option<&[u8]>) -> Result<(), String> {
+    let limit = network_settings().max_response_bytes;
+    match body {
+        Some(body) if body.len() > limit => Err(format!(
+            "The plugin server refused a request body over {limit} bytes (PLUGIN_FETCH_MAX_RESPONSE_BYTES)"
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Waits for a turn among the config's requests in flight; fails only once the `client`'s
+/// semaphore is closed (the config is going away).
+pub async fn take_turn(in_flight: &Arc<Semaphore>, client: &str) -> Result<OwnedSemaphorePermit, String> {
+    in_flight.clone().acquire_owned().await.map_err(|_| format!("the plugin's {client} client is shut down"))
+}
 
 /// An attempt is not started with less time than this left.
 pub const MIN_ATTEMPT_TIME: Duration = Duration::from_millis(100);

@@ -30,7 +30,7 @@ use super::super::runtime::{
     fetch_with, network_settings, FetchError, FetchRequest, FetchResponse, FETCH_OPTIONS_HEADER, REQUEST_TIMEOUT,
 };
 use super::super::vm_boundary::JsError;
-use super::retry::{append_query, with_retries, MIN_ATTEMPT_TIME};
+use super::retry::{append_query, check_body_size, take_turn, with_retries, MIN_ATTEMPT_TIME};
 
 /// Requests one plugin config may have in flight at once; more wait for a turn.
 pub const MAX_REQUESTS_IN_FLIGHT: usize = 8;
@@ -202,19 +202,8 @@ impl Snowflake {
 
     async fn request(&self, args: &[Value], deadline: Instant) -> Result<FetchResponse, SnowflakeError> {
         let request = SfRequest::from_json(args.first(), args.get(1))?;
-        let settings = network_settings();
-        if request.body.as_ref().is_some_and(|body| body.len() > settings.max_response_bytes) {
-            return Err(SnowflakeError::Config(format!(
-                "The plugin server refused a request body over {} bytes (PLUGIN_FETCH_MAX_RESPONSE_BYTES)",
-                settings.max_response_bytes
-            )));
-        }
-        let _turn = self
-            .in_flight
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| SnowflakeError::Config("the plugin's Snowflake client is shut down".into()))?;
+        check_body_size(request.body.as_deref()).map_err(SnowflakeError::Config)?;
+        let _turn = take_turn(&self.in_flight, "Snowflake").await.map_err(SnowflakeError::Config)?;
         let retryable = |outcome: &Result<FetchResponse, SnowflakeError>| match outcome {
             Ok(response) => retryable_status(response.status),
             Err(SnowflakeError::Network(error)) => !error.is_refusal(),
