@@ -416,6 +416,7 @@ define_config! {
     INGESTION_RETRY_ATTEMPTS: u32 = |_| 10, false, "attempts at an event or job that fails for a passing reason (Postgres, Redis or Kafka unavailable, a plugin's JS worker thread lost) before it is dead-lettered";
     INGESTION_RETRY_BACKOFF_MS: u64 = |_| 500, false, "wait before the second attempt at an event or job (milliseconds); doubles after each attempt, up to 30 s";
     PLUGIN_WORKER_STALL_MS: u64 = |_| 0, false, "a JS worker thread silent this long (milliseconds) is stalled: it is replaced and its calls are retried; 0 means 2 × TASK_TIMEOUT + 5 s";
+    REDIS_LOCK_PREFIX: String = |_| String::new(), false, "prefix of the Redis keys of the schedule and job queue consumer locks, for separate PostHog installs (or test servers) sharing one Redis; empty: the reference's keys plugin-server:locks:schedule and plugin-server:locks:job-queue-consumer";
     JS_ENGINE: JsEngine = |_| JsEngine::V8, false, "JavaScript engine of the plugin VMs: quickjs or v8 (Debian's libnode, V8 10.2)";
 }
 

@@ -23,7 +23,7 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::infra::cron;
-use crate::infra::redlock::{LockState, Redlock, SCHEDULE_LOCK};
+use crate::infra::redlock::{lock_key, LockState, Redlock, SCHEDULE_LOCK};
 use crate::infra::BoxError;
 use crate::metrics::catalog::{self, Stage};
 
@@ -117,7 +117,7 @@ pub enum ScheduleError {
 /// tests shorten them.
 #[derive(Debug, Clone)]
 pub struct ScheduleSettings {
-    /// The lock's Redis key (`plugin-server:locks:schedule`; tests use their own).
+    /// The lock's Redis key (`REDIS_LOCK_PREFIX` + `plugin-server:locks:schedule`).
     pub lock_resource: String,
     /// `SCHEDULE_LOCK_TTL`.
     pub lock_ttl: Duration,
@@ -131,7 +131,7 @@ pub struct ScheduleSettings {
 impl ScheduleSettings {
     pub fn from_config(config: &Config) -> ScheduleSettings {
         ScheduleSettings {
-            lock_resource: SCHEDULE_LOCK.to_string(),
+            lock_resource: lock_key(config, SCHEDULE_LOCK),
             lock_ttl: Duration::from_secs_f64(config.SCHEDULE_LOCK_TTL),
             periods: ScheduledTask::ALL.map(|task| (task, task.default_period())),
             load_interval: Duration::from_millis(200),

@@ -229,6 +229,7 @@ async fn start_components(hub: &Hub, lifecycle: &mut Lifecycle) -> Result<(), Se
             PipelinedRedis::new(crate::hub::redis_client(config)?, celery_options.response_timeout),
             &celery_options.queue,
             Duration::from_secs(config.PLUGINS_CELERY_DEDUPE_TTL_SECONDS),
+            Arc::clone(&celery_options.redelivered),
         )),
     };
     let mut matcher = ActionMatcher::new(hub.postgres.clone(), Arc::clone(&actions));

@@ -85,12 +85,9 @@ impl BigQueryStub {
         read(&self.state.lock().unwrap())
     }
 
-    /// The rows once there are `count` (waiting up to 90 s: a retried batch comes back on the
-    /// export retry schedule, which a loaded machine stretches).
+    /// The rows once there are `count` (waiting up to 3 minutes: a retried batch comes back on
+    /// the export retry schedule, which a loaded machine stretches).
     async fn rows(&self, count: usize) -> Vec<Value> {
-        // Long: a retried batch waits for the export retry job, which runs only once this server
-        // holds the job queue consumer's Redis lock (one key for every server, taken over from
-        // servers of earlier tests only when it expires).
         wait_for_up_to(&format!("{count} rows in BigQuery"), Duration::from_secs(180), || async {
             let rows = self.with(|state| state.rows.clone());
             (rows.len() >= count).then_some(rows)

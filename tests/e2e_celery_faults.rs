@@ -227,3 +227,47 @@ async fn a_message_that_kills_the_server_is_dead_lettered_and_the_rest_flows() {
     let dead: i64 = redis::cmd("LLEN").arg(dead_letter_key(&queue)).query(&mut redis()).unwrap();
     assert_eq!(dead, 1, "only the poison is set aside");
 }
+
+/// A server that died after writing an event's row but before marking it written (and before
+/// acknowledging its message) delivers the message again: the event is found stored and is not
+/// written a second time; a redelivered message whose event was never written is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivered_event_stored_before_a_crash_is_not_stored_again() {
+    let db = TestDb::with_fixture(Some(PLUGIN)).await;
+    let queue = common::unique_prefix("e2e-stored-once");
+    let consumer = format!("stored-once-{}", uuid::Uuid::new_v4().simple());
+    let redis_url = common::redis_url();
+    let env = server_env(&db, &queue, &consumer, &redis_url);
+    let stored = task(&queue, 0, "stored");
+    push(&queue, std::slice::from_ref(&stored));
+    let mut server = Server::start(&[], &env);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while counts(&db.pool, "stored").await.0 < 1 {
+        assert!(Instant::now() < deadline, "not stored: {}", server.output());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop(&mut server);
+
+    // As after a crash between the INSERT and the marker: no marker, one delivery counted, the
+    // message back on the queue; and a redelivered message whose first delivery wrote nothing.
+    let mut connection = redis();
+    let fresh = task(&queue, 1, "unstored");
+    for id in ["task-0", "task-1"] {
+        let _: () = redis::cmd("SET").arg(format!("{queue}:deliveries:{id}")).arg(1).query(&mut connection).unwrap();
+    }
+    push(&queue, &[stored, fresh]);
+    let mut server = Server::start(&[], &env);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let pending: i64 = redis::cmd("LLEN").arg(&queue).query(&mut connection).unwrap();
+        let in_flight: i64 = redis::cmd("LLEN").arg(processing_key(&queue, &consumer)).query(&mut connection).unwrap();
+        if counts(&db.pool, "unstored").await.0 == 1 && pending == 0 && in_flight == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "redeliveries not handled: {}", server.output());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop(&mut server);
+    assert_eq!(counts(&db.pool, "stored").await, (1, 1, 1), "stored once: {}", server.output());
+    assert!(server.output().contains("was already stored"), "{}", server.output());
+}

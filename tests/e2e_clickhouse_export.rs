@@ -177,9 +177,6 @@ async fn a_kafka_mode_server_exports_past_events_from_clickhouse() {
 
     let db = TestDb::with_fixture(Some(STORING_EXPORTER)).await;
     let celery_queue = common::unique_prefix("ch-export-jobs");
-    // A Redis database of its own: the export's chunks are jobs, run by the one server that holds
-    // the job queue consumer's lock, a single key that the other tests' servers take in turn.
-    let redis_url = format!("{}/11", common::redis_url().trim_end_matches('/'));
     let server = KafkaModeServer::start(
         &db,
         "ch-export",
@@ -187,7 +184,6 @@ async fn a_kafka_mode_server_exports_past_events_from_clickhouse() {
             ("CLICKHOUSE_HOST", &clickhouse.host),
             ("CLICKHOUSE_DATABASE", "served"),
             ("PLUGINS_CELERY_QUEUE", &celery_queue),
-            ("REDIS_URL", &redis_url),
         ],
     )
     .await;
@@ -202,7 +198,7 @@ async fn a_kafka_mode_server_exports_past_events_from_clickhouse() {
         count
     };
     // The job as PostHog's interface sends it, through Celery (which carries plugin jobs in Kafka mode).
-    let redis = deadpool_redis::Config::from_url(redis_url.as_str())
+    let redis = deadpool_redis::Config::from_url(common::redis_url())
         .create_pool(Some(deadpool_redis::Runtime::Tokio1))
         .expect("redis pool");
     let producer = CeleryProducer::new(redis, celery_queue.clone());

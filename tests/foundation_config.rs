@@ -172,3 +172,15 @@ fn readme_configuration_table_is_generated_from_the_config_source() {
         assert!(readme.contains(&format!("`{}`", variable.name)), "{} missing from README", variable.name);
     }
 }
+
+#[test]
+fn lock_keys_are_the_reference_s_unless_prefixed() {
+    use plugin_server::jobs::consumer::JobConsumerSettings;
+    use plugin_server::schedule::ScheduleSettings;
+    let plain = config(&[]);
+    assert_eq!(ScheduleSettings::from_config(&plain).lock_resource, "plugin-server:locks:schedule");
+    assert_eq!(JobConsumerSettings::from_config(&plain).lock_resource, "plugin-server:locks:job-queue-consumer");
+    let prefixed = config(&[("REDIS_LOCK_PREFIX", "eu:")]);
+    assert_eq!(ScheduleSettings::from_config(&prefixed).lock_resource, "eu:plugin-server:locks:schedule");
+    assert_eq!(JobConsumerSettings::from_config(&prefixed).lock_resource, "eu:plugin-server:locks:job-queue-consumer");
+}

@@ -23,15 +23,11 @@ struct RunningServer {
 }
 
 impl RunningServer {
-    /// A server on `db`, with a Redis database of its own (`redis_db`, 1–15): the job queue's
-    /// consumer lock is one key per Redis database, and other test servers running at the same
-    /// time on database 0 would hold it (their jobs live in other Postgres databases).
-    async fn start(db: &TestDb, redis_db: u8) -> RunningServer {
+    /// A server on `db`, on its own Celery queue, with the graphile job queue.
+    async fn start(db: &TestDb) -> RunningServer {
         let queue = common::unique_prefix("pg-plugins");
         let default_queue = format!("{queue}-default");
-        let redis = format!("{}/{redis_db}", common::redis_url().trim_end_matches('/'));
         let config: Config = db.config(&[
-            ("REDIS_URL", redis.as_str()),
             ("WORKER_CONCURRENCY", "2"),
             ("PLUGINS_CELERY_QUEUE", queue.as_str()),
             ("CELERY_DEFAULT_QUEUE", default_queue.as_str()),
@@ -193,7 +189,7 @@ async fn postgres_plugin_exports_events_and_retries_with_its_own_job() {
         }),
     )
     .await;
-    let server = RunningServer::start(&db, 11).await;
+    let server = RunningServer::start(&db).await;
     for (event, distinct_id) in [("a-first", "u1"), ("ignored-event", "u1"), ("b-second", "u2"), ("c-third", "u3")] {
         server.send(event, distinct_id).await;
     }
@@ -247,7 +243,7 @@ async fn redshift_plugin_exports_events_and_retries_on_retry_error() {
         }),
     )
     .await;
-    let server = RunningServer::start(&db, 12).await;
+    let server = RunningServer::start(&db).await;
     for (event, distinct_id) in [("a-first", "u1"), ("ignored-event", "u1"), ("b-second", "u2")] {
         server.send(event, distinct_id).await;
     }
@@ -313,7 +309,7 @@ async fn postgres_import_plugin_imports_events_with_a_pool() {
         }),
     )
     .await;
-    let server = RunningServer::start(&db, 13).await;
+    let server = RunningServer::start(&db).await;
     let job = json!({
         "type": "Import events",
         "payload": {"dateFrom": "2021-11-01T10:00:00.000Z", "dateTo": "2021-11-01T10:01:40.000Z"},

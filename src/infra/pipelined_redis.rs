@@ -17,6 +17,25 @@ use tokio::sync::Mutex;
 
 use super::redis_call::{within, RedisCallError};
 
+/// What [`PipelinedRedis::count_delivery_below`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryCount {
+    /// Counted: this is the count now.
+    Counted(u64),
+    /// At or above the limit already (this many): not counted.
+    AtLeast(u64),
+}
+
+/// `GET`, then `INCR` and `EXPIRE` below the limit (`ARGV[1]`); a count at or above it comes back
+/// negative, uncounted.
+const COUNT_BELOW_SCRIPT: &str = r#"
+local previous = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
+if previous >= tonumber(ARGV[1]) then return -previous end
+local count = redis.call('INCR', KEYS[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return count
+"#;
+
 /// One multiplexed, self-replacing connection; see the module documentation.
 pub struct PipelinedRedis {
     client: redis::Client,
@@ -88,13 +107,18 @@ impl PipelinedRedis {
         }
     }
 
-    /// `GET key` as a count (0 when absent or when Redis cannot be asked).
-    pub async fn delivery_count(&self, key: &str) -> u64 {
-        match self.query(vec![redis::cmd("GET").arg(key).clone()]).await.as_deref() {
-            Ok([Value::BulkString(bytes)]) => {
-                std::str::from_utf8(bytes).ok().and_then(|text| text.parse().ok()).unwrap_or(0)
+    /// In one round trip: the count at `key` if it is `limit` or more (not counted), else that
+    /// count plus one, kept `ttl_seconds`. When Redis cannot be asked: counted, once.
+    pub async fn count_delivery_below(&self, key: &str, limit: u64, ttl_seconds: u64) -> DeliveryCount {
+        let command = redis::cmd("EVAL").arg(COUNT_BELOW_SCRIPT).arg(1).arg(key).arg(limit).arg(ttl_seconds).clone();
+        match self.query(vec![command]).await.as_deref() {
+            Ok([Value::Int(count)]) if *count < 0 => DeliveryCount::AtLeast(count.unsigned_abs()),
+            Ok([Value::Int(count)]) => DeliveryCount::Counted((*count).max(1) as u64),
+            Ok(_) => DeliveryCount::Counted(1),
+            Err(reason) => {
+                tracing::warn!("⚠️ Could not count the delivery of a Celery message: {reason}");
+                DeliveryCount::Counted(1)
             }
-            _ => 0,
         }
     }
 

@@ -32,6 +32,12 @@ pub const SCHEDULE_LOCK: &str = "plugin-server:locks:schedule";
 /// The job queue consumer's lock (`plugin-server:locks:job-queue-consumer`).
 pub const JOB_QUEUE_CONSUMER_LOCK: &str = "plugin-server:locks:job-queue-consumer";
 
+/// The Redis key of lock `name` for this configuration: `REDIS_LOCK_PREFIX` then `name` (the
+/// prefix is empty by default, so the keys are the reference's).
+pub fn lock_key(config: &crate::config::Config, name: &str) -> String {
+    format!("{}{name}", config.REDIS_LOCK_PREFIX)
+}
+
 const EXTEND_SCRIPT: &str =
     "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end";
 const RELEASE_SCRIPT: &str =

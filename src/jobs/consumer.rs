@@ -1,5 +1,5 @@
 //! The job queue consumer: consumes the job queues only on the server holding the Redis lock
-//! `plugin-server:locks:job-queue-consumer` (TTL `SCHEDULE_LOCK_TTL`), so a job is fetched by one
+//! `plugin-server:locks:job-queue-consumer` (after `REDIS_LOCK_PREFIX`; TTL `SCHEDULE_LOCK_TTL`), so a job is fetched by one
 //! server of the cluster. Lock won → start consuming; lock lost or shutdown → stop.
 //!
 //! A consumer that cannot start is logged (`Can not start job queue consumer!`); with
@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
 use crate::config::Config;
-use crate::infra::redlock::{Redlock, JOB_QUEUE_CONSUMER_LOCK};
+use crate::infra::redlock::{lock_key, Redlock, JOB_QUEUE_CONSUMER_LOCK};
 use crate::jobs::manager::JobQueueManager;
 use crate::jobs::queue::JobRunner;
 use crate::metrics::sentry::capture_error_message;
@@ -21,7 +21,7 @@ use crate::metrics::sentry::capture_error_message;
 /// The consumer's lock and failure policy; [`JobConsumerSettings::from_config`] is production.
 #[derive(Debug, Clone)]
 pub struct JobConsumerSettings {
-    /// `plugin-server:locks:job-queue-consumer` (tests use their own key).
+    /// `REDIS_LOCK_PREFIX` + `plugin-server:locks:job-queue-consumer`.
     pub lock_resource: String,
     /// `SCHEDULE_LOCK_TTL`.
     pub lock_ttl: Duration,
@@ -32,7 +32,7 @@ pub struct JobConsumerSettings {
 impl JobConsumerSettings {
     pub fn from_config(config: &Config) -> JobConsumerSettings {
         JobConsumerSettings {
-            lock_resource: JOB_QUEUE_CONSUMER_LOCK.to_string(),
+            lock_resource: lock_key(config, JOB_QUEUE_CONSUMER_LOCK),
             lock_ttl: Duration::from_secs_f64(config.SCHEDULE_LOCK_TTL),
             crash_if_no_persistent_job_queue: config.CRASH_IF_NO_PERSISTENT_JOB_QUEUE,
         }

@@ -52,12 +52,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::celery::{decode_envelope, CeleryTask, TaskSet};
-use super::celery_dedupe::{message_event_uuid, message_key, written_marker_key};
+use super::celery_dedupe::{message_event_uuid, message_key, written_marker_key, Redelivered};
 use super::retry::{Outcome, RetryPolicy};
 use super::window::{FairWindow, Slot, WindowLimits};
 use super::{EventHandler, QueueStats};
 use crate::config::Config;
-use crate::infra::pipelined_redis::PipelinedRedis;
+use crate::infra::pipelined_redis::{DeliveryCount, PipelinedRedis};
 use crate::infra::redis_call::{within, RedisCallError};
 use crate::js::iso;
 use crate::metrics::catalog::{self, Stage};
@@ -106,6 +106,9 @@ pub struct CeleryConsumerOptions {
     pub max_deliveries: u64,
     pub retry: RetryPolicy,
     pub dead_letter_max_len: usize,
+    /// The events of redelivered messages in flight, shared with the server's event writer
+    /// ([`super::celery_dedupe::MarkingWriter`]).
+    pub redelivered: Arc<Redelivered>,
 }
 
 impl CeleryConsumerOptions {
@@ -130,6 +133,7 @@ impl CeleryConsumerOptions {
             max_deliveries: config.PLUGINS_CELERY_MAX_DELIVERIES.max(1),
             retry: RetryPolicy::from_config(config),
             dead_letter_max_len: 10_000,
+            redelivered: Arc::default(),
         }
     }
 
@@ -731,14 +735,21 @@ impl Shared {
         // A message delivered twice already may be what kills the server: it runs alone, and
         // messages wait for it before being counted, so a crash then counts only against it (not
         // against the innocent messages that happened to be in flight).
-        let previous = self.redis.delivery_count(&ids.deliveries).await;
-        let _turn = if previous >= ISOLATE_AFTER_DELIVERIES {
-            warn!("🔬 Celery message {id} was delivered {previous} times: handling it alone");
-            Turn::Alone { _guard: self.gate.write().await }
-        } else {
-            Turn::Shared { _guard: self.gate.read().await }
+        // One round trip for a message delivered fewer times: counted under the shared turn.
+        let shared_turn = self.gate.read().await;
+        let (_turn, deliveries) = match self
+            .redis
+            .count_delivery_below(&ids.deliveries, ISOLATE_AFTER_DELIVERIES, DELIVERY_COUNT_TTL_SECONDS)
+            .await
+        {
+            DeliveryCount::Counted(deliveries) => (Turn::Shared { _guard: shared_turn }, deliveries),
+            DeliveryCount::AtLeast(previous) => {
+                drop(shared_turn);
+                warn!("🔬 Celery message {id} was delivered {previous} times: handling it alone");
+                let alone = Turn::Alone { _guard: self.gate.write().await };
+                (alone, self.redis.count_delivery(&ids.deliveries, DELIVERY_COUNT_TTL_SECONDS).await)
+            }
         };
-        let deliveries = self.redis.count_delivery(&ids.deliveries, DELIVERY_COUNT_TTL_SECONDS).await;
         if deliveries > self.options.max_deliveries {
             let reason = format!(
                 "delivered {deliveries} times without being acknowledged (the server stopped while handling it each \
@@ -768,6 +779,10 @@ impl Shared {
                         return self.finish(&raw, Some(&ids), Finish::Done).await;
                     }
                 }
+                // Perhaps written by a delivery that died before marking it: the writer looks.
+                if let Some(uuid) = event.uuid.as_deref().and_then(|uuid| uuid.parse().ok()) {
+                    self.options.redelivered.insert(uuid);
+                }
             }
         }
         let (what, handler) = (task_description(&task), Arc::clone(&self.handler));
@@ -788,6 +803,9 @@ impl Shared {
                 }
             })
             .await;
+        if let Some(uuid) = event_uuid.as_deref().and_then(|uuid| uuid.parse().ok()) {
+            self.options.redelivered.remove(&uuid);
+        }
         let finish = match outcome {
             Outcome::Handled => Finish::Done,
             Outcome::Failed(reason) => {

@@ -5,15 +5,19 @@
 //! * the **event uuid** ([`message_event_uuid`]): a UUID v5 of that id, given to an event whose
 //!   data carries no `uuid` (the reference gives each delivery a fresh UUIDT), so every copy of a
 //!   message has the same uuid (ClickHouse's `ReplacingMergeTree`, or a query, can drop them);
-//! * the **write marker** ([`written_marker_key`], kept by [`MarkingWriter`]: `pending` right
-//!   before the event's row is written, `written` right after, deleted when its message is
-//!   acknowledged, expiring after `PLUGINS_CELERY_DEDUPE_TTL_SECONDS`): a redelivered message
-//!   whose marker says `written` is skipped. A `pending` marker means the previous delivery died
-//!   while its row was being written (the INSERT may have committed without the process learning
-//!   it): the writer then looks for that very row (same team, timestamp, distinct id, event name
-//!   and properties) and inserts only if it is not there.
+//! * the **write marker** ([`written_marker_key`], set to `written` by [`MarkingWriter`] right
+//!   after the event's row is written, deleted when its message is acknowledged, expiring after
+//!   `PLUGINS_CELERY_DEDUPE_TTL_SECONDS`): a redelivered message whose marker says `written` is
+//!   skipped;
+//! * the **redelivered events in flight** ([`Redelivered`], in this process): a redelivered
+//!   message whose marker does not say `written` may have died while its row was being written
+//!   (the INSERT may have committed without the process learning it), so the writer first looks
+//!   for that very row (same team, timestamp, distinct id, event name and properties) and inserts
+//!   only if it is not there. A first delivery costs no Redis round trip before its write (an
+//!   earlier version marked every event `pending` first; such a marker is read as absent).
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -73,29 +77,46 @@ pub fn written_marker_key(queue: &str, uuid: &str) -> String {
     format!("{queue}:written:{uuid}")
 }
 
-/// Marks an event `pending` unless it has a marker already; answers the marker found (`new` when
-/// there was none).
-const BEGIN_WRITE_SCRIPT: &str = r#"
-local found = redis.call('GET', KEYS[1])
-if not found then
-  redis.call('SET', KEYS[1], 'pending', 'EX', ARGV[1])
-  return 'new'
-end
-return found
-"#;
-
 /// The marker's value once the event's row is written.
 pub const WRITTEN: &str = "written";
 
-/// An [`EventWriter`] (Postgres pipeline) that keeps the write marker of each event (see the
-/// module documentation). When the marker cannot be read or set, the event is written as usual:
-/// it may then be duplicated if its message is redelivered, never lost.
+/// The uuids of the events of redelivered messages in flight whose write marker does not say
+/// `written`: shared by a server's Celery consumer (which adds and removes them) and its
+/// [`MarkingWriter`] (which looks for an earlier copy of those events before writing them).
+#[derive(Debug, Default)]
+pub struct Redelivered {
+    events: Mutex<HashSet<Uuid>>,
+}
+
+impl Redelivered {
+    fn events(&self) -> std::sync::MutexGuard<'_, HashSet<Uuid>> {
+        self.events.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn insert(&self, uuid: Uuid) {
+        self.events().insert(uuid);
+    }
+
+    pub fn contains(&self, uuid: &Uuid) -> bool {
+        self.events().contains(uuid)
+    }
+
+    pub fn remove(&self, uuid: &Uuid) {
+        self.events().remove(uuid);
+    }
+}
+
+/// An [`EventWriter`] (Postgres pipeline) that keeps the write marker of each event and writes
+/// the events of [`Redelivered`] messages at most once (see the module documentation). When the
+/// marker cannot be set, the event is written as usual: it may then be duplicated if its message
+/// is redelivered, never lost.
 pub struct MarkingWriter {
     inner: Arc<dyn EventWriter>,
     postgres: PgPool,
     redis: PipelinedRedis,
     queue: String,
     ttl: Duration,
+    redelivered: Arc<Redelivered>,
 }
 
 impl MarkingWriter {
@@ -105,33 +126,13 @@ impl MarkingWriter {
         redis: PipelinedRedis,
         queue: &str,
         ttl: Duration,
+        redelivered: Arc<Redelivered>,
     ) -> MarkingWriter {
-        MarkingWriter { inner, postgres, redis, queue: queue.to_string(), ttl }
+        MarkingWriter { inner, postgres, redis, queue: queue.to_string(), ttl, redelivered }
     }
 
     fn key(&self, uuid: &Uuid) -> String {
         written_marker_key(&self.queue, &uuid.to_string())
-    }
-
-    /// Marks the event `pending`; returns the marker that was there (`None`: none, or unknown).
-    async fn begin(&self, uuid: &Uuid) -> Option<String> {
-        let command = redis::cmd("EVAL")
-            .arg(BEGIN_WRITE_SCRIPT)
-            .arg(1)
-            .arg(self.key(uuid))
-            .arg(self.ttl.as_secs().max(1))
-            .clone();
-        match self.redis.query(vec![command]).await.as_deref() {
-            Ok([redis::Value::BulkString(found)]) if found.as_slice() != b"new" => {
-                Some(String::from_utf8_lossy(found).into_owned())
-            }
-            Ok([redis::Value::SimpleString(found)]) if found != "new" => Some(found.clone()),
-            Ok(_) => None,
-            Err(reason) => {
-                tracing::warn!("⚠️ Could not read the write marker of event {uuid}: {reason}");
-                None
-            }
-        }
     }
 
     async fn mark_written(&self, uuid: &Uuid) {
@@ -170,17 +171,13 @@ impl EventWriter for MarkingWriter {
     }
 
     async fn write_event(&self, event: &EventPayload) -> Result<Option<i64>, WriteError> {
-        match self.begin(&event.uuid).await.as_deref() {
-            // An earlier delivery of this very event was being written when it died.
-            Some("pending") => {
-                if let Some(id) = self.stored_copy(event).await {
-                    tracing::info!("♻️ Event {} was already stored (row {id}): not writing it again", event.uuid);
-                    self.mark_written(&event.uuid).await;
-                    return Ok(Some(id));
-                }
+        // An earlier delivery of this very event may have died while writing it.
+        if self.redelivered.contains(&event.uuid) {
+            if let Some(id) = self.stored_copy(event).await {
+                tracing::info!("♻️ Event {} was already stored (row {id}): not writing it again", event.uuid);
+                self.mark_written(&event.uuid).await;
+                return Ok(Some(id));
             }
-            Some(WRITTEN) => tracing::info!("♻️ Event {} is marked written already; writing it again", event.uuid),
-            _ => {}
         }
         let written = self.inner.write_event(event).await?;
         self.mark_written(&event.uuid).await;

@@ -95,6 +95,10 @@ impl TestDb {
         if !engine.is_empty() {
             pairs.push(("JS_ENGINE", engine.as_str()));
         }
+        // The schedule and job queue locks of this database's servers only: servers of other
+        // tests on the same Redis would otherwise hold them (one key per Redis) for minutes.
+        let lock_prefix = format!("{}:", self.name);
+        pairs.push(("REDIS_LOCK_PREFIX", lock_prefix.as_str()));
         pairs.extend_from_slice(extra);
         // Later pairs win: look up from the end.
         Config::from_lookup(&|key| pairs.iter().rev().find(|(name, _)| *name == key).map(|(_, v)| v.to_string()))

@@ -20,6 +20,12 @@ pub fn command(env: &[(&str, &str)]) -> Command {
     if !env.iter().any(|(key, _)| *key == "HTTP_SERVER_PORT") {
         command.env("HTTP_SERVER_PORT", "0");
     }
+    // The locks of this test database's servers only (see `TestDb::config`), unless the test
+    // sets a prefix or runs the server without a database URL.
+    let database = env.iter().find(|(key, _)| *key == "DATABASE_URL").and_then(|(_, url)| url.rsplit('/').next());
+    if let (Some(database), false) = (database, env.iter().any(|(key, _)| *key == "REDIS_LOCK_PREFIX")) {
+        command.env("REDIS_LOCK_PREFIX", format!("{database}:"));
+    }
     for (key, value) in env {
         command.env(key, value);
     }
