@@ -565,7 +565,8 @@ async fn main() {
     }
     let (busy, total) = (machine_after.0 - machine_before.0, machine_after.1 - machine_before.1);
     println!("(machine: {:.0}% of its cores busy, every process counted)", 100.0 * busy as f64 / total.max(1) as f64);
-    let engine = pairs.iter().find(|(k, _)| k == "JS_ENGINE").map_or("quickjs", |(_, v)| v.as_str());
+    // Unset: the server's default engine.
+    let engine = pairs.iter().find(|(k, _)| k == "JS_ENGINE").map_or("v8", |(_, v)| v.as_str());
     let plugin = if heavy { "heavy plugin" } else { "simple plugin" };
     report(
         &format!("Server e2e, {pipeline}, {engine}, {plugin}, {users} users, {ingested} of {events} events ingested"),

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{error, info};
 
 use crate::config::Config;
 use crate::health;
@@ -315,7 +315,7 @@ async fn start_components(hub: &Hub, lifecycle: &mut Lifecycle) -> Result<(), Se
 #[cfg(debug_assertions)]
 fn spawn_injected_fault(lifecycle: &mut Lifecycle) {
     let Ok(fault) = std::env::var("PLUGIN_SERVER_TEST_FAULT") else { return };
-    warn!("🧪 Injecting fault {fault:?} (debug build)");
+    tracing::warn!("🧪 Injecting fault {fault:?} (debug build)");
     lifecycle.spawn("injected fault", DEFAULT_SHUTDOWN_BUDGET, move |token| async move {
         tokio::select! {
             _ = token.cancelled() => {}

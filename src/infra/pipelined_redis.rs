@@ -26,9 +26,10 @@ pub enum DeliveryCount {
     AtLeast(u64),
 }
 
-/// `GET`, then `INCR` and `EXPIRE` below the limit (`ARGV[1]`); a count at or above it comes back
-/// negative, uncounted.
+/// A first delivery: one `SET NX` with the TTL (`ARGV[2]`). Otherwise `GET`, then `INCR` and
+/// `EXPIRE` below the limit (`ARGV[1]`); a count at or above it comes back negative, uncounted.
 const COUNT_BELOW_SCRIPT: &str = r#"
+if redis.call('SET', KEYS[1], 1, 'EX', ARGV[2], 'NX') then return 1 end
 local previous = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
 if previous >= tonumber(ARGV[1]) then return -previous end
 local count = redis.call('INCR', KEYS[1])

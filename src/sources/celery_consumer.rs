@@ -847,9 +847,8 @@ impl Shared {
         commands.push(redis::cmd("LREM").arg(&processing).arg(-1).arg(raw).clone());
         if let Some(ids) = ids {
             // A requeue at shutdown is not a crash: the count starts again.
-            commands.push(redis::cmd("DEL").arg(&ids.deliveries).clone());
-            commands
-                .push(redis::cmd("DEL").arg(written_marker_key(&self.options.queue, &ids.uuid.to_string())).clone());
+            let marker = written_marker_key(&self.options.queue, &ids.uuid.to_string());
+            commands.push(redis::cmd("DEL").arg(&ids.deliveries).arg(marker).clone());
         }
         let mut delay = Duration::from_millis(100);
         for attempt in 1..=10 {
