@@ -183,54 +183,86 @@ pub async fn create_person(
     crate::metrics::catalog::postgres_transaction(created).await
 }
 
-/// An event's person, created unless the team already has `distinct_id`, with that distinct id,
-/// in one statement (one round trip): the reference's `pdicount` query and its two-insert
-/// transaction folded together, with the same outcome. `None` when the distinct id exists; a
-/// unique violation when another writer creates it at the same moment (nothing is written then).
-pub async fn create_person_unless_distinct_id_exists(
+/// A person to create for an event unless its team already has the distinct id
+/// ([`create_persons_unless_distinct_ids_exist`]).
+#[derive(Debug, Clone)]
+pub struct NewPerson {
+    pub created_at: DateTime<Utc>,
+    pub properties: Properties,
+    pub team_id: i32,
+    pub is_identified: bool,
+    pub uuid: Uuid,
+    pub distinct_id: String,
+}
+
+static CREATE_PERSONS_SQL: LazyLock<String> = LazyLock::new(|| {
+    let returned = PERSON_COLUMNS.split(", ").map(|column| format!("new_person.{column}")).collect::<Vec<_>>().join(", ");
+    format!(
+        "WITH input AS ( \
+             SELECT * FROM UNNEST($1::timestamptz[], $2::jsonb[], $3::int[], $4::bool[], $5::uuid[], $6::text[]) \
+                 WITH ORDINALITY AS input(created_at, properties, team_id, is_identified, uuid, distinct_id, position) \
+         ), fresh AS ( \
+             SELECT DISTINCT ON (team_id, distinct_id) * FROM input WHERE NOT EXISTS \
+                 (SELECT 1 FROM posthog_persondistinctid existing \
+                  WHERE existing.team_id = input.team_id AND existing.distinct_id = input.distinct_id) \
+             ORDER BY team_id, distinct_id, position \
+         ), new_person AS ( \
+             INSERT INTO posthog_person (created_at, properties, properties_last_updated_at, team_id, is_user_id, \
+                 is_identified, uuid) \
+             SELECT created_at, properties, '{{}}', team_id, NULL, is_identified, uuid FROM fresh ORDER BY position \
+             RETURNING {PERSON_COLUMNS} \
+         ), new_distinct_id AS ( \
+             INSERT INTO posthog_persondistinctid (distinct_id, person_id, team_id) \
+             SELECT fresh.distinct_id, new_person.id, new_person.team_id \
+             FROM fresh JOIN new_person ON new_person.uuid = fresh.uuid \
+             RETURNING id::int8 AS distinct_id_row_id, person_id \
+         ) \
+         SELECT fresh.position AS input_position, {returned}, new_distinct_id.distinct_id_row_id \
+         FROM fresh JOIN new_person ON new_person.uuid = fresh.uuid \
+             JOIN new_distinct_id ON new_distinct_id.person_id = new_person.id"
+    )
+});
+
+/// Events' persons, each created unless its team already has its distinct id (or an earlier entry
+/// of `persons` has it), with that distinct id, in one statement: the reference's `pdicount` query
+/// and its two-insert transaction per person folded together, with the same outcome. One result per
+/// entry, in order: `None` when the distinct id exists. A unique violation when another writer
+/// creates one of them at the same moment (nothing is written then; try them one by one).
+pub async fn create_persons_unless_distinct_ids_exist(
     pool: &PgPool,
-    created_at: DateTime<Utc>,
-    properties: &Properties,
-    team_id: i32,
-    is_identified: bool,
-    uuid: Uuid,
-    distinct_id: &str,
-) -> Result<Option<(Person, PersonDistinctId)>, sqlx::Error> {
-    static SQL: LazyLock<String> = LazyLock::new(|| {
-        format!(
-            "WITH new_person AS ( \
-                 INSERT INTO posthog_person (created_at, properties, properties_last_updated_at, team_id, is_user_id, \
-                     is_identified, uuid) \
-                 SELECT $1, $2, '{{}}', $3, NULL, $4, $5 WHERE NOT EXISTS \
-                     (SELECT 1 FROM posthog_persondistinctid WHERE team_id = $3 AND distinct_id = $6) \
-                 RETURNING {PERSON_COLUMNS} \
-             ), new_distinct_id AS ( \
-                 INSERT INTO posthog_persondistinctid (distinct_id, person_id, team_id) \
-                 SELECT $6, id, team_id FROM new_person RETURNING id::int8 AS distinct_id_row_id \
-             ) \
-             SELECT new_person.*, new_distinct_id.distinct_id_row_id FROM new_person CROSS JOIN new_distinct_id"
-        )
-    });
-    let query = sqlx::query(&SQL)
-        .bind(created_at)
-        .bind(Value::Object(properties.clone()))
-        .bind(team_id)
-        .bind(is_identified)
-        .bind(uuid)
-        .bind(distinct_id)
-        .fetch_optional(pool);
-    let Some(row) = crate::metrics::catalog::postgres_transaction(query).await? else {
-        return Ok(None);
-    };
-    let person = person_from_row(&row)?;
-    let row_id: i64 = row.try_get("distinct_id_row_id")?;
-    let distinct_id = PersonDistinctId {
-        id: row_id,
-        team_id: person.team_id,
-        person_id: person.id,
-        distinct_id: distinct_id.to_string(),
-    };
-    Ok(Some((person, distinct_id)))
+    persons: &[NewPerson],
+) -> Result<Vec<Option<(Person, PersonDistinctId)>>, sqlx::Error> {
+    let created_at: Vec<DateTime<Utc>> = persons.iter().map(|person| person.created_at).collect();
+    let properties: Vec<Value> = persons.iter().map(|person| Value::Object(person.properties.clone())).collect();
+    let team_ids: Vec<i32> = persons.iter().map(|person| person.team_id).collect();
+    let identified: Vec<bool> = persons.iter().map(|person| person.is_identified).collect();
+    let uuids: Vec<Uuid> = persons.iter().map(|person| person.uuid).collect();
+    let distinct_ids: Vec<&str> = persons.iter().map(|person| person.distinct_id.as_str()).collect();
+    let query = sqlx::query(&CREATE_PERSONS_SQL)
+        .bind(&created_at)
+        .bind(&properties)
+        .bind(&team_ids)
+        .bind(&identified)
+        .bind(&uuids)
+        .bind(&distinct_ids)
+        .fetch_all(pool);
+    let rows = crate::metrics::catalog::postgres_transaction(query).await?;
+    let mut created: Vec<Option<(Person, PersonDistinctId)>> = vec![None; persons.len()];
+    for row in &rows {
+        let position: i64 = row.try_get("input_position")?;
+        let Some(index) = usize::try_from(position - 1).ok().filter(|index| *index < persons.len()) else {
+            continue;
+        };
+        let person = person_from_row(row)?;
+        let distinct_id = PersonDistinctId {
+            id: row.try_get("distinct_id_row_id")?,
+            team_id: person.team_id,
+            person_id: person.id,
+            distinct_id: persons[index].distinct_id.clone(),
+        };
+        created[index] = Some((person, distinct_id));
+    }
+    Ok(created)
 }
 
 async fn create_person_in_transaction(

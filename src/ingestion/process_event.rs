@@ -33,7 +33,7 @@ use super::teams::{FirstEventTelemetry, TeamManager};
 use super::timestamp::{handle_timestamp, now_ms, parse_timestamp};
 use super::uuidt::new_uuidt;
 use crate::db::is_unique_violation;
-use crate::db::persons::{self, MergeError, Person, PersonUpdate, PropertyUpdate};
+use crate::db::persons::{self, MergeError, NewPerson, Person, PersonDistinctId, PersonUpdate, PropertyUpdate};
 use crate::event::{PluginEvent, Properties};
 use crate::hub::Hub;
 use crate::infra::batch::Batcher;
@@ -50,6 +50,8 @@ const MAX_PROPERTY_UPDATE_BATCH: usize = 200;
 
 /// Most person lookups answered by one query (the per-event reads of the ClickHouse pipeline).
 const MAX_PERSON_LOOKUP_BATCH: usize = 200;
+/// New persons created in one statement at most.
+const MAX_PERSON_CREATION_BATCH: usize = 200;
 
 /// Internal events that get no event definition.
 const EVENTS_WITHOUT_EVENT_DEFINITION: [&str; 1] = ["$$plugin_metrics"];
@@ -162,6 +164,8 @@ pub struct EventsProcessor {
     property_updates: Batcher<PropertyUpdate, Result<bool, sqlx::Error>>,
     /// Concurrent events' person reads share one query.
     person_lookups: Batcher<(i32, String), Result<Option<Person>, sqlx::Error>>,
+    /// Concurrent events' new persons share one statement.
+    person_creations: Batcher<NewPerson, Result<Option<(Person, PersonDistinctId)>, sqlx::Error>>,
 }
 
 impl EventsProcessor {
@@ -204,6 +208,14 @@ impl EventsProcessor {
                 move |keys| {
                     batch_or_each(pool.clone(), keys, |pool, keys| {
                         Box::pin(persons::fetch_persons_by_distinct_id(pool, keys))
+                    })
+                }
+            }),
+            person_creations: Batcher::new(MAX_PERSON_CREATION_BATCH, {
+                let pool = pool.clone();
+                move |persons| {
+                    batch_or_each(pool.clone(), persons, |pool, persons| {
+                        Box::pin(persons::create_persons_unless_distinct_ids_exist(pool, persons))
                     })
                 }
             }),
@@ -445,16 +457,21 @@ impl EventsProcessor {
         if !self.persons.first_sighting(team_id, distinct_id) {
             return Ok(());
         }
-        let created = persons::create_person_unless_distinct_id_exists(
-            &self.pool,
+        let person = NewPerson {
             created_at,
-            &Map::new(),
+            properties: Map::new(),
             team_id,
-            false,
-            person_uuid,
-            distinct_id,
-        )
-        .await;
+            is_identified: false,
+            uuid: person_uuid,
+            distinct_id: distinct_id.to_string(),
+        };
+        let created = match self.person_creations.submit(person.clone()).await {
+            Some(created) => created,
+            // The batching task is gone (shutting down): on its own.
+            None => persons::create_persons_unless_distinct_ids_exist(&self.pool, std::slice::from_ref(&person))
+                .await
+                .map(|created| created.into_iter().next().flatten()),
+        };
         match created {
             Ok(Some((person, distinct_id))) => self.writer.person_created(&person, &[distinct_id]).await?,
             Ok(None) => {}
