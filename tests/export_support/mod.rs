@@ -32,14 +32,21 @@ pub fn plugin_folder(name: &str) -> PathBuf {
 
 /// The plugin folder as PostHog stores a plugin: a zip archive of `files` under `root/`.
 pub fn archive_of(folder: &Path, root: &str, files: &[&str]) -> Vec<u8> {
+    let contents: Vec<(&str, Vec<u8>)> =
+        files.iter().map(|name| (*name, std::fs::read(folder.join(name)).unwrap())).collect();
+    archive_of_files(root, &contents)
+}
+
+/// A zip archive of `files` (name, contents) under `root/`, as PostHog stores a plugin.
+pub fn archive_of_files(root: &str, files: &[(&str, Vec<u8>)]) -> Vec<u8> {
     use std::io::Write;
     let mut buffer = std::io::Cursor::new(Vec::new());
     {
         let mut zip = zip::ZipWriter::new(&mut buffer);
         let options = zip::write::SimpleFileOptions::default();
-        for name in files {
+        for (name, contents) in files {
             zip.start_file(format!("{root}/{name}"), options).unwrap();
-            zip.write_all(&std::fs::read(folder.join(name)).unwrap()).unwrap();
+            zip.write_all(contents).unwrap();
         }
         zip.finish().unwrap();
     }
@@ -49,10 +56,16 @@ pub fn archive_of(folder: &Path, root: &str, files: &[&str]) -> Vec<u8> {
 /// A database with the standard team and the plugin in `tests/data/plugins/<folder>` (id 70,
 /// version `tag`), zipped from `files` under `root/`.
 pub async fn database_with_plugin(folder: &str, root: &str, files: &[&str], tag: &str) -> TestDb {
-    let db = TestDb::empty().await;
-    common::reset_test_database(&db.pool, None, false).await;
     let folder = plugin_folder(folder);
     let plugin_json: Value = serde_json::from_slice(&std::fs::read(folder.join("plugin.json")).unwrap()).unwrap();
+    database_with_archive(&plugin_json, archive_of(&folder, root, files), tag).await
+}
+
+/// A database with the standard team and the plugin `plugin_json` describes, stored as `archive`
+/// (id 70, version `tag`).
+pub async fn database_with_archive(plugin_json: &Value, archive: Vec<u8>, tag: &str) -> TestDb {
+    let db = TestDb::empty().await;
+    common::reset_test_database(&db.pool, None, false).await;
     sqlx::query(
         "INSERT INTO posthog_plugin (id, organization_id, plugin_type, name, description, url, config_schema, tag,
             archive, error, from_json, from_web, is_global, is_preinstalled, capabilities, metrics)
@@ -64,7 +77,7 @@ pub async fn database_with_plugin(folder: &str, root: &str, files: &[&str], tag:
     .bind(plugin_json["url"].as_str().unwrap())
     .bind(&plugin_json["config"])
     .bind(tag)
-    .bind(archive_of(&folder, root, files))
+    .bind(archive)
     .execute(&db.pool)
     .await
     .unwrap();

@@ -64,6 +64,10 @@ where
 /// Appends `query`'s parameters to `url`: strings as they are, `null`s left out, other values as
 /// their JSON text.
 pub fn append_query(url: &mut url::Url, query: &Map<String, Value>) {
+    if query.values().all(Value::is_null) {
+        // Nothing to add: no bare `?` either.
+        return;
+    }
     let mut pairs = url.query_pairs_mut();
     for (name, value) in query {
         match value {
@@ -75,5 +79,24 @@ pub fn append_query(url: &mut url::Url, query: &Map<String, Value>) {
                 pairs.append_pair(name, &other.to_string());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_parameters_are_appended_as_text_without_a_bare_question_mark() {
+        let mut url = url::Url::parse("https://bigquery.googleapis.com/bigquery/v2/projects/p/queries/j").unwrap();
+        append_query(&mut url, serde_json::json!({"location": null}).as_object().unwrap());
+        assert_eq!(url.as_str(), "https://bigquery.googleapis.com/bigquery/v2/projects/p/queries/j");
+        append_query(
+            &mut url,
+            serde_json::json!({"location": "EU", "maxResults": 10, "deleteContents": false, "skip": null})
+                .as_object()
+                .unwrap(),
+        );
+        assert_eq!(url.query(), Some("location=EU&maxResults=10&deleteContents=false"));
     }
 }
