@@ -265,6 +265,43 @@ async fn persons_are_looked_up_many_at_once_in_input_order() {
 }
 
 #[tokio::test]
+async fn new_persons_are_created_many_at_once_unless_their_distinct_id_exists() {
+    use plugin_server::db::persons::{
+        create_person, create_persons_unless_distinct_ids_exist, fetch_person, NewPerson,
+    };
+    let db = TestDb::with_fixture(None).await;
+    create_person(&db.pool, chrono::Utc::now(), &Map::new(), TEAM_ID, false, Uuid::new_v4(), &["known"]).await.unwrap();
+    let new = |team_id: i32, distinct_id: &str| NewPerson {
+        created_at: chrono::Utc::now(),
+        properties: properties(json!({"first": distinct_id})),
+        team_id,
+        is_identified: false,
+        uuid: Uuid::new_v4(),
+        distinct_id: distinct_id.to_string(),
+    };
+    // A known distinct id, the same new one twice (the first entry wins).
+    let batch = [new(TEAM_ID, "u1"), new(TEAM_ID, "known"), new(TEAM_ID, "u2"), new(TEAM_ID, "u1"), new(TEAM_ID, "u3")];
+    let created = create_persons_unless_distinct_ids_exist(&db.pool, &batch).await.unwrap();
+    let created_for: Vec<Option<&str>> =
+        created.iter().map(|entry| entry.as_ref().map(|(_, distinct_id)| distinct_id.distinct_id.as_str())).collect();
+    assert_eq!(created_for, [Some("u1"), None, Some("u2"), None, Some("u3")]);
+    for (entry, wanted) in created.iter().zip(&batch) {
+        let Some((person, distinct_id)) = entry else { continue };
+        assert_eq!(
+            (person.uuid, person.team_id, &person.properties),
+            (wanted.uuid, wanted.team_id, &wanted.properties)
+        );
+        assert_eq!((distinct_id.person_id, distinct_id.team_id), (person.id, wanted.team_id));
+        // As stored.
+        assert_eq!(fetch_person(&db.pool, wanted.team_id, &wanted.distinct_id).await.unwrap().as_ref(), Some(person));
+    }
+    // Again: everything exists now.
+    let again = create_persons_unless_distinct_ids_exist(&db.pool, &batch).await.unwrap();
+    assert!(again.iter().all(Option::is_none), "{again:?}");
+    assert!(create_persons_unless_distinct_ids_exist(&db.pool, &[]).await.unwrap().is_empty());
+}
+
+#[tokio::test]
 async fn group_types_insert_and_conflicts() {
     let db = TestDb::with_fixture(None).await;
     assert!(fetch_group_types(&db.pool, TEAM_ID).await.unwrap().is_empty());

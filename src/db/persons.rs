@@ -196,7 +196,8 @@ pub struct NewPerson {
 }
 
 static CREATE_PERSONS_SQL: LazyLock<String> = LazyLock::new(|| {
-    let returned = PERSON_COLUMNS.split(", ").map(|column| format!("new_person.{column}")).collect::<Vec<_>>().join(", ");
+    let returned =
+        PERSON_COLUMNS.split(", ").map(|column| format!("new_person.{column}")).collect::<Vec<_>>().join(", ");
     format!(
         "WITH input AS ( \
              SELECT * FROM UNNEST($1::timestamptz[], $2::jsonb[], $3::int[], $4::bool[], $5::uuid[], $6::text[]) \
