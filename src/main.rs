@@ -64,6 +64,35 @@ impl Mode {
     }
 }
 
+/// mimalloc's `mi_option_arena_eager_commit` (index 4 in both mimalloc 2 and 3 that
+/// `libmimalloc-sys` builds).
+const MI_OPTION_ARENA_EAGER_COMMIT: std::os::raw::c_int = 4;
+
+extern "C" {
+    /// mimalloc's C API (the library `mimalloc` links).
+    fn mi_option_set(option: std::os::raw::c_int, value: std::os::raw::c_long);
+    fn getenv(name: *const std::os::raw::c_char) -> *const std::os::raw::c_char;
+}
+
+/// Commit arena memory on demand rather than eagerly, unless `MIMALLOC_ARENA_EAGER_COMMIT` says
+/// otherwise: with eager commit the server's resident memory under a backlog was 134 MB against
+/// 89 MB without, at the same speed (`../shared/sidebyside`, scenario `none`, 20,000 events).
+/// Runs as an early constructor, before the first allocation reserves mimalloc's first arena
+/// (setting it in `main` is too late), so it allocates nothing itself.
+extern "C" fn tune_allocator() {
+    // SAFETY: `getenv` reads the environment with a NUL-terminated name and allocates nothing;
+    // `mi_option_set` sets one of mimalloc's option values (no pointers).
+    unsafe {
+        if getenv(c"MIMALLOC_ARENA_EAGER_COMMIT".as_ptr()).is_null() {
+            mi_option_set(MI_OPTION_ARENA_EAGER_COMMIT, 0);
+        }
+    }
+}
+
+#[used]
+#[link_section = ".init_array.00100"]
+static TUNE_ALLOCATOR: extern "C" fn() = tune_allocator;
+
 fn main() {
     // `plugin-server plugin run|check …`: the plugin dev loop, with arguments of its own.
     if std::env::args().nth(1).as_deref() == Some("plugin") {
