@@ -17,11 +17,13 @@
 //! Run: `cargo bench --bench e2e_server` (env: BENCH_QUEUE; BENCH_EVENTS, default 10000; BENCH_USERS,
 //! distinct users, default 1000; BENCH_SECONDS, stop after this long and report what was ingested
 //! by then, e.g. with 1,000,000 events waiting; BENCH_SERVERS, BENCH_PARTITIONS; BENCH_PLUGIN=heavy,
-//! a regex-and-loops plugin instead of the reference's; WORKER_CONCURRENCY /
+//! a regex-and-loops plugin instead of the reference's; BENCH_RATE=N (Celery), the events queued at N
+//! per second while the server runs instead of all before it starts; WORKER_CONCURRENCY /
 //! TASKS_PER_WORKER / JS_ENGINE as for the server; BENCH_PROGRESS=1 prints the count every second; LOG_LEVEL,
 //! default warn, for the server's log;
 //! BENCH_LOG_STATEMENTS=1 has PostgreSQL log every statement on the bench's database (its name is
-//! printed). The bench prints the Redis commands and Postgres transactions, rows and scans per event.
+//! printed). The bench prints the Redis commands and Postgres transactions, rows and scans per event,
+//! and in Celery mode the latency from LPUSH to the row (p50, p99, max).
 //! BENCH_METRICS=1 turns the metrics on: statsd to a local UDP socket drained by the bench, and
 //! `/metrics` on a free `HTTP_SERVER_PORT` scraped every 5 s; off by default, `HTTP_SERVER_PORT=0`). Needs PostgreSQL and Redis on 127.0.0.1 (`scripts/services`)
 //! and for Kafka a broker (`scripts/kafka`; KAFKA_HOSTS to override 127.0.0.1:9092).
@@ -77,9 +79,13 @@ export function processEvent(event) {
 /// The `index`th event's payload: one of `users` distinct ids, a fresh uuid.
 fn event_data(index: usize, users: usize) -> Map<String, Value> {
     let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    // `bench_pushed_at_ms`: when it goes onto the queue (now, give or take the filling), for the
+    // latency from LPUSH to the row.
+    let pushed_at_ms = chrono::Utc::now().timestamp_micros() as f64 / 1000.0;
     let data = json!({"event": "$pageview", "distinct_id": format!("user-{}", index % users), "timestamp": now,
         "uuid": uuid::Uuid::new_v4().to_string(),
-        "properties": {"$current_url": "https://example.com/", "$browser": "Chrome", "index": index}});
+        "properties": {"$current_url": "https://example.com/", "$browser": "Chrome", "index": index,
+            "bench_pushed_at_ms": pushed_at_ms}});
     match data {
         Value::Object(map) => map,
         _ => unreachable!(),
@@ -91,6 +97,39 @@ async fn fill_celery(redis_url: &str, queue: &str, events: usize, users: usize) 
     let messages: Vec<String> =
         (0..events).map(|index| celery_event_task(queue, event_data(index, users), 2)).collect();
     push_celery(redis_url, queue, &messages).await;
+}
+
+/// `BENCH_RATE`: queues `events` Celery tasks at `rate` per second while the server runs, a
+/// hundredth of a second's worth at a time.
+async fn pace_celery(redis_url: String, queue: String, events: usize, users: usize, rate: usize) {
+    let per_tick = (rate / 100).max(1);
+    let mut interval = tokio::time::interval(Duration::from_millis(10));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut sent = 0;
+    while sent < events {
+        interval.tick().await;
+        let count = per_tick.min(events - sent);
+        let messages: Vec<String> =
+            (sent..sent + count).map(|index| celery_event_task(&queue, event_data(index, users), 2)).collect();
+        push_celery(&redis_url, &queue, &messages).await;
+        sent += count;
+    }
+}
+
+/// The latency from LPUSH to the row (`bench_landed_at`, the insert's clock, against the event's
+/// `bench_pushed_at_ms`) of the events from the `from`th on: p50, p99 and the largest, in
+/// milliseconds.
+async fn latency_ms(rows: &sqlx::PgPool, from: usize) -> Option<(f64, f64, f64)> {
+    sqlx::query_as(
+        "WITH latency AS (SELECT extract(epoch FROM bench_landed_at) * 1000 - (properties->>'bench_pushed_at_ms')::float8 \
+             AS ms FROM posthog_event WHERE properties ? 'bench_pushed_at_ms' AND (properties->>'index')::int8 >= $1) \
+         SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY ms), percentile_cont(0.99) WITHIN GROUP (ORDER BY ms), \
+             max(ms) FROM latency",
+    )
+    .bind(from as i64)
+    .fetch_one(rows)
+    .await
+    .ok()
 }
 
 /// Creates the reference's topics and the fresh input topic `topic` of `partitions` partitions.
@@ -407,16 +446,26 @@ async fn main() {
     let config = Config::from_lookup(&|key| pairs.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone())).unwrap();
     plugin_server::logging::init(config.LOG_LEVEL, "MAIN");
 
+    // `BENCH_RATE=N` (Celery): the events are queued at N per second while the server runs, not
+    // before it starts.
+    let rate = std::env::var("BENCH_RATE").ok().and_then(|rate| rate.parse::<usize>().ok()).filter(|rate| *rate > 0);
+    let rows = sqlx::PgPool::connect(&database).await.unwrap();
     let output = if kafka {
         create_kafka_topics(&kafka_hosts, &queue, partitions).await;
         Some(OutputCounter::start(&kafka_hosts))
     } else {
-        let filling = Instant::now();
-        fill_celery(&redis_url, &queue, events, users).await;
-        println!("(queued {events} events in {:.1}s)", filling.elapsed().as_secs_f64());
+        // When each row is written (the bench's database only; the server names its columns).
+        sqlx::query("ALTER TABLE posthog_event ADD COLUMN bench_landed_at timestamptz DEFAULT clock_timestamp()")
+            .execute(&rows)
+            .await
+            .expect("landing time column");
+        if rate.is_none() {
+            let filling = Instant::now();
+            fill_celery(&redis_url, &queue, events, users).await;
+            println!("(queued {events} events in {:.1}s)", filling.elapsed().as_secs_f64());
+        }
         None
     };
-    let rows = sqlx::PgPool::connect(&database).await.unwrap();
     let polls = std::sync::atomic::AtomicI64::new(0);
     let ingested_so_far = async || -> i64 {
         match &output {
@@ -448,6 +497,10 @@ async fn main() {
         started = Instant::now();
         produce_events(&producer_config, &queue, events, users, output).await;
         println!("(produced {events} events in {:.1}s, the clock running)", started.elapsed().as_secs_f64());
+    }
+    if let (Some(rate), false) = (rate, kafka) {
+        println!("(queueing {events} events at {rate} per second while the server runs)");
+        tokio::spawn(pace_celery(redis_url.clone(), queue.clone(), events, users, rate));
     }
     let shutdown = CancellationToken::new();
     let scrapes = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -516,6 +569,16 @@ async fn main() {
     let own = polls.load(std::sync::atomic::Ordering::Relaxed) + 3;
     for line in work_after.per_event(&work_before, ingested.max(1) as usize, own) {
         println!("({line})");
+    }
+    if !kafka {
+        // At a steady rate, from the third second on: the first events wait for the start-up.
+        let from = rate.map_or(0, |rate| (rate * 2).min(events / 2));
+        if let Some((p50, p99, max)) = latency_ms(&rows, from).await {
+            let load = rate.map_or("the whole backlog queued first".to_string(), |rate| {
+                format!("{rate} events/s, the events after the first {from}")
+            });
+            println!("(latency from LPUSH to the row, {load}: p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms)");
+        }
     }
     let pipeline = if kafka { "Kafka in + Kafka out, persons in Postgres" } else { "Celery + Postgres" };
     if metrics_on {
