@@ -12,10 +12,10 @@ mod queues_support;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use common::in_process::{self, InProcessServer};
 use common::statsd::StatsdListener;
 use common::{wait_for, TestDb, COMMON_USER_ID, TEAM_ID};
 use plugin_server::config::Config;
-use plugin_server::sinks::CeleryProducer;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
@@ -58,23 +58,9 @@ const PLUGIN: &str = r#"
 
 const PREFIX: &str = "plugin-server.";
 
-struct RunningServer {
-    shutdown: CancellationToken,
-    handle: tokio::task::JoinHandle<Result<(), plugin_server::server::ServerError>>,
-    producer: CeleryProducer,
-}
+struct RunningServer(InProcessServer);
 
 impl RunningServer {
-    fn start(config: Config) -> RunningServer {
-        let redis = deadpool_redis::Config::from_url(config.REDIS_URL.clone())
-            .create_pool(Some(deadpool_redis::Runtime::Tokio1))
-            .unwrap();
-        let producer = CeleryProducer::new(redis, config.PLUGINS_CELERY_QUEUE.clone());
-        let shutdown = CancellationToken::new();
-        let handle = tokio::spawn(plugin_server::server::run(config, shutdown.clone()));
-        RunningServer { shutdown, handle, producer }
-    }
-
     async fn capture(&self, event: &str, distinct_id: &str, properties: Value) {
         let data = json!({
             "distinct_id": distinct_id,
@@ -84,13 +70,11 @@ impl RunningServer {
             "team_id": TEAM_ID,
             "uuid": uuid::Uuid::now_v7().to_string(),
         });
-        self.producer.send_capture(data.as_object().unwrap(), i64::from(TEAM_ID)).await.unwrap();
+        self.0.producer.send_capture(data.as_object().unwrap(), i64::from(TEAM_ID)).await.unwrap();
     }
 
     async fn stop(self) {
-        self.shutdown.cancel();
-        let result = tokio::time::timeout(Duration::from_secs(30), self.handle).await;
-        assert!(matches!(result, Ok(Ok(Ok(())))), "server stopped cleanly: {result:?}");
+        self.0.stop().await;
     }
 }
 
@@ -168,19 +152,19 @@ async fn a_running_server_sends_the_reference_statsd_metrics_and_serves_health_r
     let plugin_name: String = sqlx::query_scalar("SELECT name FROM posthog_plugin").fetch_one(&db.pool).await.unwrap();
     let config_id: i32 = sqlx::query_scalar("SELECT id FROM posthog_pluginconfig").fetch_one(&db.pool).await.unwrap();
 
-    let queue = common::unique_prefix("ops-metrics");
     let (statsd_port, http_port) = (statsd.port.to_string(), free_port());
     let http = http_port.to_string();
-    let server = RunningServer::start(db.config(&[
-        ("WORKER_CONCURRENCY", "2"),
-        ("PLUGINS_CELERY_QUEUE", &queue),
-        ("CELERY_DEFAULT_QUEUE", &format!("{queue}-default")),
-        ("JOB_QUEUES", "graphile"),
-        ("STATSD_HOST", "127.0.0.1"),
-        ("STATSD_PORT", &statsd_port),
-        ("STATSD_PREFIX", PREFIX),
-        ("HTTP_SERVER_PORT", &http),
-    ]));
+    let server = RunningServer(InProcessServer::start(in_process::celery_config(
+        &db,
+        "ops-metrics",
+        &[
+            ("JOB_QUEUES", "graphile"),
+            ("STATSD_HOST", "127.0.0.1"),
+            ("STATSD_PORT", &statsd_port),
+            ("STATSD_PREFIX", PREFIX),
+            ("HTTP_SERVER_PORT", &http),
+        ],
+    )));
     let base = format!("http://127.0.0.1:{http_port}");
     wait_for("the server to be ready", || async {
         match reqwest::get(format!("{base}/_ready")).await {

@@ -6,48 +6,27 @@
 
 mod common;
 
-use std::time::Duration;
-
+use common::in_process::{self, InProcessServer};
 use common::{wait_for, TestDb};
-use plugin_server::config::Config;
-use plugin_server::sinks::CeleryProducer;
 use plugin_server::sources::celery::PROCESS_EVENT_TASK;
 use serde_json::{json, Map, Value};
-use tokio_util::sync::CancellationToken;
 
 struct RunningServer {
-    shutdown: CancellationToken,
-    handle: tokio::task::JoinHandle<Result<(), plugin_server::server::ServerError>>,
-    producer: CeleryProducer,
+    server: InProcessServer,
     pool: sqlx::PgPool,
 }
 
 impl RunningServer {
     async fn start(db: &TestDb, extra: &[(&str, &str)]) -> RunningServer {
-        let queue = common::unique_prefix("compat");
-        let default_queue = format!("{queue}-default");
-        let mut pairs = vec![
-            ("WORKER_CONCURRENCY", "2"),
-            ("PLUGINS_CELERY_QUEUE", queue.as_str()),
-            ("CELERY_DEFAULT_QUEUE", default_queue.as_str()),
-            ("LOG_LEVEL", "warn"),
-        ];
-        pairs.extend_from_slice(extra);
-        let config: Config = db.config(&pairs);
-        let redis = deadpool_redis::Config::from_url(config.REDIS_URL.clone())
-            .create_pool(Some(deadpool_redis::Runtime::Tokio1))
-            .unwrap();
-        let producer = CeleryProducer::new(redis, config.PLUGINS_CELERY_QUEUE.clone());
-        let shutdown = CancellationToken::new();
-        let handle = tokio::spawn(plugin_server::server::run(config, shutdown.clone()));
-        RunningServer { shutdown, handle, producer, pool: db.pool.clone() }
+        let server = InProcessServer::start(in_process::celery_config(db, "compat", extra));
+        RunningServer { server, pool: db.pool.clone() }
     }
 
     /// `process_event_with_plugins(distinct_id, ip, site_url, data, team_id, now, sent_at)` as
     /// PostHog's Django app sends it.
     async fn send(&self, args: Value) {
         let args = args.as_array().unwrap().clone();
-        self.producer.send_task(PROCESS_EVENT_TASK, &args, &Map::new()).await.unwrap();
+        self.server.producer.send_task(PROCESS_EVENT_TASK, &args, &Map::new()).await.unwrap();
     }
 
     async fn event_row(&self, name: &str) -> (String, Value, String) {
@@ -65,9 +44,7 @@ impl RunningServer {
     }
 
     async fn stop(self) {
-        self.shutdown.cancel();
-        let result = tokio::time::timeout(Duration::from_secs(30), self.handle).await;
-        assert!(matches!(result, Ok(Ok(Ok(())))), "server stopped cleanly: {result:?}");
+        self.server.stop().await;
     }
 }
 

@@ -250,7 +250,7 @@ async fn a_plugin_uses_the_aws_sdk_surface_against_a_signature_checking_s3() {
     let server = with_code(&code).await;
     let args =
         json!(["user-1", "127.0.0.1", "http://127.0.0.1:8000", {"event": "surface", "properties": {}}, TEAM, NOW, NOW]);
-    server.producer.send_task(PROCESS_EVENT_TASK, args.as_array().unwrap(), &Map::new()).await.unwrap();
+    server.producer().send_task(PROCESS_EVENT_TASK, args.as_array().unwrap(), &Map::new()).await.unwrap();
     let out = server.event_properties("surface").await["aws"].clone();
     assert_eq!(out["put"], json!({"ETag": "\"5d41402abc4b2a76b9719d911017c592\""}));
     assert_eq!(
@@ -460,7 +460,7 @@ async fn a_plugin_reads_a_kinesis_stream_as_the_kinesis_plugin_does() {
     let server = with_code(&code).await;
     let args =
         json!(["user-1", "127.0.0.1", "http://127.0.0.1:8000", {"event": "kinesis", "properties": {}}, TEAM, NOW, NOW]);
-    server.producer.send_task(PROCESS_EVENT_TASK, args.as_array().unwrap(), &Map::new()).await.unwrap();
+    server.producer().send_task(PROCESS_EVENT_TASK, args.as_array().unwrap(), &Map::new()).await.unwrap();
     let out = server.event_properties("kinesis").await["kinesis"].clone();
     assert_eq!(out["status"], "ACTIVE", "{out}");
     assert_eq!(out["created"], true);

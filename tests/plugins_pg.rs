@@ -9,38 +9,21 @@ mod common;
 use std::io::Write;
 use std::time::Duration;
 
+use common::in_process::{self, InProcessServer};
 use common::{wait_for, TestDb};
-use plugin_server::config::Config;
-use plugin_server::sinks::CeleryProducer;
 use plugin_server::sources::celery::PROCESS_EVENT_TASK;
 use serde_json::{json, Map, Value};
-use tokio_util::sync::CancellationToken;
 
-struct RunningServer {
-    shutdown: CancellationToken,
-    handle: tokio::task::JoinHandle<Result<(), plugin_server::server::ServerError>>,
-    producer: CeleryProducer,
-}
+struct RunningServer(InProcessServer);
 
 impl RunningServer {
     /// A server on `db`, on its own Celery queue, with the graphile job queue.
     async fn start(db: &TestDb) -> RunningServer {
-        let queue = common::unique_prefix("pg-plugins");
-        let default_queue = format!("{queue}-default");
-        let config: Config = db.config(&[
-            ("WORKER_CONCURRENCY", "2"),
-            ("PLUGINS_CELERY_QUEUE", queue.as_str()),
-            ("CELERY_DEFAULT_QUEUE", default_queue.as_str()),
-            ("LOG_LEVEL", "warn"),
-            ("JOB_QUEUES", "graphile"),
-        ]);
-        let redis = deadpool_redis::Config::from_url(config.REDIS_URL.clone())
-            .create_pool(Some(deadpool_redis::Runtime::Tokio1))
-            .unwrap();
-        let producer = CeleryProducer::new(redis, config.PLUGINS_CELERY_QUEUE.clone());
-        let shutdown = CancellationToken::new();
-        let handle = tokio::spawn(plugin_server::server::run(config, shutdown.clone()));
-        RunningServer { shutdown, handle, producer }
+        RunningServer(InProcessServer::start(in_process::celery_config(
+            db,
+            "pg-plugins",
+            &[("JOB_QUEUES", "graphile")],
+        )))
     }
 
     /// `process_event_with_plugins` as PostHog's Django app sends it.
@@ -52,13 +35,11 @@ impl RunningServer {
             "timestamp": now,
         });
         let args = json!([distinct_id, null, "http://127.0.0.1:8000", data, common::TEAM_ID, now, now]);
-        self.producer.send_task(PROCESS_EVENT_TASK, args.as_array().unwrap(), &Map::new()).await.unwrap();
+        self.0.producer.send_task(PROCESS_EVENT_TASK, args.as_array().unwrap(), &Map::new()).await.unwrap();
     }
 
     async fn stop(self) {
-        self.shutdown.cancel();
-        let result = tokio::time::timeout(Duration::from_secs(30), self.handle).await;
-        assert!(matches!(result, Ok(Ok(Ok(())))), "server stopped cleanly: {result:?}");
+        self.0.stop().await;
     }
 }
 

@@ -1,8 +1,9 @@
 //! Shared test support: a fresh Postgres database per test (PostHog schema + graphile schema),
 //! the reference's standard fixture (`resetTestDatabase`), a per-test Redis key prefix, and a
 //! configuration pointing at them. Every integration test file starts with `mod common;`.
-//! Submodules: `http_stub` (stand-ins for external HTTP services), `moto` (a local S3/Kinesis
-//! server) and `server_process` (the binary run as a process).
+//! Submodules: `http_stub` (stand-ins for external HTTP services), `in_process` (the whole server
+//! in the test's process), `moto` (a local S3/Kinesis server) and `server_process` (the binary run
+//! as a process).
 //!
 //! Databases are cloned from a template built once per schema version (the template's name
 //! carries a hash of the SQL), so a test pays a `CREATE DATABASE … TEMPLATE` (tens of ms), not the
@@ -10,6 +11,7 @@
 #![allow(dead_code)]
 
 pub mod http_stub;
+pub mod in_process;
 pub mod moto;
 pub mod server_process;
 pub mod statsd;

@@ -15,9 +15,9 @@ use openssl::pkey::{PKey, Private, Public};
 use plugin_server::sinks::CeleryProducer;
 use plugin_server::sources::celery::PROCESS_EVENT_TASK;
 use serde_json::{json, Map, Value};
-use tokio_util::sync::CancellationToken;
 
 use crate::common::http_stub::{http_stub, HttpRequest};
+use crate::common::in_process::{self, InProcessServer};
 use crate::common::{self, wait_for, TestDb};
 
 pub const TEAM: i32 = common::TEAM_ID;
@@ -120,38 +120,26 @@ pub async fn add_attachment(db: &TestDb, config_id: i32, key: &str, content_type
 /// The whole server, in process, on `db` and a Celery queue of its own.
 pub struct ExportServer {
     pub db: TestDb,
-    shutdown: CancellationToken,
-    handle: tokio::task::JoinHandle<Result<(), plugin_server::server::ServerError>>,
-    pub producer: CeleryProducer,
+    server: InProcessServer,
 }
 
 impl ExportServer {
     /// The server on `db`: 2 worker threads, queues named after `queue_prefix`, warnings logged;
     /// `extra` settings win over these.
     pub fn launch(db: TestDb, queue_prefix: &str, extra: &[(&str, &str)]) -> ExportServer {
-        let queue = common::unique_prefix(queue_prefix);
-        let default_queue = format!("{queue}-default");
-        let mut settings = vec![
-            ("WORKER_CONCURRENCY", "2"),
-            ("PLUGINS_CELERY_QUEUE", queue.as_str()),
-            ("CELERY_DEFAULT_QUEUE", default_queue.as_str()),
-            ("LOG_LEVEL", "warn"),
-        ];
-        settings.extend_from_slice(extra);
-        let config = db.config(&settings);
-        let redis = deadpool_redis::Config::from_url(config.REDIS_URL.clone())
-            .create_pool(Some(deadpool_redis::Runtime::Tokio1))
-            .unwrap();
-        let producer = CeleryProducer::new(redis, config.PLUGINS_CELERY_QUEUE.clone());
-        let shutdown = CancellationToken::new();
-        let handle = tokio::spawn(plugin_server::server::run(config, shutdown.clone()));
-        ExportServer { db, shutdown, handle, producer }
+        let server = InProcessServer::start(in_process::celery_config(&db, queue_prefix, extra));
+        ExportServer { db, server }
+    }
+
+    /// A producer of Celery tasks for the server's queue.
+    pub fn producer(&self) -> &CeleryProducer {
+        &self.server.producer
     }
 
     /// `process_event_with_plugins` for `data` (`event`, `properties`, …) from `user-1`.
     pub async fn send_event(&self, data: Value) {
         let args = json!(["user-1", "127.0.0.1", "http://127.0.0.1:8000", data, TEAM, NOW, NOW]);
-        self.producer.send_task(PROCESS_EVENT_TASK, args.as_array().unwrap(), &Map::new()).await.unwrap();
+        self.server.producer.send_task(PROCESS_EVENT_TASK, args.as_array().unwrap(), &Map::new()).await.unwrap();
     }
 
     /// `event-{n}` for `n` in `range` at [`NOW`], with `$set` `{a: n}` and properties `n` and a
@@ -218,9 +206,7 @@ impl ExportServer {
     }
 
     pub async fn stop(self) {
-        self.shutdown.cancel();
-        let result = tokio::time::timeout(Duration::from_secs(30), self.handle).await;
-        assert!(matches!(result, Ok(Ok(Ok(())))), "server stopped cleanly: {result:?}");
+        self.server.stop().await;
     }
 }
 

@@ -653,19 +653,6 @@
             });
             return settle(promise, callback);
         }
-        getMetadata(...args) {
-            const promise = this.bigQuery._request('GET', this._path).then((response) => {
-                this.metadata = response;
-                return [response, response];
-            });
-            return settle(promise, callbackOf(args));
-        }
-        get(...args) {
-            return settle(this.getMetadata().then(([metadata]) => [this, metadata]), callbackOf(args));
-        }
-        exists(...args) {
-            return settle(existsOf(this), callbackOf(args));
-        }
     }
 
     const existsOf = (object) =>
@@ -688,25 +675,12 @@
         get _path() {
             return this.dataset._path + '/tables/' + segment(this.id);
         }
-        getMetadata(...args) {
-            const promise = this.bigQuery._request('GET', this._path).then((response) => {
-                this.metadata = response;
-                return [response, response];
-            });
-            return settle(promise, callbackOf(args));
-        }
         setMetadata(metadata, ...args) {
             const promise = this.bigQuery._request('PATCH', this._path, formatMetadata(metadata)).then((response) => {
                 this.metadata = response;
                 return [response, response];
             });
             return settle(promise, callbackOf(args));
-        }
-        get(...args) {
-            return settle(this.getMetadata().then(([metadata]) => [this, metadata]), callbackOf(args));
-        }
-        exists(...args) {
-            return settle(existsOf(this), callbackOf(args));
         }
         create(...args) {
             return settle(this.dataset.createTable(this.id, optionsOf(args[0])), callbackOf(args));
@@ -801,18 +775,8 @@
         get _path() {
             return '/jobs/' + segment(this.id);
         }
-        getMetadata(...args) {
-            const promise = this.bigQuery._request('GET', this._path, undefined, { location: this.location }).then((response) => {
-                this.metadata = response;
-                return [response, response];
-            });
-            return settle(promise, callbackOf(args));
-        }
-        get(...args) {
-            return settle(this.getMetadata().then(([metadata]) => [this, metadata]), callbackOf(args));
-        }
-        exists(...args) {
-            return settle(existsOf(this), callbackOf(args));
+        get _metadataQuery() {
+            return { location: this.location };
         }
         cancel(...args) {
             const query = this.location ? { location: this.location } : undefined;
@@ -870,6 +834,30 @@
             return new Promise((resolve, reject) => {
                 this.on('error', reject).on('complete', (metadata) => resolve([metadata]));
             });
+        }
+    }
+
+    // `getMetadata`, `get` and `exists` of a resource at `this._path` (the library's ServiceObject),
+    // read with the query `this._metadataQuery` when the class has one; methods as a class's own
+    // (not enumerable).
+    const serviceObjectMethods = {
+        getMetadata(...args) {
+            const promise = this.bigQuery._request('GET', this._path, undefined, this._metadataQuery).then((response) => {
+                this.metadata = response;
+                return [response, response];
+            });
+            return settle(promise, callbackOf(args));
+        },
+        get(...args) {
+            return settle(this.getMetadata().then(([metadata]) => [this, metadata]), callbackOf(args));
+        },
+        exists(...args) {
+            return settle(existsOf(this), callbackOf(args));
+        },
+    };
+    for (const Class of [Dataset, Table, Job]) {
+        for (const [name, method] of Object.entries(serviceObjectMethods)) {
+            Object.defineProperty(Class.prototype, name, { value: method, writable: true, configurable: true });
         }
     }
 
