@@ -101,31 +101,118 @@ fn undefined_text() -> String {
     "undefined".to_string()
 }
 
+impl PluginEvent {
+    /// The event an event's JSON object holds: the same result (and the same refusals) as
+    /// deserialising it with serde, field by field with the same rules, but moving each value
+    /// out of the object. Serde's `#[serde(flatten)]` (for `extra`) first buffers every value of
+    /// the object into a copy of its own and then builds each field from that copy: two copies of
+    /// every property of every event, on the way in and again on the way back from each plugin.
+    pub fn from_fields(fields: Map<String, Value>) -> Result<PluginEvent, serde_json::Error> {
+        use serde::de::Error as _;
+        let mut event = PluginEvent {
+            distinct_id: undefined_text(),
+            ip: None,
+            site_url: String::new(),
+            team_id: 0,
+            now: String::new(),
+            event: String::new(),
+            sent_at: None,
+            properties: None,
+            timestamp: None,
+            offset: None,
+            set: None,
+            set_once: None,
+            uuid: None,
+            extra: Map::new(),
+        };
+        let (mut team, mut name) = (None, None);
+        for (key, value) in fields {
+            match key.as_str() {
+                "distinct_id" => event.distinct_id = js_string_value(value),
+                "ip" => event.ip = non_null(value),
+                "site_url" => event.site_url = js_string_or_empty_value(value),
+                "team_id" => team = Some(team_id_value(value).map_err(serde_json::Error::custom)?),
+                "now" => event.now = js_string_or_empty_value(value),
+                "event" => name = Some(string_or_json_text_value(value)),
+                "sent_at" => event.sent_at = optional_string(value)?,
+                "properties" => event.properties = spread_object_value(value),
+                "timestamp" => event.timestamp = non_null(value),
+                "offset" => event.offset = non_null(value),
+                "$set" => event.set = truthy_spread_object_value(value),
+                "$set_once" => event.set_once = truthy_spread_object_value(value),
+                "uuid" => event.uuid = optional_string(value)?,
+                _ => {
+                    event.extra.insert(key, value);
+                }
+            }
+        }
+        event.team_id = team.ok_or_else(|| serde_json::Error::missing_field("team_id"))?;
+        event.event = name.ok_or_else(|| serde_json::Error::missing_field("event"))?;
+        Ok(event)
+    }
+
+    /// [`PluginEvent::from_fields`] for any JSON value (a non-object is refused as serde refuses it).
+    pub fn from_value(value: Value) -> Result<PluginEvent, serde_json::Error> {
+        match value {
+            Value::Object(fields) => PluginEvent::from_fields(fields),
+            other => serde_json::from_value(other),
+        }
+    }
+}
+
+/// `Option<Value>` as serde reads it: null is absent.
+fn non_null(value: Value) -> Option<Value> {
+    (!value.is_null()).then_some(value)
+}
+
+/// `Option<String>` as serde reads it: null is absent, a string is kept, anything else refused.
+fn optional_string(value: Value) -> Result<Option<String>, serde_json::Error> {
+    match value {
+        Value::Null => Ok(None),
+        Value::String(text) => Ok(Some(text)),
+        other => serde_json::from_value(other),
+    }
+}
+
 /// `String(value)`, with null as `"undefined"` (`null?.toString()` is `undefined`).
 fn js_string<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
-    Ok(match Value::deserialize(deserializer)? {
+    Ok(js_string_value(Value::deserialize(deserializer)?))
+}
+
+fn js_string_value(value: Value) -> String {
+    match value {
         Value::Null => undefined_text(),
+        Value::String(text) => text,
         other => string_of(&other),
-    })
+    }
 }
 
 fn js_string_or_empty<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
-    Ok(match Value::deserialize(deserializer)? {
+    Ok(js_string_or_empty_value(Value::deserialize(deserializer)?))
+}
+
+fn js_string_or_empty_value(value: Value) -> String {
+    match value {
         Value::Null => String::new(),
+        Value::String(text) => text,
         other => string_of(&other),
-    })
+    }
 }
 
 /// A team id: an integer, also written `2.0` or `"2"` (JSON and JavaScript do not tell `2.0` from
 /// `2`; for a numeric string see the README's differences table).
 fn team_id<'de, D: Deserializer<'de>>(deserializer: D) -> Result<i64, D::Error> {
-    let value = Value::deserialize(deserializer)?;
+    team_id_value(Value::deserialize(deserializer)?).map_err(serde::de::Error::custom)
+}
+
+/// The team id in `value`, else the refusal's text.
+fn team_id_value(value: Value) -> Result<i64, String> {
     let number = match &value {
         Value::Number(number) => number.as_i64().or_else(|| number.as_f64().and_then(whole)),
         Value::String(text) => text.trim().parse::<f64>().ok().and_then(whole),
         _ => None,
     };
-    number.ok_or_else(|| serde::de::Error::custom(format!("No team found with ID {}", string_of(&value))))
+    number.ok_or_else(|| format!("No team found with ID {}", string_of(&value)))
 }
 
 fn whole(number: f64) -> Option<i64> {
@@ -133,10 +220,14 @@ fn whole(number: f64) -> Option<i64> {
 }
 
 fn string_or_json_text<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
-    Ok(match Value::deserialize(deserializer)? {
+    Ok(string_or_json_text_value(Value::deserialize(deserializer)?))
+}
+
+fn string_or_json_text_value(value: Value) -> String {
+    match value {
         Value::String(text) => text,
         other => other.to_string(),
-    })
+    }
 }
 
 /// What JavaScript's `{...value}` makes of a JSON value: objects as they are, strings and arrays
@@ -155,15 +246,22 @@ pub fn js_spread(value: Value) -> Properties {
 }
 
 fn spread_object<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Properties>, D::Error> {
-    Ok(match Value::deserialize(deserializer)? {
+    Ok(spread_object_value(Value::deserialize(deserializer)?))
+}
+
+fn spread_object_value(value: Value) -> Option<Properties> {
+    match value {
         Value::Null => None,
         other => Some(js_spread(other)),
-    })
+    }
 }
 
 fn truthy_spread_object<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Properties>, D::Error> {
-    let value = Value::deserialize(deserializer)?;
-    Ok(is_truthy(&value).then(|| js_spread(value)))
+    Ok(truthy_spread_object_value(Value::deserialize(deserializer)?))
+}
+
+fn truthy_spread_object_value(value: Value) -> Option<Properties> {
+    is_truthy(&value).then(|| js_spread(value))
 }
 
 #[cfg(test)]
@@ -190,5 +288,65 @@ mod tests {
         )
         .unwrap();
         assert_eq!(event.event, r#"{"nested":[1]}"#);
+    }
+
+    #[test]
+    fn from_fields_reads_every_object_as_serde_does() {
+        let values = [
+            serde_json::json!(null),
+            serde_json::json!(0),
+            serde_json::json!(2),
+            serde_json::json!(2.0),
+            serde_json::json!(-1.5),
+            serde_json::json!(""),
+            serde_json::json!("2"),
+            serde_json::json!("text"),
+            serde_json::json!(true),
+            serde_json::json!([]),
+            serde_json::json!(["a", 1]),
+            serde_json::json!({}),
+            serde_json::json!({"k": {"deep": [1, null]}}),
+        ];
+        let fields = [
+            "distinct_id",
+            "ip",
+            "site_url",
+            "team_id",
+            "now",
+            "event",
+            "sent_at",
+            "properties",
+            "timestamp",
+            "offset",
+            "$set",
+            "$set_once",
+            "uuid",
+            "set",
+            "custom",
+        ];
+        let base = serde_json::json!({"team_id": 2, "event": "e", "distinct_id": "d", "extra_first": 1});
+        let mut compared = 0;
+        for field in fields {
+            for value in &values {
+                for present in [true, false] {
+                    let mut object = base.as_object().cloned().unwrap_or_default();
+                    if present {
+                        object.insert(field.to_string(), value.clone());
+                    } else {
+                        object.shift_remove(field);
+                    }
+                    let by_serde = serde_json::from_value::<PluginEvent>(Value::Object(object.clone()));
+                    let by_fields = PluginEvent::from_fields(object.clone());
+                    match (by_serde, by_fields) {
+                        (Ok(expected), Ok(found)) => assert_eq!(expected, found, "{object:?}"),
+                        (Err(_), Err(_)) => {}
+                        (expected, found) => panic!("{object:?}: serde {expected:?}, from_fields {found:?}"),
+                    }
+                    compared += 1;
+                }
+            }
+        }
+        assert_eq!(compared, fields.len() * values.len() * 2);
+        assert!(PluginEvent::from_value(serde_json::json!([1])).is_err());
     }
 }

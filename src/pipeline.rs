@@ -72,11 +72,16 @@ impl DistinctIdLocks {
         ids
     }
 
-    /// Holds the event's locks while `work` runs.
-    pub async fn run<T>(&self, event: &PluginEvent, work: impl std::future::Future<Output = T>) -> T {
+    /// The locks of the distinct ids an event touches, in the order they are taken.
+    pub fn stripes_of(&self, event: &PluginEvent) -> Vec<usize> {
         let mut stripes: Vec<usize> = Self::touched(event).iter().map(|id| Self::stripe(event.team_id, id)).collect();
         stripes.sort_unstable();
         stripes.dedup();
+        stripes
+    }
+
+    /// Holds the locks `stripes` ([`DistinctIdLocks::stripes_of`]) while `work` runs.
+    pub async fn run<T>(&self, stripes: Vec<usize>, work: impl std::future::Future<Output = T>) -> T {
         let mut guards = Vec::with_capacity(stripes.len());
         for stripe in stripes {
             guards.push(self.stripes[stripe].lock().await);
@@ -125,22 +130,28 @@ impl Pipeline {
             }
         };
         self.activity.record("ingestEvent");
+        // Ingestion takes its own copy only when a plugin may see the event after it.
+        let (to_ingest, event) =
+            if self.plugins.team_has_configs(event.team_id) { (event.clone(), Some(event)) } else { (event, None) };
+        let event_name = to_ingest.event.clone();
         let after_ingestion = async {
+            let Some(event) = &event else { return };
             let started = Instant::now();
             if is_snapshot {
                 self.activity.record("onSnapshot");
-                self.plugins.run_on_snapshot(&event).await;
+                self.plugins.run_on_snapshot(event).await;
                 catalog::event_step(EventStep::OnSnapshot, started.elapsed());
             } else {
                 self.activity.record("onEvent");
-                self.plugins.run_on_event(&event).await;
+                self.plugins.run_on_event(event).await;
                 catalog::event_step(EventStep::OnEvent, started.elapsed());
             }
         };
         let ingestion = async {
             catalog::received(Stage::Ingestion, "event", 1);
             let started = Instant::now();
-            let ingested = self.distinct_ids.run(&event, self.processor.ingest_event(event.clone())).await;
+            let locked = self.distinct_ids.stripes_of(&to_ingest);
+            let ingested = self.distinct_ids.run(locked, self.processor.ingest_event(to_ingest)).await;
             catalog::event_step(EventStep::Ingestion, started.elapsed());
             match &ingested {
                 Ok(_) => catalog::handled(Stage::Ingestion, "event", 1),
@@ -155,7 +166,7 @@ impl Pipeline {
             // The writer produced the dead-letter record (with the event as ingestion left it, as
             // the reference does): the consumer must not dead-letter it a second time.
             Err(IngestError::DeadLettered(reason)) => {
-                warn!("🔔 Event {} went to the dead-letter queue: {reason}", event.event);
+                warn!("🔔 Event {event_name} went to the dead-letter queue: {reason}");
                 Ok(())
             }
             Err(error) => Err(classify(error)),

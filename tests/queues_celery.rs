@@ -799,3 +799,22 @@ async fn a_redelivered_message_already_written_is_skipped() {
     consumer.stop().await;
     cleanup_queue(&pool, &queue).await;
 }
+
+/// Delivery counts go by the script's hash; a Redis that has forgotten the script (restarted,
+/// `SCRIPT FLUSH`) gets its text once and the count is still right.
+#[tokio::test]
+async fn delivery_counts_survive_a_redis_that_forgot_the_script() {
+    use plugin_server::infra::pipelined_redis::{DeliveryCount, PipelinedRedis};
+    let pool = redis_pool();
+    let key = unique("celery-count");
+    let redis = PipelinedRedis::new(redis::Client::open(REDIS_URL).unwrap(), Duration::from_secs(5));
+    let mut connection = redis_conn(&pool).await;
+    let _: () = redis::cmd("SCRIPT").arg("FLUSH").query_async(&mut connection).await.unwrap();
+    assert_eq!(redis.count_delivery_below(&key, 2, 60).await, DeliveryCount::Counted(1));
+    let _: () = redis::cmd("SCRIPT").arg("FLUSH").query_async(&mut connection).await.unwrap();
+    assert_eq!(redis.count_delivery_below(&key, 2, 60).await, DeliveryCount::Counted(2));
+    assert_eq!(redis.count_delivery_below(&key, 2, 60).await, DeliveryCount::AtLeast(2));
+    let ttl: i64 = redis::cmd("TTL").arg(&key).query_async(&mut connection).await.unwrap();
+    assert!((1..=60).contains(&ttl), "{ttl}");
+    let _: () = redis::cmd("DEL").arg(&key).query_async(&mut connection).await.unwrap();
+}

@@ -4,22 +4,25 @@
 //! `posthog_propertydefinition`.
 
 use chrono::{DateTime, Utc};
+use serde_json::value::RawValue;
 use serde_json::Value;
+use sqlx::types::Json;
 use sqlx::{PgPool, Postgres, QueryBuilder};
 use uuid::Uuid;
 
 use crate::ingestion::elements::Element;
 
-/// Column values of one `posthog_event` row.
+/// Column values of one `posthog_event` row. The JSON columns are held as their text, serialised
+/// once from the event (no copy of its property map on the way to the batch).
 #[derive(Debug, Clone)]
 pub struct EventRow {
     pub created_at: DateTime<Utc>,
     pub event: String,
     pub distinct_id: String,
-    pub properties: Value,
+    pub properties: Box<RawValue>,
     pub team_id: i32,
     pub timestamp: DateTime<Utc>,
-    pub elements: Value,
+    pub elements: Box<RawValue>,
     pub elements_hash: String,
 }
 
@@ -32,10 +35,10 @@ pub async fn insert_event_row(pool: &PgPool, row: &EventRow) -> Result<i64, sqlx
     .bind(row.created_at)
     .bind(&row.event)
     .bind(&row.distinct_id)
-    .bind(&row.properties)
+    .bind(Json(&*row.properties))
     .bind(row.team_id)
     .bind(row.timestamp)
-    .bind(&row.elements)
+    .bind(Json(&*row.elements))
     .bind(&row.elements_hash)
     .fetch_one(pool)
     .await
@@ -47,10 +50,10 @@ pub async fn insert_event_rows(pool: &PgPool, rows: &[&EventRow]) -> Result<Vec<
     let created_at: Vec<DateTime<Utc>> = rows.iter().map(|row| row.created_at).collect();
     let event: Vec<&str> = rows.iter().map(|row| row.event.as_str()).collect();
     let distinct_id: Vec<&str> = rows.iter().map(|row| row.distinct_id.as_str()).collect();
-    let properties: Vec<&Value> = rows.iter().map(|row| &row.properties).collect();
+    let properties: Vec<Json<&RawValue>> = rows.iter().map(|row| Json(&*row.properties)).collect();
     let team_id: Vec<i32> = rows.iter().map(|row| row.team_id).collect();
     let timestamp: Vec<DateTime<Utc>> = rows.iter().map(|row| row.timestamp).collect();
-    let elements: Vec<&Value> = rows.iter().map(|row| &row.elements).collect();
+    let elements: Vec<Json<&RawValue>> = rows.iter().map(|row| Json(&*row.elements)).collect();
     let elements_hash: Vec<&str> = rows.iter().map(|row| row.elements_hash.as_str()).collect();
     let ids: Vec<(i64, i64)> = sqlx::query_as(
         "WITH input AS ( \

@@ -37,6 +37,10 @@ redis.call('EXPIRE', KEYS[1], ARGV[2])
 return count
 "#;
 
+/// The SHA-1 of [`COUNT_BELOW_SCRIPT`], for `EVALSHA`.
+static COUNT_BELOW_SHA: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| redis::Script::new(COUNT_BELOW_SCRIPT).get_hash().to_string());
+
 /// One multiplexed, self-replacing connection; see the module documentation.
 pub struct PipelinedRedis {
     client: redis::Client,
@@ -111,8 +115,15 @@ impl PipelinedRedis {
     /// In one round trip: the count at `key` if it is `limit` or more (not counted), else that
     /// count plus one, kept `ttl_seconds`. When Redis cannot be asked: counted, once.
     pub async fn count_delivery_below(&self, key: &str, limit: u64, ttl_seconds: u64) -> DeliveryCount {
-        let command = redis::cmd("EVAL").arg(COUNT_BELOW_SCRIPT).arg(1).arg(key).arg(limit).arg(ttl_seconds).clone();
-        match self.query(vec![command]).await.as_deref() {
+        // By its hash (Redis then neither receives nor hashes the script's text per message); the
+        // text only when this Redis has not seen it yet (a restart, `SCRIPT FLUSH`).
+        let invoke =
+            |verb: &str, script: &str| redis::cmd(verb).arg(script).arg(1).arg(key).arg(limit).arg(ttl_seconds).clone();
+        let mut reply = self.query(vec![invoke("EVALSHA", COUNT_BELOW_SHA.as_str())]).await;
+        if matches!(&reply, Err(RedisCallError::Redis(error)) if error.kind() == redis::ErrorKind::NoScriptError) {
+            reply = self.query(vec![invoke("EVAL", COUNT_BELOW_SCRIPT)]).await;
+        }
+        match reply.as_deref() {
             Ok([Value::Int(count)]) if *count < 0 => DeliveryCount::AtLeast(count.unsigned_abs()),
             Ok([Value::Int(count)]) => DeliveryCount::Counted((*count).max(1) as u64),
             Ok(_) => DeliveryCount::Counted(1),

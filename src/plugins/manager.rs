@@ -77,6 +77,11 @@ impl Plugins {
         (loaded, configs)
     }
 
+    /// Whether the team has any plugin config in force (else no plugin sees its events).
+    pub fn team_has_configs(&self, team_id: i64) -> bool {
+        self.snapshot().per_team.get(&team_id).is_some_and(|configs| !configs.is_empty())
+    }
+
     /// The loaded config, if in force.
     pub fn config(&self, config_id: i32) -> Option<Arc<PluginConfig>> {
         self.snapshot().by_id.get(&config_id).map(|entry| entry.config.clone())

@@ -72,7 +72,7 @@ async fn process_one(loaded: &LoadedVm, event: &PluginEvent) -> Step {
                     object.insert("team_id".into(), Value::from(team_id));
                 }
             }
-            match serde_json::from_value::<PluginEvent>(value) {
+            match PluginEvent::from_value(value) {
                 Ok(returned) if team_changed => Step::Failed {
                     error: JsError::new("IllegalOperationError", "Plugin tried to change event.team_id"),
                     event: returned,
@@ -95,7 +95,7 @@ async fn process_one(loaded: &LoadedVm, event: &PluginEvent) -> Step {
             let mutated = failure
                 .args
                 .and_then(|args| args.into_iter().next())
-                .and_then(|value| serde_json::from_value::<PluginEvent>(value).ok())
+                .and_then(|value| PluginEvent::from_value(value).ok())
                 .map(|mut mutated| {
                     mutated.team_id = team_id;
                     mutated
@@ -180,11 +180,21 @@ pub async fn run_on_event(
     event: &PluginEvent,
     method: Method,
 ) {
+    let loaded_configs =
+        join_all(team_configs.iter().map(|entry| async move { Some((entry, entry.vm.get().await?)) })).await;
+    let wanted: Vec<_> = loaded_configs
+        .into_iter()
+        .flatten()
+        .filter(|(_, loaded)| loaded.plugin_has(method) || (method == Method::OnEvent && loaded.export.is_some()))
+        .collect();
+    // The event as JS sees it, made only when some config takes it.
+    if wanted.is_empty() {
+        return;
+    }
     let value = event_value(event);
-    join_all(team_configs.iter().map(|entry| {
+    join_all(wanted.into_iter().map(|(entry, loaded)| {
         let value = &value;
         async move {
-            let Some(loaded) = entry.vm.get().await else { return };
             if method == Method::OnEvent {
                 if let Some(export) = &loaded.export {
                     export.on_event(value);

@@ -219,14 +219,17 @@ impl EventWriter for PostgresEventWriter {
         } else {
             self.create_element_group(&event.elements, event.team_id).await?
         };
+        let json = |value: Result<Box<serde_json::value::RawValue>, serde_json::Error>| {
+            value.map_err(|error| WriteError::Database(sqlx::Error::Encode(Box::new(error))))
+        };
         let row = EventRow {
             created_at: event.created_at,
             event: event.event.clone(),
             distinct_id: event.distinct_id.clone(),
-            properties: Value::Object(event.properties.clone()),
+            properties: json(serde_json::value::to_raw_value(&event.properties))?,
             team_id: event.team_id,
             timestamp: event.timestamp,
-            elements: serde_json::to_value(&event.elements).unwrap_or(Value::Array(Vec::new())),
+            elements: json(serde_json::value::to_raw_value(&event.elements))?,
             elements_hash,
         };
         Ok(Some(self.insert_event(row).await?))

@@ -8,7 +8,10 @@
 //! and kombu ≥ 5.3's tagged values (`{"__type__": "datetime", "__value__": "…"}` and the other
 //! tags), which are replaced by their `__value__` (the reference cannot read them).
 
+use std::collections::HashMap;
+
 use base64::Engine;
+use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 use thiserror::Error;
 use tracing::debug;
@@ -82,63 +85,82 @@ fn text_or_type(value: Option<&Value>) -> String {
 
 /// Replaces kombu's tagged JSON values (`{"__type__": T, "__value__": V}`) by `V`, everywhere.
 /// Datetimes thus become their ISO strings, which is what older Celery sent.
-pub fn untag_kombu_values(value: Value) -> Value {
+pub fn untag_kombu_values(mut value: Value) -> Value {
+    untag_in_place(&mut value);
+    value
+}
+
+/// [`untag_kombu_values`] without rebuilding the maps and arrays it leaves alone.
+fn untag_in_place(value: &mut Value) {
     match value {
-        Value::Object(mut fields) => {
+        Value::Object(fields) => {
             let tagged = fields.len() == 2 && fields.get("__type__").is_some_and(Value::is_string);
             if tagged {
-                if let Some(inner) = fields.shift_remove("__value__") {
-                    return untag_kombu_values(inner);
+                if let Some(mut inner) = fields.shift_remove("__value__") {
+                    untag_in_place(&mut inner);
+                    *value = inner;
+                    return;
                 }
             }
-            Value::Object(fields.into_iter().map(|(key, inner)| (key, untag_kombu_values(inner))).collect())
+            fields.values_mut().for_each(untag_in_place);
         }
-        Value::Array(items) => Value::Array(items.into_iter().map(untag_kombu_values).collect()),
-        other => other,
+        Value::Array(items) => items.iter_mut().for_each(untag_in_place),
+        _ => {}
     }
 }
 
 /// Decodes one Redis list item into its task message, checking the envelope as the reference does.
 pub fn decode_envelope(queue: &str, raw: &str) -> Result<TaskMessage, DecodeError> {
-    let envelope: Map<String, Value> = serde_json::from_str(raw)
+    // Each member kept as its JSON text and read only when needed: the headers alone (kombu's
+    // `argsrepr` repeats the arguments) are as big as the body.
+    let envelope: HashMap<String, Box<RawValue>> = serde_json::from_str(raw)
         .map_err(|error| DecodeError::NotJson { queue: queue.into(), reason: error.to_string() })?;
-    let content_type = envelope.get("content-type");
-    if content_type.and_then(Value::as_str) != Some("application/json") {
-        return Err(DecodeError::ContentType { queue: queue.into(), found: text_or_type(content_type) });
+    let member = |name: &str| envelope.get(name).and_then(|raw| serde_json::from_str::<Value>(raw.get()).ok());
+    let content_type = member("content-type");
+    if content_type.as_ref().and_then(Value::as_str) != Some("application/json") {
+        return Err(DecodeError::ContentType { queue: queue.into(), found: text_or_type(content_type.as_ref()) });
     }
-    let body_encoding = envelope.get("properties").and_then(|properties| properties.get("body_encoding"));
-    if body_encoding.and_then(Value::as_str) != Some("base64") {
-        return Err(DecodeError::BodyEncoding { queue: queue.into(), found: text_or_type(body_encoding) });
+    let body_encoding =
+        member("properties").and_then(|mut properties| properties.get_mut("body_encoding").map(Value::take));
+    if body_encoding.as_ref().and_then(Value::as_str) != Some("base64") {
+        return Err(DecodeError::BodyEncoding { queue: queue.into(), found: text_or_type(body_encoding.as_ref()) });
     }
-    let content_encoding = envelope.get("content-encoding");
-    if content_encoding.and_then(Value::as_str) != Some("utf-8") {
-        return Err(DecodeError::ContentEncoding { queue: queue.into(), found: text_or_type(content_encoding) });
+    let content_encoding = member("content-encoding");
+    if content_encoding.as_ref().and_then(Value::as_str) != Some("utf-8") {
+        return Err(DecodeError::ContentEncoding {
+            queue: queue.into(),
+            found: text_or_type(content_encoding.as_ref()),
+        });
     }
     let body_error = |reason: String| DecodeError::Body { queue: queue.into(), reason };
-    let body_text = envelope.get("body").and_then(Value::as_str).ok_or_else(|| body_error("missing body".into()))?;
+    let body_text = envelope
+        .get("body")
+        .and_then(|raw| serde_json::from_str::<String>(raw.get()).ok())
+        .ok_or_else(|| body_error("missing body".into()))?;
     let body_bytes = base64::engine::general_purpose::STANDARD
         .decode(body_text.trim())
         .map_err(|error| body_error(error.to_string()))?;
     let body: Value = serde_json::from_slice(&body_bytes).map_err(|error| body_error(error.to_string()))?;
     let body = untag_kombu_values(body);
-    let headers = envelope.get("headers").and_then(Value::as_object);
-    let header_task = headers.and_then(|headers| headers.get("task")).and_then(Value::as_str).filter(|t| !t.is_empty());
+    // Headers that are not an object are no headers.
+    let headers =
+        envelope.get("headers").and_then(|raw| serde_json::from_str::<HashMap<String, Box<RawValue>>>(raw.get()).ok());
+    let header = |name: &str| {
+        let raw = headers.as_ref()?.get(name)?;
+        serde_json::from_str::<Value>(raw.get()).ok()?.as_str().map(str::to_string)
+    };
+    let header_task = header("task").filter(|task| !task.is_empty());
 
     let message = match header_task {
         // Protocol 2: `[args, kwargs, embed]`.
         Some(task) => {
-            let id = headers.and_then(|headers| headers.get("id")).and_then(Value::as_str).map(str::to_string);
+            let id = header("id");
             let Value::Array(parts) = body else {
                 return Err(body_error(format!("protocol 2 body must be an array, got {}", json_type_name(&body))));
             };
             let mut parts = parts.into_iter();
             let (args, kwargs) = (parts.next(), parts.next());
-            TaskMessage {
-                task: task.to_string(),
-                id,
-                args: as_args(args, &body_error)?,
-                kwargs: as_kwargs(kwargs, &body_error)?,
-            }
+            TaskMessage { task, id, args: as_args(args, &body_error)?, kwargs: as_kwargs(kwargs, &body_error)? }
         }
         // Protocol 1: `{task, id, args, kwargs}`.
         None => {
@@ -158,14 +180,17 @@ pub fn decode_envelope(queue: &str, raw: &str) -> Result<TaskMessage, DecodeErro
             }
         }
     };
-    let (args, kwargs) = (serde_json::to_string(&message.args), serde_json::to_string(&message.kwargs));
-    let task_id = message.id.as_deref().unwrap_or("null");
-    debug!(
-        "celery.node Received task: {}[{task_id}], args: {}, kwargs: {}",
-        message.task,
-        args.unwrap_or_default(),
-        kwargs.unwrap_or_default()
-    );
+    // Written out only when debug logs are on (it is a second copy of the event).
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        let (args, kwargs) = (serde_json::to_string(&message.args), serde_json::to_string(&message.kwargs));
+        let task_id = message.id.as_deref().unwrap_or("null");
+        debug!(
+            "celery.node Received task: {}[{task_id}], args: {}, kwargs: {}",
+            message.task,
+            args.unwrap_or_default(),
+            kwargs.unwrap_or_default()
+        );
+    }
     Ok(message)
 }
 

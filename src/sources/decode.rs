@@ -64,5 +64,5 @@ pub(crate) fn plugin_event_from_fields(mut fields: Map<String, Value>) -> Result
         // `sent_at` is only ever an ISO string; anything else is dropped rather than failing the event.
         fields.shift_remove("sent_at");
     }
-    serde_json::from_value(Value::Object(fields))
+    PluginEvent::from_fields(fields)
 }
