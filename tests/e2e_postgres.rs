@@ -6,11 +6,10 @@ mod common;
 
 use std::time::Duration;
 
+use common::in_process::InProcessServer;
 use common::{wait_for, TestDb};
 use plugin_server::config::Config;
-use plugin_server::sinks::CeleryProducer;
 use serde_json::{json, Value};
-use tokio_util::sync::CancellationToken;
 
 const PLUGIN: &str = r#"
     export async function processEvent (event) {
@@ -34,21 +33,13 @@ const PLUGIN: &str = r#"
 "#;
 
 struct RunningServer {
-    shutdown: CancellationToken,
-    handle: tokio::task::JoinHandle<Result<(), plugin_server::server::ServerError>>,
-    producer: CeleryProducer,
+    server: InProcessServer,
     pool: sqlx::PgPool,
 }
 
 impl RunningServer {
     async fn start(db: &TestDb, config: Config) -> RunningServer {
-        let redis = deadpool_redis::Config::from_url(config.REDIS_URL.clone())
-            .create_pool(Some(deadpool_redis::Runtime::Tokio1))
-            .unwrap();
-        let producer = CeleryProducer::new(redis, config.PLUGINS_CELERY_QUEUE.clone());
-        let shutdown = CancellationToken::new();
-        let handle = tokio::spawn(plugin_server::server::run(config, shutdown.clone()));
-        RunningServer { shutdown, handle, producer, pool: db.pool.clone() }
+        RunningServer { server: InProcessServer::start(config), pool: db.pool.clone() }
     }
 
     /// The reference's `posthog.capture` from a plugin of team 2.
@@ -61,13 +52,11 @@ impl RunningServer {
             "team_id": common::TEAM_ID,
             "uuid": uuid::Uuid::now_v7().to_string(),
         });
-        self.producer.send_capture(data.as_object().unwrap(), i64::from(common::TEAM_ID)).await.unwrap();
+        self.server.producer.send_capture(data.as_object().unwrap(), i64::from(common::TEAM_ID)).await.unwrap();
     }
 
     async fn stop(self) {
-        self.shutdown.cancel();
-        let result = tokio::time::timeout(Duration::from_secs(30), self.handle).await;
-        assert!(matches!(result, Ok(Ok(Ok(())))), "server stopped cleanly: {result:?}");
+        self.server.stop().await;
     }
 }
 
@@ -226,7 +215,7 @@ async fn concurrent_events_of_new_users_are_all_ingested() {
             "team_id": common::TEAM_ID,
             "uuid": uuid::Uuid::now_v7().to_string(),
         });
-        server.producer.send_capture(data.as_object().unwrap(), i64::from(common::TEAM_ID)).await.unwrap();
+        server.server.producer.send_capture(data.as_object().unwrap(), i64::from(common::TEAM_ID)).await.unwrap();
     }
     wait_for("200 events", || async {
         let count: i64 = sqlx::query_scalar("SELECT count(*) FROM posthog_event WHERE event = 'race'")

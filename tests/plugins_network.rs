@@ -6,14 +6,11 @@
 mod common;
 mod network_support;
 
-use std::time::Duration;
-
+use common::in_process::InProcessServer;
 use common::{wait_for, TestDb};
 use network_support::{response, serve, Routes};
 use plugin_server::config::Config;
-use plugin_server::sinks::CeleryProducer;
 use serde_json::{json, Value};
-use tokio_util::sync::CancellationToken;
 
 const PLUGIN: &str = r#"
     export async function processEvent (event) {
@@ -67,12 +64,7 @@ async fn run_plugin(
     pairs.push(("CELERY_DEFAULT_QUEUE", default_queue.as_str()));
     pairs.extend_from_slice(extra);
     let config: Config = db.config(&pairs);
-    let redis = deadpool_redis::Config::from_url(config.REDIS_URL.clone())
-        .create_pool(Some(deadpool_redis::Runtime::Tokio1))
-        .unwrap();
-    let producer = CeleryProducer::new(redis, config.PLUGINS_CELERY_QUEUE.clone());
-    let shutdown = CancellationToken::new();
-    let handle = tokio::spawn(plugin_server::server::run(config, shutdown.clone()));
+    let server = InProcessServer::start(config);
 
     let urls = json!({
         "loopback": inner.url("/secret"),
@@ -87,7 +79,7 @@ async fn run_plugin(
         "team_id": common::TEAM_ID,
         "uuid": uuid::Uuid::now_v7().to_string(),
     });
-    producer.send_capture(data.as_object().unwrap(), i64::from(common::TEAM_ID)).await.unwrap();
+    server.producer.send_capture(data.as_object().unwrap(), i64::from(common::TEAM_ID)).await.unwrap();
     let properties: Value = wait_for("the probe event", || async {
         sqlx::query_scalar::<_, Value>("SELECT properties FROM posthog_event WHERE event = 'network probe'")
             .fetch_optional(&db.pool)
@@ -95,9 +87,7 @@ async fn run_plugin(
             .unwrap()
     })
     .await;
-    shutdown.cancel();
-    let stopped = tokio::time::timeout(Duration::from_secs(30), handle).await;
-    assert!(matches!(stopped, Ok(Ok(Ok(())))), "server stopped cleanly: {stopped:?}");
+    server.stop().await;
     let mut logs: Vec<(String, String)> = sqlx::query_as(
         "SELECT type, message FROM posthog_pluginlogentry WHERE source = 'SYSTEM' AND message LIKE 'fetch refused%'",
     )
