@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::TestDb;
 use kafka_mode_support::{contains, raw_event, KafkaModeServer};
-use queues_support::{consume_topic_from, produce, topic_end, unique};
+use queues_support::{consume_topic_to_end, produce, topic_end, unique};
 use serde_json::json;
 
 const PLUGIN: &str = r#"
@@ -25,7 +25,7 @@ const PLUGIN: &str = r#"
 async fn wait_for_message(topic: &str, start: rdkafka::Offset, needle: &str) -> Vec<u8> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let found = consume_topic_from(topic, start, usize::MAX, Duration::from_secs(3))
+        let found = consume_topic_to_end(topic, start)
             .await
             .into_iter()
             .filter_map(|(_, value)| value)
@@ -61,7 +61,7 @@ async fn raw_event_in_protobuf_event_out() {
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
             produce(&server.topic, std::slice::from_ref(&message)).await;
-            let found = consume_topic_from("clickhouse_events_proto", events_start, usize::MAX, Duration::from_secs(3))
+            let found = consume_topic_to_end("clickhouse_events_proto", events_start)
                 .await
                 .into_iter()
                 .filter_map(|(_, value)| value)
@@ -134,7 +134,7 @@ async fn oversized_records_are_dead_lettered_and_consumption_goes_on() {
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         produce(topic, &messages).await;
-        let found = consume_topic_from("clickhouse_events_proto", events_start, usize::MAX, Duration::from_secs(3))
+        let found = consume_topic_to_end("clickhouse_events_proto", events_start)
             .await
             .into_iter()
             .filter_map(|(_, value)| value)
@@ -147,16 +147,15 @@ async fn oversized_records_are_dead_lettered_and_consumption_goes_on() {
     let rows = {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let rows: Vec<serde_json::Value> =
-                consume_topic_from("events_dead_letter_queue", dead_letters_start, usize::MAX, Duration::from_secs(3))
-                    .await
-                    .into_iter()
-                    .filter_map(|(_, value)| serde_json::from_slice::<serde_json::Value>(&value?).ok())
-                    .filter(|row| {
-                        row.to_string().contains(&marker)
-                            || row["raw_payload"].as_str().is_some_and(|payload| payload.contains("yyyyyyyyyyyyyyyy"))
-                    })
-                    .collect();
+            let rows: Vec<serde_json::Value> = consume_topic_to_end("events_dead_letter_queue", dead_letters_start)
+                .await
+                .into_iter()
+                .filter_map(|(_, value)| serde_json::from_slice::<serde_json::Value>(&value?).ok())
+                .filter(|row| {
+                    row.to_string().contains(&marker)
+                        || row["raw_payload"].as_str().is_some_and(|payload| payload.contains("yyyyyyyyyyyyyyyy"))
+                })
+                .collect();
             let enlarged_row = rows.iter().any(|row| row["event_uuid"] == json!(enlarged));
             let log_row =
                 rows.iter().any(|row| row["error"].as_str().is_some_and(|e| e.contains("plugin_log_entries")));

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use chrono::NaiveDateTime;
 use common::TestDb;
 use kafka_mode_support::{contains, raw_event, KafkaModeServer};
-use queues_support::{consume_topic_from, ensure_kafka, produce, topic_end, unique};
+use queues_support::{consume_topic_to_end, ensure_kafka, produce, topic_end, unique};
 use serde_json::{json, Map, Value};
 
 const PLUGIN: &str = r#"
@@ -249,7 +249,7 @@ async fn messages_with(
 ) -> Vec<Vec<u8>> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let found: Vec<Vec<u8>> = consume_topic_from(topic, start, usize::MAX, Duration::from_secs(3))
+        let found: Vec<Vec<u8>> = consume_topic_to_end(topic, start)
             .await
             .into_iter()
             .filter_map(|(_, value)| value)
@@ -308,7 +308,7 @@ async fn clickhouse_parses_every_topic_the_server_writes() {
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         produce(topic, &[raw_event(&anonymous, &first, "first", json!({}))]).await;
-        let out = consume_topic_from(EVENTS.topic, start_of(EVENTS.topic), usize::MAX, Duration::from_secs(3)).await;
+        let out = consume_topic_to_end(EVENTS.topic, start_of(EVENTS.topic)).await;
         if out.iter().any(|(_, value)| value.as_ref().is_some_and(|value| contains(value, &first))) {
             break;
         }

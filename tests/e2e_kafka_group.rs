@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use common::server_process::Server;
 use common::TestDb;
 use kafka_mode_support::raw_event;
-use queues_support::{consume_topic_from, create_topics, ensure_kafka, kafka_hosts, topic_end, unique};
+use queues_support::{consume_topic_to_end, create_topics, ensure_kafka, kafka_hosts, topic_end, unique};
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::json;
@@ -171,8 +171,7 @@ async fn output_counts_within(start: rdkafka::Offset, uuids: &[String], within: 
     let deadline = Instant::now() + within;
     loop {
         let mut counts: BTreeMap<String, usize> = BTreeMap::new();
-        for (_, value) in consume_topic_from("clickhouse_events_proto", start, usize::MAX, Duration::from_secs(5)).await
-        {
+        for (_, value) in consume_topic_to_end("clickhouse_events_proto", start).await {
             let Some(value) = value else { continue };
             let Ok(event) = <EventUuid as prost::Message>::decode_length_delimited(value.as_slice()) else { continue };
             if let Some(uuid) = event.uuid.filter(|uuid| wanted.contains(uuid.as_str())) {

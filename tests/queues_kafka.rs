@@ -62,7 +62,7 @@ async fn setup(name: &str, concurrency: usize) -> Setup {
 async fn dead_letters_for(topic: &str, marker: &str, count: usize) -> Vec<Value> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let rows: Vec<Value> = consume_topic(topic, usize::MAX, Duration::from_secs(3))
+        let rows: Vec<Value> = consume_topic_to_end(topic, rdkafka::Offset::Beginning)
             .await
             .into_iter()
             .filter_map(|(_, value)| serde_json::from_slice::<Value>(&value?).ok())

@@ -139,12 +139,11 @@ async fn a_message_that_crashes_the_process_is_dead_lettered_after_three_crashes
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let row = loop {
-        let found =
-            consume_topic_from("events_dead_letter_queue", dead_letters_start, usize::MAX, Duration::from_secs(3))
-                .await
-                .into_iter()
-                .filter_map(|(_, value)| serde_json::from_slice::<Value>(&value?).ok())
-                .find(|row| row["distinct_id"] == json!(poison));
+        let found = consume_topic_to_end("events_dead_letter_queue", dead_letters_start)
+            .await
+            .into_iter()
+            .filter_map(|(_, value)| serde_json::from_slice::<Value>(&value?).ok())
+            .find(|row| row["distinct_id"] == json!(poison));
         if let Some(row) = found {
             break row;
         }

@@ -334,13 +334,12 @@ async fn oversized_messages_to_a_real_broker_go_to_the_dead_letter_queue() {
     assert_eq!(values, ["before-0", "after-0", "before-1", "after-1"]);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let rows = loop {
-        let rows: Vec<serde_json::Value> =
-            consume_topic_from("events_dead_letter_queue", dead_letters_start, usize::MAX, Duration::from_secs(3))
-                .await
-                .into_iter()
-                .filter_map(|(_, value)| serde_json::from_slice::<serde_json::Value>(&value?).ok())
-                .filter(|row| row["distinct_id"].as_str().is_some_and(|id| id.starts_with(&marker)))
-                .collect();
+        let rows: Vec<serde_json::Value> = consume_topic_to_end("events_dead_letter_queue", dead_letters_start)
+            .await
+            .into_iter()
+            .filter_map(|(_, value)| serde_json::from_slice::<serde_json::Value>(&value?).ok())
+            .filter(|row| row["distinct_id"].as_str().is_some_and(|id| id.starts_with(&marker)))
+            .collect();
         if rows.len() >= 2 || tokio::time::Instant::now() > deadline {
             break rows;
         }

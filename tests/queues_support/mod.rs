@@ -222,6 +222,48 @@ pub fn topic_end(topic: &str) -> rdkafka::Offset {
     }
 }
 
+/// Every message of partition 0 of `topic` from `start` up to the end the partition has when this
+/// is called. Reading a shared topic (every test of the suite writes `clickhouse_events_proto`)
+/// for a fixed time returned only a prefix when the broker was slow or the topic long, and the
+/// events at its tail looked lost; this reads to the end instead, and gives up only when the
+/// broker sends nothing for [`IDLE`] (then what it has is returned).
+pub async fn consume_topic_to_end(topic: &str, start: rdkafka::Offset) -> Vec<(Option<Vec<u8>>, Option<Vec<u8>>)> {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::{Message, TopicPartitionList};
+    const IDLE: Duration = Duration::from_secs(30);
+    let rdkafka::Offset::Offset(end) = topic_end(topic) else { return Vec::new() };
+    if matches!(start, rdkafka::Offset::Offset(start) if start >= end) || end == 0 {
+        return Vec::new();
+    }
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka_hosts())
+        .set("group.id", unique("reader"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("reader");
+    let mut partitions = TopicPartitionList::new();
+    partitions.add_partition_offset(topic, 0, start).expect("partition");
+    consumer.assign(&partitions).expect("assign");
+    let mut messages = Vec::new();
+    loop {
+        match tokio::time::timeout(IDLE, consumer.recv()).await {
+            Ok(Ok(message)) => {
+                messages.push((message.key().map(<[u8]>::to_vec), message.payload().map(<[u8]>::to_vec)));
+                if message.offset() + 1 >= end {
+                    break;
+                }
+            }
+            Ok(Err(_)) => {}
+            Err(_) => {
+                eprintln!("reading {topic} to offset {end}: nothing for {IDLE:?}, {} messages read", messages.len());
+                break;
+            }
+        }
+    }
+    messages
+}
+
 /// Reads up to `count` messages of partition 0 of `topic` from `start`, for at most `timeout`.
 pub async fn consume_topic_from(
     topic: &str,

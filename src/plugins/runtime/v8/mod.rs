@@ -1,6 +1,7 @@
 //! V8 isolates (Debian's libnode108: V8 10.2 with ICU 72) behind a small safe API, shaped like
-//! the QuickJS VM of `quickjs.rs` so the worker pool can later hold either engine. Not selectable yet:
-//! nothing in the server uses it; `tests/v8_engine.rs` and `benches/v8_engine.rs` do.
+//! the QuickJS VM of `quickjs.rs` so the worker pool holds either engine (`engine.rs`; V8 is the
+//! default of `JS_ENGINE`). `vm.rs` builds the plugin VM on it; `tests/v8_engine.rs` and
+//! `benches/v8_engine.rs` use this API directly.
 //!
 //! Why a C++ shim and not rusty_v8 (the `v8` crate): the crate's versions that match V8 10.2 ship
 //! their C++ bindings inside a prebuilt static V8 (downloaded at build time from a host these
