@@ -222,20 +222,11 @@ pub fn topic_end(topic: &str) -> rdkafka::Offset {
     }
 }
 
-/// Every message of partition 0 of `topic` from `start` up to the end the partition has when this
-/// is called. Reading a shared topic (every test of the suite writes `clickhouse_events_proto`)
-/// for a fixed time returned only a prefix when the broker was slow or the topic long, and the
-/// events at its tail looked lost; this reads to the end instead, and gives up only when the
-/// broker sends nothing for [`IDLE`] (then what it has is returned).
-pub async fn consume_topic_to_end(topic: &str, start: rdkafka::Offset) -> Vec<(Option<Vec<u8>>, Option<Vec<u8>>)> {
+/// A reader of partition 0 of `topic` from `start`, in no consumer group of its own making.
+fn partition_reader(topic: &str, start: rdkafka::Offset) -> rdkafka::consumer::StreamConsumer {
     use rdkafka::config::ClientConfig;
     use rdkafka::consumer::{Consumer, StreamConsumer};
-    use rdkafka::{Message, TopicPartitionList};
-    const IDLE: Duration = Duration::from_secs(30);
-    let rdkafka::Offset::Offset(end) = topic_end(topic) else { return Vec::new() };
-    if matches!(start, rdkafka::Offset::Offset(start) if start >= end) || end == 0 {
-        return Vec::new();
-    }
+    use rdkafka::TopicPartitionList;
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", kafka_hosts())
         .set("group.id", unique("reader"))
@@ -245,6 +236,22 @@ pub async fn consume_topic_to_end(topic: &str, start: rdkafka::Offset) -> Vec<(O
     let mut partitions = TopicPartitionList::new();
     partitions.add_partition_offset(topic, 0, start).expect("partition");
     consumer.assign(&partitions).expect("assign");
+    consumer
+}
+
+/// Every message of partition 0 of `topic` from `start` up to the end the partition has when this
+/// is called. Reading a shared topic (every test of the suite writes `clickhouse_events_proto`)
+/// for a fixed time returned only a prefix when the broker was slow or the topic long, and the
+/// events at its tail looked lost; this reads to the end instead, and gives up only when the
+/// broker sends nothing for [`IDLE`] (then what it has is returned).
+pub async fn consume_topic_to_end(topic: &str, start: rdkafka::Offset) -> Vec<(Option<Vec<u8>>, Option<Vec<u8>>)> {
+    use rdkafka::Message;
+    const IDLE: Duration = Duration::from_secs(30);
+    let rdkafka::Offset::Offset(end) = topic_end(topic) else { return Vec::new() };
+    if matches!(start, rdkafka::Offset::Offset(start) if start >= end) || end == 0 {
+        return Vec::new();
+    }
+    let consumer = partition_reader(topic, start);
     let mut messages = Vec::new();
     loop {
         match tokio::time::timeout(IDLE, consumer.recv()).await {
@@ -271,18 +278,8 @@ pub async fn consume_topic_from(
     count: usize,
     timeout: Duration,
 ) -> Vec<(Option<Vec<u8>>, Option<Vec<u8>>)> {
-    use rdkafka::config::ClientConfig;
-    use rdkafka::consumer::{Consumer, StreamConsumer};
-    use rdkafka::{Message, TopicPartitionList};
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", kafka_hosts())
-        .set("group.id", unique("reader"))
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("reader");
-    let mut partitions = TopicPartitionList::new();
-    partitions.add_partition_offset(topic, 0, start).expect("partition");
-    consumer.assign(&partitions).expect("assign");
+    use rdkafka::Message;
+    let consumer = partition_reader(topic, start);
     let mut messages = Vec::new();
     let deadline = tokio::time::Instant::now() + timeout;
     while messages.len() < count {
