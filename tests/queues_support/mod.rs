@@ -243,7 +243,8 @@ fn partition_reader(topic: &str, start: rdkafka::Offset) -> rdkafka::consumer::S
 /// is called. Reading a shared topic (every test of the suite writes `clickhouse_events_proto`)
 /// for a fixed time returned only a prefix when the broker was slow or the topic long, and the
 /// events at its tail looked lost; this reads to the end instead, and gives up only when the
-/// broker sends nothing for [`IDLE`] (then what it has is returned).
+/// broker sends no message for [`IDLE`] (errors do not count as progress; then what it has is
+/// returned).
 pub async fn consume_topic_to_end(topic: &str, start: rdkafka::Offset) -> Vec<(Option<Vec<u8>>, Option<Vec<u8>>)> {
     use rdkafka::Message;
     const IDLE: Duration = Duration::from_secs(30);
@@ -253,17 +254,19 @@ pub async fn consume_topic_to_end(topic: &str, start: rdkafka::Offset) -> Vec<(O
     }
     let consumer = partition_reader(topic, start);
     let mut messages = Vec::new();
+    let mut idle_until = tokio::time::Instant::now() + IDLE;
     loop {
-        match tokio::time::timeout(IDLE, consumer.recv()).await {
+        match tokio::time::timeout_at(idle_until, consumer.recv()).await {
             Ok(Ok(message)) => {
                 messages.push((message.key().map(<[u8]>::to_vec), message.payload().map(<[u8]>::to_vec)));
                 if message.offset() + 1 >= end {
                     break;
                 }
+                idle_until = tokio::time::Instant::now() + IDLE;
             }
-            Ok(Err(_)) => {}
+            Ok(Err(error)) => eprintln!("reading {topic}: {error}"),
             Err(_) => {
-                eprintln!("reading {topic} to offset {end}: nothing for {IDLE:?}, {} messages read", messages.len());
+                eprintln!("reading {topic} to offset {end}: no message for {IDLE:?}, {} read", messages.len());
                 break;
             }
         }
