@@ -2,11 +2,13 @@
 //! a topic of several partitions, while events stream in:
 //! * a clean rebalance — a third server joins, then one leaves with SIGTERM — loses nothing and
 //!   duplicates nothing (a revoke drains, flushes and commits before the partition moves);
-//! * a crash — `kill -9` of one server, started again, then a third added — loses nothing; the
-//!   duplicates (events the killed server had handled but not committed) are reported and bounded
-//!   by what that one server can have had in hand.
+//! * a crash — `kill -9` of one server, started again, then a third added once the broker has
+//!   dropped the killed one — loses nothing; the duplicates (events the killed server had handled
+//!   but not committed) are reported and bounded by what that one server can have had in hand.
 //!
-//! Every input event is looked for on `clickhouse_events_proto` by its uuid.
+//! Every input event is looked for on `clickhouse_events_proto` by its uuid. When some are missing,
+//! the test prints where they were on the input topic, what the group committed there, whether
+//! they were dead-lettered, and what each server logged about the group.
 
 mod common;
 mod kafka_mode_support;
@@ -29,6 +31,9 @@ const PARTITIONS: i32 = 4;
 /// Events produced, and how fast.
 const EVENTS: usize = 1500;
 const EVENTS_PER_SECOND: usize = 100;
+/// The servers' consumer session timeout (the reference's 30 s): how long the broker keeps a
+/// killed server in the group.
+const SESSION_TIMEOUT: Duration = Duration::from_secs(30);
 /// `WORKER_CONCURRENCY` of each server.
 const WORKER_CONCURRENCY: &str = "2";
 
@@ -127,11 +132,18 @@ async fn wait_until_every_partition_is_read(topic: &str, start: rdkafka::Offset)
     panic!("the group does not read partitions {unread:?} of {topic}");
 }
 
+/// An event produced: its uuid and where it went on the input topic.
+struct Sent {
+    uuid: String,
+    partition: i32,
+    offset: i64,
+}
+
 /// Produces `EVENTS` raw events at `EVENTS_PER_SECOND`, keyed by uuid (spread over the partitions);
-/// `sent` counts those acknowledged. Returns their uuids.
-async fn stream_events(topic: String, marker: String, sent: Arc<AtomicUsize>) -> Vec<String> {
+/// `sent` counts those acknowledged. Returns them.
+async fn stream_events(topic: String, marker: String, sent: Arc<AtomicUsize>) -> Vec<Sent> {
     let producer = producer();
-    let mut uuids = Vec::with_capacity(EVENTS);
+    let mut uuids: Vec<Sent> = Vec::with_capacity(EVENTS);
     let tick = Duration::from_millis(100);
     let per_tick = EVENTS_PER_SECOND / 10;
     let mut next = tokio::time::Instant::now();
@@ -142,10 +154,11 @@ async fn stream_events(topic: String, marker: String, sent: Arc<AtomicUsize>) ->
             producer
                 .send(FutureRecord::to(&topic).key(uuid.as_str()).payload(value.as_slice()), Duration::from_secs(30))
         });
-        for result in futures::future::join_all(sends).await {
-            result.map_err(|(error, _)| error).expect("produce");
+        let delivered = futures::future::join_all(sends).await;
+        for ((uuid, _), result) in batch.into_iter().zip(delivered) {
+            let delivery = result.map_err(|(error, _)| error).expect("produce");
+            uuids.push(Sent { uuid, partition: delivery.partition, offset: delivery.offset });
         }
-        uuids.extend(batch.into_iter().map(|(uuid, _)| uuid));
         sent.store(uuids.len(), Ordering::Relaxed);
         next += tick;
         tokio::time::sleep_until(next).await;
@@ -159,10 +172,11 @@ async fn wait_until_sent(sent: &AtomicUsize, count: usize) {
     }
 }
 
-/// How many times each of `uuids` is on `clickhouse_events_proto` from `start`, waiting (up to
+/// How many times each event of `sent` is on `clickhouse_events_proto` from `start`, waiting (up to
 /// 3 minutes) until every one is there.
-async fn output_counts(start: rdkafka::Offset, uuids: &[String]) -> BTreeMap<String, usize> {
-    output_counts_within(start, uuids, Duration::from_secs(180)).await
+async fn output_counts(start: rdkafka::Offset, sent: &[Sent]) -> BTreeMap<String, usize> {
+    let uuids: Vec<String> = sent.iter().map(|event| event.uuid.clone()).collect();
+    output_counts_within(start, &uuids, Duration::from_secs(180)).await
 }
 
 /// [`output_counts`], waiting at most `within` for all of them.
@@ -190,18 +204,104 @@ struct Tally {
     duplicates: usize,
 }
 
-fn tally(uuids: &[String], counts: &BTreeMap<String, usize>) -> Tally {
-    let lost = uuids.iter().filter(|uuid| !counts.contains_key(*uuid)).count();
+fn tally(sent: &[Sent], counts: &BTreeMap<String, usize>) -> Tally {
+    let lost = sent.iter().filter(|event| !counts.contains_key(&event.uuid)).count();
     let duplicates = counts.values().map(|count| count - 1).sum();
     Tally { lost, duplicates }
 }
 
-async fn setup() -> (TestDb, String, rdkafka::Offset) {
+/// What a failure needs to be understood without a rerun: where the lost events were on the input
+/// topic, what the group has committed there, whether the servers dead-lettered them, and what the
+/// servers logged about the group.
+async fn report_losses(
+    topic: &str,
+    sent: &[Sent],
+    counts: &BTreeMap<String, usize>,
+    dead_letters_start: rdkafka::Offset,
+    logs: &[(&str, String)],
+) {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let mut lost_by_partition: BTreeMap<i32, Vec<i64>> = BTreeMap::new();
+    let mut sent_by_partition: BTreeMap<i32, (usize, i64, i64)> = BTreeMap::new();
+    for event in sent {
+        let entry = sent_by_partition.entry(event.partition).or_insert((0, i64::MAX, i64::MIN));
+        *entry = (entry.0 + 1, entry.1.min(event.offset), entry.2.max(event.offset));
+        if !counts.contains_key(&event.uuid) {
+            lost_by_partition.entry(event.partition).or_default().push(event.offset);
+        }
+    }
+    for (partition, (count, first, last)) in &sent_by_partition {
+        let lost = lost_by_partition.get(partition).map(Vec::as_slice).unwrap_or_default();
+        println!(
+            "  partition {partition}: {count} sent at offsets {first}..={last}, {} lost (offsets {:?}..={:?})",
+            lost.len(),
+            lost.iter().min(),
+            lost.iter().max()
+        );
+    }
+    let group: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka_hosts())
+        .set("group.id", plugin_server::sources::kafka_consumer::CONSUMER_GROUP)
+        .create()
+        .expect("group reader");
+    let mut partitions = rdkafka::TopicPartitionList::new();
+    for partition in 0..PARTITIONS {
+        partitions.add_partition(topic, partition);
+    }
+    match group.committed_offsets(partitions, Duration::from_secs(10)) {
+        Ok(committed) => {
+            for element in committed.elements() {
+                println!("  committed for partition {}: {:?}", element.partition(), element.offset());
+            }
+        }
+        Err(error) => println!("  committed offsets: {error}"),
+    }
+    let lost: HashSet<&str> =
+        sent.iter().filter(|event| !counts.contains_key(&event.uuid)).map(|event| event.uuid.as_str()).collect();
+    let dead_lettered = consume_topic_to_end("events_dead_letter_queue", dead_letters_start)
+        .await
+        .into_iter()
+        .filter_map(|(_, value)| value)
+        .filter(|value| lost.iter().any(|uuid| kafka_mode_support::contains(value, uuid)))
+        .count();
+    println!("  lost events on events_dead_letter_queue: {dead_lettered}");
+    for (name, log) in logs {
+        println!("  --- server {name}:");
+        let relevant = log.lines().filter(|line| {
+            ["Kafka", "WARN", "ERROR", "Revoke", "revoke", "ead-letter"].iter().any(|word| line.contains(word))
+        });
+        for line in relevant.take(200) {
+            println!("    {line}");
+        }
+    }
+}
+
+/// Every Kafka-mode server joins the one group `clickhouse-ingestion`, and an earlier test's
+/// servers killed at its end (a `Server` is killed when dropped) stay members until the broker
+/// expires their sessions. Joined with them, this test's servers could be given partitions beside a
+/// dead member that Tansu 0.6 later drops without a rebalance (see the kill test). So every test
+/// waits out one session before its first server joins, which then drops them all. (Asking the
+/// broker whether the group has members is no help: Tansu 0.6's SQLite engine fails DescribeGroups
+/// — it cannot read back the group it stored — and closes the connection.)
+async fn wait_for_earlier_members_to_expire() {
+    tokio::time::sleep(SESSION_TIMEOUT + Duration::from_secs(5)).await;
+}
+
+/// Where a test starts reading the shared output topics.
+struct Starts {
+    events: rdkafka::Offset,
+    dead_letters: rdkafka::Offset,
+}
+
+async fn setup() -> (TestDb, String, Starts) {
     ensure_kafka();
+    wait_for_earlier_members_to_expire().await;
     let db = TestDb::with_fixture(None).await;
     let topic = unique("group-in");
     create_topics(&[&topic], PARTITIONS).await;
-    (db, topic, topic_end("clickhouse_events_proto"))
+    let starts =
+        Starts { events: topic_end("clickhouse_events_proto"), dead_letters: topic_end("events_dead_letter_queue") };
+    (db, topic, starts)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -209,30 +309,33 @@ async fn setup() -> (TestDb, String, rdkafka::Offset) {
 async fn a_clean_rebalance_loses_and_duplicates_nothing() {
     let (db, topic, start) = setup().await;
     let fleet = Fleet::new(&db, &topic);
-    let a = fleet.start("A");
+    let mut a = fleet.start("A");
     let mut b = fleet.start("B");
-    wait_until_every_partition_is_read(&topic, start).await;
+    wait_until_every_partition_is_read(&topic, start.events).await;
 
     let sent = Arc::new(AtomicUsize::new(0));
     let marker = uuid::Uuid::new_v4().simple().to_string();
     let stream = tokio::spawn(stream_events(topic.clone(), marker, sent.clone()));
     wait_until_sent(&sent, EVENTS / 3).await;
-    let c = tokio::task::spawn_blocking(move || Fleet { env: fleet.env.clone() }.start("C")).await.unwrap();
+    let mut c = tokio::task::spawn_blocking(move || Fleet { env: fleet.env.clone() }.start("C")).await.unwrap();
     wait_until_sent(&sent, 2 * EVENTS / 3).await;
     b.signal(nix::sys::signal::Signal::SIGTERM);
     let b_exit = tokio::task::spawn_blocking(move || (b.wait_exit(Duration::from_secs(60)), b.output())).await.unwrap();
     assert_eq!(b_exit.0, Some(0), "B left cleanly:\n{}", b_exit.1);
-    let uuids = stream.await.unwrap();
+    let sent = stream.await.unwrap();
 
-    let counts = output_counts(start, &uuids).await;
-    let Tally { lost, duplicates } = tally(&uuids, &counts);
+    let counts = output_counts(start.events, &sent).await;
+    let Tally { lost, duplicates } = tally(&sent, &counts);
     println!(
         "clean rebalance (A+B, C joins, B leaves): {} events in, {lost} lost, {duplicates} duplicates",
-        uuids.len()
+        sent.len()
     );
+    if lost > 0 {
+        let logs = vec![("A", a.output()), ("B", b_exit.1), ("C", c.output())];
+        report_losses(&topic, &sent, &counts, start.dead_letters, &logs).await;
+    }
     assert_eq!(lost, 0, "every event came out");
     assert_eq!(duplicates, 0, "a clean rebalance hands partitions over without reprocessing");
-    drop((a, c));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -240,34 +343,48 @@ async fn a_clean_rebalance_loses_and_duplicates_nothing() {
 async fn a_killed_server_loses_nothing_and_its_duplicates_are_bounded() {
     let (db, topic, start) = setup().await;
     let fleet = Arc::new(Fleet::new(&db, &topic));
-    let a = fleet.start("A");
-    let b = fleet.start("B");
-    wait_until_every_partition_is_read(&topic, start).await;
+    let mut a = fleet.start("A");
+    let mut b = fleet.start("B");
+    wait_until_every_partition_is_read(&topic, start.events).await;
 
     let sent = Arc::new(AtomicUsize::new(0));
     let marker = uuid::Uuid::new_v4().simple().to_string();
     let stream = tokio::spawn(stream_events(topic.clone(), marker, sent.clone()));
     wait_until_sent(&sent, EVENTS / 4).await;
     a.signal(nix::sys::signal::Signal::SIGKILL);
+    let killed_at = tokio::time::Instant::now();
+    let a_log = a.output();
     drop(a);
     wait_until_sent(&sent, EVENTS / 2).await;
-    let restarted = {
+    let mut restarted = {
         let fleet = fleet.clone();
         tokio::task::spawn_blocking(move || fleet.start("A again")).await.unwrap()
     };
     wait_until_sent(&sent, 3 * EVENTS / 4).await;
-    let c = {
+    // C joins once the broker has dropped the killed A from the group. Tansu 0.6 drops a member
+    // whose session expired while the group is formed without rebalancing: the partitions the
+    // leader had given the dead A stay with it, read by nobody, until the next member joins (a
+    // Kafka broker rebalances at once). Joining earlier, C would be that next member too soon, and
+    // A's partitions would stay unread after the test's last join (seen in CI: one partition
+    // stopped at A's last commit). What this test is about — what A handled but did not commit is
+    // handled again, nothing committed is lost — does not depend on when C joins.
+    tokio::time::sleep_until(killed_at + SESSION_TIMEOUT + Duration::from_secs(5)).await;
+    let mut c = {
         let fleet = fleet.clone();
         tokio::task::spawn_blocking(move || fleet.start("C")).await.unwrap()
     };
-    let uuids = stream.await.unwrap();
+    let sent = stream.await.unwrap();
 
-    let counts = output_counts(start, &uuids).await;
-    let Tally { lost, duplicates } = tally(&uuids, &counts);
+    let counts = output_counts(start.events, &sent).await;
+    let Tally { lost, duplicates } = tally(&sent, &counts);
     println!(
         "kill -9 (A+B, A killed, A restarted, C joins): {} events in, {lost} lost, {duplicates} duplicates",
-        uuids.len()
+        sent.len()
     );
+    if lost > 0 {
+        let logs = vec![("A", a_log), ("B", b.output()), ("A again", restarted.output()), ("C", c.output())];
+        report_losses(&topic, &sent, &counts, start.dead_letters, &logs).await;
+    }
     assert_eq!(lost, 0, "every event came out");
     // What the killed server can have handled without committing: its window of events in hand
     // (WORKER_CONCURRENCY × TASKS_PER_WORKER × 20, and 16 polled ahead) and up to two auto-commit
@@ -275,5 +392,4 @@ async fn a_killed_server_loses_nothing_and_its_duplicates_are_bounded() {
     let in_hand = 2 * 10 * 20 + 16;
     let bound = in_hand + 2 * EVENTS_PER_SECOND;
     assert!(duplicates <= bound, "{duplicates} duplicates, more than the killed server can have had in hand ({bound})");
-    drop((b, restarted, c));
 }

@@ -148,8 +148,7 @@ impl ConsumerContext for QueueContext {
     /// finishes or abandons their events and stores the handled prefix, which is committed here.
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let Rebalance::Revoke(revoked) = rebalance else { return };
-        let partitions: Vec<PartitionKey> =
-            revoked.elements().iter().map(|element| (element.topic().to_string(), element.partition())).collect();
+        let partitions = partition_keys(revoked);
         if partitions.is_empty() {
             return;
         }
@@ -187,6 +186,7 @@ impl ConsumerContext for QueueContext {
                 if !*self.joined.borrow() {
                     info!("✅ Kafka consumer joined group {}!", self.group_id);
                 }
+                info!("🔀 Kafka partitions assigned: {:?}", partition_keys(partitions));
                 if self.paused.load(Ordering::SeqCst) && partitions.count() > 0 {
                     if let Err(error) = consumer.pause(partitions) {
                         warn!("⚠️ Could not pause newly assigned partitions: {error}");
@@ -198,6 +198,11 @@ impl ConsumerContext for QueueContext {
             Rebalance::Error(error) => warn!("⚠️ Kafka consumer rebalance error: {error}"),
         }
     }
+}
+
+/// The topic and partition of each element of a rebalance's list.
+fn partition_keys(list: &TopicPartitionList) -> Vec<PartitionKey> {
+    list.elements().iter().map(|element| (element.topic().to_string(), element.partition())).collect()
 }
 
 /// Why the consumer stopped on its own (the server then shuts down; nothing unhandled was
