@@ -109,7 +109,9 @@ impl Pipeline {
             self.activity.record("processEvent");
             catalog::received(Stage::Plugins, "processEvent", 1);
             let started = Instant::now();
-            let processed = self.plugins.run_process_event(event).await;
+            // Boxed, as ingestion below: the event's future holds a pointer instead of the whole
+            // plugin call's state (see there).
+            let processed = Box::pin(self.plugins.run_process_event(event)).await;
             catalog::event_step(EventStep::ProcessEvent, started.elapsed());
             match processed {
                 Ok(Some(event)) => {
@@ -151,7 +153,10 @@ impl Pipeline {
             catalog::received(Stage::Ingestion, "event", 1);
             let started = Instant::now();
             let locked = self.distinct_ids.stripes_of(&to_ingest);
-            let ingested = self.distinct_ids.run(locked, self.processor.ingest_event(to_ingest)).await;
+            // Boxed: an `async fn` keeps its argument and the future it awaits side by side, so
+            // unboxed the ingestion state sat in every event's future twice. heaptrack showed
+            // 21 KB per event in flight (400 of them with 2 workers), 6 KB boxed.
+            let ingested = self.distinct_ids.run(locked, Box::pin(self.processor.ingest_event(to_ingest))).await;
             catalog::event_step(EventStep::Ingestion, started.elapsed());
             match &ingested {
                 Ok(_) => catalog::handled(Stage::Ingestion, "event", 1),
