@@ -221,34 +221,39 @@ async fn report_losses(
     logs: &[(&str, String)],
 ) {
     use rdkafka::consumer::{BaseConsumer, Consumer};
-    let mut lost_by_partition: BTreeMap<i32, Vec<i64>> = BTreeMap::new();
-    let mut sent_by_partition: BTreeMap<i32, (usize, i64, i64)> = BTreeMap::new();
-    for event in sent {
-        let entry = sent_by_partition.entry(event.partition).or_insert((0, i64::MAX, i64::MIN));
-        *entry = (entry.0 + 1, entry.1.min(event.offset), entry.2.max(event.offset));
-        if !counts.contains_key(&event.uuid) {
-            lost_by_partition.entry(event.partition).or_default().push(event.offset);
-        }
+    let lost: Vec<&Sent> = sent.iter().filter(|event| !counts.contains_key(&event.uuid)).collect();
+    fn offsets_on<'a>(partition: i32, events: impl IntoIterator<Item = &'a Sent>) -> Vec<i64> {
+        events.into_iter().filter(|event| event.partition == partition).map(|event| event.offset).collect()
     }
-    for (partition, (count, first, last)) in &sent_by_partition {
-        let lost = lost_by_partition.get(partition).map(Vec::as_slice).unwrap_or_default();
+    for partition in 0..PARTITIONS {
+        let sent_here = offsets_on(partition, sent);
+        let lost_here = offsets_on(partition, lost.iter().copied());
         println!(
-            "  partition {partition}: {count} sent at offsets {first}..={last}, {} lost (offsets {:?}..={:?})",
-            lost.len(),
-            lost.iter().min(),
-            lost.iter().max()
+            "  partition {partition}: {} sent at offsets {:?}..={:?}, {} lost (offsets {:?}..={:?})",
+            sent_here.len(),
+            sent_here.iter().min(),
+            sent_here.iter().max(),
+            lost_here.len(),
+            lost_here.iter().min(),
+            lost_here.iter().max()
         );
     }
-    let group: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", kafka_hosts())
-        .set("group.id", plugin_server::sources::kafka_consumer::CONSUMER_GROUP)
-        .create()
-        .expect("group reader");
-    let mut partitions = rdkafka::TopicPartitionList::new();
-    for partition in 0..PARTITIONS {
-        partitions.add_partition(topic, partition);
-    }
-    match group.committed_offsets(partitions, Duration::from_secs(10)) {
+    let topic_name = topic.to_owned();
+    let committed = tokio::task::spawn_blocking(move || {
+        let group: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", kafka_hosts())
+            .set("group.id", plugin_server::sources::kafka_consumer::CONSUMER_GROUP)
+            .create()
+            .expect("group reader");
+        let mut partitions = rdkafka::TopicPartitionList::new();
+        for partition in 0..PARTITIONS {
+            partitions.add_partition(&topic_name, partition);
+        }
+        group.committed_offsets(partitions, Duration::from_secs(10))
+    })
+    .await
+    .expect("committed offsets");
+    match committed {
         Ok(committed) => {
             for element in committed.elements() {
                 println!("  committed for partition {}: {:?}", element.partition(), element.offset());
@@ -256,8 +261,7 @@ async fn report_losses(
         }
         Err(error) => println!("  committed offsets: {error}"),
     }
-    let lost: HashSet<&str> =
-        sent.iter().filter(|event| !counts.contains_key(&event.uuid)).map(|event| event.uuid.as_str()).collect();
+    let lost: HashSet<&str> = lost.iter().map(|event| event.uuid.as_str()).collect();
     let dead_lettered = consume_topic_to_end("events_dead_letter_queue", dead_letters_start)
         .await
         .into_iter()
