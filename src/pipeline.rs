@@ -136,16 +136,17 @@ impl Pipeline {
         let (to_ingest, event) =
             if self.plugins.team_has_configs(event.team_id) { (event.clone(), Some(event)) } else { (event, None) };
         let event_name = to_ingest.event.clone();
+        // The plugin calls after ingestion are boxed too (only teams with plugins make them).
         let after_ingestion = async {
             let Some(event) = &event else { return };
             let started = Instant::now();
             if is_snapshot {
                 self.activity.record("onSnapshot");
-                self.plugins.run_on_snapshot(event).await;
+                Box::pin(self.plugins.run_on_snapshot(event)).await;
                 catalog::event_step(EventStep::OnSnapshot, started.elapsed());
             } else {
                 self.activity.record("onEvent");
-                self.plugins.run_on_event(event).await;
+                Box::pin(self.plugins.run_on_event(event)).await;
                 catalog::event_step(EventStep::OnEvent, started.elapsed());
             }
         };

@@ -260,7 +260,9 @@ impl EventsProcessor {
     /// itself if it never succeeds (else a later success would leave a record of a failure).
     pub async fn ingest_event(&self, mut event: PluginEvent) -> Result<IngestOutcome, IngestError> {
         let uuid_for_logs = event.uuid.clone().unwrap_or_default();
-        let work = self.ingest_event_inner(&mut event);
+        // Boxed: unboxed, this future held the ingestion's state twice (as the local and inside
+        // `warn_if_slow`'s future), 8.2 KB per event in flight instead of 1.6 KB + the 3.2 KB box.
+        let work = Box::pin(self.ingest_event_inner(&mut event));
         let result = warn_if_slow(work, self.slow_warning_after, &uuid_for_logs).await;
         if let Err(error) = &result {
             tracing::info!(event = %event.event, uuid = ?event.uuid, %error, "🔔 ingestEvent failed");
@@ -832,6 +834,21 @@ async fn warn_if_slow<T>(work: impl std::future::Future<Output = T>, after: Dura
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `ingest_event` boxes its work: unboxed, its future held the ingestion's state twice (as the
+    /// local and inside `warn_if_slow`'s future), and every event in flight carried both.
+    #[tokio::test]
+    async fn the_ingestion_future_holds_its_work_boxed() {
+        let pool = sqlx::postgres::PgPoolOptions::new().connect_lazy("postgres://nobody@127.0.0.1/none").unwrap();
+        let writer: Arc<dyn EventWriter> = Arc::new(crate::sinks::writer::PostgresEventWriter::new(pool.clone()));
+        let processor = EventsProcessor::from_parts(pool, writer, 100, Duration::from_secs(1));
+        let event: PluginEvent =
+            serde_json::from_value(serde_json::json!({"distinct_id": "a", "team_id": 2, "event": "x"})).unwrap();
+        let mut copy = event.clone();
+        let outer = std::mem::size_of_val(&processor.ingest_event(event));
+        let inner = std::mem::size_of_val(&processor.ingest_event_inner(&mut copy));
+        assert!(outer < inner, "ingest_event's future is {outer} bytes, its work's {inner}");
+    }
 
     #[test]
     fn uuid_validation() {

@@ -217,7 +217,8 @@ impl EventWriter for PostgresEventWriter {
         let elements_hash = if event.elements.is_empty() {
             String::new()
         } else {
-            self.create_element_group(&event.elements, event.team_id).await?
+            // Boxed: only autocapture events take it, and unboxed every event's write was sized for it.
+            Box::pin(self.create_element_group(&event.elements, event.team_id)).await?
         };
         let json = |value: Result<Box<serde_json::value::RawValue>, serde_json::Error>| {
             value.map_err(|error| WriteError::Database(sqlx::Error::Encode(Box::new(error))))

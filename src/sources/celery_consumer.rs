@@ -51,11 +51,11 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use super::celery::{decode_envelope, CeleryTask, TaskSet};
+use super::celery::{decode_envelope, CeleryTask, TaskMessage, TaskSet};
 use super::celery_dedupe::{message_event_uuid, message_key, written_marker_key, Redelivered};
 use super::retry::{Outcome, RetryPolicy};
 use super::window::{FairWindow, Slot, WindowLimits};
-use super::{EventHandler, QueueStats};
+use super::{EventHandler, HandleError, QueueStats};
 use crate::config::Config;
 use crate::infra::pipelined_redis::{DeliveryCount, PipelinedRedis};
 use crate::infra::redis_call::{within, RedisCallError};
@@ -712,8 +712,7 @@ impl Shared {
         };
         let id = message_key(&message, &raw);
         let ids = MessageIds { deliveries: self.options.deliveries_key(&id), uuid: message_event_uuid(&id) };
-        let data_has_uuid =
-            message.args.get(3).and_then(Value::as_object).is_some_and(|data| data.contains_key("uuid"));
+        let data_has_uuid = data_has_uuid(&message);
         let task = match message.into_task(self.options.tasks) {
             Ok(task) => task,
             Err(error) => {
@@ -737,17 +736,19 @@ impl Shared {
         // against the innocent messages that happened to be in flight).
         // One round trip for a message delivered fewer times: counted under the shared turn.
         let shared_turn = self.gate.read().await;
-        let (_turn, deliveries) = match self
-            .redis
-            .count_delivery_below(&ids.deliveries, ISOLATE_AFTER_DELIVERIES, DELIVERY_COUNT_TTL_SECONDS)
-            .await
+        let (_turn, deliveries) = match Box::pin(self.redis.count_delivery_below(
+            &ids.deliveries,
+            ISOLATE_AFTER_DELIVERIES,
+            DELIVERY_COUNT_TTL_SECONDS,
+        ))
+        .await
         {
             DeliveryCount::Counted(deliveries) => (Turn::Shared { _guard: shared_turn }, deliveries),
             DeliveryCount::AtLeast(previous) => {
                 drop(shared_turn);
                 warn!("🔬 Celery message {id} was delivered {previous} times: handling it alone");
                 let alone = Turn::Alone { _guard: self.gate.write().await };
-                (alone, self.redis.count_delivery(&ids.deliveries, DELIVERY_COUNT_TTL_SECONDS).await)
+                (alone, Box::pin(self.redis.count_delivery(&ids.deliveries, DELIVERY_COUNT_TTL_SECONDS)).await)
             }
         };
         if deliveries > self.options.max_deliveries {
@@ -759,19 +760,12 @@ impl Shared {
             error!("☠️ Setting aside Celery message {id}: {reason}");
             return self.finish(&raw, Some(&ids), Finish::DeadLetter("out_of_deliveries", reason)).await;
         }
-        let task = match task {
-            // The reference gives a fresh UUIDT; ours is the same for every copy of this message.
-            CeleryTask::ProcessEvent(mut event) if !data_has_uuid => {
-                event.uuid = Some(ids.uuid.to_string());
-                CeleryTask::ProcessEvent(event)
-            }
-            other => other,
-        };
+        let task = with_message_uuid(task, data_has_uuid, &ids.uuid);
         if deliveries > 1 {
             if let CeleryTask::ProcessEvent(event) = &task {
                 let marker = event.uuid.as_deref().map(|uuid| written_marker_key(&self.options.queue, uuid));
                 if let Some(marker) = marker {
-                    if self.redis.get(&marker).await.as_deref() == Some(super::celery_dedupe::WRITTEN) {
+                    if Box::pin(self.redis.get(&marker)).await.as_deref() == Some(super::celery_dedupe::WRITTEN) {
                         info!(
                             "♻️ Skipping redelivered Celery message {id}: its event {:?} was already written",
                             event.uuid
@@ -790,15 +784,20 @@ impl Shared {
             CeleryTask::ProcessEvent(event) => event.uuid.clone(),
             CeleryTask::PluginJob(_) => None,
         };
+        // The first attempt gets the task itself; a retry decodes the message again (the handler
+        // consumes and mutates what it is given), so no copy of each event is kept in flight.
+        let mut first = Some(task);
         let outcome = self
             .options
             .retry
             .run(&what, &self.shutdown, &self.stats, || {
-                let (handler, task) = (Arc::clone(&handler), task.clone());
+                let task = first.take().or_else(|| self.decode_again(&raw, &ids.uuid));
+                let handler = Arc::clone(&handler);
                 async move {
                     match task {
-                        CeleryTask::ProcessEvent(event) => handler.handle_event(*event).await,
-                        CeleryTask::PluginJob(job) => handler.handle_plugin_job(job).await,
+                        Some(CeleryTask::ProcessEvent(event)) => handler.handle_event(*event).await,
+                        Some(CeleryTask::PluginJob(job)) => handler.handle_plugin_job(job).await,
+                        None => Err(HandleError::Rejected("the message no longer decodes".into())),
                     }
                 }
             })
@@ -818,12 +817,32 @@ impl Shared {
         self.finish(&raw, Some(&ids), finish).await;
     }
 
+    /// The task of a message that decoded before, as its first attempt got it (for a retry).
+    fn decode_again(&self, raw: &str, uuid: &uuid::Uuid) -> Option<CeleryTask> {
+        let message = decode_envelope(&self.options.queue, raw).ok()?;
+        let data_has_uuid = data_has_uuid(&message);
+        let task = message.into_task(self.options.tasks).ok()?;
+        Some(with_message_uuid(task, data_has_uuid, uuid))
+    }
+
     /// Removes the message from the processing list (with its delivery count and write marker),
     /// dead-lettering or requeueing it in the same transaction. Retried for a while if Redis is
     /// unavailable; if that fails the message stays in the processing list, becomes an orphan and
     /// is requeued by the periodic check (at least once, never lost; an event already written is
     /// then skipped thanks to its marker).
-    async fn finish(&self, raw: &str, ids: Option<&MessageIds>, finish: Finish) {
+    ///
+    /// Boxed, as the other rarely taken or short awaits of [`Shared::handle`]: each message's task
+    /// is sized for its longest-lived await (the handler) instead of the largest one.
+    fn finish<'a>(
+        &'a self,
+        raw: &'a str,
+        ids: Option<&'a MessageIds>,
+        finish: Finish,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
+        Box::pin(self.finish_unboxed(raw, ids, finish))
+    }
+
+    async fn finish_unboxed(&self, raw: &str, ids: Option<&MessageIds>, finish: Finish) {
         let processing = self.options.processing_key();
         let mut commands = Vec::with_capacity(5);
         match &finish {
@@ -913,6 +932,23 @@ enum Finish {
 }
 
 /// The team whose share of the window a task takes (`None`: a job without a valid team).
+/// Whether the message's event data carries a `uuid` of its own.
+fn data_has_uuid(message: &TaskMessage) -> bool {
+    message.args.get(3).and_then(Value::as_object).is_some_and(|data| data.contains_key("uuid"))
+}
+
+/// The task with its event's uuid: the message's own unless the data has one. The reference gives
+/// a fresh UUIDT; ours is the same for every copy of this message.
+fn with_message_uuid(task: CeleryTask, data_has_uuid: bool, uuid: &uuid::Uuid) -> CeleryTask {
+    match task {
+        CeleryTask::ProcessEvent(mut event) if !data_has_uuid => {
+            event.uuid = Some(uuid.to_string());
+            CeleryTask::ProcessEvent(event)
+        }
+        other => other,
+    }
+}
+
 fn task_team(task: &CeleryTask) -> Option<i64> {
     match task {
         CeleryTask::ProcessEvent(event) => Some(event.team_id),

@@ -172,15 +172,17 @@ impl EventWriter for MarkingWriter {
 
     async fn write_event(&self, event: &EventPayload) -> Result<Option<i64>, WriteError> {
         // An earlier delivery of this very event may have died while writing it.
+        // The awaits besides the inner write are boxed: this future lives as long as the write, and
+        // unboxed it was sized for the largest of them (4.4 KB per event in flight).
         if self.redelivered.contains(&event.uuid) {
-            if let Some(id) = self.stored_copy(event).await {
+            if let Some(id) = Box::pin(self.stored_copy(event)).await {
                 tracing::info!("♻️ Event {} was already stored (row {id}): not writing it again", event.uuid);
-                self.mark_written(&event.uuid).await;
+                Box::pin(self.mark_written(&event.uuid)).await;
                 return Ok(Some(id));
             }
         }
         let written = self.inner.write_event(event).await?;
-        self.mark_written(&event.uuid).await;
+        Box::pin(self.mark_written(&event.uuid)).await;
         Ok(written)
     }
 
