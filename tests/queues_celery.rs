@@ -353,34 +353,6 @@ async fn bad_and_rejected_messages_are_set_aside_and_the_next_is_processed() {
     cleanup_queue(&pool, &queue).await;
 }
 
-/// Records the event every attempt gets, changes it as a handler does, and fails the first
-/// attempts with a retryable error.
-struct MutatingFlaky {
-    attempts: std::sync::Mutex<Vec<Value>>,
-    failures: usize,
-}
-
-#[async_trait::async_trait]
-impl plugin_server::sources::EventHandler for MutatingFlaky {
-    async fn handle_event(&self, mut event: plugin_server::event::PluginEvent) -> Result<(), HandleError> {
-        let attempt = {
-            let mut attempts = self.attempts.lock().unwrap();
-            attempts.push(serde_json::to_value(&event).unwrap());
-            attempts.len()
-        };
-        event.properties.get_or_insert_with(Default::default).insert("touched".to_string(), json!(attempt));
-        event.distinct_id.push_str("-changed");
-        event.uuid = None;
-        if attempt <= self.failures {
-            return Err(HandleError::Retryable("database restarting".into()));
-        }
-        Ok(())
-    }
-    async fn handle_plugin_job(&self, _job: Value) -> Result<(), HandleError> {
-        Ok(())
-    }
-}
-
 /// A retry gets the message's event as the first attempt got it (the consumer keeps no copy; it
 /// decodes the message again), whatever the failed attempts did to theirs: the same uuid, the
 /// same data, for a real Python Celery envelope.
@@ -389,10 +361,10 @@ async fn a_retried_event_is_the_event_the_first_attempt_got() {
     let pool = redis_pool();
     let queue = unique("celery-retry-same");
     lpush(&pool, &queue, testdata("process_event_with_plugins-0.json").trim()).await;
-    let handler = Arc::new(MutatingFlaky { attempts: std::sync::Mutex::new(Vec::new()), failures: 2 });
+    let handler = MutatingFlaky::new(|_| 2);
     let consumer = CeleryConsumer::start(REDIS_URL, pool.clone(), handler.clone(), options(&queue, 1)).await.unwrap();
     assert!(eventually(Duration::from_secs(10), || async { consumer.stats().snapshot().handled == 1 }).await);
-    let attempts = handler.attempts.lock().unwrap().clone();
+    let attempts = handler.attempts();
     assert_eq!(attempts.len(), 3, "{attempts:?}");
     assert!(attempts[0]["uuid"].as_str().is_some_and(|uuid| uuid.len() == 36), "{:?}", attempts[0]);
     assert!(attempts[0]["properties"].get("touched").is_none());

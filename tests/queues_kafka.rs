@@ -358,3 +358,47 @@ async fn a_team_whose_events_do_not_finish_takes_only_its_share_of_the_window() 
     assert_eq!(queue.run_until(shutdown).await, Ok(()));
     assert_eq!(queue.finished().await, Ok(()));
 }
+
+/// A retry gets the message's event as the first attempt got it (the consumer keeps no copy; it
+/// decodes the message again), and the dead-letter record after the last attempt is the event as
+/// consumed, whatever the attempts did to theirs.
+#[tokio::test]
+async fn a_retried_event_and_its_dead_letter_are_the_event_as_consumed() {
+    let setup = setup("retry-same", 4).await;
+    let marker = unique("m");
+    let (flaky, failing) = (format!("{marker}-flaky"), format!("{marker}-failing"));
+    produce(&setup.topic, &[raw_event(&flaky, "flaky event"), raw_event(&failing, "failing event")]).await;
+    let handler = MutatingFlaky::new({
+        let (flaky, failing) = (flaky.clone(), failing.clone());
+        move |distinct_id| match distinct_id {
+            id if id == flaky => 1,
+            id if id == failing => usize::MAX,
+            _ => 0,
+        }
+    });
+    let queue =
+        KafkaQueue::start(&setup.config, setup.options.clone(), handler.clone(), setup.producer.clone()).await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            let stats = queue.stats().snapshot();
+            stats.handled == 1 && stats.dead_lettered == 1
+        })
+        .await,
+        "{:?}",
+        queue.stats().snapshot()
+    );
+    queue.stop().await;
+    let attempts = handler.attempts();
+    for distinct_id in [&flaky, &failing] {
+        let seen: Vec<&Value> = attempts.iter().filter(|event| event["distinct_id"] == json!(distinct_id)).collect();
+        assert_eq!(seen.len(), 2, "{attempts:?}");
+        assert_eq!(seen[0], seen[1]);
+        assert!(seen[0]["properties"].get("touched").is_none());
+    }
+    let rows = dead_letters_for(&setup.dead_letters, &failing, 1).await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["distinct_id"], json!(failing));
+    assert_eq!(rows[0]["event"], json!("failing event"));
+    assert_eq!(rows[0]["properties"], json!(r#"{"key":"value"}"#));
+    assert_eq!(rows[0]["error_location"], json!("plugin_server_ingest_event"));
+}

@@ -52,7 +52,7 @@ use super::decode::decode_raw_event;
 use super::kafka_deliveries::{Admission, DeliveryCounter};
 use super::retry::{Outcome, RetryPolicy};
 use super::window::{FairWindow, Slot, WindowLimits};
-use super::{EventHandler, QueueStats};
+use super::{EventHandler, HandleError, QueueStats};
 use crate::config::Config;
 use crate::infra::kafka_settings::{self, KafkaSetupError};
 use crate::metrics::catalog::{self, Stage};
@@ -828,12 +828,22 @@ impl Shared {
             },
         };
         let what = format!("event {:?} of team {}", event.event, event.team_id);
+        // The first attempt gets the event itself; a retry, or the dead-letter record after the
+        // last, decodes the message again (the handler consumes and mutates what it is given), so
+        // no copy of each event is kept in flight.
+        let mut first = Some(event);
         let outcome = self
             .options
             .retry
             .run(&what, &self.stop, &self.stats, || {
-                let (handler, event) = (Arc::clone(&self.handler), event.clone());
-                async move { handler.handle_event(event).await }
+                let event = first.take().or_else(|| decode_raw_event(message.payload()).ok());
+                let handler = Arc::clone(&self.handler);
+                async move {
+                    match event {
+                        Some(event) => handler.handle_event(event).await,
+                        None => Err(HandleError::Rejected("the message no longer decodes".into())),
+                    }
+                }
             })
             .await;
         // A suspect's count is forgotten at once (the next suspect's fate must not depend on it).
@@ -854,7 +864,15 @@ impl Shared {
             }
             Outcome::Failed(reason) => {
                 warn!("⚠️ Dead-lettering {what}: {reason}");
-                let record = dead_letter_record(&event, &reason, INGEST_EVENT_ERROR_LOCATION, &Utc::now());
+                // It decoded before, so it decodes again; were it not to, the payload itself goes.
+                let record = match decode_raw_event(message.payload()) {
+                    Ok(event) => dead_letter_record(&event, &reason, INGEST_EVENT_ERROR_LOCATION, &Utc::now()),
+                    Err(_) => malformed_message_dead_letter_record(
+                        message.payload().unwrap_or_default(),
+                        &reason,
+                        &Utc::now(),
+                    ),
+                };
                 self.dead_letter(record, counted, "handler_failed").await
             }
             Outcome::Interrupted => MessageOutcome::Interrupted,

@@ -155,6 +155,47 @@ impl EventHandler for RecordingHandler {
     }
 }
 
+/// Records the event every attempt gets (as JSON), changes it as a real handler does (a property
+/// added, the distinct id and uuid altered), and fails the first `failures(distinct id)` attempts
+/// of each distinct id with a retryable error.
+pub struct MutatingFlaky {
+    attempts: Mutex<Vec<Value>>,
+    failures: Box<dyn Fn(&str) -> usize + Send + Sync>,
+}
+
+impl MutatingFlaky {
+    pub fn new(failures: impl Fn(&str) -> usize + Send + Sync + 'static) -> Arc<MutatingFlaky> {
+        Arc::new(MutatingFlaky { attempts: Mutex::new(Vec::new()), failures: Box::new(failures) })
+    }
+
+    pub fn attempts(&self) -> Vec<Value> {
+        self.attempts.lock().unwrap().clone()
+    }
+}
+
+#[async_trait]
+impl EventHandler for MutatingFlaky {
+    async fn handle_event(&self, mut event: PluginEvent) -> Result<(), HandleError> {
+        let original = event.distinct_id.clone();
+        let attempt = {
+            let mut attempts = self.attempts.lock().unwrap();
+            attempts.push(serde_json::to_value(&event).unwrap());
+            attempts.iter().filter(|seen| seen["distinct_id"] == original.as_str()).count()
+        };
+        event.properties.get_or_insert_with(Default::default).insert("touched".to_string(), Value::from(attempt));
+        event.distinct_id.push_str("-changed");
+        event.uuid = None;
+        if attempt <= (self.failures)(&original) {
+            return Err(HandleError::Retryable("database restarting".into()));
+        }
+        Ok(())
+    }
+
+    async fn handle_plugin_job(&self, _job: Value) -> Result<(), HandleError> {
+        Ok(())
+    }
+}
+
 /// Makes sure a broker listens on [`kafka_hosts`], starting it with `scripts/kafka` if not.
 pub fn ensure_kafka() {
     static STARTED: std::sync::Once = std::sync::Once::new();
