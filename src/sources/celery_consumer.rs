@@ -931,7 +931,6 @@ enum Finish {
     Requeue,
 }
 
-/// The team whose share of the window a task takes (`None`: a job without a valid team).
 /// Whether the message's event data carries a `uuid` of its own.
 fn data_has_uuid(message: &TaskMessage) -> bool {
     message.args.get(3).and_then(Value::as_object).is_some_and(|data| data.contains_key("uuid"))
@@ -949,6 +948,7 @@ fn with_message_uuid(task: CeleryTask, data_has_uuid: bool, uuid: &uuid::Uuid) -
     }
 }
 
+/// The team whose share of the window a task takes (`None`: a job without a valid team).
 fn task_team(task: &CeleryTask) -> Option<i64> {
     match task {
         CeleryTask::ProcessEvent(event) => Some(event.team_id),
