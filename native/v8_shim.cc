@@ -344,10 +344,18 @@ Local<String> str(Isolate* isolate, const char* data, size_t len) {
 
 Local<String> str(Isolate* isolate, const std::string& s) { return str(isolate, s.data(), s.size()); }
 
-void append_escaped(std::string& out, const char* p, size_t n) {
+// `p[0..n)` as a JSON string literal. With `latin1`, each byte is a Latin-1 character (a V8
+// one-byte string) and is written as UTF-8; otherwise `p` is UTF-8 already. Runs of characters
+// that need no escape are copied at once.
+void append_escaped(std::string& out, const char* p, size_t n, bool latin1 = false) {
   out.push_back('"');
+  size_t run = 0;  // start of the pending run of plain characters
   for (size_t i = 0; i < n; i++) {
     unsigned char c = static_cast<unsigned char>(p[i]);
+    bool plain = c >= 0x20 && c != '"' && c != '\\' && !(latin1 && c >= 0x80);
+    if (plain) continue;
+    out.append(p + run, i - run);
+    run = i + 1;
     switch (c) {
       case '"': out.append("\\\""); break;
       case '\\': out.append("\\\\"); break;
@@ -359,11 +367,13 @@ void append_escaped(std::string& out, const char* p, size_t n) {
           char buf[8];
           snprintf(buf, sizeof buf, "\\u%04x", c);
           out.append(buf);
-        } else {
-          out.push_back(static_cast<char>(c));
+        } else {  // Latin-1 above 0x7f: two UTF-8 bytes
+          out.push_back(static_cast<char>(0xC0 | (c >> 6)));
+          out.push_back(static_cast<char>(0x80 | (c & 0x3F)));
         }
     }
   }
+  out.append(p + run, n - run);
   out.push_back('"');
 }
 
@@ -394,6 +404,8 @@ struct Walker {
   double claimed = 0;
   std::vector<Local<Object>> stack;
   bool lenient = false;
+  // Reused for the characters of one-byte strings.
+  std::string scratch;
 
   // After a failed step under `tc`: true when the failure is swallowed (lenient mode, a plain
   // exception); false when it must propagate (strict mode, termination), rethrown to the caller.
@@ -425,9 +437,25 @@ struct Walker {
   }
 
   bool write_string(Local<String> s) {
-    // An upper bound first, so a huge string is refused before it is copied.
-    size_t bound = static_cast<size_t>(s->Length()) * 3;
-    if (bound > bytes_left && static_cast<size_t>(s->Utf8Length(isolate)) > bytes_left) {
+    size_t length = static_cast<size_t>(s->Length());
+    // Bounds first, so a huge string is refused before it is copied: at least one UTF-8 byte
+    // per character, at most three.
+    if (length > bytes_left) {
+      refused = REFUSED_BYTES;
+      return false;
+    }
+    if (s->ContainsOnlyOneByte()) {
+      // Latin-1 (the usual case): copied as it is, one pass; UTF-8 takes two bytes above 0x7f.
+      scratch.resize(length);
+      s->WriteOneByte(isolate, reinterpret_cast<uint8_t*>(scratch.data()), 0, static_cast<int>(length),
+                      String::NO_NULL_TERMINATION);
+      size_t bytes = length;
+      for (unsigned char c : scratch) bytes += c >> 7;
+      if (!count_bytes(bytes)) return false;
+      append_escaped(out, scratch.data(), length, true);
+      return true;
+    }
+    if (length * 3 > bytes_left && static_cast<size_t>(s->Utf8Length(isolate)) > bytes_left) {
       refused = REFUSED_BYTES;
       return false;
     }
@@ -611,7 +639,7 @@ struct Walker {
 int32_t write_value(Iso* iso, Local<Context> context, Local<Value> value, const PstLimits& limits) {
   iso->out.clear();
   Walker walker{iso->isolate, context, iso->out, limits.max_values, limits.max_values, limits.max_bytes, limits.max_depth,
-                iso->to_json_key.Get(iso->isolate), REFUSED_NONE, 0, {}, limits.lenient != 0};
+                iso->to_json_key.Get(iso->isolate), REFUSED_NONE, 0, {}, limits.lenient != 0, {}};
   int r = walker.write(value, String::Empty(iso->isolate), 0);
   if (r == 0) {
     iso->out = "null";

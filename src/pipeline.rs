@@ -132,9 +132,13 @@ impl Pipeline {
             }
         };
         self.activity.record("ingestEvent");
-        // Ingestion takes its own copy only when a plugin may see the event after it.
-        let (to_ingest, event) =
-            if self.plugins.team_has_configs(event.team_id) { (event.clone(), Some(event)) } else { (event, None) };
+        // Ingestion takes its own copy only when a plugin may see the event after it (a config
+        // with `onEvent`/`onSnapshot` or `exportEvents`, or one not loaded yet).
+        let (to_ingest, event) = if self.plugins.team_takes_events_after_ingestion(event.team_id, is_snapshot) {
+            (event.clone(), Some(event))
+        } else {
+            (event, None)
+        };
         let event_name = to_ingest.event.clone();
         // The plugin calls after ingestion are boxed too (only teams with plugins make them).
         let after_ingestion = async {

@@ -69,6 +69,30 @@ async fn loads_the_fixture_config_and_runs_process_event() {
         && message.starts_with("Plugin loaded (instance ID ")));
 }
 
+/// The pipeline copies an event for after its ingestion only when a config of the team takes it
+/// there (`onEvent`, `onSnapshot` for snapshots, or `exportEvents`).
+#[tokio::test]
+async fn only_a_config_that_takes_events_after_ingestion_gets_them_copied() {
+    let fakes = factory();
+    fakes.register("processed", processed_plugin());
+    fakes.register(
+        "listens",
+        FakePlugin { exports: exports(&[Method::OnEvent]), handler: handler(|_| async { Ok(Value::Null) }) },
+    );
+    let setup = Setup::new("processed", shared(&fakes)).await;
+    setup.plugins.reload().await.unwrap();
+    setup.plugins.run_process_event(event("$test")).await.expect("the chain ran");
+    assert!(!setup.plugins.team_takes_events_after_ingestion(2, false), "processEvent alone");
+    assert!(!setup.plugins.team_takes_events_after_ingestion(2, true));
+    assert!(!setup.plugins.team_takes_events_after_ingestion(3, false), "a team without configs");
+
+    let setup = Setup::new("listens", shared(&fakes)).await;
+    setup.plugins.reload().await.unwrap();
+    assert_eq!(setup.plugins.capabilities(CONFIG).await.map(|c| c["methods"].clone()), Some(json!(["onEvent"])));
+    assert!(setup.plugins.team_takes_events_after_ingestion(2, false), "onEvent");
+    assert!(!setup.plugins.team_takes_events_after_ingestion(2, true), "no onSnapshot");
+}
+
 #[tokio::test]
 async fn a_null_return_drops_the_event_and_stops_the_chain() {
     let fakes = factory();

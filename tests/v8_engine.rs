@@ -321,6 +321,7 @@ fn values_in_and_out() {
              return {
                  numbers: [1, -0, 1.5, 1e21, 2 ** 53 + 2, NaN, Infinity],
                  text: 'é \"quoted\" \\n \\u0001 \\ud800 😀',
+                 latin1: 'café ü ÿ \\u0080 \\u007f \"q\" \\\\ \\n \\t \\r \\u001f end',
                  date: new Date(0), boxed: [new String('s'), new Number(1), new Boolean(false)],
                  skipped: { f() {}, u: undefined, s: Symbol('x') }, sparse: [, 1],
                  map: new Map([[1, 2]]), cyclic, depth: JSON.stringify(nested).length > 0 ? nested : null,
@@ -330,6 +331,7 @@ fn values_in_and_out() {
          function many() { return new Array(1100).fill(new Array(1000).fill(0)) }
          function wide() { const o = {}; for (let i = 0; i < 1000; i++) o['k' + i] = i; return new Array(1100).fill(o) }
          function long() { return new Array(100).fill('x'.repeat(1024 * 1024)) }
+         function latin1Long() { return new Array(40).fill('é'.repeat(1024 * 1024)) }
          function getter() { return { get boom() { throw new Error('getter says no') } } }
          function toJson() { return { toJSON() { throw new TypeError('toJSON says no') } } }
          function bigint() { return { n: 10n } }
@@ -341,6 +343,8 @@ fn values_in_and_out() {
     let shapes = call(&mut isolate, "shapes", &[]).unwrap_or_default();
     assert_eq!(shapes["numbers"], json!([1, 0, 1.5, 1e21, 9007199254740994u64, null, null]));
     assert_eq!(shapes["text"], json!("é \"quoted\" \n \u{1} \u{fffd} 😀"));
+    // A one-byte (Latin-1) string: written as UTF-8, escapes as JSON.stringify makes them.
+    assert_eq!(shapes["latin1"], json!("café ü ÿ \u{80} \u{7f} \"q\" \\ \n \t \r \u{1f} end"));
     assert_eq!(shapes["date"], json!("1970-01-01T00:00:00.000Z"));
     assert_eq!(shapes["boxed"], json!(["s", 1, false]));
     assert_eq!(shapes["skipped"], json!({}));
@@ -363,6 +367,8 @@ fn values_in_and_out() {
     assert!(refused(call(&mut isolate, "many", &[])).contains("more than 1000000 values"));
     assert!(refused(call(&mut isolate, "wide", &[])).contains("more than 1000000 values"));
     assert!(refused(call(&mut isolate, "long", &[])).contains("bytes"));
+    // 40 M Latin-1 characters are 80 MB of UTF-8: over the budget though under it in characters.
+    assert!(refused(call(&mut isolate, "latin1Long", &[])).contains("bytes"));
     assert_eq!(js_error(call(&mut isolate, "getter", &[])).message, "getter says no");
     assert_eq!(js_error(call(&mut isolate, "toJson", &[])).message, "toJSON says no");
     assert_eq!(js_error(call(&mut isolate, "bigint", &[])).message, "Do not know how to serialize a BigInt");

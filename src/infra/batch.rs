@@ -28,9 +28,8 @@ impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
         Batcher { max_batch: max_batch.max(1), handler, sender: OnceCell::new() }
     }
 
-    /// The item's result, or `None` when the batching task is gone (the runtime is shutting down)
-    /// or the handler returned too few results; the caller then writes on its own.
-    pub async fn submit(&self, item: T) -> Option<R> {
+    /// The item's result, or why there is none ([`Unanswered`]).
+    pub async fn submit(&self, item: T) -> Result<R, Unanswered<T>> {
         let sender = self
             .sender
             .get_or_init(|| async {
@@ -41,9 +40,29 @@ impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
             })
             .await;
         let (reply, answer) = oneshot::channel();
-        sender.send((item, reply)).await.ok()?;
-        answer.await.ok()
+        if let Err(mpsc::error::SendError((item, _))) = sender.send((item, reply)).await {
+            return Err(Unanswered::NotTaken(item));
+        }
+        answer.await.map_err(|_| Unanswered::Lost)
     }
+}
+
+/// Why [`Batcher::submit`] has no result for an item. The item travels by value (no copy is
+/// kept for this rare case), and comes back when it was never taken.
+#[derive(Debug, PartialEq)]
+pub enum Unanswered<T> {
+    /// The batching task is gone (the runtime is shutting down) and never took the item: the
+    /// caller handles it on its own.
+    NotTaken(T),
+    /// A batch took the item but gave no result for it (its task ended, or the handler returned
+    /// too few results): whether it was handled is unknown.
+    Lost,
+}
+
+/// The error a write reports for [`Unanswered::Lost`]: like a connection lost mid-write, a
+/// transient failure (the caller retries the event).
+pub fn lost_in_batch() -> sqlx::Error {
+    sqlx::Error::Io(std::io::Error::other("a batched write ended without an answer"))
 }
 
 async fn run<T, R>(max_batch: usize, handler: Handler<T, R>, mut receiver: mpsc::Receiver<(T, oneshot::Sender<R>)>) {
@@ -71,10 +90,17 @@ mod tests {
             async move { batch.into_iter().map(|item| item * 2).collect() }
         });
         let results = futures::future::join_all((0..20).map(|item| batcher.submit(item))).await;
-        assert_eq!(results, (0..20).map(|item| Some(item * 2)).collect::<Vec<_>>());
+        assert_eq!(results, (0..20).map(|item| Ok(item * 2)).collect::<Vec<_>>());
         let sizes = sizes.lock().unwrap();
         assert_eq!(sizes.iter().sum::<usize>(), 20);
         assert!(sizes.iter().all(|size| *size <= 8));
         assert!(sizes.len() < 20, "concurrent items share batches: {sizes:?}");
+    }
+
+    #[tokio::test]
+    async fn an_item_its_batch_does_not_answer_is_lost() {
+        let batcher = Batcher::new(8, |_batch: Vec<u32>| async { Vec::<u32>::new() });
+        assert_eq!(batcher.submit(1).await, Err(Unanswered::Lost));
+        assert!(matches!(lost_in_batch(), sqlx::Error::Io(_)), "reported as a lost connection: transient");
     }
 }

@@ -36,7 +36,7 @@ use crate::db::is_unique_violation;
 use crate::db::persons::{self, MergeError, NewPerson, Person, PersonDistinctId, PersonUpdate, PropertyUpdate};
 use crate::event::{PluginEvent, Properties};
 use crate::hub::Hub;
-use crate::infra::batch::Batcher;
+use crate::infra::batch::{lost_in_batch, Batcher, Unanswered};
 use crate::js::is_truthy;
 use crate::sinks::writer::{
     EventPayload, EventWriter, GroupPayload, PostgresEventWriter, SessionRecordingPayload, WriteError,
@@ -409,7 +409,7 @@ impl EventsProcessor {
             let set_once = final_properties.get("$set_once");
             if set.is_some_and(is_truthy) || set_once.is_some_and(is_truthy) {
                 let (set, set_once) = (object_or_empty(set), object_or_empty(set_once));
-                self.update_person_properties(capture.team_id, capture.distinct_id, &set, &set_once).await?;
+                self.update_person_properties(capture.team_id, capture.distinct_id, set, set_once).await?;
             }
         }
 
@@ -468,9 +468,10 @@ impl EventsProcessor {
             distinct_id: distinct_id.to_string(),
         };
         let created = match self.person_creations.submit(person.clone()).await {
-            Some(created) => created,
-            // The batching task is gone (shutting down): on its own.
-            None => persons::create_persons_unless_distinct_ids_exist(&self.pool, std::slice::from_ref(&person))
+            Ok(created) => created,
+            // The batching task is gone (shutting down), or its answer: on its own (creating a
+            // person only where the distinct id is still new, so a second try is harmless).
+            Err(_) => persons::create_persons_unless_distinct_ids_exist(&self.pool, std::slice::from_ref(&person))
                 .await
                 .map(|created| created.into_iter().next().flatten()),
         };
@@ -490,26 +491,25 @@ impl EventsProcessor {
         &self,
         team_id: i32,
         distinct_id: &str,
-        set: &Properties,
-        set_once: &Properties,
+        set: Properties,
+        set_once: Properties,
     ) -> Result<(), IngestError> {
         let not_found = || IngestError::PersonNotFoundForUpdate { distinct_id: distinct_id.to_string(), team_id };
         if !self.writer.is_clickhouse_pipeline() {
-            let update = PropertyUpdate {
-                team_id,
-                distinct_id: distinct_id.to_string(),
-                set: set.clone(),
-                set_once: set_once.clone(),
-            };
-            let applied = match self.property_updates.submit(update.clone()).await {
-                Some(result) => result?,
-                None => persons::apply_property_updates(&self.pool, &[update]).await?.first().copied().unwrap_or(false),
+            let update = PropertyUpdate { team_id, distinct_id: distinct_id.to_string(), set, set_once };
+            let applied = match self.property_updates.submit(update).await {
+                Ok(result) => result?,
+                // The batching task is gone (shutting down): on its own.
+                Err(Unanswered::NotTaken(update)) => {
+                    persons::apply_property_updates(&self.pool, &[update]).await?.first().copied().unwrap_or(false)
+                }
+                Err(Unanswered::Lost) => return Err(lost_in_batch().into()),
             };
             return if applied { Ok(()) } else { Err(not_found()) };
         }
         // ClickHouse pipeline: each event announces the person as it is after its own update.
         let person = self.fetch_person_batched(team_id, distinct_id).await?.ok_or_else(not_found)?;
-        match apply_person_property_updates(&person.properties, set, set_once) {
+        match apply_person_property_updates(&person.properties, &set, &set_once) {
             Some(properties) => {
                 let update = PersonUpdate { properties: Some(properties), ..PersonUpdate::default() };
                 self.update_person(&person, update).await
@@ -526,8 +526,9 @@ impl EventsProcessor {
     /// (identify/alias read directly).
     async fn fetch_person_batched(&self, team_id: i32, distinct_id: &str) -> Result<Option<Person>, sqlx::Error> {
         match self.person_lookups.submit((team_id, distinct_id.to_string())).await {
-            Some(result) => result,
-            None => persons::fetch_person(&self.pool, team_id, distinct_id).await,
+            Ok(result) => result,
+            // The batching task is gone (shutting down), or its answer: read on its own.
+            Err(_) => persons::fetch_person(&self.pool, team_id, distinct_id).await,
         }
     }
 

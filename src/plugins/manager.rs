@@ -77,9 +77,11 @@ impl Plugins {
         (loaded, configs)
     }
 
-    /// Whether the team has any plugin config in force (else no plugin sees its events).
-    pub fn team_has_configs(&self, team_id: i64) -> bool {
-        self.snapshot().per_team.get(&team_id).is_some_and(|configs| !configs.is_empty())
+    /// Whether a config of the team may take the team's events after ingestion (`onEvent`, or
+    /// `onSnapshot` for a snapshot; `exportEvents`): the pipeline copies the event only then.
+    pub fn team_takes_events_after_ingestion(&self, team_id: i64, snapshot: bool) -> bool {
+        let method = if snapshot { Method::OnSnapshot } else { Method::OnEvent };
+        self.snapshot().per_team.get(&team_id).is_some_and(|configs| run::may_take_event_after(configs, method))
     }
 
     /// The loaded config, if in force.

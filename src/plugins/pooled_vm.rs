@@ -12,10 +12,11 @@ use super::errors::{process_error, PluginFailure};
 use super::extensions::PluginContext;
 use super::log_entries::{LogSource, LogType, PluginLogEntry};
 use super::runtime::{
-    self, Attachment, CallKind, FetchRequest, FetchResponse, MetaBindings, MetaError, PluginError, PluginExports,
-    PluginVmSpec, VmId, WorkerPool,
+    self, Attachment, CallArgs, CallKind, FetchRequest, FetchResponse, MetaBindings, MetaError, PluginError,
+    PluginExports, PluginVmSpec, VmId, WorkerPool,
 };
 use super::vm_boundary::{CallError, JsError, Method, PluginVm, TaskKind, VmExports, VmFactory};
+use crate::event::PluginEvent;
 
 /// Performs the plugins' `fetch` (the global and the `node-fetch` import). The server's is the
 /// network ([`runtime::http_fetch`]); tests put their own in its place, as the reference's tests
@@ -132,10 +133,14 @@ impl PluginVm for RuntimeVm {
         self.pool.call(self.pool_id(), method.name(), args, CallKind::Method).await.map_err(call_error)
     }
 
-    async fn call_process_event(&self, event: Value) -> Result<(Value, bool), CallError> {
+    async fn call_process_event(&self, event: &PluginEvent) -> Result<(Value, bool), CallError> {
+        // Serialized straight from the event: no copy of it as values first.
+        let args = CallArgs::json_array(event).map_err(|e| {
+            CallError::from(JsError::new("TypeError", format!("the event could not be serialized: {e}")))
+        })?;
         let pair = self
             .pool
-            .call(self.pool_id(), runtime::PROCESS_EVENT_TRACKED, vec![event], CallKind::Method)
+            .call_with(self.pool_id(), runtime::PROCESS_EVENT_TRACKED, args, CallKind::Method)
             .await
             .map_err(call_error)?;
         match pair {

@@ -18,20 +18,16 @@ use super::errors::{process_error, system_log, PluginFailure};
 use super::export_events::EXPORT_EVENTS_RETRY_JOB;
 use super::extensions::PluginServices;
 use super::historical_export;
-use super::lazy::{LazyVm, LoadedVm};
+use super::lazy::{LazyVm, LoadedVm, VmState};
 use super::log_entries::LogType;
 use super::rows::PluginConfig;
-use super::vm_boundary::{JsError, Method, TaskKind};
+use super::vm_boundary::{event_value, JsError, Method, TaskKind};
 use crate::event::PluginEvent;
 
 /// A config in force and its VM.
 pub struct ConfigEntry {
     pub config: Arc<PluginConfig>,
     pub vm: Arc<LazyVm>,
-}
-
-fn event_value(event: &PluginEvent) -> Value {
-    serde_json::to_value(event).unwrap_or(Value::Null)
 }
 
 /// What one plugin's `processEvent` made of the event. `same`: the plugin returned the object it
@@ -63,7 +59,7 @@ pub struct PluginUnavailable {
 
 async fn process_one(loaded: &LoadedVm, event: &PluginEvent) -> Step {
     let team_id = event.team_id;
-    match loaded.vm.call_process_event(event_value(event)).await {
+    match loaded.vm.call_process_event(event).await {
         Ok((value, _)) if !crate::js::is_truthy(&value) => Step::Dropped,
         Ok((mut value, same)) => {
             let team_changed = value.get("team_id").and_then(Value::as_i64) != Some(team_id);
@@ -173,6 +169,22 @@ pub async fn run_process_event(
     Ok(Some(current))
 }
 
+/// Whether a loaded config takes events after ingestion through `method` (`onEvent` or
+/// `onSnapshot`): its own method, or the buffered `exportEvents` behind `onEvent`.
+fn takes_event_after(loaded: &LoadedVm, method: Method) -> bool {
+    loaded.plugin_has(method) || (method == Method::OnEvent && loaded.export.is_some())
+}
+
+/// Whether any of the configs may take an event after ingestion through `method`: a VM still
+/// loading, or failed and perhaps about to be loaded again, may. Lets the pipeline skip copying
+/// the event when no config will read it.
+pub fn may_take_event_after(team_configs: &[Arc<ConfigEntry>], method: Method) -> bool {
+    team_configs.iter().any(|entry| match entry.vm.current() {
+        VmState::Ready(loaded) => takes_event_after(&loaded, method),
+        VmState::Loading | VmState::Failed => true,
+    })
+}
+
 /// Runs `onEvent` (or `onSnapshot`) of all the team's plugins concurrently.
 pub async fn run_on_event(
     services: &PluginServices,
@@ -182,11 +194,8 @@ pub async fn run_on_event(
 ) {
     let loaded_configs =
         join_all(team_configs.iter().map(|entry| async move { Some((entry, entry.vm.get().await?)) })).await;
-    let wanted: Vec<_> = loaded_configs
-        .into_iter()
-        .flatten()
-        .filter(|(_, loaded)| loaded.plugin_has(method) || (method == Method::OnEvent && loaded.export.is_some()))
-        .collect();
+    let wanted: Vec<_> =
+        loaded_configs.into_iter().flatten().filter(|(_, loaded)| takes_event_after(loaded, method)).collect();
     // The event as JS sees it, made only when some config takes it.
     if wanted.is_empty() {
         return;

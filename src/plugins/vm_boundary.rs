@@ -23,6 +23,7 @@ use super::extensions::PluginContext;
 /// The one JavaScript error type, shared by the runtime (which builds it from what plugin code
 /// threw) and the orchestration.
 pub use super::runtime::{JsError, Thrown};
+use crate::event::PluginEvent;
 
 /// The plugin methods the server calls, in the reference's capability order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -115,6 +116,11 @@ impl From<JsError> for CallError {
     }
 }
 
+/// The event as JS sees it, as values.
+pub fn event_value(event: &PluginEvent) -> Value {
+    serde_json::to_value(event).unwrap_or(Value::Null)
+}
+
 /// One plugin config's evaluated code.
 #[async_trait]
 pub trait PluginVm: Send + Sync {
@@ -127,8 +133,8 @@ pub trait PluginVm: Send + Sync {
 
     /// `processEvent(event)`, and whether it returned the very object it was given (the reference
     /// adds `$plugins_*` to that object only). A VM that cannot tell says it did.
-    async fn call_process_event(&self, event: Value) -> Result<(Value, bool), CallError> {
-        self.call(Method::ProcessEvent, vec![event]).await.map(|value| (value, true))
+    async fn call_process_event(&self, event: &PluginEvent) -> Result<(Value, bool), CallError> {
+        self.call(Method::ProcessEvent, vec![event_value(event)]).await.map(|value| (value, true))
     }
 
     /// Runs a scheduled task (`fn(meta)`) or a job (`fn(payload, meta)`); no method-level guard.

@@ -23,7 +23,7 @@ use crate::db::events::EventRow;
 use crate::db::persons::{Person, PersonDistinctId};
 use crate::db::{self, is_unique_violation};
 use crate::event::{PluginEvent, Properties};
-use crate::infra::batch::Batcher;
+use crate::infra::batch::{lost_in_batch, Batcher, Unanswered};
 use crate::ingestion::elements::{elements_hash, Element};
 
 #[derive(Debug, Error)]
@@ -189,12 +189,14 @@ impl PostgresEventWriter {
     }
 
     async fn insert_event(&self, row: EventRow) -> Result<i64, sqlx::Error> {
-        match self.events.submit(row.clone()).await {
-            Some(result) => result,
-            None => {
+        match self.events.submit(row).await {
+            Ok(result) => result,
+            // The batching task is gone (shutting down): on its own.
+            Err(Unanswered::NotTaken(row)) => {
                 crate::metrics::catalog::postgres("createEventInsert", db::events::insert_event_row(&self.pool, &row))
                     .await
             }
+            Err(Unanswered::Lost) => Err(lost_in_batch()),
         }
     }
 

@@ -8,8 +8,6 @@
 //! and kombu ≥ 5.3's tagged values (`{"__type__": "datetime", "__value__": "…"}` and the other
 //! tags), which are replaced by their `__value__` (the reference cannot read them).
 
-use std::collections::HashMap;
-
 use base64::Engine;
 use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
@@ -110,22 +108,75 @@ fn untag_in_place(value: &mut Value) {
 }
 
 /// Decodes one Redis list item into its task message, checking the envelope as the reference does.
+/// The members `names` of the JSON object `raw` as their JSON text, borrowed from `raw` (`None`
+/// where absent); other members are skipped unread. Of a repeated member the last counts, as
+/// with `JSON.parse`. An error when `raw` is not a JSON object.
+fn members<'a, const N: usize>(
+    raw: &'a str,
+    names: [&'static str; N],
+) -> Result<[Option<&'a RawValue>; N], serde_json::Error> {
+    use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+
+    struct Object<const N: usize>([&'static str; N]);
+    struct Key<const N: usize>([&'static str; N]);
+
+    impl<'de, const N: usize> DeserializeSeed<'de> for Key<N> {
+        type Value = Option<usize>;
+        fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+            deserializer.deserialize_str(self)
+        }
+    }
+    impl<'de, const N: usize> Visitor<'de> for Key<N> {
+        type Value = Option<usize>;
+        fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+            formatter.write_str("a member name")
+        }
+        fn visit_str<E>(self, key: &str) -> Result<Self::Value, E> {
+            Ok(self.0.iter().position(|name| *name == key))
+        }
+    }
+    impl<'de, const N: usize> Visitor<'de> for Object<N> {
+        type Value = [Option<&'de RawValue>; N];
+        fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+            formatter.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut found = [None; N];
+            while let Some(key) = map.next_key_seed(Key(self.0))? {
+                match key.and_then(|index| found.get_mut(index)) {
+                    Some(slot) => *slot = Some(map.next_value::<&'de RawValue>()?),
+                    None => {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+            }
+            Ok(found)
+        }
+    }
+
+    let mut deserializer = serde_json::Deserializer::from_str(raw);
+    let found = deserializer.deserialize_map(Object(names))?;
+    deserializer.end()?;
+    Ok(found)
+}
+
 pub fn decode_envelope(queue: &str, raw: &str) -> Result<TaskMessage, DecodeError> {
-    // Each member kept as its JSON text and read only when needed: the headers alone (kombu's
-    // `argsrepr` repeats the arguments) are as big as the body.
-    let envelope: HashMap<String, Box<RawValue>> = serde_json::from_str(raw)
-        .map_err(|error| DecodeError::NotJson { queue: queue.into(), reason: error.to_string() })?;
-    let member = |name: &str| envelope.get(name).and_then(|raw| serde_json::from_str::<Value>(raw.get()).ok());
-    let content_type = member("content-type");
+    // Each member kept as its JSON text, borrowed from the message, and read only when needed:
+    // the headers alone (kombu's `argsrepr` repeats the arguments) are as big as the body.
+    let [content_type, properties, content_encoding, body, headers] =
+        members(raw, ["content-type", "properties", "content-encoding", "body", "headers"])
+            .map_err(|error| DecodeError::NotJson { queue: queue.into(), reason: error.to_string() })?;
+    let member = |raw: Option<&RawValue>| raw.and_then(|raw| serde_json::from_str::<Value>(raw.get()).ok());
+    let content_type = member(content_type);
     if content_type.as_ref().and_then(Value::as_str) != Some("application/json") {
         return Err(DecodeError::ContentType { queue: queue.into(), found: text_or_type(content_type.as_ref()) });
     }
     let body_encoding =
-        member("properties").and_then(|mut properties| properties.get_mut("body_encoding").map(Value::take));
+        member(properties).and_then(|mut properties| properties.get_mut("body_encoding").map(Value::take));
     if body_encoding.as_ref().and_then(Value::as_str) != Some("base64") {
         return Err(DecodeError::BodyEncoding { queue: queue.into(), found: text_or_type(body_encoding.as_ref()) });
     }
-    let content_encoding = member("content-encoding");
+    let content_encoding = member(content_encoding);
     if content_encoding.as_ref().and_then(Value::as_str) != Some("utf-8") {
         return Err(DecodeError::ContentEncoding {
             queue: queue.into(),
@@ -133,9 +184,8 @@ pub fn decode_envelope(queue: &str, raw: &str) -> Result<TaskMessage, DecodeErro
         });
     }
     let body_error = |reason: String| DecodeError::Body { queue: queue.into(), reason };
-    let body_text = envelope
-        .get("body")
-        .and_then(|raw| serde_json::from_str::<String>(raw.get()).ok())
+    let body_text = body
+        .and_then(|raw| serde_json::from_str::<std::borrow::Cow<'_, str>>(raw.get()).ok())
         .ok_or_else(|| body_error("missing body".into()))?;
     let body_bytes = base64::engine::general_purpose::STANDARD
         .decode(body_text.trim())
@@ -143,18 +193,14 @@ pub fn decode_envelope(queue: &str, raw: &str) -> Result<TaskMessage, DecodeErro
     let body: Value = serde_json::from_slice(&body_bytes).map_err(|error| body_error(error.to_string()))?;
     let body = untag_kombu_values(body);
     // Headers that are not an object are no headers.
-    let headers =
-        envelope.get("headers").and_then(|raw| serde_json::from_str::<HashMap<String, Box<RawValue>>>(raw.get()).ok());
-    let header = |name: &str| {
-        let raw = headers.as_ref()?.get(name)?;
-        serde_json::from_str::<Value>(raw.get()).ok()?.as_str().map(str::to_string)
-    };
-    let header_task = header("task").filter(|task| !task.is_empty());
+    let [header_task, header_id] = headers.and_then(|raw| members(raw.get(), ["task", "id"]).ok()).unwrap_or_default();
+    let header = |raw: Option<&RawValue>| serde_json::from_str::<Value>(raw?.get()).ok()?.as_str().map(str::to_string);
+    let header_task = header(header_task).filter(|task| !task.is_empty());
 
     let message = match header_task {
         // Protocol 2: `[args, kwargs, embed]`.
         Some(task) => {
-            let id = header("id");
+            let id = header(header_id);
             let Value::Array(parts) = body else {
                 return Err(body_error(format!("protocol 2 body must be an array, got {}", json_type_name(&body))));
             };

@@ -13,6 +13,57 @@ use super::{quickjs, v8, CallKind, MetaBindings, PluginConfigId, PluginError, Pl
 use crate::config::JsEngine;
 use crate::plugins::transform::TransformedCode;
 
+/// A call's arguments as the pool carries them to a worker thread: values, or the JSON text of
+/// the argument array made once by the caller (`processEvent`'s event, serialized straight from
+/// the pipeline's event instead of copied into values first). Shared, so a call retried on
+/// another thread takes no copy of them.
+#[derive(Clone, Debug)]
+pub struct CallArgs(Arc<ArgsRepr>);
+
+#[derive(Debug)]
+enum ArgsRepr {
+    Values(Vec<Value>),
+    /// Always a JSON array (`[...]`): only [`CallArgs::json_array`] makes it, from serde's output.
+    Json(String),
+}
+
+impl CallArgs {
+    pub fn values(values: Vec<Value>) -> CallArgs {
+        CallArgs(Arc::new(ArgsRepr::Values(values)))
+    }
+
+    /// The arguments `[first]`, as JSON text. Serializing cannot fail for the pipeline's types;
+    /// should it, the error is the caller's to report.
+    pub fn json_array<T: serde::Serialize>(first: &T) -> Result<CallArgs, serde_json::Error> {
+        let mut text = Vec::with_capacity(1024);
+        text.push(b'[');
+        serde_json::to_writer(&mut text, first)?;
+        text.push(b']');
+        // serde_json writes UTF-8 only.
+        let text = String::from_utf8(text).map_err(|e| serde::ser::Error::custom(e.to_string()))?;
+        Ok(CallArgs(Arc::new(ArgsRepr::Json(text))))
+    }
+
+    /// The arguments as values (a copy; parsed from the text when made as JSON).
+    pub fn to_values(&self) -> Vec<Value> {
+        match &*self.0 {
+            ArgsRepr::Values(values) => values.clone(),
+            ArgsRepr::Json(text) => match serde_json::from_str(text) {
+                Ok(Value::Array(values)) => values,
+                _ => Vec::new(),
+            },
+        }
+    }
+
+    /// The JSON text of the argument array.
+    pub fn to_json_array(&self) -> Result<std::borrow::Cow<'_, str>, serde_json::Error> {
+        match &*self.0 {
+            ArgsRepr::Values(values) => serde_json::to_string(values).map(std::borrow::Cow::Owned),
+            ArgsRepr::Json(text) => Ok(std::borrow::Cow::Borrowed(text)),
+        }
+    }
+}
+
 /// One plugin config's VM on one worker thread.
 #[derive(Clone)]
 pub enum Vm {
@@ -57,9 +108,9 @@ impl Vm {
     }
 
     /// Calls an exported function (or `jobs.<name>`, or a pseudo-method) with `args` and `meta`.
-    pub async fn call(&self, method: &str, args: Vec<Value>, kind: CallKind) -> Result<Value, PluginError> {
+    pub async fn call(&self, method: &str, args: CallArgs, kind: CallKind) -> Result<Value, PluginError> {
         match self {
-            Vm::QuickJs(vm) => vm.call(method, args, kind).await,
+            Vm::QuickJs(vm) => vm.call(method, args.to_values(), kind).await,
             Vm::V8(vm) => vm.call(method, args, kind).await,
         }
     }
@@ -87,5 +138,28 @@ impl Vm {
             (Vm::V8(a), Vm::V8(b)) => std::rc::Rc::ptr_eq(a, b),
             _ => false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::CallArgs;
+
+    #[test]
+    fn arguments_made_as_text_are_the_arguments_as_values() {
+        let event =
+            json!({"event": "é 😀 \"q\"\n", "properties": {"n": 1.5, "big": 9007199254740993u64, "a": [null, true]}});
+        let text = CallArgs::json_array(&event).unwrap_or_else(|e| panic!("{e}"));
+        let values = CallArgs::values(vec![event.clone()]);
+        assert_eq!(text.to_values(), vec![event.clone()]);
+        assert_eq!(
+            text.to_json_array().map(|t| t.into_owned()).ok(),
+            values.to_json_array().map(|t| t.into_owned()).ok()
+        );
+        // Shared: a retry's copy is the same arguments, not a deep copy.
+        let retry = text.clone();
+        assert!(std::sync::Arc::ptr_eq(&retry.0, &text.0));
     }
 }

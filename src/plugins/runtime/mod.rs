@@ -29,6 +29,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde_json::Value;
 
+pub use engine::CallArgs;
 pub use host::fetch::{
     add_test_public_host, configure as configure_network, fetch_undecoded, fetch_with, http_fetch, internal_reason,
     node_tls_error, resolve_for_plugin, settings as network_settings, FetchError, FetchRequest, FetchResponse,

@@ -53,7 +53,7 @@ use serde_json::Value;
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 
-use super::engine::Vm;
+use super::engine::{CallArgs, Vm};
 use super::quickjs::{is_allowed_import, TEST_CONSOLE_MODULE};
 use super::{CallKind, MetaBindings, PluginConfigId, PluginError, PluginExports, PluginVmSpec, PoolOptions};
 use crate::plugins::transform::{transform_code, TransformedCode};
@@ -176,7 +176,7 @@ enum Task {
         recipe: VmRecipe,
         create: bool,
         method: String,
-        args: Vec<Value>,
+        args: CallArgs,
         kind: CallKind,
         /// The config's heavy mark, set by the thread after a long stretch (fair share).
         heavy: Option<Arc<Marks>>,
@@ -388,6 +388,17 @@ impl WorkerPool {
         args: Vec<Value>,
         kind: CallKind,
     ) -> Result<Value, PluginError> {
+        self.call_with(plugin_config_id, method, CallArgs::values(args), kind).await
+    }
+
+    /// [`WorkerPool::call`] with the arguments as [`CallArgs`] (e.g. already JSON text).
+    pub async fn call_with(
+        &self,
+        plugin_config_id: PluginConfigId,
+        method: &str,
+        args: CallArgs,
+        kind: CallKind,
+    ) -> Result<Value, PluginError> {
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -440,6 +451,7 @@ impl WorkerPool {
             Ok(recipe) => recipe,
             Err(e) => return vec![Err(e)],
         };
+        let args = CallArgs::values(args);
         let mut replies = Vec::new();
         for index in 0..self.inner.workers.len() {
             let (reply, answer) = oneshot::channel();
@@ -1112,7 +1124,7 @@ async fn vm_for(
     let building = Building(Instant::now());
     let vm = Vm::create(id, &recipe.code, recipe.meta.clone(), options, main, abandoned).await?;
     if vm.exports().has("setupPlugin") {
-        vm.call("setupPlugin", Vec::new(), CallKind::Method).await?;
+        vm.call("setupPlugin", CallArgs::values(Vec::new()), CallKind::Method).await?;
     }
     drop(building);
     let mut vms = vms.borrow_mut();

@@ -670,6 +670,17 @@ impl V8Isolate {
         timeout: Duration,
     ) -> Result<Outcome, EngineError> {
         let args = serde_json::to_string(args).map_err(|e| EngineError::Internal(e.to_string()))?;
+        self.call_in_text(realm, name, &args, timeout)
+    }
+
+    /// [`V8Isolate::call_in`] with the arguments as the JSON text of an array.
+    pub fn call_in_text(
+        &mut self,
+        realm: RealmId,
+        name: &str,
+        args: &str,
+        timeout: Duration,
+    ) -> Result<Outcome, EngineError> {
         self.run(timeout, |iso, call_id| {
             // SAFETY: a live isolate; texts passed with their lengths.
             unsafe {

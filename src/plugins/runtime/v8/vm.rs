@@ -27,8 +27,8 @@ use super::{EngineError, HostFuture, Outcome, RealmId, V8Isolate, V8Options};
 use crate::plugins::runtime::host::{self, v8::bin_string};
 use crate::plugins::runtime::timeouts::{loop_timeout_error, promise_timeout_error, refused_error};
 use crate::plugins::runtime::{
-    next_vm_id, CallKind, FetchRequest, JsError, MetaBindings, MetaError, PluginConfigId, PluginError, PluginExports,
-    PoolOptions, VmId, META_GLOBAL_GET, PROCESS_EVENT_TRACKED,
+    next_vm_id, CallArgs, CallKind, FetchRequest, JsError, MetaBindings, MetaError, PluginConfigId, PluginError,
+    PluginExports, PoolOptions, VmId, META_GLOBAL_GET, PROCESS_EVENT_TRACKED,
 };
 use crate::plugins::transform::{TransformedCode, VIRTUAL_FILENAME};
 
@@ -260,6 +260,13 @@ impl VmInner {
         outcome
     }
 
+    /// [`VmInner::enter`] with the argument list as JSON text (an array).
+    fn enter_text(&self, name: &str, args: &str) -> Result<Outcome, EngineError> {
+        let outcome = self.iso.borrow_mut().call_in_text(RealmId::MAIN, name, args, self.task_timeout);
+        self.after_js();
+        outcome
+    }
+
     /// After JS ran: start the host ops it began, report unhandled rejections, wake the waiters.
     fn after_js(&self) {
         let started = self.iso.borrow().take_started_ops();
@@ -414,9 +421,9 @@ impl VmInner {
 
     /// Calls an exported function (or `jobs.<name>`) with `args` and `meta`, and waits for its
     /// result under the limits of `kind`.
-    pub async fn call(self: &Rc<Self>, method: &str, args: Vec<Value>, kind: CallKind) -> Result<Value, PluginError> {
+    pub async fn call(self: &Rc<Self>, method: &str, args: CallArgs, kind: CallKind) -> Result<Value, PluginError> {
         if method == META_GLOBAL_GET || method == crate::plugins::runtime::META_GLOBAL_SET {
-            return self.meta_global(method, args);
+            return self.meta_global(method, args.to_values());
         }
         let known = match method.strip_prefix("jobs.") {
             Some(job) => self.jobs.borrow().contains(job),
@@ -436,7 +443,13 @@ impl VmInner {
         let started = Instant::now();
         let deadline = started + self.task_timeout;
         let id = self.fresh_id();
-        match self.enter("call", &[json!(id), json!(method), Value::Array(args)]) {
+        // The bootstrap's `call(id, method, args)`, its argument list written as text around the
+        // arguments' own (already JSON when the caller made them so).
+        let entered = args.to_json_array().map_err(|e| EngineError::Internal(e.to_string())).and_then(|args| {
+            let method = serde_json::to_string(method).map_err(|e| EngineError::Internal(e.to_string()))?;
+            self.enter_text("call", &format!("[{id},{method},{args}]"))
+        });
+        match entered {
             Ok(Outcome::Done(value)) => Ok(value),
             Ok(Outcome::Pending(call)) => self.wait(call, id, kind, name, started, deadline).await,
             Err(error) => Err(self.failed(error, id, name)),
