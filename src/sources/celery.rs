@@ -107,7 +107,6 @@ fn untag_in_place(value: &mut Value) {
     }
 }
 
-/// Decodes one Redis list item into its task message, checking the envelope as the reference does.
 /// The members `names` of the JSON object `raw` as their JSON text, borrowed from `raw` (`None`
 /// where absent); other members are skipped unread. Of a repeated member the last counts, as
 /// with `JSON.parse`. An error when `raw` is not a JSON object.
@@ -160,6 +159,7 @@ fn members<'a, const N: usize>(
     Ok(found)
 }
 
+/// Decodes one Redis list item into its task message, checking the envelope as the reference does.
 pub fn decode_envelope(queue: &str, raw: &str) -> Result<TaskMessage, DecodeError> {
     // Each member kept as its JSON text, borrowed from the message, and read only when needed:
     // the headers alone (kombu's `argsrepr` repeats the arguments) are as big as the body.
@@ -345,4 +345,20 @@ fn plugin_job_task(args: Vec<Value>) -> Result<Value, DecodeError> {
 /// Decodes a raw queue item all the way to a task.
 pub fn decode_task(queue: &str, raw: &str, tasks: TaskSet) -> Result<CeleryTask, DecodeError> {
     decode_envelope(queue, raw)?.into_task(tasks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::members;
+
+    #[test]
+    fn members_are_borrowed_and_the_last_of_a_repeated_one_counts() {
+        let raw = r#"{"a": 1, "skip": {"deep": [1, "x"]}, "a": [3], "c\u0061": "escaped name"}"#;
+        let [a, ca, absent] = members(raw, ["a", "ca", "absent"]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(a.map(|raw| raw.get()), Some("[3]"), "as JSON.parse: the last one");
+        assert_eq!(ca.map(|raw| raw.get()), Some(r#""escaped name""#));
+        assert!(absent.is_none());
+        assert!(members("[1, 2]", ["a"]).is_err(), "not an object");
+        assert!(members(r#"{"a": 1} trailing"#, ["a"]).is_err(), "not JSON");
+    }
 }
