@@ -88,6 +88,19 @@ def pg_statements(cur, reset=False):
         return None
 
 
+def pg_counters(cur):
+    """Commits and rollbacks of the server's database, WAL records, bytes and syncs (PostgreSQL
+    14+): (commits, rollbacks, wal_records, wal_bytes, wal_sync), or None."""
+    try:
+        cur.execute("SELECT xact_commit, xact_rollback FROM pg_stat_database WHERE datname = current_database()")
+        commits, rollbacks = cur.fetchone()
+        cur.execute("SELECT wal_records, wal_bytes, wal_sync FROM pg_stat_wal")
+        return (commits, rollbacks, *cur.fetchone())
+    except Exception:
+        cur.connection.rollback() if not cur.connection.autocommit else None
+        return None
+
+
 def main():
     scenarios = (sys.argv[1] if len(sys.argv) > 1 else "none").split(",")
     n = int(sys.argv[2]) if len(sys.argv) > 2 else 20000
@@ -106,6 +119,7 @@ def main():
             cur = conn.cursor()
             r = harness.rds()
             pg_statements(cur, reset=True)
+            counters0 = pg_counters(cur)
             r.config_resetstat()
             server_pids = set(harness.proc_tree(server.proc.pid))
             perf = None
@@ -130,6 +144,7 @@ def main():
                       for field in ("VmHWM", "VmRSS", "RssAnon", "RssFile")}
             commands = r.info("commandstats")
             statements = pg_statements(cur)
+            counters1 = pg_counters(cur)
         finally:
             server.stop()
         groups, others = {}, {}
@@ -150,6 +165,12 @@ def main():
         print(f"Redis: {total / n:.2f} commands/event")
         for name, v in sorted(commands.items(), key=lambda kv: -kv[1]["calls"])[:12]:
             print(f"  {name:28} {v['calls'] / n:6.2f}/event  {v['usec_per_call']:.2f} us/call")
+        if counters0 and counters1:
+            # pg_stat_database is updated when a backend reports (at most every 0.5 s): close enough
+            # over a run of seconds; the harness's own polling is in these counts.
+            d = [b - a for a, b in zip(counters0, counters1)]
+            print(f"PostgreSQL: {d[0] / n:.3f} commits/event, {d[1] / n:.3f} rollbacks/event, "
+                  f"WAL {d[2] / n:.1f} records, {d[3] / n:,.0f} bytes and {d[4] / n:.3f} syncs per event")
         if statements:
             print(f"PostgreSQL: {sum(s[0] for s in statements) / n:.2f} statements/event")
             for calls, ms, rows, query in statements[:20]:

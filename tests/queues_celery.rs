@@ -841,3 +841,53 @@ async fn delivery_counts_survive_a_redis_that_forgot_the_script() {
     assert!((1..=60).contains(&ttl), "{ttl}");
     let _: () = redis::cmd("DEL").arg(&key).query_async(&mut connection).await.unwrap();
 }
+
+/// Concurrent callers' commands share round trips, each caller gets its own replies in order, and
+/// an error reply to one caller's command fails that caller only.
+#[tokio::test]
+async fn concurrent_callers_share_round_trips_and_keep_their_own_replies() {
+    use plugin_server::infra::pipelined_redis::PipelinedRedis;
+    let key = unique("pipelined");
+    let pool = redis_pool();
+    let redis = PipelinedRedis::new(redis::Client::open(REDIS_URL).unwrap(), Duration::from_secs(5));
+    let callers = 200;
+    let replies = futures::future::join_all((0..callers).map(|caller| {
+        let redis = &redis;
+        let key = format!("{key}:{caller}");
+        async move {
+            let commands = if caller % 10 == 3 {
+                // A type error: INCR of a key holding a list.
+                vec![
+                    redis::cmd("RPUSH").arg(&key).arg("x").clone(),
+                    redis::cmd("INCR").arg(&key).clone(),
+                    redis::cmd("DEL").arg(&key).clone(),
+                ]
+            } else {
+                vec![
+                    redis::cmd("SET").arg(&key).arg(caller).clone(),
+                    redis::cmd("INCR").arg(&key).clone(),
+                    redis::cmd("GET").arg(&key).clone(),
+                    redis::cmd("DEL").arg(&key).clone(),
+                ]
+            };
+            redis.query(commands).await
+        }
+    }))
+    .await;
+    for (caller, reply) in replies.into_iter().enumerate() {
+        if caller % 10 == 3 {
+            let error = reply.expect_err("INCR of a list is an error reply");
+            assert!(error.to_string().contains("WRONGTYPE"), "{error}");
+            let mut connection = redis_conn(&pool).await;
+            let _: () = redis::cmd("DEL").arg(format!("{key}:{caller}")).query_async(&mut connection).await.unwrap();
+        } else {
+            let values = reply.unwrap_or_else(|error| panic!("caller {caller}: {error}"));
+            let expected = (caller + 1).to_string();
+            assert_eq!(values.len(), 4, "caller {caller}: {values:?}");
+            assert_eq!(values[1], redis::Value::Int(caller as i64 + 1), "caller {caller}: {values:?}");
+            assert_eq!(values[2], redis::Value::BulkString(expected.into_bytes()), "caller {caller}");
+        }
+    }
+    let round_trips = redis.round_trips();
+    assert!(round_trips < callers as u64 / 2, "{callers} concurrent callers took {round_trips} round trips");
+}
