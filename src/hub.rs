@@ -164,9 +164,9 @@ pub async fn connect_postgres_with(options: PgConnectOptions, max_connections: u
             })
         })
         // A connection's buffers keep the size of the largest statement it ever carried (a batch
-        // of 500 event rows is over a megabyte) for as long as it lives: across the pool, the
-        // server's memory crept up by 15 MB over a 60,000-event backlog. Given back on release
-        // (a no-op for a connection that carried nothing large).
+        // of 500 event rows is over a megabyte) for as long as it lives, so each connection of
+        // the pool that once carried a large batch held its megabytes for good. Given back on
+        // release (a no-op for a connection that carried nothing large).
         .after_release(|connection, _meta| {
             sqlx::Connection::shrink_buffers(connection);
             Box::pin(async { Ok(true) })

@@ -2,7 +2,7 @@
 //! commands go out as one pipeline, replies are matched to callers, and every reply must arrive
 //! within a response timeout, after which the connection is presumed half-open and replaced. Used
 //! by the Celery consumer (delivery counts, acknowledgements) and its write markers, so that the
-//! time between an event's write and its marker is one round trip.
+//! time between an event's write and its marker is one round trip (two when another is out).
 //!
 //! The callers' pipelines are themselves batched ([`crate::infra::batch`]): whatever callers ask
 //! while a round trip is out goes in the next one, as one write. Left to the connection, each
