@@ -158,16 +158,22 @@ fn lost() -> redis::RedisError {
     redis::RedisError::from(std::io::Error::other("a pipelined Redis round trip ended without an answer"))
 }
 
-/// `error` again, for another caller of the same round trip (a `RedisError` cannot be cloned):
-/// the same kind, and still an I/O error, a timeout or a dropped connection if it was one.
-fn replicate(error: &redis::RedisError) -> redis::RedisError {
-    if error.is_timeout() {
+/// `error` again, for each caller of the same round trip (a `RedisError` cannot be cloned): the
+/// same kind, and still an I/O error, a timeout or a dropped connection if it was one.
+fn replicate(error: &RedisCallError) -> RedisCallError {
+    let error = match error {
+        RedisCallError::Redis(error) => error,
+        RedisCallError::Timeout(limit) => return RedisCallError::Timeout(*limit),
+        RedisCallError::Pool(error) => return redis::RedisError::from(std::io::Error::other(error.to_string())).into(),
+    };
+    let again = if error.is_timeout() {
         redis::RedisError::from(std::io::Error::new(std::io::ErrorKind::TimedOut, error.to_string()))
     } else if error.is_io_error() || error.is_connection_dropped() {
         redis::RedisError::from(std::io::Error::new(std::io::ErrorKind::ConnectionReset, error.to_string()))
     } else {
         redis::RedisError::from((error.kind(), "Redis pipeline failed", error.to_string()))
-    }
+    };
+    again.into()
 }
 
 impl Link {
@@ -218,10 +224,10 @@ impl Link {
         if broken {
             self.connection.lock().await.take();
         }
-        match reply {
+        let failure = match reply {
             Ok(values) if values.len() == total => {
                 let mut values = values.into_iter();
-                counts
+                return counts
                     .into_iter()
                     .map(|count| {
                         let own: Vec<Value> = values.by_ref().take(count).collect();
@@ -232,34 +238,15 @@ impl Link {
                             })
                             .map_err(RedisCallError::from)
                     })
-                    .collect()
+                    .collect();
             }
-            Ok(values) => {
-                let error = format!("{} replies to {total} pipelined Redis commands", values.len());
-                counts
-                    .iter()
-                    .map(|_| {
-                        Err(redis::RedisError::from((
-                            redis::ErrorKind::ParseError,
-                            "unexpected replies",
-                            error.clone(),
-                        ))
-                        .into())
-                    })
-                    .collect()
-            }
-            Err(error) => counts
-                .iter()
-                .map(|_| {
-                    Err(match &error {
-                        RedisCallError::Redis(error) => RedisCallError::Redis(replicate(error)),
-                        RedisCallError::Timeout(limit) => RedisCallError::Timeout(*limit),
-                        RedisCallError::Pool(error) => {
-                            RedisCallError::Redis(redis::RedisError::from(std::io::Error::other(error.to_string())))
-                        }
-                    })
-                })
-                .collect(),
-        }
+            Ok(values) => RedisCallError::Redis(redis::RedisError::from((
+                redis::ErrorKind::ParseError,
+                "unexpected replies",
+                format!("{} replies to {total} pipelined Redis commands", values.len()),
+            ))),
+            Err(error) => error,
+        };
+        counts.iter().map(|_| Err(replicate(&failure))).collect()
     }
 }
