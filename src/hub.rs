@@ -77,18 +77,24 @@ impl Hub {
     }
 }
 
-/// node-postgres' default pool size, which the reference has once in its main thread and once in
-/// each worker thread.
-const CONNECTIONS_PER_REFERENCE_THREAD: u32 = 10;
+/// Connections of the main pool per thread (`WORKER_CONCURRENCY` worker threads plus the main one).
+///
+/// The reference opens node-postgres' default of ten per thread; fewer serve better here, where
+/// concurrent events share statements through the micro-batchers: a statement waiting for a
+/// connection gathers more events, and each connection is one more PostgreSQL backend that plans
+/// every statement it runs (five custom plans each before a generic one) and competes for the same
+/// cores. The side-by-side kit's workload (`benches/side_by_side_breakdown.py none 20000`, 2
+/// threads, two runs each, 2026-12-08): 30 connections 5,359 / 5,582 events/s (PostgreSQL 0.161 /
+/// 0.155 ms per event), 16: 5,890 / 5,998, 10: 6,339 / 6,007, 6: 7,064 / 6,550 (0.118 / 0.123
+/// ms), 4: 6,579 / 6,152; `simple`: 30: 3,897 / 4,350, 6: 4,773 / 4,723. An earlier session
+/// measured 10 against 30 in the Kafka pipeline, before person lookups and updates were batched:
+/// 4,803 against 4,986 events/s (`BENCH_QUEUE=kafka cargo bench --bench e2e_server`).
+const CONNECTIONS_PER_THREAD: u32 = 2;
 
-/// The main pool's size: as many connections as the reference opens in all (main thread plus
-/// `WORKER_CONCURRENCY` worker threads, ten each). One shared pool of that size keeps the
-/// database busy while hundreds of events are in flight; ten alone made events queue for a
-/// connection (measured with `BENCH_QUEUE=kafka cargo bench --bench e2e_server`, 2 threads: 4,803
-/// to 4,986 events/s).
+/// The main pool's size: [`CONNECTIONS_PER_THREAD`] for the main thread and each worker thread.
 fn postgres_pool_size(config: &Config) -> u32 {
     let threads = u32::try_from(config.worker_threads()).unwrap_or(u32::MAX);
-    CONNECTIONS_PER_REFERENCE_THREAD.saturating_mul(threads.saturating_add(1))
+    CONNECTIONS_PER_THREAD.saturating_mul(threads.saturating_add(1))
 }
 
 /// Connection options for the main database: `DATABASE_URL` when set, otherwise the discrete

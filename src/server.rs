@@ -239,6 +239,12 @@ async fn start_components(hub: &Hub, lifecycle: &mut Lifecycle) -> Result<(), Se
     let matcher = Arc::new(matcher);
     let hooks = Arc::new(HookCommander::new(hub.postgres.clone()));
     let processor = Arc::new(EventsProcessor::new(hub, writer).with_action_matching(matcher, hooks));
+    {
+        let pool = hub.postgres.clone();
+        lifecycle.spawn("persons statistics", DEFAULT_SHUTDOWN_BUDGET, move |token| {
+            crate::ingestion::person_manager::collect_missing_statistics(pool, token)
+        });
+    }
     let activity = Arc::new(ActivityTracker::new());
     let pipeline = Arc::new(Pipeline {
         distinct_ids: Default::default(),

@@ -356,3 +356,77 @@ async fn add_group_properties() {
         json!({"foo": "bar", "$groups": groups, "$group_0": "PostHog", "$group_1": "web"})
     );
 }
+
+/// The lookup plan PostgreSQL makes for one distinct id of team 2.
+async fn distinct_id_lookup_plan(pool: &sqlx::PgPool) -> String {
+    let rows: Vec<String> = sqlx::query_scalar(
+        "EXPLAIN SELECT person_id FROM posthog_persondistinctid WHERE team_id = 2 AND distinct_id = 'distinct-7'",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    rows.join("\n")
+}
+
+#[tokio::test]
+async fn distinct_ids_never_analyzed_get_statistics_once_the_table_grows() {
+    use plugin_server::ingestion::person_manager::analyze_distinct_ids_unless_planned;
+    use std::time::Duration;
+    use tokio_util::sync::CancellationToken;
+
+    let db = TestDb::with_fixture(None).await;
+    // PostHog's schema has the team index Django makes for the foreign key: the planner's wrong pick.
+    sqlx::query("CREATE INDEX IF NOT EXISTS posthog_persondistinctid_team_id ON posthog_persondistinctid (team_id)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM pg_statistic WHERE starelid = 'posthog_persondistinctid'::regclass")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let analyzed = || async {
+        sqlx::query_scalar::<_, bool>(
+            "SELECT EXISTS (SELECT 1 FROM pg_stats WHERE tablename = 'posthog_persondistinctid' AND attname = 'team_id')",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+    };
+
+    // A small table is left alone: the task keeps looking until it is stopped.
+    let token = CancellationToken::new();
+    let stopper = token.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        stopper.cancel();
+    });
+    tokio::time::timeout(Duration::from_secs(10), analyze_distinct_ids_unless_planned(&db.pool, &token))
+        .await
+        .expect("stops when cancelled");
+    assert!(!analyzed().await);
+
+    // Grown past the threshold (3,000 distinct ids of one team), it is analyzed once, at once.
+    sqlx::query(
+        "WITH persons AS (
+             INSERT INTO posthog_person (created_at, properties, team_id, is_identified, uuid)
+             SELECT now(), '{}', 2, false, gen_random_uuid() FROM generate_series(1, 3000) RETURNING id)
+         INSERT INTO posthog_persondistinctid (distinct_id, person_id, team_id)
+         SELECT 'distinct-' || id, id, 2 FROM persons",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let before = distinct_id_lookup_plan(&db.pool).await;
+    let token = CancellationToken::new();
+    tokio::time::timeout(Duration::from_secs(10), analyze_distinct_ids_unless_planned(&db.pool, &token))
+        .await
+        .expect("analyzes without waiting for a cancellation");
+    assert!(analyzed().await, "no statistics after the task (plan before: {before})");
+    let after = distinct_id_lookup_plan(&db.pool).await;
+    assert!(after.contains("unique distinct_id for team"), "plan before: {before}\nplan after: {after}");
+
+    // With statistics there, nothing more to do.
+    tokio::time::timeout(Duration::from_secs(2), analyze_distinct_ids_unless_planned(&db.pool, &token))
+        .await
+        .expect("returns at once when the table has statistics");
+}

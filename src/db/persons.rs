@@ -431,6 +431,24 @@ fn is_distinct_id_foreign_key_violation(error: &sqlx::Error) -> bool {
     })
 }
 
+/// Whether PostgreSQL has planner statistics on `posthog_persondistinctid.team_id` (none when the
+/// table was never analyzed: autovacuum off, or not run yet), and the table's size in bytes (0 when
+/// it is not there).
+pub async fn distinct_id_statistics(pool: &PgPool) -> Result<(bool, i64), sqlx::Error> {
+    sqlx::query_as(
+        "SELECT EXISTS (SELECT 1 FROM pg_stats WHERE schemaname = current_schema() \
+             AND tablename = 'posthog_persondistinctid' AND attname = 'team_id'), \
+         COALESCE(pg_relation_size(to_regclass('posthog_persondistinctid')), 0)::int8",
+    )
+    .fetch_one(pool)
+    .await
+}
+
+/// `ANALYZE posthog_persondistinctid` (PostgreSQL only warns when the role does not own it).
+pub async fn analyze_distinct_ids(pool: &PgPool) -> Result<(), sqlx::Error> {
+    sqlx::query("ANALYZE posthog_persondistinctid").execute(pool).await.map(drop)
+}
+
 /// How many rows the team has for `distinct_id` (0 or 1).
 pub async fn count_distinct_id(pool: &PgPool, team_id: i32, distinct_id: &str) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar(

@@ -52,16 +52,28 @@ impl GroupTypeManager {
 
     /// Adds `$group_<index>: key` for each entry of `properties.$groups` that has an index.
     pub async fn add_group_properties(&self, team_id: i32, properties: &mut Properties) -> Result<(), sqlx::Error> {
+        let entries = self.group_entries(team_id, properties).await?;
+        properties.extend(entries);
+        Ok(())
+    }
+
+    /// The entries [`Self::add_group_properties`] sets: `$group_<index>` for each type of
+    /// `$groups` the team has an index for.
+    pub async fn group_entries(
+        &self,
+        team_id: i32,
+        properties: &Properties,
+    ) -> Result<Vec<(String, Value)>, sqlx::Error> {
         let Some(Value::Object(groups)) = properties.get("$groups") else {
-            return Ok(());
+            return Ok(Vec::new());
         };
-        let groups = groups.clone();
+        let mut entries = Vec::new();
         for (group_type, group_key) in groups {
-            if let Some(index) = self.fetch_group_type_index(team_id, &group_type).await? {
-                properties.insert(format!("$group_{index}"), group_key);
+            if let Some(index) = self.fetch_group_type_index(team_id, group_type).await? {
+                entries.push((format!("$group_{index}"), group_key.clone()));
             }
         }
-        Ok(())
+        Ok(entries)
     }
 }
 

@@ -26,8 +26,8 @@ use super::elements::{extract_elements, Element};
 use super::groups::GroupTypeManager;
 use super::person_manager::PersonManager;
 use super::properties::{
-    apply_person_property_updates, is_distinct_id_illegal, merge_objects, object_or_empty, parameter_text,
-    person_initial_and_utm_properties, sanitize_event_name,
+    apply_person_property_updates, initial_and_utm_entries, is_distinct_id_illegal, merge_objects, object_or_empty,
+    parameter_text, sanitize_event_name, Replaced,
 };
 use super::teams::{FirstEventTelemetry, TeamManager};
 use super::timestamp::{handle_timestamp, now_ms, parse_timestamp};
@@ -147,7 +147,9 @@ pub trait ActionHandler: Send + Sync {
 /// A processed standard event (what `processEvent` returns in the reference).
 #[derive(Debug, Clone)]
 pub struct ProcessedEvent {
-    pub payload: EventPayload,
+    pub team_id: i32,
+    /// The event's elements (from `$elements`), for action matching.
+    pub elements: Vec<Element>,
     pub event_id: Option<i64>,
 }
 
@@ -291,12 +293,12 @@ impl EventsProcessor {
         };
         let mut matched_action_ids = Vec::new();
         if let Some(actions) = &self.actions {
-            let team_id = processed.payload.team_id;
+            let team_id = processed.team_id;
             let matching = Instant::now();
             if actions.team_has_actions(team_id) {
                 let person = self.fetch_person_batched(team_id, &event.distinct_id).await?;
                 matched_action_ids = actions
-                    .match_and_fire(event, person.as_ref(), &processed.payload.elements)
+                    .match_and_fire(event, person.as_ref(), &processed.elements)
                     .await
                     .map_err(IngestError::Actions)?;
             }
@@ -399,14 +401,35 @@ impl EventsProcessor {
         )
         .await?;
 
-        let mut final_properties = person_initial_and_utm_properties(properties);
-        self.group_types.add_group_properties(capture.team_id, &mut final_properties).await?;
+        // The row's properties are the reference's copy (`personInitialAndUTMProperties`, then
+        // `addGroupProperties`): `properties` itself with those entries set while the row is
+        // written, put back for the event afterwards, whatever happened in between.
+        let mut replaced = Replaced::default();
+        for (key, value) in initial_and_utm_entries(properties) {
+            replaced.set(properties, key, value);
+        }
+        let processed = self.write_row(capture, event_name, elements, properties, &mut replaced).await;
+        replaced.restore(properties);
+        processed
+    }
 
+    /// [`Self::capture`] from the row's properties on: groups, person properties, the row.
+    async fn write_row(
+        &self,
+        capture: Capture<'_>,
+        event_name: String,
+        elements: Vec<Element>,
+        properties: &mut Properties,
+        replaced: &mut Replaced,
+    ) -> Result<ProcessedEvent, IngestError> {
+        for (key, value) in self.group_types.group_entries(capture.team_id, properties).await? {
+            replaced.set(properties, key, value);
+        }
         if event_name == "$groupidentify" {
-            self.upsert_group(capture.team_id, &final_properties).await?;
+            self.upsert_group(capture.team_id, properties).await?;
         } else {
-            let set = final_properties.get("$set");
-            let set_once = final_properties.get("$set_once");
+            let set = properties.get("$set");
+            let set_once = properties.get("$set_once");
             if set.is_some_and(is_truthy) || set_once.is_some_and(is_truthy) {
                 let (set, set_once) = (object_or_empty(set), object_or_empty(set_once));
                 self.update_person_properties(capture.team_id, capture.distinct_id, set, set_once).await?;
@@ -416,15 +439,17 @@ impl EventsProcessor {
         let payload = EventPayload {
             uuid: capture.uuid,
             event: event_name,
-            properties: final_properties,
+            properties: std::mem::take(properties),
             timestamp: capture.timestamp,
             team_id: capture.team_id,
             distinct_id: capture.distinct_id.to_string(),
             created_at: now_ms(),
             elements,
         };
-        let event_id = self.writer.write_event(&payload).await?;
-        Ok(ProcessedEvent { payload, event_id })
+        let written = self.writer.write_event(&payload).await;
+        let EventPayload { properties: row_properties, team_id, elements, .. } = payload;
+        *properties = row_properties;
+        Ok(ProcessedEvent { team_id, elements, event_id: written? })
     }
 
     async fn create_session_recording(

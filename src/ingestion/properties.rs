@@ -84,12 +84,11 @@ pub fn merge_objects(base: Option<&Value>, overlay: &Properties) -> Value {
     Value::Object(merged)
 }
 
-/// The reference's `personInitialAndUTMProperties`: a copy of `properties` where campaign params
-/// are added to `$set` (overriding an explicit `$set`) and campaign + initial params are added to
-/// `$set_once` as `$initial_<name without its first $>`. Presence means the key exists, whatever
-/// its value.
-pub fn person_initial_and_utm_properties(properties: &Properties) -> Properties {
-    let mut copy = properties.clone();
+/// The entries the reference's `personInitialAndUTMProperties` sets on its copy of `properties`,
+/// in order: `$set` with the campaign params added (overriding an explicit `$set`), `$set_once`
+/// with campaign + initial params added as `$initial_<name without its first $>`. Presence means
+/// the key exists, whatever its value.
+pub fn initial_and_utm_entries(properties: &Properties) -> Vec<(String, Value)> {
     let mut campaign = Map::new();
     let mut initial = Map::new();
     for (key, value) in properties {
@@ -101,13 +100,52 @@ pub fn person_initial_and_utm_properties(properties: &Properties) -> Properties 
             initial.insert(format!("$initial_{}", key.replacen('$', "", 1)), value.clone());
         }
     }
+    let mut entries = Vec::new();
     if !campaign.is_empty() {
-        copy.insert("$set".to_string(), merge_objects(properties.get("$set"), &campaign));
+        entries.push(("$set".to_string(), merge_objects(properties.get("$set"), &campaign)));
     }
     if !initial.is_empty() {
-        copy.insert("$set_once".to_string(), merge_objects(properties.get("$set_once"), &initial));
+        entries.push(("$set_once".to_string(), merge_objects(properties.get("$set_once"), &initial)));
     }
+    entries
+}
+
+/// The reference's `personInitialAndUTMProperties`: a copy of `properties` with
+/// [`initial_and_utm_entries`] set.
+pub fn person_initial_and_utm_properties(properties: &Properties) -> Properties {
+    let mut copy = properties.clone();
+    copy.extend(initial_and_utm_entries(properties));
     copy
+}
+
+/// Entries set on a property map for a while, then undone: the map is the stored row's
+/// properties while the row is written, and the event's again afterwards, where the reference
+/// works on a copy of the event's properties (no copy of the whole map here).
+#[derive(Debug, Default)]
+pub struct Replaced(Vec<(String, Option<Value>)>);
+
+impl Replaced {
+    /// Sets `key` (in place when it exists, else at the end, as on a JavaScript object) and
+    /// remembers what was there.
+    pub fn set(&mut self, properties: &mut Properties, key: String, value: Value) {
+        let previous = properties.insert(key.clone(), value);
+        self.0.push((key, previous));
+    }
+
+    /// Puts back what [`Replaced::set`] replaced, in reverse order: the same entries in the same
+    /// order as before.
+    pub fn restore(self, properties: &mut Properties) {
+        for (key, previous) in self.0.into_iter().rev() {
+            match previous {
+                Some(value) => {
+                    properties.insert(key, value);
+                }
+                None => {
+                    properties.shift_remove(&key);
+                }
+            }
+        }
+    }
 }
 
 /// The person's properties after `$set_once` (only absent keys) then `$set` (keys whose value is
@@ -186,6 +224,26 @@ mod tests {
             json!({"$initial_browser": "Chrome", "$initial_browser_version": false, "$initial_utm_medium": "twitter"})
         );
         assert!(!input.contains_key("$set_once"));
+    }
+
+    #[test]
+    fn replaced_entries_are_put_back_in_place() {
+        let original = object(json!({"a": 1, "$set": {"x": 1}, "utm_source": "s", "z": true}));
+        let mut properties = original.clone();
+        let mut replaced = Replaced::default();
+        for (key, value) in initial_and_utm_entries(&properties) {
+            replaced.set(&mut properties, key, value);
+        }
+        replaced.set(&mut properties, "$group_0".to_string(), json!("PostHog"));
+        replaced.set(&mut properties, "$set".to_string(), json!("again"));
+        // While set: the row's properties, as the reference's copy has them (new keys at the end).
+        let keys: Vec<&str> = properties.keys().map(String::as_str).collect();
+        assert_eq!(keys, ["a", "$set", "utm_source", "z", "$set_once", "$group_0"]);
+        replaced.restore(&mut properties);
+        assert_eq!(properties, original);
+        let keys: Vec<&str> = properties.keys().map(String::as_str).collect();
+        assert_eq!(keys, ["a", "$set", "utm_source", "z"]);
+        assert_eq!(properties["$set"], json!({"x": 1}));
     }
 
     #[test]
