@@ -433,12 +433,16 @@ fn is_distinct_id_foreign_key_violation(error: &sqlx::Error) -> bool {
 
 /// Whether PostgreSQL has planner statistics on `posthog_persondistinctid.team_id` (none when the
 /// table was never analyzed: autovacuum off, or not run yet), and the table's size in bytes (0 when
-/// it is not there).
+/// it is not there). The table is the one the server's statements reach (the search path's).
 pub async fn distinct_id_statistics(pool: &PgPool) -> Result<(bool, i64), sqlx::Error> {
     sqlx::query_as(
-        "SELECT EXISTS (SELECT 1 FROM pg_stats WHERE schemaname = current_schema() \
-             AND tablename = 'posthog_persondistinctid' AND attname = 'team_id'), \
-         COALESCE(pg_relation_size(to_regclass('posthog_persondistinctid')), 0)::int8",
+        "WITH target AS (SELECT to_regclass('posthog_persondistinctid') AS oid) \
+         SELECT EXISTS (SELECT 1 FROM pg_stats JOIN pg_class ON pg_class.relname = pg_stats.tablename \
+                 JOIN pg_namespace ON pg_namespace.oid = pg_class.relnamespace \
+                     AND pg_namespace.nspname = pg_stats.schemaname \
+                 WHERE pg_class.oid = target.oid AND pg_stats.attname = 'team_id'), \
+             COALESCE(pg_relation_size(target.oid), 0)::int8 \
+         FROM target",
     )
     .fetch_one(pool)
     .await
